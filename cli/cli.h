@@ -1,0 +1,73 @@
+/*
+ * cli.h - shared pieces of the `longrun` command-line tool.
+ *
+ * Exit codes (documented in docs/cli.md):
+ *   0  success
+ *   1  the operation failed (server unreachable, database error, ...)
+ *   2  bad usage or invalid input (unknown option, malformed JSON, unknown
+ *      id, invalid override) -- nothing was changed
+ *   3  partial: some items of a batch failed (details printed per item)
+ */
+#ifndef LR_CLI_H
+#define LR_CLI_H
+
+#include <getopt.h>
+#include <libpq-fe.h>
+#include <stdbool.h>
+
+#include "config.h"
+
+enum { LR_EXIT_OK = 0, LR_EXIT_FAIL = 1, LR_EXIT_USAGE = 2, LR_EXIT_PARTIAL = 3 };
+
+typedef struct cli {
+    lr_config_t cfg;
+    bool json;
+    bool color;
+    const char *prog;  /* "longrun status" for messages */
+} cli_t;
+
+/* Options every subcommand accepts; their ids start at 1000. */
+enum {
+    OPT_DATABASE_URL = 1000,
+    OPT_AMQP_URL,
+    OPT_JSON,
+    OPT_HELP,
+    OPT_FIRST_COMMAND_OPTION
+};
+#define CLI_COMMON_OPTIONS                                        \
+    {"database-url", required_argument, NULL, OPT_DATABASE_URL}, \
+        {"amqp-url", required_argument, NULL, OPT_AMQP_URL},     \
+        {"json", no_argument, NULL, OPT_JSON},                   \
+        {"help", no_argument, NULL, 'h'}
+
+/* Handles a common option; returns 1 if handled, 0 if not common, or -1 when
+ * its value is invalid (message printed). */
+int cli_common_option(cli_t *c, int opt, const char *arg);
+
+/* Prints "longrun <cmd>: <message>" to stderr and returns code. */
+int cli_fail(cli_t *c, int code, const char *fmt, ...) LR_PRINTF(3, 4);
+
+/* Connects to PostgreSQL (blocking, 10 s timeout).  NULL on failure, with a
+ * clear message printed (the URL shown with its password masked). */
+PGconn *cli_db_connect(cli_t *c);
+
+/* Runs a parameterized statement and checks its status.  Returns the result
+ * (caller PQclear()s) or NULL after printing the server's message. */
+PGresult *cli_exec(cli_t *c, PGconn *db, const char *sql, int n, const char *const *params);
+
+/* Parses a decimal integer in [min, max] for option name; -1 + message on error. */
+int cli_parse_long(cli_t *c, const char *name, const char *s, long min, long max, long *out);
+
+/* Reads "JSON" or "@file" or "-" (stdin) into a malloc'd string; NULL + message. */
+char *cli_read_arg_or_file(cli_t *c, const char *name, const char *arg, size_t max);
+
+int cmd_migrate(cli_t *c, int argc, char **argv);
+int cmd_enqueue(cli_t *c, int argc, char **argv);
+int cmd_status(cli_t *c, int argc, char **argv);
+int cmd_list(cli_t *c, int argc, char **argv);
+
+/* Applies pending migrations (used by `migrate` and by tests).  Prints
+ * progress unless quiet.  Returns an exit code. */
+int cli_migrate_run(cli_t *c, PGconn *db, bool dry_run, bool status_only);
+
+#endif

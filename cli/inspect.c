@@ -1,0 +1,306 @@
+/* inspect.c - `longrun status ID` and `longrun list`. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cjson/cJSON.h>
+
+#include "cli.h"
+#include "task.h"
+
+/* Columns shown by status (and in JSON, typed). */
+static const char *const status_cols =
+    "id, queue, agent, status, step, attempt, max_attempts, claims_total, lease_epoch, lease_owner,"
+    " to_char(lease_expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS lease_expires_at,"
+    " suspend_reason, wait_event,"
+    " to_char(resume_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS resume_at,"
+    " stop_reason, result::text AS result, error, tenant, budgets::text AS budgets,"
+    " tokens_in, tokens_out, tokens_cached, tool_calls, cost_usd, active_ms,"
+    " to_char(deadline AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS deadline,"
+    " to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS created_at,"
+    " to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS updated_at,"
+    " to_char(finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS finished_at";
+
+static bool numeric_col(const char *name) {
+    static const char *const nums[] = {"step", "attempt", "max_attempts", "claims_total", "lease_epoch",
+                                       "tokens_in", "tokens_out", "tokens_cached", "tool_calls",
+                                       "cost_usd", "active_ms", "count", NULL};
+    for (int i = 0; nums[i] != NULL; i++) {
+        if (strcmp(name, nums[i]) == 0) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* Row r of res as a JSON object (jsonb columns embedded as JSON). */
+static cJSON *row_json(const PGresult *res, int r) {
+    cJSON *o = cJSON_CreateObject();
+    for (int col = 0; col < PQnfields(res); col++) {
+        const char *name = PQfname(res, col);
+        const char *v = PQgetisnull(res, r, col) ? NULL : PQgetvalue(res, r, col);
+        if (v == NULL) {
+            cJSON_AddNullToObject(o, name);
+        } else if (numeric_col(name)) {
+            cJSON_AddNumberToObject(o, name, strtod(v, NULL));
+        } else if (strcmp(name, "result") == 0 || strcmp(name, "budgets") == 0) {
+            cJSON *j = cJSON_Parse(v);
+            if (j != NULL) {
+                cJSON_AddItemToObject(o, name, j);
+            } else {
+                cJSON_AddStringToObject(o, name, v);
+            }
+        } else {
+            cJSON_AddStringToObject(o, name, v);
+        }
+    }
+    return o;
+}
+
+static void print_json(cJSON *j) {
+    char *s = cJSON_PrintUnformatted(j);
+    printf("%s\n", s != NULL ? s : "null");
+    free(s);
+}
+
+static int parse_common_only(cli_t *c, int argc, char **argv, void (*usage)(FILE *)) {
+    static const struct option opts[] = {CLI_COMMON_OPTIONS, {NULL, 0, NULL, 0}};
+    int opt, h;
+    optind = 1;
+    while ((opt = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+        h = cli_common_option(c, opt, optarg);
+        if (h < 0) {
+            return LR_EXIT_USAGE;
+        }
+        if (h > 0) {
+            continue;
+        }
+        if (opt == 'h') {
+            usage(stdout);
+            return -1;
+        }
+        usage(stderr);
+        return LR_EXIT_USAGE;
+    }
+    return 0;
+}
+
+static void status_usage(FILE *f) {
+    fprintf(f,
+            "usage: longrun status ID [--json]\n"
+            "\n"
+            "Shows one task: status, step, attempts, lease, budgets and usage, result or error.\n"
+            "Exit code 2 when the id is malformed or unknown.\n");
+}
+
+int cmd_status(cli_t *c, int argc, char **argv) {
+    int rc = parse_common_only(c, argc, argv, status_usage);
+    PGconn *db = NULL;
+    PGresult *res = NULL;
+    char sql[4096];
+    const char *id;
+
+    if (rc != 0) {
+        return rc < 0 ? LR_EXIT_OK : rc;
+    }
+    if (optind + 1 != argc) {
+        return cli_fail(c, LR_EXIT_USAGE, optind >= argc ? "a task ID is required" : "exactly one task ID is expected");
+    }
+    id = argv[optind];
+    if (!lr_uuid_valid(id)) {
+        return cli_fail(c, LR_EXIT_USAGE, "'%s' is not a task id (a UUID)", id);
+    }
+    db = cli_db_connect(c);
+    if (db == NULL) {
+        return LR_EXIT_FAIL;
+    }
+    snprintf(sql, sizeof(sql), "SELECT %s FROM tasks WHERE id = $1", status_cols);
+    res = cli_exec(c, db, sql, 1, &id);
+    if (res == NULL) {
+        rc = LR_EXIT_FAIL;
+        goto out;
+    }
+    if (PQntuples(res) == 0) {
+        rc = cli_fail(c, LR_EXIT_USAGE, "no task with id %s", id);
+        goto out;
+    }
+    if (c->json) {
+        cJSON *o = row_json(res, 0);
+        print_json(o);
+        cJSON_Delete(o);
+    } else {
+        for (int col = 0; col < PQnfields(res); col++) {
+            if (!PQgetisnull(res, 0, col)) {
+                printf("%-17s %s\n", PQfname(res, col), PQgetvalue(res, 0, col));
+            }
+        }
+    }
+    rc = LR_EXIT_OK;
+out:
+    PQclear(res);
+    PQfinish(db);
+    return rc;
+}
+
+static void list_usage(FILE *f) {
+    fprintf(f,
+            "usage: longrun list [--status S] [--queue Q] [--agent A] [--tenant T]\n"
+            "                    [--since DURATION|RFC3339] [--limit N] [--offset N] [--json]\n"
+            "\n"
+            "Lists tasks, newest first.\n"
+            "  --status S   queued, running, suspended, retry_wait, succeeded, failed, dead, cancelled\n"
+            "  --since D    created within D (e.g. 15m, 2h, 7d) or after an RFC 3339 time\n"
+            "  --limit N    rows to show (1..10000, default 50); --offset N skips rows (paging)\n");
+}
+
+static bool valid_status(const char *s) {
+    static const char *const st[] = {"queued", "running", "suspended", "retry_wait", "succeeded",
+                                     "failed", "dead", "cancelled", NULL};
+    for (int i = 0; st[i] != NULL; i++) {
+        if (strcmp(s, st[i]) == 0) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* "15m" -> "15 minutes"; RFC 3339 passes through.  0 ok, -1 invalid. */
+static int since_param(const char *s, char *out, size_t outlen) {
+    char *end = NULL;
+    long v;
+    const char *unit;
+    if (lr_rfc3339_valid(s)) {
+        snprintf(out, outlen, "%s", s);
+        return 0;
+    }
+    v = strtol(s, &end, 10);
+    if (end == s || v <= 0 || end[0] == '\0' || end[1] != '\0') {
+        return -1;
+    }
+    switch (end[0]) {
+    case 's': unit = "seconds"; break;
+    case 'm': unit = "minutes"; break;
+    case 'h': unit = "hours"; break;
+    case 'd': unit = "days"; break;
+    default: return -1;
+    }
+    snprintf(out, outlen, "@interval:%ld %s", v, unit);
+    return 0;
+}
+
+int cmd_list(cli_t *c, int argc, char **argv) {
+    enum { L_STATUS = OPT_FIRST_COMMAND_OPTION, L_QUEUE, L_AGENT, L_TENANT, L_SINCE, L_LIMIT, L_OFFSET };
+    static const struct option opts[] = {CLI_COMMON_OPTIONS,
+                                         {"status", required_argument, NULL, L_STATUS},
+                                         {"queue", required_argument, NULL, L_QUEUE},
+                                         {"agent", required_argument, NULL, L_AGENT},
+                                         {"tenant", required_argument, NULL, L_TENANT},
+                                         {"since", required_argument, NULL, L_SINCE},
+                                         {"limit", required_argument, NULL, L_LIMIT},
+                                         {"offset", required_argument, NULL, L_OFFSET},
+                                         {NULL, 0, NULL, 0}};
+    const char *params[8] = {NULL};
+    char since[128] = "";
+    char lim[16] = "50", off[16] = "0";
+    long v;
+    int opt, h, rc = LR_EXIT_USAGE;
+    PGconn *db = NULL;
+    PGresult *res = NULL;
+
+    optind = 1;
+    while ((opt = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+        h = cli_common_option(c, opt, optarg);
+        if (h < 0) {
+            return LR_EXIT_USAGE;
+        }
+        if (h > 0) {
+            continue;
+        }
+        switch (opt) {
+        case 'h': list_usage(stdout); return LR_EXIT_OK;
+        case L_STATUS:
+            if (!valid_status(optarg)) {
+                return cli_fail(c, LR_EXIT_USAGE,
+                                "--status: '%s' is not a status (queued, running, suspended, retry_wait, "
+                                "succeeded, failed, dead, cancelled)", optarg);
+            }
+            params[0] = optarg;
+            break;
+        case L_QUEUE: params[1] = optarg; break;
+        case L_AGENT: params[2] = optarg; break;
+        case L_TENANT: params[3] = optarg; break;
+        case L_SINCE:
+            if (since_param(optarg, since, sizeof(since)) != 0) {
+                return cli_fail(c, LR_EXIT_USAGE,
+                                "--since: '%s' is neither a duration (30s, 15m, 2h, 7d) nor an RFC 3339 time",
+                                optarg);
+            }
+            break;
+        case L_LIMIT:
+            if (cli_parse_long(c, "--limit", optarg, 1, 10000, &v) != 0) {
+                return LR_EXIT_USAGE;
+            }
+            snprintf(lim, sizeof(lim), "%ld", v);
+            break;
+        case L_OFFSET:
+            if (cli_parse_long(c, "--offset", optarg, 0, 100000000, &v) != 0) {
+                return LR_EXIT_USAGE;
+            }
+            snprintf(off, sizeof(off), "%ld", v);
+            break;
+        default: list_usage(stderr); return LR_EXIT_USAGE;
+        }
+    }
+    if (optind < argc) {
+        return cli_fail(c, LR_EXIT_USAGE, "unexpected argument '%s'", argv[optind]);
+    }
+    if (strncmp(since, "@interval:", 10) == 0) {
+        params[4] = NULL;
+        params[5] = since + 10;
+    } else if (since[0] != '\0') {
+        params[4] = since;
+    }
+    params[6] = lim;
+    params[7] = off;
+    db = cli_db_connect(c);
+    if (db == NULL) {
+        return LR_EXIT_FAIL;
+    }
+    res = cli_exec(c, db,
+                   "SELECT id, queue, agent, status, step, attempt, tenant, stop_reason,"
+                   " to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS created_at,"
+                   " to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS updated_at"
+                   " FROM tasks WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR queue = $2)"
+                   " AND ($3::text IS NULL OR agent = $3) AND ($4::text IS NULL OR tenant = $4)"
+                   " AND ($5::timestamptz IS NULL OR created_at >= $5::timestamptz)"
+                   " AND ($6::interval IS NULL OR created_at >= now() - $6::interval)"
+                   " ORDER BY created_at DESC, id LIMIT $7::int OFFSET $8::int",
+                   8, params);
+    if (res == NULL) {
+        rc = LR_EXIT_FAIL;
+        goto out;
+    }
+    if (c->json) {
+        cJSON *arr = cJSON_CreateArray();
+        for (int r = 0; r < PQntuples(res); r++) {
+            cJSON_AddItemToArray(arr, row_json(res, r));
+        }
+        print_json(arr);
+        cJSON_Delete(arr);
+    } else {
+        printf("%-36s  %-10s  %-16s  %-10s  %5s  %s\n", "ID", "QUEUE", "AGENT", "STATUS", "STEP", "UPDATED");
+        for (int r = 0; r < PQntuples(res); r++) {
+            printf("%-36s  %-10.10s  %-16.16s  %-10s  %5s  %s\n", PQgetvalue(res, r, 0),
+                   PQgetvalue(res, r, 1), PQgetvalue(res, r, 2), PQgetvalue(res, r, 3),
+                   PQgetvalue(res, r, 4), PQgetvalue(res, r, 9));
+        }
+        if (PQntuples(res) == atoi(lim)) {
+            printf("(more rows: use --offset %d)\n", atoi(off) + atoi(lim));
+        }
+    }
+    rc = LR_EXIT_OK;
+out:
+    PQclear(res);
+    PQfinish(db);
+    return rc;
+}

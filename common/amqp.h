@@ -1,0 +1,173 @@
+/*
+ * amqp.h - RabbitMQ for event-loop programs: one thread owns the connection.
+ *
+ * librabbitmq is blocking and not thread-safe, so a dedicated thread owns the
+ * connection and its channel: it declares the topology, consumes (basic.qos
+ * prefetch + basic.consume on each queue), acks and rejects, and publishes
+ * with publisher confirms (confirm.select; basic.ack/nack from the broker are
+ * matched to publishes by sequence number; mandatory publishes that come back
+ * with basic.return fail).  The loop talks to the thread through a command
+ * queue (mutex + an eventfd/pipe that wakes amqp_simple_wait_frame_noblock
+ * polling, or a short-timeout wait loop); the thread talks to the loop through
+ * an event queue and one uv_async_t (coalesced: the loop drains the whole
+ * queue on each wake-up).
+ *
+ * Reconnect: on any connection error the thread reports "disconnected",
+ * fails every unconfirmed publish with LR_ECONN, drops pending acks of the
+ * old connection (their deliveries will be redelivered by the broker), and
+ * reconnects with exponential backoff and jitter (250 ms .. 10 s), then
+ * re-declares and re-consumes (unless consuming was cancelled) and reports
+ * "connected".  Every delivery carries the connection generation; acks and
+ * rejects for an older generation are ignored (their tags are meaningless on
+ * the new channel).
+ *
+ * Thread affinity: every lr_amqp_* function is called on the loop thread
+ * (except lr_amqp_sync_* which are plain blocking helpers for the CLI and the
+ * owner thread); callbacks run on the loop thread.
+ */
+#ifndef LR_AMQP_H
+#define LR_AMQP_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "amqp_compat.h"
+#include "err.h"
+
+typedef struct lr_amqp lr_amqp_t;
+
+#define LR_AMQP_EXCHANGE "longrun.tasks"
+#define LR_AMQP_DLX "longrun.dlx"
+#define LR_AMQP_DEAD_QUEUE "longrun.dead"
+#define LR_AMQP_QUEUE_PREFIX "longrun.q."
+#define LR_AMQP_DEFAULT_DELIVERY_LIMIT 20
+#define LR_AMQP_MAX_BODY (1024 * 1024)
+
+/* A received message.  All strings NUL-terminated or NULL when absent. */
+typedef struct lr_amqp_delivery {
+    uint64_t generation;   /* connection generation it arrived on */
+    uint64_t delivery_tag;
+    char *queue;           /* queue it was consumed from */
+    char *exchange;
+    char *routing_key;
+    bool redelivered;
+    char *body;            /* NUL-terminated copy; body_len excludes the NUL */
+    size_t body_len;
+    char *message_id;
+    char *correlation_id;
+    char *reply_to;
+    char *content_type;
+    int64_t delivery_count;  /* x-delivery-count header (quorum queues), -1 absent */
+    char *headers_json;      /* all headers as a JSON object text (x-death included), or NULL */
+} lr_amqp_delivery_t;
+
+typedef struct lr_amqp_msg {
+    const char *body;
+    size_t body_len;
+    const char *message_id;      /* optional */
+    const char *correlation_id;  /* optional */
+    const char *reply_to;        /* optional */
+    const char *content_type;    /* default "application/json" */
+    bool persistent;             /* delivery_mode 2 */
+    bool mandatory;              /* unroutable -> confirm callback gets LR_EAMQP */
+    /* optional string headers, NULL-terminated name/value pairs:
+       {"x-longrun-reason", "bad_json", NULL} */
+    const char *const *headers;
+} lr_amqp_msg_t;
+
+/* Delivery callback: takes ownership of d (free with lr_amqp_delivery_free). */
+typedef void (*lr_amqp_delivery_cb)(lr_amqp_delivery_t *d, void *arg);
+/* connected = 1 when consuming/publishing is possible, 0 when the connection
+ * is down (reconnecting).  detail: human text (borrowed). */
+typedef void (*lr_amqp_state_cb)(int connected, const char *detail, void *arg);
+/* Publish outcome: 0 = confirmed by the broker (persisted for persistent
+ * messages to quorum queues); LR_EAMQP = nacked or returned unroutable;
+ * LR_ECONN = connection lost before the confirm (unknown: treat as not
+ * published); LR_ESHUTDOWN = stopped before sending. */
+typedef void (*lr_amqp_confirm_cb)(int err, void *arg);
+
+typedef struct lr_amqp_opts {
+    const char *url;                /* amqp:// or amqps:// URL */
+    const char *const *consume;     /* NULL-terminated full queue names to consume, or NULL */
+    const char *const *declare;     /* NULL-terminated task-queue short names to declare
+                                       (longrun.q.<name>), or NULL; DLX topology always declared */
+    int prefetch;                   /* basic.qos prefetch count (max in flight) */
+    int delivery_limit;             /* x-delivery-limit; 0 = default */
+    lr_amqp_delivery_cb on_delivery;
+    lr_amqp_state_cb on_state;
+    void *arg;
+} lr_amqp_opts_t;
+
+/* Starts the owner thread (which connects asynchronously).  Copies opts.
+ * Returns 0, LR_EINVAL (bad URL; detail in errbuf), LR_ENOMEM, LR_EIO. */
+int lr_amqp_start(lr_amqp_t **out, uv_loop_t *loop, const lr_amqp_opts_t *opts, char *errbuf,
+                  size_t errlen) LR_MUSTCHECK;
+
+/* Queue an ack / a reject for d.  Ignored (returns LR_ESTATE) when d's
+ * generation is stale.  Rejecting without requeue routes the message to the
+ * queue's dead-letter exchange.  d stays owned by the caller. */
+int lr_amqp_ack(lr_amqp_t *a, const lr_amqp_delivery_t *d);
+int lr_amqp_reject(lr_amqp_t *a, const lr_amqp_delivery_t *d, bool requeue);
+
+/* Confirmed publish.  Copies everything.  cb runs exactly once if this
+ * returns 0.  Returns LR_ENOMEM or LR_ESHUTDOWN otherwise (cb never runs). */
+int lr_amqp_publish(lr_amqp_t *a, const char *exchange, const char *routing_key,
+                    const lr_amqp_msg_t *msg, lr_amqp_confirm_cb cb, void *arg) LR_MUSTCHECK;
+
+/* Stops consuming (basic.cancel on every consumer; not resumed on reconnect).
+ * Publishing, acks and rejects keep working. */
+void lr_amqp_cancel_consume(lr_amqp_t *a);
+
+/* 1 when connected and (unless cancelled) consuming. */
+int lr_amqp_connected(const lr_amqp_t *a);
+
+/* Flushes queued acks/rejects/publishes (bounded wait, up to timeout_ms for
+ * outstanding confirms), closes the channel and connection, joins the thread,
+ * closes the uv_async_t, then calls done(arg) on the loop and frees a.
+ * Unconfirmed publishes at that point get LR_ESHUTDOWN. */
+void lr_amqp_stop(lr_amqp_t *a, long timeout_ms, void (*done)(void *arg), void *arg);
+
+void lr_amqp_delivery_free(lr_amqp_delivery_t *d);
+
+/* ---- Blocking helpers (CLI, tests, and the owner thread itself) ---- */
+
+typedef struct lr_amqp_sync lr_amqp_sync_t;
+
+/* Connects (blocking, timeout_ms for the TCP connect and login), opens
+ * channel 1 and enables confirms.  Returns 0, LR_EINVAL (bad URL), LR_ECONN
+ * (unreachable, refused, login failed; detail in errbuf). */
+int lr_amqp_sync_connect(lr_amqp_sync_t **out, const char *url, long timeout_ms, char *errbuf,
+                         size_t errlen) LR_MUSTCHECK;
+
+/* Declares exchange longrun.tasks (direct, durable), longrun.dlx (fanout,
+ * durable), quorum queue longrun.dead bound to longrun.dlx, and for each
+ * short name in queues (NULL-terminated) quorum queue longrun.q.<name> with
+ * x-delivery-limit, x-dead-letter-exchange=longrun.dlx,
+ * x-dead-letter-strategy=at-least-once, x-overflow=reject-publish, bound to
+ * longrun.tasks with routing key <name>.  A PRECONDITION_FAILED (existing
+ * queue with other arguments) returns LR_ECONFIG with a plain-words
+ * explanation in errbuf naming the queue and what differs if known. */
+int lr_amqp_sync_declare(lr_amqp_sync_t *s, const char *const *queues, int delivery_limit,
+                         char *errbuf, size_t errlen) LR_MUSTCHECK;
+
+/* Publishes and waits for the broker's confirm (up to timeout_ms).
+ * Returns 0 (confirmed), LR_EAMQP (nacked / unroutable), LR_ETIMEOUT,
+ * LR_ECONN. */
+int lr_amqp_sync_publish(lr_amqp_sync_t *s, const char *exchange, const char *routing_key,
+                         const lr_amqp_msg_t *msg, long timeout_ms, char *errbuf,
+                         size_t errlen) LR_MUSTCHECK;
+
+/* Passive declare: message and consumer counts of a queue. LR_ENOTFOUND when
+ * the queue does not exist. */
+int lr_amqp_sync_queue_info(lr_amqp_sync_t *s, const char *queue, uint32_t *messages,
+                            uint32_t *consumers, char *errbuf, size_t errlen) LR_MUSTCHECK;
+
+void lr_amqp_sync_close(lr_amqp_sync_t *s);
+
+/* Parses url into its parts (wrapper over amqp_parse_url on a copy) and
+ * checks the scheme; returns 0 or LR_EINVAL with the reason in errbuf. */
+int lr_amqp_url_check(const char *url, char *errbuf, size_t errlen);
+
+#endif

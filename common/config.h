@@ -1,0 +1,69 @@
+/*
+ * config.h - configuration of every longrun program, as one declarative
+ * table (common/config.c, documented in docs/configuration.md).
+ *
+ * Each entry: environment variable, type, default, bounds, flags (sensitive:
+ * masked when printed).  Sources in order: built-in default, the
+ * environment, then command-line overrides (lr_config_set).  Errors name the
+ * variable, the bad value and why.
+ */
+#ifndef LR_CONFIG_H
+#define LR_CONFIG_H
+
+#include <stdbool.h>
+#include <stdio.h>
+
+#include "err.h"
+
+/* The embedded default: the local servers started by `scripts/dev up`. */
+#define LR_DEFAULT_DATABASE_URL "postgresql://longrun@127.0.0.1:55432/longrun"
+#define LR_DEFAULT_AMQP_URL "amqp://longrun:longrun@127.0.0.1:55672/"
+
+typedef struct lr_config {
+    char database_url[1024];
+    char amqp_url[1024];
+    char log_level[16];
+    char log_format[16];
+    char queues[1024];        /* comma-separated queue short names */
+    char worker_id[128];
+    char agents_file[1024];
+    int max_in_flight;
+    int lease_seconds;
+    int slice_steps;
+    int slice_seconds;
+    int drain_seconds;
+    int max_claims;
+    int max_attempts;
+    int retry_base_ms;
+    int retry_max_ms;
+    int pg_pool_size;
+    int http_port;
+    int delivery_limit;
+    int heartbeat_seconds;
+    int max_steps;
+    int max_tool_calls;
+    int max_seconds;
+    int max_tokens;
+    double max_cost_usd;
+    int sweep_interval_ms;
+    int sweep_batch;
+    int outbox_grace_seconds;
+    int retention_days;
+} lr_config_t;
+
+/* Fills cfg with defaults, then the environment.  Returns 0 or LR_ECONFIG
+ * with "LONGRUN_X=value: why" in errbuf. */
+int lr_config_load(lr_config_t *cfg, char *errbuf, size_t errlen) LR_MUSTCHECK;
+
+/* Sets one entry by environment variable name (command-line override).
+ * Returns 0, LR_ENOTFOUND (unknown name) or LR_ECONFIG. */
+int lr_config_set(lr_config_t *cfg, const char *env_name, const char *value, char *errbuf,
+                  size_t errlen) LR_MUSTCHECK;
+
+/* Prints "NAME=value" lines, secrets (passwords in URLs) masked. */
+void lr_config_print(const lr_config_t *cfg, FILE *out);
+
+/* Copies url into buf with any password replaced by "***". */
+void lr_config_mask_url(const char *url, char *buf, size_t buflen);
+
+#endif

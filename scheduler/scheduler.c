@@ -1,0 +1,568 @@
+/*
+ * scheduler.c - longrun-scheduler: resumes, recovery, deadlines, dead-letter
+ * ingest and retention.  One active instance; standbys wait.
+ *
+ * Design.  One libuv loop.  Leadership is a PostgreSQL session advisory lock
+ * held on a dedicated one-connection pool: standbys try it every second;
+ * when the leader's session dies (even by kill -9) the server releases the
+ * lock and a standby takes it.  A leader that loses its lock connection stops
+ * sweeping at once.  Tasks are safe even if two leaders overlapped for a
+ * moment: every sweep is a conditional update (FOR UPDATE SKIP LOCKED) and
+ * workers fence on epochs.
+ *
+ * The leader sweeps every LONGRUN_SWEEP_INTERVAL_MS and whenever a NOTIFY on
+ * channel longrun_wakeup arrives (approve, signal, cancel, enqueue).  Each
+ * sweep statement moves at most LONGRUN_SWEEP_BATCH tasks to `queued` and
+ * returns them; each is then published (confirmed) and marked published.
+ * A crash between the update and the publish leaves a queued, unpublished
+ * task: the outbox sweep republishes it after LONGRUN_OUTBOX_GRACE_SECONDS.
+ *
+ * Every instance (leader or not) consumes longrun.dead and records each
+ * message in dead_letters before acking it.
+ */
+#include "scheduler.h"
+
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <cjson/cJSON.h>
+
+#include "amqp.h"
+#include "log.h"
+#include "pg.h"
+#include "task.h"
+
+#define LEADER_LOCK_KEY "7283947202"
+
+/* Resume due suspended / retry_wait tasks. $1 batch. */
+#define SQL_RESUME                                                                             \
+    "WITH due AS (SELECT id, status FROM tasks WHERE status IN ('suspended', 'retry_wait')"   \
+    "  AND resume_at <= now() ORDER BY resume_at LIMIT $1 FOR UPDATE SKIP LOCKED),"            \
+    " u AS (UPDATE tasks t SET status = 'queued', resume_at = NULL, published_at = NULL,"      \
+    "  updated_at = now() FROM due WHERE t.id = due.id RETURNING t.id, t.queue, due.status AS old,"\
+    "  t.suspend_reason),"                                                                     \
+    " ev AS (INSERT INTO task_events (task_id, from_status, to_status, reason, actor)"         \
+    "  SELECT id, old, 'queued', CASE WHEN old = 'retry_wait' THEN 'retry_due'"                \
+    "   ELSE 'resumed:' || coalesce(suspend_reason, '?') END, $2 FROM u)"                      \
+    " SELECT id, queue FROM u"
+
+/* Running tasks whose lease expired: their worker is gone. $1 batch. */
+#define SQL_EXPIRED                                                                            \
+    "WITH due AS (SELECT id FROM tasks WHERE status = 'running' AND lease_expires_at < now()"  \
+    "  ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED),"                            \
+    " u AS (UPDATE tasks t SET status = 'queued', lease_owner = NULL, lease_expires_at = NULL," \
+    "  published_at = NULL, updated_at = now() FROM due WHERE t.id = due.id"                   \
+    "  RETURNING t.id, t.queue),"                                                              \
+    " ev AS (INSERT INTO task_events (task_id, from_status, to_status, reason, actor)"         \
+    "  SELECT id, 'running', 'queued', 'lease_expired', $2 FROM u)"                            \
+    " SELECT id, queue FROM u"
+
+/* Outbox: queued tasks never confirmed published (after a grace period), or
+ * published long ago and still queued (the message may be lost).
+ * $1 batch, $2 grace seconds. */
+#define SQL_OUTBOX                                                                             \
+    "SELECT id, queue FROM tasks WHERE status = 'queued' AND"                                  \
+    " ((published_at IS NULL AND updated_at < now() - make_interval(secs => $2::int)) OR"      \
+    "  published_at < now() - make_interval(secs => 10 * $2::int))"                            \
+    " ORDER BY updated_at LIMIT $1"
+
+#define SQL_MARK_PUBLISHED                                                                     \
+    "UPDATE tasks SET published_at = now() WHERE id = $1 AND status = 'queued'"
+
+/* Deadlines of live tasks. $1 batch. */
+#define SQL_DEADLINE                                                                           \
+    "WITH due AS (SELECT id, status FROM tasks WHERE deadline < now() AND status IN"           \
+    "  ('queued', 'running', 'suspended', 'retry_wait') ORDER BY deadline LIMIT $1"            \
+    "  FOR UPDATE SKIP LOCKED),"                                                               \
+    " u AS (UPDATE tasks t SET status = 'dead', stop_reason = 'deadline',"                     \
+    "  error = 'the task''s deadline passed', lease_owner = NULL, lease_expires_at = NULL,"    \
+    "  finished_at = now(), updated_at = now() FROM due WHERE t.id = due.id"                   \
+    "  RETURNING t.*, due.status AS old),"                                                     \
+    " ev AS (INSERT INTO task_events (task_id, from_status, to_status, reason, actor)"         \
+    "  SELECT id, old, 'dead', 'deadline', $2 FROM u),"                                        \
+    " dl AS (INSERT INTO dead_letters (dedupe_key, task_id, message_id, queue, agent, reason,"  \
+    "  error, body, source) SELECT 'task:' || id || ':deadline', id, id::text, queue, agent,"  \
+    "  'deadline', error, jsonb_build_object('id', id, 'agent', agent, 'input', input),"       \
+    "  'scheduler' FROM u ON CONFLICT (dedupe_key) DO NOTHING)"                                \
+    " SELECT id FROM u"
+
+/* Retention: finished tasks (and, by cascade, their steps and events).
+ * $1 batch, $2 days. */
+#define SQL_RETENTION                                                                          \
+    "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE finished_at <"                  \
+    " now() - make_interval(days => $2::int) LIMIT $1)"
+
+/* Dead-letter ingest: one row per message, idempotent on the key.
+ * $1 key, $2 message_id, $3 queue, $4 reason, $5 raw hex, $6 headers json,
+ * $7 death count, $8 body is json, $9 task id. */
+#define SQL_INGEST                                                                             \
+    "INSERT INTO dead_letters (dedupe_key, message_id, queue, reason, error, raw_body, body,"  \
+    "  x_death, death_count, source, task_id)"                                                 \
+    " VALUES ($1, $2, $3, $4, NULL, $5::bytea,"                                                \
+    "  CASE WHEN $8::bool THEN convert_from($5::bytea, 'UTF8')::jsonb END, $6::jsonb,"         \
+    "  $7::int, 'broker', $9::uuid)"                                                           \
+    " ON CONFLICT (dedupe_key) DO UPDATE SET x_death = EXCLUDED.x_death,"                      \
+    "  death_count = EXCLUDED.death_count, updated_at = now()"
+
+typedef struct sched {
+    uv_loop_t *loop;
+    lr_config_t cfg;
+    char id[160];
+    lr_pg_pool_t *pg;
+    lr_pg_pool_t *lock;     /* one connection: the leader lock's session */
+    lr_amqp_t *amqp;
+    uv_timer_t tick;
+    uv_timer_t lock_timer;
+    uv_signal_t sigterm, sigint, sigquit;
+    bool leader;
+    bool lock_pending;
+    bool stopping;
+    int sweeps_running;     /* statements in flight in this sweep round */
+    bool sweep_again;       /* a wake-up arrived during a sweep */
+    int closing;
+    uint64_t last_retention_ms;
+    uint64_t resumed, recovered, republished, deadlined, ingested;
+} sched_t;
+
+typedef struct pub {
+    sched_t *s;
+    char id[40];
+    char queue[72];
+} pub_t;
+
+static void sweep(sched_t *s);
+
+/* ------------------------------------------------------------- publishing */
+
+static void marked_cb(int err, const PGresult *res, void *arg) {
+    (void)err;
+    (void)res;
+    free(arg);
+}
+
+static void published_cb(int err, void *arg) {
+    pub_t *p = arg;
+    if (err != 0) {
+        /* Left unpublished: the outbox sweep retries after its grace. */
+        lr_warn("scheduler.publish_failed", "publish of task %s failed: %s", p->id, lr_strerror(err));
+        free(p);
+        return;
+    }
+    if (p->s->stopping || lr_pg_query(p->s->pg, SQL_MARK_PUBLISHED, 1, (const char *const[]){p->id},
+                                      0, marked_cb, p) != 0) {
+        free(p);
+    }
+}
+
+static void publish_rows(sched_t *s, const PGresult *res, uint64_t *counter, const char *what) {
+    int n = PQntuples(res);
+    for (int i = 0; i < n; i++) {
+        pub_t *p = calloc(1, sizeof(*p));
+        lr_amqp_msg_t msg;
+        char body[64];
+        if (p == NULL) {
+            continue;
+        }
+        p->s = s;
+        snprintf(p->id, sizeof(p->id), "%s", lr_pg_get(res, i, 0));
+        snprintf(p->queue, sizeof(p->queue), "%s", lr_pg_get(res, i, 1) ? lr_pg_get(res, i, 1) : "default");
+        snprintf(body, sizeof(body), "{\"id\":\"%s\"}", p->id);
+        memset(&msg, 0, sizeof(msg));
+        msg.body = body;
+        msg.body_len = strlen(body);
+        msg.message_id = p->id;
+        msg.content_type = "application/json";
+        msg.persistent = true;
+        msg.mandatory = true;
+        if (s->amqp == NULL || lr_amqp_publish(s->amqp, LR_AMQP_EXCHANGE, p->queue, &msg, published_cb, p) != 0) {
+            free(p);
+        }
+    }
+    if (n > 0) {
+        *counter += (uint64_t)n;
+        lr_info("scheduler.dispatched", "%s: %d task(s) queued and published", what, n);
+    }
+}
+
+/* ------------------------------------------------------------------ sweeps */
+
+typedef struct sweep_op {
+    sched_t *s;
+    int kind;
+} sweep_op_t;
+
+enum { OP_RESUME, OP_EXPIRED, OP_OUTBOX, OP_DEADLINE, OP_RETENTION, OP_COUNT };
+
+static void sweep_cb(int err, const PGresult *res, void *arg) {
+    sweep_op_t *op = arg;
+    sched_t *s = op->s;
+    int kind = op->kind;
+    free(op);
+    s->sweeps_running--;
+    if (err != 0) {
+        lr_warn("scheduler.sweep_failed", "sweep %d failed: %s", kind,
+                res != NULL ? PQresultErrorMessage(res) : lr_strerror(err));
+    } else if (!s->stopping) {
+        switch (kind) {
+        case OP_RESUME: publish_rows(s, res, &s->resumed, "resume"); break;
+        case OP_EXPIRED: publish_rows(s, res, &s->recovered, "lease expired"); break;
+        case OP_OUTBOX: publish_rows(s, res, &s->republished, "outbox"); break;
+        case OP_DEADLINE:
+            if (PQntuples(res) > 0) {
+                s->deadlined += (uint64_t)PQntuples(res);
+                lr_info("scheduler.deadline", "%d task(s) dead-lettered past their deadline", PQntuples(res));
+            }
+            break;
+        default:
+            if (PQcmdTuples((PGresult *)res)[0] != '\0' && atoi(PQcmdTuples((PGresult *)res)) > 0) {
+                lr_info("scheduler.retention", "deleted %s finished task(s) past retention",
+                        PQcmdTuples((PGresult *)res));
+            }
+            break;
+        }
+        /* A full batch means more may be due: go again soon (bounded batches
+         * keep each transaction short so new work keeps flowing). */
+        if (kind != OP_RETENTION && PQntuples(res) >= s->cfg.sweep_batch) {
+            s->sweep_again = true;
+        }
+    }
+    if (s->sweeps_running == 0 && s->sweep_again && s->leader && !s->stopping) {
+        s->sweep_again = false;
+        sweep(s);
+    }
+}
+
+static void sweep_query(sched_t *s, int kind, const char *sql, int n, const char *const *params) {
+    sweep_op_t *op = calloc(1, sizeof(*op));
+    if (op == NULL) {
+        return;
+    }
+    op->s = s;
+    op->kind = kind;
+    s->sweeps_running++;
+    if (lr_pg_query(s->pg, sql, n, params, 10000, sweep_cb, op) != 0) {
+        s->sweeps_running--;
+        free(op);
+    }
+}
+
+static void sweep(sched_t *s) {
+    char batch[16], grace[16], days[16];
+    uint64_t now;
+    if (!s->leader || s->stopping) {
+        return;
+    }
+    if (s->sweeps_running > 0) {
+        s->sweep_again = true;
+        return;
+    }
+    snprintf(batch, sizeof(batch), "%d", s->cfg.sweep_batch);
+    snprintf(grace, sizeof(grace), "%d", s->cfg.outbox_grace_seconds);
+    snprintf(days, sizeof(days), "%d", s->cfg.retention_days);
+    sweep_query(s, OP_RESUME, SQL_RESUME, 2, (const char *const[]){batch, s->id});
+    sweep_query(s, OP_EXPIRED, SQL_EXPIRED, 2, (const char *const[]){batch, s->id});
+    sweep_query(s, OP_OUTBOX, SQL_OUTBOX, 2, (const char *const[]){batch, grace});
+    sweep_query(s, OP_DEADLINE, SQL_DEADLINE, 2, (const char *const[]){batch, s->id});
+    uv_update_time(s->loop);
+    now = uv_now(s->loop);
+    if (s->cfg.retention_days > 0 && now - s->last_retention_ms > 60000) {
+        s->last_retention_ms = now;
+        sweep_query(s, OP_RETENTION, SQL_RETENTION, 2, (const char *const[]){batch, days});
+    }
+}
+
+static void tick_cb(uv_timer_t *t) {
+    sweep(t->data);
+}
+
+static void on_notify(const char *channel, const char *payload, void *arg) {
+    (void)channel;
+    (void)payload;
+    sweep(arg);
+}
+
+/* ---------------------------------------------------------------- leader */
+
+static void lock_cb(int err, const PGresult *res, void *arg) {
+    sched_t *s = arg;
+    const char *v;
+    s->lock_pending = false;
+    if (err != 0 || s->stopping) {
+        return;
+    }
+    v = lr_pg_get(res, 0, 0);
+    if (v != NULL && v[0] == 't' && !s->leader) {
+        s->leader = true;
+        lr_info("scheduler.leader", "this instance is now the leader");
+        sweep(s);
+    }
+}
+
+static void lock_timer_cb(uv_timer_t *t) {
+    sched_t *s = t->data;
+    if (s->leader || s->lock_pending || s->stopping) {
+        return;
+    }
+    s->lock_pending = true;
+    if (lr_pg_query(s->lock, "SELECT pg_try_advisory_lock(" LEADER_LOCK_KEY ")", 0, NULL, 900,
+                    lock_cb, s) != 0) {
+        s->lock_pending = false;
+    }
+}
+
+static void on_lock_state(int usable, void *arg) {
+    sched_t *s = arg;
+    if (usable == 0 && s->leader) {
+        /* The session holding the lock is gone: so is the lock. */
+        s->leader = false;
+        lr_warn("scheduler.leadership_lost", "lost the leader lock's database session; standing by");
+    }
+}
+
+/* ------------------------------------------------------------ dlq ingest */
+
+typedef struct ingest {
+    sched_t *s;
+    lr_amqp_delivery_t *d;
+} ingest_t;
+
+static void ingest_cb(int err, const PGresult *res, void *arg) {
+    ingest_t *in = arg;
+    if (err != 0) {
+        lr_warn("dlq.ingest_failed", "cannot record a dead letter (%s); it stays in %s",
+                res != NULL ? PQresultErrorMessage(res) : lr_strerror(err), LR_AMQP_DEAD_QUEUE);
+        if (in->s->amqp != NULL) {
+            (void)lr_amqp_reject(in->s->amqp, in->d, true);
+        }
+    } else {
+        in->s->ingested++;
+        if (in->s->amqp != NULL) {
+            (void)lr_amqp_ack(in->s->amqp, in->d);
+        }
+    }
+    lr_amqp_delivery_free(in->d);
+    free(in);
+}
+
+/* Reads x-death[0].reason/queue/count and our own x-longrun-* headers. */
+static void dead_info(const lr_amqp_delivery_t *d, char *key, size_t keylen, char *reason,
+                      size_t reasonlen, char *queue, size_t queuelen, long *count) {
+    cJSON *h = d->headers_json != NULL ? cJSON_Parse(d->headers_json) : NULL;
+    const cJSON *k = cJSON_GetObjectItemCaseSensitive(h, "x-longrun-dead-letter-key");
+    const cJSON *r = cJSON_GetObjectItemCaseSensitive(h, "x-longrun-reason");
+    const cJSON *q = cJSON_GetObjectItemCaseSensitive(h, "x-longrun-queue");
+    const cJSON *xd = cJSON_GetObjectItemCaseSensitive(h, "x-death");
+    const cJSON *first = cJSON_IsArray(xd) ? cJSON_GetArrayItem(xd, 0) : NULL;
+    const cJSON *xr = cJSON_GetObjectItemCaseSensitive(first, "reason");
+    const cJSON *xq = cJSON_GetObjectItemCaseSensitive(first, "queue");
+    const cJSON *xc = cJSON_GetObjectItemCaseSensitive(first, "count");
+
+    *count = cJSON_IsNumber(xc) ? (long)xc->valuedouble : -1;
+    snprintf(reason, reasonlen, "%s",
+             cJSON_IsString(r) ? r->valuestring : cJSON_IsString(xr) ? xr->valuestring : "unknown");
+    snprintf(queue, queuelen, "%s",
+             cJSON_IsString(q) ? q->valuestring : cJSON_IsString(xq) ? xq->valuestring : "");
+    if (cJSON_IsString(k)) {
+        snprintf(key, keylen, "%s", k->valuestring);
+    } else {
+        /* A broker-made dead letter (delivery limit, rejection by a foreign
+         * consumer, expiry): one row per message and death count. */
+        snprintf(key, keylen, "broker:%s:%s:%ld", d->message_id != NULL ? d->message_id : "none",
+                 reason, *count);
+    }
+    cJSON_Delete(h);
+}
+
+static void on_dead(lr_amqp_delivery_t *d, void *arg) {
+    sched_t *s = arg;
+    ingest_t *in = calloc(1, sizeof(*in));
+    char key[300], reason[64], queue[128], cnt[24];
+    char *hex = NULL;
+    long count;
+    const char *params[9];
+    static const char digits[] = "0123456789abcdef";
+    cJSON *j;
+    bool is_json;
+
+    if (in == NULL || (hex = malloc(d->body_len * 2 + 3)) == NULL) {
+        free(in);
+        (void)lr_amqp_reject(s->amqp, d, true);
+        lr_amqp_delivery_free(d);
+        return;
+    }
+    in->s = s;
+    in->d = d;
+    dead_info(d, key, sizeof(key), reason, sizeof(reason), queue, sizeof(queue), &count);
+    hex[0] = '\\';
+    hex[1] = 'x';
+    for (size_t i = 0; i < d->body_len; i++) {
+        hex[2 + 2 * i] = digits[((unsigned char)d->body[i]) >> 4];
+        hex[3 + 2 * i] = digits[((unsigned char)d->body[i]) & 15];
+    }
+    hex[2 + 2 * d->body_len] = '\0';
+    j = cJSON_ParseWithLength(d->body, d->body_len);
+    is_json = j != NULL && memchr(d->body, '\0', d->body_len) == NULL;
+    cJSON_Delete(j);
+    snprintf(cnt, sizeof(cnt), "%ld", count);
+    params[0] = key;
+    params[1] = d->message_id;
+    params[2] = queue;
+    params[3] = reason;
+    params[4] = hex;
+    params[5] = d->headers_json;
+    params[6] = count >= 0 ? cnt : NULL;
+    params[7] = is_json ? "true" : "false";
+    params[8] = d->message_id != NULL && lr_uuid_valid(d->message_id) ? d->message_id : NULL;
+    if (lr_pg_query(s->pg, SQL_INGEST, 9, params, 0, ingest_cb, in) != 0) {
+        (void)lr_amqp_reject(s->amqp, d, true);
+        lr_amqp_delivery_free(d);
+        free(in);
+    }
+    free(hex);
+}
+
+/* -------------------------------------------------------------- lifecycle */
+
+static void closed_cb(void *arg) {
+    sched_t *s = arg;
+    if (--s->closing == 0) {
+        uv_stop(s->loop);
+    }
+}
+
+static void noop_close(uv_handle_t *h) {
+    (void)h;
+}
+
+static void on_signal(uv_signal_t *sig, int signum) {
+    sched_t *s = sig->data;
+    if (s->stopping || signum == SIGQUIT) {
+        lr_warn("scheduler.exit_now", "%s: exiting now", strsignal(signum));
+        fflush(stdout);
+        _exit(signum == SIGQUIT ? 3 : 1);
+    }
+    s->stopping = true;
+    lr_info("scheduler.stopping", "%s: stopping (leader lock released with the session)",
+            strsignal(signum));
+    uv_close((uv_handle_t *)&s->tick, noop_close);
+    uv_close((uv_handle_t *)&s->lock_timer, noop_close);
+    uv_close((uv_handle_t *)&s->sigterm, noop_close);
+    uv_close((uv_handle_t *)&s->sigint, noop_close);
+    uv_close((uv_handle_t *)&s->sigquit, noop_close);
+    s->closing = 3;
+    lr_amqp_stop(s->amqp, 3000, closed_cb, s);
+    s->amqp = NULL;
+    lr_pg_pool_close(s->lock, closed_cb, s);
+    s->lock = NULL;
+    lr_pg_pool_close(s->pg, closed_cb, s);
+    s->pg = NULL;
+}
+
+static void on_amqp_state(int connected, const char *detail, void *arg) {
+    (void)arg;
+    if (connected) {
+        lr_info("amqp.connected", "RabbitMQ connected; ingesting %s", LR_AMQP_DEAD_QUEUE);
+    } else {
+        lr_warn("amqp.disconnected", "RabbitMQ unavailable: %s; reconnecting", detail ? detail : "");
+    }
+}
+
+int lr_scheduler_run(const lr_config_t *cfg) {
+    sched_t *s = calloc(1, sizeof(*s));
+    uv_loop_t loop;
+    lr_pg_opts_t po;
+    lr_amqp_opts_t ao;
+    char err[512], host[100] = "";
+    static const char *const consume[] = {LR_AMQP_DEAD_QUEUE, NULL};
+    static const char *const declare[] = {"default", NULL};
+    int rc = 1;
+
+    if (s == NULL || uv_loop_init(&loop) != 0) {
+        free(s);
+        return 1;
+    }
+    s->loop = &loop;
+    s->cfg = *cfg;
+    gethostname(host, sizeof(host) - 1);
+    snprintf(s->id, sizeof(s->id), "scheduler:%s-%d", host, (int)getpid());
+    lr_log_init("scheduler", s->id, lr_log_level_parse(cfg->log_level), strcmp(cfg->log_format, "json") == 0);
+
+    memset(&po, 0, sizeof(po));
+    po.conninfo = cfg->database_url;
+    po.size = 2;
+    po.application_name = "longrun-scheduler";
+    if (lr_pg_pool_init(&s->pg, &loop, &po, err, sizeof(err)) != 0) {
+        lr_error("scheduler.config", "LONGRUN_DATABASE_URL: %s", err);
+        rc = 2;
+        goto out;
+    }
+    po.size = 1;
+    po.application_name = "longrun-scheduler-lock";
+    po.on_state = on_lock_state;
+    po.state_arg = s;
+    if (lr_pg_pool_init(&s->lock, &loop, &po, err, sizeof(err)) != 0) {
+        rc = 2;
+        goto out;
+    }
+    if (lr_pg_listen(s->pg, "longrun_wakeup", on_notify, s) != 0) {
+        goto out;
+    }
+    memset(&ao, 0, sizeof(ao));
+    ao.url = cfg->amqp_url;
+    ao.consume = consume;
+    ao.declare = declare;
+    ao.prefetch = 100;
+    ao.delivery_limit = cfg->delivery_limit;
+    ao.on_delivery = on_dead;
+    ao.on_state = on_amqp_state;
+    ao.arg = s;
+    if (lr_amqp_start(&s->amqp, &loop, &ao, err, sizeof(err)) != 0) {
+        lr_error("scheduler.config", "LONGRUN_AMQP_URL: %s", err);
+        rc = 2;
+        goto out;
+    }
+    uv_timer_init(&loop, &s->tick);
+    uv_timer_init(&loop, &s->lock_timer);
+    s->tick.data = s->lock_timer.data = s;
+    uv_timer_start(&s->tick, tick_cb, (uint64_t)cfg->sweep_interval_ms, (uint64_t)cfg->sweep_interval_ms);
+    uv_timer_start(&s->lock_timer, lock_timer_cb, 100, 1000);
+    uv_signal_init(&loop, &s->sigterm);
+    uv_signal_init(&loop, &s->sigint);
+    uv_signal_init(&loop, &s->sigquit);
+    s->sigterm.data = s->sigint.data = s->sigquit.data = s;
+    uv_signal_start(&s->sigterm, on_signal, SIGTERM);
+    uv_signal_start(&s->sigint, on_signal, SIGINT);
+    uv_signal_start(&s->sigquit, on_signal, SIGQUIT);
+    lr_info("scheduler.started", "longrun-scheduler %s: sweep every %d ms, batch %d, outbox grace %d s, "
+            "retention %d days", LONGRUN_VERSION, cfg->sweep_interval_ms, cfg->sweep_batch,
+            cfg->outbox_grace_seconds, cfg->retention_days);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    lr_info("scheduler.exit", "exiting: resumed %llu, recovered %llu, republished %llu, deadline %llu, "
+            "dead letters ingested %llu", (unsigned long long)s->resumed, (unsigned long long)s->recovered,
+            (unsigned long long)s->republished, (unsigned long long)s->deadlined,
+            (unsigned long long)s->ingested);
+    rc = 0;
+out:
+    if (rc != 0) {
+        s->closing = 3;
+        lr_pg_pool_close(s->pg, closed_cb, s);
+        lr_pg_pool_close(s->lock, closed_cb, s);
+        if (s->amqp != NULL) {
+            lr_amqp_stop(s->amqp, 1000, closed_cb, s);
+        } else {
+            closed_cb(s);
+        }
+        uv_run(&loop, UV_RUN_DEFAULT);
+    }
+    if (uv_loop_close(&loop) != 0) {
+        uv_walk(&loop, (uv_walk_cb)uv_close, NULL);
+        uv_run(&loop, UV_RUN_DEFAULT);
+        (void)uv_loop_close(&loop);
+    }
+    free(s);
+    return rc;
+}

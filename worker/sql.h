@@ -1,0 +1,157 @@
+/*
+ * sql.h - the worker's statements.  Each is one round trip; every write is
+ * fenced on (id, lease_epoch) and, for checkpoints, on step = n - 1.
+ */
+#ifndef LR_WORKER_SQL_H
+#define LR_WORKER_SQL_H
+
+/* Claim: bump the epoch and take the lease if the task is runnable (queued,
+ * or running with an expired lease).  The LEFT JOINs always return one row:
+ * claimed columns are NULL when the claim failed, and cur_* say why.
+ * $1 id, $2 worker, $3 lease seconds. */
+#define SQL_CLAIM                                                                              \
+    "WITH o AS (SELECT id, status FROM tasks WHERE id = $1 FOR UPDATE),"                       \
+    " c AS (UPDATE tasks t SET status = 'running', lease_epoch = t.lease_epoch + 1,"           \
+    "   lease_owner = $2, lease_expires_at = now() + make_interval(secs => $3::int),"          \
+    "   claims = t.claims + 1, claims_total = t.claims_total + 1,"                              \
+    "   started_at = coalesce(t.started_at, now()), updated_at = now(),"                       \
+    "   suspend_reason = NULL, wait_event = NULL, resume_at = NULL"                            \
+    "  FROM o WHERE t.id = o.id AND (t.status = 'queued' OR"                                   \
+    "   (t.status = 'running' AND (t.lease_expires_at IS NULL OR t.lease_expires_at < now())))" \
+    "  RETURNING t.*, o.status AS old_status),"                                                \
+    " ev AS (INSERT INTO task_events (task_id, from_status, to_status, reason, actor)"         \
+    "  SELECT id, old_status, 'running',"                                                      \
+    "   CASE WHEN old_status = 'running' THEN 'lease_expired' ELSE 'claimed' END, $2 FROM c)"  \
+    " SELECT c.lease_epoch, c.step, c.claims, c.attempt, c.max_attempts, c.agent, c.queue,"    \
+    "  c.input::text, c.budgets::text, c.tokens_in, c.tokens_out, c.cost_usd, c.tool_calls,"   \
+    "  c.active_ms, (c.deadline IS NOT NULL AND c.deadline < now()) AS past_deadline,"         \
+    "  c.reply_to, c.correlation_id, c.callback_url, c.state_version,"                        \
+    "  cur.status AS cur_status,"                                                              \
+    "  (cur.lease_expires_at IS NOT NULL AND cur.lease_expires_at >= now()) AS cur_leased"    \
+    " FROM (SELECT 1) one LEFT JOIN c ON true"                                                 \
+    " LEFT JOIN tasks cur ON cur.id = $1"
+
+/* A task that arrives as a full message and has no row yet: create it
+ * already claimed.  $1 id, $2 queue, $3 agent, $4 input, $5 budgets,
+ * $6 max_attempts, $7 deadline, $8 tenant, $9 metadata, $10 callback_url,
+ * $11 reply_to, $12 correlation_id, $13 worker, $14 lease seconds. */
+#define SQL_INSERT_CLAIMED                                                                     \
+    "WITH c AS (INSERT INTO tasks (id, queue, agent, input, budgets, max_attempts, deadline,"  \
+    "  tenant, metadata, callback_url, reply_to, correlation_id, status, lease_epoch,"         \
+    "  lease_owner, lease_expires_at, claims, claims_total, started_at, published_at)"         \
+    " VALUES ($1, $2, $3, $4::jsonb, $5::jsonb, $6::int, $7::timestamptz, $8, $9::jsonb, $10," \
+    "  $11, $12, 'running', 1, $13, now() + make_interval(secs => $14::int), 1, 1, now(), now())" \
+    " ON CONFLICT (id) DO NOTHING RETURNING *),"                                               \
+    " ev AS (INSERT INTO task_events (task_id, from_status, to_status, reason, actor)"         \
+    "  SELECT id, NULL, 'running', 'received', $13 FROM c)"                                    \
+    " SELECT lease_epoch, step, claims, attempt, max_attempts, agent, queue, input::text,"     \
+    "  budgets::text, tokens_in, tokens_out, cost_usd, tool_calls, active_ms,"                 \
+    "  (deadline IS NOT NULL AND deadline < now()) AS past_deadline, reply_to, correlation_id," \
+    "  callback_url, state_version FROM c"
+
+/* Checkpoint one step: append the step row and advance the task row, in one
+ * statement, only if we still hold the epoch and the previous step is the
+ * last one written.  Zero rows = fenced out.
+ * $1 id, $2 epoch, $3 step_no, $4 new status, $5 worker, $6 messages,
+ * $7 tool_calls, $8 model, $9 tokens_in, $10 tokens_out, $11 tokens_cached,
+ * $12 cost, $13 latency_ms, $14 release lease (bool), $15 result,
+ * $16 error, $17 stop_reason, $18 suspend_reason, $19 resume_in_ms,
+ * $20 wait_event, $21 event reason, $22 tool call count, $23 active_ms,
+ * $24 lease seconds */
+#define SQL_CHECKPOINT                                                                         \
+    "WITH t AS (UPDATE tasks SET step = $3, status = $4, claims = 0,"                          \
+    "   tokens_in = tokens_in + $9, tokens_out = tokens_out + $10,"                            \
+    "   tokens_cached = tokens_cached + $11, cost_usd = cost_usd + $12::numeric,"              \
+    "   tool_calls = tool_calls + $22, active_ms = active_ms + $23,"                           \
+    "   lease_owner = CASE WHEN $14::bool THEN NULL ELSE lease_owner END,"                     \
+    "   lease_expires_at = CASE WHEN $14::bool THEN NULL"                                      \
+    "     ELSE now() + make_interval(secs => $24::int) END,"                                   \
+    "   result = coalesce($15::jsonb, result), error = $16,"                                   \
+    "   stop_reason = coalesce($17, stop_reason), suspend_reason = $18,"                       \
+    "   resume_at = CASE WHEN $19::bigint IS NULL THEN NULL"                                   \
+    "     ELSE now() + make_interval(secs => $19::bigint / 1000.0) END,"                       \
+    "   wait_event = $20, published_at = NULL,"                                                \
+    "   finished_at = CASE WHEN $4 IN ('succeeded', 'failed', 'dead', 'cancelled')"            \
+    "     THEN now() ELSE finished_at END,"                                                    \
+    "   updated_at = now(), last_progress_at = now()"                                          \
+    "  WHERE id = $1 AND lease_epoch = $2 AND step = $3 - 1 AND status = 'running'"            \
+    "  RETURNING id, queue, agent, input, budgets, tokens_in, tokens_out, cost_usd, step),"    \
+    " s AS (INSERT INTO task_steps (task_id, step_no, epoch, worker, model, messages,"         \
+    "  tool_calls, tokens_in, tokens_out, tokens_cached, cost_usd, latency_ms)"                \
+    "  SELECT id, $3, $2, $5, $8, coalesce($6::jsonb, '[]'::jsonb), $7::jsonb, $9, $10, $11,"  \
+    "   $12::numeric, $13 FROM t RETURNING step_no),"                                          \
+    " ev AS (INSERT INTO task_events (task_id, from_status, to_status, reason, actor)"         \
+    "  SELECT id, 'running', $4, $21, $5 FROM t WHERE $4 <> 'running'),"                       \
+    " dl AS (INSERT INTO dead_letters (dedupe_key, task_id, message_id, queue, agent, reason,"  \
+    "   error, body, source)"                                                                  \
+    "  SELECT 'task:' || id || ':' || $2, id, id::text, queue, agent, coalesce($17, 'failed'),"\
+    "   $16, jsonb_build_object('id', id, 'agent', agent, 'input', input, 'budgets', budgets),"\
+    "   'worker' FROM t WHERE $4 = 'dead' ON CONFLICT (dedupe_key) DO NOTHING)"                \
+    " SELECT s.step_no, t.tokens_in, t.tokens_out, t.cost_usd FROM s, t"
+
+/* Did step $2 of task $1 commit under epoch $3?  (After an ambiguous
+ * connection loss during a checkpoint.) */
+#define SQL_STEP_EXISTS "SELECT 1 FROM task_steps WHERE task_id = $1 AND step_no = $2 AND epoch = $3"
+
+/* A transition without a step (retry_wait, dead, queued on abandon, ...),
+ * fenced on the epoch.  $1 id, $2 epoch, $3 new status, $4 worker,
+ * $5 event reason, $6 error, $7 stop_reason (also the dead-letter reason),
+ * $8 resume_in_ms, $9 attempt increment, $10 suspend_reason. */
+#define SQL_TRANSITION                                                                         \
+    "WITH t AS (UPDATE tasks SET status = $3, attempt = attempt + $9::int,"                   \
+    "   error = coalesce($6, error), stop_reason = coalesce($7, stop_reason),"                 \
+    "   resume_at = CASE WHEN $8::bigint IS NULL THEN NULL"                                    \
+    "     ELSE now() + make_interval(secs => $8::bigint / 1000.0) END,"                        \
+    "   suspend_reason = $10, lease_owner = NULL, lease_expires_at = NULL,"                    \
+    "   published_at = NULL,"                                                                  \
+    "   finished_at = CASE WHEN $3 IN ('succeeded', 'failed', 'dead', 'cancelled')"            \
+    "     THEN now() ELSE finished_at END, updated_at = now()"                                 \
+    "  WHERE id = $1 AND lease_epoch = $2 AND status = 'running'"                              \
+    "  RETURNING id, queue, agent, input, budgets, step, attempt),"                            \
+    " ev AS (INSERT INTO task_events (task_id, from_status, to_status, reason, actor, detail)" \
+    "  SELECT id, 'running', $3, $5, $4,"                                                      \
+    "   CASE WHEN $6::text IS NULL THEN NULL ELSE jsonb_build_object('error', $6::text) END"   \
+    "  FROM t),"                                                                               \
+    " dl AS (INSERT INTO dead_letters (dedupe_key, task_id, message_id, queue, agent, reason,"  \
+    "   error, body, source)"                                                                  \
+    "  SELECT 'task:' || id || ':' || $2, id, id::text, queue, agent, coalesce($7, $5), $6,"   \
+    "   jsonb_build_object('id', id, 'agent', agent, 'input', input, 'budgets', budgets),"     \
+    "   'worker' FROM t WHERE $3 = 'dead' ON CONFLICT (dedupe_key) DO NOTHING)"                \
+    " SELECT id, step, attempt FROM t"
+
+/* A message that is not a valid task: record it (raw bytes kept) once.
+ * $1 raw body, $2 message_id, $3 queue, $4 reason, $5 error, $6 headers json,
+ * $7 delivery count, $8 body is JSON (bool), $9 task id if known.  Returns the
+ * dedupe key for the DLX publish. */
+#define SQL_DEAD_MESSAGE                                                                       \
+    "INSERT INTO dead_letters (dedupe_key, message_id, queue, reason, error, raw_body, body,"  \
+    "  x_death, death_count, source, task_id)"                                                 \
+    " VALUES ('msg:' || coalesce($2, encode(sha256($1::bytea), 'hex')), $2, $3, $4, $5, $1::bytea," \
+    "  CASE WHEN $8::bool THEN convert_from($1::bytea, 'UTF8')::jsonb END, $6::jsonb, $7::int," \
+    "  'worker', $9::uuid)"                                                                    \
+    " ON CONFLICT (dedupe_key) DO UPDATE SET updated_at = now()"                               \
+    " RETURNING dedupe_key"
+
+/* Renew the leases of every task this worker holds, each fenced on its own
+ * epoch.  $1 uuid[], $2 bigint[], $3 lease seconds.  Returns the renewed ids. */
+#define SQL_RENEW                                                                              \
+    "UPDATE tasks t SET lease_expires_at = now() + make_interval(secs => $3::int)"            \
+    " FROM unnest($1::uuid[], $2::bigint[]) AS u(id, epoch)"                                   \
+    " WHERE t.id = u.id AND t.lease_epoch = u.epoch AND t.status = 'running'"                  \
+    " RETURNING t.id::text"
+
+#define SQL_HEARTBEAT                                                                          \
+    "INSERT INTO workers (id, hostname, pid, version, queues, in_flight, max_in_flight,"       \
+    "  draining, heartbeat_at)"                                                                \
+    " VALUES ($1, $2, $3::int, $4, string_to_array($5, ','), $6::int, $7::int, $8::bool, now())" \
+    " ON CONFLICT (id) DO UPDATE SET in_flight = EXCLUDED.in_flight,"                          \
+    "  draining = EXCLUDED.draining, heartbeat_at = now()"
+
+#define SQL_MARK_PUBLISHED                                                                     \
+    "UPDATE tasks SET published_at = now() WHERE id = $1 AND status = 'queued'"                \
+    " AND published_at IS NULL"
+
+#define SQL_HISTORY                                                                            \
+    "SELECT step_no, messages::text FROM task_steps WHERE task_id = $1 ORDER BY step_no"
+
+#endif

@@ -1,0 +1,1563 @@
+/*
+ * worker.c - the durable execution core of longrun-worker.
+ *
+ * Design.  One libuv loop thread owns everything here.  Each delivery from
+ * RabbitMQ becomes an lr_run_t, a state machine (enum run_state, one
+ * set_state() that traces old -> new with the line) that goes:
+ *
+ *   CLAIMING -> [INSERTING] -> [LOADING] -> STEPPING -> CHECKPOINTING
+ *            -> STEPPING ... -> (slice end / finish / suspend / stop)
+ *            -> PUBLISHING (continuation, result, dead letter) -> DONE
+ *
+ * PostgreSQL is the truth: a claim bumps the fencing epoch; every write is
+ * conditional on it; a checkpoint appends the step row and advances the task
+ * row in one statement (worker/sql.h).  RabbitMQ carries dispatch only: a
+ * delivery is acked after the state it led to is committed and any follow-up
+ * message (continuation, dead letter, result) is confirmed by the broker.
+ *
+ * Failure rules (docs/architecture.md):
+ *  - fenced (zero rows): abandon locally, ack, never retry the write;
+ *  - checkpoint lost with the connection (ambiguous): look for the step row
+ *    with our epoch; present = committed, absent = retry the checkpoint;
+ *  - a transient step failure parks the task in retry_wait (attempt + 1) or
+ *    dead-letters it when attempts are exhausted; permanent ones dead-letter;
+ *  - malformed messages are recorded in dead_letters with their raw bytes and
+ *    published to longrun.dlx with the reason, then acked;
+ *  - SIGTERM: stop consuming, let steps finish and checkpoint with a
+ *    release, publish continuations, ack; at the drain deadline, release the
+ *    leases of steps still running (they run again elsewhere) and exit.
+ *
+ * Ownership: a run owns its delivery (until acked), its parsed message and
+ * its executor state.  A run is freed only when no database query, publish or
+ * step refers to it (run->pending == 0) and it reached DONE.
+ */
+#include "worker.h"
+
+#include <errno.h>
+#include <math.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <unistd.h>
+
+#include "log.h"
+#include "migrations.h"
+#include "sql.h"
+
+enum run_state {
+    RUN_CLAIMING,      /* claim statement in flight */
+    RUN_INSERTING,     /* creating the row of a task first seen on the broker */
+    RUN_LOADING,       /* loading the step log (executors that need history) */
+    RUN_STEPPING,      /* a step is running in the executor */
+    RUN_CHECKPOINTING, /* the step's checkpoint is in flight */
+    RUN_VERIFYING,     /* checking whether an ambiguous checkpoint committed */
+    RUN_TRANSITION,    /* a transition without a step is in flight */
+    RUN_PUBLISHING,    /* continuation / dead letter / result publish in flight */
+    RUN_DONE,          /* acked (or dropped); freed when nothing refers to it */
+};
+
+static const char *const run_state_names[] = {"claiming", "inserting", "loading", "stepping",
+                                              "checkpointing", "verifying", "transition",
+                                              "publishing", "done"};
+
+/* What the run does once its state is committed. */
+enum run_after {
+    AFTER_NOTHING = 0,
+    AFTER_CONTINUE,     /* next step */
+    AFTER_CONTINUATION, /* publish {"id"} to the task queue, then ack */
+    AFTER_DEAD,         /* publish the dead letter to longrun.dlx, then ack */
+    AFTER_FINISHED,     /* publish the outcome (reply_to), then ack */
+    AFTER_ACK,          /* just ack */
+};
+
+struct lr_run {
+    lr_worker_t *w;
+    lr_run_t *prev, *next;       /* worker's list of runs */
+    lr_amqp_delivery_t *d;       /* owned until acked */
+    lr_task_msg_t msg;           /* parsed body (owned) */
+    enum run_state state;
+    enum run_after after;
+    int pending;                 /* queries / publishes / steps referring to this run */
+    bool fenced;
+    bool abandon;                /* stop at the next boundary (drain deadline) */
+    bool stepping;               /* the executor holds a step */
+    char id[LR_UUID_LEN + 1];
+    char queue[LR_TASK_MAX_AGENT + 1];
+    char agent[LR_TASK_MAX_AGENT + 1];
+    char *reply_to;
+    char *correlation_id;
+    int64_t epoch;
+    int step;                    /* last checkpointed step */
+    int attempt, max_attempts;
+    long tokens_in, tokens_out;
+    double cost_usd;
+    int slice_steps;             /* steps done in this delivery */
+    uint64_t slice_start_ms;
+    uint64_t step_start_ms;
+    cJSON *input;                /* owned */
+    cJSON *history;              /* owned: array of per-step message arrays */
+    const lr_executor_t *exec;
+    void *exec_state;
+    lr_step_t out;               /* the current step's output */
+    char final_status[16];       /* status written by the last transition */
+    char reason[32];
+    char error[512];
+    int publish_tries;
+    uv_timer_t retry_timer;      /* publish retry backoff */
+    bool timer_init;
+    lr_log_ctx_t log;
+};
+
+struct lr_worker {
+    uv_loop_t *loop;
+    lr_config_t cfg;
+    char id[128];
+    char hostname[128];
+    char queues_csv[1024];
+    const char **queue_names;    /* full names longrun.q.<name> */
+    const char **queue_short;
+    int nqueues;
+    lr_pg_pool_t *pg;
+    lr_amqp_t *amqp;
+    lr_http_t *http;
+    uv_signal_t sigterm, sigint, sigquit, sighup;
+    uv_timer_t lease_timer;
+    uv_timer_t drain_timer;
+    lr_run_t *runs;
+    int nruns;
+    bool draining;
+    bool stopping;
+    bool amqp_up;
+    int pg_usable;
+    bool test_hooks;
+    int exit_code;
+    int closing;                 /* components still closing */
+    uint64_t steps_done;
+    uint64_t tasks_finished;
+};
+
+static void run_next(lr_run_t *r);
+static void run_publish_followup(lr_run_t *r);
+static void run_transition(lr_run_t *r, const char *status, const char *reason, const char *error,
+                           const char *stop_reason, long resume_in_ms, int attempt_inc);
+static void worker_maybe_exit(lr_worker_t *w);
+
+/* ---------------------------------------------------------------- helpers */
+
+static uint64_t now_ms(lr_worker_t *w) {
+    uv_update_time(w->loop);
+    return uv_now(w->loop);
+}
+
+void lr_step_reset(lr_step_t *s) {
+    free(s->messages);
+    free(s->tool_calls);
+    free(s->result);
+    free(s->model);
+    memset(s, 0, sizeof(*s));
+    s->resume_in_ms = -1;
+}
+
+const char *lr_run_id(const lr_run_t *r) { return r->id; }
+int lr_run_step_no(const lr_run_t *r) { return r->step; }
+int64_t lr_run_epoch(const lr_run_t *r) { return r->epoch; }
+const cJSON *lr_run_input(const lr_run_t *r) { return r->input; }
+const char *lr_run_agent(const lr_run_t *r) { return r->agent; }
+const cJSON *lr_run_history(const lr_run_t *r) { return r->history; }
+void **lr_run_exec_state(lr_run_t *r) { return &r->exec_state; }
+lr_worker_t *lr_run_worker(lr_run_t *r) { return r->w; }
+lr_http_t *lr_worker_http(lr_worker_t *w) { return w->http; }
+const lr_config_t *lr_worker_config(const lr_worker_t *w) { return &w->cfg; }
+const char *lr_worker_id(const lr_worker_t *w) { return w->id; }
+bool lr_worker_test_hooks(const lr_worker_t *w) { return w->test_hooks; }
+
+#define set_state(r, s) set_state_at((r), (s), __LINE__)
+static void set_state_at(lr_run_t *r, enum run_state s, int line) {
+    if (lr_log_threshold <= LR_LOG_DEBUG) {
+        lr_log_emit(LR_LOG_DEBUG, &r->log, "task.state", "%s -> %s (line %d)",
+                    run_state_names[r->state], run_state_names[s], line);
+    }
+    r->state = s;
+}
+
+/* Full-jitter exponential backoff: random in [0, min(max, base * 2^n)]. */
+static long backoff_ms(long base, long max, int n) {
+    double cap = (double)base * pow(2.0, n > 30 ? 30 : n);
+    unsigned int rnd = 0;
+    if (cap > (double)max) {
+        cap = (double)max;
+    }
+    if (getrandom(&rnd, sizeof(rnd), 0) != (ssize_t)sizeof(rnd)) {
+        rnd = (unsigned int)rand();
+    }
+    return (long)(cap * ((double)rnd / (double)UINT32_MAX));
+}
+
+static lr_executor_t const *find_executor(const char *agent) {
+    if (strcmp(agent, "http-steps") == 0) {
+        return &lr_exec_http_steps;
+    }
+    return NULL;
+}
+
+/* ------------------------------------------------------------ run lifecycle */
+
+static lr_run_t *run_new(lr_worker_t *w, lr_amqp_delivery_t *d) {
+    lr_run_t *r = calloc(1, sizeof(*r));
+    if (r == NULL) {
+        return NULL;
+    }
+    r->w = w;
+    r->d = d;
+    r->log.task_id = NULL;
+    r->log.step = -1;
+    r->log.epoch = -1;
+    r->out.resume_in_ms = -1;
+    r->next = w->runs;
+    if (w->runs != NULL) {
+        w->runs->prev = r;
+    }
+    w->runs = r;
+    w->nruns++;
+    return r;
+}
+
+static void run_timer_closed(uv_handle_t *h) {
+    lr_run_t *r = h->data;
+    free(r);
+}
+
+/* Frees r if it is done and nothing refers to it any more. */
+static void run_maybe_free(lr_run_t *r) {
+    lr_worker_t *w = r->w;
+    if (r->state != RUN_DONE || r->pending > 0) {
+        return;
+    }
+    if (r->prev != NULL) {
+        r->prev->next = r->next;
+    } else {
+        w->runs = r->next;
+    }
+    if (r->next != NULL) {
+        r->next->prev = r->prev;
+    }
+    w->nruns--;
+    if (r->exec != NULL && r->exec->release != NULL) {
+        r->exec->release(r);
+    }
+    lr_amqp_delivery_free(r->d);
+    lr_task_msg_free(&r->msg);
+    lr_step_reset(&r->out);
+    cJSON_Delete(r->input);
+    cJSON_Delete(r->history);
+    free(r->reply_to);
+    free(r->correlation_id);
+    if (r->timer_init) {
+        r->timer_init = false;
+        uv_close((uv_handle_t *)&r->retry_timer, run_timer_closed);
+    } else {
+        free(r);
+    }
+    worker_maybe_exit(w);
+}
+
+/* Acks the delivery (if still held) and ends the run. */
+static void run_done(lr_run_t *r) {
+    if (r->d != NULL) {
+        (void)lr_amqp_ack(r->w->amqp, r->d);
+        lr_amqp_delivery_free(r->d);
+        r->d = NULL;
+    }
+    set_state(r, RUN_DONE);
+    run_maybe_free(r);
+}
+
+/* Gives the delivery back to the broker without a decision (drain deadline,
+ * lost database): the message is redelivered elsewhere. */
+static void run_requeue(lr_run_t *r) {
+    if (r->d != NULL) {
+        (void)lr_amqp_reject(r->w->amqp, r->d, true);
+        lr_amqp_delivery_free(r->d);
+        r->d = NULL;
+    }
+    set_state(r, RUN_DONE);
+    run_maybe_free(r);
+}
+
+/* ------------------------------------------------------ malformed messages */
+
+typedef struct dead_msg {
+    lr_worker_t *w;
+    lr_amqp_delivery_t *d;
+    char reason[32];
+    char error[512];
+    char key[256];
+    int tries;
+} dead_msg_t;
+
+static void dead_msg_free(dead_msg_t *m) {
+    lr_amqp_delivery_free(m->d);
+    free(m);
+}
+
+static void dead_msg_published(int err, void *arg) {
+    dead_msg_t *m = arg;
+    if (err != 0) {
+        /* The record is committed; the DLX copy is for AMQP-side tooling.
+         * Ack anyway: the dead letter is never lost, it is in PostgreSQL. */
+        lr_warn("dead_letter.publish_failed", "could not publish dead letter %s to %s: %s", m->key,
+                LR_AMQP_DLX, lr_strerror(err));
+    }
+    (void)lr_amqp_ack(m->w->amqp, m->d);
+    dead_msg_free(m);
+}
+
+static void dead_msg_recorded(int err, const PGresult *res, void *arg);
+
+static void dead_msg_record(dead_msg_t *m) {
+    lr_amqp_delivery_t *d = m->d;
+    char *hex = malloc(d->body_len * 2 + 3);
+    char count[24];
+    const char *params[9];
+    bool is_json = false;
+    int rc;
+    cJSON *j;
+    static const char digits[] = "0123456789abcdef";
+
+    if (hex == NULL) {
+        lr_error("dead_letter.nomem", "out of memory recording a dead letter; requeueing it");
+        (void)lr_amqp_reject(m->w->amqp, d, true);
+        dead_msg_free(m);
+        return;
+    }
+    hex[0] = '\\';
+    hex[1] = 'x';
+    for (size_t i = 0; i < d->body_len; i++) {
+        hex[2 + 2 * i] = digits[((unsigned char)d->body[i]) >> 4];
+        hex[3 + 2 * i] = digits[((unsigned char)d->body[i]) & 15];
+    }
+    hex[2 + 2 * d->body_len] = '\0';
+    j = cJSON_ParseWithLength(d->body, d->body_len);
+    is_json = j != NULL && memchr(d->body, '\0', d->body_len) == NULL;
+    cJSON_Delete(j);
+    snprintf(count, sizeof(count), "%lld", (long long)d->delivery_count);
+    params[0] = hex;
+    params[1] = d->message_id;
+    params[2] = d->queue;
+    params[3] = m->reason;
+    params[4] = m->error;
+    params[5] = d->headers_json;
+    params[6] = d->delivery_count >= 0 ? count : NULL;
+    params[7] = is_json ? "true" : "false";
+    params[8] = (d->message_id != NULL && lr_uuid_valid(d->message_id)) ? d->message_id : NULL;
+    rc = lr_pg_query(m->w->pg, SQL_DEAD_MESSAGE, 9, params, 0, dead_msg_recorded, m);
+    free(hex);
+    if (rc != 0) {
+        lr_error("dead_letter.query_failed", "cannot queue the dead-letter record: %s; requeueing",
+                 lr_strerror(rc));
+        (void)lr_amqp_reject(m->w->amqp, d, true);
+        dead_msg_free(m);
+    }
+}
+
+static void dead_msg_recorded(int err, const PGresult *res, void *arg) {
+    dead_msg_t *m = arg;
+    lr_amqp_msg_t msg;
+    const char *headers[9];
+    const char *key;
+    int rc;
+
+    if (err != 0) {
+        if (err == LR_ECONN && ++m->tries < 5) {
+            dead_msg_record(m); /* the upsert is idempotent */
+            return;
+        }
+        lr_error("dead_letter.record_failed", "cannot record dead letter (%s): %s; requeueing",
+                 m->reason, res != NULL ? PQresultErrorMessage(res) : lr_strerror(err));
+        (void)lr_amqp_reject(m->w->amqp, m->d, true);
+        dead_msg_free(m);
+        return;
+    }
+    key = lr_pg_get(res, 0, 0);
+    snprintf(m->key, sizeof(m->key), "%s", key != NULL ? key : "");
+    lr_warn("message.dead_lettered", "message %s from %s dead-lettered: %s: %s",
+            m->d->message_id != NULL ? m->d->message_id : "(no message_id)",
+            m->d->queue != NULL ? m->d->queue : "?", m->reason, m->error);
+    headers[0] = "x-longrun-dead-letter-key";
+    headers[1] = m->key;
+    headers[2] = "x-longrun-reason";
+    headers[3] = m->reason;
+    headers[4] = "x-longrun-error";
+    headers[5] = m->error;
+    headers[6] = "x-longrun-queue";
+    headers[7] = m->d->queue != NULL ? m->d->queue : "";
+    headers[8] = NULL;
+    memset(&msg, 0, sizeof(msg));
+    msg.body = m->d->body;
+    msg.body_len = m->d->body_len;
+    msg.message_id = m->d->message_id;
+    msg.content_type = m->d->content_type;
+    msg.persistent = true;
+    msg.headers = headers;
+    rc = lr_amqp_publish(m->w->amqp, LR_AMQP_DLX, "", &msg, dead_msg_published, m);
+    if (rc != 0) {
+        dead_msg_published(rc, m);
+    }
+}
+
+/* Takes ownership of d. */
+static void dead_letter_message(lr_worker_t *w, lr_amqp_delivery_t *d, const char *reason,
+                                const char *error) {
+    dead_msg_t *m = calloc(1, sizeof(*m));
+    if (m == NULL) {
+        (void)lr_amqp_reject(w->amqp, d, true);
+        lr_amqp_delivery_free(d);
+        return;
+    }
+    m->w = w;
+    m->d = d;
+    snprintf(m->reason, sizeof(m->reason), "%s", reason);
+    snprintf(m->error, sizeof(m->error), "%s", error);
+    dead_msg_record(m);
+}
+
+/* ------------------------------------------------------------- publishing */
+
+static void run_published(int err, void *arg);
+
+static void retry_timer_cb(uv_timer_t *t) {
+    lr_run_t *r = t->data;
+    r->pending--;
+    run_publish_followup(r);
+}
+
+/* Retries a failed publish later (the broker is away); the run keeps its
+ * delivery meanwhile.  On drain with the broker gone, the outbox sweep of the
+ * scheduler republishes queued tasks, so the run may end. */
+static void run_publish_retry(lr_run_t *r, int err) {
+    long delay = backoff_ms(250, 10000, r->publish_tries);
+    lr_warn("task.publish_retry", "publish for task %s failed (%s); retrying in %ld ms", r->id,
+            lr_strerror(err), delay);
+    if (r->w->stopping) {
+        run_done(r);
+        return;
+    }
+    if (!r->timer_init) {
+        uv_timer_init(r->w->loop, &r->retry_timer);
+        r->retry_timer.data = r;
+        r->timer_init = true;
+    }
+    r->pending++;
+    uv_timer_start(&r->retry_timer, retry_timer_cb, (uint64_t)delay + 1, 0);
+}
+
+static void outcome_json(lr_run_t *r, cJSON *o) {
+    cJSON *usage = cJSON_AddObjectToObject(o, "usage");
+    cJSON_AddStringToObject(o, "id", r->id);
+    cJSON_AddStringToObject(o, "status", r->final_status);
+    if (r->out.result != NULL && strcmp(r->final_status, "succeeded") == 0) {
+        cJSON *res = cJSON_Parse(r->out.result);
+        cJSON_AddItemToObject(o, "result", res != NULL ? res : cJSON_CreateString(r->out.result));
+    } else {
+        cJSON_AddNullToObject(o, "result");
+    }
+    if (r->error[0] != '\0') {
+        cJSON_AddStringToObject(o, "error", r->error);
+    } else {
+        cJSON_AddNullToObject(o, "error");
+    }
+    if (r->reason[0] != '\0' && strcmp(r->final_status, "succeeded") != 0) {
+        cJSON_AddStringToObject(o, "stop_reason", r->reason);
+    } else {
+        cJSON_AddNullToObject(o, "stop_reason");
+    }
+    cJSON_AddNumberToObject(usage, "steps", r->step);
+    cJSON_AddNumberToObject(usage, "tokens_in", (double)r->tokens_in);
+    cJSON_AddNumberToObject(usage, "tokens_out", (double)r->tokens_out);
+    cJSON_AddNumberToObject(usage, "cost_usd", r->cost_usd);
+}
+
+/* Publishes what the committed state calls for, then acks (run_published). */
+static void run_publish_followup(lr_run_t *r) {
+    lr_worker_t *w = r->w;
+    lr_amqp_msg_t msg;
+    char *body = NULL;
+    char key[160];
+    const char *headers[7];
+    int rc = 0;
+    cJSON *o;
+
+    memset(&msg, 0, sizeof(msg));
+    msg.persistent = true;
+    msg.content_type = "application/json";
+    msg.message_id = r->id;
+    set_state(r, RUN_PUBLISHING);
+    switch (r->after) {
+    case AFTER_CONTINUATION:
+        o = cJSON_CreateObject();
+        cJSON_AddStringToObject(o, "id", r->id);
+        body = cJSON_PrintUnformatted(o);
+        cJSON_Delete(o);
+        msg.body = body;
+        msg.body_len = body != NULL ? strlen(body) : 0;
+        msg.mandatory = true;
+        if (body == NULL) {
+            rc = LR_ENOMEM;
+            break;
+        }
+        r->pending++;
+        rc = lr_amqp_publish(w->amqp, LR_AMQP_EXCHANGE, r->queue, &msg, run_published, r);
+        if (rc != 0) {
+            r->pending--;
+        }
+        break;
+    case AFTER_DEAD:
+        o = cJSON_CreateObject();
+        cJSON_AddStringToObject(o, "id", r->id);
+        cJSON_AddStringToObject(o, "agent", r->agent);
+        if (r->input != NULL) {
+            cJSON_AddItemToObject(o, "input", cJSON_Duplicate(r->input, true));
+        }
+        body = cJSON_PrintUnformatted(o);
+        cJSON_Delete(o);
+        snprintf(key, sizeof(key), "task:%s:%lld", r->id, (long long)r->epoch);
+        headers[0] = "x-longrun-dead-letter-key";
+        headers[1] = key;
+        headers[2] = "x-longrun-reason";
+        headers[3] = r->reason;
+        headers[4] = "x-longrun-queue";
+        headers[5] = r->queue;
+        headers[6] = NULL;
+        msg.headers = headers;
+        msg.body = body;
+        msg.body_len = body != NULL ? strlen(body) : 0;
+        if (body == NULL) {
+            rc = LR_ENOMEM;
+            break;
+        }
+        r->pending++;
+        rc = lr_amqp_publish(w->amqp, LR_AMQP_DLX, "", &msg, run_published, r);
+        if (rc != 0) {
+            r->pending--;
+        }
+        break;
+    default:
+        break;
+    }
+    free(body);
+    if (r->after != AFTER_CONTINUATION && r->after != AFTER_DEAD) {
+        run_published(0, r);
+        return;
+    }
+    if (rc != 0) {
+        run_publish_retry(r, rc);
+    }
+}
+
+/* Best-effort: the outcome to the producer's reply_to queue (confirmed, but
+ * the ack does not wait for it: the outcome is in PostgreSQL either way). */
+static void reply_published(int err, void *arg) {
+    char *id = arg;
+    if (err != 0) {
+        lr_warn("task.reply_failed", "could not publish the outcome of task %s to reply_to: %s", id,
+                lr_strerror(err));
+    }
+    free(id);
+}
+
+static void run_send_reply(lr_run_t *r) {
+    lr_amqp_msg_t msg;
+    cJSON *o;
+    char *body, *id;
+    if (r->reply_to == NULL || r->reply_to[0] == '\0') {
+        return;
+    }
+    o = cJSON_CreateObject();
+    outcome_json(r, o);
+    body = cJSON_PrintUnformatted(o);
+    cJSON_Delete(o);
+    id = strdup(r->id);
+    if (body == NULL || id == NULL) {
+        free(body);
+        free(id);
+        return;
+    }
+    memset(&msg, 0, sizeof(msg));
+    msg.body = body;
+    msg.body_len = strlen(body);
+    msg.message_id = r->id;
+    msg.correlation_id = r->correlation_id;
+    msg.content_type = "application/json";
+    msg.persistent = true;
+    if (lr_amqp_publish(r->w->amqp, "", r->reply_to, &msg, reply_published, id) != 0) {
+        free(id);
+    }
+    free(body);
+}
+
+static void mark_published_cb(int err, const PGresult *res, void *arg) {
+    lr_run_t *r = arg;
+    (void)err;
+    (void)res;
+    r->pending--;
+    run_done(r);
+}
+
+static void run_published(int err, void *arg) {
+    lr_run_t *r = arg;
+    if (r->after == AFTER_CONTINUATION || r->after == AFTER_DEAD) {
+        r->pending--;
+    }
+    if (err != 0) {
+        r->publish_tries++;
+        run_publish_retry(r, err);
+        return;
+    }
+    if (r->after == AFTER_FINISHED || r->after == AFTER_DEAD) {
+        run_send_reply(r);
+    }
+    if (r->after == AFTER_CONTINUATION) {
+        /* Outbox bookkeeping: the dispatch of this queued state is confirmed. */
+        r->pending++;
+        if (lr_pg_query_batched(r->w->pg, SQL_MARK_PUBLISHED, 1, (const char *const[]){r->id}, 0,
+                                mark_published_cb, r) != 0) {
+            r->pending--;
+            run_done(r);
+        }
+        return;
+    }
+    run_done(r);
+}
+
+/* --------------------------------------------------------------- stepping */
+
+static void run_step_done(lr_run_t *r);
+
+static bool slice_over(lr_run_t *r) {
+    lr_worker_t *w = r->w;
+    return r->slice_steps >= w->cfg.slice_steps ||
+           now_ms(w) - r->slice_start_ms >= (uint64_t)w->cfg.slice_seconds * 1000u;
+}
+
+static void run_start_step(lr_run_t *r) {
+    int rc;
+    r->log.step = r->step + 1;
+    lr_step_reset(&r->out);
+    r->step_start_ms = now_ms(r->w);
+    set_state(r, RUN_STEPPING);
+    r->pending++;
+    r->stepping = true;
+    rc = r->exec->start(r, &r->out, run_step_done);
+    if (rc != 0) {
+        r->pending--;
+        r->stepping = false;
+        if (rc != LR_EPERM) {
+            r->out.outcome = LR_STEP_FAIL_TRANSIENT;
+            snprintf(r->out.error, sizeof(r->out.error), "could not start step: %s", lr_strerror(rc));
+        }
+        r->pending++;
+        run_step_done(r);
+    }
+}
+
+static void checkpoint_cb(int err, const PGresult *res, void *arg);
+
+static const char *status_for_outcome(lr_run_t *r, bool *release, const char **reason) {
+    *release = true;
+    switch (r->out.outcome) {
+    case LR_STEP_FINISHED:
+        *reason = "succeeded";
+        return "succeeded";
+    case LR_STEP_SUSPEND:
+        *reason = r->out.suspend_reason[0] ? r->out.suspend_reason : "suspended";
+        return "suspended";
+    case LR_STEP_STOP:
+        *reason = r->out.stop_reason[0] ? r->out.stop_reason : "stopped";
+        return "dead";
+    default:
+        break;
+    }
+    if (r->w->draining || r->abandon) {
+        *reason = "drain";
+        return "queued";
+    }
+    if (slice_over(r)) {
+        *reason = "slice_end";
+        return "queued";
+    }
+    *release = false;
+    *reason = NULL;
+    return "running";
+}
+
+static void run_checkpoint(lr_run_t *r) {
+    lr_worker_t *w = r->w;
+    char p_epoch[24], p_step[16], p_tin[24], p_tout[24], p_tcached[24], p_cost[32], p_lat[24];
+    char p_resume[24], p_tc[24], p_active[24], p_lease[16];
+    const char *params[24];
+    bool release;
+    const char *reason = NULL;
+    const char *status = status_for_outcome(r, &release, &reason);
+    uint64_t latency = now_ms(w) - r->step_start_ms;
+    int rc;
+
+    snprintf(r->final_status, sizeof(r->final_status), "%s", status);
+    snprintf(r->reason, sizeof(r->reason), "%s", reason != NULL ? reason : "");
+    snprintf(p_epoch, sizeof(p_epoch), "%lld", (long long)r->epoch);
+    snprintf(p_step, sizeof(p_step), "%d", r->step + 1);
+    snprintf(p_tin, sizeof(p_tin), "%ld", r->out.tokens_in);
+    snprintf(p_tout, sizeof(p_tout), "%ld", r->out.tokens_out);
+    snprintf(p_tcached, sizeof(p_tcached), "%ld", r->out.tokens_cached);
+    snprintf(p_cost, sizeof(p_cost), "%.6f", r->out.cost_usd);
+    snprintf(p_lat, sizeof(p_lat), "%llu", (unsigned long long)latency);
+    snprintf(p_resume, sizeof(p_resume), "%ld", r->out.resume_in_ms);
+    snprintf(p_tc, sizeof(p_tc), "%ld", r->out.tool_calls_count);
+    snprintf(p_active, sizeof(p_active), "%llu", (unsigned long long)latency);
+    snprintf(p_lease, sizeof(p_lease), "%d", w->cfg.lease_seconds);
+    params[0] = r->id;
+    params[1] = p_epoch;
+    params[2] = p_step;
+    params[3] = status;
+    params[4] = w->id;
+    params[5] = r->out.messages;
+    params[6] = r->out.tool_calls;
+    params[7] = r->out.model;
+    params[8] = p_tin;
+    params[9] = p_tout;
+    params[10] = p_tcached;
+    params[11] = p_cost;
+    params[12] = p_lat;
+    params[13] = release ? "true" : "false";
+    params[14] = r->out.outcome == LR_STEP_FINISHED ? r->out.result : NULL;
+    params[15] = r->out.outcome == LR_STEP_STOP && r->out.error[0] ? r->out.error : NULL;
+    params[16] = r->out.outcome == LR_STEP_STOP ? reason : NULL;
+    params[17] = r->out.outcome == LR_STEP_SUSPEND ? r->out.suspend_reason : NULL;
+    params[18] = r->out.outcome == LR_STEP_SUSPEND && r->out.resume_in_ms >= 0 ? p_resume : NULL;
+    params[19] = r->out.outcome == LR_STEP_SUSPEND && r->out.wait_event[0] ? r->out.wait_event : NULL;
+    params[20] = reason;
+    params[21] = p_tc;
+    params[22] = p_active;
+    params[23] = p_lease;
+    if (r->out.outcome == LR_STEP_STOP) {
+        snprintf(r->error, sizeof(r->error), "%s", r->out.error);
+    }
+    set_state(r, RUN_CHECKPOINTING);
+    r->pending++;
+    rc = lr_pg_query_batched(w->pg, SQL_CHECKPOINT, 24, params, 0, checkpoint_cb, r);
+    if (rc != 0) {
+        r->pending--;
+        lr_error("task.checkpoint_queue_failed", "cannot queue checkpoint of task %s: %s", r->id,
+                 lr_strerror(rc));
+        r->abandon = true;
+        run_requeue(r);
+    }
+}
+
+static void verify_cb(int err, const PGresult *res, void *arg);
+
+static void run_checkpoint_committed(lr_run_t *r) {
+    lr_worker_t *w = r->w;
+    r->step++;
+    r->slice_steps++;
+    r->tokens_in += r->out.tokens_in;
+    r->tokens_out += r->out.tokens_out;
+    r->cost_usd += r->out.cost_usd;
+    w->steps_done++;
+    r->log.step = r->step;
+    if (strcmp(r->final_status, "running") == 0) {
+        run_start_step(r);
+        return;
+    }
+    if (strcmp(r->final_status, "queued") == 0) {
+        r->after = AFTER_CONTINUATION;
+    } else if (strcmp(r->final_status, "dead") == 0) {
+        r->after = AFTER_DEAD;
+        w->tasks_finished++;
+        LR_LOG(LR_LOG_WARN, &r->log, "task.dead", "task dead-lettered: %s", r->reason);
+    } else if (strcmp(r->final_status, "suspended") == 0) {
+        r->after = AFTER_ACK;
+        LR_LOG(LR_LOG_INFO, &r->log, "task.suspended", "task suspended: %s", r->reason);
+    } else {
+        r->after = AFTER_FINISHED;
+        w->tasks_finished++;
+        LR_LOG(LR_LOG_INFO, &r->log, "task.finished", "task %s after %d steps", r->final_status,
+               r->step);
+    }
+    run_publish_followup(r);
+}
+
+static void run_fenced(lr_run_t *r, const char *what) {
+    r->fenced = true;
+    LR_LOG(LR_LOG_WARN, &r->log, "task.fenced",
+           "%s rejected: a newer owner holds the task (epoch %lld is stale); abandoning locally",
+           what, (long long)r->epoch);
+    run_done(r);
+}
+
+static void checkpoint_cb(int err, const PGresult *res, void *arg) {
+    lr_run_t *r = arg;
+    r->pending--;
+    if (err == LR_ECONN) {
+        /* The statement may or may not have committed: look for our row. */
+        char p_epoch[24], p_step[16];
+        const char *params[3];
+        snprintf(p_epoch, sizeof(p_epoch), "%lld", (long long)r->epoch);
+        snprintf(p_step, sizeof(p_step), "%d", r->step + 1);
+        params[0] = r->id;
+        params[1] = p_step;
+        params[2] = p_epoch;
+        set_state(r, RUN_VERIFYING);
+        r->pending++;
+        if (lr_pg_query(r->w->pg, SQL_STEP_EXISTS, 3, params, 0, verify_cb, r) != 0) {
+            r->pending--;
+            run_requeue(r);
+        }
+        return;
+    }
+    if (err != 0) {
+        LR_LOG(LR_LOG_ERROR, &r->log, "task.checkpoint_failed", "checkpoint failed: %s",
+               res != NULL ? PQresultErrorMessage(res) : lr_strerror(err));
+        /* A statement error is not transient by retrying the same write;
+         * give the task back (the message is redelivered; crash-loop
+         * accounting bounds the retries). */
+        run_requeue(r);
+        return;
+    }
+    if (PQntuples(res) == 0) {
+        run_fenced(r, "checkpoint");
+        return;
+    }
+    run_checkpoint_committed(r);
+}
+
+static void verify_cb(int err, const PGresult *res, void *arg) {
+    lr_run_t *r = arg;
+    r->pending--;
+    if (err == LR_ECONN) {
+        checkpoint_cb(LR_ECONN, NULL, (r->pending++, r));
+        return;
+    }
+    if (err != 0) {
+        run_requeue(r);
+        return;
+    }
+    if (PQntuples(res) > 0) {
+        run_checkpoint_committed(r);
+    } else {
+        /* Not committed: write it again (still fenced on epoch and step). */
+        run_checkpoint(r);
+    }
+}
+
+static void run_step_done(lr_run_t *r) {
+    lr_worker_t *w = r->w;
+    r->pending--;
+    r->stepping = false;
+    if (r->state == RUN_DONE) {
+        run_maybe_free(r);
+        return;
+    }
+    switch (r->out.outcome) {
+    case LR_STEP_CONTINUE:
+    case LR_STEP_FINISHED:
+    case LR_STEP_SUSPEND:
+    case LR_STEP_STOP:
+        run_checkpoint(r);
+        return;
+    case LR_STEP_FAIL_PERMANENT:
+        LR_LOG(LR_LOG_WARN, &r->log, "task.step_failed", "permanent failure: %s", r->out.error);
+        run_transition(r, "dead", "permanent_error", r->out.error, "permanent_error", -1, 0);
+        return;
+    case LR_STEP_ABANDONED:
+        run_transition(r, "queued", "abandoned", NULL, NULL, -1, 0);
+        return;
+    default: {
+        long delay;
+        if (r->attempt + 1 >= r->max_attempts) {
+            LR_LOG(LR_LOG_WARN, &r->log, "task.exhausted", "attempt %d of %d failed: %s",
+                   r->attempt + 1, r->max_attempts, r->out.error);
+            run_transition(r, "dead", "exhausted", r->out.error, "exhausted", -1, 1);
+            return;
+        }
+        delay = backoff_ms(w->cfg.retry_base_ms, w->cfg.retry_max_ms, r->attempt);
+        LR_LOG(LR_LOG_INFO, &r->log, "task.retry_wait",
+               "attempt %d of %d failed (%s); retrying in %ld ms", r->attempt + 1, r->max_attempts,
+               r->out.error, delay);
+        run_transition(r, "retry_wait", "transient_error", r->out.error, NULL, delay, 1);
+        return;
+    }
+    }
+}
+
+/* ------------------------------------------------------------- transitions */
+
+static void transition_cb(int err, const PGresult *res, void *arg) {
+    lr_run_t *r = arg;
+    r->pending--;
+    if (err == LR_ECONN) {
+        /* Ambiguous; the transition is fenced on the epoch and the status
+         * being running, so re-running it is safe: zero rows then means it
+         * committed earlier or we were fenced.  Give the message back either
+         * way: a redelivery finds the task in its committed state. */
+        run_requeue(r);
+        return;
+    }
+    if (err != 0) {
+        LR_LOG(LR_LOG_ERROR, &r->log, "task.transition_failed", "transition to %s failed: %s",
+               r->final_status, res != NULL ? PQresultErrorMessage(res) : lr_strerror(err));
+        run_requeue(r);
+        return;
+    }
+    if (PQntuples(res) == 0) {
+        run_fenced(r, "transition");
+        return;
+    }
+    if (strcmp(r->final_status, "dead") == 0) {
+        r->w->tasks_finished++;
+        r->after = AFTER_DEAD;
+        LR_LOG(LR_LOG_WARN, &r->log, "task.dead", "task dead-lettered: %s: %s", r->reason, r->error);
+    } else if (strcmp(r->final_status, "queued") == 0 && r->abandon) {
+        /* Released at the drain deadline: the delivery goes back as is. */
+        run_requeue(r);
+        return;
+    } else {
+        r->after = AFTER_ACK;
+    }
+    run_publish_followup(r);
+}
+
+static void run_transition(lr_run_t *r, const char *status, const char *reason, const char *error,
+                           const char *stop_reason, long resume_in_ms, int attempt_inc) {
+    char p_epoch[24], p_resume[24], p_inc[8];
+    const char *params[10];
+    int rc;
+
+    snprintf(r->final_status, sizeof(r->final_status), "%s", status);
+    snprintf(r->reason, sizeof(r->reason), "%s", stop_reason != NULL ? stop_reason : reason);
+    snprintf(r->error, sizeof(r->error), "%s", error != NULL ? error : "");
+    snprintf(p_epoch, sizeof(p_epoch), "%lld", (long long)r->epoch);
+    snprintf(p_resume, sizeof(p_resume), "%ld", resume_in_ms);
+    snprintf(p_inc, sizeof(p_inc), "%d", attempt_inc);
+    params[0] = r->id;
+    params[1] = p_epoch;
+    params[2] = status;
+    params[3] = r->w->id;
+    params[4] = reason;
+    params[5] = error;
+    params[6] = stop_reason;
+    params[7] = resume_in_ms >= 0 ? p_resume : NULL;
+    params[8] = p_inc;
+    params[9] = strcmp(status, "retry_wait") == 0 ? "retry" : NULL;
+    set_state(r, RUN_TRANSITION);
+    r->pending++;
+    rc = lr_pg_query(r->w->pg, SQL_TRANSITION, 10, params, 0, transition_cb, r);
+    if (rc != 0) {
+        r->pending--;
+        run_requeue(r);
+    }
+}
+
+/* ------------------------------------------------------------------ claim */
+
+static void history_cb(int err, const PGresult *res, void *arg) {
+    lr_run_t *r = arg;
+    r->pending--;
+    if (err != 0) {
+        LR_LOG(LR_LOG_WARN, &r->log, "task.history_failed", "cannot load the step log: %s",
+               res != NULL ? PQresultErrorMessage(res) : lr_strerror(err));
+        run_requeue(r);
+        return;
+    }
+    cJSON_Delete(r->history);
+    r->history = cJSON_CreateArray();
+    for (int i = 0; i < PQntuples(res); i++) {
+        cJSON *m = cJSON_Parse(lr_pg_get(res, i, 1));
+        cJSON_AddItemToArray(r->history, m != NULL ? m : cJSON_CreateArray());
+    }
+    run_next(r);
+}
+
+/* After a successful claim: decide whether to run. */
+static void run_claimed(lr_run_t *r, const PGresult *res) {
+    lr_worker_t *w = r->w;
+    const char *input = lr_pg_getn(res, 0, "input");
+    const char *v;
+    int claims = atoi(lr_pg_getn(res, 0, "claims") ? lr_pg_getn(res, 0, "claims") : "1");
+
+    r->epoch = atoll(lr_pg_getn(res, 0, "lease_epoch"));
+    r->step = atoi(lr_pg_getn(res, 0, "step"));
+    r->attempt = atoi(lr_pg_getn(res, 0, "attempt"));
+    r->max_attempts = atoi(lr_pg_getn(res, 0, "max_attempts"));
+    r->tokens_in = atol(lr_pg_getn(res, 0, "tokens_in"));
+    r->tokens_out = atol(lr_pg_getn(res, 0, "tokens_out"));
+    r->cost_usd = atof(lr_pg_getn(res, 0, "cost_usd"));
+    snprintf(r->agent, sizeof(r->agent), "%s", lr_pg_getn(res, 0, "agent"));
+    snprintf(r->queue, sizeof(r->queue), "%s", lr_pg_getn(res, 0, "queue"));
+    v = lr_pg_getn(res, 0, "reply_to");
+    free(r->reply_to);
+    r->reply_to = v != NULL ? strdup(v) : NULL;
+    v = lr_pg_getn(res, 0, "correlation_id");
+    free(r->correlation_id);
+    r->correlation_id = v != NULL ? strdup(v) : NULL;
+    cJSON_Delete(r->input);
+    r->input = input != NULL ? cJSON_Parse(input) : NULL;
+    r->log.epoch = r->epoch;
+    r->log.step = r->step;
+    r->slice_start_ms = now_ms(w);
+    r->slice_steps = 0;
+    LR_LOG(LR_LOG_DEBUG, &r->log, "task.claimed", "claimed (claims without progress: %d)", claims);
+
+    if (atoi(lr_pg_getn(res, 0, "state_version")) > 1) {
+        /* Written by a newer worker: hand it back rather than misread it. */
+        LR_LOG(LR_LOG_WARN, &r->log, "task.state_too_new", "state version %s is newer than this worker reads",
+               lr_pg_getn(res, 0, "state_version"));
+        run_transition(r, "queued", "state_version_too_new", NULL, NULL, -1, 0);
+        return;
+    }
+    if (claims > w->cfg.max_claims) {
+        char why[160];
+        snprintf(why, sizeof(why), "claimed %d times without progress (limit %d): its worker keeps dying",
+                 claims, w->cfg.max_claims);
+        run_transition(r, "dead", "crash_loop", why, "crash_loop", -1, 0);
+        return;
+    }
+    v = lr_pg_getn(res, 0, "past_deadline");
+    if (v != NULL && v[0] == 't') {
+        run_transition(r, "dead", "deadline", "the task's deadline passed", "deadline", -1, 0);
+        return;
+    }
+    r->exec = find_executor(r->agent);
+    if (r->exec == NULL) {
+        char why[160];
+        snprintf(why, sizeof(why), "unknown agent '%s'", r->agent);
+        run_transition(r, "dead", "unknown_agent", why, "unknown_agent", -1, 0);
+        return;
+    }
+    if (r->exec->needs_history && r->step > 0) {
+        set_state(r, RUN_LOADING);
+        r->pending++;
+        if (lr_pg_query(w->pg, SQL_HISTORY, 1, (const char *const[]){r->id}, 0, history_cb, r) != 0) {
+            r->pending--;
+            run_requeue(r);
+        }
+        return;
+    }
+    run_next(r);
+}
+
+/* Starts the next step, or hands the task back when draining. */
+static void run_next(lr_run_t *r) {
+    if (r->w->draining) {
+        /* Claimed but not started: release it untouched. */
+        run_transition(r, "queued", "drain", NULL, NULL, -1, 0);
+        r->abandon = false;
+        return;
+    }
+    run_start_step(r);
+}
+
+static void insert_cb(int err, const PGresult *res, void *arg);
+
+static void claim_cb(int err, const PGresult *res, void *arg) {
+    lr_run_t *r = arg;
+    lr_worker_t *w = r->w;
+    const char *cur;
+
+    r->pending--;
+    if (err != 0) {
+        LR_LOG(LR_LOG_WARN, &r->log, "task.claim_failed", "claim failed: %s; giving the message back",
+               res != NULL ? PQresultErrorMessage(res) : lr_strerror(err));
+        run_requeue(r);
+        return;
+    }
+    if (lr_pg_getn(res, 0, "lease_epoch") != NULL) {
+        run_claimed(r, res);
+        return;
+    }
+    cur = lr_pg_getn(res, 0, "cur_status");
+    if (cur == NULL) {
+        if (r->msg.continuation) {
+            lr_amqp_delivery_t *d = r->d;
+            char why[128];
+            r->d = NULL;
+            snprintf(why, sizeof(why), "continuation for unknown task %s", r->id);
+            dead_letter_message(w, d, "unknown_task", why);
+            set_state(r, RUN_DONE);
+            run_maybe_free(r);
+            return;
+        }
+        /* First sight of a task published straight to the broker. */
+        {
+            char *input = cJSON_PrintUnformatted(r->msg.input);
+            char *budgets = lr_budgets_to_json(&r->msg.budgets);
+            char *metadata = r->msg.metadata ? cJSON_PrintUnformatted(r->msg.metadata) : NULL;
+            char attempts[16], lease[16];
+            const char *params[14];
+            int rc;
+            snprintf(attempts, sizeof(attempts), "%d",
+                     r->msg.max_attempts > 0 ? r->msg.max_attempts : w->cfg.max_attempts);
+            snprintf(lease, sizeof(lease), "%d", w->cfg.lease_seconds);
+            params[0] = r->id;
+            params[1] = r->queue;
+            params[2] = r->msg.agent;
+            params[3] = input;
+            params[4] = budgets;
+            params[5] = attempts;
+            params[6] = r->msg.deadline;
+            params[7] = r->msg.tenant;
+            params[8] = metadata;
+            params[9] = r->msg.callback_url;
+            params[10] = r->d->reply_to;
+            params[11] = r->d->correlation_id;
+            params[12] = w->id;
+            params[13] = lease;
+            set_state(r, RUN_INSERTING);
+            r->pending++;
+            rc = lr_pg_query(w->pg, SQL_INSERT_CLAIMED, 14, params, 0, insert_cb, r);
+            free(input);
+            free(budgets);
+            free(metadata);
+            if (rc != 0) {
+                r->pending--;
+                run_requeue(r);
+            }
+        }
+        return;
+    }
+    {
+        const char *leased = lr_pg_getn(res, 0, "cur_leased");
+        if (strcmp(cur, "running") == 0 && leased != NULL && leased[0] == 't') {
+            LR_LOG(LR_LOG_INFO, &r->log, "task.duplicate_delivery",
+                   "duplicate delivery: the task is leased by a live owner; dropped");
+        } else {
+            LR_LOG(LR_LOG_DEBUG, &r->log, "task.not_runnable", "task is %s; message dropped", cur);
+        }
+    }
+    run_done(r);
+}
+
+static void insert_cb(int err, const PGresult *res, void *arg) {
+    lr_run_t *r = arg;
+    r->pending--;
+    if (err != 0) {
+        LR_LOG(LR_LOG_WARN, &r->log, "task.insert_failed", "cannot create the task row: %s",
+               res != NULL ? PQresultErrorMessage(res) : lr_strerror(err));
+        run_requeue(r);
+        return;
+    }
+    if (PQntuples(res) == 0) {
+        /* Raced with another creator: claim the existing row. */
+        char lease[16];
+        const char *params[3];
+        snprintf(lease, sizeof(lease), "%d", r->w->cfg.lease_seconds);
+        params[0] = r->id;
+        params[1] = r->w->id;
+        params[2] = lease;
+        set_state(r, RUN_CLAIMING);
+        r->pending++;
+        if (lr_pg_query(r->w->pg, SQL_CLAIM, 3, params, 0, claim_cb, r) != 0) {
+            r->pending--;
+            run_requeue(r);
+        }
+        return;
+    }
+    run_claimed(r, res);
+}
+
+/* --------------------------------------------------------------- delivery */
+
+static const char *queue_short_name(const char *full) {
+    size_t n = strlen(LR_AMQP_QUEUE_PREFIX);
+    if (full != NULL && strncmp(full, LR_AMQP_QUEUE_PREFIX, n) == 0) {
+        return full + n;
+    }
+    return "default";
+}
+
+static void on_delivery(lr_amqp_delivery_t *d, void *arg) {
+    lr_worker_t *w = arg;
+    lr_run_t *r;
+    char err[512];
+    char lease[16];
+    const char *params[3];
+    int rc;
+
+    if (w->stopping) {
+        (void)lr_amqp_reject(w->amqp, d, true);
+        lr_amqp_delivery_free(d);
+        return;
+    }
+    r = run_new(w, d);
+    if (r == NULL) {
+        (void)lr_amqp_reject(w->amqp, d, true);
+        lr_amqp_delivery_free(d);
+        return;
+    }
+    rc = lr_task_parse(d->body, d->body_len, &r->msg, err, sizeof(err));
+    if (rc != 0 || !r->msg.has_id) {
+        const char *reason = rc == LR_ETOOBIG ? "oversized" : rc == LR_EPARSE ? "bad_json" : "invalid";
+        if (rc == 0) {
+            snprintf(err, sizeof(err), "id: required on messages consumed by workers "
+                                       "(the worker cannot make retries idempotent without it)");
+            lr_task_msg_free(&r->msg);
+        }
+        r->d = NULL;
+        dead_letter_message(w, d, reason, err);
+        set_state(r, RUN_DONE);
+        run_maybe_free(r);
+        return;
+    }
+    if (d->message_id != NULL && strcmp(d->message_id, r->msg.id) != 0 &&
+        lr_uuid_valid(d->message_id)) {
+        lr_warn("message.id_mismatch", "message_id %s differs from the body's id %s; using the body's",
+                d->message_id, r->msg.id);
+    }
+    snprintf(r->id, sizeof(r->id), "%s", r->msg.id);
+    snprintf(r->queue, sizeof(r->queue), "%s", queue_short_name(d->queue));
+    r->log.task_id = r->id;
+    /* An unknown agent is a permanent error, found after the claim or the
+     * insert, so that the dead letter points at a recorded task. */
+    snprintf(lease, sizeof(lease), "%d", w->cfg.lease_seconds);
+    params[0] = r->id;
+    params[1] = w->id;
+    params[2] = lease;
+    set_state(r, RUN_CLAIMING);
+    r->pending++;
+    rc = lr_pg_query(w->pg, SQL_CLAIM, 3, params, 0, claim_cb, r);
+    if (rc != 0) {
+        r->pending--;
+        run_requeue(r);
+    }
+}
+
+/* ---------------------------------------------------------- leases + beats */
+
+static void renew_cb(int err, const PGresult *res, void *arg) {
+    lr_worker_t *w = arg;
+    (void)w;
+    if (err != 0) {
+        lr_warn("lease.renew_failed", "lease renewal failed: %s",
+                res != NULL ? PQresultErrorMessage(res) : lr_strerror(err));
+        return;
+    }
+    /* Runs not renewed were fenced out: their next checkpoint says so and
+     * they stop there (the checkpoint is conditional on the epoch). */
+}
+
+static void heartbeat_cb(int err, const PGresult *res, void *arg) {
+    (void)arg;
+    if (err != 0) {
+        lr_debug("worker.heartbeat_failed", "heartbeat failed: %s",
+                 res != NULL ? PQresultErrorMessage(res) : lr_strerror(err));
+    }
+}
+
+static void lease_timer_cb(uv_timer_t *t) {
+    lr_worker_t *w = t->data;
+    size_t cap = (size_t)w->nruns * 40 + 4;
+    char *ids = malloc(cap);
+    char *epochs = malloc((size_t)w->nruns * 24 + 4);
+    size_t ni = 0, ne = 0;
+    int n = 0;
+    char lease[16], pid[16], inflight[16], maxif[16];
+
+    if (ids == NULL || epochs == NULL) {
+        free(ids);
+        free(epochs);
+        return;
+    }
+    ids[ni++] = '{';
+    epochs[ne++] = '{';
+    for (lr_run_t *r = w->runs; r != NULL; r = r->next) {
+        if (r->epoch <= 0 || r->state == RUN_DONE || r->fenced) {
+            continue;
+        }
+        ni += (size_t)sprintf(ids + ni, "%s%s", n ? "," : "", r->id);
+        ne += (size_t)sprintf(epochs + ne, "%s%lld", n ? "," : "", (long long)r->epoch);
+        n++;
+    }
+    ids[ni++] = '}';
+    ids[ni] = '\0';
+    epochs[ne++] = '}';
+    epochs[ne] = '\0';
+    snprintf(lease, sizeof(lease), "%d", w->cfg.lease_seconds);
+    if (n > 0) {
+        const char *params[3] = {ids, epochs, lease};
+        if (lr_pg_query(w->pg, SQL_RENEW, 3, params, (long)w->cfg.lease_seconds * 500, renew_cb, w) != 0) {
+            lr_warn("lease.renew_failed", "cannot queue the lease renewal");
+        }
+    }
+    free(ids);
+    free(epochs);
+    snprintf(pid, sizeof(pid), "%d", (int)getpid());
+    snprintf(inflight, sizeof(inflight), "%d", w->nruns);
+    snprintf(maxif, sizeof(maxif), "%d", w->cfg.max_in_flight);
+    {
+        const char *params[8] = {w->id, w->hostname, pid, LONGRUN_VERSION, w->queues_csv,
+                                 inflight, maxif, w->draining ? "true" : "false"};
+        if (lr_pg_query(w->pg, SQL_HEARTBEAT, 8, params, 5000, heartbeat_cb, w) != 0) {
+            lr_debug("worker.heartbeat_failed", "cannot queue the heartbeat");
+        }
+    }
+}
+
+/* ------------------------------------------------------ shutdown + signals */
+
+static void component_closed(void *arg) {
+    lr_worker_t *w = arg;
+    w->closing--;
+    if (w->closing == 0) {
+        uv_stop(w->loop);
+    }
+}
+
+static void handle_closed(uv_handle_t *h) {
+    (void)h;
+}
+
+static void worker_close_all(lr_worker_t *w) {
+    if (w->stopping) {
+        return;
+    }
+    w->stopping = true;
+    lr_info("worker.stopping", "closing connections (%d runs left)", w->nruns);
+    uv_timer_stop(&w->lease_timer);
+    uv_timer_stop(&w->drain_timer);
+    uv_close((uv_handle_t *)&w->lease_timer, handle_closed);
+    uv_close((uv_handle_t *)&w->drain_timer, handle_closed);
+    uv_close((uv_handle_t *)&w->sigterm, handle_closed);
+    uv_close((uv_handle_t *)&w->sigint, handle_closed);
+    uv_close((uv_handle_t *)&w->sigquit, handle_closed);
+    uv_close((uv_handle_t *)&w->sighup, handle_closed);
+    w->closing = 3;
+    lr_http_close(w->http, component_closed, w);
+    w->http = NULL;
+    lr_pg_pool_close(w->pg, component_closed, w);
+    w->pg = NULL;
+    lr_amqp_stop(w->amqp, 5000, component_closed, w);
+    w->amqp = NULL;
+}
+
+static void worker_maybe_exit(lr_worker_t *w) {
+    if (w->draining && w->nruns == 0 && !w->stopping) {
+        lr_info("worker.drained", "every in-flight task is checkpointed and handed back");
+        worker_close_all(w);
+    }
+}
+
+/* Drain deadline: steps still running are abandoned without a checkpoint;
+ * their leases are released so that another worker can take them now. */
+static void drain_deadline_cb(uv_timer_t *t) {
+    lr_worker_t *w = t->data;
+    lr_warn("worker.drain_deadline", "drain deadline reached with %d tasks in flight; abandoning their "
+            "running steps (they run again elsewhere)", w->nruns);
+    for (lr_run_t *r = w->runs, *next; r != NULL; r = next) {
+        next = r->next;
+        if (r->state == RUN_STEPPING && r->stepping) {
+            r->abandon = true;
+            if (r->exec->cancel != NULL) {
+                r->exec->cancel(r);
+            }
+            r->stepping = false;
+            r->pending--;
+            run_transition(r, "queued", "abandoned", NULL, NULL, -1, 0);
+        }
+    }
+    /* Whatever is still pending gets a few more seconds via amqp stop. */
+    uv_timer_start(&w->drain_timer, (uv_timer_cb)worker_close_all, 3000, 0);
+}
+
+static void start_drain(lr_worker_t *w, const char *why) {
+    if (w->draining) {
+        return;
+    }
+    w->draining = true;
+    lr_info("worker.draining", "%s: stop consuming, finish and checkpoint in-flight steps (%d), "
+            "hand the rest back, exit within %d s", why, w->nruns, w->cfg.drain_seconds);
+    lr_amqp_cancel_consume(w->amqp);
+    uv_timer_start(&w->drain_timer, drain_deadline_cb, (uint64_t)w->cfg.drain_seconds * 1000u, 0);
+    worker_maybe_exit(w);
+}
+
+static void on_signal(uv_signal_t *s, int signum) {
+    lr_worker_t *w = s->data;
+    if (signum == SIGHUP) {
+        lr_info("worker.sighup", "SIGHUP: nothing to reload yet (configuration is read at start)");
+        return;
+    }
+    if (signum == SIGQUIT || w->draining) {
+        lr_warn("worker.exit_now", "%s: exiting now without draining (%d tasks in flight run again "
+                "elsewhere after their leases expire)", strsignal(signum), w->nruns);
+        fflush(stdout);
+        _exit(signum == SIGQUIT ? 3 : 1);
+    }
+    start_drain(w, strsignal(signum));
+}
+
+/* ------------------------------------------------------------- components */
+
+static void on_amqp_state(int connected, const char *detail, void *arg) {
+    lr_worker_t *w = arg;
+    w->amqp_up = connected != 0;
+    if (connected) {
+        lr_info("amqp.connected", "RabbitMQ connected; consuming %s", w->queues_csv);
+    } else {
+        lr_warn("amqp.disconnected", "RabbitMQ unavailable: %s; in-flight tasks continue, "
+                "reconnecting", detail != NULL ? detail : "");
+    }
+}
+
+static void on_pg_state(int usable, void *arg) {
+    lr_worker_t *w = arg;
+    if (usable == 0 && w->pg_usable > 0) {
+        lr_warn("pg.disconnected", "PostgreSQL unavailable: in-flight checkpoints wait, reconnecting");
+    } else if (usable > 0 && w->pg_usable == 0) {
+        lr_info("pg.connected", "PostgreSQL connected (%d connections)", usable);
+    }
+    w->pg_usable = usable;
+}
+
+int lr_worker_run(const lr_config_t *cfg, const char *const *queues) {
+    lr_worker_t *w = calloc(1, sizeof(*w));
+    uv_loop_t loop;
+    lr_pg_opts_t pgo;
+    lr_amqp_opts_t ao;
+    char err[512];
+    int rc = 1;
+    size_t off = 0;
+
+    if (w == NULL || uv_loop_init(&loop) != 0) {
+        free(w);
+        return 1;
+    }
+    w->loop = &loop;
+    w->cfg = *cfg;
+    w->test_hooks = getenv("LONGRUN_TEST_HOOKS") != NULL && strcmp(getenv("LONGRUN_TEST_HOOKS"), "1") == 0;
+    gethostname(w->hostname, sizeof(w->hostname) - 1);
+    if (cfg->worker_id[0] != '\0') {
+        snprintf(w->id, sizeof(w->id), "%s", cfg->worker_id);
+    } else {
+        snprintf(w->id, sizeof(w->id), "%s-%d", w->hostname, (int)getpid());
+    }
+    for (w->nqueues = 0; queues[w->nqueues] != NULL; w->nqueues++) {
+    }
+    w->queue_names = calloc((size_t)w->nqueues + 1, sizeof(char *));
+    w->queue_short = calloc((size_t)w->nqueues + 1, sizeof(char *));
+    if (w->queue_names == NULL || w->queue_short == NULL) {
+        goto out;
+    }
+    for (int i = 0; i < w->nqueues; i++) {
+        char *full = malloc(strlen(LR_AMQP_QUEUE_PREFIX) + strlen(queues[i]) + 1);
+        if (full == NULL) {
+            goto out;
+        }
+        sprintf(full, "%s%s", LR_AMQP_QUEUE_PREFIX, queues[i]);
+        w->queue_names[i] = full;
+        w->queue_short[i] = queues[i];
+        off += (size_t)snprintf(w->queues_csv + off, sizeof(w->queues_csv) - off, "%s%s", i ? "," : "",
+                                queues[i]);
+    }
+    lr_log_init("worker", w->id, lr_log_level_parse(cfg->log_level), strcmp(cfg->log_format, "json") == 0);
+
+    memset(&pgo, 0, sizeof(pgo));
+    pgo.conninfo = cfg->database_url;
+    pgo.size = cfg->pg_pool_size;
+    pgo.application_name = "longrun-worker";
+    pgo.on_state = on_pg_state;
+    pgo.state_arg = w;
+    if (lr_pg_pool_init(&w->pg, &loop, &pgo, err, sizeof(err)) != 0) {
+        lr_error("worker.config", "LONGRUN_DATABASE_URL: %s", err);
+        rc = 2;
+        goto out;
+    }
+    if (lr_http_init(&w->http, &loop) != 0) {
+        lr_error("worker.http_init", "cannot initialize the HTTP client");
+        goto out;
+    }
+    memset(&ao, 0, sizeof(ao));
+    ao.url = cfg->amqp_url;
+    ao.consume = w->queue_names;
+    ao.declare = w->queue_short;
+    ao.prefetch = cfg->max_in_flight;
+    ao.delivery_limit = cfg->delivery_limit;
+    ao.on_delivery = on_delivery;
+    ao.on_state = on_amqp_state;
+    ao.arg = w;
+    if (lr_amqp_start(&w->amqp, &loop, &ao, err, sizeof(err)) != 0) {
+        lr_error("worker.config", "LONGRUN_AMQP_URL: %s", err);
+        rc = 2;
+        goto out;
+    }
+    uv_signal_init(&loop, &w->sigterm);
+    uv_signal_init(&loop, &w->sigint);
+    uv_signal_init(&loop, &w->sigquit);
+    uv_signal_init(&loop, &w->sighup);
+    w->sigterm.data = w->sigint.data = w->sigquit.data = w->sighup.data = w;
+    uv_signal_start(&w->sigterm, on_signal, SIGTERM);
+    uv_signal_start(&w->sigint, on_signal, SIGINT);
+    uv_signal_start(&w->sigquit, on_signal, SIGQUIT);
+    uv_signal_start(&w->sighup, on_signal, SIGHUP);
+    uv_timer_init(&loop, &w->lease_timer);
+    uv_timer_init(&loop, &w->drain_timer);
+    w->lease_timer.data = w->drain_timer.data = w;
+    {
+        uint64_t every = (uint64_t)cfg->lease_seconds * 1000u / 3u;
+        if ((uint64_t)cfg->heartbeat_seconds * 1000u < every) {
+            every = (uint64_t)cfg->heartbeat_seconds * 1000u;
+        }
+        uv_timer_start(&w->lease_timer, lease_timer_cb, 200, every);
+    }
+    lr_info("worker.started", "longrun-worker %s: queues %s, max in flight %d, lease %d s, slice %d steps / %d s, "
+            "schema v%d", LONGRUN_VERSION, w->queues_csv, cfg->max_in_flight, cfg->lease_seconds,
+            cfg->slice_steps, cfg->slice_seconds, lr_schema_version_known());
+    uv_run(&loop, UV_RUN_DEFAULT);
+    /* Everything closed: let the close callbacks run. */
+    uv_run(&loop, UV_RUN_DEFAULT);
+    rc = 0;
+    lr_info("worker.exit", "exiting: %llu steps, %llu tasks finished by this worker",
+            (unsigned long long)w->steps_done, (unsigned long long)w->tasks_finished);
+out:
+    if (rc != 0 && !w->stopping) {
+        /* Start-up failure: close what was opened. */
+        w->closing = 3;
+        lr_http_close(w->http, component_closed, w);
+        lr_pg_pool_close(w->pg, component_closed, w);
+        if (w->amqp != NULL) {
+            lr_amqp_stop(w->amqp, 1000, component_closed, w);
+        } else {
+            component_closed(w);
+        }
+        uv_run(&loop, UV_RUN_DEFAULT);
+    }
+    while (w->runs != NULL) {
+        lr_run_t *r = w->runs;
+        w->runs = r->next;
+        if (r->exec != NULL && r->exec->release != NULL) {
+            r->exec->release(r);
+        }
+        lr_amqp_delivery_free(r->d);
+        lr_task_msg_free(&r->msg);
+        lr_step_reset(&r->out);
+        cJSON_Delete(r->input);
+        cJSON_Delete(r->history);
+        free(r->reply_to);
+        free(r->correlation_id);
+        free(r);
+    }
+    if (uv_loop_close(&loop) != 0) {
+        uv_walk(&loop, (uv_walk_cb)uv_close, NULL);
+        uv_run(&loop, UV_RUN_DEFAULT);
+        (void)uv_loop_close(&loop);
+    }
+    if (w->queue_names != NULL) {
+        for (int i = 0; i < w->nqueues; i++) {
+            free((void *)w->queue_names[i]);
+        }
+    }
+    free(w->queue_names);
+    free(w->queue_short);
+    free(w);
+    return rc;
+}

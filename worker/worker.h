@@ -1,0 +1,92 @@
+/*
+ * worker.h - internals of longrun-worker shared by its files.
+ *
+ * One libuv loop thread drives every in-flight task (lr_run_t) as a state
+ * machine; PostgreSQL through the async pool (common/pg.h), RabbitMQ through
+ * the owner thread (common/amqp.h), HTTP through curl multi (common/http.h).
+ * Step execution sits behind lr_executor_t so that agent kinds plug in.
+ */
+#ifndef LR_WORKER_H
+#define LR_WORKER_H
+
+#include <cjson/cJSON.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "amqp.h"
+#include "config.h"
+#include "http.h"
+#include "pg.h"
+#include "task.h"
+
+typedef struct lr_worker lr_worker_t;
+typedef struct lr_run lr_run_t;
+
+/* What a step ended with. */
+enum lr_step_outcome {
+    LR_STEP_CONTINUE = 0,   /* step done; the task goes on */
+    LR_STEP_FINISHED,       /* step done; the task succeeded (result set) */
+    LR_STEP_SUSPEND,        /* step done; the task waits (suspend_reason, resume_in_ms / wait_event) */
+    LR_STEP_STOP,           /* step done; the task stops on a budget (stop_reason): dead-lettered */
+    LR_STEP_FAIL_TRANSIENT, /* step not done; retry the task later (attempt + 1) */
+    LR_STEP_FAIL_PERMANENT, /* step not done; dead-letter now (error) */
+    LR_STEP_ABANDONED,      /* step canceled by the worker (drain deadline, fenced) */
+};
+
+/* Output of one step, filled by the executor.  Strings owned by the struct
+ * (freed by lr_step_reset). */
+typedef struct lr_step {
+    int outcome;
+    char *messages;     /* JSON array text: the messages this step added */
+    char *tool_calls;   /* JSON text or NULL */
+    char *result;       /* JSON text when FINISHED */
+    char *model;        /* model that answered, or NULL */
+    char error[512];
+    char stop_reason[32];
+    char suspend_reason[32];
+    char wait_event[128];
+    long resume_in_ms;  /* -1 = none */
+    long tokens_in, tokens_out, tokens_cached, tool_calls_count;
+    double cost_usd;
+} lr_step_t;
+
+void lr_step_reset(lr_step_t *s);
+
+typedef void (*lr_step_done_cb)(lr_run_t *r);
+
+typedef struct lr_executor {
+    const char *name;
+    bool needs_history;
+    /* Starts step lr_run_step_no(r) + 1.  Returns 0 and later calls done(r)
+     * exactly once (never inside start), or an error code (done never runs):
+     * LR_EPERM means out->outcome/out->error already say why (e.g. invalid
+     * input); any other code counts as a transient failure. */
+    int (*start)(lr_run_t *r, lr_step_t *out, lr_step_done_cb done);
+    /* Cancels an in-flight step: done(r) will not run. */
+    void (*cancel)(lr_run_t *r);
+    /* Frees per-task executor state (lr_run_exec_state). */
+    void (*release)(lr_run_t *r);
+} lr_executor_t;
+
+/* Accessors for executors (borrowed values valid while the run lives). */
+const char *lr_run_id(const lr_run_t *r);
+int lr_run_step_no(const lr_run_t *r);      /* last checkpointed step */
+int64_t lr_run_epoch(const lr_run_t *r);
+const cJSON *lr_run_input(const lr_run_t *r);
+const char *lr_run_agent(const lr_run_t *r);
+const cJSON *lr_run_history(const lr_run_t *r); /* array of step message arrays, or NULL */
+void **lr_run_exec_state(lr_run_t *r);
+lr_worker_t *lr_run_worker(lr_run_t *r);
+lr_http_t *lr_worker_http(lr_worker_t *w);
+const lr_config_t *lr_worker_config(const lr_worker_t *w);
+const char *lr_worker_id(const lr_worker_t *w);
+bool lr_worker_test_hooks(const lr_worker_t *w);
+
+/* Built-in executors. */
+extern const lr_executor_t lr_exec_http_steps;
+
+/* Runs the worker until it has drained and stopped.  Returns the exit code. */
+int lr_worker_run(const lr_config_t *cfg, const char *const *queues);
+
+#endif
