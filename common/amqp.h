@@ -55,6 +55,8 @@ typedef struct lr_amqp_delivery {
     bool redelivered;
     char *body;            /* NUL-terminated copy; body_len excludes the NUL */
     size_t body_len;
+    bool body_truncated;   /* the message was larger than LR_AMQP_MAX_BODY: body holds
+                              its first LR_AMQP_MAX_BODY bytes only */
     char *message_id;
     char *correlation_id;
     char *reply_to;
@@ -101,7 +103,9 @@ typedef struct lr_amqp_opts {
 } lr_amqp_opts_t;
 
 /* Starts the owner thread (which connects asynchronously).  Copies opts.
- * Returns 0, LR_EINVAL (bad URL; detail in errbuf), LR_ENOMEM, LR_EIO. */
+ * Returns 0, LR_EINVAL (bad URL; detail in errbuf), LR_ENOMEM, LR_EIO.
+ * amqps:// verifies the broker against LONGRUN_AMQP_CACERT or the system CA
+ * bundle (see amqp.c for the TLS environment variables). */
 int lr_amqp_start(lr_amqp_t **out, uv_loop_t *loop, const lr_amqp_opts_t *opts, char *errbuf,
                   size_t errlen) LR_MUSTCHECK;
 
@@ -112,7 +116,11 @@ int lr_amqp_ack(lr_amqp_t *a, const lr_amqp_delivery_t *d);
 int lr_amqp_reject(lr_amqp_t *a, const lr_amqp_delivery_t *d, bool requeue);
 
 /* Confirmed publish.  Copies everything.  cb runs exactly once if this
- * returns 0.  Returns LR_ENOMEM or LR_ESHUTDOWN otherwise (cb never runs). */
+ * returns 0.  Returns LR_ENOMEM or LR_ESHUTDOWN otherwise (cb never runs);
+ * also LR_EINVAL (missing argument, a name or id longer than 255 bytes, bad
+ * header), LR_ETOOBIG (body over LR_AMQP_MAX_BODY, more than 64 headers) and
+ * LR_EBUSY (65536 publishes already in flight).  A publish made while the
+ * connection is down is not queued: its cb gets LR_ECONN. */
 int lr_amqp_publish(lr_amqp_t *a, const char *exchange, const char *routing_key,
                     const lr_amqp_msg_t *msg, lr_amqp_confirm_cb cb, void *arg) LR_MUSTCHECK;
 

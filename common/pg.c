@@ -621,8 +621,11 @@ static void conn_fail(pgconn_t *c, const char *why) {
     } else {
         msg[0] = '\0';
     }
-    if (msg[0] == '\0' && c->fatal[0] != '\0') {
-        snprintf(msg, sizeof(msg), "%s", c->fatal);
+    if (c->fatal[0] != '\0' && strstr(msg, c->fatal) == NULL) {
+        /* the server's FATAL arrived while idle, as a notice: say why */
+        char both[sizeof(msg)];
+        snprintf(both, sizeof(both), "%.250s; %.250s", c->fatal, msg);
+        memcpy(msg, both, sizeof(msg));
     }
     p->stats.conn_failures++;
     p->any_failure = true;

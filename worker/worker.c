@@ -1439,7 +1439,7 @@ int lr_worker_run(const lr_config_t *cfg, const char *const *queues) {
     if (cfg->worker_id[0] != '\0') {
         snprintf(w->id, sizeof(w->id), "%s", cfg->worker_id);
     } else {
-        snprintf(w->id, sizeof(w->id), "%s-%d", w->hostname, (int)getpid());
+        snprintf(w->id, sizeof(w->id), "%.100s-%d", w->hostname, (int)getpid());
     }
     for (w->nqueues = 0; queues[w->nqueues] != NULL; w->nqueues++) {
     }

@@ -1,0 +1,317 @@
+"""Integration-test harness: real PostgreSQL and RabbitMQ, real longrun processes.
+
+Each test gets its own database (created from the server named by
+LONGRUN_DATABASE_URL) and its own RabbitMQ vhost (created through the
+management API at LONGRUN_AMQP_MGMT_URL), so tests run in parallel without
+seeing each other's tasks or queues.  `scripts/dev test` starts the servers
+and exports these variables; without them a test exits 77 (skipped) and says
+why.
+
+Processes (workers, schedulers, the fixture server) are started with their
+output in a per-test directory, and killed at the end; on failure the tails
+of their logs are printed.  Conditions are polled with wait_for(), never with
+fixed sleeps.
+"""
+import base64
+import json
+import os
+import random
+import shutil
+import signal
+import string
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import psycopg2
+import psycopg2.extras
+
+BUILD = os.environ.get("LONGRUN_BUILD_DIR") or os.path.join(os.path.dirname(__file__), "..", "..", "build")
+SOURCE = os.environ.get("LONGRUN_SOURCE_DIR") or os.path.join(os.path.dirname(__file__), "..", "..")
+PY = "/usr/bin/python3"
+TIMEOUT_MULT = float(os.environ.get("LONGRUN_TEST_TIMEOUT_MULTIPLIER", "1"))
+
+
+def skip(msg):
+    print("SKIP: " + msg)
+    sys.exit(77)
+
+
+def log(msg):
+    print("[%s] %s" % (time.strftime("%H:%M:%S"), msg), flush=True)
+
+
+class TestFailure(AssertionError):
+    pass
+
+
+def check(cond, msg):
+    if not cond:
+        raise TestFailure(msg)
+
+
+def eq(a, b, msg=""):
+    if a != b:
+        raise TestFailure("%s: %r != %r" % (msg or "values differ", a, b))
+
+
+def wait_for(cond, timeout, what, interval=0.1):
+    """Polls cond() until it returns a truthy value; returns it.  Fails with `what`."""
+    deadline = time.time() + timeout * TIMEOUT_MULT
+    last = None
+    while time.time() < deadline:
+        last = cond()
+        if last:
+            return last
+        time.sleep(interval)
+    raise TestFailure("timed out after %.0f s waiting for %s (last: %r)" % (timeout * TIMEOUT_MULT, what, last))
+
+
+def _with_db(url, dbname):
+    p = urllib.parse.urlparse(url)
+    return urllib.parse.urlunparse(p._replace(path="/" + dbname))
+
+
+class Proc:
+    def __init__(self, name, argv, env, logdir):
+        self.name = name
+        self.logpath = os.path.join(logdir, name + ".log")
+        self.logf = open(self.logpath, "ab")
+        self.p = subprocess.Popen(argv, env=env, stdout=self.logf, stderr=subprocess.STDOUT)
+
+    @property
+    def pid(self):
+        return self.p.pid
+
+    def alive(self):
+        return self.p.poll() is None
+
+    def signal(self, sig):
+        if self.alive():
+            self.p.send_signal(sig)
+
+    def kill(self):
+        self.signal(signal.SIGKILL)
+        self.wait(10)
+
+    def wait(self, timeout):
+        try:
+            return self.p.wait(timeout * TIMEOUT_MULT)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def log_text(self):
+        self.logf.flush()
+        with open(self.logpath, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+    def tail(self, n=40):
+        return "\n".join(self.log_text().splitlines()[-n:])
+
+
+class Env:
+    """One isolated test environment.  Use as a context manager."""
+
+    def __init__(self, name, migrate=True):
+        self.name = name
+        base_db = os.environ.get("LONGRUN_DATABASE_URL")
+        base_amqp = os.environ.get("LONGRUN_AMQP_URL")
+        self.mgmt = os.environ.get("LONGRUN_AMQP_MGMT_URL")
+        if not base_db or not base_amqp or not self.mgmt:
+            skip("LONGRUN_DATABASE_URL, LONGRUN_AMQP_URL and LONGRUN_AMQP_MGMT_URL must name running servers "
+                 "(scripts/dev test sets them)")
+        suffix = "".join(random.choice(string.ascii_lowercase) for _ in range(6))
+        self.tag = "t_%s_%s" % (name.replace("-", "_"), suffix)
+        self.base_db = base_db
+        self.db_url = _with_db(base_db, self.tag)
+        self.vhost = self.tag
+        p = urllib.parse.urlparse(base_amqp)
+        self.amqp_url = urllib.parse.urlunparse(p._replace(path="/" + self.vhost))
+        self.amqp_host, self.amqp_port = p.hostname, p.port or 5672
+        self.amqp_user, self.amqp_pass = p.username or "guest", p.password or "guest"
+        self.dir = tempfile.mkdtemp(prefix="longrun-%s-" % name)
+        self.procs = []
+        self._db = None
+        self.fixture_url = None
+        self.do_migrate = migrate
+
+    # -- setup / teardown
+    def __enter__(self):
+        admin = psycopg2.connect(self.base_db)
+        admin.autocommit = True
+        admin.cursor().execute('CREATE DATABASE "%s"' % self.tag)
+        admin.close()
+        self.mgmt_call("PUT", "/api/vhosts/" + urllib.parse.quote(self.vhost, safe=""), {})
+        self.mgmt_call("PUT", "/api/permissions/%s/%s" % (urllib.parse.quote(self.vhost, safe=""), self.amqp_user),
+                       {"configure": ".*", "write": ".*", "read": ".*"})
+        if self.do_migrate:
+            r = self.cli("migrate")
+            check(r.returncode == 0, "migrate failed: %s" % r.stderr)
+        log("env %s: db %s, vhost %s, dir %s" % (self.name, self.tag, self.vhost, self.dir))
+        return self
+
+    def __exit__(self, et, ev, tb):
+        failed = et is not None
+        for p in self.procs:
+            if p.alive():
+                p.signal(signal.SIGKILL)
+        for p in self.procs:
+            p.wait(10)
+        if failed:
+            for p in self.procs:
+                print("----- %s (pid %d) last lines -----\n%s" % (p.name, p.pid, p.tail()))
+        if self._db is not None:
+            self._db.close()
+        if os.environ.get("LONGRUN_KEEP_TEST_STATE") != "1":
+            try:
+                admin = psycopg2.connect(self.base_db)
+                admin.autocommit = True
+                admin.cursor().execute('DROP DATABASE IF EXISTS "%s" WITH (FORCE)' % self.tag)
+                admin.close()
+                self.mgmt_call("DELETE", "/api/vhosts/" + urllib.parse.quote(self.vhost, safe=""))
+            except Exception as e:  # pragma: no cover
+                print("cleanup: %s" % e)
+            if not failed:
+                shutil.rmtree(self.dir, ignore_errors=True)
+        return False
+
+    # -- RabbitMQ management API
+    def mgmt_call(self, method, path, body=None):
+        p = urllib.parse.urlparse(self.mgmt)
+        url = "%s://%s:%d%s" % (p.scheme, p.hostname, p.port, path)
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(url, data=data, method=method)
+        auth = base64.b64encode(("%s:%s" % (p.username, p.password)).encode()).decode()
+        req.add_header("Authorization", "Basic " + auth)
+        req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                txt = r.read()
+                return json.loads(txt) if txt else None
+        except urllib.error.HTTPError as e:
+            if e.code == 404 and method == "GET":
+                return None
+            raise
+
+    def queue_info(self, queue):
+        return self.mgmt_call("GET", "/api/queues/%s/%s" % (urllib.parse.quote(self.vhost, safe=""),
+                                                            urllib.parse.quote(queue, safe="")))
+
+    # -- PostgreSQL
+    @property
+    def db(self):
+        if self._db is None or self._db.closed:
+            self._db = psycopg2.connect(self.db_url)
+            self._db.autocommit = True
+        return self._db
+
+    def sql(self, q, args=None):
+        for attempt in range(30):
+            try:
+                cur = self.db.cursor(cursor_factory=psycopg2.extras.RealDictCursor)
+                cur.execute(q, args)
+                return cur.fetchall() if cur.description else []
+            except (psycopg2.OperationalError, psycopg2.InterfaceError):
+                # the server may be restarting in a chaos test
+                self._db = None
+                time.sleep(0.5)
+        raise TestFailure("database unreachable")
+
+    def scalar(self, q, args=None):
+        rows = self.sql(q, args)
+        return list(rows[0].values())[0] if rows else None
+
+    # -- processes
+    def base_env(self, **extra):
+        env = dict(os.environ)
+        env.update({
+            "LONGRUN_DATABASE_URL": self.db_url,
+            "LONGRUN_AMQP_URL": self.amqp_url,
+            "LONGRUN_LOG_LEVEL": "info",
+        })
+        if self.fixture_url:
+            env["LONGRUN_HTTP_STEPS_URL"] = self.fixture_url
+            env["LONGRUN_FIXTURE_URL"] = self.fixture_url
+        for k, v in extra.items():
+            env[k] = str(v)
+        return env
+
+    def cli(self, *args, input=None, env=None, timeout=60):
+        e = self.base_env(**(env or {}))
+        return subprocess.run([os.path.join(BUILD, "longrun")] + list(args), input=input, env=e,
+                              capture_output=True, text=True, timeout=timeout * TIMEOUT_MULT)
+
+    def start(self, name, argv, **env):
+        p = Proc(name, argv, self.base_env(**env), self.dir)
+        self.procs.append(p)
+        return p
+
+    def start_worker(self, name="worker", args=(), **env):
+        env.setdefault("LONGRUN_WORKER_ID", name)
+        return self.start(name, [os.path.join(BUILD, "longrun-worker")] + list(args), **env)
+
+    def start_scheduler(self, name="scheduler", **env):
+        env.setdefault("LONGRUN_SWEEP_INTERVAL_MS", "200")
+        return self.start(name, [os.path.join(BUILD, "longrun-scheduler")], **env)
+
+    def start_fixture(self, *args):
+        portfile = os.path.join(self.dir, "fixture.port")
+        p = self.start("fixture", [PY, os.path.join(SOURCE, "tests", "fixtures", "fixture_server.py"),
+                                   "--port", "0", "--port-file", portfile] + list(args))
+        wait_for(lambda: os.path.exists(portfile) and open(portfile).read().strip(), 15, "fixture server port")
+        self.fixture_url = "http://127.0.0.1:%s" % open(portfile).read().strip()
+        return p
+
+    def fixture(self, path, body=None):
+        req = urllib.request.Request(self.fixture_url + path, data=json.dumps(body).encode() if body is not None else None,
+                                     method="POST" if body is not None else "GET")
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())
+
+    # -- tasks
+    def enqueue_many(self, bodies, queue="default"):
+        lines = "".join(json.dumps(b) + "\n" for b in bodies)
+        r = self.cli("enqueue", "--queue", queue, "--json", input=lines, timeout=600)
+        check(r.returncode == 0, "enqueue failed (%d): %s" % (r.returncode, r.stderr[-2000:]))
+        out = json.loads(r.stdout)
+        return [o["id"] for o in out]
+
+    def status_counts(self):
+        return {r["status"]: r["n"] for r in self.sql("select status, count(*) as n from tasks group by status")}
+
+    def wait_all_terminal(self, n, timeout, statuses=("succeeded",)):
+        def done():
+            c = self.status_counts()
+            return sum(c.get(s, 0) for s in ("succeeded", "failed", "dead", "cancelled")) >= n and c
+        c = wait_for(done, timeout, "%d tasks to finish" % n, interval=0.5)
+        return c
+
+    def check_step_log(self, expect_steps=None):
+        """Step rows contiguous 1..step and unique per task (the PK makes duplicates impossible; gaps are checked)."""
+        bad = self.sql("""select t.id, t.step, count(s.step_no) as n, coalesce(max(s.step_no),0) as mx
+                          from tasks t left join task_steps s on s.task_id = t.id
+                          group by t.id, t.step having count(s.step_no) <> t.step or coalesce(max(s.step_no),0) <> t.step""")
+        check(not bad, "step log gaps or mismatches: %r" % bad[:5])
+        if expect_steps is not None:
+            wrong = self.sql("select id, step from tasks where step <> %s", (expect_steps,))
+            check(not wrong, "tasks with other than %d steps: %r" % (expect_steps, wrong[:5]))
+
+
+def run(fn):
+    """Runs a test function, printing a traceback and exiting 1 on failure."""
+    t0 = time.time()
+    try:
+        fn()
+    except SystemExit:
+        raise
+    except BaseException:
+        traceback.print_exc()
+        print("FAILED after %.1f s" % (time.time() - t0))
+        sys.exit(1)
+    print("PASSED in %.1f s" % (time.time() - t0))
+    sys.exit(0)
