@@ -64,6 +64,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -125,6 +126,22 @@ static const char *errno_text(int e, char *buf, size_t len) {
     }
     return buf;
 #endif
+}
+
+/* rabbitmq-c's text for status, with the OS reason for socket errors
+ * (errno as saved right after the failing call; 0 if unknown). */
+static const char *status_text(int status, int saved_errno, char *buf, size_t len) {
+    char ebuf[128];
+    if (status == AMQP_STATUS_CONNECTION_CLOSED) {
+        return "the connection was closed unexpectedly";
+    }
+    if ((status == AMQP_STATUS_SOCKET_ERROR || status == AMQP_STATUS_TCP_ERROR) &&
+        saved_errno != 0 && saved_errno != EAGAIN && saved_errno != EINPROGRESS) {
+        snprintf(buf, len, "%s (%s)", amqp_error_string2(status),
+                 errno_text(saved_errno, ebuf, sizeof(ebuf)));
+        return buf;
+    }
+    return amqp_error_string2(status);
 }
 
 static char *dup_bytes(amqp_bytes_t b) {
@@ -614,7 +631,10 @@ typedef struct content {
 
 static int wait_frame(conn_t *c, amqp_frame_t *f, long timeout_ms, char *detail, size_t dlen) {
     struct timeval tv = ms_to_tv(timeout_ms);
+    char buf[256];
+    errno = 0;
     int status = amqp_simple_wait_frame_noblock(c->st, f, &tv);
+    int saved = errno;
     if (status == AMQP_STATUS_OK) {
         return 0;
     }
@@ -622,9 +642,7 @@ static int wait_frame(conn_t *c, amqp_frame_t *f, long timeout_ms, char *detail,
         return LR_ETIMEOUT;
     }
     c->broken = true;
-    snprintf(detail, dlen, "%s", status == AMQP_STATUS_CONNECTION_CLOSED
-                                     ? "the connection was closed unexpectedly"
-                                     : amqp_error_string2(status));
+    snprintf(detail, dlen, "%s", status_text(status, saved, buf, sizeof(buf)));
     return status_err(status);
 }
 
@@ -1849,13 +1867,16 @@ static int run_command(lr_amqp_t *a, item_t *it, bool connected, char *detail, s
                      it->type == CMD_ACK ? "ack" : "reject", it->tag, it->generation);
             break;
         }
+        errno = 0;
         rc = it->type == CMD_ACK
                  ? amqp_basic_ack(a->conn.st, CHANNEL, it->tag, 0)
                  : amqp_basic_reject(a->conn.st, CHANNEL, it->tag, it->requeue ? 1 : 0);
         if (rc != AMQP_STATUS_OK) {
+            char buf[256];
+            int saved = errno;
             a->conn.broken = true;
             snprintf(detail, dlen, "sending %s failed: %s", it->type == CMD_ACK ? "ack" : "reject",
-                     amqp_error_string2(rc));
+                     status_text(rc, saved, buf, sizeof(buf)));
             rc = LR_ECONN;
         }
         break;
@@ -1866,10 +1887,13 @@ static int run_command(lr_amqp_t *a, item_t *it, bool connected, char *detail, s
             complete_pub(a, p, LR_ECONN);
             break;
         }
+        errno = 0;
         int status = send_publish(&a->conn, p->exchange, p->routing_key, &p->msg);
         if (status != AMQP_STATUS_OK) {
+            char buf[256];
+            int saved = errno;
             a->conn.broken = true;
-            snprintf(detail, dlen, "publish failed: %s", amqp_error_string2(status));
+            snprintf(detail, dlen, "publish failed: %s", status_text(status, saved, buf, sizeof(buf)));
             complete_pub(a, p, LR_ECONN);
             rc = LR_ECONN;
             break;
@@ -1976,16 +2000,16 @@ static int session_run(lr_amqp_t *a, char *detail, size_t dlen) {
         struct timeval zero = {0, 0};
         for (; nframes < FRAME_BATCH; nframes++) {
             amqp_frame_t f;
+            char buf[256];
+            errno = 0;
             int status = amqp_simple_wait_frame_noblock(a->conn.st, &f, &zero);
+            int saved = errno;
             if (status == AMQP_STATUS_TIMEOUT) {
                 break;
             }
             if (status != AMQP_STATUS_OK) {
                 a->conn.broken = true;
-                snprintf(detail, dlen, "%s",
-                         status == AMQP_STATUS_CONNECTION_CLOSED
-                             ? "the connection was closed unexpectedly"
-                             : amqp_error_string2(status));
+                snprintf(detail, dlen, "%s", status_text(status, saved, buf, sizeof(buf)));
                 return status_err(status);
             }
             idle = false;
@@ -2011,8 +2035,11 @@ static int session_run(lr_amqp_t *a, char *detail, size_t dlen) {
             /* Idle tick: a short wait lets rabbitmq-c send a heartbeat and
                notice a broker that went silent (a zero timeout cannot). */
             amqp_frame_t f;
+            char buf[256];
             struct timeval tick = {0, 1000};
+            errno = 0;
             int status = amqp_simple_wait_frame_noblock(a->conn.st, &f, &tick);
+            int saved = errno;
             if (status == AMQP_STATUS_OK) {
                 rc = handle_frame(a, &f, detail, dlen);
                 amqp_maybe_release_buffers(a->conn.st);
@@ -2021,7 +2048,7 @@ static int session_run(lr_amqp_t *a, char *detail, size_t dlen) {
                 }
             } else if (status != AMQP_STATUS_TIMEOUT) {
                 a->conn.broken = true;
-                snprintf(detail, dlen, "%s", amqp_error_string2(status));
+                snprintf(detail, dlen, "%s", status_text(status, saved, buf, sizeof(buf)));
                 return status_err(status);
             }
         }
@@ -2297,6 +2324,8 @@ static void stop_timer_cb(uv_timer_t *t) {
     pthread_mutex_unlock(&a->mu);
 }
 
+static atomic_uint instance_counter;
+
 static char **copy_strv(const char *const *v, size_t *count) {
     size_t n = 0;
     while (v != NULL && v[n] != NULL) {
@@ -2376,13 +2405,14 @@ int lr_amqp_start(lr_amqp_t **out, uv_loop_t *loop, const lr_amqp_opts_t *opts, 
     a->on_state = opts->on_state;
     a->arg = opts->arg;
     gethostname(host, sizeof(host) - 1);
-    snprintf(a->conn_name, sizeof(a->conn_name), "%s@%s:%ld",
+    /* "<program>@<host>:<pid>/<n>": findable in rabbitmqctl list_connections. */
+    snprintf(a->conn_name, sizeof(a->conn_name), "%s@%s:%ld/%u",
 #if defined(__GLIBC__)
              program_invocation_short_name,
 #else
              "longrun",
 #endif
-             host, (long)getpid());
+             host, (long)getpid(), atomic_fetch_add(&instance_counter, 1) + 1);
     a->rng = (now_ms() * 0x9E3779B97F4A7C15ull) ^ ((uint64_t)getpid() << 32) ^
              (uint64_t)(uintptr_t)a;
     if (a->rng == 0) {
@@ -2569,7 +2599,7 @@ int lr_amqp_sync_connect(lr_amqp_sync_t **out, const char *url, long timeout_ms,
         return rc;
     }
     gethostname(host, sizeof(host) - 1);
-    snprintf(name, sizeof(name), "%s@%s:%ld (sync)",
+    snprintf(name, sizeof(name), "%s@%s:%ld/sync",
 #if defined(__GLIBC__)
              program_invocation_short_name,
 #else
@@ -2613,11 +2643,13 @@ int lr_amqp_sync_publish(lr_amqp_sync_t *s, const char *exchange, const char *ro
     if (!s->c.channel_open && channel_recover(&s->c) != 0) {
         return lr_seterr(errbuf, errlen, LR_ECONN, "cannot reopen the AMQP channel");
     }
+    errno = 0;
     int status = send_publish(&s->c, exchange, routing_key, msg);
     if (status != AMQP_STATUS_OK) {
+        int saved = errno;
         s->c.broken = true;
         return lr_seterr(errbuf, errlen, status_err(status), "publish failed: %s",
-                         amqp_error_string2(status));
+                         status_text(status, saved, detail, sizeof(detail)));
     }
     uint64_t seq = s->c.next_seq++;
     uint64_t deadline = now_ms() + (uint64_t)(timeout_ms > 0 ? timeout_ms : 0);

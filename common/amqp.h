@@ -33,7 +33,7 @@
 #include <stdint.h>
 #include <uv.h>
 
-#include "amqp_compat.h"
+#include <amqp_compat.h> /* not "": see amqp_compat.h */
 #include "err.h"
 
 typedef struct lr_amqp lr_amqp_t;

@@ -49,11 +49,12 @@
 #define PG_DEFAULT_BATCH 64
 #define PG_MAX_BATCH 10000
 #define PG_DEFAULT_QUEUE 100000
-#define PG_TICK_MS 100             /* queue-timeout resolution */
+#define PG_TICK_MS 100              /* queue-timeout resolution */
 #define PG_CONNECT_TIMEOUT_MS 10000 /* PQconnectPoll ignores connect_timeout */
 #define PG_BACKOFF_MIN_MS 100
 #define PG_BACKOFF_MAX_MS 5000
-#define PG_MAX_CHANNEL 63 /* NAMEDATALEN - 1: longer names are truncated by the server */
+#define PG_WARN_EVERY_MS 5000 /* rate limit of repeated warnings */
+#define PG_MAX_CHANNEL 63     /* NAMEDATALEN - 1: longer names are truncated by the server */
 /* PostgreSQL rejects protocol messages of 1 GB or more; refuse them early. */
 #define PG_MAX_QUERY_BYTES ((size_t)1 << 30)
 
@@ -111,9 +112,9 @@ typedef struct pgchan {
 struct pgconn;
 
 typedef struct pgwatch {
-    uv_poll_t poll;       /* data = this */
-    struct pgconn *conn;  /* NULL once closing */
-    lr_pg_pool_t *pool;   /* for the close callback */
+    uv_poll_t poll;      /* data = this */
+    struct pgconn *conn; /* NULL once closing */
+    lr_pg_pool_t *pool;  /* for the close callback */
     int fd;
     ino_t ino;
     int events;
@@ -168,6 +169,8 @@ struct lr_pg_pool {
     void (*done)(void *arg);
     void *done_arg;
     int reported_usable; /* -1 = nothing reported yet */
+    size_t timeouts_unlogged;
+    uint64_t timeout_logged_at;
     bool any_failure;
     uint64_t rng;
     lr_pg_stats_t stats;
@@ -589,18 +592,10 @@ static void conn_ready(pgconn_t *c) {
 static void conn_connect_step(pgconn_t *c) {
     int events;
     switch (PQconnectPoll(c->pg)) {
-    case PGRES_POLLING_OK:
-        conn_ready(c);
-        return;
-    case PGRES_POLLING_READING:
-        events = UV_READABLE;
-        break;
-    case PGRES_POLLING_WRITING:
-        events = UV_WRITABLE;
-        break;
-    default:
-        conn_fail(c, "connect failed");
-        return;
+    case PGRES_POLLING_OK: conn_ready(c); return;
+    case PGRES_POLLING_READING: events = UV_READABLE; break;
+    case PGRES_POLLING_WRITING: events = UV_WRITABLE; break;
+    default: conn_fail(c, "connect failed"); return;
     }
     /* the socket may have changed inside PQconnectPoll */
     if (conn_watch(c, events) < 0) {
@@ -608,12 +603,16 @@ static void conn_connect_step(pgconn_t *c) {
     }
 }
 
-/* Any connected state -> BACKOFF (or CLOSED when the pool is closing).  Every
- * query still in flight gets LR_ECONN: it may have committed. */
+/* Any state -> BACKOFF (or CLOSED when the pool is closing).  Every query
+ * still in flight gets LR_ECONN: it may have committed. */
 static void conn_fail(pgconn_t *c, const char *why) {
     lr_pg_pool_t *p = c->pool;
     qlist_t lost = qlist_take(&c->inflight);
     char msg[512];
+    /* A group commit whose COMMIT already answered OK is durable even if the
+     * connection died before its Sync result: report it as done. */
+    bool committed = c->state == CONN_BUSY_BATCH && !c->batch_bad && result_ok(c->commit_res) &&
+                     strcmp(PQcmdStatus(c->commit_res), "COMMIT") == 0;
 
     p->inflight -= lost.n;
     if (c->pg != NULL) {
@@ -631,8 +630,9 @@ static void conn_fail(pgconn_t *c, const char *why) {
     p->any_failure = true;
     if (!p->closing && !c->warned) {
         c->warned = true;
-        lr_warn("pg.conn_failed", "%s %d (%s): %s%s%s; %zu in flight failed; reconnecting", conn_kind(c),
-                c->id, conn_state_names[c->state], why, msg[0] != '\0' ? ": " : "", msg, lost.n);
+        lr_warn("pg.conn_failed", "%s %d (%s): %s%s%s; %zu in flight failed; reconnecting",
+                conn_kind(c), c->id, conn_state_names[c->state], why, msg[0] != '\0' ? ": " : "",
+                msg, committed ? (size_t)0 : lost.n);
     } else {
         lr_debug("pg.conn_failed", "%s %d (%s): %s%s%s", conn_kind(c), c->id,
                  conn_state_names[c->state], why, msg[0] != '\0' ? ": " : "", msg);
@@ -657,7 +657,7 @@ static void conn_fail(pgconn_t *c, const char *why) {
         c->failures++;
         uv_timer_start(&c->timer, on_conn_timer, delay, 0);
     }
-    deliver_all(p, &lost, LR_ECONN);
+    deliver_all(p, &lost, committed ? 0 : LR_ECONN);
 }
 
 static void on_conn_timer(uv_timer_t *t) {
@@ -678,8 +678,8 @@ static void send_single(pgconn_t *c, pgq_t *q) {
     qlist_push_back(&c->inflight, q);
     p->inflight++;
     set_state(c, CONN_BUSY);
-    if (!PQsendQueryParams(c->pg, q->sql, q->nparams, NULL, (const char *const *)q->params,
-                           NULL, NULL, 0)) {
+    if (!PQsendQueryParams(c->pg, q->sql, q->nparams, NULL, (const char *const *)q->params, NULL,
+                           NULL, 0)) {
         /* Not sent (its Sync never left): safe to run elsewhere. */
         qlist_t back = qlist_take(&c->inflight);
         p->inflight -= back.n;
@@ -734,7 +734,7 @@ static void send_batch(pgconn_t *c) {
     }
     return;
 
-unsent: {
+unsent : {
     /* Without COMMIT nothing can have committed: run them again later. */
     qlist_t back = qlist_take(&c->inflight);
     p->inflight -= back.n;
@@ -814,8 +814,8 @@ static void conn_read_single(pgconn_t *c) {
         }
         if (result_is_copy(res)) {
             PQclear(res);
-            lr_warn("pg.copy_unsupported", "conn %d: COPY is not supported; dropping the connection",
-                    c->id);
+            lr_warn("pg.copy_unsupported",
+                    "conn %d: COPY is not supported; dropping the connection", c->id);
             conn_fail(c, "COPY is not supported");
             return;
         }
@@ -863,7 +863,7 @@ static void conn_read_batch(pgconn_t *c) {
             }
             c->slot++;
             c->slot_has_result = false;
-            c->cursor = c->slot == 1 ? c->inflight.head
+            c->cursor = c->slot == 1        ? c->inflight.head
                         : c->cursor != NULL ? c->cursor->next
                                             : NULL;
             continue;
@@ -1055,17 +1055,10 @@ static void conn_io(pgconn_t *c, int events) {
         }
         break;
     }
-    case CONN_BUSY:
-        conn_read_single(c);
-        break;
-    case CONN_BUSY_BATCH:
-        conn_read_batch(c);
-        break;
-    case CONN_LISTEN:
-        listen_read(c);
-        break;
-    default:
-        break;
+    case CONN_BUSY: conn_read_single(c); break;
+    case CONN_BUSY_BATCH: conn_read_batch(c); break;
+    case CONN_LISTEN: listen_read(c); break;
+    default: break;
     }
 }
 
@@ -1109,17 +1102,12 @@ static void on_poll(uv_poll_t *h, int status, int events) {
         events = UV_READABLE | UV_WRITABLE; /* let libpq find the error */
     }
     switch (c->state) {
-    case CONN_CONNECTING:
-        conn_connect_step(c);
-        break;
+    case CONN_CONNECTING: conn_connect_step(c); break;
     case CONN_IDLE:
     case CONN_BUSY:
     case CONN_BUSY_BATCH:
-    case CONN_LISTEN:
-        conn_io(c, events);
-        break;
-    default:
-        break;
+    case CONN_LISTEN: conn_io(c, events); break;
+    default: break;
     }
     after_event(p);
 }
@@ -1153,9 +1141,16 @@ static void on_tick(uv_timer_t *t) {
     if (!any_deadline) {
         uv_timer_stop(&p->tick);
     }
-    if (expired.n > 0) {
-        lr_warn("pg.queue_timeout", "%zu queries waited longer than their timeout (%d of %d connections usable)",
-                expired.n, lr_pg_pool_usable(p), p->size);
+    /* One line per PG_WARN_EVERY_MS at most: an outage expires a few
+     * queries on every tick. */
+    p->timeouts_unlogged += expired.n;
+    if (p->timeouts_unlogged > 0 &&
+        (p->timeout_logged_at == 0 || now - p->timeout_logged_at >= PG_WARN_EVERY_MS)) {
+        lr_warn("pg.queue_timeout",
+                "%zu queries waited longer than their timeout (%d of %d connections usable)",
+                p->timeouts_unlogged, lr_pg_pool_usable(p), p->size);
+        p->timeouts_unlogged = 0;
+        p->timeout_logged_at = now;
     }
     deliver_all(p, &expired, LR_ETIMEOUT);
     after_event(p);
@@ -1211,12 +1206,14 @@ int lr_pg_pool_init(lr_pg_pool_t **out, uv_loop_t *loop, const lr_pg_opts_t *opt
     }
     *out = NULL;
     if (opts->size < 0 || opts->size > PG_MAX_SIZE) {
-        return lr_seterr(errbuf, errlen, LR_EINVAL, "pg: size %d is out of range 1..%d", opts->size,
-                         PG_MAX_SIZE);
+        return lr_seterr(errbuf, errlen, LR_EINVAL,
+                         "pg: size %d is out of range (0 = default %d, or 1..%d)", opts->size,
+                         PG_DEFAULT_SIZE, PG_MAX_SIZE);
     }
     if (opts->max_batch < 0 || opts->max_batch > PG_MAX_BATCH) {
-        return lr_seterr(errbuf, errlen, LR_EINVAL, "pg: max_batch %d is out of range 1..%d",
-                         opts->max_batch, PG_MAX_BATCH);
+        return lr_seterr(errbuf, errlen, LR_EINVAL,
+                         "pg: max_batch %d is out of range (0 = default %d, or 1..%d)",
+                         opts->max_batch, PG_DEFAULT_BATCH, PG_MAX_BATCH);
     }
     conninfo = opts->conninfo != NULL ? opts->conninfo : "";
     parsed = PQconninfoParse(conninfo, &perr);
@@ -1424,8 +1421,8 @@ void lr_pg_pool_close(lr_pg_pool_t *p, void (*done)(void *arg), void *arg) {
     p->closing = true;
     p->done = done;
     p->done_arg = arg;
-    lr_debug("pg.closing", "closing: %zu queued fail, %zu in flight finish", p->plain.n + p->batch.n,
-             p->inflight);
+    lr_debug("pg.closing", "closing: %zu queued fail, %zu in flight finish",
+             p->plain.n + p->batch.n, p->inflight);
     uv_close((uv_handle_t *)&p->tick, on_pool_handle_close);
     uv_close((uv_handle_t *)&p->kick, on_pool_handle_close);
     /* Connections without a query in flight go now; busy ones when their

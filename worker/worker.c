@@ -635,9 +635,10 @@ static void run_published(int err, void *arg) {
 
 static void run_step_done(lr_run_t *r);
 
+/* Whether the step being checkpointed ends the slice (it counts). */
 static bool slice_over(lr_run_t *r) {
     lr_worker_t *w = r->w;
-    return r->slice_steps >= w->cfg.slice_steps ||
+    return r->slice_steps + 1 >= w->cfg.slice_steps ||
            now_ms(w) - r->slice_start_ms >= (uint64_t)w->cfg.slice_seconds * 1000u;
 }
 

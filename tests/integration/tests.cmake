@@ -1,3 +1,4 @@
 # Integration tests: real PostgreSQL and RabbitMQ (scripts/dev test starts them).
 # Label "asan": also run against the sanitizer build.
 lr_py_test(integration.cli_basics integration/test_cli_basics.py TIMEOUT 180 LABELS "integration;asan")
+lr_py_test(integration.worker_run integration/test_worker_run.py TIMEOUT 600 LABELS "integration")

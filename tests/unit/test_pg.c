@@ -36,18 +36,19 @@ static long timeout_mult = 1;
 
 static void on_wake(uv_timer_t *t) { (void)t; }
 
-/* Runs the loop until cond holds; fails after ms (times the multiplier). */
-#define WAIT_FOR(cond, ms)                                                      \
-    do {                                                                        \
-        uint64_t _end = uv_now(loop) + (uint64_t)(ms) * (uint64_t)timeout_mult; \
-        uv_timer_start(&wake, on_wake, 5, 5);                                   \
-        while (!(cond)) {                                                       \
-            if (uv_now(loop) > _end) {                                          \
-                T_FAIL("timed out after %d ms waiting for %s", (int)(ms), #cond); \
-            }                                                                   \
-            uv_run(loop, UV_RUN_ONCE);                                          \
-        }                                                                       \
-        uv_timer_stop(&wake);                                                   \
+/* Runs the loop until cond holds; fails after ms (times the multiplier).
+ * cond must not itself wait (it would stop the shared wake timer). */
+#define WAIT_FOR(cond, ms)                                                                         \
+    do {                                                                                           \
+        uint64_t _end = uv_now(loop) + (uint64_t)(ms) * (uint64_t)timeout_mult;                    \
+        uv_timer_start(&wake, on_wake, 5, 5);                                                      \
+        while (!(cond)) {                                                                          \
+            if (uv_now(loop) > _end) {                                                             \
+                T_FAIL("timed out after %d ms waiting for %s", (int)(ms), #cond);                  \
+            }                                                                                      \
+            uv_run(loop, UV_RUN_ONCE);                                                             \
+        }                                                                                          \
+        uv_timer_stop(&wake);                                                                      \
     } while (0)
 
 static void run_for(uint64_t ms) {
@@ -84,7 +85,9 @@ static void on_outcome(int err, const PGresult *res, void *arg) {
     if (err == LR_EDB) {
         T_ASSERT(res != NULL);
         snprintf(o->sqlstate, sizeof(o->sqlstate), "%s",
-                 PQresultErrorField(res, PG_DIAG_SQLSTATE) ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : "");
+                 PQresultErrorField(res, PG_DIAG_SQLSTATE)
+                     ? PQresultErrorField(res, PG_DIAG_SQLSTATE)
+                     : "");
     } else if (err == 0) {
         T_ASSERT(res != NULL);
         o->ntuples = PQntuples(res);
@@ -196,8 +199,8 @@ static void test_simple(lr_pg_pool_t *p, statelog_t *sl) {
     WAIT_FOR(lr_pg_pool_usable(p) == 2 && sl->last == 2, 10000);
     T_EQ_INT(sl->zero, 0);
 
-    o = sql_ok(p, "SELECT $1::int + 1 AS n, $2::text IS NULL AS isnull, $2::text AS nul, $3 AS s", 3,
-               params);
+    o = sql_ok(p, "SELECT $1::int + 1 AS n, $2::text IS NULL AS isnull, $2::text AS nul, $3 AS s",
+               3, params);
     T_EQ_STR(o.v0, "42");
     T_EQ_INT(o.ntuples, 1);
     T_EQ_INT(lr_pg_pool_pending(p), 0);
@@ -238,8 +241,9 @@ static void on_getn(int err, const PGresult *res, void *arg) {
 static void test_getn(lr_pg_pool_t *p) {
     const char *params[3] = {"41", NULL, "x"};
     getn_check_t g = {0};
-    T_EQ_INT(lr_pg_query(p, "SELECT $1::int + 1 AS n, $2::text IS NULL AS isnull, $2::text AS nul, $3 AS s",
-                         3, params, 0, on_getn, &g),
+    T_EQ_INT(lr_pg_query(
+                 p, "SELECT $1::int + 1 AS n, $2::text IS NULL AS isnull, $2::text AS nul, $3 AS s",
+                 3, params, 0, on_getn, &g),
              0);
     WAIT_FOR(g.done, 10000);
 }
@@ -430,7 +434,8 @@ static void test_refused_timeout(void) {
     lr_pg_pool_t *p;
     double t0;
 
-    snprintf(ci, sizeof(ci), "host=127.0.0.1 port=%d dbname=x user=x password=hunter2", closed_port());
+    snprintf(ci, sizeof(ci), "host=127.0.0.1 port=%d dbname=x user=x password=hunter2",
+             closed_port());
     p = pool_open(ci, 2, "lr_test_refused", &sl, 5);
     t0 = now_s();
     T_EQ_INT(lr_pg_query(p, "SELECT 1", 0, NULL, 300, on_outcome, &o[0]), 0);
@@ -478,12 +483,18 @@ static void test_kill(lr_pg_pool_t *admin) {
     T_EQ_INT(lr_pg_query(p, "SELECT pg_sleep(30)", 0, NULL, 0, on_outcome, &sleeper), 0);
     /* wait until the server runs it, then kill every backend of the pool */
     params[0] = app;
-    WAIT_FOR(atoi(sql_ok(admin,
-                         "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 "
-                         "AND state = 'active' AND query LIKE 'SELECT pg_sleep%'",
-                         1, params)
-                      .v0) == 1,
-             10000);
+    for (int tries = 0;; tries++) {
+        /* not WAIT_FOR(sql_ok(...)): the nested wait would stop the wake timer */
+        outcome_t act = sql_ok(admin,
+                               "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 "
+                               "AND state = 'active' AND query LIKE 'SELECT pg_sleep%'",
+                               1, params);
+        if (atoi(act.v0) == 1) {
+            break;
+        }
+        T_ASSERT(tries < 1000 * timeout_mult);
+        run_for(10);
+    }
     killed = sql_ok(admin,
                     "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
                     "WHERE application_name = $1",
@@ -506,6 +517,130 @@ static void test_kill(lr_pg_pool_t *admin) {
     T_ASSERT(st.connects >= 6);
     T_EQ_INT(st.err_conn, 1);
     pool_close_wait(p);
+}
+
+/* The first host refuses, libpq moves on to the second with a new socket,
+ * usually with the same fd number: the poll handle must follow. */
+static void test_multihost(void) {
+    PQconninfoOption *opts = PQconninfoParse(db_url, NULL), *o;
+    const char *host = NULL, *port = "5432", *user = NULL, *dbname = NULL, *password = NULL;
+    char ci[512];
+    lr_pg_pool_t *p;
+    int closed;
+
+    T_ASSERT(opts != NULL);
+    for (o = opts; o->keyword != NULL; o++) {
+        if (o->val == NULL || o->val[0] == '\0') {
+            continue;
+        }
+        if (strcmp(o->keyword, "host") == 0) {
+            host = o->val;
+        } else if (strcmp(o->keyword, "port") == 0) {
+            port = o->val;
+        } else if (strcmp(o->keyword, "user") == 0) {
+            user = o->val;
+        } else if (strcmp(o->keyword, "dbname") == 0) {
+            dbname = o->val;
+        } else if (strcmp(o->keyword, "password") == 0) {
+            password = o->val;
+        }
+    }
+    if (host == NULL || host[0] == '/' || strchr(host, ',') != NULL || strchr(port, ',') != NULL) {
+        printf("  (skipped: needs a single TCP host in LONGRUN_DATABASE_URL)\n");
+        PQconninfoFree(opts);
+        return;
+    }
+    closed = closed_port();
+    snprintf(ci, sizeof(ci), "host=%s,%s port=%d,%s%s%s%s%s%s%s", host, host, closed, port,
+             user ? " user=" : "", user ? user : "", dbname ? " dbname=" : "", dbname ? dbname : "",
+             password ? " password=" : "", password ? password : "");
+    PQconninfoFree(opts);
+    p = pool_open(ci, 2, "lr_test_multihost", NULL, 0);
+    T_EQ_STR(sql_ok(p, "SELECT 'second host'", 0, NULL).v0, "second host");
+    WAIT_FOR(lr_pg_pool_usable(p) == 2, 10000);
+    pool_close_wait(p);
+}
+
+/* Kill the pool's backends while 3000 batched and plain inserts are in
+ * flight: every callback runs exactly once, and every insert reported done
+ * is in the table. */
+typedef struct tracked {
+    int calls;
+    int err;
+} tracked_t;
+
+static void on_tracked(int err, const PGresult *res, void *arg) {
+    tracked_t *t = arg;
+    (void)res;
+    t->calls++;
+    t->err = err;
+}
+
+static void test_kill_under_load(lr_pg_pool_t *admin) {
+    enum { N = 3000 };
+    char app[64], q[160], where[64];
+    tracked_t *t = calloc(N, sizeof(*t));
+    lr_pg_pool_t *p;
+    const char *params[1];
+    int done = 0, ok = 0, econn = 0;
+    long rows;
+
+    T_ASSERT(t != NULL);
+    snprintf(app, sizeof(app), "lr_test_load_%d", (int)getpid());
+    p = pool_open(db_url, 4, app, NULL, 0);
+    WAIT_FOR(lr_pg_pool_usable(p) == 4, 10000);
+    /* 1 ms per statement: the kill lands while group commits are in flight */
+    snprintf(q, sizeof(q), "INSERT INTO %s (id, v) SELECT $1, 'load' FROM pg_sleep(0.001)", table);
+    for (int i = 0; i < N; i++) {
+        char id[32];
+        const char *ps[1] = {id};
+        snprintf(id, sizeof(id), "%d", 200000 + i);
+        if (i % 3 == 0) {
+            T_EQ_INT(lr_pg_query(p, q, 1, ps, 0, on_tracked, &t[i]), 0);
+        } else {
+            T_EQ_INT(lr_pg_query_batched(p, q, 1, ps, 0, on_tracked, &t[i]), 0);
+        }
+    }
+    run_for(100);
+    params[0] = app;
+    sql_ok(
+        admin,
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
+        1, params);
+    for (int tries = 0; done < N; tries++) {
+        done = 0;
+        for (int i = 0; i < N; i++) {
+            done += t[i].calls > 0;
+        }
+        T_ASSERT(tries < 3000 * timeout_mult);
+        if (done < N) {
+            run_for(10);
+        }
+    }
+    for (int i = 0; i < N; i++) {
+        T_EQ_INT(t[i].calls, 1);
+        if (t[i].err == 0) {
+            ok++;
+        } else {
+            T_EQ_INT(t[i].err, LR_ECONN);
+            econn++;
+        }
+    }
+    snprintf(where, sizeof(where), "id >= 200000 AND id < %d", 200000 + N);
+    rows = count_rows(admin, where);
+    printf("  kill under load: %d ok, %d LR_ECONN, %ld rows\n", ok, econn, rows);
+    T_ASSERT(rows >= ok && rows <= ok + econn);
+    T_ASSERT(econn > 0 && ok > 0);
+    for (int i = 0; i < N; i++) {
+        char id[32];
+        snprintf(id, sizeof(id), "id = %d", 200000 + i);
+        if (t[i].err == 0 && i % 97 == 0) {
+            T_EQ_INT(count_rows(admin, id), 1);
+        }
+    }
+    T_EQ_INT(lr_pg_pool_pending(p), 0);
+    pool_close_wait(p);
+    free(t);
 }
 
 static void test_close_inflight(void) {
@@ -553,7 +688,8 @@ static void on_close_from_cb(int err, const PGresult *res, void *arg) {
         lr_pg_pool_close(c->p, on_closed, &c->closed);
         T_EQ_INT(c->closed, 0);
         T_EQ_INT(lr_pg_query(c->p, "SELECT 1", 0, NULL, 0, on_outcome, &dummy), LR_ESHUTDOWN);
-        T_EQ_INT(lr_pg_query_batched(c->p, "SELECT 1", 0, NULL, 0, on_outcome, &dummy), LR_ESHUTDOWN);
+        T_EQ_INT(lr_pg_query_batched(c->p, "SELECT 1", 0, NULL, 0, on_outcome, &dummy),
+                 LR_ESHUTDOWN);
         lr_pg_pool_close(c->p, on_closed, &c->closed); /* second call: ignored */
     }
 }
@@ -609,7 +745,7 @@ static void test_latency(void) {
     pool_close_wait(c.p);
 }
 
-static void test_usable_on_init(void) {
+static void test_close_at_once(void) {
     /* close right after init, before anything connected */
     lr_pg_pool_t *p = pool_open(db_url, 3, "lr_test_quick_close", NULL, 0);
     pool_close_wait(p);
@@ -637,8 +773,8 @@ int main(void) {
 
     printf("test_bad_opts\n");
     test_bad_opts();
-    printf("test_usable_on_init\n");
-    test_usable_on_init();
+    printf("test_close_at_once\n");
+    test_close_at_once();
 
     p = pool_open(db_url, 2, "lr_test_pg", &sl, 0);
     printf("test_simple\n");
@@ -659,12 +795,16 @@ int main(void) {
     test_listen(p);
     printf("test_kill\n");
     test_kill(p);
+    printf("test_kill_under_load\n");
+    test_kill_under_load(p);
     snprintf(q, sizeof(q), "DROP TABLE %s", table);
     sql_ok(p, q, 0, NULL);
     pool_close_wait(p);
 
     printf("test_refused_timeout\n");
     test_refused_timeout();
+    printf("test_multihost\n");
+    test_multihost();
     printf("test_close_inflight\n");
     test_close_inflight();
     printf("test_close_from_callback\n");
