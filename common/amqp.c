@@ -44,6 +44,20 @@
  * exponential backoff and jitter (250 ms .. 10 s).  Publishes issued while
  * disconnected fail at once with LR_ECONN rather than queueing without bound.
  *
+ * Stopping: the stop command runs after everything queued before it; the
+ * owner cancels its consumers (fewer needless redeliveries), waits for
+ * outstanding confirms until the stop timeout, closes politely, reports the
+ * rest as LR_ESHUTDOWN, and posts a "stopped" event; the loop then joins the
+ * thread and closes its handles.  If the thread is stuck in a blocking socket
+ * call (a broker that stopped reading), a loop timer shuts the socket down
+ * STOP_GRACE_MS after the stop timeout.
+ *
+ * Thread affinity: lr_amqp_start/ack/reject/publish/cancel_consume/connected/
+ * stop and all callbacks: the loop thread.  The owner thread touches only its
+ * own fields (t_*, conn, unconfirmed) and the mutex-guarded queues.
+ * lr_amqp_sync_*: any one thread per handle; they share the protocol code
+ * (conn_*, declare_topology, send_publish) with the owner thread.
+ *
  * TLS (amqps://): the broker certificate and host name are verified against
  * LONGRUN_AMQP_CACERT (PEM file) or, when unset, the system bundle
  * /etc/ssl/certs/ca-certificates.crt.  LONGRUN_AMQP_CERT and LONGRUN_AMQP_KEY
@@ -56,7 +70,6 @@
 #include "amqp.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <inttypes.h>
 #include <math.h>
 #include <netdb.h>
@@ -77,7 +90,9 @@
 
 #define CHANNEL 1
 #define FRAME_MAX 131072
+#ifndef OWNER_HEARTBEAT_S
 #define OWNER_HEARTBEAT_S 30      /* owner connection; rabbitmq-c sends and checks them */
+#endif
 #define CONNECT_TIMEOUT_MS 10000  /* owner thread: TCP + TLS connect, then login */
 #define RPC_TIMEOUT_MS 30000      /* any synchronous AMQP method (declare, consume, ...) */
 #define CLOSE_TIMEOUT_MS 2000     /* graceful channel/connection close */
@@ -485,6 +500,12 @@ static int conn_open(conn_t *c, const url_t *u, long timeout_ms, int heartbeat,
             snprintf(why, sizeof(why), "no answer within %ld ms", timeout_ms);
         } else if (status == AMQP_STATUS_HOSTNAME_RESOLUTION_FAILED) {
             snprintf(why, sizeof(why), "cannot resolve host %s", u->ci.host);
+        } else if (status == AMQP_STATUS_SSL_PEER_VERIFY_FAILED) {
+            snprintf(why, sizeof(why), "the broker's TLS certificate is not signed by a trusted "
+                                       "CA (set LONGRUN_AMQP_CACERT to the CA's PEM file)");
+        } else if (status == AMQP_STATUS_SSL_HOSTNAME_VERIFY_FAILED) {
+            snprintf(why, sizeof(why), "the broker's TLS certificate is not issued for host %s "
+                                       "(use the host name it names)", u->ci.host);
         } else {
             snprintf(why, sizeof(why), "%s", amqp_error_string2(status));
         }
@@ -927,17 +948,7 @@ static void set_str_entry(amqp_table_entry_t *e, const char *key, const char *va
     e->value.value.bytes = amqp_cstring_bytes(val);
 }
 
-static int declare_topology(conn_t *c, const char *const *queues, int delivery_limit,
-                            char *errbuf, size_t errlen) {
-    rpc_err_t e;
-    int rc;
-    if (delivery_limit < 0) {
-        return lr_seterr(errbuf, errlen, LR_EINVAL, "delivery limit %d is negative",
-                         delivery_limit);
-    }
-    if (delivery_limit == 0) {
-        delivery_limit = LR_AMQP_DEFAULT_DELIVERY_LIMIT;
-    }
+static int check_queue_names(const char *const *queues, char *errbuf, size_t errlen) {
     if (queues != NULL) {
         for (const char *const *q = queues; *q != NULL; q++) {
             size_t n = strlen(*q);
@@ -953,6 +964,23 @@ static int declare_topology(conn_t *c, const char *const *queues, int delivery_l
                 }
             }
         }
+    }
+    return 0;
+}
+
+static int declare_topology(conn_t *c, const char *const *queues, int delivery_limit,
+                            char *errbuf, size_t errlen) {
+    rpc_err_t e;
+    int rc;
+    if (delivery_limit < 0) {
+        return lr_seterr(errbuf, errlen, LR_EINVAL, "delivery limit %d is negative",
+                         delivery_limit);
+    }
+    if (delivery_limit == 0) {
+        delivery_limit = LR_AMQP_DEFAULT_DELIVERY_LIMIT;
+    }
+    if ((rc = check_queue_names(queues, errbuf, errlen)) != 0) {
+        return rc;
     }
     if ((rc = declare_exchange(c, LR_AMQP_EXCHANGE, "direct", errbuf, errlen)) != 0 ||
         (rc = declare_exchange(c, LR_AMQP_DLX, "fanout", errbuf, errlen)) != 0) {
@@ -1279,7 +1307,11 @@ void lr_amqp_delivery_free(lr_amqp_delivery_t *d) {
 /* ------------------------------------------------------------------------ */
 /* The owner thread and its queues                                           */
 
+typedef struct item item_t;
+
 typedef struct pub {
+    item_t *ev;           /* the publish command's own item, reused as its outcome
+                             event so that reporting the outcome cannot fail */
     lr_amqp_confirm_cb cb;
     void *arg;
     int result;           /* outcome once completed */
@@ -1432,7 +1464,7 @@ typedef enum {
 } item_type_t;
 
 /* A command (loop -> owner) or an event (owner -> loop). */
-typedef struct item {
+struct item {
     struct item *next;
     item_type_t type;
     uint64_t generation;  /* CMD_ACK/REJECT: of the delivery; EV_STATE: new one */
@@ -1443,7 +1475,7 @@ typedef struct item {
     lr_amqp_delivery_t *delivery;  /* EV_DELIVERY */
     int connected;        /* EV_STATE */
     char *detail;         /* EV_STATE */
-} item_t;
+};
 
 typedef struct list {
     item_t *head, *tail;
@@ -1542,6 +1574,7 @@ struct lr_amqp {
     int connected;
     bool cancelled;
     item_t *stop_item;       /* preallocated so that lr_amqp_stop cannot fail */
+    item_t *stopped_item;    /* preallocated EV_STOPPED (owner thread uses it last) */
     void (*done)(void *);
     void *done_arg;
 
@@ -1583,17 +1616,12 @@ static void flush_events(lr_amqp_t *a) {
     uv_async_send(&a->async);
 }
 
-/* Owner: complete a publish. */
+/* Owner: complete a publish (its command item becomes the outcome event). */
 static void complete_pub(lr_amqp_t *a, pub_t *p, int result) {
-    item_t *it = calloc(1, sizeof(*it));
+    item_t *it = p->ev;
+    p->ev = NULL;
     p->result = result;
-    if (it == NULL) {
-        /* Cannot report: the loop's inflight count stays one high.  Out of
-           memory here means the process is in deep trouble anyway. */
-        lr_error("amqp.oom", "out of memory delivering a publish outcome");
-        pub_free(p);
-        return;
-    }
+    memset(it, 0, sizeof(*it));
     it->type = EV_CONFIRM;
     it->pub = p;
     emit(a, it);
@@ -1602,6 +1630,7 @@ static void complete_pub(lr_amqp_t *a, pub_t *p, int result) {
 static void emit_state(lr_amqp_t *a, int connected, const char *detail) {
     item_t *it = calloc(1, sizeof(*it));
     if (it == NULL) {
+        lr_error("amqp.oom", "out of memory reporting a connection state change");
         return;
     }
     it->type = EV_STATE;
@@ -1609,6 +1638,7 @@ static void emit_state(lr_amqp_t *a, int connected, const char *detail) {
     it->generation = a->t_generation;
     it->detail = strdup(detail);
     if (it->detail == NULL) {
+        lr_error("amqp.oom", "out of memory reporting a connection state change");
         free(it);
         return;
     }
@@ -1881,11 +1911,12 @@ static int run_command(lr_amqp_t *a, item_t *it, bool connected, char *detail, s
         }
         break;
     case CMD_PUBLISH: {
+        /* it stays with p (p->ev) as its future outcome event. */
         pub_t *p = it->pub;
         it->pub = NULL;
         if (!connected) {
             complete_pub(a, p, LR_ECONN);
-            break;
+            return 0;
         }
         errno = 0;
         int status = send_publish(&a->conn, p->exchange, p->routing_key, &p->msg);
@@ -1895,8 +1926,7 @@ static int run_command(lr_amqp_t *a, item_t *it, bool connected, char *detail, s
             a->conn.broken = true;
             snprintf(detail, dlen, "publish failed: %s", status_text(status, saved, buf, sizeof(buf)));
             complete_pub(a, p, LR_ECONN);
-            rc = LR_ECONN;
-            break;
+            return LR_ECONN;
         }
         free(p->body);
         p->body = NULL;
@@ -1906,7 +1936,7 @@ static int run_command(lr_amqp_t *a, item_t *it, bool connected, char *detail, s
             /* It was sent; we just cannot track it.  Report the unknown. */
             complete_pub(a, p, LR_ECONN);
         }
-        break;
+        return 0;
     }
     case CMD_CANCEL:
         if (!a->t_cancelled) {
@@ -1920,6 +1950,11 @@ static int run_command(lr_amqp_t *a, item_t *it, bool connected, char *detail, s
         a->t_stop = true;
         a->t_stop_deadline = now_ms() + (uint64_t)(it->timeout_ms > 0 ? it->timeout_ms : 0);
         if (connected) {
+            /* From here on a silent broker must not hold the stop for the
+               full RPC timeout. */
+            long ms = it->timeout_ms < 200 ? 200 : it->timeout_ms;
+            struct timeval tv = ms_to_tv(ms < CLOSE_TIMEOUT_MS ? ms : CLOSE_TIMEOUT_MS);
+            amqp_set_rpc_timeout(a->conn.st, &tv);
             set_state(a, OWNER_DRAINING);
             if (!a->t_cancelled) {
                 a->t_cancelled = true;
@@ -2145,8 +2180,9 @@ static void *owner_main(void *arg) {
             emit_state(a, 1, msg);
             rc = session_run(a, detail, sizeof(detail));
         }
-        if (rc == 0 && a->t_stop) {
-            /* Requested stop: what is still unconfirmed is abandoned. */
+        if (a->t_stop) {
+            /* Requested stop (even if the connection failed while draining):
+               what is still unconfirmed is abandoned, as amqp.h promises. */
             fail_unconfirmed(a, LR_ESHUTDOWN);
             session_close(a);
             break;
@@ -2176,19 +2212,16 @@ static void *owner_main(void *arg) {
             break;
         }
         if (it->type == CMD_PUBLISH) {
-            complete_pub(a, it->pub, LR_ESHUTDOWN);
+            pub_t *p = it->pub;
             it->pub = NULL;
+            complete_pub(a, p, LR_ESHUTDOWN);
+            continue;
         }
         item_free(it);
     }
     set_state(a, OWNER_CLOSED);
-    item_t *it = calloc(1, sizeof(*it));
-    if (it == NULL) {
-        /* The loop must learn that we are done; spin until memory frees. */
-        while ((it = calloc(1, sizeof(*it))) == NULL) {
-            usleep(10000);
-        }
-    }
+    item_t *it = a->stopped_item;  /* preallocated: this event must not fail */
+    a->stopped_item = NULL;
     it->type = EV_STOPPED;
     emit(a, it);
     flush_events(a);
@@ -2207,6 +2240,7 @@ static void amqp_free(lr_amqp_t *a) {
         item_free(it);
     }
     item_free(a->stop_item);
+    item_free(a->stopped_item);
     free(a->unconfirmed.v);
     url_free(&a->url);
     if (a->consume != NULL) {
@@ -2292,7 +2326,7 @@ static void async_cb(uv_async_t *h) {
             if (it->connected) {
                 a->generation = it->generation;
             }
-            if (a->on_state != NULL) {
+            if (a->on_state != NULL && !a->stopping) {
                 a->on_state(it->connected, it->detail, a->arg);
             }
             break;
@@ -2380,6 +2414,11 @@ int lr_amqp_start(lr_amqp_t **out, uv_loop_t *loop, const lr_amqp_opts_t *opts, 
                                                         "too long", i);
         }
     }
+    /* Checked here: the owner thread would otherwise retry a bad name forever. */
+    rc = check_queue_names(opts->declare, errbuf, errlen);
+    if (rc != 0) {
+        return rc;
+    }
     a = calloc(1, sizeof(*a));
     if (a == NULL) {
         return LR_ENOMEM;
@@ -2395,7 +2434,9 @@ int lr_amqp_start(lr_amqp_t **out, uv_loop_t *loop, const lr_amqp_opts_t *opts, 
     a->consume = copy_strv(opts->consume, &a->nconsume);
     a->declare = copy_strv(opts->declare, NULL);
     a->stop_item = calloc(1, sizeof(*a->stop_item));
-    if (a->consume == NULL || a->declare == NULL || a->stop_item == NULL) {
+    a->stopped_item = calloc(1, sizeof(*a->stopped_item));
+    if (a->consume == NULL || a->declare == NULL || a->stop_item == NULL ||
+        a->stopped_item == NULL) {
         rc = LR_ENOMEM;
         goto fail;
     }
@@ -2527,6 +2568,7 @@ int lr_amqp_publish(lr_amqp_t *a, const char *exchange, const char *routing_key,
         free(it);
         return LR_ENOMEM;
     }
+    it->pub->ev = it;
     a->inflight++;
     push_command(a, it);
     return 0;

@@ -134,7 +134,9 @@ int lr_amqp_connected(const lr_amqp_t *a);
 /* Flushes queued acks/rejects/publishes (bounded wait, up to timeout_ms for
  * outstanding confirms), closes the channel and connection, joins the thread,
  * closes the uv_async_t, then calls done(arg) on the loop and frees a.
- * Unconfirmed publishes at that point get LR_ESHUTDOWN. */
+ * Unconfirmed publishes at that point get LR_ESHUTDOWN.  After this call no
+ * more deliveries or state changes are reported (unacked deliveries go back
+ * to their queue); confirm callbacks still run. */
 void lr_amqp_stop(lr_amqp_t *a, long timeout_ms, void (*done)(void *arg), void *arg);
 
 void lr_amqp_delivery_free(lr_amqp_delivery_t *d);

@@ -54,6 +54,7 @@
 #define PG_BACKOFF_MIN_MS 100
 #define PG_BACKOFF_MAX_MS 5000
 #define PG_WARN_EVERY_MS 5000 /* rate limit of repeated warnings */
+#define PG_MAX_POLL_ERRORS 3  /* POLLERR callbacks in a row before giving up */
 #define PG_MAX_CHANNEL 63     /* NAMEDATALEN - 1: longer names are truncated by the server */
 /* PostgreSQL rejects protocol messages of 1 GB or more; refuse them early. */
 #define PG_MAX_QUERY_BYTES ((size_t)1 << 30)
@@ -126,7 +127,9 @@ typedef struct pgconn {
     enum conn_state state;
     PGconn *pg;
     pgwatch_t *watch;
-    uv_timer_t timer; /* data = this */
+    int want;             /* events asked for by the last conn_watch() */
+    unsigned poll_errors; /* consecutive poll callbacks with an error */
+    uv_timer_t timer;     /* data = this */
     bool timer_closed;
     unsigned failures; /* consecutive, for the backoff */
     bool warned;       /* the current outage was logged */
@@ -436,6 +439,7 @@ static int conn_watch(pgconn_t *c, int events) {
     int fd = PQsocket(c->pg);
     int rc;
 
+    c->want = events;
     if (fd < 0 || fstat(fd, &st) != 0) {
         return LR_ECONN;
     }
@@ -544,6 +548,7 @@ static void conn_start(pgconn_t *c) {
     keys[n] = NULL;
     vals[n] = NULL;
     c->fatal[0] = '\0';
+    c->poll_errors = 0;
     c->pg = PQconnectStartParams(keys, vals, 1);
     set_state(c, CONN_CONNECTING);
     if (c->pg == NULL) {
@@ -1099,7 +1104,16 @@ static void on_poll(uv_poll_t *h, int status, int events) {
         return;
     }
     if (status < 0) {
-        events = UV_READABLE | UV_WRITABLE; /* let libpq find the error */
+        /* POLLERR: libuv has stopped this handle.  Let libpq read what is
+         * left (often the server's FATAL message) and find the error itself;
+         * the handle is re-armed below, or we give up after a few in a row. */
+        lr_debug("pg.poll_error", "%s %d (%s): %s", conn_kind(c), c->id, conn_state_names[c->state],
+                 uv_strerror(status));
+        w->events = 0;
+        c->poll_errors++;
+        events = UV_READABLE | UV_WRITABLE;
+    } else {
+        c->poll_errors = 0;
     }
     switch (c->state) {
     case CONN_CONNECTING: conn_connect_step(c); break;
@@ -1108,6 +1122,13 @@ static void on_poll(uv_poll_t *h, int status, int events) {
     case CONN_BUSY_BATCH:
     case CONN_LISTEN: conn_io(c, events); break;
     default: break;
+    }
+    if (status < 0 && c->watch == w) { /* still connected on this socket */
+        if (c->poll_errors >= PG_MAX_POLL_ERRORS) {
+            conn_fail(c, "socket error");
+        } else if (w->events == 0 && conn_watch(c, c->want) < 0) {
+            conn_fail(c, "cannot watch the socket");
+        }
     }
     after_event(p);
 }

@@ -10,6 +10,7 @@
 #include "config.h"
 #include "log.h"
 #include "task.h"
+#include "agents.h"
 #include "worker.h"
 
 #define MAX_QUEUES 32
@@ -119,13 +120,22 @@ int main(int argc, char **argv) {
         free(qcopy);
         return 2;
     }
+    if (cfg.agents_file[0] != '\0') {
+        rc = lr_agents_load(cfg.agents_file, err, sizeof(err));
+        if (rc != 0) {
+            fprintf(stderr, "longrun-worker: invalid agents file %s: %s\n", cfg.agents_file, err);
+            free(qcopy);
+            return 2;
+        }
+    }
     if (print) {
         lr_config_print(&cfg, stdout);
     }
     if (check || print) {
         if (check) {
-            printf("configuration ok\n");
+            printf("configuration ok (%d agents)\n", lr_agents_count());
         }
+        lr_agents_free();
         free(qcopy);
         return 0;
     }
@@ -133,6 +143,7 @@ int main(int argc, char **argv) {
     curl_global_init(CURL_GLOBAL_DEFAULT);
     rc = lr_worker_run(&cfg, queues);
     curl_global_cleanup();
+    lr_agents_free();
     free(qcopy);
     return rc;
 }

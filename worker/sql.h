@@ -151,7 +151,12 @@
     "UPDATE tasks SET published_at = now() WHERE id = $1 AND status = 'queued'"                \
     " AND published_at IS NULL"
 
+/* The step log and then the task's signals (approval decisions, events). */
 #define SQL_HISTORY                                                                            \
-    "SELECT step_no, messages::text FROM task_steps WHERE task_id = $1 ORDER BY step_no"
+    "SELECT kind, n, body FROM ("                                                              \
+    " SELECT 0 AS kind, step_no::bigint AS n, messages::text AS body FROM task_steps"          \
+    "  WHERE task_id = $1"                                                                     \
+    " UNION ALL SELECT 1, id, json_build_object('signal', name, 'payload', payload)::text"     \
+    "  FROM task_signals WHERE task_id = $1) x ORDER BY kind, n"
 
 #endif

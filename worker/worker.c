@@ -45,6 +45,7 @@
 #include "log.h"
 #include "migrations.h"
 #include "sql.h"
+#include "agents.h"
 
 enum run_state {
     RUN_CLAIMING,      /* claim statement in flight */
@@ -97,6 +98,9 @@ struct lr_run {
     uint64_t slice_start_ms;
     uint64_t step_start_ms;
     cJSON *input;                /* owned */
+    char *budgets_json;          /* owned: the task's budgets object as stored */
+    long tool_calls_total;       /* usage before this delivery (from the claim) */
+    long active_ms;
     cJSON *history;              /* owned: array of per-step message arrays */
     const lr_executor_t *exec;
     void *exec_state;
@@ -169,6 +173,7 @@ const cJSON *lr_run_history(const lr_run_t *r) { return r->history; }
 void **lr_run_exec_state(lr_run_t *r) { return &r->exec_state; }
 lr_worker_t *lr_run_worker(lr_run_t *r) { return r->w; }
 lr_http_t *lr_worker_http(lr_worker_t *w) { return w->http; }
+uv_loop_t *lr_worker_loop(lr_worker_t *w) { return w->loop; }
 const lr_config_t *lr_worker_config(const lr_worker_t *w) { return &w->cfg; }
 const char *lr_worker_id(const lr_worker_t *w) { return w->id; }
 bool lr_worker_test_hooks(const lr_worker_t *w) { return w->test_hooks; }
@@ -199,7 +204,26 @@ static lr_executor_t const *find_executor(const char *agent) {
     if (strcmp(agent, "http-steps") == 0) {
         return &lr_exec_http_steps;
     }
+    if (lr_agents_find(agent) != NULL) {
+        return &lr_exec_agent;
+    }
     return NULL;
+}
+
+const char *lr_run_budgets_json(const lr_run_t *r) { return r->budgets_json; }
+
+void lr_run_usage(const lr_run_t *r, lr_run_usage_t *u) {
+    u->step = r->step;
+    u->tokens_in = r->tokens_in;
+    u->tokens_out = r->tokens_out;
+    u->cost_usd = r->cost_usd;
+    u->tool_calls = r->tool_calls_total;
+    u->active_ms = r->active_ms;
+}
+
+void lr_run_add_usage(lr_run_t *r, long tool_calls, long active_ms) {
+    r->tool_calls_total += tool_calls;
+    r->active_ms += active_ms;
 }
 
 /* ------------------------------------------------------------ run lifecycle */
@@ -252,6 +276,7 @@ static void run_maybe_free(lr_run_t *r) {
     lr_step_reset(&r->out);
     cJSON_Delete(r->input);
     cJSON_Delete(r->history);
+    free(r->budgets_json);
     free(r->reply_to);
     free(r->correlation_id);
     if (r->timer_init) {
@@ -765,6 +790,15 @@ static void run_checkpoint_committed(lr_run_t *r) {
     r->tokens_in += r->out.tokens_in;
     r->tokens_out += r->out.tokens_out;
     r->cost_usd += r->out.cost_usd;
+    lr_run_add_usage(r, r->out.tool_calls_count, (long)(now_ms(w) - r->step_start_ms));
+    if (r->exec->needs_history && r->out.messages != NULL) {
+        /* Keep the in-memory step log in step with what was committed. */
+        cJSON *m = cJSON_Parse(r->out.messages);
+        if (r->history == NULL) {
+            r->history = cJSON_CreateArray();
+        }
+        cJSON_AddItemToArray(r->history, m != NULL ? m : cJSON_CreateArray());
+    }
     w->steps_done++;
     r->log.step = r->step;
     if (strcmp(r->final_status, "running") == 0) {
@@ -869,7 +903,8 @@ static void run_step_done(lr_run_t *r) {
         return;
     case LR_STEP_FAIL_PERMANENT:
         LR_LOG(LR_LOG_WARN, &r->log, "task.step_failed", "permanent failure: %s", r->out.error);
-        run_transition(r, "dead", "permanent_error", r->out.error, "permanent_error", -1, 0);
+        run_transition(r, "dead", r->out.stop_reason[0] ? r->out.stop_reason : "permanent_error", r->out.error,
+                       r->out.stop_reason[0] ? r->out.stop_reason : "permanent_error", -1, 0);
         return;
     case LR_STEP_ABANDONED:
         run_transition(r, "queued", "abandoned", NULL, NULL, -1, 0);
@@ -974,7 +1009,7 @@ static void history_cb(int err, const PGresult *res, void *arg) {
     cJSON_Delete(r->history);
     r->history = cJSON_CreateArray();
     for (int i = 0; i < PQntuples(res); i++) {
-        cJSON *m = cJSON_Parse(lr_pg_get(res, i, 1));
+        cJSON *m = cJSON_Parse(lr_pg_get(res, i, 2));
         cJSON_AddItemToArray(r->history, m != NULL ? m : cJSON_CreateArray());
     }
     run_next(r);
@@ -994,6 +1029,11 @@ static void run_claimed(lr_run_t *r, const PGresult *res) {
     r->tokens_in = atol(lr_pg_getn(res, 0, "tokens_in"));
     r->tokens_out = atol(lr_pg_getn(res, 0, "tokens_out"));
     r->cost_usd = atof(lr_pg_getn(res, 0, "cost_usd"));
+    r->tool_calls_total = atol(lr_pg_getn(res, 0, "tool_calls"));
+    r->active_ms = atol(lr_pg_getn(res, 0, "active_ms"));
+    v = lr_pg_getn(res, 0, "budgets");
+    free(r->budgets_json);
+    r->budgets_json = v != NULL ? strdup(v) : NULL;
     snprintf(r->agent, sizeof(r->agent), "%s", lr_pg_getn(res, 0, "agent"));
     snprintf(r->queue, sizeof(r->queue), "%s", lr_pg_getn(res, 0, "queue"));
     v = lr_pg_getn(res, 0, "reply_to");
@@ -1543,6 +1583,7 @@ out:
         lr_step_reset(&r->out);
         cJSON_Delete(r->input);
         cJSON_Delete(r->history);
+        free(r->budgets_json);
         free(r->reply_to);
         free(r->correlation_id);
         free(r);

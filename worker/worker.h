@@ -75,16 +75,32 @@ int lr_run_step_no(const lr_run_t *r);      /* last checkpointed step */
 int64_t lr_run_epoch(const lr_run_t *r);
 const cJSON *lr_run_input(const lr_run_t *r);
 const char *lr_run_agent(const lr_run_t *r);
-const cJSON *lr_run_history(const lr_run_t *r); /* array of step message arrays, or NULL */
+/* The step log, loaded on claim for executors that need it: an array whose
+ * entries are each step's message array, in order, followed by the task's
+ * signals as {"signal": name, "payload": ...} objects.  NULL before step 1. */
+const cJSON *lr_run_history(const lr_run_t *r);
 void **lr_run_exec_state(lr_run_t *r);
+/* The task's own budgets object (JSON text as stored, may be "{}"). */
+const char *lr_run_budgets_json(const lr_run_t *r);
+typedef struct lr_run_usage {
+    int step;            /* steps checkpointed */
+    long tokens_in, tokens_out, tool_calls, active_ms;
+    double cost_usd;
+} lr_run_usage_t;
+/* Usage recorded so far (before the step in flight). */
+void lr_run_usage(const lr_run_t *r, lr_run_usage_t *u);
+/* Counts what a committed step used (called by the worker after a checkpoint). */
+void lr_run_add_usage(lr_run_t *r, long tool_calls, long active_ms);
 lr_worker_t *lr_run_worker(lr_run_t *r);
 lr_http_t *lr_worker_http(lr_worker_t *w);
+uv_loop_t *lr_worker_loop(lr_worker_t *w);
 const lr_config_t *lr_worker_config(const lr_worker_t *w);
 const char *lr_worker_id(const lr_worker_t *w);
 bool lr_worker_test_hooks(const lr_worker_t *w);
 
 /* Built-in executors. */
 extern const lr_executor_t lr_exec_http_steps;
+extern const lr_executor_t lr_exec_agent;
 
 /* Runs the worker until it has drained and stopped.  Returns the exit code. */
 int lr_worker_run(const lr_config_t *cfg, const char *const *queues);

@@ -612,7 +612,16 @@ static void test_kill_under_load(lr_pg_pool_t *admin) {
         for (int i = 0; i < N; i++) {
             done += t[i].calls > 0;
         }
-        T_ASSERT(tries < 3000 * timeout_mult);
+        if (tries >= 3000 * timeout_mult) {
+            lr_pg_stats_t st;
+            lr_pg_pool_stats(p, &st);
+            T_FAIL("kill under load: %d of %d done; pending %zu, usable %d, ok %llu econn %llu "
+                   "failures %llu connects %llu batches %llu retries %llu",
+                   done, N, lr_pg_pool_pending(p), lr_pg_pool_usable(p), (unsigned long long)st.ok,
+                   (unsigned long long)st.err_conn, (unsigned long long)st.conn_failures,
+                   (unsigned long long)st.connects, (unsigned long long)st.batches,
+                   (unsigned long long)st.batch_retries);
+        }
         if (done < N) {
             run_for(10);
         }
@@ -641,6 +650,71 @@ static void test_kill_under_load(lr_pg_pool_t *admin) {
     T_EQ_INT(lr_pg_pool_pending(p), 0);
     pool_close_wait(p);
     free(t);
+}
+
+/* Kill a backend that still has megabytes of our pipeline unread: its
+ * kernel answers with RST, so the FATAL message and the socket error (libuv:
+ * POLLERR, which stops the poll handle) arrive together.  Every query of the
+ * group commit must still get LR_ECONN. */
+static void test_kill_rst(lr_pg_pool_t *admin) {
+    enum { NQ = 20, PARAM = 512 * 1024 };
+    char app[64];
+    char *big = malloc(PARAM + 1);
+    tracked_t t[NQ + 1];
+    lr_pg_pool_t *p;
+    const char *params[1];
+    int done;
+
+    T_ASSERT(big != NULL);
+    memset(big, 'x', PARAM);
+    big[PARAM] = '\0';
+    memset(t, 0, sizeof(t));
+    snprintf(app, sizeof(app), "lr_test_rst_%d", (int)getpid());
+    p = pool_open(db_url, 1, app, NULL, 0);
+    WAIT_FOR(lr_pg_pool_usable(p) == 1, 10000);
+    T_EQ_INT(lr_pg_query_batched(p, "SELECT pg_sleep(30)", 0, NULL, 0, on_tracked, &t[0]), 0);
+    for (int i = 1; i <= NQ; i++) {
+        const char *ps[1] = {big};
+        T_EQ_INT(lr_pg_query_batched(p, "SELECT length($1)", 1, ps, 0, on_tracked, &t[i]), 0);
+    }
+    params[0] = app;
+    for (int tries = 0;; tries++) {
+        outcome_t act = sql_ok(admin,
+                               "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 "
+                               "AND state = 'active' AND query LIKE 'SELECT pg_sleep%'",
+                               1, params);
+        if (atoi(act.v0) == 1) {
+            break;
+        }
+        T_ASSERT(tries < 1000 * timeout_mult);
+        run_for(10);
+    }
+    run_for(50); /* let the socket buffers fill up */
+    sql_ok(admin,
+           "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+           "WHERE application_name = $1",
+           1, params);
+    for (int tries = 0;; tries++) {
+        done = 0;
+        for (int i = 0; i <= NQ; i++) {
+            done += t[i].calls;
+        }
+        if (done == NQ + 1) {
+            break;
+        }
+        if (tries >= 1000 * timeout_mult) {
+            T_FAIL("RST kill: only %d of %d callbacks; pending %zu", done, NQ + 1,
+                   lr_pg_pool_pending(p));
+        }
+        run_for(10);
+    }
+    for (int i = 0; i <= NQ; i++) {
+        T_EQ_INT(t[i].calls, 1);
+        T_EQ_INT(t[i].err, LR_ECONN);
+    }
+    T_EQ_STR(sql_ok(p, "SELECT 'alive'", 0, NULL).v0, "alive");
+    pool_close_wait(p);
+    free(big);
 }
 
 static void test_close_inflight(void) {
@@ -795,6 +869,8 @@ int main(void) {
     test_listen(p);
     printf("test_kill\n");
     test_kill(p);
+    printf("test_kill_rst\n");
+    test_kill_rst(p);
     printf("test_kill_under_load\n");
     test_kill_under_load(p);
     snprintf(q, sizeof(q), "DROP TABLE %s", table);

@@ -1,0 +1,554 @@
+/* agents.c - loading and validating the agents file; see agents.h. */
+#include "agents.h"
+
+#include <ctype.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_FILE (4 * 1024 * 1024)
+
+typedef struct registry {
+    cJSON *root;
+    lr_tool_def_t *tools;
+    int ntools;
+    lr_agent_t *agents;
+    int nagents;
+} registry_t;
+
+static registry_t reg;
+
+static const lr_tool_def_t builtin_defs[] = {
+    {"sleep", "Pause this task durably for the given number of seconds (no worker is held).", NULL,
+     NULL, 0, 0, false, false, 0, LR_TOOL_SLEEP},
+    {"wait_for_event", "Pause this task until the named external event is signalled.", NULL, NULL, 0,
+     0, false, false, 0, LR_TOOL_WAIT_EVENT},
+    {"request_approval", "Pause this task until a human approves or denies; give the reason.", NULL,
+     NULL, 0, 0, false, false, 0, LR_TOOL_APPROVAL},
+};
+static cJSON *builtin_params[3];
+
+static int fail(char *errbuf, size_t errlen, const char *fmt, ...) LR_PRINTF(3, 4);
+static int fail(char *errbuf, size_t errlen, const char *fmt, ...) {
+    va_list ap;
+    if (errbuf != NULL && errlen > 0) {
+        va_start(ap, fmt);
+        vsnprintf(errbuf, errlen, fmt, ap);
+        va_end(ap);
+    }
+    return LR_ECONFIG;
+}
+
+/* "${VAR}" expansion for URLs; malloc'd result or NULL with errbuf set. */
+static char *expand(const char *s, const char *where, char *errbuf, size_t errlen) {
+    char out[2048];
+    size_t n = 0;
+    for (const char *p = s; *p != '\0';) {
+        if (p[0] == '$' && p[1] == '{') {
+            const char *end = strchr(p, '}');
+            char var[128];
+            const char *val;
+            size_t vl;
+            if (end == NULL || (size_t)(end - p - 2) >= sizeof(var)) {
+                fail(errbuf, errlen, "%s: unterminated ${...} in \"%s\"", where, s);
+                return NULL;
+            }
+            memcpy(var, p + 2, (size_t)(end - p - 2));
+            var[end - p - 2] = '\0';
+            val = getenv(var);
+            if (val == NULL) {
+                fail(errbuf, errlen, "%s: environment variable %s (used in \"%s\") is not set", where, var, s);
+                return NULL;
+            }
+            vl = strlen(val);
+            if (n + vl >= sizeof(out)) {
+                fail(errbuf, errlen, "%s: URL too long", where);
+                return NULL;
+            }
+            memcpy(out + n, val, vl);
+            n += vl;
+            p = end + 1;
+        } else {
+            if (n + 1 >= sizeof(out)) {
+                fail(errbuf, errlen, "%s: URL too long", where);
+                return NULL;
+            }
+            out[n++] = *p++;
+        }
+    }
+    out[n] = '\0';
+    while (n > 0 && out[n - 1] == '/') {
+        out[--n] = '\0';
+    }
+    if (strncmp(out, "http://", 7) != 0 && strncmp(out, "https://", 8) != 0) {
+        fail(errbuf, errlen, "%s: \"%s\" must be an http:// or https:// URL", where, out);
+        return NULL;
+    }
+    return strdup(out);
+}
+
+static bool tool_name_ok(const char *s) {
+    size_t n = strlen(s);
+    if (n == 0 || n > 64) {
+        return false;
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (!isalnum((unsigned char)s[i]) && s[i] != '_' && s[i] != '-') {
+            return false;
+        }
+    }
+    return true;
+}
+
+static int get_num(const cJSON *o, const char *key, const char *where, double min, double max,
+                   bool integer, double def, double *out, char *errbuf, size_t errlen) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
+    if (v == NULL) {
+        *out = def;
+        return 0;
+    }
+    if (!cJSON_IsNumber(v) || !isfinite(v->valuedouble) || v->valuedouble < min || v->valuedouble > max ||
+        (integer && v->valuedouble != floor(v->valuedouble))) {
+        return fail(errbuf, errlen, "%s.%s: must be %s in [%g, %g]", where, key,
+                    integer ? "an integer" : "a number", min, max);
+    }
+    *out = v->valuedouble;
+    return 0;
+}
+
+static int get_bool(const cJSON *o, const char *key, const char *where, bool def, bool *out, char *errbuf,
+                    size_t errlen) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
+    if (v == NULL) {
+        *out = def;
+        return 0;
+    }
+    if (!cJSON_IsBool(v)) {
+        return fail(errbuf, errlen, "%s.%s: must be true or false", where, key);
+    }
+    *out = cJSON_IsTrue(v);
+    return 0;
+}
+
+static const char *get_str(const cJSON *o, const char *key) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
+    return cJSON_IsString(v) ? v->valuestring : NULL;
+}
+
+static int check_keys(const cJSON *o, const char *where, const char *const *known, char *errbuf, size_t errlen) {
+    for (const cJSON *c = o->child; c != NULL; c = c->next) {
+        bool ok = false;
+        for (int i = 0; known[i] != NULL; i++) {
+            ok = ok || strcmp(c->string, known[i]) == 0;
+        }
+        if (!ok) {
+            return fail(errbuf, errlen, "%s: unknown field \"%s\"", where, c->string);
+        }
+    }
+    return 0;
+}
+
+static void free_registry(registry_t *r) {
+    for (int i = 0; i < r->ntools; i++) {
+        free(r->tools[i].url);
+    }
+    for (int i = 0; i < r->nagents; i++) {
+        lr_agent_t *a = &r->agents[i];
+        for (int m = 0; m < a->nmodels; m++) {
+            free(a->models[m].base_url);
+        }
+        free(a->models);
+        free(a->tools);
+    }
+    free(r->tools);
+    free(r->agents);
+    cJSON_Delete(r->root);
+    memset(r, 0, sizeof(*r));
+}
+
+static int load_tools(registry_t *r, const cJSON *tools, char *errbuf, size_t errlen) {
+    static const char *const known[] = {"description", "parameters", "url", "timeout_ms", "retries",
+                                        "requires_approval", "writes", "max_result_bytes", NULL};
+    int n = cJSON_GetArraySize(tools);
+    int i = 0;
+    r->tools = calloc((size_t)n + 1, sizeof(lr_tool_def_t));
+    if (r->tools == NULL) {
+        return LR_ENOMEM;
+    }
+    for (const cJSON *t = tools->child; t != NULL; t = t->next, i++) {
+        lr_tool_def_t *d = &r->tools[i];
+        char where[128];
+        double v;
+        const cJSON *params;
+        int rc;
+        snprintf(where, sizeof(where), "tools.%s", t->string);
+        r->ntools = i + 1;
+        if (!tool_name_ok(t->string)) {
+            return fail(errbuf, errlen, "%s: tool names are 1-64 characters of [A-Za-z0-9_-]", where);
+        }
+        for (size_t b = 0; b < 3; b++) {
+            if (strcmp(t->string, builtin_defs[b].name) == 0) {
+                return fail(errbuf, errlen, "%s: \"%s\" is a built-in tool and cannot be redefined", where,
+                            t->string);
+            }
+        }
+        if (!cJSON_IsObject(t)) {
+            return fail(errbuf, errlen, "%s: must be an object", where);
+        }
+        if ((rc = check_keys(t, where, known, errbuf, errlen)) != 0) {
+            return rc;
+        }
+        d->name = t->string;
+        d->description = (char *)get_str(t, "description");
+        params = cJSON_GetObjectItemCaseSensitive(t, "parameters");
+        if (params != NULL && !cJSON_IsObject(params)) {
+            return fail(errbuf, errlen, "%s.parameters: must be a JSON Schema object", where);
+        }
+        d->parameters = (cJSON *)params;
+        if (get_str(t, "url") == NULL) {
+            return fail(errbuf, errlen, "%s.url: required (the tool's HTTP endpoint)", where);
+        }
+        d->url = expand(get_str(t, "url"), where, errbuf, errlen);
+        if (d->url == NULL) {
+            return LR_ECONFIG;
+        }
+        if ((rc = get_num(t, "timeout_ms", where, 100, 600000, true, 30000, &v, errbuf, errlen)) != 0) {
+            return rc;
+        }
+        d->timeout_ms = (long)v;
+        if ((rc = get_num(t, "retries", where, 0, 10, true, 2, &v, errbuf, errlen)) != 0) {
+            return rc;
+        }
+        d->retries = (int)v;
+        if ((rc = get_num(t, "max_result_bytes", where, 64, 1048576, true, 16384, &v, errbuf, errlen)) != 0) {
+            return rc;
+        }
+        d->max_result_bytes = (long)v;
+        if ((rc = get_bool(t, "requires_approval", where, false, &d->requires_approval, errbuf, errlen)) != 0 ||
+            (rc = get_bool(t, "writes", where, false, &d->writes, errbuf, errlen)) != 0) {
+            return rc;
+        }
+        d->builtin = LR_TOOL_HTTP;
+    }
+    return 0;
+}
+
+static const lr_tool_def_t *find_tool(const registry_t *r, const char *name) {
+    for (int i = 0; i < r->ntools; i++) {
+        if (strcmp(r->tools[i].name, name) == 0) {
+            return &r->tools[i];
+        }
+    }
+    for (size_t b = 0; b < 3; b++) {
+        if (strcmp(builtin_defs[b].name, name) == 0) {
+            return &builtin_defs[b];
+        }
+    }
+    return NULL;
+}
+
+static int load_model(registry_t *r, const cJSON *prices, const cJSON *m, const char *where, lr_model_ref_t *out,
+                      char *errbuf, size_t errlen) {
+    static const char *const known[] = {"provider", "base_url", "model", "api_key_env", "max_tokens",
+                                        "max_tokens_field", "temperature", "tool_choice",
+                                        "parallel_tool_calls", "timeout_ms", "retries", NULL};
+    const char *prov = get_str(m, "provider");
+    const char *s;
+    const cJSON *price;
+    double v;
+    int rc;
+    (void)r;
+    if (!cJSON_IsObject(m)) {
+        return fail(errbuf, errlen, "%s: must be an object", where);
+    }
+    if ((rc = check_keys(m, where, known, errbuf, errlen)) != 0) {
+        return rc;
+    }
+    if (prov == NULL || (strcmp(prov, "openai") != 0 && strcmp(prov, "anthropic") != 0)) {
+        return fail(errbuf, errlen, "%s.provider: must be \"openai\" (any OpenAI-compatible server) or \"anthropic\"",
+                    where);
+    }
+    out->provider = strcmp(prov, "openai") == 0 ? LR_PROVIDER_OPENAI : LR_PROVIDER_ANTHROPIC;
+    s = get_str(m, "model");
+    if (s == NULL || s[0] == '\0') {
+        return fail(errbuf, errlen, "%s.model: required", where);
+    }
+    out->model = (char *)s;
+    s = get_str(m, "base_url");
+    if (s == NULL) {
+        s = out->provider == LR_PROVIDER_OPENAI ? "https://api.openai.com/v1" : "https://api.anthropic.com/v1";
+    }
+    out->base_url = expand(s, where, errbuf, errlen);
+    if (out->base_url == NULL) {
+        return LR_ECONFIG;
+    }
+    s = get_str(m, "api_key_env");
+    if (cJSON_GetObjectItemCaseSensitive(m, "api_key_env") != NULL && (s == NULL || s[0] == '\0')) {
+        return fail(errbuf, errlen, "%s.api_key_env: must name an environment variable", where);
+    }
+    out->api_key_env = (char *)s;
+    s = get_str(m, "max_tokens_field");
+    if (s != NULL && strcmp(s, "max_tokens") != 0 && strcmp(s, "max_completion_tokens") != 0) {
+        return fail(errbuf, errlen, "%s.max_tokens_field: must be \"max_tokens\" or \"max_completion_tokens\"", where);
+    }
+    out->max_tokens_field = (char *)(s != NULL ? s : "max_completion_tokens");
+    if ((rc = get_num(m, "max_tokens", where, 1, 1000000, true,
+                      out->provider == LR_PROVIDER_ANTHROPIC ? 1024 : 0, &v, errbuf, errlen)) != 0) {
+        return rc;
+    }
+    out->max_tokens = (long)v;
+    if ((rc = get_num(m, "temperature", where, 0, out->provider == LR_PROVIDER_ANTHROPIC ? 1 : 2, false, -1,
+                      &v, errbuf, errlen)) != 0) {
+        return rc;
+    }
+    out->temperature = v;
+    s = get_str(m, "tool_choice");
+    if (s != NULL && strcmp(s, "auto") != 0 && strcmp(s, "none") != 0 && strcmp(s, "required") != 0) {
+        return fail(errbuf, errlen, "%s.tool_choice: must be \"auto\", \"none\" or \"required\"", where);
+    }
+    out->tool_choice = (char *)s;
+    {
+        const cJSON *p = cJSON_GetObjectItemCaseSensitive(m, "parallel_tool_calls");
+        if (p != NULL && !cJSON_IsBool(p)) {
+            return fail(errbuf, errlen, "%s.parallel_tool_calls: must be true or false", where);
+        }
+        out->parallel_tool_calls = p == NULL ? -1 : cJSON_IsTrue(p);
+    }
+    if ((rc = get_num(m, "timeout_ms", where, 100, 3600000, true, 120000, &v, errbuf, errlen)) != 0) {
+        return rc;
+    }
+    out->timeout_ms = (long)v;
+    if ((rc = get_num(m, "retries", where, 0, 10, true, 2, &v, errbuf, errlen)) != 0) {
+        return rc;
+    }
+    out->retries = (int)v;
+    price = cJSON_GetObjectItemCaseSensitive(prices, out->model);
+    if (price != NULL) {
+        char pw[200];
+        snprintf(pw, sizeof(pw), "models.%s", out->model);
+        if ((rc = get_num(price, "input_per_mtok", pw, 0, 10000, false, 0, &out->price_in, errbuf, errlen)) != 0 ||
+            (rc = get_num(price, "output_per_mtok", pw, 0, 10000, false, 0, &out->price_out, errbuf, errlen)) != 0 ||
+            (rc = get_num(price, "cached_input_per_mtok", pw, 0, 10000, false, out->price_in, &out->price_cached,
+                          errbuf, errlen)) != 0 ||
+            (rc = get_num(price, "context_tokens", pw, 0, 1e8, true, 0, &v, errbuf, errlen)) != 0) {
+            return rc;
+        }
+        out->context_tokens = (long)v;
+    }
+    return 0;
+}
+
+static int load_agents(registry_t *r, const cJSON *prices, const cJSON *agents, char *errbuf, size_t errlen) {
+    static const char *const known[] = {"name", "system", "models", "tools", "budgets", "context",
+                                        "max_attempts", "description", NULL};
+    int n = cJSON_GetArraySize(agents);
+    int i = 0;
+    r->agents = calloc((size_t)n + 1, sizeof(lr_agent_t));
+    if (r->agents == NULL) {
+        return LR_ENOMEM;
+    }
+    for (const cJSON *a = agents->child; a != NULL; a = a->next, i++) {
+        lr_agent_t *ag = &r->agents[i];
+        char where[96];
+        const cJSON *models, *tools, *budgets, *ctx;
+        double v;
+        int rc, mi = 0, ti = 0;
+        snprintf(where, sizeof(where), "agents[%d]", i);
+        r->nagents = i + 1;
+        lr_budgets_init(&ag->budgets);
+        if (!cJSON_IsObject(a)) {
+            return fail(errbuf, errlen, "%s: must be an object", where);
+        }
+        if ((rc = check_keys(a, where, known, errbuf, errlen)) != 0) {
+            return rc;
+        }
+        ag->name = (char *)get_str(a, "name");
+        if (ag->name == NULL || !lr_name_valid(ag->name)) {
+            return fail(errbuf, errlen, "%s.name: required, matching ^[a-z0-9][a-z0-9_.-]{0,63}$", where);
+        }
+        if (strcmp(ag->name, "http-steps") == 0) {
+            return fail(errbuf, errlen, "%s.name: \"http-steps\" is a built-in task kind", where);
+        }
+        for (int j = 0; j < i; j++) {
+            if (strcmp(r->agents[j].name, ag->name) == 0) {
+                return fail(errbuf, errlen, "%s.name: agent \"%s\" is defined twice", where, ag->name);
+            }
+        }
+        snprintf(where, sizeof(where), "agents[%d] (%s)", i, ag->name);
+        ag->system = (char *)get_str(a, "system");
+        models = cJSON_GetObjectItemCaseSensitive(a, "models");
+        if (!cJSON_IsArray(models) || cJSON_GetArraySize(models) < 1 || cJSON_GetArraySize(models) > 8) {
+            return fail(errbuf, errlen, "%s.models: an array of 1 to 8 models (the fallback chain)", where);
+        }
+        ag->models = calloc((size_t)cJSON_GetArraySize(models), sizeof(lr_model_ref_t));
+        if (ag->models == NULL) {
+            return LR_ENOMEM;
+        }
+        for (const cJSON *m = models->child; m != NULL; m = m->next, mi++) {
+            char mw[160];
+            snprintf(mw, sizeof(mw), "%s.models[%d]", where, mi);
+            ag->nmodels = mi + 1;
+            if ((rc = load_model(r, prices, m, mw, &ag->models[mi], errbuf, errlen)) != 0) {
+                return rc;
+            }
+        }
+        tools = cJSON_GetObjectItemCaseSensitive(a, "tools");
+        if (tools != NULL && !cJSON_IsArray(tools)) {
+            return fail(errbuf, errlen, "%s.tools: must be an array of tool names", where);
+        }
+        ag->tools = calloc((size_t)cJSON_GetArraySize(tools) + 1, sizeof(lr_tool_def_t *));
+        if (ag->tools == NULL) {
+            return LR_ENOMEM;
+        }
+        for (const cJSON *t = tools != NULL ? tools->child : NULL; t != NULL; t = t->next, ti++) {
+            const lr_tool_def_t *d = cJSON_IsString(t) ? find_tool(r, t->valuestring) : NULL;
+            if (d == NULL) {
+                return fail(errbuf, errlen, "%s.tools[%d]: %s%s%s is not defined in \"tools\" nor built in "
+                            "(sleep, wait_for_event, request_approval)", where, ti,
+                            cJSON_IsString(t) ? "\"" : "", cJSON_IsString(t) ? t->valuestring : "a non-string",
+                            cJSON_IsString(t) ? "\"" : "");
+            }
+            ag->tools[ti] = d;
+            ag->ntools = ti + 1;
+        }
+        budgets = cJSON_GetObjectItemCaseSensitive(a, "budgets");
+        if (budgets != NULL) {
+            if (!cJSON_IsObject(budgets)) {
+                return fail(errbuf, errlen, "%s.budgets: must be an object", where);
+            }
+            for (const cJSON *b = budgets->child; b != NULL; b = b->next) {
+                char berr[256];
+                if (!cJSON_IsNumber(b) || lr_budget_set(&ag->budgets, b->string, b->valuedouble, berr, sizeof(berr)) != 0) {
+                    return fail(errbuf, errlen, "%s.%s", where, cJSON_IsNumber(b) ? berr : "budgets: values must be numbers");
+                }
+            }
+        }
+        ctx = cJSON_GetObjectItemCaseSensitive(a, "context");
+        ag->context = LR_CONTEXT_FULL;
+        if (ctx != NULL) {
+            const char *st = get_str(ctx, "strategy");
+            if (st == NULL || (strcmp(st, "full") != 0 && strcmp(st, "window") != 0)) {
+                return fail(errbuf, errlen, "%s.context.strategy: must be \"full\" or \"window\"", where);
+            }
+            if (strcmp(st, "window") == 0) {
+                ag->context = LR_CONTEXT_WINDOW;
+                if ((rc = get_num(ctx, "messages", where, 2, 10000, true, 40, &v, errbuf, errlen)) != 0) {
+                    return rc;
+                }
+                ag->context_messages = (int)v;
+            }
+        }
+        if ((rc = get_num(a, "max_attempts", where, 1, 100, true, -1, &v, errbuf, errlen)) != 0) {
+            return rc;
+        }
+        ag->max_attempts = (int)v;
+    }
+    return 0;
+}
+
+int lr_agents_load(const char *path, char *errbuf, size_t errlen) {
+    FILE *f = fopen(path, "rb");
+    char *buf = NULL;
+    size_t len;
+    registry_t nr;
+    const cJSON *tools, *agents, *prices;
+    int rc = 0;
+    static const char *const known[] = {"models", "tools", "agents", "$comment", NULL};
+
+    memset(&nr, 0, sizeof(nr));
+    if (f == NULL) {
+        return lr_seterr(errbuf, errlen, LR_EIO, "LONGRUN_AGENTS_FILE=%s: cannot open", path);
+    }
+    buf = malloc(MAX_FILE + 1);
+    if (buf == NULL) {
+        fclose(f);
+        return LR_ENOMEM;
+    }
+    len = fread(buf, 1, MAX_FILE + 1, f);
+    fclose(f);
+    if (len > MAX_FILE) {
+        free(buf);
+        return lr_seterr(errbuf, errlen, LR_ECONFIG, "%s: larger than %d bytes", path, MAX_FILE);
+    }
+    nr.root = cJSON_ParseWithLength(buf, len);
+    free(buf);
+    if (nr.root == NULL) {
+        return lr_seterr(errbuf, errlen, LR_EPARSE, "%s: not valid JSON", path);
+    }
+    if (!cJSON_IsObject(nr.root)) {
+        rc = fail(errbuf, errlen, "%s: the top level must be an object", path);
+        goto out;
+    }
+    if ((rc = check_keys(nr.root, "(top level)", known, errbuf, errlen)) != 0) {
+        goto out;
+    }
+    prices = cJSON_GetObjectItemCaseSensitive(nr.root, "models");
+    if (prices != NULL && !cJSON_IsObject(prices)) {
+        rc = fail(errbuf, errlen, "models: must be an object of model name -> prices");
+        goto out;
+    }
+    tools = cJSON_GetObjectItemCaseSensitive(nr.root, "tools");
+    if (tools != NULL && !cJSON_IsObject(tools)) {
+        rc = fail(errbuf, errlen, "tools: must be an object of tool name -> definition");
+        goto out;
+    }
+    if (tools != NULL && (rc = load_tools(&nr, tools, errbuf, errlen)) != 0) {
+        goto out;
+    }
+    agents = cJSON_GetObjectItemCaseSensitive(nr.root, "agents");
+    if (!cJSON_IsArray(agents) || cJSON_GetArraySize(agents) == 0) {
+        rc = fail(errbuf, errlen, "agents: required, a non-empty array");
+        goto out;
+    }
+    if ((rc = load_agents(&nr, prices, agents, errbuf, errlen)) != 0) {
+        goto out;
+    }
+    if (builtin_params[0] == NULL) {
+        builtin_params[0] = cJSON_Parse("{\"type\":\"object\",\"properties\":{\"seconds\":{\"type\":\"number\","
+                                        "\"minimum\":0}},\"required\":[\"seconds\"]}");
+        builtin_params[1] = cJSON_Parse("{\"type\":\"object\",\"properties\":{\"name\":{\"type\":\"string\"}},"
+                                        "\"required\":[\"name\"]}");
+        builtin_params[2] = cJSON_Parse("{\"type\":\"object\",\"properties\":{\"reason\":{\"type\":\"string\"}},"
+                                        "\"required\":[\"reason\"]}");
+    }
+    free_registry(&reg);
+    reg = nr;
+    return 0;
+out:
+    free_registry(&nr);
+    return rc;
+}
+
+const cJSON *lr_builtin_parameters(enum lr_builtin b) {
+    return b >= LR_TOOL_SLEEP && b <= LR_TOOL_APPROVAL ? builtin_params[b - 1] : NULL;
+}
+
+const lr_agent_t *lr_agents_find(const char *name) {
+    for (int i = 0; i < reg.nagents; i++) {
+        if (strcmp(reg.agents[i].name, name) == 0) {
+            return &reg.agents[i];
+        }
+    }
+    return NULL;
+}
+
+int lr_agents_count(void) { return reg.nagents; }
+
+void lr_agents_free(void) {
+    free_registry(&reg);
+    for (int i = 0; i < 3; i++) {
+        cJSON_Delete(builtin_params[i]);
+        builtin_params[i] = NULL;
+    }
+}
+
+const lr_tool_def_t *lr_agent_tool(const lr_agent_t *a, const char *name) {
+    for (int i = 0; i < a->ntools; i++) {
+        if (strcmp(a->tools[i]->name, name) == 0) {
+            return a->tools[i];
+        }
+    }
+    return NULL;
+}

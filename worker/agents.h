@@ -1,0 +1,98 @@
+/*
+ * agents.h - agent definitions: one JSON file (LONGRUN_AGENTS_FILE),
+ * validated at start-up with precise errors (longrun-worker --check-config).
+ *
+ * Format (docs/agents.md, example in examples/agents.json):
+ *   {"models": {"<model>": {"input_per_mtok": $, "output_per_mtok": $,
+ *                            "cached_input_per_mtok": $, "context_tokens": N}},
+ *    "tools":  {"<name>": {"description": "...", "parameters": {JSON Schema},
+ *                          "url": "http://...", "timeout_ms": N, "retries": N,
+ *                          "requires_approval": bool, "writes": bool,
+ *                          "max_result_bytes": N}},
+ *    "agents": [{"name": "...", "system": "...",
+ *                "models": [{"provider": "openai"|"anthropic", "base_url": "...",
+ *                            "model": "...", "api_key_env": "OPENAI_API_KEY",
+ *                            "max_tokens": N, "max_tokens_field": "max_tokens"|
+ *                            "max_completion_tokens", "temperature": x,
+ *                            "tool_choice": "auto"|..., "parallel_tool_calls": bool,
+ *                            "timeout_ms": N, "retries": N}],
+ *                "tools": ["name", "sleep", ...], "budgets": {...},
+ *                "context": {"strategy": "full"|"window", "messages": N},
+ *                "max_attempts": N}]}
+ * "${VAR}" in URLs is replaced by the environment variable VAR at load.
+ * API keys are never in the file: only the *name* of the variable.
+ *
+ * The registry is process-global, loaded once before the loop starts, and
+ * read-only afterwards (safe to read from any thread).
+ */
+#ifndef LR_AGENTS_H
+#define LR_AGENTS_H
+
+#include <cjson/cJSON.h>
+#include <stdbool.h>
+
+#include "err.h"
+#include "task.h"
+
+enum lr_provider { LR_PROVIDER_OPENAI = 1, LR_PROVIDER_ANTHROPIC };
+enum lr_builtin { LR_TOOL_HTTP = 0, LR_TOOL_SLEEP, LR_TOOL_WAIT_EVENT, LR_TOOL_APPROVAL };
+enum lr_context { LR_CONTEXT_FULL = 0, LR_CONTEXT_WINDOW };
+
+typedef struct lr_model_ref {
+    enum lr_provider provider;
+    char *base_url;          /* without the trailing /chat/completions or /messages */
+    char *model;
+    char *api_key_env;       /* name of the environment variable, or NULL */
+    char *max_tokens_field;  /* openai: "max_tokens" or "max_completion_tokens" */
+    long max_tokens;         /* 0 = omit (openai); anthropic requires it (default 1024) */
+    double temperature;      /* < 0 = omit */
+    char *tool_choice;       /* NULL = omit */
+    int parallel_tool_calls; /* -1 omit, 0 false, 1 true */
+    long timeout_ms;
+    int retries;             /* in-process retries of one call (default 2) */
+    /* from the price table */
+    double price_in, price_out, price_cached; /* USD per million tokens */
+    long context_tokens;     /* 0 = unknown */
+} lr_model_ref_t;
+
+typedef struct lr_tool_def {
+    char *name;
+    char *description;
+    cJSON *parameters;       /* JSON Schema object or NULL */
+    char *url;               /* HTTP tools */
+    long timeout_ms;
+    int retries;
+    bool requires_approval;
+    bool writes;
+    long max_result_bytes;
+    enum lr_builtin builtin;
+} lr_tool_def_t;
+
+typedef struct lr_agent {
+    char *name;
+    char *system;
+    lr_model_ref_t *models;
+    int nmodels;
+    const lr_tool_def_t **tools;
+    int ntools;
+    lr_budgets_t budgets;
+    enum lr_context context;
+    int context_messages;
+    int max_attempts;        /* -1 = default */
+} lr_agent_t;
+
+/* Loads and validates path (replacing any loaded registry on success).
+ * Returns 0, LR_EIO (unreadable), LR_EPARSE (not JSON), LR_ECONFIG (invalid;
+ * errbuf names the JSON path, e.g. "agents[0].models[1].provider: ..."). */
+int lr_agents_load(const char *path, char *errbuf, size_t errlen) LR_MUSTCHECK;
+const lr_agent_t *lr_agents_find(const char *name);
+int lr_agents_count(void);
+void lr_agents_free(void);
+
+/* JSON Schema of a built-in tool's parameters. */
+const cJSON *lr_builtin_parameters(enum lr_builtin b);
+
+/* Looks up a tool of the agent by name (NULL: unknown or not allowed). */
+const lr_tool_def_t *lr_agent_tool(const lr_agent_t *a, const char *name);
+
+#endif

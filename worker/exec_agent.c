@@ -1,0 +1,998 @@
+/*
+ * exec_agent.c - the agent loop: one step = answer pending tool calls, call
+ * the model (fallback chain, retries, circuit breakers), run the tools it
+ * asks for, and report what the step added.  The worker checkpoints it.
+ *
+ * Design.  Runs on the loop thread as an lr_executor_t.  Per task, an
+ * agent_state_t (allocated on the first step, freed in its timer's close
+ * callback) holds the step in flight:
+ *
+ *   start -> [budget checks] -> [answer pending calls from signals]
+ *         -> MODEL (model i, attempt k; timer for backoff)
+ *         -> TOOLS (HTTP calls in parallel, each with retries)
+ *         -> done(outcome)
+ *
+ * Budgets are checked before the model call and before every tool call; a
+ * step that reaches a budget ends the task with its stop_reason (the worker
+ * dead-letters it for the operator).  A rate-limit wait longer than
+ * LONGRUN_SUSPEND_AFTER_MS suspends the task (rate_limited, resume_at)
+ * without counting an attempt.  Circuit breakers are per model endpoint:
+ * 5 consecutive failures open it for 30 s, then one trial call (half-open).
+ *
+ * Nothing here logs prompts, tool arguments or results (privacy): only
+ * names, sizes, statuses and timings.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+
+#include "agents.h"
+#include "log.h"
+#include "provider.h"
+#include "worker.h"
+
+#define CB_THRESHOLD 5
+#define CB_OPEN_MS 30000
+#define MAX_CALLS 16
+
+/* ---------------------------------------------------------- circuit breaker */
+
+enum cb_state { CB_CLOSED = 0, CB_OPEN, CB_HALF_OPEN };
+typedef struct breaker {
+    const void *key;
+    enum cb_state state;
+    int failures;
+    uint64_t open_until;
+} breaker_t;
+static breaker_t breakers[256];
+
+static breaker_t *breaker_for(const void *key) {
+    for (size_t i = 0; i < sizeof(breakers) / sizeof(breakers[0]); i++) {
+        if (breakers[i].key == key) {
+            return &breakers[i];
+        }
+        if (breakers[i].key == NULL) {
+            breakers[i].key = key;
+            return &breakers[i];
+        }
+    }
+    return NULL;
+}
+
+static bool breaker_allows(breaker_t *b, uint64_t now) {
+    if (b == NULL || b->state == CB_CLOSED) {
+        return true;
+    }
+    if (b->state == CB_OPEN && now >= b->open_until) {
+        b->state = CB_HALF_OPEN;
+        lr_info("circuit.half_open", "circuit half-open: allowing one trial call");
+        return true;
+    }
+    return false;
+}
+
+static void breaker_result(breaker_t *b, bool ok, uint64_t now, const char *what) {
+    if (b == NULL) {
+        return;
+    }
+    if (ok) {
+        if (b->state != CB_CLOSED) {
+            lr_info("circuit.closed", "circuit for %s closed again", what);
+        }
+        b->state = CB_CLOSED;
+        b->failures = 0;
+        return;
+    }
+    b->failures++;
+    if (b->state == CB_HALF_OPEN || b->failures >= CB_THRESHOLD) {
+        if (b->state != CB_OPEN) {
+            lr_warn("circuit.open", "circuit for %s opened after %d failures; falling back for %d s", what,
+                    b->failures, CB_OPEN_MS / 1000);
+        }
+        b->state = CB_OPEN;
+        b->open_until = now + CB_OPEN_MS;
+    }
+}
+
+/* ------------------------------------------------------------------ state */
+
+typedef struct tool_call {
+    struct agent_state *st;
+    int index;
+    const char *id;              /* borrowed from the assistant message */
+    const char *name;
+    const char *args;
+    const lr_tool_def_t *def;
+    lr_http_req_t *req;
+    int tries;
+    bool running;
+    bool suspends;
+    uint64_t started;
+} tool_call_t;
+
+typedef struct agent_state {
+    lr_run_t *run;
+    lr_worker_t *w;
+    lr_step_t *out;
+    lr_step_done_cb done;
+    const lr_agent_t *agent;
+    uv_timer_t timer;
+    bool timer_init;
+    bool active;                 /* a step is in flight */
+    int step_no;                 /* the step being made */
+    cJSON *conv;                 /* conversation sent to the model */
+    cJSON *added;                /* messages this step added */
+    cJSON *calls_log;            /* tool_calls column */
+    lr_budgets_t budgets;
+    lr_run_usage_t usage;
+    int model_idx;
+    int attempt;
+    lr_http_req_t *model_req;
+    char last_reason[32];
+    char last_error[384];
+    int last_class;
+    bool any_transient;
+    long wait_ms;                /* Retry-After of the last failure */
+    lr_model_reply_t reply;
+    const lr_model_ref_t *answered;
+    tool_call_t calls[MAX_CALLS];
+    int ncalls;
+    int calls_running;
+    long tool_calls_made;
+    char suspend_reason[32];
+    char wait_event[128];
+    long suspend_ms;
+} agent_state_t;
+
+static void model_call(agent_state_t *st);
+static void tools_start(agent_state_t *st);
+
+static uint64_t loop_now(agent_state_t *st) {
+    (void)st;
+    return uv_hrtime() / 1000000u;
+}
+
+static double jitter(void) {
+    unsigned int r = 0;
+    if (getrandom(&r, sizeof(r), 0) != (ssize_t)sizeof(r)) {
+        r = (unsigned int)rand();
+    }
+    return (double)r / (double)UINT32_MAX;
+}
+
+static long budget_of(long task, long agent, long dflt) {
+    return task >= 0 ? task : agent >= 0 ? agent : dflt;
+}
+
+static void finish(agent_state_t *st, int outcome) {
+    lr_step_t *out = st->out;
+    out->outcome = outcome;
+    if (cJSON_GetArraySize(st->added) > 0 || outcome == LR_STEP_CONTINUE || outcome == LR_STEP_FINISHED ||
+        outcome == LR_STEP_SUSPEND || outcome == LR_STEP_STOP) {
+        out->messages = cJSON_PrintUnformatted(st->added);
+    }
+    if (cJSON_GetArraySize(st->calls_log) > 0) {
+        out->tool_calls = cJSON_PrintUnformatted(st->calls_log);
+    }
+    if (st->answered != NULL && out->model == NULL) {
+        out->model = strdup(st->answered->model);
+    }
+    out->tool_calls_count = st->tool_calls_made;
+    cJSON_Delete(st->conv);
+    cJSON_Delete(st->added);
+    cJSON_Delete(st->calls_log);
+    st->conv = st->added = st->calls_log = NULL;
+    lr_model_reply_free(&st->reply);
+    st->ncalls = 0;
+    st->active = false;
+    st->done(st->run);
+}
+
+/* Budget checks that need no new step: returns a reason or NULL. */
+static const char *budget_exceeded(agent_state_t *st, char *why, size_t whylen) {
+    const lr_budgets_t *b = &st->budgets;
+    long tokens = st->usage.tokens_in + st->usage.tokens_out;
+    if (b->max_tokens >= 0 && tokens >= b->max_tokens) {
+        snprintf(why, whylen, "used %ld tokens, budget %ld", tokens, b->max_tokens);
+        return "max_tokens";
+    }
+    if (b->max_cost_usd >= 0 && st->usage.cost_usd >= b->max_cost_usd) {
+        snprintf(why, whylen, "cost $%.4f, budget $%.4f", st->usage.cost_usd, b->max_cost_usd);
+        return "max_cost";
+    }
+    if (b->max_seconds >= 0 && st->usage.active_ms >= b->max_seconds * 1000) {
+        snprintf(why, whylen, "active %ld s, budget %ld s", st->usage.active_ms / 1000, b->max_seconds);
+        return "max_seconds";
+    }
+    if (b->max_steps >= 0 && st->usage.step >= b->max_steps) {
+        snprintf(why, whylen, "ran %d steps, budget %ld", st->usage.step, b->max_steps);
+        return "max_steps";
+    }
+    return NULL;
+}
+
+static void resolve_budgets(agent_state_t *st) {
+    const lr_config_t *cfg = lr_worker_config(st->w);
+    lr_budgets_t task;
+    const char *bj = lr_run_budgets_json(st->run);
+    cJSON *b = bj != NULL ? cJSON_Parse(bj) : NULL;
+    const cJSON *c;
+    lr_budgets_init(&task);
+    cJSON_ArrayForEach(c, b) {
+        if (cJSON_IsNumber(c)) {
+            (void)lr_budget_set(&task, c->string, c->valuedouble, NULL, 0);
+        }
+    }
+    cJSON_Delete(b);
+    st->budgets.max_steps = budget_of(task.max_steps, st->agent->budgets.max_steps, cfg->max_steps);
+    st->budgets.max_tool_calls = budget_of(task.max_tool_calls, st->agent->budgets.max_tool_calls, cfg->max_tool_calls);
+    st->budgets.max_tokens = budget_of(task.max_tokens, st->agent->budgets.max_tokens, cfg->max_tokens);
+    st->budgets.max_seconds = budget_of(task.max_seconds, st->agent->budgets.max_seconds, cfg->max_seconds);
+    st->budgets.max_cost_usd = task.max_cost_usd >= 0 ? task.max_cost_usd
+                               : st->agent->budgets.max_cost_usd >= 0 ? st->agent->budgets.max_cost_usd
+                                                                      : cfg->max_cost_usd;
+}
+
+/* The first user message of a task, from its input. */
+static cJSON *user_message(const cJSON *input) {
+    cJSON *m = cJSON_CreateObject();
+    const char *text = NULL;
+    char *owned = NULL;
+    cJSON_AddStringToObject(m, "role", "user");
+    if (cJSON_IsString(input)) {
+        text = input->valuestring;
+    } else {
+        static const char *const keys[] = {"prompt", "question", "message", "task", NULL};
+        for (int i = 0; keys[i] != NULL && text == NULL; i++) {
+            const cJSON *v = cJSON_GetObjectItemCaseSensitive(input, keys[i]);
+            if (cJSON_IsString(v)) {
+                text = v->valuestring;
+            }
+        }
+        if (text == NULL) {
+            owned = cJSON_PrintUnformatted(input);
+            text = owned != NULL ? owned : "";
+        }
+    }
+    cJSON_AddStringToObject(m, "content", text);
+    free(owned);
+    return m;
+}
+
+/* Window context: keep the first user message and the last N messages,
+ * starting the window at a user or assistant message so that no tool result
+ * is separated from the call that asked for it. */
+static cJSON *apply_window(const cJSON *conv, int n) {
+    int total = cJSON_GetArraySize(conv);
+    int start = total - n;
+    cJSON *out = cJSON_CreateArray();
+    if (start <= 1) {
+        cJSON_Delete(out);
+        return cJSON_Duplicate(conv, true);
+    }
+    while (start < total) {
+        const char *role = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(cJSON_GetArrayItem(conv, start), "role"));
+        if (role != NULL && strcmp(role, "tool") != 0) {
+            break;
+        }
+        start++;
+    }
+    cJSON_AddItemToArray(out, cJSON_Duplicate(cJSON_GetArrayItem(conv, 0), true));
+    for (int i = start; i < total; i++) {
+        cJSON_AddItemToArray(out, cJSON_Duplicate(cJSON_GetArrayItem(conv, i), true));
+    }
+    return out;
+}
+
+static void add_tool_result(agent_state_t *st, const char *id, const char *name, const char *content, bool is_error) {
+    cJSON *m = cJSON_CreateObject();
+    cJSON_AddStringToObject(m, "role", "tool");
+    cJSON_AddStringToObject(m, "tool_call_id", id != NULL ? id : "");
+    cJSON_AddStringToObject(m, "name", name != NULL ? name : "");
+    cJSON_AddStringToObject(m, "content", content);
+    if (is_error) {
+        cJSON_AddTrueToObject(m, "is_error");
+    }
+    cJSON_AddItemToArray(st->added, m);
+    cJSON_AddItemToArray(st->conv, cJSON_Duplicate(m, true));
+}
+
+static void log_call(agent_state_t *st, const char *id, const char *name, const char *status, long http, long ms,
+                     const char *idem) {
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "id", id != NULL ? id : "");
+    cJSON_AddStringToObject(o, "name", name != NULL ? name : "");
+    cJSON_AddStringToObject(o, "status", status);
+    if (http > 0) {
+        cJSON_AddNumberToObject(o, "http_status", (double)http);
+    }
+    cJSON_AddNumberToObject(o, "ms", (double)ms);
+    if (idem != NULL) {
+        cJSON_AddStringToObject(o, "idempotency_key", idem);
+    }
+    cJSON_AddItemToArray(st->calls_log, o);
+}
+
+/* Signals delivered to the task (approval decisions, events): from the
+ * history the worker loaded, entries {"signal": name, "payload": ...}. */
+static const cJSON *find_signal(agent_state_t *st, const char *name) {
+    const cJSON *h = lr_run_history(st->run);
+    const cJSON *found = NULL;
+    const cJSON *e;
+    cJSON_ArrayForEach(e, h) {
+        const char *sig = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(e, "signal"));
+        if (sig != NULL && strcmp(sig, name) == 0) {
+            found = cJSON_GetObjectItemCaseSensitive(e, "payload");
+        }
+    }
+    return found;
+}
+
+/* The last assistant message may have tool calls that are not answered yet:
+ * those that suspended the task.  Answer them from the resume's signal.
+ * Returns 0, or 1 when the task must stay suspended (nothing arrived). */
+static int answer_pending(agent_state_t *st) {
+    int n = cJSON_GetArraySize(st->conv);
+    const cJSON *last_asst = NULL;
+    int last_idx = -1;
+    const cJSON *c;
+    for (int i = n - 1; i >= 0; i--) {
+        const cJSON *m = cJSON_GetArrayItem(st->conv, i);
+        const char *role = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(m, "role"));
+        if (role != NULL && strcmp(role, "assistant") == 0) {
+            last_asst = m;
+            last_idx = i;
+            break;
+        }
+    }
+    if (last_asst == NULL) {
+        return 0;
+    }
+    st->ncalls = 0;
+    cJSON_ArrayForEach(c, cJSON_GetObjectItemCaseSensitive(last_asst, "tool_calls")) {
+        const char *id = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(c, "id"));
+        const char *name = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(c, "name"));
+        const char *args = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(c, "arguments"));
+        bool answered = false;
+        const lr_tool_def_t *def;
+        for (int i = last_idx + 1; i < n && !answered; i++) {
+            const char *tid = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(cJSON_GetArrayItem(st->conv, i), "tool_call_id"));
+            answered = tid != NULL && id != NULL && strcmp(tid, id) == 0;
+        }
+        if (answered) {
+            continue;
+        }
+        def = name != NULL ? lr_agent_tool(st->agent, name) : NULL;
+        if (def == NULL) {
+            add_tool_result(st, id, name, "error: tool not available", true);
+            continue;
+        }
+        if (def->builtin == LR_TOOL_SLEEP) {
+            add_tool_result(st, id, name, "{\"slept\":true}", false);
+            log_call(st, id, name, "resumed", 0, 0, NULL);
+        } else if (def->builtin == LR_TOOL_WAIT_EVENT) {
+            cJSON *a = args != NULL ? cJSON_Parse(args) : NULL;
+            const char *ev = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(a, "name"));
+            char sig[160];
+            const cJSON *p;
+            snprintf(sig, sizeof(sig), "event:%s", ev != NULL ? ev : "");
+            p = find_signal(st, sig);
+            if (p == NULL) {
+                snprintf(st->suspend_reason, sizeof(st->suspend_reason), "event");
+                snprintf(st->wait_event, sizeof(st->wait_event), "%s", ev != NULL ? ev : "");
+                cJSON_Delete(a);
+                return 1;
+            }
+            {
+                char *txt = cJSON_PrintUnformatted(p);
+                add_tool_result(st, id, name, txt != NULL ? txt : "null", false);
+                free(txt);
+            }
+            log_call(st, id, name, "resumed", 0, 0, NULL);
+            cJSON_Delete(a);
+        } else if (def->builtin == LR_TOOL_APPROVAL || def->requires_approval) {
+            const cJSON *p = find_signal(st, "approval");
+            bool approved;
+            if (p == NULL) {
+                snprintf(st->suspend_reason, sizeof(st->suspend_reason), "approval");
+                return 1;
+            }
+            approved = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(p, "approved"));
+            if (def->builtin == LR_TOOL_APPROVAL || !approved) {
+                char *txt = cJSON_PrintUnformatted(p);
+                add_tool_result(st, id, name, txt != NULL ? txt : "{}", !approved);
+                free(txt);
+                log_call(st, id, name, approved ? "approved" : "denied", 0, 0, NULL);
+            } else if (st->ncalls < MAX_CALLS) {
+                /* approved: run the HTTP tool now */
+                tool_call_t *tc = &st->calls[st->ncalls++];
+                memset(tc, 0, sizeof(*tc));
+                tc->st = st;
+                tc->index = st->ncalls - 1;
+                tc->id = id;
+                tc->name = name;
+                tc->args = args;
+                tc->def = def;
+            }
+        } else if (st->ncalls < MAX_CALLS) {
+            tool_call_t *tc = &st->calls[st->ncalls++];
+            memset(tc, 0, sizeof(*tc));
+            tc->st = st;
+            tc->index = st->ncalls - 1;
+            tc->id = id;
+            tc->name = name;
+            tc->args = args;
+            tc->def = def;
+        }
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------ model calls */
+
+static void model_next(agent_state_t *st);
+
+static void timer_cb(uv_timer_t *t) {
+    agent_state_t *st = t->data;
+    model_call(st);
+}
+
+static void model_failed(agent_state_t *st, int cls, const char *reason, const char *detail, long wait_ms) {
+    const lr_model_ref_t *m = &st->agent->models[st->model_idx];
+    const lr_config_t *cfg = lr_worker_config(st->w);
+    long suspend_after = 30000;
+    lr_log_ctx_t ctx = {lr_run_id(st->run), st->step_no, lr_run_epoch(st->run)};
+    (void)cfg;
+    snprintf(st->last_reason, sizeof(st->last_reason), "%s", reason);
+    snprintf(st->last_error, sizeof(st->last_error), "%s (%s): %s", m->model, reason, detail);
+    st->last_class = cls;
+    breaker_result(breaker_for(m), cls == LR_CALL_PERMANENT, loop_now(st), m->model);
+    LR_LOG(LR_LOG_WARN, &ctx, "model.call_failed", "model %s attempt %d failed: %s: %s", m->model, st->attempt + 1,
+           reason, detail);
+    if (cls == LR_CALL_PERMANENT) {
+        snprintf(st->out->error, sizeof(st->out->error), "%s", st->last_error);
+        if (strcmp(reason, "context_length") == 0) {
+            snprintf(st->out->stop_reason, sizeof(st->out->stop_reason), "context_length");
+        }
+        finish(st, LR_STEP_FAIL_PERMANENT);
+        return;
+    }
+    if (cls == LR_CALL_RETRY) {
+        st->any_transient = true;
+        if (wait_ms > suspend_after) {
+            /* A long wait: free the slot, come back at resume_at. */
+            snprintf(st->out->suspend_reason, sizeof(st->out->suspend_reason), "rate_limited");
+            st->out->resume_in_ms = wait_ms;
+            LR_LOG(LR_LOG_INFO, &ctx, "model.rate_limited", "model %s asks to wait %ld ms: suspending the task",
+                   m->model, wait_ms);
+            st->answered = NULL;
+            finish(st, LR_STEP_SUSPEND);
+            return;
+        }
+        if (st->attempt < m->retries) {
+            long base = (long)(fmin(500.0 * pow(2.0, st->attempt), 8000.0) * jitter());
+            long delay = wait_ms > 0 ? (wait_ms > base ? wait_ms : base) : base;
+            st->attempt++;
+            uv_timer_start(&st->timer, timer_cb, (uint64_t)delay + 1, 0);
+            return;
+        }
+    }
+    model_next(st);
+}
+
+/* Moves to the next model of the chain, or ends the step. */
+static void model_next(agent_state_t *st) {
+    st->model_idx++;
+    st->attempt = 0;
+    if (st->model_idx < st->agent->nmodels) {
+        model_call(st);
+        return;
+    }
+    snprintf(st->out->error, sizeof(st->out->error), "every model failed; last: %s", st->last_error);
+    finish(st, st->any_transient ? LR_STEP_FAIL_TRANSIENT : LR_STEP_FAIL_PERMANENT);
+}
+
+static double cost_of(const lr_model_ref_t *m, long in, long cached, long out) {
+    double uncached = (double)(in - cached > 0 ? in - cached : 0);
+    return (uncached * m->price_in + (double)cached * m->price_cached + (double)out * m->price_out) / 1e6;
+}
+
+static void model_response(const lr_http_response_t *resp, void *arg) {
+    agent_state_t *st = arg;
+    const lr_model_ref_t *m = &st->agent->models[st->model_idx];
+    char err[512], reason[32], detail[384], sr[16], ra[32], ram[32];
+    long wait;
+    int rc;
+    lr_log_ctx_t ctx = {lr_run_id(st->run), st->step_no, lr_run_epoch(st->run)};
+
+    st->model_req = NULL;
+    if (resp->err != 0) {
+        snprintf(detail, sizeof(detail), "%s: %s", lr_strerror(resp->err), resp->errmsg);
+        model_failed(st, LR_CALL_RETRY, resp->err == LR_ETIMEOUT ? "timeout" : "connection", detail, -1);
+        return;
+    }
+    if (resp->status < 200 || resp->status >= 300) {
+        const char *should = lr_http_header(resp, "x-should-retry", sr, sizeof(sr)) == 0 ? sr : NULL;
+        int cls = lr_provider_classify(resp->status, resp->body, should, reason, sizeof(reason), detail, sizeof(detail));
+        wait = lr_retry_after_ms(lr_http_header(resp, "retry-after-ms", ram, sizeof(ram)) == 0 ? ram : NULL,
+                                 lr_http_header(resp, "retry-after", ra, sizeof(ra)) == 0 ? ra : NULL);
+        model_failed(st, cls, reason, detail, wait);
+        return;
+    }
+    rc = lr_provider_parse(m, resp->body, resp->body_len, st->step_no, &st->reply, err, sizeof(err));
+    if (rc != 0) {
+        model_failed(st, LR_CALL_RETRY, "malformed_response", err, -1);
+        return;
+    }
+    breaker_result(breaker_for(m), true, loop_now(st), m->model);
+    st->answered = m;
+    if (st->reply.usage_missing) {
+        /* Estimate (about 4 bytes a token) so that budgets still bind. */
+        st->reply.tokens_in = (long)(strlen(resp->body) / 4 + 1);
+        st->reply.tokens_out = (long)(resp->body_len / 4 + 1);
+    }
+    st->out->tokens_in += st->reply.tokens_in;
+    st->out->tokens_out += st->reply.tokens_out;
+    st->out->tokens_cached += st->reply.tokens_cached;
+    st->out->cost_usd += cost_of(m, st->reply.tokens_in, st->reply.tokens_cached, st->reply.tokens_out);
+    LR_LOG(LR_LOG_DEBUG, &ctx, "model.answered", "model %s: %d tool calls, finish %s, tokens %ld/%ld, %.0f ms",
+           m->model, st->reply.ntool_calls, st->reply.finish, st->reply.tokens_in, st->reply.tokens_out,
+           resp->total_ms);
+    cJSON_AddItemToArray(st->added, cJSON_Duplicate(st->reply.assistant, true));
+    cJSON_AddItemToArray(st->conv, cJSON_Duplicate(st->reply.assistant, true));
+    if (st->reply.ntool_calls == 0) {
+        cJSON *res = cJSON_CreateObject();
+        cJSON_AddStringToObject(res, "answer", st->reply.text != NULL ? st->reply.text : "");
+        cJSON_AddStringToObject(res, "model", m->model);
+        cJSON_AddStringToObject(res, "finish_reason", st->reply.finish);
+        if (strcmp(st->reply.finish, "length") == 0 || strcmp(st->reply.finish, "max_tokens") == 0) {
+            cJSON_AddTrueToObject(res, "truncated");
+        }
+        st->out->result = cJSON_PrintUnformatted(res);
+        cJSON_Delete(res);
+        finish(st, LR_STEP_FINISHED);
+        return;
+    }
+    if (strcmp(st->reply.finish, "length") == 0 || strcmp(st->reply.finish, "max_tokens") == 0) {
+        /* Arguments may be cut: never execute them. */
+        model_failed(st, LR_CALL_RETRY, "truncated_tool_call", "tool call cut by the token limit", -1);
+        return;
+    }
+    /* Run the requested tools. */
+    st->ncalls = 0;
+    {
+        const cJSON *c;
+        cJSON_ArrayForEach(c, cJSON_GetObjectItemCaseSensitive(cJSON_GetArrayItem(st->conv, cJSON_GetArraySize(st->conv) - 1),
+                                                               "tool_calls")) {
+            tool_call_t *tc;
+            if (st->ncalls == MAX_CALLS) {
+                break;
+            }
+            tc = &st->calls[st->ncalls++];
+            memset(tc, 0, sizeof(*tc));
+            tc->st = st;
+            tc->index = st->ncalls - 1;
+            tc->id = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(c, "id"));
+            tc->name = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(c, "name"));
+            tc->args = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(c, "arguments"));
+            tc->def = tc->name != NULL ? lr_agent_tool(st->agent, tc->name) : NULL;
+        }
+    }
+    tools_start(st);
+}
+
+static void model_call(agent_state_t *st) {
+    const lr_model_ref_t *m;
+    const char *key = NULL;
+    char *url = NULL, *body = NULL;
+    char auth[600], idem[128];
+    const char *headers[6];
+    lr_http_opts_t o;
+    int nh = 0, rc;
+    cJSON *conv = NULL;
+
+    while (st->model_idx < st->agent->nmodels &&
+           !breaker_allows(breaker_for(&st->agent->models[st->model_idx]), loop_now(st))) {
+        snprintf(st->last_reason, sizeof(st->last_reason), "circuit_open");
+        snprintf(st->last_error, sizeof(st->last_error), "%s: circuit open", st->agent->models[st->model_idx].model);
+        st->any_transient = true;
+        st->model_idx++;
+        st->attempt = 0;
+    }
+    if (st->model_idx >= st->agent->nmodels) {
+        model_next(st);
+        return;
+    }
+    m = &st->agent->models[st->model_idx];
+    if (m->api_key_env != NULL) {
+        key = getenv(m->api_key_env);
+        if (key == NULL || key[0] == '\0') {
+            snprintf(st->last_reason, sizeof(st->last_reason), "no_api_key");
+            snprintf(st->last_error, sizeof(st->last_error), "%s: environment variable %s is not set", m->model,
+                     m->api_key_env);
+            model_next(st);
+            return;
+        }
+    }
+    conv = st->agent->context == LR_CONTEXT_WINDOW ? apply_window(st->conv, st->agent->context_messages)
+                                                   : cJSON_Duplicate(st->conv, true);
+    body = lr_provider_request(m, st->agent->system, conv, st->agent->tools, st->agent->ntools);
+    cJSON_Delete(conv);
+    if (body != NULL && m->context_tokens > 0 && (long)strlen(body) / 4 > m->context_tokens) {
+        /* Never sent blindly over the context limit. */
+        snprintf(st->last_reason, sizeof(st->last_reason), "context_length");
+        snprintf(st->last_error, sizeof(st->last_error), "%s: about %ld tokens, over its context of %ld",
+                 m->model, (long)strlen(body) / 4, m->context_tokens);
+        free(body);
+        model_next(st);
+        return;
+    }
+    url = lr_provider_url(m);
+    if (body == NULL || url == NULL) {
+        free(body);
+        free(url);
+        snprintf(st->out->error, sizeof(st->out->error), "out of memory building the model request");
+        finish(st, LR_STEP_FAIL_TRANSIENT);
+        return;
+    }
+    headers[nh++] = "Content-Type: application/json";
+    if (m->provider == LR_PROVIDER_OPENAI) {
+        if (key != NULL) {
+            snprintf(auth, sizeof(auth), "Authorization: Bearer %s", key);
+            headers[nh++] = auth;
+        }
+    } else {
+        headers[nh++] = "anthropic-version: 2023-06-01";
+        if (key != NULL) {
+            snprintf(auth, sizeof(auth), "x-api-key: %s", key);
+            headers[nh++] = auth;
+        }
+    }
+    snprintf(idem, sizeof(idem), "X-Longrun-Task-Id: %s", lr_run_id(st->run));
+    headers[nh++] = idem;
+    headers[nh] = NULL;
+    memset(&o, 0, sizeof(o));
+    o.method = "POST";
+    o.url = url;
+    o.headers = headers;
+    o.body = body;
+    o.body_len = strlen(body);
+    o.timeout_ms = m->timeout_ms;
+    rc = lr_http_send(lr_worker_http(st->w), &o, model_response, st, &st->model_req);
+    memset(auth, 0, sizeof(auth));
+    free(url);
+    free(body);
+    if (rc != 0) {
+        model_failed(st, LR_CALL_RETRY, "send_failed", lr_strerror(rc), -1);
+    }
+}
+
+/* ------------------------------------------------------------------ tools */
+
+static void tool_send(tool_call_t *tc);
+
+static void tools_maybe_done(agent_state_t *st) {
+    char why[160];
+    const char *reason;
+    if (st->calls_running > 0) {
+        return;
+    }
+    for (int i = 0; i < st->ncalls; i++) {
+        if (st->calls[i].suspends) {
+            snprintf(st->out->suspend_reason, sizeof(st->out->suspend_reason), "%s", st->suspend_reason);
+            snprintf(st->out->wait_event, sizeof(st->out->wait_event), "%s", st->wait_event);
+            st->out->resume_in_ms = st->suspend_ms;
+            finish(st, LR_STEP_SUSPEND);
+            return;
+        }
+    }
+    /* After the step: does it end the task on a budget? */
+    st->usage.step += 1;
+    st->usage.tokens_in += st->out->tokens_in;
+    st->usage.tokens_out += st->out->tokens_out;
+    st->usage.cost_usd += st->out->cost_usd;
+    reason = budget_exceeded(st, why, sizeof(why));
+    if (reason != NULL) {
+        snprintf(st->out->stop_reason, sizeof(st->out->stop_reason), "%s", reason);
+        snprintf(st->out->error, sizeof(st->out->error), "budget exhausted: %s", why);
+        finish(st, LR_STEP_STOP);
+        return;
+    }
+    finish(st, LR_STEP_CONTINUE);
+}
+
+static void tool_response(const lr_http_response_t *resp, void *arg) {
+    tool_call_t *tc = arg;
+    agent_state_t *st = tc->st;
+    char idem[160];
+    long ms = (long)(loop_now(st) - tc->started);
+    bool retry = resp->err != 0 || resp->status >= 500 || resp->status == 408 || resp->status == 429;
+    tc->req = NULL;
+    snprintf(idem, sizeof(idem), "%s:%d:%d", lr_run_id(st->run), st->step_no, tc->index);
+    if (retry && tc->tries <= tc->def->retries) {
+        tool_send(tc);
+        return;
+    }
+    tc->running = false;
+    st->calls_running--;
+    if (resp->err == 0 && resp->status >= 200 && resp->status < 300) {
+        if (resp->truncated || (long)resp->body_len > tc->def->max_result_bytes) {
+            size_t keep = (size_t)tc->def->max_result_bytes;
+            char *cut = malloc(keep + 64);
+            if (cut != NULL) {
+                memcpy(cut, resp->body, keep < resp->body_len ? keep : resp->body_len);
+                snprintf(cut + (keep < resp->body_len ? keep : resp->body_len), 64,
+                         "...[truncated: result over %ld bytes]", tc->def->max_result_bytes);
+                add_tool_result(st, tc->id, tc->name, cut, false);
+                free(cut);
+            }
+            log_call(st, tc->id, tc->name, "truncated", resp->status, ms, idem);
+        } else {
+            add_tool_result(st, tc->id, tc->name, resp->body, false);
+            log_call(st, tc->id, tc->name, "ok", resp->status, ms, idem);
+        }
+    } else {
+        char msg[600];
+        if (resp->err != 0) {
+            snprintf(msg, sizeof(msg), "error: tool %s failed: %s", tc->name, lr_strerror(resp->err));
+        } else {
+            snprintf(msg, sizeof(msg), "error: tool %s answered HTTP %ld: %.400s", tc->name, resp->status, resp->body);
+        }
+        add_tool_result(st, tc->id, tc->name, msg, true);
+        log_call(st, tc->id, tc->name, "error", resp->status, ms, idem);
+    }
+    tools_maybe_done(st);
+}
+
+static void tool_send(tool_call_t *tc) {
+    agent_state_t *st = tc->st;
+    char idem[160], h_task[96], h_epoch[64];
+    const char *headers[5];
+    lr_http_opts_t o;
+    int rc;
+    snprintf(idem, sizeof(idem), "Idempotency-Key: %s:%d:%d", lr_run_id(st->run), st->step_no, tc->index);
+    snprintf(h_task, sizeof(h_task), "X-Longrun-Task-Id: %s", lr_run_id(st->run));
+    snprintf(h_epoch, sizeof(h_epoch), "X-Longrun-Epoch: %lld", (long long)lr_run_epoch(st->run));
+    headers[0] = "Content-Type: application/json";
+    headers[1] = idem;
+    headers[2] = h_task;
+    headers[3] = h_epoch;
+    headers[4] = NULL;
+    memset(&o, 0, sizeof(o));
+    o.method = "POST";
+    o.url = tc->def->url;
+    o.headers = headers;
+    o.body = tc->args != NULL && tc->args[0] != '\0' ? tc->args : "{}";
+    o.body_len = strlen(o.body);
+    o.timeout_ms = tc->def->timeout_ms;
+    o.max_body = (size_t)tc->def->max_result_bytes + 1;
+    tc->tries++;
+    tc->started = loop_now(st);
+    rc = lr_http_send(lr_worker_http(st->w), &o, tool_response, tc, &tc->req);
+    if (rc != 0) {
+        lr_http_response_t fake;
+        memset(&fake, 0, sizeof(fake));
+        fake.err = rc;
+        fake.body = "";
+        fake.errmsg = "";
+        tc->tries = tc->def->retries + 1;
+        tool_response(&fake, tc);
+    }
+}
+
+static void tools_start(agent_state_t *st) {
+    int started = 0;
+    st->calls_running = 0;
+    for (int i = 0; i < st->ncalls; i++) {
+        tool_call_t *tc = &st->calls[i];
+        cJSON *parsed;
+        if (tc->def == NULL) {
+            char msg[200];
+            snprintf(msg, sizeof(msg), "error: tool \"%s\" is unknown or not allowed for this agent", tc->name ? tc->name : "");
+            add_tool_result(st, tc->id, tc->name, msg, true);
+            log_call(st, tc->id, tc->name, "unknown_tool", 0, 0, NULL);
+            continue;
+        }
+        parsed = tc->args != NULL ? cJSON_Parse(tc->args) : NULL;
+        if (!cJSON_IsObject(parsed)) {
+            /* Never run a tool on arguments that do not parse. */
+            add_tool_result(st, tc->id, tc->name,
+                            "error: the arguments are not a valid JSON object; call the tool again with valid JSON",
+                            true);
+            log_call(st, tc->id, tc->name, "invalid_arguments", 0, 0, NULL);
+            cJSON_Delete(parsed);
+            continue;
+        }
+        if (st->budgets.max_tool_calls >= 0 && st->usage.tool_calls + st->tool_calls_made >= st->budgets.max_tool_calls) {
+            char msg[160];
+            snprintf(msg, sizeof(msg), "error: tool-call budget exhausted (%ld)", st->budgets.max_tool_calls);
+            add_tool_result(st, tc->id, tc->name, msg, true);
+            log_call(st, tc->id, tc->name, "budget", 0, 0, NULL);
+            snprintf(st->out->stop_reason, sizeof(st->out->stop_reason), "max_tool_calls");
+            cJSON_Delete(parsed);
+            continue;
+        }
+        if (tc->def->builtin == LR_TOOL_SLEEP) {
+            const cJSON *s = cJSON_GetObjectItemCaseSensitive(parsed, "seconds");
+            double secs = cJSON_IsNumber(s) ? s->valuedouble : -1;
+            if (secs < 0 || secs > 30 * 86400.0) {
+                add_tool_result(st, tc->id, tc->name, "error: seconds must be a number in [0, 2592000]", true);
+                cJSON_Delete(parsed);
+                continue;
+            }
+            tc->suspends = true;
+            snprintf(st->suspend_reason, sizeof(st->suspend_reason), "sleep");
+            st->suspend_ms = (long)(secs * 1000.0);
+            log_call(st, tc->id, tc->name, "suspended", 0, 0, NULL);
+        } else if (tc->def->builtin == LR_TOOL_WAIT_EVENT) {
+            const char *ev = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(parsed, "name"));
+            tc->suspends = true;
+            snprintf(st->suspend_reason, sizeof(st->suspend_reason), "event");
+            snprintf(st->wait_event, sizeof(st->wait_event), "%s", ev != NULL ? ev : "");
+            st->suspend_ms = -1;
+            log_call(st, tc->id, tc->name, "suspended", 0, 0, NULL);
+        } else if (tc->def->builtin == LR_TOOL_APPROVAL || tc->def->requires_approval) {
+            tc->suspends = true;
+            snprintf(st->suspend_reason, sizeof(st->suspend_reason), "approval");
+            st->suspend_ms = -1;
+            log_call(st, tc->id, tc->name, "awaiting_approval", 0, 0, NULL);
+        } else {
+            tc->running = true;
+            st->calls_running++;
+            st->tool_calls_made++;
+            started++;
+        }
+        cJSON_Delete(parsed);
+    }
+    if (st->out->stop_reason[0] != '\0' && started == 0) {
+        snprintf(st->out->error, sizeof(st->out->error), "budget exhausted: %ld tool calls", st->budgets.max_tool_calls);
+        finish(st, LR_STEP_STOP);
+        return;
+    }
+    for (int i = 0; i < st->ncalls; i++) {
+        if (st->calls[i].running && st->calls[i].tries == 0) {
+            tool_send(&st->calls[i]);
+        }
+    }
+    tools_maybe_done(st);
+}
+
+/* --------------------------------------------------------------- executor */
+
+static void state_closed(uv_handle_t *h) {
+    free(h->data);
+}
+
+static int agent_start(lr_run_t *r, lr_step_t *out, lr_step_done_cb done) {
+    agent_state_t **sp = (agent_state_t **)lr_run_exec_state(r);
+    agent_state_t *st = *sp;
+    const cJSON *h, *e;
+    char why[160];
+    const char *reason;
+
+    if (st == NULL) {
+        st = calloc(1, sizeof(*st));
+        if (st == NULL) {
+            return LR_ENOMEM;
+        }
+        st->w = lr_run_worker(r);
+        uv_timer_init(lr_worker_loop(st->w), &st->timer);
+        st->timer.data = st;
+        st->timer_init = true;
+        *sp = st;
+    }
+    st->run = r;
+    st->out = out;
+    st->done = done;
+    st->agent = lr_agents_find(lr_run_agent(r));
+    st->step_no = lr_run_step_no(r) + 1;
+    st->model_idx = 0;
+    st->attempt = 0;
+    st->any_transient = false;
+    st->answered = NULL;
+    st->tool_calls_made = 0;
+    st->suspend_reason[0] = st->wait_event[0] = '\0';
+    st->suspend_ms = -1;
+    st->ncalls = 0;
+    st->active = true;
+    if (st->agent == NULL) {
+        out->outcome = LR_STEP_FAIL_PERMANENT;
+        snprintf(out->error, sizeof(out->error), "unknown agent '%s'", lr_run_agent(r));
+        st->active = false;
+        return LR_EPERM;
+    }
+    lr_run_usage(r, &st->usage);
+    resolve_budgets(st);
+    reason = budget_exceeded(st, why, sizeof(why));
+    if (reason != NULL) {
+        out->outcome = LR_STEP_FAIL_PERMANENT;
+        snprintf(out->stop_reason, sizeof(out->stop_reason), "%s", reason);
+        snprintf(out->error, sizeof(out->error), "budget exhausted before step %d: %s", st->step_no, why);
+        st->active = false;
+        return LR_EPERM;
+    }
+    st->conv = cJSON_CreateArray();
+    st->added = cJSON_CreateArray();
+    st->calls_log = cJSON_CreateArray();
+    h = lr_run_history(r);
+    cJSON_ArrayForEach(e, h) {
+        const cJSON *m;
+        if (!cJSON_IsArray(e)) {
+            continue; /* signals */
+        }
+        cJSON_ArrayForEach(m, e) {
+            cJSON_AddItemToArray(st->conv, cJSON_Duplicate(m, true));
+        }
+    }
+    if (cJSON_GetArraySize(st->conv) == 0) {
+        cJSON *u = user_message(lr_run_input(r));
+        cJSON_AddItemToArray(st->conv, cJSON_Duplicate(u, true));
+        cJSON_AddItemToArray(st->added, u);
+    }
+    if (answer_pending(st) != 0) {
+        /* Resumed without what it waits for: wait again. */
+        snprintf(out->suspend_reason, sizeof(out->suspend_reason), "%s", st->suspend_reason);
+        snprintf(out->wait_event, sizeof(out->wait_event), "%s", st->wait_event);
+        out->resume_in_ms = -1;
+        cJSON_Delete(st->conv);
+        cJSON_Delete(st->added);
+        cJSON_Delete(st->calls_log);
+        st->conv = st->added = st->calls_log = NULL;
+        st->active = false;
+        out->outcome = LR_STEP_SUSPEND;
+        out->messages = strdup("[]");
+        return LR_EPERM; /* the worker checkpoints out->outcome */
+    }
+    if (st->ncalls > 0) {
+        /* Approved tool calls run first; the model is called next step. */
+        tools_start(st);
+        return 0;
+    }
+    model_call(st);
+    return 0;
+}
+
+static void agent_cancel(lr_run_t *r) {
+    agent_state_t *st = *(agent_state_t **)lr_run_exec_state(r);
+    if (st == NULL) {
+        return;
+    }
+    uv_timer_stop(&st->timer);
+    if (st->model_req != NULL) {
+        lr_http_cancel(st->model_req);
+        st->model_req = NULL;
+    }
+    for (int i = 0; i < st->ncalls; i++) {
+        if (st->calls[i].req != NULL) {
+            lr_http_cancel(st->calls[i].req);
+            st->calls[i].req = NULL;
+        }
+    }
+    cJSON_Delete(st->conv);
+    cJSON_Delete(st->added);
+    cJSON_Delete(st->calls_log);
+    st->conv = st->added = st->calls_log = NULL;
+    lr_model_reply_free(&st->reply);
+    st->active = false;
+}
+
+static void agent_release(lr_run_t *r) {
+    agent_state_t **sp = (agent_state_t **)lr_run_exec_state(r);
+    agent_state_t *st = *sp;
+    if (st == NULL) {
+        return;
+    }
+    agent_cancel(r);
+    *sp = NULL;
+    uv_close((uv_handle_t *)&st->timer, state_closed);
+}
+
+const lr_executor_t lr_exec_agent = {
+    .name = "agent",
+    .needs_history = true,
+    .start = agent_start,
+    .cancel = agent_cancel,
+    .release = agent_release,
+};
