@@ -697,11 +697,26 @@ static void send_single(pgconn_t *c, pgq_t *q) {
     }
 }
 
+/* Queues BEGIN and the batch's statements in pipeline mode; false when
+ * libpq refused (the connection is broken). */
+static bool pipeline_begin(pgconn_t *c) {
+    if (!PQenterPipelineMode(c->pg) ||
+        !PQsendQueryParams(c->pg, "BEGIN", 0, NULL, NULL, NULL, NULL, 0)) {
+        return false;
+    }
+    for (pgq_t *q = c->inflight.head; q != NULL; q = q->next) {
+        if (!PQsendQueryParams(c->pg, q->sql, q->nparams, NULL, (const char *const *)q->params,
+                               NULL, NULL, 0)) {
+            return false;
+        }
+    }
+    return true;
+}
+
 /* IDLE -> BUSY_BATCH with up to max_batch batched statements. */
 static void send_batch(pgconn_t *c) {
     lr_pg_pool_t *p = c->pool;
     int n = 0;
-    pgq_t *q;
 
     while (n < p->max_batch && p->batch.head != NULL) {
         qlist_push_back(&c->inflight, qlist_pop(&p->batch));
@@ -709,8 +724,7 @@ static void send_batch(pgconn_t *c) {
     }
     if (n == 1) {
         /* One statement alone in autocommit is the same transaction. */
-        q = qlist_pop(&c->inflight);
-        send_single(c, q);
+        send_single(c, qlist_pop(&c->inflight));
         return;
     }
     p->inflight += (size_t)n;
@@ -722,30 +736,19 @@ static void send_batch(pgconn_t *c) {
     batch_reset(c);
     c->nbatch = n;
     set_state(c, CONN_BUSY_BATCH);
-    if (!PQenterPipelineMode(c->pg) ||
-        !PQsendQueryParams(c->pg, "BEGIN", 0, NULL, NULL, NULL, NULL, 0)) {
-        goto unsent;
-    }
-    for (q = c->inflight.head; q != NULL; q = q->next) {
-        if (!PQsendQueryParams(c->pg, q->sql, q->nparams, NULL, (const char *const *)q->params,
-                               NULL, NULL, 0)) {
-            goto unsent;
-        }
+    if (!pipeline_begin(c)) {
+        /* Without COMMIT nothing can have committed: run them again later. */
+        qlist_t back = qlist_take(&c->inflight);
+        p->inflight -= back.n;
+        requeue_front(p, &back);
+        conn_fail(c, "send failed");
+        return;
     }
     /* From here on COMMIT may reach the server: failures are LR_ECONN. */
     if (!PQsendQueryParams(c->pg, "COMMIT", 0, NULL, NULL, NULL, NULL, 0) ||
         !PQpipelineSync(c->pg) || conn_flush(c) < 0) {
         conn_fail(c, "send failed");
     }
-    return;
-
-unsent : {
-    /* Without COMMIT nothing can have committed: run them again later. */
-    qlist_t back = qlist_take(&c->inflight);
-    p->inflight -= back.n;
-    requeue_front(p, &back);
-    conn_fail(c, "send failed");
-}
 }
 
 static pgconn_t *idle_conn(lr_pg_pool_t *p) {
@@ -1126,8 +1129,12 @@ static void on_poll(uv_poll_t *h, int status, int events) {
     if (status < 0 && c->watch == w) { /* still connected on this socket */
         if (c->poll_errors >= PG_MAX_POLL_ERRORS) {
             conn_fail(c, "socket error");
-        } else if (w->events == 0 && conn_watch(c, c->want) < 0) {
-            conn_fail(c, "cannot watch the socket");
+        } else if (w->events == 0) {
+            lr_debug("pg.poll_rearm", "%s %d (%s): still connected after a poll error",
+                     conn_kind(c), c->id, conn_state_names[c->state]);
+            if (conn_watch(c, c->want) < 0) {
+                conn_fail(c, "cannot watch the socket");
+            }
         }
     }
     after_event(p);

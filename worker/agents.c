@@ -342,7 +342,7 @@ static int load_model(registry_t *r, const cJSON *prices, const cJSON *m, const 
 
 static int load_agents(registry_t *r, const cJSON *prices, const cJSON *agents, char *errbuf, size_t errlen) {
     static const char *const known[] = {"name", "system", "models", "tools", "budgets", "context",
-                                        "max_attempts", "description", NULL};
+                                        "description", NULL};
     int n = cJSON_GetArraySize(agents);
     int i = 0;
     r->agents = calloc((size_t)n + 1, sizeof(lr_agent_t));
@@ -440,10 +440,6 @@ static int load_agents(registry_t *r, const cJSON *prices, const cJSON *agents, 
                 ag->context_messages = (int)v;
             }
         }
-        if ((rc = get_num(a, "max_attempts", where, 1, 100, true, -1, &v, errbuf, errlen)) != 0) {
-            return rc;
-        }
-        ag->max_attempts = (int)v;
     }
     return 0;
 }

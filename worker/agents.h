@@ -17,8 +17,7 @@
  *                            "tool_choice": "auto"|..., "parallel_tool_calls": bool,
  *                            "timeout_ms": N, "retries": N}],
  *                "tools": ["name", "sleep", ...], "budgets": {...},
- *                "context": {"strategy": "full"|"window", "messages": N},
- *                "max_attempts": N}]}
+ *                "context": {"strategy": "full"|"window", "messages": N}}]}
  * "${VAR}" in URLs is replaced by the environment variable VAR at load.
  * API keys are never in the file: only the *name* of the variable.
  *
@@ -78,7 +77,6 @@ typedef struct lr_agent {
     lr_budgets_t budgets;
     enum lr_context context;
     int context_messages;
-    int max_attempts;        /* -1 = default */
 } lr_agent_t;
 
 /* Loads and validates path (replacing any loaded registry on success).

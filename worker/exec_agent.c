@@ -109,6 +109,7 @@ typedef struct tool_call {
     int tries;
     bool running;
     bool suspends;
+    bool approved;               /* requires_approval and approved: run it */
     uint64_t started;
 } tool_call_t;
 
@@ -415,6 +416,7 @@ static int answer_pending(agent_state_t *st) {
                 tc->name = name;
                 tc->args = args;
                 tc->def = def;
+                tc->approved = true;
             }
         } else if (st->ncalls < MAX_CALLS) {
             tool_call_t *tc = &st->calls[st->ncalls++];
@@ -833,7 +835,7 @@ static void tools_start(agent_state_t *st) {
             snprintf(st->wait_event, sizeof(st->wait_event), "%s", ev != NULL ? ev : "");
             st->suspend_ms = -1;
             log_call(st, tc->id, tc->name, "suspended", 0, 0, NULL);
-        } else if (tc->def->builtin == LR_TOOL_APPROVAL || tc->def->requires_approval) {
+        } else if (tc->def->builtin == LR_TOOL_APPROVAL || (tc->def->requires_approval && !tc->approved)) {
             tc->suspends = true;
             snprintf(st->suspend_reason, sizeof(st->suspend_reason), "approval");
             st->suspend_ms = -1;

@@ -113,6 +113,30 @@ class Proc:
     def tail(self, n=40):
         return "\n".join(self.log_text().splitlines()[-n:])
 
+    def events(self, event=None, **match):
+        """The process's JSON log lines (dicts), optionally only those with this
+        event name and these field values (e.g. task_id=...)."""
+        out = []
+        for line in self.log_text().splitlines():
+            if not line.startswith("{"):
+                continue
+            try:
+                e = json.loads(line)
+            except ValueError:
+                continue
+            if event is not None and e.get("event") != event:
+                continue
+            if any(e.get(k) != v for k, v in match.items()):
+                continue
+            out.append(e)
+        return out
+
+    def wait_event(self, event, timeout, **match):
+        return wait_for(lambda: self.events(event, **match), timeout, "%s: log event %s %r" % (self.name, event, match))
+
+    def returncode(self):
+        return self.p.poll()
+
 
 class Env:
     """One isolated test environment.  Use as a context manager."""
@@ -272,6 +296,73 @@ class Env:
                                      method="POST" if body is not None else "GET")
         with urllib.request.urlopen(req, timeout=10) as r:
             return json.loads(r.read())
+
+    # -- RabbitMQ (pika, for tests that act as a foreign producer or consumer)
+    def amqp(self):
+        """A pika BlockingConnection to this env's vhost."""
+        import pika
+        params = pika.ConnectionParameters(host=self.amqp_host, port=self.amqp_port, virtual_host=self.vhost,
+                                           credentials=pika.PlainCredentials(self.amqp_user, self.amqp_pass),
+                                           heartbeat=60, blocked_connection_timeout=60,
+                                           connection_attempts=10, retry_delay=1)
+        return pika.BlockingConnection(params)
+
+    def publish(self, bodies, routing_key="default", exchange="longrun.tasks", props=None, conn=None):
+        """Publishes raw bodies (bytes, str or JSON-able) with publisher confirms and
+        mandatory routing.  props: dict of pika.BasicProperties fields, or a function
+        (index, body) -> dict.  Returns nothing; raises on a nack or unroutable message."""
+        import pika
+        own = conn is None
+        conn = conn or self.amqp()
+        try:
+            ch = conn.channel()
+            ch.confirm_delivery()
+            for i, b in enumerate(bodies):
+                if not isinstance(b, (bytes, str)):
+                    b = json.dumps(b)
+                if isinstance(b, str):
+                    b = b.encode()
+                pr = props(i, b) if callable(props) else dict(props or {})
+                pr.setdefault("delivery_mode", 2)
+                ch.basic_publish(exchange, routing_key, b, pika.BasicProperties(**pr), mandatory=True)
+            ch.close()
+        finally:
+            if own:
+                conn.close()
+
+    def wait_queue(self, queue="longrun.q.default", consumers=1, timeout=30):
+        """Waits until the queue exists with at least `consumers` consumers."""
+        return wait_for(lambda: (self.queue_info(queue) or {}).get("consumers", -1) >= consumers, timeout,
+                        "queue %s with %d consumer(s)" % (queue, consumers))
+
+    def fixture_requests(self, path_prefix=None, limit=1000000):
+        q = "/_requests?limit=%d" % limit
+        if path_prefix:
+            q += "&path_prefix=" + urllib.parse.quote(path_prefix)
+        return self.fixture(q)["requests"]
+
+    # -- the shared servers (restart tests; they need LONGRUN_HOME of the instance)
+    def services(self, *args, timeout=240):
+        home = os.environ.get("LONGRUN_HOME")
+        if not home:
+            skip("LONGRUN_HOME must name the services.sh instance behind LONGRUN_DATABASE_URL "
+                 "(scripts/dev test sets it)")
+        env = dict(os.environ)
+        r = subprocess.run([os.path.join(SOURCE, "scripts", "services.sh")] + list(args), env=env,
+                           capture_output=True, text=True, timeout=timeout * TIMEOUT_MULT)
+        check(r.returncode == 0, "services.sh %s failed: %s" % (" ".join(args), r.stderr[-2000:]))
+        return r
+
+    def check_services_home(self):
+        """Skips unless LONGRUN_HOME's instance is the one the URLs point at."""
+        home = os.environ.get("LONGRUN_HOME")
+        if not home:
+            skip("LONGRUN_HOME is not set: cannot restart the servers (scripts/dev test sets it)")
+        r = subprocess.run([os.path.join(SOURCE, "scripts", "services.sh"), "env"], env=dict(os.environ),
+                           capture_output=True, text=True, timeout=60)
+        want = urllib.parse.urlparse(self.base_db).port
+        if ":%d/" % want not in r.stdout:
+            skip("LONGRUN_HOME=%s does not serve the database on port %d" % (home, want))
 
     # -- tasks
     def enqueue_many(self, bodies, queue="default"):

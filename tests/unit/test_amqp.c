@@ -10,9 +10,11 @@
  *                         consuming the shared longrun.dead
  * and deletes them at exit (the tap queue also expires on its own).
  *
- * Reconnects are forced through an in-process TCP proxy (always) and, when
- * LONGRUN_RABBITMQCTL is set (e.g. "scripts/services.sh rabbitmqctl"), with
- * `rabbitmqctl close_connection` from the broker side.
+ * Reconnects are forced through an in-process TCP proxy (always) and from the
+ * broker side with `rabbitmqctl close_connection`, using LONGRUN_RABBITMQCTL
+ * (a command prefix) or else "$LONGRUN_SERVICES rabbitmqctl" (scripts/dev
+ * test exports LONGRUN_SERVICES); skipped when neither is set or the node it
+ * reaches does not show our connections.
  *
  * Waits scale with LONGRUN_TEST_TIMEOUT_MULTIPLIER (valgrind).
  */
@@ -1033,13 +1035,32 @@ static void test_proxy_reconnect(lr_amqp_sync_t *s) {
 }
 
 /* Broker-side close (rabbitmqctl close_connection) of A's connection. */
-static void test_ctl_reconnect(lr_amqp_sync_t *s, obs_t *o, uint32_t want_consumers) {
+/* The rabbitmqctl command prefix for the broker under test, or NULL:
+ * LONGRUN_RABBITMQCTL, else "$LONGRUN_SERVICES rabbitmqctl" (scripts/dev
+ * test exports LONGRUN_SERVICES and the matching LONGRUN_HOME). */
+static const char *rabbitmqctl(void) {
+    static char buf[1024];
     const char *ctl = getenv("LONGRUN_RABBITMQCTL");
+    const char *services = getenv("LONGRUN_SERVICES");
+    if (ctl != NULL && ctl[0] != '\0') {
+        return ctl;
+    }
+    if (services != NULL && services[0] != '\0' && strchr(services, '\'') == NULL &&
+        access(services, X_OK) == 0) {
+        snprintf(buf, sizeof(buf), "'%.900s' rabbitmqctl", services);
+        return buf;
+    }
+    return NULL;
+}
+
+static void test_ctl_reconnect(lr_amqp_sync_t *s, obs_t *o, uint32_t want_consumers) {
+    const char *ctl = rabbitmqctl();
     char cmd[1024], line[4096], mark[128], host[64] = "", err[512];
     char pids[8][128];
     int npids = 0;
     if (ctl == NULL || ctl[0] == '\0') {
-        fprintf(stderr, "SKIP rabbitmqctl reconnect test (LONGRUN_RABBITMQCTL unset)\n");
+        fprintf(stderr, "SKIP rabbitmqctl reconnect test (neither LONGRUN_RABBITMQCTL nor "
+                        "LONGRUN_SERVICES is set)\n");
         return;
     }
     gethostname(host, sizeof(host) - 1);
@@ -1094,7 +1115,7 @@ static void test_ctl_reconnect(lr_amqp_sync_t *s, obs_t *o, uint32_t want_consum
 
 /* A fresh consumer after a broker-side close resumes consuming. */
 static void test_ctl_reconnect_consumer(lr_amqp_sync_t *s) {
-    if (getenv("LONGRUN_RABBITMQCTL") == NULL) {
+    if (rabbitmqctl() == NULL) {
         return;
     }
     obs_t o = {0};
