@@ -61,10 +61,30 @@ int cli_parse_long(cli_t *c, const char *name, const char *s, long min, long max
 /* Reads "JSON" or "@file" or "-" (stdin) into a malloc'd string; NULL + message. */
 char *cli_read_arg_or_file(cli_t *c, const char *name, const char *arg, size_t max);
 
+/* Publishes {"id"} continuations (confirmed) for rows of ids (task id and
+ * queue columns) and marks them published.  Returns 0, or -1 when RabbitMQ
+ * is unreachable (message printed; the scheduler's outbox sweep dispatches
+ * them later).  *published counts the confirmed ones. */
+int cli_publish_continuations(cli_t *c, PGconn *db, PGresult *ids, int col_id, int col_queue, int *published);
+
+/* The actor recorded with operator actions: LONGRUN_ACTOR, else the login name. */
+const char *cli_default_actor(void);
+
 int cmd_migrate(cli_t *c, int argc, char **argv);
 int cmd_enqueue(cli_t *c, int argc, char **argv);
 int cmd_status(cli_t *c, int argc, char **argv);
 int cmd_list(cli_t *c, int argc, char **argv);
+int cmd_log(cli_t *c, int argc, char **argv);
+int cmd_approve(cli_t *c, int argc, char **argv);
+int cmd_deny(cli_t *c, int argc, char **argv);
+int cmd_signal(cli_t *c, int argc, char **argv);
+int cmd_cancel(cli_t *c, int argc, char **argv);
+int cmd_replay(cli_t *c, int argc, char **argv);
+int cmd_dlq(cli_t *c, int argc, char **argv);
+int cmd_stats(cli_t *c, int argc, char **argv);
+int cmd_workers(cli_t *c, int argc, char **argv);
+int cmd_tools(cli_t *c, int argc, char **argv);
+int cmd_models(cli_t *c, int argc, char **argv);
 
 /* Applies pending migrations (used by `migrate` and by tests).  Prints
  * progress unless quiet.  Returns an exit code. */

@@ -123,7 +123,7 @@ static int enqueue_one(enq_t *e, const lr_task_msg_t *m, const char *body) {
     params[7] = m->tenant;
     params[8] = metadata;
     params[9] = m->callback_url;
-    params[10] = getenv("USER") != NULL ? getenv("USER") : "cli";
+    params[10] = cli_default_actor();
     if (input == NULL || budgets == NULL) {
         report(e, m->id, "error", "out of memory");
         goto out;
@@ -136,7 +136,7 @@ static int enqueue_one(enq_t *e, const lr_task_msg_t *m, const char *body) {
                    "  $9::jsonb, $10)"
                    " ON CONFLICT (id) DO NOTHING RETURNING id)"
                    " INSERT INTO task_events (task_id, from_status, to_status, reason, actor)"
-                   " SELECT id, NULL, 'queued', 'enqueued', 'cli:' || $11 FROM ins RETURNING task_id",
+                   " SELECT id, NULL, 'queued', 'enqueued', $11 FROM ins RETURNING task_id",
                    11, params);
     if (res == NULL) {
         e->failed++;

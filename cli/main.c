@@ -24,6 +24,17 @@ static const struct command {
     {"enqueue", cmd_enqueue, "create tasks and publish them (one, or many from stdin)"},
     {"status", cmd_status, "show one task"},
     {"list", cmd_list, "list tasks with filters"},
+    {"log", cmd_log, "a task's audit log: steps and transitions (--follow)"},
+    {"stats", cmd_stats, "tasks by status, queue depths, throughput, dead letters by reason"},
+    {"workers", cmd_workers, "live workers: version, in-flight tasks, heartbeat"},
+    {"dlq", cmd_dlq, "dead letters: list, show, requeue (with budget overrides), purge"},
+    {"approve", cmd_approve, "approve what a suspended task waits for"},
+    {"deny", cmd_deny, "deny what a suspended task waits for"},
+    {"signal", cmd_signal, "deliver an external event to a task"},
+    {"cancel", cmd_cancel, "cancel a task (running ones stop at the next step boundary)"},
+    {"replay", cmd_replay, "run a task again from step N, in place or as a fork"},
+    {"tools", cmd_tools, "kill switch: disable or enable a tool fleet-wide"},
+    {"models", cmd_models, "kill switch: disable or enable a model fleet-wide"},
 };
 
 static void usage(FILE *out) {

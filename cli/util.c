@@ -1,10 +1,13 @@
 /* util.c - helpers shared by the CLI commands; see cli.h. */
 #include <errno.h>
+#include <pwd.h>
+#include <unistd.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "amqp.h"
 #include "cli.h"
 
 int cli_fail(cli_t *c, int code, const char *fmt, ...) {
@@ -134,3 +137,64 @@ char *cli_read_arg_or_file(cli_t *c, const char *name, const char *arg, size_t m
     }
     return buf;
 }
+
+int cli_publish_continuations(cli_t *c, PGconn *db, PGresult *ids, int col_id, int col_queue, int *published) {
+    lr_amqp_sync_t *a = NULL;
+    char err[512];
+    *published = 0;
+    if (PQntuples(ids) == 0) {
+        return 0;
+    }
+    if (lr_amqp_sync_connect(&a, c->cfg.amqp_url, 10000, err, sizeof(err)) != 0) {
+        fprintf(stderr, "%s: RabbitMQ unreachable (%s): the scheduler's outbox sweep will dispatch the "
+                        "requeued tasks once it is back\n", c->prog, err);
+        return -1;
+    }
+    for (int i = 0; i < PQntuples(ids); i++) {
+        const char *id = PQgetvalue(ids, i, col_id);
+        const char *queue = PQgetvalue(ids, i, col_queue);
+        const char *queues[] = {queue, NULL};
+        char body[64];
+        lr_amqp_msg_t m;
+        snprintf(body, sizeof(body), "{\"id\":\"%s\"}", id);
+        memset(&m, 0, sizeof(m));
+        m.body = body;
+        m.body_len = strlen(body);
+        m.message_id = id;
+        m.content_type = "application/json";
+        m.persistent = true;
+        m.mandatory = true;
+        if (i == 0 || strcmp(queue, PQgetvalue(ids, i - 1, col_queue)) != 0) {
+            if (lr_amqp_sync_declare(a, queues, c->cfg.delivery_limit, err, sizeof(err)) != 0) {
+                fprintf(stderr, "%s: %s\n", c->prog, err);
+            }
+        }
+        if (lr_amqp_sync_publish(a, LR_AMQP_EXCHANGE, queue, &m, 10000, err, sizeof(err)) == 0) {
+            PGresult *r = PQexecParams(db, "UPDATE tasks SET published_at = now() WHERE id = $1 AND status = 'queued'",
+                                       1, NULL, &id, NULL, NULL, 0);
+            PQclear(r);
+            (*published)++;
+        }
+    }
+    lr_amqp_sync_close(a);
+    return 0;
+}
+
+
+static char actor_buf[160];
+
+const char *cli_default_actor(void) {
+    const char *u = getenv("LONGRUN_ACTOR");
+    struct passwd *pw;
+    if (u != NULL && u[0] != '\0') {
+        return u;
+    }
+    u = getlogin();
+    if (u == NULL) {
+        pw = getpwuid(getuid());
+        u = pw != NULL ? pw->pw_name : "unknown";
+    }
+    snprintf(actor_buf, sizeof(actor_buf), "%s", u);
+    return actor_buf;
+}
+

@@ -2725,16 +2725,15 @@ int lr_amqp_sync_publish(lr_amqp_sync_t *s, const char *exchange, const char *ro
         switch (f.payload.method.id) {
         case AMQP_BASIC_ACK_METHOD:
         case AMQP_BASIC_NACK_METHOD: {
-            /* basic.ack and basic.nack start with the same two fields. */
             bool nack = f.payload.method.id == AMQP_BASIC_NACK_METHOD;
             uint64_t tag = nack ? ((const amqp_basic_nack_t *)f.payload.method.decoded)->delivery_tag
                                 : ((const amqp_basic_ack_t *)f.payload.method.decoded)->delivery_tag;
-            bool multiple = nack ? ((const amqp_basic_nack_t *)f.payload.method.decoded)->multiple
-                                 : ((const amqp_basic_ack_t *)f.payload.method.decoded)->multiple;
             amqp_maybe_release_buffers(s->c.st);
-            (void)multiple;  /* any confirm covering seq is ours; older ones are not */
+            /* Only one publish is outstanding: a confirm with tag >= seq
+               (single or `multiple`) covers it; a lower tag is for an older
+               publish whose wait timed out. */
             if (tag < seq) {
-                continue;  /* an older publish that timed out */
+                continue;
             }
             if (nack) {
                 return lr_seterr(errbuf, errlen, LR_EAMQP,

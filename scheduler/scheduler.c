@@ -327,10 +327,74 @@ static void on_lock_state(int usable, void *arg) {
 typedef struct ingest {
     sched_t *s;
     lr_amqp_delivery_t *d;
+    bool safe;              /* record only what PostgreSQL surely accepts */
 } ingest_t;
+
+static void ingest_send(ingest_t *in);
+
+/* Length of the UTF-8 sequence at s (n bytes left), or 0 if invalid. */
+static size_t utf8_seq_len(const unsigned char *s, size_t n) {
+    size_t k;
+    if (s[0] < 0x80) {
+        return s[0] != 0 ? 1 : 0;
+    }
+    k = s[0] >= 0xf0 && s[0] <= 0xf4 ? 4 : s[0] >= 0xe0 ? 3 : s[0] >= 0xc2 && s[0] < 0xe0 ? 2 : 0;
+    if (k == 0 || k > n) {
+        return 0;
+    }
+    for (size_t i = 1; i < k; i++) {
+        if ((s[i] & 0xc0) != 0x80) {
+            return 0;
+        }
+    }
+    if ((k == 3 && s[0] == 0xe0 && s[1] < 0xa0) || (k == 3 && s[0] == 0xed && s[1] >= 0xa0) ||
+        (k == 4 && s[0] == 0xf0 && s[1] < 0x90) || (k == 4 && s[0] == 0xf4 && s[1] >= 0x90)) {
+        return 0;
+    }
+    return k;
+}
+
+/* Valid UTF-8 without NUL bytes (PostgreSQL text). */
+static bool pg_text_ok(const char *s, size_t n) {
+    for (size_t i = 0; i < n;) {
+        size_t k = utf8_seq_len((const unsigned char *)s + i, n - i);
+        if (k == 0) {
+            return false;
+        }
+        i += k;
+    }
+    return true;
+}
+
+/* One JSON value, nothing after it, that jsonb will take (no \u0000). */
+static bool json_storable(const char *b, size_t n) {
+    const char *end = NULL;
+    cJSON *j;
+    if (n == 0 || !pg_text_ok(b, n) || memmem(b, n, "\\u0000", 6) != NULL) {
+        return false;
+    }
+    j = cJSON_ParseWithLengthOpts(b, n, &end, false);
+    if (j == NULL) {
+        return false;
+    }
+    cJSON_Delete(j);
+    while (end != NULL && (size_t)(end - b) < n && (*end == ' ' || *end == '\t' || *end == '\n' || *end == '\r')) {
+        end++;
+    }
+    return end != NULL && (size_t)(end - b) == n;
+}
 
 static void ingest_cb(int err, const PGresult *res, void *arg) {
     ingest_t *in = arg;
+    if (err == LR_EDB && !in->safe) {
+        /* Something in the message (body, id, headers) is not storable:
+         * record the raw bytes only rather than requeue it forever. */
+        lr_warn("dlq.ingest_safe_mode", "dead letter refused by PostgreSQL (%s); recording the raw bytes only",
+                res != NULL ? PQresultErrorMessage(res) : "?");
+        in->safe = true;
+        ingest_send(in);
+        return;
+    }
     if (err != 0) {
         lr_warn("dlq.ingest_failed", "cannot record a dead letter (%s); it stays in %s",
                 res != NULL ? PQresultErrorMessage(res) : lr_strerror(err), LR_AMQP_DEAD_QUEUE);
@@ -376,25 +440,24 @@ static void dead_info(const lr_amqp_delivery_t *d, char *key, size_t keylen, cha
     cJSON_Delete(h);
 }
 
-static void on_dead(lr_amqp_delivery_t *d, void *arg) {
-    sched_t *s = arg;
-    ingest_t *in = calloc(1, sizeof(*in));
+static void ingest_send(ingest_t *in) {
+    sched_t *s = in->s;
+    lr_amqp_delivery_t *d = in->d;
     char key[300], reason[64], queue[128], cnt[24];
-    char *hex = NULL;
+    char *hex = malloc(d->body_len * 2 + 3);
     long count;
     const char *params[9];
     static const char digits[] = "0123456789abcdef";
-    cJSON *j;
-    bool is_json;
+    bool is_json, mid_ok;
 
-    if (in == NULL || (hex = malloc(d->body_len * 2 + 3)) == NULL) {
-        free(in);
-        (void)lr_amqp_reject(s->amqp, d, true);
+    if (hex == NULL) {
+        if (s->amqp != NULL) {
+            (void)lr_amqp_reject(s->amqp, d, true);
+        }
         lr_amqp_delivery_free(d);
+        free(in);
         return;
     }
-    in->s = s;
-    in->d = d;
     dead_info(d, key, sizeof(key), reason, sizeof(reason), queue, sizeof(queue), &count);
     hex[0] = '\\';
     hex[1] = 'x';
@@ -403,25 +466,47 @@ static void on_dead(lr_amqp_delivery_t *d, void *arg) {
         hex[3 + 2 * i] = digits[((unsigned char)d->body[i]) & 15];
     }
     hex[2 + 2 * d->body_len] = '\0';
-    j = cJSON_ParseWithLength(d->body, d->body_len);
-    is_json = j != NULL && memchr(d->body, '\0', d->body_len) == NULL;
-    cJSON_Delete(j);
+    is_json = !in->safe && json_storable(d->body, d->body_len);
+    mid_ok = !in->safe && d->message_id != NULL && pg_text_ok(d->message_id, strlen(d->message_id));
+    if (in->safe || !pg_text_ok(key, strlen(key))) {
+        /* The key may quote a message id that is not text. */
+        for (size_t i = 0; key[i] != '\0'; i++) {
+            if ((unsigned char)key[i] >= 0x80) {
+                key[i] = '?';
+            }
+        }
+    }
     snprintf(cnt, sizeof(cnt), "%ld", count);
     params[0] = key;
-    params[1] = d->message_id;
-    params[2] = queue;
-    params[3] = reason;
+    params[1] = mid_ok ? d->message_id : NULL;
+    params[2] = pg_text_ok(queue, strlen(queue)) ? queue : NULL;
+    params[3] = pg_text_ok(reason, strlen(reason)) ? reason : "unknown";
     params[4] = hex;
-    params[5] = d->headers_json;
+    params[5] = in->safe ? NULL : d->headers_json;
     params[6] = count >= 0 ? cnt : NULL;
     params[7] = is_json ? "true" : "false";
-    params[8] = d->message_id != NULL && lr_uuid_valid(d->message_id) ? d->message_id : NULL;
+    params[8] = mid_ok && lr_uuid_valid(d->message_id) ? d->message_id : NULL;
     if (lr_pg_query(s->pg, SQL_INGEST, 9, params, 0, ingest_cb, in) != 0) {
-        (void)lr_amqp_reject(s->amqp, d, true);
+        if (s->amqp != NULL) {
+            (void)lr_amqp_reject(s->amqp, d, true);
+        }
         lr_amqp_delivery_free(d);
         free(in);
     }
     free(hex);
+}
+
+static void on_dead(lr_amqp_delivery_t *d, void *arg) {
+    sched_t *s = arg;
+    ingest_t *in = calloc(1, sizeof(*in));
+    if (in == NULL) {
+        (void)lr_amqp_reject(s->amqp, d, true);
+        lr_amqp_delivery_free(d);
+        return;
+    }
+    in->s = s;
+    in->d = d;
+    ingest_send(in);
 }
 
 /* -------------------------------------------------------------- lifecycle */

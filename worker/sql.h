@@ -59,35 +59,38 @@
  * $20 wait_event, $21 event reason, $22 tool call count, $23 active_ms,
  * $24 lease seconds */
 #define SQL_CHECKPOINT                                                                         \
-    "WITH t AS (UPDATE tasks SET step = $3, status = $4, claims = 0,"                          \
+    "WITH t AS (UPDATE tasks SET step = $3,"                                                   \
+    "   status = CASE WHEN cancel_requested THEN 'cancelled' ELSE $4 END, claims = 0,"         \
     "   tokens_in = tokens_in + $9, tokens_out = tokens_out + $10,"                            \
     "   tokens_cached = tokens_cached + $11, cost_usd = cost_usd + $12::numeric,"              \
     "   tool_calls = tool_calls + $22, active_ms = active_ms + $23,"                           \
-    "   lease_owner = CASE WHEN $14::bool THEN NULL ELSE lease_owner END,"                     \
-    "   lease_expires_at = CASE WHEN $14::bool THEN NULL"                                      \
+    "   lease_owner = CASE WHEN $14::bool OR cancel_requested THEN NULL ELSE lease_owner END," \
+    "   lease_expires_at = CASE WHEN $14::bool OR cancel_requested THEN NULL"                  \
     "     ELSE now() + make_interval(secs => $24::int) END,"                                   \
     "   result = coalesce($15::jsonb, result), error = $16,"                                   \
-    "   stop_reason = coalesce($17, stop_reason), suspend_reason = $18,"                       \
+    "   stop_reason = CASE WHEN cancel_requested THEN 'cancelled'"                             \
+    "     ELSE coalesce($17, stop_reason) END, suspend_reason = $18,"                          \
     "   resume_at = CASE WHEN $19::bigint IS NULL THEN NULL"                                   \
     "     ELSE now() + make_interval(secs => $19::bigint / 1000.0) END,"                       \
     "   wait_event = $20, published_at = NULL,"                                                \
-    "   finished_at = CASE WHEN $4 IN ('succeeded', 'failed', 'dead', 'cancelled')"            \
+    "   finished_at = CASE WHEN cancel_requested OR $4 IN ('succeeded', 'failed', 'dead', 'cancelled')" \
     "     THEN now() ELSE finished_at END,"                                                    \
     "   updated_at = now(), last_progress_at = now()"                                          \
     "  WHERE id = $1 AND lease_epoch = $2 AND step = $3 - 1 AND status = 'running'"            \
-    "  RETURNING id, queue, agent, input, budgets, tokens_in, tokens_out, cost_usd, step),"    \
+    "  RETURNING id, queue, agent, input, budgets, tokens_in, tokens_out, cost_usd, step, status)," \
     " s AS (INSERT INTO task_steps (task_id, step_no, epoch, worker, model, messages,"         \
     "  tool_calls, tokens_in, tokens_out, tokens_cached, cost_usd, latency_ms)"                \
     "  SELECT id, $3, $2, $5, $8, coalesce($6::jsonb, '[]'::jsonb), $7::jsonb, $9, $10, $11,"  \
     "   $12::numeric, $13 FROM t RETURNING step_no),"                                          \
     " ev AS (INSERT INTO task_events (task_id, from_status, to_status, reason, actor)"         \
-    "  SELECT id, 'running', $4, $21, $5 FROM t WHERE $4 <> 'running'),"                       \
+    "  SELECT id, 'running', status, CASE WHEN status = 'cancelled' AND $4 <> 'cancelled'"    \
+    "   THEN 'cancel_requested' ELSE $21 END, $5 FROM t WHERE status <> 'running'),"           \
     " dl AS (INSERT INTO dead_letters (dedupe_key, task_id, message_id, queue, agent, reason,"  \
     "   error, body, source)"                                                                  \
     "  SELECT 'task:' || id || ':' || $2, id, id::text, queue, agent, coalesce($17, 'failed'),"\
     "   $16, jsonb_build_object('id', id, 'agent', agent, 'input', input, 'budgets', budgets),"\
-    "   'worker' FROM t WHERE $4 = 'dead' ON CONFLICT (dedupe_key) DO NOTHING)"                \
-    " SELECT s.step_no, t.tokens_in, t.tokens_out, t.cost_usd FROM s, t"
+    "   'worker' FROM t WHERE status = 'dead' ON CONFLICT (dedupe_key) DO NOTHING)"            \
+    " SELECT s.step_no, t.tokens_in, t.tokens_out, t.cost_usd, t.status FROM s, t"
 
 /* Did step $2 of task $1 commit under epoch $3?  (After an ambiguous
  * connection loss during a checkpoint.) */

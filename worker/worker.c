@@ -33,6 +33,7 @@
  */
 #include "worker.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <math.h>
 #include <signal.h>
@@ -320,7 +321,91 @@ typedef struct dead_msg {
     char error[512];
     char key[256];
     int tries;
+    bool safe;                   /* record only what PostgreSQL surely accepts */
 } dead_msg_t;
+
+/* Length of the UTF-8 sequence at s (n bytes left), or 0 if invalid. */
+static size_t utf8_seq_len(const unsigned char *s, size_t n) {
+    size_t k;
+    if (s[0] < 0x80) {
+        return 1;
+    }
+    k = s[0] >= 0xf0 && s[0] <= 0xf4 ? 4 : s[0] >= 0xe0 ? 3 : s[0] >= 0xc2 && s[0] < 0xe0 ? 2 : 0;
+    if (k == 0 || k > n) {
+        return 0;
+    }
+    for (size_t i = 1; i < k; i++) {
+        if ((s[i] & 0xc0) != 0x80) {
+            return 0;
+        }
+    }
+    if ((k == 3 && s[0] == 0xe0 && s[1] < 0xa0) || (k == 3 && s[0] == 0xed && s[1] >= 0xa0) ||
+        (k == 4 && s[0] == 0xf0 && s[1] < 0x90) || (k == 4 && s[0] == 0xf4 && s[1] >= 0x90)) {
+        return 0; /* overlong, surrogate, beyond U+10FFFF */
+    }
+    return k;
+}
+
+/* Valid UTF-8 without NUL bytes: PostgreSQL accepts it as text. */
+static bool pg_text_ok(const char *s, size_t n) {
+    for (size_t i = 0; i < n;) {
+        size_t k = s[i] == '\0' ? 0 : utf8_seq_len((const unsigned char *)s + i, n - i);
+        if (k == 0) {
+            return false;
+        }
+        i += k;
+    }
+    return true;
+}
+
+/* Replaces every byte that is not part of valid UTF-8 with '?' (in place). */
+static void utf8_scrub(char *s) {
+    size_t n = strlen(s);
+    for (size_t i = 0; i < n;) {
+        size_t k = utf8_seq_len((unsigned char *)s + i, n - i);
+        if (k == 0) {
+            s[i++] = '?';
+        } else {
+            i += k;
+        }
+    }
+}
+
+/* Whether a JSON text holds the escape \u0000 (a backslash that is not itself
+ * escaped).  cJSON cuts the string there and jsonb refuses it, so such a task
+ * could only run with its input silently altered. */
+static bool has_nul_escape(const char *b, size_t n) {
+    for (const char *p = b; (p = memmem(p, n - (size_t)(p - b), "\\u0000", 6)) != NULL; p += 6) {
+        size_t k = 0;
+        while (p - (ptrdiff_t)k > b && p[-(ptrdiff_t)k - 1] == '\\') {
+            k++;
+        }
+        if (k % 2 == 0) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* Whether the body is one JSON value that PostgreSQL's jsonb will take:
+ * nothing after it, valid UTF-8, no \u0000 (jsonb refuses it).  When this
+ * errs on the lenient side the record is retried in safe mode. */
+static bool json_storable(const char *b, size_t n) {
+    const char *end = NULL;
+    cJSON *j;
+    if (n == 0 || !pg_text_ok(b, n) || memmem(b, n, "\\u0000", 6) != NULL) {
+        return false;
+    }
+    j = cJSON_ParseWithLengthOpts(b, n, &end, false);
+    if (j == NULL) {
+        return false;
+    }
+    cJSON_Delete(j);
+    while (end != NULL && (size_t)(end - b) < n && (*end == ' ' || *end == '\t' || *end == '\n' || *end == '\r')) {
+        end++;
+    }
+    return end != NULL && (size_t)(end - b) == n;
+}
 
 static void dead_msg_free(dead_msg_t *m) {
     lr_amqp_delivery_free(m->d);
@@ -347,8 +432,8 @@ static void dead_msg_record(dead_msg_t *m) {
     char count[24];
     const char *params[9];
     bool is_json = false;
+    bool mid_ok;
     int rc;
-    cJSON *j;
     static const char digits[] = "0123456789abcdef";
 
     if (hex == NULL) {
@@ -364,19 +449,22 @@ static void dead_msg_record(dead_msg_t *m) {
         hex[3 + 2 * i] = digits[((unsigned char)d->body[i]) & 15];
     }
     hex[2 + 2 * d->body_len] = '\0';
-    j = cJSON_ParseWithLength(d->body, d->body_len);
-    is_json = j != NULL && memchr(d->body, '\0', d->body_len) == NULL;
-    cJSON_Delete(j);
+    /* The raw bytes always go in (bytea); the parsed body, the message id
+     * and the headers only when PostgreSQL will surely take them, and not at
+     * all in safe mode (after the server refused them): a malformed message
+     * must never fail its own dead-letter record. */
+    is_json = !m->safe && json_storable(d->body, d->body_len);
+    mid_ok = !m->safe && d->message_id != NULL && pg_text_ok(d->message_id, strlen(d->message_id));
     snprintf(count, sizeof(count), "%lld", (long long)d->delivery_count);
     params[0] = hex;
-    params[1] = d->message_id;
+    params[1] = mid_ok ? d->message_id : NULL;
     params[2] = d->queue;
     params[3] = m->reason;
     params[4] = m->error;
-    params[5] = d->headers_json;
+    params[5] = m->safe ? NULL : d->headers_json;
     params[6] = d->delivery_count >= 0 ? count : NULL;
     params[7] = is_json ? "true" : "false";
-    params[8] = (d->message_id != NULL && lr_uuid_valid(d->message_id)) ? d->message_id : NULL;
+    params[8] = (mid_ok && lr_uuid_valid(d->message_id)) ? d->message_id : NULL;
     rc = lr_pg_query(m->w->pg, SQL_DEAD_MESSAGE, 9, params, 0, dead_msg_recorded, m);
     free(hex);
     if (rc != 0) {
@@ -397,6 +485,13 @@ static void dead_msg_recorded(int err, const PGresult *res, void *arg) {
     if (err != 0) {
         if (err == LR_ECONN && ++m->tries < 5) {
             dead_msg_record(m); /* the upsert is idempotent */
+            return;
+        }
+        if (err == LR_EDB && !m->safe) {
+            lr_warn("dead_letter.safe_mode", "dead letter (%s) refused by PostgreSQL (%s); recording the "
+                    "raw bytes only", m->reason, res != NULL ? PQresultErrorMessage(res) : "?");
+            m->safe = true;
+            dead_msg_record(m);
             return;
         }
         lr_error("dead_letter.record_failed", "cannot record dead letter (%s): %s; requeueing",
@@ -445,6 +540,7 @@ static void dead_letter_message(lr_worker_t *w, lr_amqp_delivery_t *d, const cha
     m->d = d;
     snprintf(m->reason, sizeof(m->reason), "%s", reason);
     snprintf(m->error, sizeof(m->error), "%s", error);
+    utf8_scrub(m->error); /* it may quote (or cut) bytes of the body */
     dead_msg_record(m);
 }
 
@@ -864,6 +960,11 @@ static void checkpoint_cb(int err, const PGresult *res, void *arg) {
         run_fenced(r, "checkpoint");
         return;
     }
+    if (strcmp(lr_pg_getn(res, 0, "status"), r->final_status) != 0) {
+        /* An operator cancelled the task meanwhile: it stops here. */
+        snprintf(r->final_status, sizeof(r->final_status), "%s", lr_pg_getn(res, 0, "status"));
+        snprintf(r->reason, sizeof(r->reason), "cancelled");
+    }
     run_checkpoint_committed(r);
 }
 
@@ -1179,9 +1280,41 @@ static void claim_cb(int err, const PGresult *res, void *arg) {
     run_done(r);
 }
 
+/* The server refused the new task's row for what the message holds (a value
+ * PostgreSQL cannot store: invalid UTF-8, \u0000 in JSON, an RFC 3339-shaped
+ * but impossible deadline, ...): SQLSTATE class 22 (data exception) or 23
+ * (integrity).  Retrying cannot help: the message is malformed. */
+static bool insert_refused(int err, const PGresult *res, char *why, size_t len) {
+    static const char *const fields[] = {NULL, "id", "queue", "agent", "input", "budgets",
+                                         "max_attempts", "deadline", "tenant", "metadata",
+                                         "callback_url", "reply_to", "correlation_id"};
+    const char *state = res != NULL ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+    const char *msg = res != NULL ? PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY) : NULL;
+    const char *ctx = res != NULL ? PQresultErrorField(res, PG_DIAG_CONTEXT) : NULL;
+    const char *p = ctx != NULL ? strstr(ctx, "parameter $") : NULL;
+    int n = p != NULL ? atoi(p + strlen("parameter $")) : 0;
+    if (err != LR_EDB || state == NULL || (strncmp(state, "22", 2) != 0 && strncmp(state, "23", 2) != 0)) {
+        return false;
+    }
+    snprintf(why, len, "%s: PostgreSQL cannot store it: %s",
+             n > 0 && n < (int)(sizeof(fields) / sizeof(fields[0])) ? fields[n] : "message",
+             msg != NULL ? msg : "data exception");
+    return true;
+}
+
 static void insert_cb(int err, const PGresult *res, void *arg) {
     lr_run_t *r = arg;
+    char why[512];
     r->pending--;
+    if (insert_refused(err, res, why, sizeof(why))) {
+        lr_amqp_delivery_t *d = r->d;
+        LR_LOG(LR_LOG_WARN, &r->log, "task.insert_refused", "%s", why);
+        r->d = NULL;
+        dead_letter_message(r->w, d, "invalid", why);
+        set_state(r, RUN_DONE);
+        run_maybe_free(r);
+        return;
+    }
     if (err != 0) {
         LR_LOG(LR_LOG_WARN, &r->log, "task.insert_failed", "cannot create the task row: %s",
                res != NULL ? PQresultErrorMessage(res) : lr_strerror(err));
@@ -1237,11 +1370,26 @@ static void on_delivery(lr_amqp_delivery_t *d, void *arg) {
         return;
     }
     rc = lr_task_parse(d->body, d->body_len, &r->msg, err, sizeof(err));
+    if (rc == 0 && !r->msg.has_id && d->message_id != NULL && lr_uuid_valid(d->message_id)) {
+        /* A full body without "id": the AMQP message_id is the task id (the
+         * contract sets message_id = task id), so redeliveries stay one task. */
+        for (int i = 0; i <= LR_UUID_LEN; i++) {
+            r->msg.id[i] = (char)tolower((unsigned char)d->message_id[i]);
+        }
+        r->msg.has_id = true;
+    }
+    if (rc == 0 && has_nul_escape(d->body, d->body_len)) {
+        lr_task_msg_free(&r->msg);
+        rc = LR_EINVAL;
+        snprintf(err, sizeof(err), "message body: a string holds \\u0000, which cannot be stored "
+                                   "(PostgreSQL jsonb refuses it)");
+    }
     if (rc != 0 || !r->msg.has_id) {
         const char *reason = rc == LR_ETOOBIG ? "oversized" : rc == LR_EPARSE ? "bad_json" : "invalid";
         if (rc == 0) {
-            snprintf(err, sizeof(err), "id: required on messages consumed by workers "
-                                       "(the worker cannot make retries idempotent without it)");
+            snprintf(err, sizeof(err), "id: required on messages consumed by workers, in the body or "
+                                       "as a UUID message_id (the worker cannot make retries "
+                                       "idempotent without it)");
             lr_task_msg_free(&r->msg);
         }
         r->d = NULL;

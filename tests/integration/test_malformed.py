@@ -52,7 +52,8 @@ def kinds():
         ("truncated", lambda i: (b'{"id":"%s","agent":"http-steps","input":{"steps":' % uid().encode(), {}),
          "bad_json", "not valid JSON"),
         ("trailing", lambda i: (j({"id": uid()}) + b" trailing%d" % i, {}), "bad_json", "trailing data"),
-        ("empty", lambda i: (b"", {"message_id": uid()}), "bad_json", "empty"),
+        # empty (the first time), then whitespace only: "empty" / "not valid JSON"
+        ("empty", lambda i: (b" " * (i // 25), {"message_id": uid()}), "bad_json", "JSON"),
         ("array", lambda i: (j([i, "agent", "http-steps"]), {}), "invalid", "must be a JSON object"),
         ("scalar", lambda i: (j("task %d" % i), {}), "invalid", "must be a JSON object"),
         ("no_agent", lambda i: (j({"id": uid(), "input": {"steps": 1}}), {}), "invalid", "agent: required"),
@@ -83,12 +84,13 @@ def kinds():
                                          "deadline": "tomorrow"}), {}), "invalid", "deadline"),
         # RFC 3339 shaped but not a real time: PostgreSQL refuses it
         ("deadline_range", lambda i: (j({"id": uid(), "agent": "http-steps", "input": {"n": i},
-                                         "deadline": "2026-13-45T25:61:61Z"}), {}), "invalid", "2026-13-45"),
+                                         "deadline": "2026-13-45T25:61:61Z"}), {}), "invalid", "deadline: PostgreSQL cannot store it"),
         # valid JSON that PostgreSQL's jsonb cannot store
-        ("nul_escape", lambda i: (j({"id": uid(), "agent": "http-steps", "input": {"s": "a\u0000b", "n": i}}), {}),
-         "invalid", "input"),
+        ("nul_escape", lambda i: (j({"id": uid(), "agent": "http-steps", "input": {"steps": 1, "s": "a\u0000b",
+                                                                                   "n": i}}), {}),
+         "invalid", "\\u0000"),
         ("bad_utf8", lambda i: (b'{"id":"%s","agent":"http-steps","input":{"s":"\xc3\x28\xff","n":%d}}'
-                                % (uid().encode(), i), {}), "invalid", "UTF-8"),
+                                % (uid().encode(), i), {}), "invalid", "input: PostgreSQL cannot store it"),
         ("no_id", lambda i: (j({"agent": "http-steps", "input": {"steps": 1, "n": i}}), {}), "invalid",
          "id: required"),
         ("unknown_task", lambda i: (j({"id": uid()}), {}), "unknown_task", "unknown task"),

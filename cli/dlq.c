@@ -1,0 +1,857 @@
+/*
+ * dlq.c - `longrun dlq list|show|requeue|purge`, `longrun stats`,
+ * `longrun workers`, and the kill switches `longrun tools|models
+ * disable|enable NAME`.
+ *
+ * Requeue resumes a dead task from its last good step (the step log is
+ * kept): status dead -> queued, budgets overridden as asked, attempts reset
+ * on request, an audit event with the actor, then a confirmed publish of the
+ * continuation.  Bulk requeues run in batches of 500 (one transaction each)
+ * with a progress line; a crash in the middle leaves each batch either fully
+ * requeued or untouched, and requeued-but-unpublished tasks are dispatched by
+ * the scheduler's outbox sweep.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <cjson/cJSON.h>
+
+#include "amqp.h"
+#include "cli.h"
+#include "task.h"
+
+#define REQUEUE_BATCH 500
+
+enum {
+    D_REASON = OPT_FIRST_COMMAND_OPTION,
+    D_AGENT,
+    D_SINCE,
+    D_LIMIT,
+    D_ALL,
+    D_DRY_RUN,
+    D_MAX_STEPS,
+    D_MAX_TOKENS,
+    D_MAX_COST,
+    D_MAX_TOOL_CALLS,
+    D_DEADLINE,
+    D_MODEL,
+    D_RESET,
+    D_OLDER,
+    D_ACTOR,
+};
+
+static void print_json(cJSON *j) {
+    char *s = cJSON_PrintUnformatted(j);
+    printf("%s\n", s != NULL ? s : "null");
+    free(s);
+}
+
+static int interval_of(const char *s, char *out, size_t n) {
+    char *end = NULL;
+    long v = strtol(s, &end, 10);
+    const char *u;
+    if (end == s || v <= 0 || end[0] == '\0' || end[1] != '\0') {
+        return -1;
+    }
+    switch (end[0]) {
+    case 's': u = "seconds"; break;
+    case 'm': u = "minutes"; break;
+    case 'h': u = "hours"; break;
+    case 'd': u = "days"; break;
+    default: return -1;
+    }
+    snprintf(out, n, "%ld %s", v, u);
+    return 0;
+}
+
+static cJSON *rows_json(PGresult *r) {
+    cJSON *arr = cJSON_CreateArray();
+    for (int i = 0; i < PQntuples(r); i++) {
+        cJSON *o = cJSON_CreateObject();
+        for (int c = 0; c < PQnfields(r); c++) {
+            const char *name = PQfname(r, c);
+            if (PQgetisnull(r, i, c)) {
+                cJSON_AddNullToObject(o, name);
+            } else if (PQftype(r, c) == 20 || PQftype(r, c) == 23 || PQftype(r, c) == 1700 || PQftype(r, c) == 21) {
+                cJSON_AddNumberToObject(o, name, atof(PQgetvalue(r, i, c)));
+            } else if (PQftype(r, c) == 3802 || PQftype(r, c) == 114) {
+                cJSON *j = cJSON_Parse(PQgetvalue(r, i, c));
+                cJSON_AddItemToObject(o, name, j != NULL ? j : cJSON_CreateString(PQgetvalue(r, i, c)));
+            } else if (PQftype(r, c) == 16) {
+                cJSON_AddBoolToObject(o, name, PQgetvalue(r, i, c)[0] == 't');
+            } else {
+                cJSON_AddStringToObject(o, name, PQgetvalue(r, i, c));
+            }
+        }
+        cJSON_AddItemToArray(arr, o);
+    }
+    return arr;
+}
+
+/* ------------------------------------------------------------------- list */
+
+static int dlq_list(cli_t *c, int argc, char **argv) {
+    static const struct option opts[] = {CLI_COMMON_OPTIONS,
+                                         {"reason", required_argument, NULL, D_REASON},
+                                         {"agent", required_argument, NULL, D_AGENT},
+                                         {"since", required_argument, NULL, D_SINCE},
+                                         {"limit", required_argument, NULL, D_LIMIT},
+                                         {NULL, 0, NULL, 0}};
+    const char *params[4] = {NULL, NULL, NULL, "50"};
+    char since[64], lim[16];
+    long v;
+    int opt, h;
+    PGconn *db;
+    PGresult *r;
+    optind = 1;
+    while ((opt = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+        h = cli_common_option(c, opt, optarg);
+        if (h < 0) {
+            return LR_EXIT_USAGE;
+        }
+        if (h > 0) {
+            continue;
+        }
+        switch (opt) {
+        case 'h':
+            printf("usage: longrun dlq list [--reason R] [--agent A] [--since 1h] [--limit N] [--json]\n"
+                   "\nDead letters, newest first: id, task, reason, error, when, and whether requeued.\n");
+            return LR_EXIT_OK;
+        case D_REASON: params[0] = optarg; break;
+        case D_AGENT: params[1] = optarg; break;
+        case D_SINCE:
+            if (interval_of(optarg, since, sizeof(since)) != 0) {
+                return cli_fail(c, LR_EXIT_USAGE, "--since: '%s' is not a duration like 30m, 2h, 7d", optarg);
+            }
+            params[2] = since;
+            break;
+        case D_LIMIT:
+            if (cli_parse_long(c, "--limit", optarg, 1, 100000, &v) != 0) {
+                return LR_EXIT_USAGE;
+            }
+            snprintf(lim, sizeof(lim), "%ld", v);
+            params[3] = lim;
+            break;
+        default: return cli_fail(c, LR_EXIT_USAGE, "unknown option (see --help)");
+        }
+    }
+    if (optind < argc) {
+        return cli_fail(c, LR_EXIT_USAGE, "unexpected argument '%s'", argv[optind]);
+    }
+    db = cli_db_connect(c);
+    if (db == NULL) {
+        return LR_EXIT_FAIL;
+    }
+    r = cli_exec(c, db,
+                 "SELECT d.id, d.task_id::text, coalesce(d.agent, t.agent) AS agent, d.reason, d.error, d.source,"
+                 " to_char(d.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS created_at,"
+                 " to_char(d.requeued_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS requeued_at"
+                 " FROM dead_letters d LEFT JOIN tasks t ON t.id = d.task_id"
+                 " WHERE ($1::text IS NULL OR d.reason = $1) AND ($2::text IS NULL OR coalesce(d.agent, t.agent) = $2)"
+                 " AND ($3::interval IS NULL OR d.created_at >= now() - $3::interval)"
+                 " ORDER BY d.id DESC LIMIT $4::int",
+                 4, params);
+    if (r == NULL) {
+        PQfinish(db);
+        return LR_EXIT_FAIL;
+    }
+    if (c->json) {
+        cJSON *j = rows_json(r);
+        print_json(j);
+        cJSON_Delete(j);
+    } else {
+        printf("%-7s %-36s %-14s %-16s %-20s %s\n", "ID", "TASK", "AGENT", "REASON", "CREATED", "ERROR");
+        for (int i = 0; i < PQntuples(r); i++) {
+            printf("%-7s %-36s %-14.14s %-16.16s %-20s %.60s%s\n", PQgetvalue(r, i, 0),
+                   PQgetisnull(r, i, 1) ? "(malformed message)" : PQgetvalue(r, i, 1), PQgetvalue(r, i, 2),
+                   PQgetvalue(r, i, 3), PQgetvalue(r, i, 6), PQgetvalue(r, i, 4),
+                   PQgetisnull(r, i, 7) ? "" : "  [requeued]");
+        }
+    }
+    PQclear(r);
+    PQfinish(db);
+    return LR_EXIT_OK;
+}
+
+/* Resolves a dead letter reference (numeric id or task uuid) to its row. */
+static PGresult *find_dead(cli_t *c, PGconn *db, const char *ref) {
+    char *end = NULL;
+    strtol(ref, &end, 10);
+    if (lr_uuid_valid(ref)) {
+        return cli_exec(c, db, "SELECT * FROM dead_letters WHERE task_id = $1 ORDER BY id DESC LIMIT 1", 1, &ref);
+    }
+    if (end != ref && *end == '\0') {
+        return cli_exec(c, db, "SELECT * FROM dead_letters WHERE id = $1::bigint", 1, &ref);
+    }
+    cli_fail(c, LR_EXIT_USAGE, "'%s' is neither a dead-letter id nor a task id", ref);
+    return NULL;
+}
+
+static int dlq_show(cli_t *c, int argc, char **argv) {
+    static const struct option opts[] = {CLI_COMMON_OPTIONS, {NULL, 0, NULL, 0}};
+    int opt, h;
+    PGconn *db;
+    PGresult *d, *t = NULL, *s = NULL;
+    optind = 1;
+    while ((opt = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+        h = cli_common_option(c, opt, optarg);
+        if (h < 0) {
+            return LR_EXIT_USAGE;
+        }
+        if (h == 0) {
+            if (opt == 'h') {
+                printf("usage: longrun dlq show ID|TASK_ID [--json]\n"
+                       "\nOne dead letter: reason, last error, attempts, budget used, the last steps, and the raw\n"
+                       "body of a malformed message.\n");
+                return LR_EXIT_OK;
+            }
+            return cli_fail(c, LR_EXIT_USAGE, "unknown option (see --help)");
+        }
+    }
+    if (optind + 1 != argc) {
+        return cli_fail(c, LR_EXIT_USAGE, "exactly one ID is expected");
+    }
+    db = cli_db_connect(c);
+    if (db == NULL) {
+        return LR_EXIT_FAIL;
+    }
+    d = find_dead(c, db, argv[optind]);
+    if (d == NULL || PQntuples(d) == 0) {
+        if (d != NULL) {
+            cli_fail(c, LR_EXIT_USAGE, "no dead letter %s", argv[optind]);
+        }
+        PQclear(d);
+        PQfinish(db);
+        return LR_EXIT_USAGE;
+    }
+    if (!PQgetisnull(d, 0, PQfnumber(d, "task_id"))) {
+        const char *tid = PQgetvalue(d, 0, PQfnumber(d, "task_id"));
+        t = cli_exec(c, db,
+                     "SELECT status, agent, step, attempt, max_attempts, claims_total, budgets, tokens_in, tokens_out,"
+                     " tool_calls, cost_usd, active_ms, stop_reason, error FROM tasks WHERE id = $1",
+                     1, &tid);
+        s = cli_exec(c, db,
+                     "SELECT step_no, model, tokens_in, tokens_out, latency_ms, tool_calls FROM task_steps"
+                     " WHERE task_id = $1 ORDER BY step_no DESC LIMIT 5",
+                     1, &tid);
+    }
+    if (c->json) {
+        cJSON *o = cJSON_CreateObject();
+        cJSON *dl = rows_json(d);
+        cJSON_AddItemToObject(o, "dead_letter", cJSON_DetachItemFromArray(dl, 0));
+        cJSON_Delete(dl);
+        if (t != NULL && PQntuples(t) > 0) {
+            cJSON *tj = rows_json(t);
+            cJSON_AddItemToObject(o, "task", cJSON_DetachItemFromArray(tj, 0));
+            cJSON_Delete(tj);
+        }
+        if (s != NULL) {
+            cJSON_AddItemToObject(o, "last_steps", rows_json(s));
+        }
+        print_json(o);
+        cJSON_Delete(o);
+    } else {
+        for (int col = 0; col < PQnfields(d); col++) {
+            if (!PQgetisnull(d, 0, col)) {
+                printf("%-14s %.300s\n", PQfname(d, col), PQgetvalue(d, 0, col));
+            }
+        }
+        if (t != NULL && PQntuples(t) > 0) {
+            printf("\ntask:\n");
+            for (int col = 0; col < PQnfields(t); col++) {
+                if (!PQgetisnull(t, 0, col)) {
+                    printf("  %-13s %s\n", PQfname(t, col), PQgetvalue(t, 0, col));
+                }
+            }
+        }
+        if (s != NULL && PQntuples(s) > 0) {
+            printf("\nlast steps:\n");
+            for (int i = 0; i < PQntuples(s); i++) {
+                printf("  step %-4s %-20s tokens %s/%s %s ms %.100s\n", PQgetvalue(s, i, 0), PQgetvalue(s, i, 1),
+                       PQgetvalue(s, i, 2), PQgetvalue(s, i, 3), PQgetvalue(s, i, 4), PQgetvalue(s, i, 5));
+            }
+        }
+    }
+    PQclear(d);
+    PQclear(t);
+    PQclear(s);
+    PQfinish(db);
+    return LR_EXIT_OK;
+}
+
+/* ---------------------------------------------------------------- requeue */
+
+static int dlq_requeue(cli_t *c, int argc, char **argv) {
+    static const struct option opts[] = {CLI_COMMON_OPTIONS,
+                                         {"all", no_argument, NULL, D_ALL},
+                                         {"reason", required_argument, NULL, D_REASON},
+                                         {"dry-run", no_argument, NULL, D_DRY_RUN},
+                                         {"max-steps", required_argument, NULL, D_MAX_STEPS},
+                                         {"max-tokens", required_argument, NULL, D_MAX_TOKENS},
+                                         {"max-cost", required_argument, NULL, D_MAX_COST},
+                                         {"max-tool-calls", required_argument, NULL, D_MAX_TOOL_CALLS},
+                                         {"deadline", required_argument, NULL, D_DEADLINE},
+                                         {"model", required_argument, NULL, D_MODEL},
+                                         {"reset-attempts", no_argument, NULL, D_RESET},
+                                         {"actor", required_argument, NULL, D_ACTOR},
+                                         {NULL, 0, NULL, 0}};
+    lr_budgets_t b;
+    char err[256];
+    bool all = false, dry = false, reset = false;
+    const char *reason = NULL, *deadline = NULL, *model = NULL;
+    const char *actor = cli_default_actor();
+    char *budgets = NULL;
+    int opt, h, rc = LR_EXIT_USAGE;
+    PGconn *db = NULL;
+    PGresult *sel = NULL;
+    long total = 0, done = 0, published_total = 0;
+    cJSON *ids = cJSON_CreateArray();
+
+    lr_budgets_init(&b);
+    optind = 1;
+    while ((opt = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+        h = cli_common_option(c, opt, optarg);
+        if (h < 0) {
+            goto out;
+        }
+        if (h > 0) {
+            continue;
+        }
+        switch (opt) {
+        case 'h':
+            printf("usage: longrun dlq requeue ID... | --all | --reason R  [overrides] [--dry-run] [--json]\n"
+                   "\nRequeues dead tasks; each resumes from its last good step (no step runs again).\n"
+                   "  --max-steps N --max-tokens N --max-cost USD --max-tool-calls N   raise (or set) budgets\n"
+                   "  --deadline RFC3339     a new deadline\n"
+                   "  --model NAME           try this model of the agent's chain first\n"
+                   "  --reset-attempts       start the attempt counter again\n"
+                   "  --dry-run              say what would happen; change nothing\n"
+                   "IDs are task ids or dead-letter ids.  Bulk requeues run in batches of %d.\n",
+                   REQUEUE_BATCH);
+            rc = LR_EXIT_OK;
+            goto out;
+        case D_ALL: all = true; break;
+        case D_REASON: reason = optarg; break;
+        case D_DRY_RUN: dry = true; break;
+        case D_RESET: reset = true; break;
+        case D_DEADLINE:
+            if (!lr_rfc3339_valid(optarg)) {
+                rc = cli_fail(c, LR_EXIT_USAGE, "--deadline: '%s' is not an RFC 3339 time", optarg);
+                goto out;
+            }
+            deadline = optarg;
+            break;
+        case D_MODEL: model = optarg; break;
+        case D_ACTOR: actor = optarg; break;
+        case D_MAX_STEPS:
+        case D_MAX_TOKENS:
+        case D_MAX_COST:
+        case D_MAX_TOOL_CALLS: {
+            static const char *names[] = {"max_steps", "max_tokens", "max_cost_usd", "max_tool_calls"};
+            static const char *flags[] = {"--max-steps", "--max-tokens", "--max-cost", "--max-tool-calls"};
+            char *end = NULL;
+            double v = strtod(optarg, &end);
+            if (end == optarg || *end != '\0') {
+                rc = cli_fail(c, LR_EXIT_USAGE, "%s: '%s' is not a number", flags[opt - D_MAX_STEPS], optarg);
+                goto out;
+            }
+            if (lr_budget_set(&b, names[opt - D_MAX_STEPS], v, err, sizeof(err)) != 0) {
+                rc = cli_fail(c, LR_EXIT_USAGE, "%s: %s", flags[opt - D_MAX_STEPS], err);
+                goto out;
+            }
+            break;
+        }
+        default: rc = cli_fail(c, LR_EXIT_USAGE, "unknown option (see --help)"); goto out;
+        }
+    }
+    if ((all ? 1 : 0) + (reason != NULL ? 1 : 0) + (optind < argc ? 1 : 0) != 1) {
+        rc = cli_fail(c, LR_EXIT_USAGE, "give either task/dead-letter IDs, or --all, or --reason R (exactly one)");
+        goto out;
+    }
+    for (int i = optind; i < argc; i++) {
+        char *end = NULL;
+        strtol(argv[i], &end, 10);
+        if (!lr_uuid_valid(argv[i]) && !(end != argv[i] && *end == '\0')) {
+            rc = cli_fail(c, LR_EXIT_USAGE, "'%s' is neither a task id nor a dead-letter id", argv[i]);
+            goto out;
+        }
+        cJSON_AddItemToArray(ids, cJSON_CreateString(argv[i]));
+    }
+    budgets = lr_budgets_to_json(&b);
+    db = cli_db_connect(c);
+    if (db == NULL) {
+        rc = LR_EXIT_FAIL;
+        goto out;
+    }
+    if (model != NULL) {
+        /* validated by the worker against the agent's chain at run time */
+        if (strlen(model) > 200) {
+            rc = cli_fail(c, LR_EXIT_USAGE, "--model: too long");
+            goto out;
+        }
+    }
+    {
+        char *idtxt = cJSON_PrintUnformatted(ids);
+        const char *p[3] = {all ? "true" : "false", reason, idtxt};
+        /* The dead tasks selected, in a stable order. */
+        sel = cli_exec(c, db,
+                       "SELECT t.id::text, t.queue, t.step, t.agent, t.stop_reason FROM tasks t WHERE t.status = 'dead' AND"
+                       " ($1::bool OR ($2::text IS NOT NULL AND t.stop_reason = $2) OR t.id::text IN"
+                       "  (SELECT x FROM jsonb_array_elements_text($3::jsonb) x) OR t.id IN (SELECT task_id FROM"
+                       "  dead_letters WHERE id::text IN (SELECT x FROM jsonb_array_elements_text($3::jsonb) x)))"
+                       " ORDER BY t.id",
+                       3, p);
+        free(idtxt);
+    }
+    if (sel == NULL) {
+        rc = LR_EXIT_FAIL;
+        goto out;
+    }
+    total = PQntuples(sel);
+    if (cJSON_GetArraySize(ids) > 0 && total < cJSON_GetArraySize(ids)) {
+        rc = cli_fail(c, LR_EXIT_USAGE, "%d of the %d ids are not dead tasks (unknown, not dead, or a malformed "
+                      "message with no task); nothing was changed", cJSON_GetArraySize(ids) - (int)total,
+                      cJSON_GetArraySize(ids));
+        goto out;
+    }
+    if (dry) {
+        if (c->json) {
+            cJSON *j = rows_json(sel);
+            print_json(j);
+            cJSON_Delete(j);
+        } else {
+            for (int i = 0; i < PQntuples(sel); i++) {
+                printf("would requeue %s (%s, dead for %s) from step %d%s%s\n", PQgetvalue(sel, i, 0),
+                       PQgetvalue(sel, i, 3), PQgetvalue(sel, i, 4), atoi(PQgetvalue(sel, i, 2)) + 1,
+                       budgets != NULL && strcmp(budgets, "{}") != 0 ? " with budgets " : "",
+                       budgets != NULL && strcmp(budgets, "{}") != 0 ? budgets : "");
+            }
+            printf("dry run: %ld task(s) would be requeued; nothing was changed\n", total);
+        }
+        rc = LR_EXIT_OK;
+        goto out;
+    }
+    for (long start = 0; start < total; start += REQUEUE_BATCH) {
+        cJSON *batch = cJSON_CreateArray();
+        char *btxt;
+        PGresult *u;
+        int pub = 0;
+        for (long i = start; i < total && i < start + REQUEUE_BATCH; i++) {
+            cJSON_AddItemToArray(batch, cJSON_CreateString(PQgetvalue(sel, (int)i, 0)));
+        }
+        btxt = cJSON_PrintUnformatted(batch);
+        cJSON_Delete(batch);
+        {
+            const char *p[6] = {btxt, budgets, reset ? "true" : "false", deadline, model, actor};
+            u = cli_exec(c, db,
+                         "WITH u AS (UPDATE tasks t SET status = 'queued', budgets = t.budgets || $2::jsonb,"
+                         "  attempt = CASE WHEN $3::bool THEN 0 ELSE t.attempt END, claims = 0,"
+                         "  deadline = coalesce($4::timestamptz, t.deadline),"
+                         "  metadata = CASE WHEN $5::text IS NULL THEN t.metadata ELSE"
+                         "   coalesce(t.metadata, '{}'::jsonb) || jsonb_build_object('model_override', $5::text) END,"
+                         "  stop_reason = NULL, error = NULL, finished_at = NULL, lease_owner = NULL,"
+                         "  lease_expires_at = NULL, published_at = NULL, updated_at = now()"
+                         "  WHERE t.status = 'dead' AND t.id::text IN (SELECT x FROM jsonb_array_elements_text($1::jsonb) x)"
+                         "  RETURNING t.id, t.queue),"
+                         " d AS (UPDATE dead_letters SET requeued_at = now(), requeued_by = $6"
+                         "  WHERE task_id IN (SELECT id FROM u) AND requeued_at IS NULL),"
+                         " e AS (INSERT INTO task_events (task_id, from_status, to_status, reason, actor, detail)"
+                         "  SELECT id, 'dead', 'queued', 'requeued', $6, jsonb_build_object('budgets', $2::jsonb,"
+                         "  'reset_attempts', $3::bool, 'deadline', $4::text, 'model', $5::text) FROM u)"
+                         " SELECT id::text, queue FROM u ORDER BY queue",
+                         6, p);
+        }
+        free(btxt);
+        if (u == NULL) {
+            rc = LR_EXIT_FAIL;
+            goto out;
+        }
+        done += PQntuples(u);
+        (void)cli_publish_continuations(c, db, u, 0, 1, &pub);
+        published_total += pub;
+        PQclear(u);
+        if (!c->json && total > REQUEUE_BATCH) {
+            int width = 40;
+            int filled = (int)(width * done / (total ? total : 1));
+            fprintf(stderr, "\r[%.*s%*s] %ld/%ld requeued", filled, "########################################",
+                    width - filled, "", done, total);
+            if (done == total) {
+                fputc('\n', stderr);
+            }
+        }
+    }
+    {
+        PGresult *n = PQexec(db, "NOTIFY longrun_wakeup");
+        PQclear(n);
+    }
+    if (c->json) {
+        cJSON *j = cJSON_CreateObject();
+        cJSON_AddNumberToObject(j, "requeued", (double)done);
+        cJSON_AddNumberToObject(j, "published", (double)published_total);
+        print_json(j);
+        cJSON_Delete(j);
+    } else {
+        printf("requeued %ld task(s); %ld dispatched now%s\n", done, published_total,
+               published_total < done ? ", the rest by the scheduler's outbox sweep" : "");
+    }
+    rc = LR_EXIT_OK;
+out:
+    cJSON_Delete(ids);
+    free(budgets);
+    PQclear(sel);
+    PQfinish(db);
+    return rc;
+}
+
+static int dlq_purge(cli_t *c, int argc, char **argv) {
+    static const struct option opts[] = {CLI_COMMON_OPTIONS,
+                                         {"older-than", required_argument, NULL, D_OLDER},
+                                         {"dry-run", no_argument, NULL, D_DRY_RUN},
+                                         {NULL, 0, NULL, 0}};
+    char iv[64] = "";
+    bool dry = false;
+    int opt, h;
+    PGconn *db;
+    PGresult *r;
+    optind = 1;
+    while ((opt = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+        h = cli_common_option(c, opt, optarg);
+        if (h < 0) {
+            return LR_EXIT_USAGE;
+        }
+        if (h > 0) {
+            continue;
+        }
+        switch (opt) {
+        case 'h':
+            printf("usage: longrun dlq purge --older-than 30d [--dry-run] [--json]\n"
+                   "\nDeletes dead-letter records older than the given age (the tasks stay).\n");
+            return LR_EXIT_OK;
+        case D_OLDER:
+            if (interval_of(optarg, iv, sizeof(iv)) != 0) {
+                return cli_fail(c, LR_EXIT_USAGE, "--older-than: '%s' is not a duration like 12h or 30d", optarg);
+            }
+            break;
+        case D_DRY_RUN: dry = true; break;
+        default: return cli_fail(c, LR_EXIT_USAGE, "unknown option (see --help)");
+        }
+    }
+    if (iv[0] == '\0') {
+        return cli_fail(c, LR_EXIT_USAGE, "--older-than is required");
+    }
+    db = cli_db_connect(c);
+    if (db == NULL) {
+        return LR_EXIT_FAIL;
+    }
+    {
+        const char *p[1] = {iv};
+        r = cli_exec(c, db,
+                     dry ? "SELECT count(*) FROM dead_letters WHERE created_at < now() - $1::interval"
+                         : "WITH d AS (DELETE FROM dead_letters WHERE created_at < now() - $1::interval RETURNING 1)"
+                           " SELECT count(*) FROM d",
+                     1, p);
+    }
+    if (r == NULL) {
+        PQfinish(db);
+        return LR_EXIT_FAIL;
+    }
+    if (c->json) {
+        printf("{\"%s\":%s}\n", dry ? "would_delete" : "deleted", PQgetvalue(r, 0, 0));
+    } else {
+        printf("%s %s dead letter(s) older than %s\n", dry ? "would delete" : "deleted", PQgetvalue(r, 0, 0), iv);
+    }
+    PQclear(r);
+    PQfinish(db);
+    return LR_EXIT_OK;
+}
+
+int cmd_dlq(cli_t *c, int argc, char **argv) {
+    if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
+        FILE *f = argc < 2 ? stderr : stdout;
+        fprintf(f, "usage: longrun dlq list|show|requeue|purge [options]\n"
+                   "\n  list      dead letters (filters: --reason, --agent, --since)\n"
+                   "  show      one dead letter with its task and last steps\n"
+                   "  requeue   requeue dead tasks with optional budget overrides\n"
+                   "  purge     delete old dead-letter records\n");
+        return argc < 2 ? LR_EXIT_USAGE : LR_EXIT_OK;
+    }
+    if (strcmp(argv[1], "list") == 0) {
+        return dlq_list(c, argc - 1, argv + 1);
+    }
+    if (strcmp(argv[1], "show") == 0) {
+        return dlq_show(c, argc - 1, argv + 1);
+    }
+    if (strcmp(argv[1], "requeue") == 0) {
+        return dlq_requeue(c, argc - 1, argv + 1);
+    }
+    if (strcmp(argv[1], "purge") == 0) {
+        return dlq_purge(c, argc - 1, argv + 1);
+    }
+    return cli_fail(c, LR_EXIT_USAGE, "unknown dlq command '%s' (list, show, requeue, purge)", argv[1]);
+}
+
+/* ------------------------------------------------------------ stats/workers */
+
+int cmd_stats(cli_t *c, int argc, char **argv) {
+    static const struct option opts[] = {CLI_COMMON_OPTIONS, {NULL, 0, NULL, 0}};
+    int opt, h;
+    PGconn *db;
+    PGresult *st, *tp, *dl, *qs;
+    lr_amqp_sync_t *a = NULL;
+    char err[256];
+    cJSON *o = cJSON_CreateObject(), *queues = cJSON_CreateArray();
+    optind = 1;
+    while ((opt = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+        h = cli_common_option(c, opt, optarg);
+        if (h < 0) {
+            cJSON_Delete(o);
+            cJSON_Delete(queues);
+            return LR_EXIT_USAGE;
+        }
+        if (h == 0) {
+            cJSON_Delete(o);
+            cJSON_Delete(queues);
+            if (opt == 'h') {
+                printf("usage: longrun stats [--json]\n\nTasks by status, queue depths (RabbitMQ), steps per second over\n"
+                       "the last 1 and 5 minutes, dead letters by reason.\n");
+                return LR_EXIT_OK;
+            }
+            return cli_fail(c, LR_EXIT_USAGE, "unknown option (see --help)");
+        }
+    }
+    db = cli_db_connect(c);
+    if (db == NULL) {
+        cJSON_Delete(o);
+        cJSON_Delete(queues);
+        return LR_EXIT_FAIL;
+    }
+    st = cli_exec(c, db, "SELECT status, count(*) FROM tasks GROUP BY status ORDER BY status", 0, NULL);
+    tp = cli_exec(c, db,
+                  "SELECT count(*) FILTER (WHERE created_at > now() - interval '1 minute') / 60.0,"
+                  " count(*) / 300.0 FROM task_steps WHERE created_at > now() - interval '5 minutes'",
+                  0, NULL);
+    dl = cli_exec(c, db, "SELECT reason, count(*) FROM dead_letters GROUP BY reason ORDER BY 2 DESC", 0, NULL);
+    qs = cli_exec(c, db, "SELECT DISTINCT queue FROM tasks UNION SELECT 'default' ORDER BY 1", 0, NULL);
+    if (st == NULL || tp == NULL || dl == NULL || qs == NULL) {
+        PQclear(st);
+        PQclear(tp);
+        PQclear(dl);
+        PQclear(qs);
+        PQfinish(db);
+        cJSON_Delete(o);
+        cJSON_Delete(queues);
+        return LR_EXIT_FAIL;
+    }
+    {
+        cJSON *by = cJSON_AddObjectToObject(o, "tasks");
+        for (int i = 0; i < PQntuples(st); i++) {
+            cJSON_AddNumberToObject(by, PQgetvalue(st, i, 0), atof(PQgetvalue(st, i, 1)));
+        }
+        cJSON_AddNumberToObject(o, "steps_per_second_1m", atof(PQgetvalue(tp, 0, 0)));
+        cJSON_AddNumberToObject(o, "steps_per_second_5m", atof(PQgetvalue(tp, 0, 1)));
+        by = cJSON_AddObjectToObject(o, "dead_letters");
+        for (int i = 0; i < PQntuples(dl); i++) {
+            cJSON_AddNumberToObject(by, PQgetvalue(dl, i, 0), atof(PQgetvalue(dl, i, 1)));
+        }
+    }
+    if (lr_amqp_sync_connect(&a, c->cfg.amqp_url, 5000, err, sizeof(err)) == 0) {
+        for (int i = 0; i <= PQntuples(qs); i++) {
+            char name[200];
+            uint32_t msgs = 0, cons = 0;
+            if (i < PQntuples(qs)) {
+                snprintf(name, sizeof(name), "%s%s", LR_AMQP_QUEUE_PREFIX, PQgetvalue(qs, i, 0));
+            } else {
+                snprintf(name, sizeof(name), "%s", LR_AMQP_DEAD_QUEUE);
+            }
+            if (lr_amqp_sync_queue_info(a, name, &msgs, &cons, err, sizeof(err)) == 0) {
+                cJSON *q = cJSON_CreateObject();
+                cJSON_AddStringToObject(q, "queue", name);
+                cJSON_AddNumberToObject(q, "ready", msgs);
+                cJSON_AddNumberToObject(q, "consumers", cons);
+                cJSON_AddItemToArray(queues, q);
+            }
+        }
+        lr_amqp_sync_close(a);
+    } else {
+        cJSON_AddStringToObject(o, "queues_error", err);
+    }
+    cJSON_AddItemToObject(o, "queues", queues);
+    if (c->json) {
+        print_json(o);
+    } else {
+        const cJSON *x;
+        printf("tasks:");
+        cJSON_ArrayForEach(x, cJSON_GetObjectItem(o, "tasks")) {
+            printf("  %s %.0f", x->string, x->valuedouble);
+        }
+        printf("\nthroughput: %.1f steps/s (1 min), %.1f steps/s (5 min)\n", atof(PQgetvalue(tp, 0, 0)),
+               atof(PQgetvalue(tp, 0, 1)));
+        printf("queues:");
+        cJSON_ArrayForEach(x, queues) {
+            printf("  %s ready=%.0f consumers=%.0f", cJSON_GetStringValue(cJSON_GetObjectItem(x, "queue")),
+                   cJSON_GetObjectItem(x, "ready")->valuedouble, cJSON_GetObjectItem(x, "consumers")->valuedouble);
+        }
+        if (cJSON_GetObjectItem(o, "queues_error") != NULL) {
+            printf(" (RabbitMQ unreachable: %s)", cJSON_GetStringValue(cJSON_GetObjectItem(o, "queues_error")));
+        }
+        printf("\ndead letters:");
+        cJSON_ArrayForEach(x, cJSON_GetObjectItem(o, "dead_letters")) {
+            printf("  %s %.0f", x->string, x->valuedouble);
+        }
+        printf("\n");
+    }
+    cJSON_Delete(o);
+    PQclear(st);
+    PQclear(tp);
+    PQclear(dl);
+    PQclear(qs);
+    PQfinish(db);
+    return LR_EXIT_OK;
+}
+
+int cmd_workers(cli_t *c, int argc, char **argv) {
+    static const struct option opts[] = {CLI_COMMON_OPTIONS, {NULL, 0, NULL, 0}};
+    int opt, h;
+    PGconn *db;
+    PGresult *r;
+    optind = 1;
+    while ((opt = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+        h = cli_common_option(c, opt, optarg);
+        if (h < 0) {
+            return LR_EXIT_USAGE;
+        }
+        if (h == 0) {
+            if (opt == 'h') {
+                printf("usage: longrun workers [--json]\n\nLive workers (heartbeat in the last 30 s): version, "
+                       "queues, in-flight tasks, draining, last heartbeat.\n");
+                return LR_EXIT_OK;
+            }
+            return cli_fail(c, LR_EXIT_USAGE, "unknown option (see --help)");
+        }
+    }
+    db = cli_db_connect(c);
+    if (db == NULL) {
+        return LR_EXIT_FAIL;
+    }
+    r = cli_exec(c, db,
+                 "SELECT id, hostname, pid, version, array_to_string(queues, ',') AS queues, in_flight, max_in_flight,"
+                 " draining, to_char(heartbeat_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS heartbeat_at,"
+                 " round(extract(epoch FROM now() - heartbeat_at)::numeric, 1) AS seconds_ago"
+                 " FROM workers WHERE heartbeat_at > now() - interval '30 seconds' ORDER BY id",
+                 0, NULL);
+    if (r == NULL) {
+        PQfinish(db);
+        return LR_EXIT_FAIL;
+    }
+    if (c->json) {
+        cJSON *j = rows_json(r);
+        print_json(j);
+        cJSON_Delete(j);
+    } else {
+        printf("%-28s %-8s %-12s %9s %8s %s\n", "WORKER", "VERSION", "QUEUES", "IN FLIGHT", "DRAINING", "HEARTBEAT");
+        for (int i = 0; i < PQntuples(r); i++) {
+            printf("%-28.28s %-8s %-12.12s %4s/%-4s %8s %ss ago\n", PQgetvalue(r, i, 0), PQgetvalue(r, i, 3),
+                   PQgetvalue(r, i, 4), PQgetvalue(r, i, 5), PQgetvalue(r, i, 6),
+                   PQgetvalue(r, i, 7)[0] == 't' ? "yes" : "no", PQgetvalue(r, i, 9));
+        }
+    }
+    PQclear(r);
+    PQfinish(db);
+    return LR_EXIT_OK;
+}
+
+/* ---------------------------------------------------------- kill switches */
+
+static int flag_cmd(cli_t *c, int argc, char **argv, const char *kind) {
+    static const struct option opts[] = {CLI_COMMON_OPTIONS,
+                                         {"reason", required_argument, NULL, D_REASON},
+                                         {"actor", required_argument, NULL, D_ACTOR},
+                                         {NULL, 0, NULL, 0}};
+    const char *reason = NULL, *actor = cli_default_actor();
+    int opt, h;
+    bool disable;
+    PGconn *db;
+    PGresult *r;
+    optind = 1;
+    while ((opt = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+        h = cli_common_option(c, opt, optarg);
+        if (h < 0) {
+            return LR_EXIT_USAGE;
+        }
+        if (h > 0) {
+            continue;
+        }
+        if (opt == 'h') {
+            printf("usage: longrun %ss disable|enable NAME [--reason TEXT] [--actor NAME]\n"
+                   "       longrun %ss list\n"
+                   "\nFleet-wide kill switch, effective within seconds (workers are notified).%s\n",
+                   kind, kind, strcmp(kind, "tool") == 0 ? "\nNAME '@writes' switches off every tool marked \"writes\": true." : "");
+            return LR_EXIT_OK;
+        }
+        if (opt == D_REASON) {
+            reason = optarg;
+        } else if (opt == D_ACTOR) {
+            actor = optarg;
+        } else {
+            return cli_fail(c, LR_EXIT_USAGE, "unknown option (see --help)");
+        }
+    }
+    if (optind < argc && strcmp(argv[optind], "list") == 0 && optind + 1 == argc) {
+        db = cli_db_connect(c);
+        if (db == NULL) {
+            return LR_EXIT_FAIL;
+        }
+        r = cli_exec(c, db, "SELECT kind, name, disabled, reason, actor, updated_at::text FROM flags ORDER BY kind, name", 0,
+                     NULL);
+        if (r != NULL) {
+            if (c->json) {
+                cJSON *j = rows_json(r);
+                print_json(j);
+                cJSON_Delete(j);
+            } else {
+                for (int i = 0; i < PQntuples(r); i++) {
+                    printf("%-6s %-24s %s  by %s: %s\n", PQgetvalue(r, i, 0), PQgetvalue(r, i, 1),
+                           PQgetvalue(r, i, 2)[0] == 't' ? "DISABLED" : "enabled ", PQgetvalue(r, i, 4),
+                           PQgetvalue(r, i, 3));
+                }
+            }
+        }
+        PQclear(r);
+        PQfinish(db);
+        return r != NULL ? LR_EXIT_OK : LR_EXIT_FAIL;
+    }
+    if (optind + 2 != argc || (strcmp(argv[optind], "disable") != 0 && strcmp(argv[optind], "enable") != 0)) {
+        return cli_fail(c, LR_EXIT_USAGE, "expected: disable NAME, enable NAME or list");
+    }
+    disable = strcmp(argv[optind], "disable") == 0;
+    if (strlen(argv[optind + 1]) == 0 || strlen(argv[optind + 1]) > 200) {
+        return cli_fail(c, LR_EXIT_USAGE, "NAME: 1 to 200 characters");
+    }
+    db = cli_db_connect(c);
+    if (db == NULL) {
+        return LR_EXIT_FAIL;
+    }
+    {
+        bool writes = strcmp(kind, "tool") == 0 && strcmp(argv[optind + 1], "@writes") == 0;
+        const char *p[5] = {writes ? "writes" : kind, writes ? "*" : argv[optind + 1], disable ? "true" : "false",
+                            reason, actor};
+        r = cli_exec(c, db,
+                     "INSERT INTO flags (kind, name, disabled, reason, actor) VALUES ($1, $2, $3::bool, $4, $5)"
+                     " ON CONFLICT (kind, name) DO UPDATE SET disabled = EXCLUDED.disabled, reason = EXCLUDED.reason,"
+                     " actor = EXCLUDED.actor, updated_at = now()",
+                     5, p);
+    }
+    if (r != NULL) {
+        PGresult *n = PQexec(db, "NOTIFY longrun_flags");
+        PQclear(n);
+        printf("%s %s %s\n", kind, argv[optind + 1], disable ? "disabled fleet-wide" : "enabled");
+    }
+    PQclear(r);
+    PQfinish(db);
+    return r != NULL ? LR_EXIT_OK : LR_EXIT_FAIL;
+}
+
+int cmd_tools(cli_t *c, int argc, char **argv) { return flag_cmd(c, argc, argv, "tool"); }
+int cmd_models(cli_t *c, int argc, char **argv) { return flag_cmd(c, argc, argv, "model"); }

@@ -1,0 +1,654 @@
+/*
+ * operator.c - the operator commands of `longrun`: log, approve, deny,
+ * signal, cancel, replay, dlq (list, show, requeue, purge), stats, workers,
+ * tools/models (kill switches).
+ *
+ * Every action that changes a task is one transaction that also appends a
+ * task_events row with the actor (--actor, default the login name) and the
+ * reason, then NOTIFYs longrun_wakeup so the scheduler reacts at once.
+ * Bad input (unknown id, invalid override, conflicting flags) exits 2 with a
+ * precise message before anything is changed.
+ */
+#include <errno.h>
+#include <pwd.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cjson/cJSON.h>
+
+#include "amqp.h"
+#include "cli.h"
+#include "task.h"
+
+enum {
+    O_ACTOR = OPT_FIRST_COMMAND_OPTION,
+    O_COMMENT,
+    O_REASON,
+    O_PAYLOAD,
+    O_FOLLOW,
+    O_FROM_STEP,
+    O_FORK,
+    O_AGENT,
+    O_SINCE,
+    O_LIMIT,
+    O_ALL,
+    O_DRY_RUN,
+    O_MAX_STEPS,
+    O_MAX_TOKENS,
+    O_MAX_COST,
+    O_MAX_TOOL_CALLS,
+    O_DEADLINE,
+    O_MODEL,
+    O_RESET_ATTEMPTS,
+    O_OLDER_THAN,
+    O_YES,
+};
+
+static void print_json(cJSON *j) {
+    char *s = cJSON_PrintUnformatted(j);
+    printf("%s\n", s != NULL ? s : "null");
+    free(s);
+}
+
+static int begin(cli_t *c, PGconn *db) {
+    PGresult *r = cli_exec(c, db, "BEGIN", 0, NULL);
+    if (r == NULL) {
+        return -1;
+    }
+    PQclear(r);
+    return 0;
+}
+
+static int commit(cli_t *c, PGconn *db) {
+    PGresult *r = cli_exec(c, db, "COMMIT", 0, NULL);
+    if (r == NULL) {
+        return -1;
+    }
+    PQclear(r);
+    r = PQexec(db, "NOTIFY longrun_wakeup");
+    PQclear(r);
+    return 0;
+}
+
+static void rollback(PGconn *db) {
+    PGresult *r = PQexec(db, "ROLLBACK");
+    PQclear(r);
+}
+
+/* Looks up a task's status (and whether it exists).  Returns 0 and fills
+ * status, or an exit code after printing why. */
+static int task_status(cli_t *c, PGconn *db, const char *id, char *status, size_t len, bool lock) {
+    PGresult *r;
+    if (!lr_uuid_valid(id)) {
+        return cli_fail(c, LR_EXIT_USAGE, "'%s' is not a task id (a UUID)", id);
+    }
+    r = cli_exec(c, db, lock ? "SELECT status FROM tasks WHERE id = $1 FOR UPDATE" : "SELECT status FROM tasks WHERE id = $1",
+                 1, &id);
+    if (r == NULL) {
+        return LR_EXIT_FAIL;
+    }
+    if (PQntuples(r) == 0) {
+        PQclear(r);
+        return cli_fail(c, LR_EXIT_USAGE, "no task with id %s", id);
+    }
+    snprintf(status, len, "%s", PQgetvalue(r, 0, 0));
+    PQclear(r);
+    return 0;
+}
+
+/* Common option parsing for the simple task actions. */
+typedef struct act_opts {
+    const char *actor;
+    const char *comment;
+    const char *reason;
+    const char *payload;
+    bool follow;
+    long from_step;
+    bool fork;
+} act_opts_t;
+
+static int parse_act(cli_t *c, int argc, char **argv, const char *usage, act_opts_t *o, int min_args, int max_args) {
+    static const struct option opts[] = {CLI_COMMON_OPTIONS,
+                                         {"actor", required_argument, NULL, O_ACTOR},
+                                         {"comment", required_argument, NULL, O_COMMENT},
+                                         {"reason", required_argument, NULL, O_REASON},
+                                         {"payload", required_argument, NULL, O_PAYLOAD},
+                                         {"follow", no_argument, NULL, O_FOLLOW},
+                                         {"from-step", required_argument, NULL, O_FROM_STEP},
+                                         {"fork", no_argument, NULL, O_FORK},
+                                         {NULL, 0, NULL, 0}};
+    int opt, h;
+    memset(o, 0, sizeof(*o));
+    o->actor = cli_default_actor();
+    o->from_step = -1;
+    optind = 1;
+    while ((opt = getopt_long(argc, argv, "hf", opts, NULL)) != -1) {
+        h = cli_common_option(c, opt, optarg);
+        if (h < 0) {
+            return LR_EXIT_USAGE;
+        }
+        if (h > 0) {
+            continue;
+        }
+        switch (opt) {
+        case 'h': printf("%s", usage); return -1;
+        case O_ACTOR: o->actor = optarg; break;
+        case O_COMMENT: o->comment = optarg; break;
+        case O_REASON: o->reason = optarg; break;
+        case O_PAYLOAD: o->payload = optarg; break;
+        case 'f':
+        case O_FOLLOW: o->follow = true; break;
+        case O_FORK: o->fork = true; break;
+        case O_FROM_STEP:
+            if (cli_parse_long(c, "--from-step", optarg, 1, 1000000, &o->from_step) != 0) {
+                return LR_EXIT_USAGE;
+            }
+            break;
+        default: fprintf(stderr, "%s", usage); return LR_EXIT_USAGE;
+        }
+    }
+    if (argc - optind < min_args || argc - optind > max_args) {
+        fprintf(stderr, "%s", usage);
+        return cli_fail(c, LR_EXIT_USAGE, "expected %d%s argument(s), got %d", min_args,
+                        max_args > min_args ? " or more" : "", argc - optind);
+    }
+    if (strlen(o->actor) == 0 || strlen(o->actor) > 128) {
+        return cli_fail(c, LR_EXIT_USAGE, "--actor: 1 to 128 characters");
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------ approve/deny/signal */
+
+static int deliver_signal(cli_t *c, const char *id, const char *name, cJSON *payload, const act_opts_t *o,
+                          const char *waits_for, const char *event_reason) {
+    PGconn *db = cli_db_connect(c);
+    char status[32];
+    char *ptxt = NULL;
+    const char *params[5];
+    PGresult *r = NULL;
+    int rc;
+    bool woke = false;
+
+    if (db == NULL) {
+        return LR_EXIT_FAIL;
+    }
+    if (begin(c, db) != 0) {
+        PQfinish(db);
+        return LR_EXIT_FAIL;
+    }
+    rc = task_status(c, db, id, status, sizeof(status), true);
+    if (rc != 0) {
+        goto out;
+    }
+    if (strcmp(status, "succeeded") == 0 || strcmp(status, "failed") == 0 || strcmp(status, "dead") == 0 ||
+        strcmp(status, "cancelled") == 0) {
+        rc = cli_fail(c, LR_EXIT_USAGE, "task %s is %s: nothing waits for a %s", id, status, name);
+        goto out;
+    }
+    ptxt = cJSON_PrintUnformatted(payload);
+    params[0] = id;
+    params[1] = name;
+    params[2] = ptxt;
+    params[3] = o->actor;
+    r = cli_exec(c, db, "INSERT INTO task_signals (task_id, name, payload, actor) VALUES ($1, $2, $3::jsonb, $4)", 4,
+                 params);
+    if (r == NULL) {
+        rc = LR_EXIT_FAIL;
+        goto out;
+    }
+    PQclear(r);
+    /* Wake the task now if it waits for this (the scheduler resumes it). */
+    params[1] = waits_for;
+    params[2] = event_reason;
+    r = cli_exec(c, db,
+                 "WITH u AS (UPDATE tasks SET resume_at = now(), updated_at = now() WHERE id = $1"
+                 " AND status = 'suspended' AND suspend_reason = $2 AND ($3::text IS NULL OR wait_event = $3)"
+                 " RETURNING id)"
+                 " INSERT INTO task_events (task_id, from_status, to_status, reason, actor, detail)"
+                 " SELECT $1, 'suspended', 'suspended', $4, $5, $6::jsonb FROM (SELECT 1) x",
+                 6,
+                 (const char *const[]){id, waits_for, strcmp(waits_for, "event") == 0 ? name + 6 : NULL,
+                                       strcmp(waits_for, "event") == 0 ? "signal" : name, o->actor, ptxt});
+    if (r == NULL) {
+        rc = LR_EXIT_FAIL;
+        goto out;
+    }
+    PQclear(r);
+    r = cli_exec(c, db, "SELECT resume_at IS NOT NULL AND status = 'suspended' FROM tasks WHERE id = $1", 1, &id);
+    woke = r != NULL && PQntuples(r) > 0 && PQgetvalue(r, 0, 0)[0] == 't';
+    PQclear(r);
+    r = NULL;
+    if (commit(c, db) != 0) {
+        rc = LR_EXIT_FAIL;
+        goto out;
+    }
+    if (c->json) {
+        cJSON *o2 = cJSON_CreateObject();
+        cJSON_AddStringToObject(o2, "id", id);
+        cJSON_AddStringToObject(o2, "signal", name);
+        cJSON_AddBoolToObject(o2, "resumed", woke);
+        print_json(o2);
+        cJSON_Delete(o2);
+    } else {
+        printf("%s: %s recorded%s\n", id, name,
+               woke ? "; the task resumes now" : " (the task is not waiting for it yet; it will see it when it does)");
+    }
+    rc = LR_EXIT_OK;
+    (void)event_reason;
+out:
+    if (rc != LR_EXIT_OK) {
+        rollback(db);
+    }
+    free(ptxt);
+    PQfinish(db);
+    return rc;
+}
+
+static int cmd_approve_deny(cli_t *c, int argc, char **argv, bool approve) {
+    static const char *usage_a = "usage: longrun approve ID [--comment TEXT] [--actor NAME] [--json]\n"
+                                 "\nApproves what a suspended task waits for (request_approval, or a tool marked\n"
+                                 "requires_approval); the task resumes within about a second.\n";
+    static const char *usage_d = "usage: longrun deny ID [--reason TEXT] [--actor NAME] [--json]\n"
+                                 "\nDenies the approval a task waits for: the model receives the denial as the\n"
+                                 "tool's result (an error) and decides what to do next.\n";
+    act_opts_t o;
+    cJSON *p;
+    int rc = parse_act(c, argc, argv, approve ? usage_a : usage_d, &o, 1, 1);
+    if (rc != 0) {
+        return rc < 0 ? LR_EXIT_OK : rc;
+    }
+    if ((approve && o.reason != NULL) || (!approve && o.comment != NULL)) {
+        return cli_fail(c, LR_EXIT_USAGE, approve ? "--reason belongs to deny; use --comment" :
+                                                    "--comment belongs to approve; use --reason");
+    }
+    p = cJSON_CreateObject();
+    cJSON_AddBoolToObject(p, "approved", approve);
+    cJSON_AddStringToObject(p, "by", o.actor);
+    if (approve && o.comment != NULL) {
+        cJSON_AddStringToObject(p, "comment", o.comment);
+    }
+    if (!approve && o.reason != NULL) {
+        cJSON_AddStringToObject(p, "reason", o.reason);
+    }
+    rc = deliver_signal(c, argv[optind], "approval", p, &o, "approval", approve ? "approved" : "denied");
+    cJSON_Delete(p);
+    return rc;
+}
+
+int cmd_approve(cli_t *c, int argc, char **argv) { return cmd_approve_deny(c, argc, argv, true); }
+int cmd_deny(cli_t *c, int argc, char **argv) { return cmd_approve_deny(c, argc, argv, false); }
+
+int cmd_signal(cli_t *c, int argc, char **argv) {
+    static const char *usage = "usage: longrun signal ID EVENT [--payload JSON] [--actor NAME] [--json]\n"
+                               "\nDelivers an external event to a task; a task waiting in wait_for_event(EVENT)\n"
+                               "resumes with the payload as the tool's result.\n";
+    act_opts_t o;
+    cJSON *p;
+    char name[160];
+    int rc = parse_act(c, argc, argv, usage, &o, 2, 2);
+    if (rc != 0) {
+        return rc < 0 ? LR_EXIT_OK : rc;
+    }
+    if (strlen(argv[optind + 1]) == 0 || strlen(argv[optind + 1]) > 120) {
+        return cli_fail(c, LR_EXIT_USAGE, "EVENT: 1 to 120 characters");
+    }
+    p = o.payload != NULL ? cJSON_Parse(o.payload) : cJSON_CreateNull();
+    if (p == NULL) {
+        return cli_fail(c, LR_EXIT_USAGE, "--payload: not valid JSON");
+    }
+    snprintf(name, sizeof(name), "event:%s", argv[optind + 1]);
+    rc = deliver_signal(c, argv[optind], name, p, &o, "event", "signal");
+    cJSON_Delete(p);
+    return rc;
+}
+
+/* ------------------------------------------------------------------ cancel */
+
+int cmd_cancel(cli_t *c, int argc, char **argv) {
+    static const char *usage = "usage: longrun cancel ID [--reason TEXT] [--actor NAME] [--json]\n"
+                               "\nCancels a task.  A queued, suspended or waiting task is cancelled at once; a\n"
+                               "running one stops at its next step boundary.  cancelled is terminal.\n";
+    act_opts_t o;
+    PGconn *db;
+    PGresult *r = NULL;
+    char status[32];
+    const char *id;
+    int rc = parse_act(c, argc, argv, usage, &o, 1, 1);
+    if (rc != 0) {
+        return rc < 0 ? LR_EXIT_OK : rc;
+    }
+    id = argv[optind];
+    db = cli_db_connect(c);
+    if (db == NULL) {
+        return LR_EXIT_FAIL;
+    }
+    if (begin(c, db) != 0) {
+        PQfinish(db);
+        return LR_EXIT_FAIL;
+    }
+    rc = task_status(c, db, id, status, sizeof(status), true);
+    if (rc != 0) {
+        goto out;
+    }
+    if (strcmp(status, "succeeded") == 0 || strcmp(status, "failed") == 0 || strcmp(status, "cancelled") == 0) {
+        rc = cli_fail(c, LR_EXIT_USAGE, "task %s is already %s", id, status);
+        goto out;
+    }
+    {
+        const char *params[4] = {id, o.actor, o.reason != NULL ? o.reason : "cancelled by operator", status};
+        r = cli_exec(c, db,
+                     "WITH u AS (UPDATE tasks SET cancel_requested = true,"
+                     "  status = CASE WHEN status = 'running' THEN status ELSE 'cancelled' END,"
+                     "  stop_reason = CASE WHEN status = 'running' THEN stop_reason ELSE 'cancelled' END,"
+                     "  error = $3, finished_at = CASE WHEN status = 'running' THEN NULL ELSE now() END,"
+                     "  lease_owner = CASE WHEN status = 'running' THEN lease_owner ELSE NULL END,"
+                     "  updated_at = now() WHERE id = $1 RETURNING status)"
+                     " INSERT INTO task_events (task_id, from_status, to_status, reason, actor, detail)"
+                     " SELECT $1, $4, u.status, CASE WHEN u.status = 'running' THEN 'cancel_requested'"
+                     "  ELSE 'cancelled' END, $2, jsonb_build_object('reason', $3::text) FROM u RETURNING to_status",
+                     4, params);
+    }
+    if (r == NULL || commit(c, db) != 0) {
+        rc = LR_EXIT_FAIL;
+        goto out;
+    }
+    if (c->json) {
+        cJSON *j = cJSON_CreateObject();
+        cJSON_AddStringToObject(j, "id", id);
+        cJSON_AddStringToObject(j, "status", PQgetvalue(r, 0, 0));
+        print_json(j);
+        cJSON_Delete(j);
+    } else if (strcmp(PQgetvalue(r, 0, 0), "running") == 0) {
+        printf("%s: cancel requested; the task stops at its next step boundary\n", id);
+    } else {
+        printf("%s: cancelled\n", id);
+    }
+    rc = LR_EXIT_OK;
+out:
+    if (rc != LR_EXIT_OK) {
+        rollback(db);
+    }
+    PQclear(r);
+    PQfinish(db);
+    return rc;
+}
+
+/* --------------------------------------------------------------------- log */
+
+static void print_step_row(cli_t *c, PGresult *r, int i, cJSON *arr) {
+    if (arr != NULL) {
+        cJSON *o = cJSON_CreateObject();
+        cJSON *tc = cJSON_Parse(PQgetvalue(r, i, 5));
+        cJSON_AddStringToObject(o, "type", "step");
+        cJSON_AddStringToObject(o, "at", PQgetvalue(r, i, 0));
+        cJSON_AddNumberToObject(o, "step", atof(PQgetvalue(r, i, 1)));
+        cJSON_AddStringToObject(o, "model", PQgetvalue(r, i, 2));
+        cJSON_AddNumberToObject(o, "tokens_in", atof(PQgetvalue(r, i, 3)));
+        cJSON_AddNumberToObject(o, "tokens_out", atof(PQgetvalue(r, i, 4)));
+        cJSON_AddItemToObject(o, "tool_calls", tc != NULL ? tc : cJSON_CreateNull());
+        cJSON_AddNumberToObject(o, "cost_usd", atof(PQgetvalue(r, i, 6)));
+        cJSON_AddNumberToObject(o, "latency_ms", atof(PQgetvalue(r, i, 7)));
+        cJSON_AddStringToObject(o, "worker", PQgetvalue(r, i, 8));
+        cJSON_AddNumberToObject(o, "epoch", atof(PQgetvalue(r, i, 9)));
+        cJSON_AddItemToArray(arr, o);
+        return;
+    }
+    {
+        cJSON *tc = cJSON_Parse(PQgetvalue(r, i, 5));
+        const cJSON *t;
+        char tools[400] = "";
+        size_t n = 0;
+        cJSON_ArrayForEach(t, tc) {
+            n += (size_t)snprintf(tools + n, n < sizeof(tools) ? sizeof(tools) - n : 0, "%s%s(%s)", n ? " " : "",
+                                  cJSON_GetStringValue(cJSON_GetObjectItem(t, "name")) ?: "?",
+                                  cJSON_GetStringValue(cJSON_GetObjectItem(t, "status")) ?: "?");
+        }
+        cJSON_Delete(tc);
+        (void)c;
+        printf("%s  step %-4s %-22.22s tokens %5s/%-5s $%-9s %6s ms  %s%s%s\n", PQgetvalue(r, i, 0),
+               PQgetvalue(r, i, 1), PQgetvalue(r, i, 2)[0] ? PQgetvalue(r, i, 2) : "-", PQgetvalue(r, i, 3),
+               PQgetvalue(r, i, 4), PQgetvalue(r, i, 6), PQgetvalue(r, i, 7), tools[0] ? "tools: " : "", tools,
+               n >= sizeof(tools) ? "..." : "");
+    }
+}
+
+static void print_event_row(PGresult *r, int i, cJSON *arr) {
+    if (arr != NULL) {
+        cJSON *o = cJSON_CreateObject();
+        cJSON *d = PQgetisnull(r, i, 6) ? NULL : cJSON_Parse(PQgetvalue(r, i, 6));
+        cJSON_AddStringToObject(o, "type", "event");
+        cJSON_AddStringToObject(o, "at", PQgetvalue(r, i, 0));
+        cJSON_AddNumberToObject(o, "id", atof(PQgetvalue(r, i, 1)));
+        cJSON_AddStringToObject(o, "from", PQgetvalue(r, i, 2));
+        cJSON_AddStringToObject(o, "to", PQgetvalue(r, i, 3));
+        cJSON_AddStringToObject(o, "reason", PQgetvalue(r, i, 4));
+        cJSON_AddStringToObject(o, "actor", PQgetvalue(r, i, 5));
+        cJSON_AddItemToObject(o, "detail", d != NULL ? d : cJSON_CreateNull());
+        cJSON_AddItemToArray(arr, o);
+        return;
+    }
+    printf("%s  %-9s -> %-10s %-24s by %s%s%s\n", PQgetvalue(r, i, 0),
+           PQgetvalue(r, i, 2)[0] ? PQgetvalue(r, i, 2) : "(new)", PQgetvalue(r, i, 3), PQgetvalue(r, i, 4),
+           PQgetvalue(r, i, 5), PQgetisnull(r, i, 6) ? "" : "  ", PQgetisnull(r, i, 6) ? "" : PQgetvalue(r, i, 6));
+}
+
+#define TS "to_char(%s AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
+
+int cmd_log(cli_t *c, int argc, char **argv) {
+    static const char *usage =
+        "usage: longrun log ID [--follow] [--json]\n"
+        "\nThe audit log of a task: every step (model that answered, tool calls, tokens, cost,\n"
+        "latency) and every status transition (who and why), in order.  --follow keeps\n"
+        "printing new entries as the task writes them, until it ends (Ctrl-C to stop).\n";
+    act_opts_t o;
+    PGconn *db;
+    char status[32];
+    const char *id;
+    long last_step = 0, last_event = 0;
+    cJSON *arr = NULL;
+    int rc = parse_act(c, argc, argv, usage, &o, 1, 1);
+    if (rc != 0) {
+        return rc < 0 ? LR_EXIT_OK : rc;
+    }
+    if (o.follow && c->json) {
+        /* JSON lines while following */
+    }
+    id = argv[optind];
+    db = cli_db_connect(c);
+    if (db == NULL) {
+        return LR_EXIT_FAIL;
+    }
+    rc = task_status(c, db, id, status, sizeof(status), false);
+    if (rc != 0) {
+        PQfinish(db);
+        return rc;
+    }
+    for (;;) {
+        char ls[24], le[24];
+        const char *params[3];
+        PGresult *steps, *events;
+        int si = 0, ei = 0;
+        snprintf(ls, sizeof(ls), "%ld", last_step);
+        snprintf(le, sizeof(le), "%ld", last_event);
+        params[0] = id;
+        params[1] = ls;
+        steps = cli_exec(c, db,
+                         "SELECT " "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
+                         ", step_no, coalesce(model, ''), tokens_in, tokens_out,"
+                         " coalesce(tool_calls::text, '[]'), cost_usd, latency_ms, coalesce(worker, ''), epoch,"
+                         " created_at FROM task_steps WHERE task_id = $1 AND step_no > $2::int ORDER BY step_no",
+                         2, params);
+        params[1] = le;
+        events = cli_exec(c, db,
+                          "SELECT " "to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
+                          ", id, coalesce(from_status, ''), coalesce(to_status, ''), coalesce(reason, ''), actor,"
+                          " detail::text, at FROM task_events WHERE task_id = $1 AND id > $2::bigint ORDER BY id",
+                          2, params);
+        if (steps == NULL || events == NULL) {
+            PQclear(steps);
+            PQclear(events);
+            PQfinish(db);
+            return LR_EXIT_FAIL;
+        }
+        arr = c->json && !o.follow ? cJSON_CreateArray() : NULL;
+        /* merge by time (ISO timestamps sort as text) */
+        while (si < PQntuples(steps) || ei < PQntuples(events)) {
+            bool take_step = ei >= PQntuples(events) ||
+                             (si < PQntuples(steps) && strcmp(PQgetvalue(steps, si, 0), PQgetvalue(events, ei, 0)) <= 0);
+            cJSON *line = c->json && o.follow ? cJSON_CreateArray() : NULL;
+            if (take_step) {
+                print_step_row(c, steps, si, arr != NULL ? arr : line);
+                last_step = atol(PQgetvalue(steps, si, 1));
+                si++;
+            } else {
+                print_event_row(events, ei, arr != NULL ? arr : line);
+                last_event = atol(PQgetvalue(events, ei, 1));
+                ei++;
+            }
+            if (line != NULL) {
+                print_json(cJSON_GetArrayItem(line, 0));
+                cJSON_Delete(line);
+            }
+        }
+        PQclear(steps);
+        PQclear(events);
+        if (arr != NULL) {
+            print_json(arr);
+            cJSON_Delete(arr);
+            arr = NULL;
+        }
+        fflush(stdout);
+        if (!o.follow) {
+            break;
+        }
+        if (task_status(c, db, id, status, sizeof(status), false) != 0) {
+            break;
+        }
+        if (strcmp(status, "succeeded") == 0 || strcmp(status, "failed") == 0 || strcmp(status, "dead") == 0 ||
+            strcmp(status, "cancelled") == 0) {
+            /* one last read to catch the final rows */
+            o.follow = false;
+            continue;
+        }
+        usleep(300000);
+    }
+    PQfinish(db);
+    return LR_EXIT_OK;
+}
+
+/* ------------------------------------------------------------------ replay */
+
+int cmd_replay(cli_t *c, int argc, char **argv) {
+    static const char *usage =
+        "usage: longrun replay ID --from-step N [--fork] [--actor NAME] [--json]\n"
+        "\nRuns a task again from step N: steps before N are kept, step N and later run again.\n"
+        "In place (the default) the later steps are deleted and the task's epoch is bumped, so a\n"
+        "worker still running it is fenced out.  With --fork, a new task is created with the\n"
+        "history up to step N-1 copied, and the original is left untouched.\n";
+    act_opts_t o;
+    PGconn *db;
+    PGresult *r = NULL;
+    char status[32], step_s[24], keep_s[24];
+    const char *id;
+    char newid[LR_UUID_LEN + 1];
+    int rc = parse_act(c, argc, argv, usage, &o, 1, 1);
+    int pub = 0;
+    long step;
+    if (rc != 0) {
+        return rc < 0 ? LR_EXIT_OK : rc;
+    }
+    if (o.from_step < 1) {
+        return cli_fail(c, LR_EXIT_USAGE, "--from-step N is required (N >= 1)");
+    }
+    id = argv[optind];
+    db = cli_db_connect(c);
+    if (db == NULL) {
+        return LR_EXIT_FAIL;
+    }
+    if (begin(c, db) != 0) {
+        PQfinish(db);
+        return LR_EXIT_FAIL;
+    }
+    rc = task_status(c, db, id, status, sizeof(status), true);
+    if (rc != 0) {
+        goto out;
+    }
+    r = cli_exec(c, db, "SELECT step FROM tasks WHERE id = $1", 1, &id);
+    step = r != NULL ? atol(PQgetvalue(r, 0, 0)) : 0;
+    PQclear(r);
+    r = NULL;
+    if (o.from_step > step + 1) {
+        rc = cli_fail(c, LR_EXIT_USAGE, "--from-step %ld: the task has only %ld step(s); use 1..%ld", o.from_step, step,
+                      step + 1);
+        goto out;
+    }
+    snprintf(step_s, sizeof(step_s), "%ld", o.from_step);
+    snprintf(keep_s, sizeof(keep_s), "%ld", o.from_step - 1);
+    if (o.fork) {
+        if (lr_uuid_v4(newid) != 0) {
+            rc = cli_fail(c, LR_EXIT_FAIL, "cannot generate an id");
+            goto out;
+        }
+        {
+            const char *p[4] = {id, newid, keep_s, o.actor};
+            r = cli_exec(c, db,
+                         "WITH t AS (INSERT INTO tasks (id, queue, agent, input, budgets, max_attempts, deadline, tenant,"
+                         "  metadata, step, status)"
+                         " SELECT $2::uuid, queue, agent, input, budgets, max_attempts, deadline, tenant,"
+                         "  coalesce(metadata, '{}'::jsonb) || jsonb_build_object('forked_from', $1::text,"
+                         "  'forked_at_step', $3::int), $3::int, 'queued' FROM tasks WHERE id = $1 RETURNING id, queue),"
+                         " s AS (INSERT INTO task_steps (task_id, step_no, epoch, worker, state_version, kind, model,"
+                         "  messages, tool_calls, tokens_in, tokens_out, tokens_cached, cost_usd, latency_ms)"
+                         " SELECT $2::uuid, step_no, 0, worker, state_version, kind, model, messages, tool_calls,"
+                         "  tokens_in, tokens_out, tokens_cached, cost_usd, latency_ms FROM task_steps"
+                         "  WHERE task_id = $1 AND step_no <= $3::int),"
+                         " e AS (INSERT INTO task_events (task_id, from_status, to_status, reason, actor, detail)"
+                         " SELECT $2::uuid, NULL, 'queued', 'forked', $4, jsonb_build_object('from', $1::text,"
+                         "  'from_step', $3::int + 1))"
+                         " SELECT id, queue FROM t",
+                         4, p);
+        }
+    } else {
+        const char *p[4] = {id, step_s, keep_s, o.actor};
+        PGresult *d = cli_exec(c, db, "DELETE FROM task_steps WHERE task_id = $1 AND step_no >= $2::int", 2, p);
+        PQclear(d);
+        r = cli_exec(c, db,
+                     "WITH u AS (UPDATE tasks SET step = $3::int, status = 'queued', lease_epoch = lease_epoch + 1,"
+                     "  lease_owner = NULL, lease_expires_at = NULL, result = NULL, error = NULL, stop_reason = NULL,"
+                     "  finished_at = NULL, cancel_requested = false, attempt = 0, claims = 0, resume_at = NULL,"
+                     "  suspend_reason = NULL, published_at = NULL, updated_at = now() WHERE id = $1"
+                     "  RETURNING id, queue),"
+                     " e AS (INSERT INTO task_events (task_id, from_status, to_status, reason, actor, detail)"
+                     " SELECT $1, NULL, 'queued', 'replay', $4, jsonb_build_object('from_step', $2::int) FROM u)"
+                     " SELECT id, queue FROM u",
+                     4, p);
+    }
+    if (r == NULL || commit(c, db) != 0) {
+        rc = LR_EXIT_FAIL;
+        goto out;
+    }
+    (void)cli_publish_continuations(c, db, r, 0, 1, &pub);
+    if (c->json) {
+        cJSON *j = cJSON_CreateObject();
+        cJSON_AddStringToObject(j, "id", PQgetvalue(r, 0, 0));
+        cJSON_AddNumberToObject(j, "from_step", (double)o.from_step);
+        cJSON_AddBoolToObject(j, "forked", o.fork);
+        cJSON_AddBoolToObject(j, "published", pub == 1);
+        print_json(j);
+        cJSON_Delete(j);
+    } else {
+        printf("%s: replaying from step %ld%s\n", PQgetvalue(r, 0, 0), o.from_step, o.fork ? " (fork)" : "");
+    }
+    rc = LR_EXIT_OK;
+out:
+    if (rc != LR_EXIT_OK) {
+        rollback(db);
+    }
+    PQclear(r);
+    PQfinish(db);
+    return rc;
+}
