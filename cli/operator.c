@@ -212,7 +212,7 @@ static int deliver_signal(cli_t *c, const char *id, const char *name, cJSON *pay
                  " SELECT $1, 'suspended', 'suspended', $4, $5, $6::jsonb FROM (SELECT 1) x",
                  6,
                  (const char *const[]){id, waits_for, strcmp(waits_for, "event") == 0 ? name + 6 : NULL,
-                                       strcmp(waits_for, "event") == 0 ? "signal" : name, o->actor, ptxt});
+                                       event_reason, o->actor, ptxt});
     if (r == NULL) {
         rc = LR_EXIT_FAIL;
         goto out;
@@ -238,7 +238,6 @@ static int deliver_signal(cli_t *c, const char *id, const char *name, cJSON *pay
                woke ? "; the task resumes now" : " (the task is not waiting for it yet; it will see it when it does)");
     }
     rc = LR_EXIT_OK;
-    (void)event_reason;
 out:
     if (rc != LR_EXIT_OK) {
         rollback(db);
@@ -450,13 +449,12 @@ int cmd_log(cli_t *c, int argc, char **argv) {
     const char *id;
     long last_step = 0, last_event = 0;
     cJSON *arr = NULL;
+    bool jsonl;
     int rc = parse_act(c, argc, argv, usage, &o, 1, 1);
     if (rc != 0) {
         return rc < 0 ? LR_EXIT_OK : rc;
     }
-    if (o.follow && c->json) {
-        /* JSON lines while following */
-    }
+    jsonl = c->json && o.follow; /* JSON lines while following */
     id = argv[optind];
     db = cli_db_connect(c);
     if (db == NULL) {
@@ -494,12 +492,12 @@ int cmd_log(cli_t *c, int argc, char **argv) {
             PQfinish(db);
             return LR_EXIT_FAIL;
         }
-        arr = c->json && !o.follow ? cJSON_CreateArray() : NULL;
+        arr = c->json && !jsonl ? cJSON_CreateArray() : NULL;
         /* merge by time (ISO timestamps sort as text) */
         while (si < PQntuples(steps) || ei < PQntuples(events)) {
             bool take_step = ei >= PQntuples(events) ||
                              (si < PQntuples(steps) && strcmp(PQgetvalue(steps, si, 0), PQgetvalue(events, ei, 0)) <= 0);
-            cJSON *line = c->json && o.follow ? cJSON_CreateArray() : NULL;
+            cJSON *line = jsonl ? cJSON_CreateArray() : NULL;
             if (take_step) {
                 print_step_row(c, steps, si, arr != NULL ? arr : line);
                 last_step = atol(PQgetvalue(steps, si, 1));
@@ -600,16 +598,16 @@ int cmd_replay(cli_t *c, int argc, char **argv) {
                          "  metadata, step, status)"
                          " SELECT $2::uuid, queue, agent, input, budgets, max_attempts, deadline, tenant,"
                          "  coalesce(metadata, '{}'::jsonb) || jsonb_build_object('forked_from', $1::text,"
-                         "  'forked_at_step', $3::int), $3::int, 'queued' FROM tasks WHERE id = $1 RETURNING id, queue),"
+                         "  'forked_at_step', $3::int), $3::int, 'queued' FROM tasks WHERE id = $1::uuid RETURNING id, queue),"
                          " s AS (INSERT INTO task_steps (task_id, step_no, epoch, worker, state_version, kind, model,"
                          "  messages, tool_calls, tokens_in, tokens_out, tokens_cached, cost_usd, latency_ms)"
                          " SELECT $2::uuid, step_no, 0, worker, state_version, kind, model, messages, tool_calls,"
                          "  tokens_in, tokens_out, tokens_cached, cost_usd, latency_ms FROM task_steps"
-                         "  WHERE task_id = $1 AND step_no <= $3::int),"
+                         "  WHERE task_id = $1::uuid AND step_no <= $3::int),"
                          " e AS (INSERT INTO task_events (task_id, from_status, to_status, reason, actor, detail)"
                          " SELECT $2::uuid, NULL, 'queued', 'forked', $4, jsonb_build_object('from', $1::text,"
                          "  'from_step', $3::int + 1))"
-                         " SELECT id, queue FROM t",
+                         " SELECT id::text, queue FROM t",
                          4, p);
         }
     } else {
@@ -620,11 +618,11 @@ int cmd_replay(cli_t *c, int argc, char **argv) {
                      "WITH u AS (UPDATE tasks SET step = $3::int, status = 'queued', lease_epoch = lease_epoch + 1,"
                      "  lease_owner = NULL, lease_expires_at = NULL, result = NULL, error = NULL, stop_reason = NULL,"
                      "  finished_at = NULL, cancel_requested = false, attempt = 0, claims = 0, resume_at = NULL,"
-                     "  suspend_reason = NULL, published_at = NULL, updated_at = now() WHERE id = $1"
+                     "  suspend_reason = NULL, published_at = NULL, updated_at = now() WHERE id = $1::uuid"
                      "  RETURNING id, queue),"
                      " e AS (INSERT INTO task_events (task_id, from_status, to_status, reason, actor, detail)"
-                     " SELECT $1, NULL, 'queued', 'replay', $4, jsonb_build_object('from_step', $2::int) FROM u)"
-                     " SELECT id, queue FROM u",
+                     " SELECT $1::uuid, NULL, 'queued', 'replay', $4, jsonb_build_object('from_step', $2::int) FROM u)"
+                     " SELECT id::text, queue FROM u",
                      4, p);
     }
     if (r == NULL || commit(c, db) != 0) {

@@ -534,6 +534,7 @@ int lr_agents_count(void) { return reg.nagents; }
 
 void lr_agents_free(void) {
     free_registry(&reg);
+    lr_flags_replace(NULL, 0);
     for (int i = 0; i < 3; i++) {
         cJSON_Delete(builtin_params[i]);
         builtin_params[i] = NULL;
@@ -547,4 +548,42 @@ const lr_tool_def_t *lr_agent_tool(const lr_agent_t *a, const char *name) {
         }
     }
     return NULL;
+}
+
+/* ------------------------------------------------------------ kill switches */
+
+static char **flags;
+static int nflags;
+
+void lr_flags_replace(const char *const *entries, int n) {
+    for (int i = 0; i < nflags; i++) {
+        free(flags[i]);
+    }
+    free(flags);
+    flags = NULL;
+    nflags = 0;
+    if (n <= 0) {
+        return;
+    }
+    flags = calloc((size_t)n, sizeof(char *));
+    if (flags == NULL) {
+        return;
+    }
+    for (int i = 0; i < n; i++) {
+        flags[i] = strdup(entries[i]);
+        if (flags[i] != NULL) {
+            nflags++;
+        }
+    }
+}
+
+bool lr_flag_disabled(const char *kind, const char *name) {
+    size_t kl = strlen(kind);
+    for (int i = 0; i < nflags; i++) {
+        if (strncmp(flags[i], kind, kl) == 0 && flags[i][kl] == ':' &&
+            (strcmp(flags[i] + kl + 1, name) == 0 || strcmp(flags[i] + kl + 1, "*") == 0)) {
+            return true;
+        }
+    }
+    return false;
 }

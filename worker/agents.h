@@ -87,6 +87,12 @@ const lr_agent_t *lr_agents_find(const char *name);
 int lr_agents_count(void);
 void lr_agents_free(void);
 
+/* Kill switches (table flags): the set of disabled "tool:NAME",
+ * "model:NAME" and "writes:*" entries.  Replaced as a whole when the worker
+ * reloads them (start-up, NOTIFY longrun_flags, reconnect); loop thread only. */
+void lr_flags_replace(const char *const *entries, int n);
+bool lr_flag_disabled(const char *kind, const char *name);
+
 /* JSON Schema of a built-in tool's parameters. */
 const cJSON *lr_builtin_parameters(enum lr_builtin b);
 

@@ -595,11 +595,19 @@ static void model_call(agent_state_t *st) {
     int nh = 0, rc;
     cJSON *conv = NULL;
 
-    while (st->model_idx < st->agent->nmodels &&
-           !breaker_allows(breaker_for(&st->agent->models[st->model_idx]), loop_now(st))) {
-        snprintf(st->last_reason, sizeof(st->last_reason), "circuit_open");
-        snprintf(st->last_error, sizeof(st->last_error), "%s: circuit open", st->agent->models[st->model_idx].model);
-        st->any_transient = true;
+    while (st->model_idx < st->agent->nmodels) {
+        const lr_model_ref_t *mm = &st->agent->models[st->model_idx];
+        if (lr_flag_disabled("model", mm->model)) {
+            snprintf(st->last_reason, sizeof(st->last_reason), "model_disabled");
+            snprintf(st->last_error, sizeof(st->last_error), "%s: disabled by an operator (kill switch)", mm->model);
+            st->any_transient = true;
+        } else if (!breaker_allows(breaker_for(mm), loop_now(st))) {
+            snprintf(st->last_reason, sizeof(st->last_reason), "circuit_open");
+            snprintf(st->last_error, sizeof(st->last_error), "%s: circuit open", mm->model);
+            st->any_transient = true;
+        } else {
+            break;
+        }
         st->model_idx++;
         st->attempt = 0;
     }
@@ -790,6 +798,14 @@ static void tools_start(agent_state_t *st) {
     for (int i = 0; i < st->ncalls; i++) {
         tool_call_t *tc = &st->calls[i];
         cJSON *parsed;
+        if (tc->def != NULL && (lr_flag_disabled("tool", tc->def->name) ||
+                                (tc->def->writes && lr_flag_disabled("writes", tc->def->name)))) {
+            char msg[200];
+            snprintf(msg, sizeof(msg), "error: tool \"%s\" is disabled by an operator (kill switch)", tc->name);
+            add_tool_result(st, tc->id, tc->name, msg, true);
+            log_call(st, tc->id, tc->name, "disabled", 0, 0, NULL);
+            continue;
+        }
         if (tc->def == NULL) {
             char msg[200];
             snprintf(msg, sizeof(msg), "error: tool \"%s\" is unknown or not allowed for this agent", tc->name ? tc->name : "");

@@ -1598,6 +1598,33 @@ static void on_amqp_state(int connected, const char *detail, void *arg) {
     }
 }
 
+static void flags_cb(int err, const PGresult *res, void *arg) {
+    const char *entries[512];
+    int n = 0;
+    (void)arg;
+    if (err != 0) {
+        lr_warn("flags.load_failed", "cannot read the kill switches: %s",
+                res != NULL ? PQresultErrorMessage(res) : lr_strerror(err));
+        return;
+    }
+    for (int i = 0; i < PQntuples(res) && n < 512; i++) {
+        entries[n++] = lr_pg_get(res, i, 0);
+    }
+    lr_flags_replace(entries, n);
+    lr_info("flags.loaded", "%d kill switch(es) active", n);
+}
+
+/* NOTIFY longrun_flags (and every reconnect): reload the kill switches. */
+static void on_flags_notify(const char *channel, const char *payload, void *arg) {
+    lr_worker_t *w = arg;
+    (void)channel;
+    (void)payload;
+    if (!w->stopping && lr_pg_query(w->pg, "SELECT kind || ':' || name FROM flags WHERE disabled", 0, NULL, 0,
+                                    flags_cb, w) != 0) {
+        lr_warn("flags.load_failed", "cannot queue the kill-switch reload");
+    }
+}
+
 static void on_pg_state(int usable, void *arg) {
     lr_worker_t *w = arg;
     if (usable == 0 && w->pg_usable > 0) {
@@ -1661,6 +1688,10 @@ int lr_worker_run(const lr_config_t *cfg, const char *const *queues) {
         rc = 2;
         goto out;
     }
+    if (lr_pg_listen(w->pg, "longrun_flags", on_flags_notify, w) != 0) {
+        goto out;
+    }
+    on_flags_notify("longrun_flags", NULL, w);
     if (lr_http_init(&w->http, &loop) != 0) {
         lr_error("worker.http_init", "cannot initialize the HTTP client");
         goto out;

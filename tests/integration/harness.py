@@ -330,10 +330,29 @@ class Env:
             if own:
                 conn.close()
 
+    def queue_counts(self, queue):
+        """(messages ready, consumers) of a queue right now (passive declare, unlike
+        the management API's statistics which lag by seconds), or None if absent."""
+        import pika
+        try:
+            conn = self.amqp()
+        except pika.exceptions.AMQPError:
+            return None
+        try:
+            ok = conn.channel().queue_declare(queue, passive=True).method
+            return ok.message_count, ok.consumer_count
+        except pika.exceptions.ChannelClosedByBroker:
+            return None
+        finally:
+            try:
+                conn.close()
+            except Exception:
+                pass
+
     def wait_queue(self, queue="longrun.q.default", consumers=1, timeout=30):
         """Waits until the queue exists with at least `consumers` consumers."""
-        return wait_for(lambda: (self.queue_info(queue) or {}).get("consumers", -1) >= consumers, timeout,
-                        "queue %s with %d consumer(s)" % (queue, consumers))
+        return wait_for(lambda: (self.queue_counts(queue) or (0, -1))[1] >= consumers, timeout,
+                        "queue %s with %d consumer(s)" % (queue, consumers), interval=0.2)
 
     def fixture_requests(self, path_prefix=None, limit=1000000):
         q = "/_requests?limit=%d" % limit

@@ -717,6 +717,133 @@ static void test_kill_rst(lr_pg_pool_t *admin) {
     free(big);
 }
 
+/* ---- a fake server: startup handshake, then FATAL + RST on the first query.
+ * The client then finds readable data and a socket error at once (libuv
+ * reports POLLERR and stops the poll handle); libpq reads the FATAL message
+ * fine and only sees the reset on its next read.  Deterministic version of
+ * what a real pg_terminate_backend() does only sometimes. */
+
+typedef struct fake_conn {
+    uv_tcp_t tcp;
+    char buf[8192];
+    size_t len;
+    int phase; /* 0 = startup, 1 = ready */
+} fake_conn_t;
+
+static uv_tcp_t fake_srv;
+static int fake_kills;
+
+static void fake_free(uv_handle_t *h) { free(h->data); }
+
+static void fake_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *b) {
+    fake_conn_t *fc = h->data;
+    (void)suggested;
+    b->base = fc->buf + fc->len;
+    b->len = sizeof(fc->buf) - fc->len;
+}
+
+static size_t put_msg(char *out, char type, const char *body, size_t blen) {
+    uint32_t n = htonl((uint32_t)(blen + 4));
+    out[0] = type;
+    memcpy(out + 1, &n, 4);
+    memcpy(out + 5, body, blen);
+    return blen + 5;
+}
+
+static void fake_send(fake_conn_t *fc, const char *data, size_t len) {
+    uv_os_fd_t fd;
+    T_EQ_INT(uv_fileno((uv_handle_t *)&fc->tcp, &fd), 0);
+    T_EQ_INT(send(fd, data, len, 0), (long long)len); /* small: fits the socket buffer */
+}
+
+static void fake_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *b) {
+    fake_conn_t *fc = st->data;
+    char out[512];
+    size_t n = 0;
+    (void)b;
+    if (nread < 0) {
+        uv_close((uv_handle_t *)st, fake_free);
+        return;
+    }
+    fc->len += (size_t)nread;
+    if (fc->phase == 0) {
+        uint32_t mlen;
+        static const char auth_ok[4] = {0, 0, 0, 0};
+        static const char params[] = "server_version\0"
+                                     "15.0\0";
+        static const char enc[] = "client_encoding\0"
+                                  "UTF8\0";
+        static const char key[8] = {0, 0, 0, 42, 0, 0, 0, 7};
+        if (fc->len < 4) {
+            return;
+        }
+        memcpy(&mlen, fc->buf, 4);
+        if (fc->len < ntohl(mlen)) {
+            return;
+        }
+        n += put_msg(out + n, 'R', auth_ok, sizeof(auth_ok));
+        n += put_msg(out + n, 'S', params, sizeof(params) - 1);
+        n += put_msg(out + n, 'S', enc, sizeof(enc) - 1);
+        n += put_msg(out + n, 'K', key, sizeof(key));
+        n += put_msg(out + n, 'Z', "I", 1);
+        fake_send(fc, out, n);
+        fc->phase = 1;
+        fc->len = 0;
+        return;
+    }
+    {
+        /* any query: FATAL, then reset the connection */
+        static const char fatal[] = "SFATAL\0VFATAL\0"
+                                    "C57P01\0"
+                                    "Mterminating connection due to administrator command\0";
+        struct linger lg = {1, 0};
+        uv_os_fd_t fd;
+        n = put_msg(out, 'E', fatal, sizeof(fatal)); /* includes the final NUL */
+        fake_send(fc, out, n);
+        T_EQ_INT(uv_fileno((uv_handle_t *)&fc->tcp, &fd), 0);
+        T_EQ_INT(setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg)), 0);
+        uv_close((uv_handle_t *)&fc->tcp, fake_free); /* closes the fd now: RST */
+        fake_kills++;
+    }
+}
+
+static void fake_accept(uv_stream_t *srv, int status) {
+    fake_conn_t *fc;
+    T_EQ_INT(status, 0);
+    fc = calloc(1, sizeof(*fc));
+    T_ASSERT(fc != NULL);
+    uv_tcp_init(loop, &fc->tcp);
+    fc->tcp.data = fc;
+    T_EQ_INT(uv_accept(srv, (uv_stream_t *)&fc->tcp), 0);
+    T_EQ_INT(uv_read_start((uv_stream_t *)&fc->tcp, fake_alloc, fake_read), 0);
+}
+
+static void test_fatal_with_reset(void) {
+    struct sockaddr_in a;
+    int len = sizeof(a);
+    char ci[256];
+    outcome_t o = {0};
+    lr_pg_pool_t *p;
+
+    uv_tcp_init(loop, &fake_srv);
+    T_EQ_INT(uv_ip4_addr("127.0.0.1", 0, &a), 0);
+    T_EQ_INT(uv_tcp_bind(&fake_srv, (struct sockaddr *)&a, 0), 0);
+    T_EQ_INT(uv_listen((uv_stream_t *)&fake_srv, 8, fake_accept), 0);
+    T_EQ_INT(uv_tcp_getsockname(&fake_srv, (struct sockaddr *)&a, &len), 0);
+    snprintf(ci, sizeof(ci),
+             "host=127.0.0.1 port=%d user=x dbname=x sslmode=disable gssencmode=disable",
+             ntohs(a.sin_port));
+    p = pool_open(ci, 1, "lr_test_fake", NULL, 0);
+    WAIT_FOR(lr_pg_pool_usable(p) == 1, 5000);
+    T_EQ_INT(lr_pg_query(p, "SELECT 1", 0, NULL, 0, on_outcome, &o), 0);
+    WAIT_FOR(o.done, 5000);
+    T_EQ_INT(o.err, LR_ECONN);
+    T_EQ_INT(fake_kills, 1);
+    WAIT_FOR(lr_pg_pool_usable(p) == 1, 5000); /* reconnected (to the fake again) */
+    pool_close_wait(p);
+    uv_close((uv_handle_t *)&fake_srv, NULL);
+}
+
 static void test_close_inflight(void) {
     statelog_t sl = {0};
     outcome_t o[10];
@@ -879,6 +1006,8 @@ int main(void) {
 
     printf("test_refused_timeout\n");
     test_refused_timeout();
+    printf("test_fatal_with_reset\n");
+    test_fatal_with_reset();
     printf("test_multihost\n");
     test_multihost();
     printf("test_close_inflight\n");
