@@ -474,6 +474,9 @@ int cmd_log(cli_t *c, int argc, char **argv) {
         snprintf(le, sizeof(le), "%ld", last_event);
         params[0] = id;
         params[1] = ls;
+        /* one snapshot for both reads, so a step and the transition committed
+         * with it are seen together */
+        PQclear(PQexec(db, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"));
         steps = cli_exec(c, db,
                          "SELECT " "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
                          ", step_no, coalesce(model, ''), tokens_in, tokens_out,"
@@ -486,6 +489,7 @@ int cmd_log(cli_t *c, int argc, char **argv) {
                           ", id, coalesce(from_status, ''), coalesce(to_status, ''), coalesce(reason, ''), actor,"
                           " detail::text, at FROM task_events WHERE task_id = $1 AND id > $2::bigint ORDER BY id",
                           2, params);
+        PQclear(PQexec(db, "COMMIT"));
         if (steps == NULL || events == NULL) {
             PQclear(steps);
             PQclear(events);

@@ -136,12 +136,13 @@
     " RETURNING dedupe_key"
 
 /* Renew the leases of every task this worker holds, each fenced on its own
- * epoch.  $1 uuid[], $2 bigint[], $3 lease seconds.  Returns the renewed ids. */
+ * epoch.  $1 uuid[], $2 bigint[], $3 lease seconds.  Returns the renewed (id, epoch)
+ * pairs; a pair asked for and not returned was fenced out. */
 #define SQL_RENEW                                                                              \
     "UPDATE tasks t SET lease_expires_at = now() + make_interval(secs => $3::int)"            \
     " FROM unnest($1::uuid[], $2::bigint[]) AS u(id, epoch)"                                   \
     " WHERE t.id = u.id AND t.lease_epoch = u.epoch AND t.status = 'running'"                  \
-    " RETURNING t.id::text"
+    " RETURNING t.id::text, t.lease_epoch"
 
 #define SQL_HEARTBEAT                                                                          \
     "INSERT INTO workers (id, hostname, pid, version, queues, in_flight, max_in_flight,"       \

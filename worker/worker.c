@@ -141,6 +141,7 @@ struct lr_worker {
     int closing;                 /* components still closing */
     uint64_t steps_done;
     uint64_t tasks_finished;
+    uint64_t renew_fail_since_ms; /* first failed lease renewal since the last success, 0 = none */
 };
 
 static void run_next(lr_run_t *r);
@@ -1423,16 +1424,75 @@ static void on_delivery(lr_amqp_delivery_t *d, void *arg) {
 
 /* ---------------------------------------------------------- leases + beats */
 
+/* One batch renewal: the (task, epoch) pairs it asked for, sorted. */
+typedef struct renew_item {
+    char id[LR_UUID_LEN + 1];
+    int64_t epoch;
+    bool renewed;
+} renew_item_t;
+
+typedef struct renew {
+    lr_worker_t *w;
+    int n;
+    renew_item_t items[];
+} renew_t;
+
+static int renew_item_cmp(const void *a, const void *b) {
+    const renew_item_t *x = a, *y = b;
+    int c = strcmp(x->id, y->id);
+    return c != 0 ? c : (x->epoch > y->epoch) - (x->epoch < y->epoch);
+}
+
+/* Cancels the step in flight of a run that must stop (done(r) never runs). */
+static void run_stop_step(lr_run_t *r) {
+    if (r->exec->cancel != NULL) {
+        r->exec->cancel(r);
+    }
+    r->stepping = false;
+    r->pending--;
+}
+
 static void renew_cb(int err, const PGresult *res, void *arg) {
-    lr_worker_t *w = arg;
-    (void)w;
+    renew_t *rn = arg;
+    lr_worker_t *w = rn->w;
     if (err != 0) {
         lr_warn("lease.renew_failed", "lease renewal failed: %s",
                 res != NULL ? PQresultErrorMessage(res) : lr_strerror(err));
+        if (w->renew_fail_since_ms == 0) {
+            w->renew_fail_since_ms = now_ms(w);
+        }
+        free(rn);
         return;
     }
-    /* Runs not renewed were fenced out: their next checkpoint says so and
-     * they stop there (the checkpoint is conditional on the epoch). */
+    w->renew_fail_since_ms = 0;
+    for (int i = 0; i < PQntuples(res); i++) {
+        renew_item_t key, *it;
+        snprintf(key.id, sizeof(key.id), "%s", lr_pg_get(res, i, 0));
+        key.epoch = atoll(lr_pg_get(res, i, 1));
+        it = bsearch(&key, rn->items, (size_t)rn->n, sizeof(key), renew_item_cmp);
+        if (it != NULL) {
+            it->renewed = true;
+        }
+    }
+    /* A lease asked for and not renewed: a newer owner fenced us out (or the
+     * task left `running`).  A step in flight stops now rather than run to
+     * its end for nothing; other states learn it from their next fenced
+     * statement. */
+    for (lr_run_t *r = w->runs, *next; r != NULL && !w->stopping; r = next) {
+        renew_item_t key, *it;
+        next = r->next;
+        if (r->state != RUN_STEPPING || !r->stepping || r->fenced) {
+            continue;
+        }
+        snprintf(key.id, sizeof(key.id), "%s", r->id);
+        key.epoch = r->epoch;
+        it = bsearch(&key, rn->items, (size_t)rn->n, sizeof(key), renew_item_cmp);
+        if (it != NULL && !it->renewed) {
+            run_stop_step(r);
+            run_fenced(r, "lease renewal");
+        }
+    }
+    free(rn);
 }
 
 static void heartbeat_cb(int err, const PGresult *res, void *arg) {
@@ -1448,14 +1508,38 @@ static void lease_timer_cb(uv_timer_t *t) {
     size_t cap = (size_t)w->nruns * 40 + 4;
     char *ids = malloc(cap);
     char *epochs = malloc((size_t)w->nruns * 24 + 4);
+    renew_t *rn = malloc(sizeof(renew_t) + (size_t)w->nruns * sizeof(renew_item_t));
     size_t ni = 0, ne = 0;
     int n = 0;
     char lease[16], pid[16], inflight[16], maxif[16];
 
-    if (ids == NULL || epochs == NULL) {
+    if (ids == NULL || epochs == NULL || rn == NULL) {
         free(ids);
         free(epochs);
+        free(rn);
         return;
+    }
+    if (w->renew_fail_since_ms != 0 &&
+        now_ms(w) - w->renew_fail_since_ms > (uint64_t)w->cfg.lease_seconds * 1000u) {
+        /* No renewal for longer than the lease: our leases may have expired
+         * and the tasks been handed to another worker.  Stop the steps in
+         * flight (they run again from their last checkpoint) instead of
+         * doing work nobody can checkpoint. */
+        int stopped = 0;
+        for (lr_run_t *r = w->runs, *next; r != NULL; r = next) {
+            next = r->next;
+            if (r->state == RUN_STEPPING && r->stepping && !r->fenced) {
+                run_stop_step(r);
+                r->abandon = true;
+                stopped++;
+                run_requeue(r);
+            }
+        }
+        if (stopped > 0) {
+            lr_warn("lease.lost", "no lease renewal for more than %d s (database unreachable): stopped %d "
+                    "running step(s); their tasks resume from the last checkpoint", w->cfg.lease_seconds,
+                    stopped);
+        }
     }
     ids[ni++] = '{';
     epochs[ne++] = '{';
@@ -1465,6 +1549,9 @@ static void lease_timer_cb(uv_timer_t *t) {
         }
         ni += (size_t)sprintf(ids + ni, "%s%s", n ? "," : "", r->id);
         ne += (size_t)sprintf(epochs + ne, "%s%lld", n ? "," : "", (long long)r->epoch);
+        snprintf(rn->items[n].id, sizeof(rn->items[n].id), "%s", r->id);
+        rn->items[n].epoch = r->epoch;
+        rn->items[n].renewed = false;
         n++;
     }
     ids[ni++] = '}';
@@ -1472,11 +1559,18 @@ static void lease_timer_cb(uv_timer_t *t) {
     epochs[ne++] = '}';
     epochs[ne] = '\0';
     snprintf(lease, sizeof(lease), "%d", w->cfg.lease_seconds);
+    rn->w = w;
+    rn->n = n;
+    qsort(rn->items, (size_t)n, sizeof(renew_item_t), renew_item_cmp);
     if (n > 0) {
         const char *params[3] = {ids, epochs, lease};
-        if (lr_pg_query(w->pg, SQL_RENEW, 3, params, (long)w->cfg.lease_seconds * 500, renew_cb, w) != 0) {
+        if (lr_pg_query(w->pg, SQL_RENEW, 3, params, (long)w->cfg.lease_seconds * 500, renew_cb, rn) != 0) {
             lr_warn("lease.renew_failed", "cannot queue the lease renewal");
+            free(rn);
         }
+    } else {
+        w->renew_fail_since_ms = 0; /* no lease held, none to lose */
+        free(rn);
     }
     free(ids);
     free(epochs);
