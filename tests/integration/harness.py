@@ -181,6 +181,22 @@ class Env:
 
     def __exit__(self, et, ev, tb):
         failed = et is not None
+        exit_problems = []
+        if not failed:
+            # A clean stop: every longrun daemon still running gets SIGTERM and
+            # must exit 0 -- under ASan/LSan a leak or a sanitizer report at
+            # exit makes the exit code non-zero, so every test checks that too.
+            daemons = [p for p in self.procs if p.alive() and p.name != "fixture" and not p.name.startswith("aux")]
+            for p in daemons:
+                p.signal(signal.SIGTERM)
+            for p in daemons:
+                rc = p.wait(40)
+                if rc is None:
+                    exit_problems.append("%s did not exit within 40 s of SIGTERM" % p.name)
+                elif rc != 0:
+                    exit_problems.append("%s exited %d after SIGTERM" % (p.name, rc))
+            if exit_problems:
+                failed = True
         for p in self.procs:
             if p.alive():
                 p.signal(signal.SIGKILL)
@@ -202,6 +218,8 @@ class Env:
                 print("cleanup: %s" % e)
             if not failed:
                 shutil.rmtree(self.dir, ignore_errors=True)
+        if exit_problems:
+            raise TestFailure("; ".join(exit_problems))
         return False
 
     # -- RabbitMQ management API
