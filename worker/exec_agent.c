@@ -31,6 +31,7 @@
 #include "agents.h"
 #include "log.h"
 #include "provider.h"
+#include "wmetrics.h"
 #include "worker.h"
 
 #define CB_THRESHOLD 5
@@ -73,6 +74,11 @@ static bool breaker_allows(breaker_t *b, uint64_t now) {
     return false;
 }
 
+static void breaker_gauge(const breaker_t *b, const char *what) {
+    const char *v[1] = {what};
+    lr_metric_set(lr_wm.circuit_state, v, b->state == CB_CLOSED ? 0 : b->state == CB_HALF_OPEN ? 1 : 2);
+}
+
 static void breaker_result(breaker_t *b, bool ok, uint64_t now, const char *what) {
     if (b == NULL) {
         return;
@@ -83,6 +89,7 @@ static void breaker_result(breaker_t *b, bool ok, uint64_t now, const char *what
         }
         b->state = CB_CLOSED;
         b->failures = 0;
+        breaker_gauge(b, what);
         return;
     }
     b->failures++;
@@ -93,6 +100,7 @@ static void breaker_result(breaker_t *b, bool ok, uint64_t now, const char *what
         }
         b->state = CB_OPEN;
         b->open_until = now + CB_OPEN_MS;
+        breaker_gauge(b, what);
     }
 }
 
@@ -303,6 +311,13 @@ static void add_tool_result(agent_state_t *st, const char *id, const char *name,
 static void log_call(agent_state_t *st, const char *id, const char *name, const char *status, long http, long ms,
                      const char *idem) {
     cJSON *o = cJSON_CreateObject();
+    {
+        const char *lv[2] = {name != NULL ? name : "", status};
+        lr_metric_add(lr_wm.tool_calls, lv, 1);
+        if (http > 0) {
+            lr_metric_observe(lr_wm.tool_seconds, lv, (double)ms / 1000.0);
+        }
+    }
     cJSON_AddStringToObject(o, "id", id != NULL ? id : "");
     cJSON_AddStringToObject(o, "name", name != NULL ? name : "");
     cJSON_AddStringToObject(o, "status", status);
@@ -510,6 +525,16 @@ static void model_response(const lr_http_response_t *resp, void *arg) {
     lr_log_ctx_t ctx = {lr_run_id(st->run), st->step_no, lr_run_epoch(st->run)};
 
     st->model_req = NULL;
+    {
+        char status[16];
+        const char *lv[3] = {m->provider == LR_PROVIDER_OPENAI ? "openai" : "anthropic", m->model, status};
+        snprintf(status, sizeof(status), "%ld", resp->err != 0 ? 0L : resp->status);
+        lr_metric_add(lr_wm.model_requests, lv, 1);
+        lr_metric_observe(lr_wm.model_seconds, lv, resp->total_ms / 1000.0);
+        if (resp->status == 429) {
+            lr_metric_inc1(lr_wm.rate_limit_waits, m->model);
+        }
+    }
     if (resp->err != 0) {
         snprintf(detail, sizeof(detail), "%s: %s", lr_strerror(resp->err), resp->errmsg);
         model_failed(st, LR_CALL_RETRY, resp->err == LR_ETIMEOUT ? "timeout" : "connection", detail, -1);
@@ -539,6 +564,15 @@ static void model_response(const lr_http_response_t *resp, void *arg) {
     st->out->tokens_out += st->reply.tokens_out;
     st->out->tokens_cached += st->reply.tokens_cached;
     st->out->cost_usd += cost_of(m, st->reply.tokens_in, st->reply.tokens_cached, st->reply.tokens_out);
+    {
+        const char *in[2] = {m->model, "input"}, *outv[2] = {m->model, "output"}, *ca[2] = {m->model, "cached"};
+        lr_metric_add(lr_wm.tokens, in, (double)st->reply.tokens_in);
+        lr_metric_add(lr_wm.tokens, outv, (double)st->reply.tokens_out);
+        lr_metric_add(lr_wm.tokens, ca, (double)st->reply.tokens_cached);
+        lr_metric_add(lr_wm.cost, (const char *const[]){m->model}, cost_of(m, st->reply.tokens_in,
+                                                                            st->reply.tokens_cached,
+                                                                            st->reply.tokens_out));
+    }
     LR_LOG(LR_LOG_DEBUG, &ctx, "model.answered", "model %s: %d tool calls, finish %s, tokens %ld/%ld, %.0f ms",
            m->model, st->reply.ntool_calls, st->reply.finish, st->reply.tokens_in, st->reply.tokens_out,
            resp->total_ms);

@@ -99,9 +99,12 @@
 /* A transition without a step (retry_wait, dead, queued on abandon, ...),
  * fenced on the epoch.  $1 id, $2 epoch, $3 new status, $4 worker,
  * $5 event reason, $6 error, $7 stop_reason (also the dead-letter reason),
- * $8 resume_in_ms, $9 attempt increment, $10 suspend_reason. */
+ * $8 resume_in_ms, $9 attempt increment, $10 suspend_reason.  A hand-back to
+ * `queued` (drain, abandoned at the drain deadline) takes back its claim:
+ * the worker did not crash, so it must not count towards crash_loop. */
 #define SQL_TRANSITION                                                                         \
     "WITH t AS (UPDATE tasks SET status = $3, attempt = attempt + $9::int,"                   \
+    "   claims = CASE WHEN $3 = 'queued' THEN greatest(claims - 1, 0) ELSE claims END,"         \
     "   error = coalesce($6, error), stop_reason = coalesce($7, stop_reason),"                 \
     "   resume_at = CASE WHEN $8::bigint IS NULL THEN NULL"                                    \
     "     ELSE now() + make_interval(secs => $8::bigint / 1000.0) END,"                        \

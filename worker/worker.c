@@ -46,6 +46,8 @@
 #include "log.h"
 #include "migrations.h"
 #include "sql.h"
+#include "health.h"
+#include "wmetrics.h"
 #include "agents.h"
 
 enum run_state {
@@ -98,6 +100,7 @@ struct lr_run {
     int slice_steps;             /* steps done in this delivery */
     uint64_t slice_start_ms;
     uint64_t step_start_ms;
+    uint64_t ckpt_sent_ms;
     cJSON *input;                /* owned */
     char *budgets_json;          /* owned: the task's budgets object as stored */
     long tool_calls_total;       /* usage before this delivery (from the claim) */
@@ -141,6 +144,10 @@ struct lr_worker {
     int closing;                 /* components still closing */
     uint64_t steps_done;
     uint64_t tasks_finished;
+    lr_health_t *health;
+    uv_timer_t health_timer;
+    int schema_state;            /* 0 unknown, 1 ok, -1 incompatible */
+    char schema_msg[160];
     uint64_t renew_fail_since_ms; /* first failed lease renewal since the last success, 0 = none */
 };
 
@@ -503,6 +510,7 @@ static void dead_msg_recorded(int err, const PGresult *res, void *arg) {
     }
     key = lr_pg_get(res, 0, 0);
     snprintf(m->key, sizeof(m->key), "%s", key != NULL ? key : "");
+    lr_metric_inc1(lr_wm.dead_letters, m->reason);
     lr_warn("message.dead_lettered", "message %s from %s dead-lettered: %s: %s",
             m->d->message_id != NULL ? m->d->message_id : "(no message_id)",
             m->d->queue != NULL ? m->d->queue : "?", m->reason, m->error);
@@ -738,6 +746,10 @@ static void run_published(int err, void *arg) {
         return;
     }
     if (r->after == AFTER_FINISHED || r->after == AFTER_DEAD) {
+        lr_metric_inc1(lr_wm.tasks_finished, r->final_status);
+        if (r->after == AFTER_DEAD) {
+            lr_metric_inc1(lr_wm.dead_letters, r->reason);
+        }
         run_send_reply(r);
     }
     if (r->after == AFTER_CONTINUATION) {
@@ -867,6 +879,7 @@ static void run_checkpoint(lr_run_t *r) {
         snprintf(r->error, sizeof(r->error), "%s", r->out.error);
     }
     set_state(r, RUN_CHECKPOINTING);
+    r->ckpt_sent_ms = now_ms(w);
     r->pending++;
     rc = lr_pg_query_batched(w->pg, SQL_CHECKPOINT, 24, params, 0, checkpoint_cb, r);
     if (rc != 0) {
@@ -888,6 +901,8 @@ static void run_checkpoint_committed(lr_run_t *r) {
     r->tokens_out += r->out.tokens_out;
     r->cost_usd += r->out.cost_usd;
     lr_run_add_usage(r, r->out.tool_calls_count, (long)(now_ms(w) - r->step_start_ms));
+    lr_metric_add(lr_wm.steps, NULL, 1);
+    lr_metric_observe(lr_wm.step_seconds, NULL, (double)(now_ms(w) - r->step_start_ms) / 1000.0);
     if (r->exec->needs_history && r->out.messages != NULL) {
         /* Keep the in-memory step log in step with what was committed. */
         cJSON *m = cJSON_Parse(r->out.messages);
@@ -910,6 +925,7 @@ static void run_checkpoint_committed(lr_run_t *r) {
         LR_LOG(LR_LOG_WARN, &r->log, "task.dead", "task dead-lettered: %s", r->reason);
     } else if (strcmp(r->final_status, "suspended") == 0) {
         r->after = AFTER_ACK;
+        lr_metric_inc1(lr_wm.suspensions, r->reason);
         LR_LOG(LR_LOG_INFO, &r->log, "task.suspended", "task suspended: %s", r->reason);
     } else {
         r->after = AFTER_FINISHED;
@@ -922,6 +938,7 @@ static void run_checkpoint_committed(lr_run_t *r) {
 
 static void run_fenced(lr_run_t *r, const char *what) {
     r->fenced = true;
+    lr_metric_add(lr_wm.fencing_rejections, NULL, 1);
     LR_LOG(LR_LOG_WARN, &r->log, "task.fenced",
            "%s rejected: a newer owner holds the task (epoch %lld is stale); abandoning locally",
            what, (long long)r->epoch);
@@ -961,6 +978,7 @@ static void checkpoint_cb(int err, const PGresult *res, void *arg) {
         run_fenced(r, "checkpoint");
         return;
     }
+    lr_metric_observe(lr_wm.checkpoint_seconds, NULL, (double)(now_ms(r->w) - r->ckpt_sent_ms) / 1000.0);
     if (strcmp(lr_pg_getn(res, 0, "status"), r->final_status) != 0) {
         /* An operator cancelled the task meanwhile: it stops here. */
         snprintf(r->final_status, sizeof(r->final_status), "%s", lr_pg_getn(res, 0, "status"));
@@ -1023,6 +1041,7 @@ static void run_step_done(lr_run_t *r) {
         LR_LOG(LR_LOG_INFO, &r->log, "task.retry_wait",
                "attempt %d of %d failed (%s); retrying in %ld ms", r->attempt + 1, r->max_attempts,
                r->out.error, delay);
+        lr_metric_add(lr_wm.retries, NULL, 1);
         run_transition(r, "retry_wait", "transient_error", r->out.error, NULL, delay, 1);
         return;
     }
@@ -1060,6 +1079,11 @@ static void transition_cb(int err, const PGresult *res, void *arg) {
         /* Released at the drain deadline: the delivery goes back as is. */
         run_requeue(r);
         return;
+    } else if (strcmp(r->final_status, "queued") == 0 && strcmp(r->reason, "drain") == 0) {
+        /* Claimed after the drain began, handed back untouched: publish it
+         * again for another worker (acking alone would strand it until the
+         * scheduler's outbox sweep). */
+        r->after = AFTER_CONTINUATION;
     } else {
         r->after = AFTER_ACK;
     }
@@ -1151,6 +1175,7 @@ static void run_claimed(lr_run_t *r, const PGresult *res) {
     r->slice_start_ms = now_ms(w);
     r->slice_steps = 0;
     LR_LOG(LR_LOG_DEBUG, &r->log, "task.claimed", "claimed (claims without progress: %d)", claims);
+    lr_metric_add(lr_wm.tasks_started, NULL, 1);
 
     if (atoi(lr_pg_getn(res, 0, "state_version")) > 1) {
         /* Written by a newer worker: hand it back rather than misread it. */
@@ -1465,6 +1490,7 @@ static void renew_cb(int err, const PGresult *res, void *arg) {
         return;
     }
     w->renew_fail_since_ms = 0;
+    lr_metric_add(lr_wm.lease_renewals, NULL, (double)PQntuples(res));
     for (int i = 0; i < PQntuples(res); i++) {
         renew_item_t key, *it;
         snprintf(key.id, sizeof(key.id), "%s", lr_pg_get(res, i, 0));
@@ -1610,6 +1636,8 @@ static void worker_close_all(lr_worker_t *w) {
     uv_timer_stop(&w->drain_timer);
     uv_close((uv_handle_t *)&w->lease_timer, handle_closed);
     uv_close((uv_handle_t *)&w->drain_timer, handle_closed);
+    uv_timer_stop(&w->health_timer);
+    uv_close((uv_handle_t *)&w->health_timer, handle_closed);
     uv_close((uv_handle_t *)&w->sigterm, handle_closed);
     uv_close((uv_handle_t *)&w->sigint, handle_closed);
     uv_close((uv_handle_t *)&w->sigquit, handle_closed);
@@ -1719,6 +1747,70 @@ static void on_flags_notify(const char *channel, const char *payload, void *arg)
     }
 }
 
+static void schema_cb(int err, const PGresult *res, void *arg) {
+    lr_worker_t *w = arg;
+    int v;
+    if (err != 0) {
+        w->schema_state = -1;
+        snprintf(w->schema_msg, sizeof(w->schema_msg), "schema not readable (run longrun migrate): %.100s",
+                 res != NULL ? PQresultErrorMessage(res) : lr_strerror(err));
+        return;
+    }
+    v = atoi(lr_pg_get(res, 0, 0) ? lr_pg_get(res, 0, 0) : "0");
+    if (v < lr_schema_version_known()) {
+        w->schema_state = -1;
+        snprintf(w->schema_msg, sizeof(w->schema_msg), "schema version %d is older than %d: run longrun migrate", v,
+                 lr_schema_version_known());
+    } else {
+        /* newer is compatible: migrations are additive (docs/deploy.md) */
+        w->schema_state = 1;
+        w->schema_msg[0] = '\0';
+    }
+}
+
+/* Every second: liveness tick, readiness, gauges, the /health snapshot. */
+static void health_timer_cb(uv_timer_t *t) {
+    lr_worker_t *w = t->data;
+    const char *why = NULL;
+    char snap[1024];
+    static unsigned ticks;
+    ticks++;
+    lr_health_tick(w->health);
+    if ((w->schema_state <= 0 || ticks % 30 == 0) && w->pg_usable > 0) {
+        if (lr_pg_query(w->pg, "SELECT coalesce(max(version), 0) FROM schema_migrations", 0, NULL, 5000, schema_cb,
+                        w) != 0) {
+            lr_debug("worker.schema_check", "cannot queue the schema check");
+        }
+    }
+    if (w->draining) {
+        why = "draining";
+    } else if (!w->amqp_up) {
+        why = "RabbitMQ not connected";
+    } else if (w->pg_usable == 0) {
+        why = "PostgreSQL not connected";
+    } else if (w->schema_state < 0) {
+        why = w->schema_msg;
+    } else if (w->schema_state == 0) {
+        why = "checking the schema version";
+    }
+    lr_health_set_ready(w->health, why == NULL, why);
+    lr_metric_set(lr_wm.ready, NULL, why == NULL ? 1 : 0);
+    lr_metric_set(lr_wm.in_flight, NULL, w->nruns);
+    lr_metric_set(lr_wm.amqp_connected, NULL, w->amqp_up ? 1 : 0);
+    lr_metric_set(lr_wm.pg_connections, NULL, w->pg_usable);
+    snprintf(snap, sizeof(snap),
+             "{\"worker\":\"%s\",\"dependencies\":{\"rabbitmq\":{\"status\":\"%s\"},"
+             "\"postgres\":{\"status\":\"%s\",\"usable_connections\":%d,\"pending_queries\":%zu},"
+             "\"schema\":{\"status\":\"%s\",\"binary_version\":%d}},"
+             "\"in_flight\":%d,\"max_in_flight\":%d,\"draining\":%s,\"steps\":%llu,\"tasks_finished\":%llu}",
+             w->id, w->amqp_up ? "up" : "down", w->pg_usable > 0 ? "up" : "down", w->pg_usable,
+             w->pg != NULL ? lr_pg_pool_pending(w->pg) : (size_t)0,
+             w->schema_state > 0 ? "ok" : w->schema_state < 0 ? "incompatible" : "unknown", lr_schema_version_known(),
+             w->nruns, w->cfg.max_in_flight, w->draining ? "true" : "false", (unsigned long long)w->steps_done,
+             (unsigned long long)w->tasks_finished);
+    lr_health_set_snapshot(w->health, snap);
+}
+
 static void on_pg_state(int usable, void *arg) {
     lr_worker_t *w = arg;
     if (usable == 0 && w->pg_usable > 0) {
@@ -1744,6 +1836,7 @@ int lr_worker_run(const lr_config_t *cfg, const char *const *queues) {
     }
     w->loop = &loop;
     w->cfg = *cfg;
+    lr_wm_init();
     w->test_hooks = getenv("LONGRUN_TEST_HOOKS") != NULL && strcmp(getenv("LONGRUN_TEST_HOOKS"), "1") == 0;
     gethostname(w->hostname, sizeof(w->hostname) - 1);
     if (cfg->worker_id[0] != '\0') {
@@ -1804,6 +1897,11 @@ int lr_worker_run(const lr_config_t *cfg, const char *const *queues) {
         rc = 2;
         goto out;
     }
+    if (lr_health_start(&w->health, cfg->http_port, "worker", 10000, err, sizeof(err)) != 0) {
+        lr_error("worker.config", "%s", err);
+        rc = 2;
+        goto out;
+    }
     uv_signal_init(&loop, &w->sigterm);
     uv_signal_init(&loop, &w->sigint);
     uv_signal_init(&loop, &w->sigquit);
@@ -1823,6 +1921,9 @@ int lr_worker_run(const lr_config_t *cfg, const char *const *queues) {
         }
         uv_timer_start(&w->lease_timer, lease_timer_cb, 200, every);
     }
+    uv_timer_init(&loop, &w->health_timer);
+    w->health_timer.data = w;
+    uv_timer_start(&w->health_timer, health_timer_cb, 0, 1000);
     lr_info("worker.started", "longrun-worker %s: queues %s, max in flight %d, lease %d s, slice %d steps / %d s, "
             "schema v%d", LONGRUN_VERSION, w->queues_csv, cfg->max_in_flight, cfg->lease_seconds,
             cfg->slice_steps, cfg->slice_seconds, lr_schema_version_known());
@@ -1861,6 +1962,8 @@ out:
         free(r->correlation_id);
         free(r);
     }
+    lr_health_stop(w->health);
+    w->health = NULL;
     if (uv_loop_close(&loop) != 0) {
         uv_walk(&loop, (uv_walk_cb)uv_close, NULL);
         uv_run(&loop, UV_RUN_DEFAULT);
@@ -1874,5 +1977,6 @@ out:
     free(w->queue_names);
     free(w->queue_short);
     free(w);
+    lr_metrics_free();
     return rc;
 }

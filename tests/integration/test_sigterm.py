@@ -14,10 +14,12 @@
    (same idempotency key: the only keys seen twice are the abandoned steps).
 3. A second SIGTERM during the drain exits at once.
 """
+import json
 import os
 import signal
 import sys
 import time
+import uuid
 from collections import Counter
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -71,6 +73,35 @@ def phase_drain(env, w2):
         env.scalar("select count(*) from task_steps where worker = 'w2'")))
     h.check(drained > 0, "w1 handed tasks back")
     h.check(w2.alive(), "w2 alive")
+
+
+def phase_drain_claiming(env, w2):
+    """SIGTERM while claims are in flight: a run whose claim commits after the
+    drain began is handed back untouched, and its task must be published again
+    (there is no scheduler here to find it).  The test holds row locks on the
+    tasks so that the workers' claims wait, signals w5, then lets them go."""
+    import psycopg2
+    w5 = env.start_worker("w5", LONGRUN_MAX_IN_FLIGHT=50, LONGRUN_SLICE_STEPS=100, LONGRUN_DRAIN_SECONDS=10)
+    env.wait_queue(consumers=2)
+    ids = [str(uuid.uuid4()) for _ in range(40)]
+    env.sql("insert into tasks (id, agent, input, published_at) select x::uuid, 'http-steps', "
+            "'{\"steps\": 1}'::jsonb, now() from unnest(%s::text[]) x", (ids,))
+    lock = psycopg2.connect(env.db_url)
+    cur = lock.cursor()
+    cur.execute("select id from tasks where id = any(%s::uuid[]) for update", (ids,))
+    env.publish([json.dumps({"id": t}) for t in ids], props=lambda i, b: {"message_id": ids[i]})
+    h.wait_for(lambda: env.scalar("select count(*) from pg_stat_activity where wait_event_type = 'Lock' "
+                                  "and datname = current_database()") >= 2, 20, "claims waiting on the row locks")
+    w5.signal(signal.SIGTERM)
+    w5.wait_event("worker.draining", 5)
+    lock.rollback()
+    lock.close()
+    h.eq(w5.wait(15), 0, "w5 exit code")
+    untouched = env.scalar("select count(*) from task_events where actor = 'w5' and reason = 'drain'")
+    h.check(untouched > 0, "w5 handed back tasks it claimed while draining")
+    wait_done(env, ids, 30)
+    h.eq(env.scalar("select count(*) from task_steps where worker = 'w5'"), 0, "w5 ran no step while draining")
+    h.log("claims during drain: %d tasks handed back untouched by w5 and finished by w2" % untouched)
 
 
 def phase_deadline(env, w2):
@@ -130,6 +161,7 @@ def test():
         env.start_fixture()
         w2 = env.start_worker("w2", LONGRUN_MAX_IN_FLIGHT=20, LONGRUN_SLICE_STEPS=100)
         phase_drain(env, w2)
+        phase_drain_claiming(env, w2)
         phase_deadline(env, w2)
         phase_second_signal(env)
 

@@ -1,0 +1,45 @@
+/* wmetrics.c - registration of the worker's metric families. */
+#include "wmetrics.h"
+
+lr_wm_t lr_wm;
+
+void lr_wm_init(void) {
+    static const double ckpt[] = {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5};
+    lr_wm.tasks_started = lr_metric_counter("longrun_tasks_started_total", "Tasks claimed by this worker.", NULL);
+    lr_wm.tasks_finished = lr_metric_counter("longrun_tasks_finished_total",
+                                             "Tasks that reached a final state here, by outcome.", "outcome");
+    lr_wm.steps = lr_metric_counter("longrun_steps_total", "Steps checkpointed.", NULL);
+    lr_wm.step_seconds = lr_metric_histogram("longrun_step_duration_seconds", "Wall time of one step.", NULL,
+                                             lr_latency_buckets, lr_latency_nbuckets);
+    lr_wm.checkpoint_seconds = lr_metric_histogram("longrun_checkpoint_duration_seconds",
+                                                   "Time from sending a checkpoint to its commit.", NULL, ckpt,
+                                                   (int)(sizeof(ckpt) / sizeof(ckpt[0])));
+    lr_wm.in_flight = lr_metric_gauge("longrun_in_flight", "Tasks in flight in this worker.", NULL);
+    lr_wm.dead_letters = lr_metric_counter("longrun_dead_letters_total", "Dead letters recorded, by reason.",
+                                           "reason");
+    lr_wm.retries = lr_metric_counter("longrun_retries_total", "Tasks parked in retry_wait after a transient failure.",
+                                      NULL);
+    lr_wm.suspensions = lr_metric_counter("longrun_suspensions_total", "Tasks suspended, by reason.", "reason");
+    lr_wm.lease_renewals = lr_metric_counter("longrun_lease_renewals_total", "Leases renewed.", NULL);
+    lr_wm.fencing_rejections = lr_metric_counter("longrun_fencing_rejections_total",
+                                                 "Writes rejected because a newer owner holds the task.", NULL);
+    lr_wm.model_requests = lr_metric_counter("longrun_model_requests_total",
+                                             "Model requests by provider, model and HTTP status (0: no response).",
+                                             "provider,model,status");
+    lr_wm.model_seconds = lr_metric_histogram("longrun_model_request_duration_seconds", "Model request latency.",
+                                              "provider", lr_latency_buckets, lr_latency_nbuckets);
+    lr_wm.tokens = lr_metric_counter("longrun_tokens_total", "Tokens by model and direction (input, output, cached).",
+                                     "model,direction");
+    lr_wm.cost = lr_metric_counter("longrun_cost_usd_total", "Cost in US dollars by model.", "model");
+    lr_wm.tool_calls = lr_metric_counter("longrun_tool_calls_total", "Tool calls by tool and outcome.", "tool,outcome");
+    lr_wm.tool_seconds = lr_metric_histogram("longrun_tool_duration_seconds", "Tool call latency.", "tool",
+                                             lr_latency_buckets, lr_latency_nbuckets);
+    lr_wm.circuit_state = lr_metric_gauge("longrun_circuit_state",
+                                          "Circuit breaker per model endpoint: 0 closed, 1 half-open, 2 open.",
+                                          "endpoint");
+    lr_wm.rate_limit_waits = lr_metric_counter("longrun_rate_limit_waits_total",
+                                               "Rate-limit answers (429) that made a call wait or suspend.", "model");
+    lr_wm.ready = lr_metric_gauge("longrun_ready", "1 when this process is ready (readiness probe).", NULL);
+    lr_wm.amqp_connected = lr_metric_gauge("longrun_amqp_connected", "1 while connected to RabbitMQ.", NULL);
+    lr_wm.pg_connections = lr_metric_gauge("longrun_pg_connections", "Usable PostgreSQL connections.", NULL);
+}
