@@ -23,6 +23,7 @@
 #include "scheduler.h"
 
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,6 +33,8 @@
 
 #include "amqp.h"
 #include "log.h"
+#include "health.h"
+#include "metrics.h"
 #include "pg.h"
 #include "task.h"
 
@@ -125,7 +128,32 @@ typedef struct sched {
     int closing;
     uint64_t last_retention_ms;
     uint64_t resumed, recovered, republished, deadlined, ingested;
+    lr_health_t *health;
+    uv_timer_t health_timer;
+    bool amqp_up;
+    int pg_usable;
+    uv_thread_t depth_thread;
+    bool depth_started;
+    atomic_int depth_stop;
 } sched_t;
+
+/* Metric families (docs/metrics.md). */
+static lr_metric_t *m_resumes, *m_leader, *m_ingested, *m_deadline, *m_depth, *m_consumers, *m_tasks,
+    *m_suspended, *m_ready;
+
+static void metrics_init(void) {
+    m_resumes = lr_metric_counter("longrun_resumes_total",
+                                  "Tasks put back to queued and published by the scheduler, by kind.", "kind");
+    m_leader = lr_metric_gauge("longrun_scheduler_leader", "1 when this scheduler instance is the leader.", NULL);
+    m_ingested = lr_metric_counter("longrun_dead_letters_ingested_total",
+                                   "Messages from longrun.dead recorded in dead_letters, by reason.", "reason");
+    m_deadline = lr_metric_counter("longrun_deadline_total", "Tasks dead-lettered past their deadline.", NULL);
+    m_depth = lr_metric_gauge("longrun_queue_depth", "Ready messages in a RabbitMQ queue.", "queue");
+    m_consumers = lr_metric_gauge("longrun_queue_consumers", "Consumers of a RabbitMQ queue.", "queue");
+    m_tasks = lr_metric_gauge("longrun_tasks", "Live tasks by status (leader only).", "status");
+    m_suspended = lr_metric_gauge("longrun_suspended_tasks", "Suspended tasks by reason (leader only).", "reason");
+    m_ready = lr_metric_gauge("longrun_ready", "1 when this process is ready (readiness probe).", NULL);
+}
 
 typedef struct pub {
     sched_t *s;
@@ -207,13 +235,23 @@ static void sweep_cb(int err, const PGresult *res, void *arg) {
                 res != NULL ? PQresultErrorMessage(res) : lr_strerror(err));
     } else if (!s->stopping) {
         switch (kind) {
-        case OP_RESUME: publish_rows(s, res, &s->resumed, "resume"); break;
-        case OP_EXPIRED: publish_rows(s, res, &s->recovered, "lease expired"); break;
-        case OP_OUTBOX: publish_rows(s, res, &s->republished, "outbox"); break;
+        case OP_RESUME:
+            lr_metric_add(m_resumes, (const char *const[]){"resume"}, PQntuples(res));
+            publish_rows(s, res, &s->resumed, "resume");
+            break;
+        case OP_EXPIRED:
+            lr_metric_add(m_resumes, (const char *const[]){"lease_expired"}, PQntuples(res));
+            publish_rows(s, res, &s->recovered, "lease expired");
+            break;
+        case OP_OUTBOX:
+            lr_metric_add(m_resumes, (const char *const[]){"outbox"}, PQntuples(res));
+            publish_rows(s, res, &s->republished, "outbox");
+            break;
         case OP_DEADLINE:
             if (PQntuples(res) > 0) {
                 s->deadlined += (uint64_t)PQntuples(res);
                 lr_info("scheduler.deadline", "%d task(s) dead-lettered past their deadline", PQntuples(res));
+                lr_metric_add(m_deadline, NULL, PQntuples(res));
             }
             break;
         default:
@@ -403,6 +441,7 @@ static void ingest_cb(int err, const PGresult *res, void *arg) {
         }
     } else {
         in->s->ingested++;
+        lr_metric_inc1(m_ingested, "all");
         if (in->s->amqp != NULL) {
             (void)lr_amqp_ack(in->s->amqp, in->d);
         }
@@ -509,6 +548,100 @@ static void on_dead(lr_amqp_delivery_t *d, void *arg) {
     ingest_send(in);
 }
 
+/* ---------------------------------------------------------- health, depth */
+
+/* RabbitMQ queue depths, read by a plain thread with the blocking helpers
+ * (passive declares) every 10 s, so that the loop never waits on them. */
+static void depth_thread(void *arg) {
+    sched_t *s = arg;
+    char err[256];
+    char *queues = strdup(s->cfg.queues);
+    while (!atomic_load(&s->depth_stop) && queues != NULL) {
+        lr_amqp_sync_t *a = NULL;
+        if (lr_amqp_sync_connect(&a, s->cfg.amqp_url, 5000, err, sizeof(err)) == 0) {
+            char *copy = strdup(queues), *save = NULL;
+            for (char *q = copy != NULL ? strtok_r(copy, ",", &save) : NULL; q != NULL; q = strtok_r(NULL, ",", &save)) {
+                char name[200];
+                uint32_t msgs = 0, cons = 0;
+                snprintf(name, sizeof(name), "%s%s", LR_AMQP_QUEUE_PREFIX, q);
+                if (lr_amqp_sync_queue_info(a, name, &msgs, &cons, err, sizeof(err)) == 0) {
+                    lr_metric_set(m_depth, (const char *const[]){name}, msgs);
+                    lr_metric_set(m_consumers, (const char *const[]){name}, cons);
+                }
+            }
+            free(copy);
+            {
+                uint32_t msgs = 0, cons = 0;
+                if (lr_amqp_sync_queue_info(a, LR_AMQP_DEAD_QUEUE, &msgs, &cons, err, sizeof(err)) == 0) {
+                    lr_metric_set(m_depth, (const char *const[]){LR_AMQP_DEAD_QUEUE}, msgs);
+                    lr_metric_set(m_consumers, (const char *const[]){LR_AMQP_DEAD_QUEUE}, cons);
+                }
+            }
+            lr_amqp_sync_close(a);
+        }
+        for (int i = 0; i < 100 && !atomic_load(&s->depth_stop); i++) {
+            usleep(100000);
+        }
+    }
+    free(queues);
+}
+
+static void counts_cb(int err, const PGresult *res, void *arg) {
+    (void)arg;
+    if (err != 0) {
+        return;
+    }
+    for (int i = 0; i < PQntuples(res); i++) {
+        const char *kind = lr_pg_get(res, i, 0), *key = lr_pg_get(res, i, 1);
+        double n = atof(lr_pg_get(res, i, 2));
+        if (kind != NULL && key != NULL && strcmp(kind, "s") == 0) {
+            lr_metric_set(m_tasks, (const char *const[]){key}, n);
+        } else if (kind != NULL && key != NULL) {
+            lr_metric_set(m_suspended, (const char *const[]){key}, n);
+        }
+    }
+}
+
+static void health_timer_cb(uv_timer_t *t) {
+    sched_t *s = t->data;
+    const char *why = NULL;
+    char snap[512];
+    static unsigned ticks;
+    lr_health_tick(s->health);
+    if (s->pg_usable == 0) {
+        why = "PostgreSQL not connected";
+    } else if (!s->amqp_up) {
+        why = "RabbitMQ not connected";
+    }
+    lr_health_set_ready(s->health, why == NULL, why);
+    lr_metric_set(m_ready, NULL, why == NULL ? 1 : 0);
+    lr_metric_set(m_leader, NULL, s->leader ? 1 : 0);
+    if (s->leader && ticks++ % 10 == 0 && !s->stopping) {
+        /* Live tasks by status and suspended ones by reason (both indexed). */
+        if (lr_pg_query(s->pg,
+                        "SELECT 's', st.status, count(t.id) FROM unnest(ARRAY['queued','running','suspended',"
+                        "'retry_wait']) st(status) LEFT JOIN tasks t ON t.status = st.status GROUP BY st.status"
+                        " UNION ALL SELECT 'r', coalesce(suspend_reason, 'unknown'), count(*) FROM tasks"
+                        " WHERE status = 'suspended' GROUP BY 2",
+                        0, NULL, 5000, counts_cb, s) != 0) {
+            lr_debug("scheduler.counts", "cannot queue the counts");
+        }
+    }
+    snprintf(snap, sizeof(snap),
+             "{\"instance\":\"%s\",\"leader\":%s,\"dependencies\":{\"rabbitmq\":{\"status\":\"%s\"},"
+             "\"postgres\":{\"status\":\"%s\",\"usable_connections\":%d}},\"resumed\":%llu,"
+             "\"recovered\":%llu,\"republished\":%llu,\"dead_letters_ingested\":%llu}",
+             s->id, s->leader ? "true" : "false", s->amqp_up ? "up" : "down", s->pg_usable > 0 ? "up" : "down",
+             s->pg_usable, (unsigned long long)s->resumed, (unsigned long long)s->recovered,
+             (unsigned long long)s->republished, (unsigned long long)s->ingested);
+    lr_health_set_snapshot(s->health, snap);
+}
+
+static void on_pg_state(int usable, void *arg) {
+    sched_t *s = arg;
+    s->pg_usable = usable;
+}
+
 /* -------------------------------------------------------------- lifecycle */
 
 static void closed_cb(void *arg) {
@@ -533,6 +666,7 @@ static void on_signal(uv_signal_t *sig, int signum) {
     lr_info("scheduler.stopping", "%s: stopping (leader lock released with the session)",
             strsignal(signum));
     uv_close((uv_handle_t *)&s->tick, noop_close);
+    uv_close((uv_handle_t *)&s->health_timer, noop_close);
     uv_close((uv_handle_t *)&s->lock_timer, noop_close);
     uv_close((uv_handle_t *)&s->sigterm, noop_close);
     uv_close((uv_handle_t *)&s->sigint, noop_close);
@@ -547,7 +681,7 @@ static void on_signal(uv_signal_t *sig, int signum) {
 }
 
 static void on_amqp_state(int connected, const char *detail, void *arg) {
-    (void)arg;
+    ((sched_t *)arg)->amqp_up = connected != 0;
     if (connected) {
         lr_info("amqp.connected", "RabbitMQ connected; ingesting %s", LR_AMQP_DEAD_QUEUE);
     } else {
@@ -574,11 +708,20 @@ int lr_scheduler_run(const lr_config_t *cfg) {
     gethostname(host, sizeof(host) - 1);
     snprintf(s->id, sizeof(s->id), "scheduler:%s-%d", host, (int)getpid());
     lr_log_init("scheduler", s->id, lr_log_level_parse(cfg->log_level), strcmp(cfg->log_format, "json") == 0);
+    metrics_init();
+    if (lr_health_start(&s->health, cfg->http_port, "scheduler", 10000, err, sizeof(err)) != 0) {
+        lr_error("scheduler.config", "%s", err);
+        uv_loop_close(&loop);
+        free(s);
+        return 2;
+    }
 
     memset(&po, 0, sizeof(po));
     po.conninfo = cfg->database_url;
     po.size = 2;
     po.application_name = "longrun-scheduler";
+    po.on_state = on_pg_state;
+    po.state_arg = s;
     if (lr_pg_pool_init(&s->pg, &loop, &po, err, sizeof(err)) != 0) {
         lr_error("scheduler.config", "LONGRUN_DATABASE_URL: %s", err);
         rc = 2;
@@ -613,6 +756,12 @@ int lr_scheduler_run(const lr_config_t *cfg) {
     uv_timer_init(&loop, &s->lock_timer);
     s->tick.data = s->lock_timer.data = s;
     uv_timer_start(&s->tick, tick_cb, (uint64_t)cfg->sweep_interval_ms, (uint64_t)cfg->sweep_interval_ms);
+    uv_timer_init(&loop, &s->health_timer);
+    s->health_timer.data = s;
+    uv_timer_start(&s->health_timer, health_timer_cb, 0, 1000);
+    if (uv_thread_create(&s->depth_thread, depth_thread, s) == 0) {
+        s->depth_started = true;
+    }
     uv_timer_start(&s->lock_timer, lock_timer_cb, 100, 1000);
     uv_signal_init(&loop, &s->sigterm);
     uv_signal_init(&loop, &s->sigint);
@@ -643,11 +792,17 @@ out:
         }
         uv_run(&loop, UV_RUN_DEFAULT);
     }
+    if (s->depth_started) {
+        atomic_store(&s->depth_stop, 1);
+        uv_thread_join(&s->depth_thread);
+    }
+    lr_health_stop(s->health);
     if (uv_loop_close(&loop) != 0) {
         uv_walk(&loop, (uv_walk_cb)uv_close, NULL);
         uv_run(&loop, UV_RUN_DEFAULT);
         (void)uv_loop_close(&loop);
     }
     free(s);
+    lr_metrics_free();
     return rc;
 }

@@ -126,7 +126,12 @@ def sample(fams, name, **labels):
 def test():
     with h.Env("health") as env:
         env.start_fixture()
-        env.start_scheduler()
+        sport = free_port()
+        env.start_scheduler(LONGRUN_HTTP_PORT=sport)
+        h.wait_for(lambda: get(sport, "/readyz")[0] == 200, 30, "scheduler ready")
+        hs = h.wait_for(lambda: json.loads(get(sport, "/health")[1])["status"].get("leader") and
+                        json.loads(get(sport, "/health")[1]), 20, "scheduler leader in /health")
+        h.eq(hs["status"]["dependencies"]["postgres"]["status"], "up", "scheduler postgres")
         p = urllib.parse.urlparse(env.amqp_url)
         proxy = Proxy(p.hostname, p.port)
         proxied = env.amqp_url.replace(":%d/" % p.port, ":%d/" % proxy.port)
@@ -170,6 +175,10 @@ def test():
         import re
         h.check(not re.search(r'="[0-9a-f]{8}-[0-9a-f]{4}-', text), "no task id as a label value")
         h.log("metrics agree with the database (%d steps)" % db_steps)
+        sf = h.wait_for(lambda: (lambda f: sample(f, "longrun_queue_consumers", queue="longrun.q.default") >= 1 and f)(
+            metrics(sport)[0]), 30, "scheduler queue metrics")
+        h.eq(sample(sf, "longrun_scheduler_leader"), 1, "leader gauge")
+        h.eq(sample(sf, "longrun_queue_depth", queue="longrun.q.default"), 0, "queue drained")
 
         # RabbitMQ outage: readiness false, then back
         proxy.cut()
