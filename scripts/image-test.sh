@@ -150,7 +150,7 @@ if grep -qiE '://[^/"]*:[^/"@]*@|PASSWORD|SECRET|TOKEN|API_KEY' <<<"$env"; then
   fail "the image environment carries something that looks like a credential: $env"
 fi
 
-ctr=$("${B[@]}" from --pull-never "$TAG")
+ctr=$("${B[@]}" from --pull=never "$TAG")
 run() { "${B[@]}" run --isolation chroot "$ctr" -- "$@"; }
 uid=$(run id -u)
 [[ $uid == "$UID_EXPECTED" ]] || fail "processes run as uid $uid, want $UID_EXPECTED"
