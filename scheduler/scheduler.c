@@ -95,7 +95,8 @@
 /* Retention: finished tasks (and, by cascade, their steps and events).
  * $1 batch, $2 days. */
 #define SQL_RETENTION                                                                          \
-    "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE finished_at <"                  \
+    "WITH rw AS (DELETE FROM rate_windows WHERE window_start < now() - interval '1 hour')"     \
+    " DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE finished_at <"                 \
     " now() - make_interval(days => $2::int) LIMIT $1)"
 
 /* Dead-letter ingest: one row per message, idempotent on the key.

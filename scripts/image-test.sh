@@ -28,6 +28,8 @@
 #   LONGRUN_IMAGE_TAG=NAME        tag of the built image (default localhost/longrun:test)
 #   LONGRUN_IMAGE_KEEP=1          keep the built image (default: removed after the checks)
 #   LONGRUN_DEBIAN_MIRROR=URL     debootstrap mirror (default http://deb.debian.org/debian)
+#   LONGRUN_IMAGE_CONTEXT=DIR     build context (default: this checkout; e.g. a `git archive`
+#                                 export, to build a commit while the work tree is being edited)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -36,6 +38,7 @@ TAG=${LONGRUN_IMAGE_TAG:-localhost/longrun:test}
 BASE=docker.io/library/debian:bookworm-slim
 MIRROR=${LONGRUN_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 UID_EXPECTED=10001
+CONTEXT=${LONGRUN_IMAGE_CONTEXT:-$ROOT}
 
 say()  { printf 'image-test: %s\n' "$*" >&2; }
 skip() { printf 'image-test: SKIPPED: %s\n' "$*" >&2; exit 77; }
@@ -119,7 +122,7 @@ say "buildah bud (log: $CACHE/build.log)"
 if ! "${B[@]}" bud --isolation chroot --pull=never --format docker --layers \
       --build-arg REVISION="$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)" \
       --build-arg CREATED="$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
-      -t "$TAG" -f "$ROOT/Dockerfile" "$ROOT" >"$CACHE/build.log" 2>&1; then
+      -t "$TAG" -f "$CONTEXT/Dockerfile" "$CONTEXT" >"$CACHE/build.log" 2>&1; then
   tail -40 "$CACHE/build.log" >&2
   if grep -q "Could not resolve\|Temporary failure resolving\|Failed to fetch" "$CACHE/build.log"; then
     skip "apt-get inside the build could not reach the Debian mirror"
@@ -137,7 +140,7 @@ size=$("${B[@]}" images --format '{{.Size}}' "$TAG" | head -1)
 
 user=$(inspect '{{.Docker.Config.User}}')
 [[ $user == "$UID_EXPECTED:$UID_EXPECTED" || $user == "$UID_EXPECTED" ]] || fail "image USER is '$user', want $UID_EXPECTED"
-hc=$(inspect '{{if .Docker.Config.Healthcheck}}{{join .Docker.Config.Healthcheck.Test " "}}{{end}}')
+hc=$(inspect '{{if .Docker.Config.Healthcheck}}{{.Docker.Config.Healthcheck.Test}}{{end}}')
 [[ $hc == *"/healthz"* ]] || fail "no HEALTHCHECK on /healthz recorded (got '$hc'; build with --format docker)"
 ep=$(inspect '{{json .Docker.Config.Entrypoint}}')
 [[ $ep == '["/usr/local/bin/longrun-worker"]' ]] || fail "entrypoint is $ep"

@@ -253,7 +253,7 @@ static int load_model(registry_t *r, const cJSON *prices, const cJSON *m, const 
                       char *errbuf, size_t errlen) {
     static const char *const known[] = {"provider", "base_url", "model", "api_key_env", "max_tokens",
                                         "max_tokens_field", "temperature", "tool_choice",
-                                        "parallel_tool_calls", "timeout_ms", "retries", NULL};
+                                        "parallel_tool_calls", "timeout_ms", "retries", "rpm", "tpm", NULL};
     const char *prov = get_str(m, "provider");
     const char *s;
     const cJSON *price;
@@ -324,6 +324,14 @@ static int load_model(registry_t *r, const cJSON *prices, const cJSON *m, const 
         return rc;
     }
     out->retries = (int)v;
+    if ((rc = get_num(m, "rpm", where, 0, 1e7, true, 0, &v, errbuf, errlen)) != 0) {
+        return rc;
+    }
+    out->rpm = (long)v;
+    if ((rc = get_num(m, "tpm", where, 0, 1e12, true, 0, &v, errbuf, errlen)) != 0) {
+        return rc;
+    }
+    out->tpm = (long)v;
     price = cJSON_GetObjectItemCaseSensitive(prices, out->model);
     if (price != NULL) {
         char pw[200];

@@ -15,7 +15,7 @@
  *                            "max_tokens": N, "max_tokens_field": "max_tokens"|
  *                            "max_completion_tokens", "temperature": x,
  *                            "tool_choice": "auto"|..., "parallel_tool_calls": bool,
- *                            "timeout_ms": N, "retries": N}],
+ *                            "timeout_ms": N, "retries": N, "rpm": N, "tpm": N}],
  *                "tools": ["name", "sleep", ...], "budgets": {...},
  *                "context": {"strategy": "full"|"window", "messages": N}}]}
  * "${VAR}" in URLs is replaced by the environment variable VAR at load.
@@ -49,6 +49,7 @@ typedef struct lr_model_ref {
     int parallel_tool_calls; /* -1 omit, 0 false, 1 true */
     long timeout_ms;
     int retries;             /* in-process retries of one call (default 2) */
+    long rpm, tpm;           /* fleet-wide requests / tokens per minute; 0 = unlimited */
     /* from the price table */
     double price_in, price_out, price_cached; /* USD per million tokens */
     long context_tokens;     /* 0 = unknown */

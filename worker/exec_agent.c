@@ -153,6 +153,14 @@ typedef struct agent_state {
     char suspend_reason[32];
     char wait_event[128];
     long suspend_ms;
+    /* fleet-wide rate limit of the current model (table rate_windows) */
+    char *pending_body;          /* request body waiting for its reservation */
+    bool reserved;               /* the next send is covered by a reservation */
+    long reserved_est;           /* tokens reserved (settled after the call) */
+    char window[48];             /* window_start of the reservation */
+    bool reserving;              /* a reservation query is in flight */
+    bool released;               /* the run is gone; free when the query returns */
+    bool timer_closed;
 } agent_state_t;
 
 static void model_call(agent_state_t *st);
@@ -450,6 +458,7 @@ static int answer_pending(agent_state_t *st) {
 /* ------------------------------------------------------------ model calls */
 
 static void model_next(agent_state_t *st);
+static void rate_settle(agent_state_t *st, const lr_model_ref_t *m, long actual);
 
 static void timer_cb(uv_timer_t *t) {
     agent_state_t *st = t->data;
@@ -525,6 +534,9 @@ static void model_response(const lr_http_response_t *resp, void *arg) {
     lr_log_ctx_t ctx = {lr_run_id(st->run), st->step_no, lr_run_epoch(st->run)};
 
     st->model_req = NULL;
+    if (resp->err != 0 || resp->status < 200 || resp->status >= 300) {
+        rate_settle(st, m, 0); /* a 2xx is settled once its usage is parsed */
+    }
     {
         char status[16];
         const char *lv[3] = {m->provider == LR_PROVIDER_OPENAI ? "openai" : "anthropic", m->model, status};
@@ -555,6 +567,7 @@ static void model_response(const lr_http_response_t *resp, void *arg) {
     }
     breaker_result(breaker_for(m), true, loop_now(st), m->model);
     st->answered = m;
+    rate_settle(st, m, st->reply.tokens_in + st->reply.tokens_out);
     if (st->reply.usage_missing) {
         /* Estimate (about 4 bytes a token) so that budgets still bind. */
         st->reply.tokens_in = (long)(strlen(resp->body) / 4 + 1);
@@ -619,6 +632,122 @@ static void model_response(const lr_http_response_t *resp, void *arg) {
     tools_start(st);
 }
 
+/* ------------------------------------------------------ fleet rate limits */
+
+#define SQL_RATE_RESERVE                                                                       \
+    "INSERT INTO rate_windows AS w (key, window_start, requests, tokens)"                      \
+    " VALUES ($1, date_trunc('minute', now()), 1, $4::bigint)"                                 \
+    " ON CONFLICT (key, window_start) DO UPDATE SET requests = w.requests + 1,"                \
+    "  tokens = w.tokens + $4::bigint"                                                         \
+    " WHERE ($2::int = 0 OR w.requests < $2::int) AND ($3::bigint = 0 OR w.tokens + $4::bigint <= $3::bigint)" \
+    " RETURNING window_start::text"
+
+#define SQL_RATE_SETTLE                                                                        \
+    "UPDATE rate_windows SET tokens = greatest(0, tokens + $3::bigint)"                        \
+    " WHERE key = $1 AND window_start = $2::timestamptz"
+
+static void model_call(agent_state_t *st);
+
+static void settle_cb(int err, const PGresult *res, void *arg) {
+    (void)err;
+    (void)res;
+    (void)arg;
+}
+
+/* After the call: replace the estimate by the actual token count. */
+static void rate_settle(agent_state_t *st, const lr_model_ref_t *m, long actual) {
+    char key[300], delta[32];
+    if (st->reserved_est <= 0 || m->tpm <= 0) {
+        st->reserved_est = 0;
+        return;
+    }
+    snprintf(key, sizeof(key), "model:%s:%s", m->provider == LR_PROVIDER_OPENAI ? "openai" : "anthropic", m->model);
+    snprintf(delta, sizeof(delta), "%ld", actual - st->reserved_est);
+    st->reserved_est = 0;
+    if (lr_pg_query(lr_worker_pg(st->w), SQL_RATE_SETTLE, 3, (const char *const[]){key, st->window, delta}, 10000,
+                    settle_cb, NULL) != 0) {
+        lr_debug("ratelimit.settle_failed", "cannot queue the settlement");
+    }
+}
+
+static void reserve_cb(int err, const PGresult *res, void *arg) {
+    agent_state_t *st = arg;
+    const lr_model_ref_t *m = &st->agent->models[st->model_idx];
+    lr_log_ctx_t ctx = {lr_run_id(st->run), st->step_no, lr_run_epoch(st->run)};
+    char *body = st->pending_body;
+    st->reserving = false;
+    if (st->released) {
+        free(body);
+        st->pending_body = NULL;
+        if (st->timer_closed) {
+            free(st);
+        }
+        return;
+    }
+    if (!st->active) {
+        free(body);
+        st->pending_body = NULL;
+        return;
+    }
+    if (err != 0) {
+        /* The limiter is advisory: without the database, call anyway (the
+         * provider's own 429s still bound us). */
+        LR_LOG(LR_LOG_WARN, &ctx, "ratelimit.unavailable", "rate limit reservation failed (%s); calling anyway",
+               res != NULL ? PQresultErrorMessage(res) : lr_strerror(err));
+        st->reserved = true;
+        st->reserved_est = 0;
+        model_call(st);
+        free(body);
+        st->pending_body = NULL;
+        return;
+    }
+    if (PQntuples(res) == 1) {
+        snprintf(st->window, sizeof(st->window), "%s", lr_pg_get(res, 0, 0));
+        st->reserved = true;
+        free(body);
+        st->pending_body = NULL;
+        model_call(st);
+        return;
+    }
+    /* Over the fleet-wide limit for this minute: wait for the next window,
+     * or suspend the task when that is far. */
+    free(body);
+    st->pending_body = NULL;
+    st->reserved_est = 0;
+    {
+        struct timespec now;
+        long wait;
+        clock_gettime(CLOCK_REALTIME, &now);
+        wait = 60000 - (long)((now.tv_sec % 60) * 1000 + now.tv_nsec / 1000000) + (long)(jitter() * 1000.0) + 50;
+        lr_metric_inc1(lr_wm.rate_limit_waits, m->model);
+        if (wait > 30000) {
+            LR_LOG(LR_LOG_INFO, &ctx, "ratelimit.suspend", "fleet-wide limit of %s reached; suspending for %ld ms",
+                   m->model, wait);
+            snprintf(st->out->suspend_reason, sizeof(st->out->suspend_reason), "rate_limited");
+            st->out->resume_in_ms = wait;
+            finish(st, LR_STEP_SUSPEND);
+            return;
+        }
+        LR_LOG(LR_LOG_DEBUG, &ctx, "ratelimit.wait", "fleet-wide limit of %s reached; waiting %ld ms", m->model, wait);
+        uv_timer_start(&st->timer, timer_cb, (uint64_t)wait, 0);
+    }
+}
+
+static void rate_reserve(agent_state_t *st, const lr_model_ref_t *m) {
+    char key[300], rpm[24], tpm[24], est[24];
+    long e = (long)strlen(st->pending_body) / 4 + (m->max_tokens > 0 ? m->max_tokens : 256);
+    snprintf(key, sizeof(key), "model:%s:%s", m->provider == LR_PROVIDER_OPENAI ? "openai" : "anthropic", m->model);
+    snprintf(rpm, sizeof(rpm), "%ld", m->rpm);
+    snprintf(tpm, sizeof(tpm), "%ld", m->tpm);
+    snprintf(est, sizeof(est), "%ld", e);
+    st->reserved_est = e;
+    st->reserving = true;
+    if (lr_pg_query(lr_worker_pg(st->w), SQL_RATE_RESERVE, 4, (const char *const[]){key, rpm, tpm, est}, 10000,
+                    reserve_cb, st) != 0) {
+        reserve_cb(LR_EBUSY, NULL, st);
+    }
+}
+
 static void model_call(agent_state_t *st) {
     const lr_model_ref_t *m;
     const char *key = NULL;
@@ -673,6 +802,12 @@ static void model_call(agent_state_t *st) {
         model_next(st);
         return;
     }
+    if (body != NULL && (m->rpm > 0 || m->tpm > 0) && !st->reserved) {
+        st->pending_body = body;
+        rate_reserve(st, m);
+        return;
+    }
+    st->reserved = false;
     url = lr_provider_url(m);
     if (body == NULL || url == NULL) {
         free(body);
@@ -914,7 +1049,12 @@ static void tools_start(agent_state_t *st) {
 /* --------------------------------------------------------------- executor */
 
 static void state_closed(uv_handle_t *h) {
-    free(h->data);
+    agent_state_t *st = h->data;
+    st->timer_closed = true;
+    if (!st->reserving) {
+        free(st->pending_body);
+        free(st);
+    }
 }
 
 static int agent_start(lr_run_t *r, lr_step_t *out, lr_step_done_cb done) {
@@ -1038,6 +1178,7 @@ static void agent_release(lr_run_t *r) {
     }
     agent_cancel(r);
     *sp = NULL;
+    st->released = true;
     uv_close((uv_handle_t *)&st->timer, state_closed);
 }
 

@@ -8,7 +8,8 @@
 /* Claim: bump the epoch and take the lease if the task is runnable (queued,
  * or running with an expired lease).  The LEFT JOINs always return one row:
  * claimed columns are NULL when the claim failed, and cur_* say why.
- * $1 id, $2 worker, $3 lease seconds. */
+ * $1 id, $2 worker, $3 lease seconds, $4 may take a suspect (a task whose
+ * last claim made no progress: claims >= 1 before this one). */
 #define SQL_CLAIM                                                                              \
     "WITH o AS (SELECT id, status FROM tasks WHERE id = $1 FOR UPDATE),"                       \
     " c AS (UPDATE tasks t SET status = 'running', lease_epoch = t.lease_epoch + 1,"           \
@@ -16,7 +17,7 @@
     "   claims = t.claims + 1, claims_total = t.claims_total + 1,"                              \
     "   started_at = coalesce(t.started_at, now()), updated_at = now(),"                       \
     "   suspend_reason = NULL, wait_event = NULL, resume_at = NULL"                            \
-    "  FROM o WHERE t.id = o.id AND (t.status = 'queued' OR"                                   \
+    "  FROM o WHERE t.id = o.id AND ($4::bool OR t.claims = 0) AND (t.status = 'queued' OR"     \
     "   (t.status = 'running' AND (t.lease_expires_at IS NULL OR t.lease_expires_at < now())))" \
     "  RETURNING t.*, o.status AS old_status),"                                                \
     " ev AS (INSERT INTO task_events (task_id, from_status, to_status, reason, actor)"         \
@@ -26,7 +27,7 @@
     "  c.input::text, c.budgets::text, c.tokens_in, c.tokens_out, c.cost_usd, c.tool_calls,"   \
     "  c.active_ms, (c.deadline IS NOT NULL AND c.deadline < now()) AS past_deadline,"         \
     "  c.reply_to, c.correlation_id, c.callback_url, c.state_version,"                        \
-    "  cur.status AS cur_status,"                                                              \
+    "  cur.status AS cur_status, cur.claims AS cur_claims,"                                    \
     "  (cur.lease_expires_at IS NOT NULL AND cur.lease_expires_at >= now()) AS cur_leased"    \
     " FROM (SELECT 1) one LEFT JOIN c ON true"                                                 \
     " LEFT JOIN tasks cur ON cur.id = $1"

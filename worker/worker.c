@@ -87,6 +87,8 @@ struct lr_run {
     bool fenced;
     bool abandon;                /* stop at the next boundary (drain deadline) */
     bool stepping;               /* the executor holds a step */
+    bool claim_may_suspect;      /* its claim in flight may take a suspect task */
+    lr_run_t *defer_next;        /* in the worker's list of deferred suspects */
     char id[LR_UUID_LEN + 1];
     char queue[LR_TASK_MAX_AGENT + 1];
     char agent[LR_TASK_MAX_AGENT + 1];
@@ -149,6 +151,14 @@ struct lr_worker {
     int schema_state;            /* 0 unknown, 1 ok, -1 incompatible */
     char schema_msg[160];
     uint64_t renew_fail_since_ms; /* first failed lease renewal since the last success, 0 = none */
+    /* Crash-loop attribution: a task whose last claim made no progress
+     * (claims >= 1 before claiming) is a suspect.  At most one suspect runs
+     * per worker until its first checkpoint; the others wait unclaimed, so
+     * a poison task that kills the process cannot drag other tasks' claim
+     * counts up with it (bystanders would reach crash_loop too). */
+    lr_run_t *suspect;            /* the suspect claimed and not yet checkpointed */
+    bool suspect_claiming;        /* a claim that may take a suspect is in flight */
+    lr_run_t *deferred, *deferred_tail;
 };
 
 static void run_next(lr_run_t *r);
@@ -156,6 +166,7 @@ static void run_publish_followup(lr_run_t *r);
 static void run_transition(lr_run_t *r, const char *status, const char *reason, const char *error,
                            const char *stop_reason, long resume_in_ms, int attempt_inc);
 static void worker_maybe_exit(lr_worker_t *w);
+static void suspect_next(lr_worker_t *w);
 
 /* ---------------------------------------------------------------- helpers */
 
@@ -183,6 +194,7 @@ void **lr_run_exec_state(lr_run_t *r) { return &r->exec_state; }
 lr_worker_t *lr_run_worker(lr_run_t *r) { return r->w; }
 lr_http_t *lr_worker_http(lr_worker_t *w) { return w->http; }
 uv_loop_t *lr_worker_loop(lr_worker_t *w) { return w->loop; }
+lr_pg_pool_t *lr_worker_pg(lr_worker_t *w) { return w->pg; }
 const lr_config_t *lr_worker_config(const lr_worker_t *w) { return &w->cfg; }
 const char *lr_worker_id(const lr_worker_t *w) { return w->id; }
 bool lr_worker_test_hooks(const lr_worker_t *w) { return w->test_hooks; }
@@ -298,7 +310,10 @@ static void run_maybe_free(lr_run_t *r) {
 }
 
 /* Acks the delivery (if still held) and ends the run. */
+static void suspect_release(lr_run_t *r);
+
 static void run_done(lr_run_t *r) {
+    suspect_release(r);
     if (r->d != NULL) {
         (void)lr_amqp_ack(r->w->amqp, r->d);
         lr_amqp_delivery_free(r->d);
@@ -311,6 +326,7 @@ static void run_done(lr_run_t *r) {
 /* Gives the delivery back to the broker without a decision (drain deadline,
  * lost database): the message is redelivered elsewhere. */
 static void run_requeue(lr_run_t *r) {
+    suspect_release(r);
     if (r->d != NULL) {
         (void)lr_amqp_reject(r->w->amqp, r->d, true);
         lr_amqp_delivery_free(r->d);
@@ -895,6 +911,7 @@ static void verify_cb(int err, const PGresult *res, void *arg);
 
 static void run_checkpoint_committed(lr_run_t *r) {
     lr_worker_t *w = r->w;
+    suspect_release(r); /* progress: claims is 0 again */
     r->step++;
     r->slice_steps++;
     r->tokens_in += r->out.tokens_in;
@@ -1227,24 +1244,111 @@ static void run_next(lr_run_t *r) {
 }
 
 static void insert_cb(int err, const PGresult *res, void *arg);
+static void claim_cb(int err, const PGresult *res, void *arg);
+
+/* Sends the claim.  It may take a suspect task only when this worker's
+ * suspect slot is free and no other such claim is in flight. */
+static void run_claim(lr_run_t *r) {
+    lr_worker_t *w = r->w;
+    char lease[16];
+    const char *params[4];
+    bool may = w->suspect == NULL && !w->suspect_claiming;
+    snprintf(lease, sizeof(lease), "%d", w->cfg.lease_seconds);
+    params[0] = r->id;
+    params[1] = w->id;
+    params[2] = lease;
+    params[3] = may ? "true" : "false";
+    if (may) {
+        w->suspect_claiming = true;
+        r->claim_may_suspect = true;
+    }
+    set_state(r, RUN_CLAIMING);
+    r->pending++;
+    if (lr_pg_query(w->pg, SQL_CLAIM, 4, params, 0, claim_cb, r) != 0) {
+        r->pending--;
+        if (may) {
+            w->suspect_claiming = false;
+            r->claim_may_suspect = false;
+        }
+        run_requeue(r);
+    }
+}
+
+/* Claims the next deferred suspect if the slot is free. */
+static void suspect_next(lr_worker_t *w) {
+    lr_run_t *r;
+    if (w->suspect != NULL || w->suspect_claiming || w->deferred == NULL || w->stopping) {
+        return;
+    }
+    r = w->deferred;
+    w->deferred = r->defer_next;
+    if (w->deferred == NULL) {
+        w->deferred_tail = NULL;
+    }
+    r->defer_next = NULL;
+    if (w->draining) {
+        run_requeue(r); /* never claimed: the broker gives it to another worker */
+        suspect_next(w);
+        return;
+    }
+    run_claim(r);
+}
+
+static void suspect_release(lr_run_t *r) {
+    if (r->w->suspect == r) {
+        r->w->suspect = NULL;
+        suspect_next(r->w);
+    }
+}
 
 static void claim_cb(int err, const PGresult *res, void *arg) {
     lr_run_t *r = arg;
     lr_worker_t *w = r->w;
     const char *cur;
+    bool may_suspect = r->claim_may_suspect;
 
     r->pending--;
+    if (may_suspect) {
+        r->claim_may_suspect = false;
+        w->suspect_claiming = false;
+    }
     if (err != 0) {
         LR_LOG(LR_LOG_WARN, &r->log, "task.claim_failed", "claim failed: %s; giving the message back",
                res != NULL ? PQresultErrorMessage(res) : lr_strerror(err));
         run_requeue(r);
+        suspect_next(w);
         return;
     }
     if (lr_pg_getn(res, 0, "lease_epoch") != NULL) {
+        if (may_suspect && atoi(lr_pg_getn(res, 0, "claims")) >= 2) {
+            w->suspect = r;
+            LR_LOG(LR_LOG_INFO, &r->log, "task.suspect", "claimed %s times without progress: running it as "
+                   "this worker's only suspect until it checkpoints", lr_pg_getn(res, 0, "claims"));
+        }
+        suspect_next(w);
         run_claimed(r, res);
         return;
     }
     cur = lr_pg_getn(res, 0, "cur_status");
+    if (cur != NULL && !may_suspect && atoi(lr_pg_getn(res, 0, "cur_claims")) >= 1 && !w->draining) {
+        const char *leased = lr_pg_getn(res, 0, "cur_leased");
+        if (strcmp(cur, "queued") == 0 || (strcmp(cur, "running") == 0 && leased != NULL && leased[0] == 'f')) {
+            /* A suspect, and another suspect holds this worker's slot: wait,
+             * unclaimed, holding the delivery. */
+            LR_LOG(LR_LOG_DEBUG, &r->log, "task.suspect_deferred", "suspect task waits for this worker's "
+                   "suspect slot");
+            r->defer_next = NULL;
+            if (w->deferred_tail != NULL) {
+                w->deferred_tail->defer_next = r;
+            } else {
+                w->deferred = r;
+            }
+            w->deferred_tail = r;
+            suspect_next(w);
+            return;
+        }
+    }
+    suspect_next(w);
     if (cur == NULL) {
         if (r->msg.continuation) {
             lr_amqp_delivery_t *d = r->d;
@@ -1349,18 +1453,7 @@ static void insert_cb(int err, const PGresult *res, void *arg) {
     }
     if (PQntuples(res) == 0) {
         /* Raced with another creator: claim the existing row. */
-        char lease[16];
-        const char *params[3];
-        snprintf(lease, sizeof(lease), "%d", r->w->cfg.lease_seconds);
-        params[0] = r->id;
-        params[1] = r->w->id;
-        params[2] = lease;
-        set_state(r, RUN_CLAIMING);
-        r->pending++;
-        if (lr_pg_query(r->w->pg, SQL_CLAIM, 3, params, 0, claim_cb, r) != 0) {
-            r->pending--;
-            run_requeue(r);
-        }
+        run_claim(r);
         return;
     }
     run_claimed(r, res);
@@ -1380,8 +1473,6 @@ static void on_delivery(lr_amqp_delivery_t *d, void *arg) {
     lr_worker_t *w = arg;
     lr_run_t *r;
     char err[512];
-    char lease[16];
-    const char *params[3];
     int rc;
 
     if (w->stopping) {
@@ -1434,17 +1525,7 @@ static void on_delivery(lr_amqp_delivery_t *d, void *arg) {
     r->log.task_id = r->id;
     /* An unknown agent is a permanent error, found after the claim or the
      * insert, so that the dead letter points at a recorded task. */
-    snprintf(lease, sizeof(lease), "%d", w->cfg.lease_seconds);
-    params[0] = r->id;
-    params[1] = w->id;
-    params[2] = lease;
-    set_state(r, RUN_CLAIMING);
-    r->pending++;
-    rc = lr_pg_query(w->pg, SQL_CLAIM, 3, params, 0, claim_cb, r);
-    if (rc != 0) {
-        r->pending--;
-        run_requeue(r);
-    }
+    run_claim(r);
 }
 
 /* ---------------------------------------------------------- leases + beats */
@@ -1689,6 +1770,13 @@ static void start_drain(lr_worker_t *w, const char *why) {
             "hand the rest back, exit within %d s", why, w->nruns, w->cfg.drain_seconds);
     lr_amqp_cancel_consume(w->amqp);
     uv_timer_start(&w->drain_timer, drain_deadline_cb, (uint64_t)w->cfg.drain_seconds * 1000u, 0);
+    while (w->deferred != NULL) {
+        lr_run_t *r = w->deferred; /* suspects never claimed: back to the broker */
+        w->deferred = r->defer_next;
+        r->defer_next = NULL;
+        run_requeue(r);
+    }
+    w->deferred_tail = NULL;
     worker_maybe_exit(w);
 }
 

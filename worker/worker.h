@@ -94,6 +94,7 @@ void lr_run_add_usage(lr_run_t *r, long tool_calls, long active_ms);
 lr_worker_t *lr_run_worker(lr_run_t *r);
 lr_http_t *lr_worker_http(lr_worker_t *w);
 uv_loop_t *lr_worker_loop(lr_worker_t *w);
+lr_pg_pool_t *lr_worker_pg(lr_worker_t *w);
 const lr_config_t *lr_worker_config(const lr_worker_t *w);
 const char *lr_worker_id(const lr_worker_t *w);
 bool lr_worker_test_hooks(const lr_worker_t *w);

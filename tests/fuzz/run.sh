@@ -5,7 +5,8 @@
 #   tests/fuzz/run.sh 300 fuzz_task      one target, 5 minutes
 #
 # For each target: first replay tests/fuzz/regressions/<target>/* (inputs that
-# once crashed; each must now pass), then fuzz for SECONDS over the committed
+# once crashed or broke a property; each must now pass, checked with
+# LR_FUZZ_STRICT=1), then fuzz for SECONDS over the committed
 # seeds tests/fuzz/corpus/<target>/ (read only) plus a work corpus in the
 # build directory (where new inputs go).  A crash, leak, sanitizer report,
 # timeout or FUZZ_CHECK failure stops that target; its input is saved in
@@ -90,7 +91,9 @@ for t in "${TARGETS[@]}"; do
     while IFS= read -r -d '' f; do regs+=("$f"); done < <(find "$FUZZ_SRC/regressions/$t" -type f ! -name '*.md' -print0 | sort -z)
   fi
   if [[ ${#regs[@]} -gt 0 ]]; then
-    if ! "$bin" -artifact_prefix="$art" "${regs[@]}" >"$log.regressions" 2>&1; then
+    # Regressions are checked with the optional properties on (LR_FUZZ_STRICT):
+    # each was saved because it broke one of them.
+    if ! LR_FUZZ_STRICT=1 "$bin" -artifact_prefix="$art" "${regs[@]}" >"$log.regressions" 2>&1; then
       result="REGRESSION"
       rc=1
       echo "---- $t: a regression input fails again (log: $log.regressions) ----" >&2
