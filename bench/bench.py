@@ -393,6 +393,20 @@ class Run:
         except Exception:
             return None
 
+    def worker_metrics(self, p):
+        """Sums over label sets of the _sum and _count series of /metrics."""
+        out = {}
+        try:
+            with urllib.request.urlopen(p.health.replace("/health", "/metrics"), timeout=5) as r:
+                text = r.read().decode()
+        except (urllib.error.URLError, OSError):
+            return out
+        for line in text.splitlines():
+            m = re.match(r"^([a-z_]+_(?:sum|count))(?:\{[^}]*\})? ([0-9.eE+-]+)$", line)
+            if m:
+                out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(2))
+        return out
+
     def ready(self, p):
         """The worker answers /readyz with 200 (connected, schema checked, consuming)."""
         if p.poll() is not None:
@@ -434,6 +448,7 @@ class Run:
         for i in range(self.nworkers):
             self.start_worker(i, agents[i % len(agents)])
         peak_in_flight = 0
+        max_lag = 0
         t_start = time.time()
         deadline = t_start + self.args.timeout
         done = 0
@@ -441,8 +456,9 @@ class Run:
             for p in self.workers:
                 if p.poll() is not None:
                     raise BenchError("%s exited with %s (log: %s)" % (p.name, p.returncode, self.dir))
-            hs = [self.worker_health(p) for p in self.workers]
-            peak_in_flight = max(peak_in_flight, sum((h or {}).get("in_flight", 0) for h in hs))
+            hs = [self.worker_health(p) or {} for p in self.workers]
+            peak_in_flight = max(peak_in_flight, sum(h.get("status", {}).get("in_flight", 0) for h in hs))
+            max_lag = max([max_lag] + [h.get("loop_lag_ms", 0) for h in hs])
             (done,), = self.q("SELECT count(*) FROM tasks WHERE status IN ('succeeded','failed','dead','cancelled')")
             if done >= n:
                 break
@@ -455,13 +471,24 @@ class Run:
         cpu = [proc_cpu_s(p.pid) - startup_cpu for p in self.workers]
         hwm = [proc_status_kb(p.pid, "VmHWM") for p in self.workers]
         fx_stats = [http_json(f.url + "/_stats") for f in self.fixtures]
+        metrics = {}
+        for p in self.workers:
+            for key, v in self.worker_metrics(p).items():
+                metrics[key] = metrics.get(key, 0.0) + v
         rcs = [self.procs.stop(p, timeout=60) for p in self.workers]
         self.workers = []
 
         res = {"run": self.name(), "workload": self.workload, "workers": self.nworkers, "tasks": n, "steps_per_task": k,
                "max_in_flight": self.in_flight, "pg_pool": self.args.pg_pool, "model_ms": self.model_ms,
                "tool_ms": self.tool_ms, "enqueue_s": round(enq_s, 2), "wall_s": round(wall, 2),
-               "peak_in_flight": peak_in_flight, "worker_exit_codes": rcs, "startup_cpu_s": startup_cpu}
+               "peak_in_flight": peak_in_flight, "max_loop_lag_ms": max_lag, "worker_exit_codes": rcs,
+               "startup_cpu_s": startup_cpu}
+        # means of the worker's own histograms (seconds -> ms): how long the
+        # model and tool calls took as the worker saw them (a fixture server
+        # that cannot keep up shows here), and the checkpoint round trip.
+        for h in ("step_duration", "checkpoint_duration", "model_request_duration", "tool_duration"):
+            c = metrics.get("longrun_%s_seconds_count" % h, 0)
+            res["%s_mean_ms" % h] = 1000.0 * metrics.get("longrun_%s_seconds_sum" % h, 0) / c if c else None
         (t0, t1), = self.q("SELECT extract(epoch FROM min(started_at)), extract(epoch FROM max(finished_at)) FROM tasks")
         elapsed = float(t1) - float(t0)
         (nsteps,), = self.q("SELECT count(*) FROM task_steps")
@@ -624,6 +651,12 @@ def main():
                   r["run"], r["cpu_ms_per_step"], r["worker_cpu_s"], r["startup_cpu_s"], r["fsyncs_per_step"],
                   r["commits_per_step"], 100 * (r["tasks_hot_update_ratio"] or 0), r["max_claims_per_task"],
                   r["model_calls"], r["tool_calls"], r["fixture_http_errors"], r["enqueue_s"]))
+    for r in results:
+        f = lambda v: "-" if v is None else "%.1f" % v
+        print("  %-10s worker-side means: step %s ms, model call %s ms, tool call %s ms, checkpoint %s ms; "
+              "max loop lag seen %s ms" % (r["run"], f(r["step_duration_mean_ms"]), f(r["model_request_duration_mean_ms"]),
+                                          f(r["tool_duration_mean_ms"]), f(r["checkpoint_duration_mean_ms"]),
+                                          r["max_loop_lag_ms"]))
     print("results: %s (total %.0f s)" % (path, out["total_s"]))
     return rc
 

@@ -142,13 +142,15 @@ user=$(inspect '{{.Docker.Config.User}}')
 [[ $user == "$UID_EXPECTED:$UID_EXPECTED" || $user == "$UID_EXPECTED" ]] || fail "image USER is '$user', want $UID_EXPECTED"
 hc=$(inspect '{{if .Docker.Config.Healthcheck}}{{.Docker.Config.Healthcheck.Test}}{{end}}')
 [[ $hc == *"/healthz"* ]] || fail "no HEALTHCHECK on /healthz recorded (got '$hc'; build with --format docker)"
-ep=$(inspect '{{json .Docker.Config.Entrypoint}}')
-[[ $ep == '["/usr/local/bin/longrun-worker"]' ]] || fail "entrypoint is $ep"
-labels=$(inspect '{{json .Docker.Config.Labels}}')
+ep=$(inspect '{{.Docker.Config.Entrypoint}}')
+[[ $ep == '[/usr/local/bin/longrun-worker]' ]] || fail "entrypoint is $ep"
+labels=$(inspect '{{range $k, $v := .Docker.Config.Labels}}{{$k}}={{$v}}
+{{end}}')
 for l in title description version revision created base.name; do
-  [[ $labels == *"\"org.opencontainers.image.$l\""* ]] || fail "OCI label org.opencontainers.image.$l missing"
+  grep -q "^org.opencontainers.image.$l=." <<<"$labels" || fail "OCI label org.opencontainers.image.$l missing"
 done
-env=$(inspect '{{json .Docker.Config.Env}}')
+env=$(inspect '{{range .Docker.Config.Env}}{{.}}
+{{end}}')
 if grep -qiE '://[^/"]*:[^/"@]*@|PASSWORD|SECRET|TOKEN|API_KEY' <<<"$env"; then
   fail "the image environment carries something that looks like a credential: $env"
 fi

@@ -8,8 +8,8 @@
 /* Claim: bump the epoch and take the lease if the task is runnable (queued,
  * or running with an expired lease).  The LEFT JOINs always return one row:
  * claimed columns are NULL when the claim failed, and cur_* say why.
- * $1 id, $2 worker, $3 lease seconds, $4 may take a suspect (a task whose
- * last claim made no progress: claims >= 1 before this one). */
+ * $1 id, $2 worker, $3 lease seconds, $4 claim only if claims (without
+ * progress so far) is below this (how the worker defers suspects). */
 #define SQL_CLAIM                                                                              \
     "WITH o AS (SELECT id, status FROM tasks WHERE id = $1 FOR UPDATE),"                       \
     " c AS (UPDATE tasks t SET status = 'running', lease_epoch = t.lease_epoch + 1,"           \
@@ -17,7 +17,7 @@
     "   claims = t.claims + 1, claims_total = t.claims_total + 1,"                              \
     "   started_at = coalesce(t.started_at, now()), updated_at = now(),"                       \
     "   suspend_reason = NULL, wait_event = NULL, resume_at = NULL"                            \
-    "  FROM o WHERE t.id = o.id AND ($4::bool OR t.claims = 0) AND (t.status = 'queued' OR"     \
+    "  FROM o WHERE t.id = o.id AND t.claims < $4::int AND (t.status = 'queued' OR"            \
     "   (t.status = 'running' AND (t.lease_expires_at IS NULL OR t.lease_expires_at < now())))" \
     "  RETURNING t.*, o.status AS old_status),"                                                \
     " ev AS (INSERT INTO task_events (task_id, from_status, to_status, reason, actor)"         \
@@ -105,7 +105,7 @@
  * the worker did not crash, so it must not count towards crash_loop. */
 #define SQL_TRANSITION                                                                         \
     "WITH t AS (UPDATE tasks SET status = $3, attempt = attempt + $9::int,"                   \
-    "   claims = CASE WHEN $3 = 'queued' THEN greatest(claims - 1, 0) ELSE claims END,"         \
+    "   claims = CASE WHEN $3 = 'queued' THEN greatest(claims - 1, 0) ELSE claims END,"        \
     "   error = coalesce($6, error), stop_reason = coalesce($7, stop_reason),"                 \
     "   resume_at = CASE WHEN $8::bigint IS NULL THEN NULL"                                    \
     "     ELSE now() + make_interval(secs => $8::bigint / 1000.0) END,"                        \

@@ -94,6 +94,7 @@ struct lr_run {
     char agent[LR_TASK_MAX_AGENT + 1];
     char *reply_to;
     char *correlation_id;
+    char *callback_url;
     int64_t epoch;
     int step;                    /* last checkpointed step */
     int attempt, max_attempts;
@@ -151,11 +152,13 @@ struct lr_worker {
     int schema_state;            /* 0 unknown, 1 ok, -1 incompatible */
     char schema_msg[160];
     uint64_t renew_fail_since_ms; /* first failed lease renewal since the last success, 0 = none */
-    /* Crash-loop attribution: a task whose last claim made no progress
-     * (claims >= 1 before claiming) is a suspect.  At most one suspect runs
-     * per worker until its first checkpoint; the others wait unclaimed, so
-     * a poison task that kills the process cannot drag other tasks' claim
-     * counts up with it (bystanders would reach crash_loop too). */
+    /* Crash-loop attribution: a task whose last SUSPECT_CLAIMS claims made
+     * no progress is a suspect.  At most one suspect runs per worker until
+     * its first checkpoint; the others wait unclaimed, so a poison task that
+     * kills the process cannot drag the claim counts of the tasks that share
+     * its worker up to crash_loop with it (a bystander's count stays at most
+     * SUSPECT_CLAIMS, below the limit).  A single crash makes no suspect, so
+     * the recovery of a dead worker's tasks is not serialized. */
     lr_run_t *suspect;            /* the suspect claimed and not yet checkpointed */
     bool suspect_claiming;        /* a claim that may take a suspect is in flight */
     lr_run_t *deferred, *deferred_tail;
@@ -300,6 +303,7 @@ static void run_maybe_free(lr_run_t *r) {
     free(r->budgets_json);
     free(r->reply_to);
     free(r->correlation_id);
+    free(r->callback_url);
     if (r->timer_init) {
         r->timer_init = false;
         uv_close((uv_handle_t *)&r->retry_timer, run_timer_closed);
@@ -717,13 +721,22 @@ static void run_send_reply(lr_run_t *r) {
     lr_amqp_msg_t msg;
     cJSON *o;
     char *body, *id;
-    if (r->reply_to == NULL || r->reply_to[0] == '\0') {
+    bool reply = r->reply_to != NULL && r->reply_to[0] != '\0';
+    bool callback = r->callback_url != NULL && r->callback_url[0] != '\0';
+    if (!reply && !callback) {
         return;
     }
     o = cJSON_CreateObject();
     outcome_json(r, o);
     body = cJSON_PrintUnformatted(o);
     cJSON_Delete(o);
+    if (callback && body != NULL) {
+        lr_callback_send(r->w, r->id, r->callback_url, body);
+    }
+    if (!reply) {
+        free(body);
+        return;
+    }
     id = strdup(r->id);
     if (body == NULL || id == NULL) {
         free(body);
@@ -1185,6 +1198,9 @@ static void run_claimed(lr_run_t *r, const PGresult *res) {
     v = lr_pg_getn(res, 0, "correlation_id");
     free(r->correlation_id);
     r->correlation_id = v != NULL ? strdup(v) : NULL;
+    v = lr_pg_getn(res, 0, "callback_url");
+    free(r->callback_url);
+    r->callback_url = v != NULL ? strdup(v) : NULL;
     cJSON_Delete(r->input);
     r->input = input != NULL ? cJSON_Parse(input) : NULL;
     r->log.epoch = r->epoch;
@@ -1246,18 +1262,25 @@ static void run_next(lr_run_t *r) {
 static void insert_cb(int err, const PGresult *res, void *arg);
 static void claim_cb(int err, const PGresult *res, void *arg);
 
+/* Claims without progress that make a task a suspect: 2, or the crash-loop
+ * limit if lower (then a bystander still stays within the limit). */
+static int suspect_claims(const lr_worker_t *w) {
+    return w->cfg.max_claims < 2 ? w->cfg.max_claims : 2;
+}
+
 /* Sends the claim.  It may take a suspect task only when this worker's
  * suspect slot is free and no other such claim is in flight. */
 static void run_claim(lr_run_t *r) {
     lr_worker_t *w = r->w;
-    char lease[16];
+    char lease[16], below[16];
     const char *params[4];
     bool may = w->suspect == NULL && !w->suspect_claiming;
     snprintf(lease, sizeof(lease), "%d", w->cfg.lease_seconds);
+    snprintf(below, sizeof(below), "%d", may ? 1000000 : suspect_claims(w));
     params[0] = r->id;
     params[1] = w->id;
     params[2] = lease;
-    params[3] = may ? "true" : "false";
+    params[3] = below;
     if (may) {
         w->suspect_claiming = true;
         r->claim_may_suspect = true;
@@ -1320,7 +1343,7 @@ static void claim_cb(int err, const PGresult *res, void *arg) {
         return;
     }
     if (lr_pg_getn(res, 0, "lease_epoch") != NULL) {
-        if (may_suspect && atoi(lr_pg_getn(res, 0, "claims")) >= 2) {
+        if (may_suspect && atoi(lr_pg_getn(res, 0, "claims")) > suspect_claims(w)) {
             w->suspect = r;
             LR_LOG(LR_LOG_INFO, &r->log, "task.suspect", "claimed %s times without progress: running it as "
                    "this worker's only suspect until it checkpoints", lr_pg_getn(res, 0, "claims"));
@@ -1330,7 +1353,8 @@ static void claim_cb(int err, const PGresult *res, void *arg) {
         return;
     }
     cur = lr_pg_getn(res, 0, "cur_status");
-    if (cur != NULL && !may_suspect && atoi(lr_pg_getn(res, 0, "cur_claims")) >= 1 && !w->draining) {
+    if (cur != NULL && !may_suspect && atoi(lr_pg_getn(res, 0, "cur_claims")) >= suspect_claims(w) &&
+        !w->draining) {
         const char *leased = lr_pg_getn(res, 0, "cur_leased");
         if (strcmp(cur, "queued") == 0 || (strcmp(cur, "running") == 0 && leased != NULL && leased[0] == 'f')) {
             /* A suspect, and another suspect holds this worker's slot: wait,

@@ -50,12 +50,25 @@ def test():
     with h.Env("agent") as env:
         env.start_fixture()
         env.start_scheduler()
-        env.start_worker("w1", LONGRUN_AGENTS_FILE=AGENTS, LONGRUN_RETRY_BASE_MS=200, LONGRUN_RETRY_MAX_MS=500)
-        env.start_worker("w2", LONGRUN_AGENTS_FILE=AGENTS, LONGRUN_RETRY_BASE_MS=200, LONGRUN_RETRY_MAX_MS=500)
+        env.start_worker("w1", LONGRUN_AGENTS_FILE=AGENTS, LONGRUN_RETRY_BASE_MS=200, LONGRUN_RETRY_MAX_MS=500,
+                         LONGRUN_CALLBACK_ALLOW=env.fixture_url + "/tools/callback")
+        env.start_worker("w2", LONGRUN_AGENTS_FILE=AGENTS, LONGRUN_RETRY_BASE_MS=200, LONGRUN_RETRY_MAX_MS=500,
+                         LONGRUN_CALLBACK_ALLOW=env.fixture_url + "/tools/callback")
         names = ["steps3", "anthropic3", "runaway", "fallback", "quota", "badargs", "argsobject", "stopwithtools",
                  "notools", "bigresult", "flakytool", "toolbudget", "tokenbudget", "malformed"]
         ids = dict(zip(names, env.enqueue_many([{"agent": n, "input": {"question": "q for " + n}} for n in names])))
-        env.wait_all_terminal(len(names), 120)
+        cb = env.enqueue_many([{"agent": "steps3", "input": "call me back", "callback_url": env.fixture_url + "/tools/callback"},
+                               {"agent": "steps3", "input": "not allowed", "callback_url": env.fixture_url + "/tools/other"}])
+        env.wait_all_terminal(len(names) + 2, 120)
+        # the outcome is POSTed to an allowed callback_url, with its idempotency key
+        posts = h.wait_for(lambda: env.fixture("/_requests?limit=10000&path_prefix=/tools/callback")["requests"], 15,
+                           "callback delivered")
+        h.eq(len(posts), 1, "one callback POST")
+        h.eq(posts[0]["headers"]["idempotency-key"], cb[0] + ":outcome", "callback idempotency key")
+        h.eq((posts[0]["body"]["id"], posts[0]["body"]["status"]), (cb[0], "succeeded"), "callback body")
+        h.eq(posts[0]["body"]["result"]["answer"], "done after 3 steps", "callback result")
+        h.eq(env.fixture("/_requests?limit=10000&path_prefix=/tools/other")["requests"], [],
+             "a callback_url outside LONGRUN_CALLBACK_ALLOW is never called")
 
         # plain success, both wire formats; usage and cost accounted
         for n in ("steps3", "anthropic3"):

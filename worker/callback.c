@@ -1,0 +1,122 @@
+/*
+ * callback.c - delivers a task's outcome to its callback_url as an HTTP POST.
+ *
+ * The body is the same outcome JSON as the reply_to message
+ * (docs/task-contract.md), with headers Idempotency-Key: <task id>:outcome
+ * and X-Longrun-Task-Id.  Up to 5 attempts, 1 s, 2 s, 4 s, 8 s apart, on
+ * connection errors, timeouts, 408, 429 and 5xx.  Only URLs that start with
+ * one of the prefixes in LONGRUN_CALLBACK_ALLOW (comma-separated) are called:
+ * tasks must not make workers reach arbitrary hosts.  Delivery is
+ * best-effort after the outcome is committed (a worker that dies mid-retry
+ * does not retry again); the outcome itself is always in PostgreSQL.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "log.h"
+#include "worker.h"
+
+typedef struct callback {
+    lr_worker_t *w;
+    uv_timer_t timer;
+    char id[LR_UUID_LEN + 1];
+    char *url;
+    char *body;
+    int tries;
+} callback_t;
+
+static void cb_closed(uv_handle_t *h) {
+    callback_t *c = h->data;
+    free(c->url);
+    free(c->body);
+    free(c);
+}
+
+static void cb_send(callback_t *c);
+
+static void cb_timer(uv_timer_t *t) {
+    cb_send(t->data);
+}
+
+static void cb_done(const lr_http_response_t *resp, void *arg) {
+    callback_t *c = arg;
+    bool retry = resp->err != 0 || resp->status == 408 || resp->status == 429 || resp->status >= 500;
+    if (resp->err == 0 && resp->status >= 200 && resp->status < 300) {
+        lr_info("task.callback_delivered", "outcome of task %s delivered to its callback (HTTP %ld)", c->id,
+                resp->status);
+    } else if (retry && c->tries < 5) {
+        uv_timer_start(&c->timer, cb_timer, 1000u << (c->tries - 1), 0);
+        return;
+    } else {
+        lr_warn("task.callback_failed", "outcome of task %s not delivered to its callback after %d attempt(s): %s",
+                c->id, c->tries, resp->err != 0 ? lr_strerror(resp->err) : "HTTP error");
+    }
+    uv_close((uv_handle_t *)&c->timer, cb_closed);
+}
+
+static void cb_send(callback_t *c) {
+    char idem[96], task[96];
+    const char *headers[4];
+    lr_http_opts_t o;
+    lr_http_t *http = lr_worker_http(c->w);
+    snprintf(idem, sizeof(idem), "Idempotency-Key: %s:outcome", c->id);
+    snprintf(task, sizeof(task), "X-Longrun-Task-Id: %s", c->id);
+    headers[0] = "Content-Type: application/json";
+    headers[1] = idem;
+    headers[2] = task;
+    headers[3] = NULL;
+    memset(&o, 0, sizeof(o));
+    o.method = "POST";
+    o.url = c->url;
+    o.headers = headers;
+    o.body = c->body;
+    o.body_len = strlen(c->body);
+    o.timeout_ms = 10000;
+    o.max_body = 4096;
+    c->tries++;
+    if (http == NULL || lr_http_send(http, &o, cb_done, c, NULL) != 0) {
+        lr_warn("task.callback_failed", "cannot send the outcome of task %s to its callback", c->id);
+        uv_close((uv_handle_t *)&c->timer, cb_closed);
+    }
+}
+
+static bool allowed(const char *url) {
+    const char *allow = getenv("LONGRUN_CALLBACK_ALLOW");
+    char *copy, *save = NULL;
+    bool ok = false;
+    if (allow == NULL || allow[0] == '\0') {
+        return false;
+    }
+    copy = strdup(allow);
+    for (char *p = copy != NULL ? strtok_r(copy, ",", &save) : NULL; p != NULL && !ok; p = strtok_r(NULL, ",", &save)) {
+        ok = p[0] != '\0' && strncmp(url, p, strlen(p)) == 0;
+    }
+    free(copy);
+    return ok;
+}
+
+void lr_callback_send(lr_worker_t *w, const char *task_id, const char *url, const char *body) {
+    callback_t *c;
+    if (!allowed(url)) {
+        lr_warn("task.callback_refused", "task %s: callback_url is not under LONGRUN_CALLBACK_ALLOW; not called",
+                task_id);
+        return;
+    }
+    c = calloc(1, sizeof(*c));
+    if (c == NULL) {
+        return;
+    }
+    c->w = w;
+    snprintf(c->id, sizeof(c->id), "%s", task_id);
+    c->url = strdup(url);
+    c->body = strdup(body);
+    uv_timer_init(lr_worker_loop(w), &c->timer);
+    uv_unref((uv_handle_t *)&c->timer); /* never holds the worker's exit */
+    c->timer.data = c;
+    if (c->url == NULL || c->body == NULL) {
+        uv_close((uv_handle_t *)&c->timer, cb_closed);
+        return;
+    }
+    cb_send(c);
+}
