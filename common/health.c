@@ -11,6 +11,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "log.h"
 #include "metrics.h"
 
 struct lr_health {
@@ -94,14 +95,16 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
     }
     if (strcmp(url, "/health") == 0) {
         char *body;
+        char reason[600];
         double age;
         pthread_mutex_lock(&h->mu);
         age = since_ms(&h->last_tick);
+        lr_json_escape(reason, 0, sizeof(reason), h->ready ? "" : h->reason);
         body = fmt("{\"component\":\"%s\",\"version\":\"%s\",\"uptime_seconds\":%.0f,\"loop_lag_ms\":%.0f,"
                    "\"live\":%s,\"ready\":%s,\"not_ready_reason\":\"%s\",\"status\":%s}\n",
                    h->component, LONGRUN_VERSION, since_ms(&h->started) / 1000.0, age,
                    age <= (double)h->stall_ms ? "true" : "false", h->ready ? "true" : "false",
-                   h->ready ? "" : h->reason, h->snapshot != NULL ? h->snapshot : "{}");
+                   reason, h->snapshot != NULL ? h->snapshot : "{}");
         pthread_mutex_unlock(&h->mu);
         return reply(c, MHD_HTTP_OK, "application/json", body);
     }

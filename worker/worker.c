@@ -1921,6 +1921,12 @@ static void health_timer_cb(uv_timer_t *t) {
              w->nruns, w->cfg.max_in_flight, w->draining ? "true" : "false", (unsigned long long)w->steps_done,
              (unsigned long long)w->tasks_finished);
     lr_health_set_snapshot(w->health, snap);
+    if (ticks % 60 == 0) {
+        lr_info("worker.stats", "in flight %d, steps %llu, tasks finished %llu, postgres %d connection(s) with %zu "
+                "pending, rabbitmq %s%s", w->nruns, (unsigned long long)w->steps_done,
+                (unsigned long long)w->tasks_finished, w->pg_usable, w->pg != NULL ? lr_pg_pool_pending(w->pg) : (size_t)0,
+                w->amqp_up ? "up" : "down", w->draining ? ", draining" : "");
+    }
 }
 
 static void on_pg_state(int usable, void *arg) {
