@@ -447,8 +447,13 @@ class Run:
         before = self.pg_counters()
         for i in range(self.nworkers):
             self.start_worker(i, agents[i % len(agents)])
+        perf = None
+        if self.args.perf:
+            os.makedirs(self.args.perf, exist_ok=True)
+            self.perf_data = os.path.join(self.args.perf, "%s-%dw.perf.data" % (self.workload, self.nworkers))
+            perf = subprocess.Popen(["perf", "record", "-F", "999", "-o", self.perf_data, "-p",
+                                     str(self.workers[0].pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         peak_in_flight = 0
-        max_lag = 0
         t_start = time.time()
         deadline = t_start + self.args.timeout
         done = 0
@@ -458,7 +463,6 @@ class Run:
                     raise BenchError("%s exited with %s (log: %s)" % (p.name, p.returncode, self.dir))
             hs = [self.worker_health(p) or {} for p in self.workers]
             peak_in_flight = max(peak_in_flight, sum(h.get("status", {}).get("in_flight", 0) for h in hs))
-            max_lag = max([max_lag] + [h.get("loop_lag_ms", 0) for h in hs])
             (done,), = self.q("SELECT count(*) FROM tasks WHERE status IN ('succeeded','failed','dead','cancelled')")
             if done >= n:
                 break
@@ -468,6 +472,14 @@ class Run:
             raise BenchError("%s: only %d of %d tasks finished within %d s (logs: %s)" % (
                 self.name(), done, n, self.args.timeout, self.dir))
         after = self.pg_counters()
+        if perf is not None:
+            perf.send_signal(signal.SIGINT)
+            perf.wait(60)
+            rep = subprocess.run(["perf", "report", "-i", self.perf_data, "--stdio", "--no-children",
+                                  "--sort", "dso,symbol", "--percent-limit", "0.7"], capture_output=True, text=True)
+            with open(self.perf_data.replace(".data", ".txt"), "w") as f:
+                f.write(rep.stdout)
+            log("%s: perf profile of worker 0 in %s" % (self.name(), self.perf_data.replace(".data", ".txt")))
         cpu = [proc_cpu_s(p.pid) - startup_cpu for p in self.workers]
         hwm = [proc_status_kb(p.pid, "VmHWM") for p in self.workers]
         fx_stats = [http_json(f.url + "/_stats") for f in self.fixtures]
@@ -481,7 +493,7 @@ class Run:
         res = {"run": self.name(), "workload": self.workload, "workers": self.nworkers, "tasks": n, "steps_per_task": k,
                "max_in_flight": self.in_flight, "pg_pool": self.args.pg_pool, "model_ms": self.model_ms,
                "tool_ms": self.tool_ms, "enqueue_s": round(enq_s, 2), "wall_s": round(wall, 2),
-               "peak_in_flight": peak_in_flight, "max_loop_lag_ms": max_lag, "worker_exit_codes": rcs,
+               "peak_in_flight": peak_in_flight, "worker_exit_codes": rcs,
                "startup_cpu_s": startup_cpu}
         # means of the worker's own histograms (seconds -> ms): how long the
         # model and tool calls took as the worker saw them (a fixture server
@@ -573,6 +585,7 @@ def main():
     ap.add_argument("--home", default=os.path.join(ROOT, ".longrun-bench"))
     ap.add_argument("--pg-port", type=int, default=57432)
     ap.add_argument("--amqp-port", type=int, default=57672)
+    ap.add_argument("--perf", metavar="DIR", help="record worker 0 of each run with perf (flat profile) into DIR")
     ap.add_argument("--json", help="write the results here [<build>/bench-results.json]")
     args = ap.parse_args()
     if args.quick:
@@ -653,10 +666,9 @@ def main():
                   r["model_calls"], r["tool_calls"], r["fixture_http_errors"], r["enqueue_s"]))
     for r in results:
         f = lambda v: "-" if v is None else "%.1f" % v
-        print("  %-10s worker-side means: step %s ms, model call %s ms, tool call %s ms, checkpoint %s ms; "
-              "max loop lag seen %s ms" % (r["run"], f(r["step_duration_mean_ms"]), f(r["model_request_duration_mean_ms"]),
-                                          f(r["tool_duration_mean_ms"]), f(r["checkpoint_duration_mean_ms"]),
-                                          r["max_loop_lag_ms"]))
+        print("  %-10s worker-side means: step %s ms, model call %s ms, tool call %s ms, checkpoint %s ms" % (
+            r["run"], f(r["step_duration_mean_ms"]), f(r["model_request_duration_mean_ms"]),
+            f(r["tool_duration_mean_ms"]), f(r["checkpoint_duration_mean_ms"])))
     print("results: %s (total %.0f s)" % (path, out["total_s"]))
     return rc
 

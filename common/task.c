@@ -204,6 +204,10 @@ int lr_task_parse(const char *body, size_t len, lr_task_msg_t *out, char *errbuf
     if (len == 0) {
         return lr_seterr(errbuf, errlen, LR_EPARSE, "message body is empty, expected a JSON object");
     }
+    if (memmem(body, len, "\\u0000", 6) != NULL) {
+        return lr_seterr(errbuf, errlen, LR_EINVAL,
+                         "message body contains \\u0000, which PostgreSQL cannot store in JSON");
+    }
     root = cJSON_ParseWithLengthOpts(body, len, &end, false);
     if (root == NULL) {
         size_t off = (end != NULL && end >= body) ? (size_t)(end - body) : 0;

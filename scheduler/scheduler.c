@@ -95,7 +95,9 @@
 /* Retention: finished tasks (and, by cascade, their steps and events).
  * $1 batch, $2 days. */
 #define SQL_RETENTION                                                                          \
-    "WITH rw AS (DELETE FROM rate_windows WHERE window_start < now() - interval '1 hour')"     \
+    "WITH rw AS (DELETE FROM rate_windows WHERE window_start < now() - interval '1 hour'),"    \
+    " dlr AS (DELETE FROM dead_letters WHERE id IN (SELECT id FROM dead_letters WHERE"          \
+    "  created_at < now() - make_interval(days => $2::int) LIMIT $1))"                         \
     " DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE finished_at <"                 \
     " now() - make_interval(days => $2::int) LIMIT $1)"
 
@@ -103,13 +105,21 @@
  * $1 key, $2 message_id, $3 queue, $4 reason, $5 raw hex, $6 headers json,
  * $7 death count, $8 body is json, $9 task id. */
 #define SQL_INGEST                                                                             \
-    "INSERT INTO dead_letters (dedupe_key, message_id, queue, reason, error, raw_body, body,"  \
-    "  x_death, death_count, source, task_id)"                                                 \
+    "WITH dl AS (INSERT INTO dead_letters (dedupe_key, message_id, queue, reason, error,"      \
+    "  raw_body, body, x_death, death_count, source, task_id)"                                 \
     " VALUES ($1, $2, $3, $4, NULL, $5::bytea,"                                                \
     "  CASE WHEN $8::bool THEN convert_from($5::bytea, 'UTF8')::jsonb END, $6::jsonb,"         \
     "  $7::int, 'broker', $9::uuid)"                                                           \
     " ON CONFLICT (dedupe_key) DO UPDATE SET x_death = EXCLUDED.x_death,"                      \
-    "  death_count = EXCLUDED.death_count, updated_at = now()"
+    "  death_count = EXCLUDED.death_count, updated_at = now() RETURNING 1),"                   \
+    /* a task whose message the broker dead-lettered (delivery limit) and that   */            \
+    /* is still queued would only be republished by the outbox: stop it here     */            \
+    " t AS (UPDATE tasks SET status = 'dead', stop_reason = 'broker:' || $4,"                  \
+    "  error = 'dead-lettered by RabbitMQ (' || $4 || ')', finished_at = now(),"               \
+    "  updated_at = now() WHERE $10::bool AND id = $9::uuid AND status = 'queued' RETURNING id)," \
+    " ev AS (INSERT INTO task_events (task_id, from_status, to_status, reason, actor)"         \
+    "  SELECT id, 'queued', 'dead', 'broker:' || $4, $11 FROM t)"                              \
+    " SELECT count(*) FROM dl"
 
 typedef struct sched {
     uv_loop_t *loop;
@@ -120,7 +130,7 @@ typedef struct sched {
     lr_amqp_t *amqp;
     uv_timer_t tick;
     uv_timer_t lock_timer;
-    uv_signal_t sigterm, sigint, sigquit;
+    uv_signal_t sigterm, sigint, sigquit, sighup;
     bool leader;
     bool lock_pending;
     bool stopping;
@@ -486,7 +496,7 @@ static void ingest_send(ingest_t *in) {
     char key[300], reason[64], queue[128], cnt[24];
     char *hex = malloc(d->body_len * 2 + 3);
     long count;
-    const char *params[9];
+    const char *params[11];
     static const char digits[] = "0123456789abcdef";
     bool is_json, mid_ok;
 
@@ -526,7 +536,9 @@ static void ingest_send(ingest_t *in) {
     params[6] = count >= 0 ? cnt : NULL;
     params[7] = is_json ? "true" : "false";
     params[8] = mid_ok && lr_uuid_valid(d->message_id) ? d->message_id : NULL;
-    if (lr_pg_query(s->pg, SQL_INGEST, 9, params, 0, ingest_cb, in) != 0) {
+    params[9] = strncmp(key, "broker:", 7) == 0 ? "true" : "false";
+    params[10] = s->id;
+    if (lr_pg_query(s->pg, SQL_INGEST, 11, params, 0, ingest_cb, in) != 0) {
         if (s->amqp != NULL) {
             (void)lr_amqp_reject(s->amqp, d, true);
         }
@@ -645,9 +657,19 @@ static void on_pg_state(int usable, void *arg) {
 
 /* -------------------------------------------------------------- lifecycle */
 
+static void noop_close(uv_handle_t *h);
+
 static void closed_cb(void *arg) {
     sched_t *s = arg;
     if (--s->closing == 0) {
+        /* Signal handlers stay until the end so that a second signal can
+         * still force the exit while connections close. */
+        if (uv_is_active((uv_handle_t *)&s->sigterm) || uv_is_active((uv_handle_t *)&s->sigint)) {
+            uv_close((uv_handle_t *)&s->sigterm, noop_close);
+            uv_close((uv_handle_t *)&s->sigint, noop_close);
+            uv_close((uv_handle_t *)&s->sigquit, noop_close);
+            uv_close((uv_handle_t *)&s->sighup, noop_close);
+        }
         uv_stop(s->loop);
     }
 }
@@ -663,15 +685,16 @@ static void on_signal(uv_signal_t *sig, int signum) {
         fflush(stdout);
         _exit(signum == SIGQUIT ? 3 : 1);
     }
+    if (signum == SIGHUP) {
+        lr_info("scheduler.sighup", "SIGHUP: nothing to reload (configuration is read at start)");
+        return;
+    }
     s->stopping = true;
-    lr_info("scheduler.stopping", "%s: stopping (leader lock released with the session)",
-            strsignal(signum));
+    lr_info("scheduler.stopping", "%s: stopping (leader lock released with the session); the same signal "
+            "again exits at once", strsignal(signum));
     uv_close((uv_handle_t *)&s->tick, noop_close);
     uv_close((uv_handle_t *)&s->health_timer, noop_close);
     uv_close((uv_handle_t *)&s->lock_timer, noop_close);
-    uv_close((uv_handle_t *)&s->sigterm, noop_close);
-    uv_close((uv_handle_t *)&s->sigint, noop_close);
-    uv_close((uv_handle_t *)&s->sigquit, noop_close);
     s->closing = 3;
     lr_amqp_stop(s->amqp, 3000, closed_cb, s);
     s->amqp = NULL;
@@ -767,6 +790,9 @@ int lr_scheduler_run(const lr_config_t *cfg) {
     uv_signal_init(&loop, &s->sigterm);
     uv_signal_init(&loop, &s->sigint);
     uv_signal_init(&loop, &s->sigquit);
+    uv_signal_init(&loop, &s->sighup);
+    s->sighup.data = s;
+    uv_signal_start(&s->sighup, on_signal, SIGHUP);
     s->sigterm.data = s->sigint.data = s->sigquit.data = s;
     uv_signal_start(&s->sigterm, on_signal, SIGTERM);
     uv_signal_start(&s->sigint, on_signal, SIGINT);

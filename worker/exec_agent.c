@@ -15,7 +15,7 @@
  * Budgets are checked before the model call and before every tool call; a
  * step that reaches a budget ends the task with its stop_reason (the worker
  * dead-letters it for the operator).  A rate-limit wait longer than
- * LONGRUN_SUSPEND_AFTER_MS suspends the task (rate_limited, resume_at)
+ * 30 s (fixed) suspends the task (rate_limited, resume_at)
  * without counting an attempt.  Circuit breakers are per model endpoint:
  * 5 consecutive failures open it for 30 s, then one trial call (half-open).
  *
@@ -153,6 +153,7 @@ typedef struct agent_state {
     char suspend_reason[32];
     char wait_event[128];
     long suspend_ms;
+    long req_bytes;              /* size of the last request body (token estimates) */
     /* fleet-wide rate limit of the current model (table rate_windows) */
     char *pending_body;          /* request body waiting for its reservation */
     bool reserved;               /* the next send is covered by a reservation */
@@ -300,6 +301,44 @@ static cJSON *apply_window(const cJSON *conv, int n) {
     for (int i = start; i < total; i++) {
         cJSON_AddItemToArray(out, cJSON_Duplicate(cJSON_GetArrayItem(conv, i), true));
     }
+    return out;
+}
+
+/* A copy of s (at most max bytes) that is valid UTF-8: invalid bytes become
+ * U+FFFD and a cut never splits a character (PostgreSQL's jsonb refuses
+ * invalid text, and a tool's body is outside input). */
+static char *utf8_clean(const char *s, size_t n, size_t max, bool *cut) {
+    char *out = malloc((n < max ? n : max) * 3 + 4);
+    size_t o = 0, i = 0;
+    *cut = false;
+    if (out == NULL) {
+        return NULL;
+    }
+    while (i < n) {
+        unsigned char c = (unsigned char)s[i];
+        size_t len = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+        bool ok = len > 0 && i + len <= n && c != 0;
+        for (size_t k = 1; ok && k < len; k++) {
+            ok = ((unsigned char)s[i + k] & 0xC0) == 0x80;
+        }
+        if (ok && len == 2 && c < 0xC2) {
+            ok = false; /* overlong */
+        }
+        if (o + (ok ? len : 3) > max) {
+            *cut = true;
+            break;
+        }
+        if (ok) {
+            memcpy(out + o, s + i, len);
+            o += len;
+            i += len;
+        } else {
+            memcpy(out + o, "\xEF\xBF\xBD", 3);
+            o += 3;
+            i += 1;
+        }
+    }
+    out[o] = '\0';
     return out;
 }
 
@@ -517,6 +556,9 @@ static void model_next(agent_state_t *st) {
         return;
     }
     snprintf(st->out->error, sizeof(st->out->error), "every model failed; last: %s", st->last_error);
+    if (strcmp(st->last_reason, "context_length") == 0 && !st->any_transient) {
+        snprintf(st->out->stop_reason, sizeof(st->out->stop_reason), "context_length");
+    }
     finish(st, st->any_transient ? LR_STEP_FAIL_TRANSIENT : LR_STEP_FAIL_PERMANENT);
 }
 
@@ -560,7 +602,14 @@ static void model_response(const lr_http_response_t *resp, void *arg) {
         model_failed(st, cls, reason, detail, wait);
         return;
     }
-    rc = lr_provider_parse(m, resp->body, resp->body_len, st->step_no, &st->reply, err, sizeof(err));
+    {
+        /* Outside input: make it valid UTF-8 before it can reach jsonb. */
+        bool cut;
+        char *clean = utf8_clean(resp->body, resp->body_len, resp->body_len * 3 + 4, &cut);
+        rc = clean != NULL ? lr_provider_parse(m, clean, strlen(clean), st->step_no, &st->reply, err, sizeof(err))
+                           : LR_ENOMEM;
+        free(clean);
+    }
     if (rc != 0) {
         model_failed(st, LR_CALL_RETRY, "malformed_response", err, -1);
         return;
@@ -570,7 +619,7 @@ static void model_response(const lr_http_response_t *resp, void *arg) {
     rate_settle(st, m, st->reply.tokens_in + st->reply.tokens_out);
     if (st->reply.usage_missing) {
         /* Estimate (about 4 bytes a token) so that budgets still bind. */
-        st->reply.tokens_in = (long)(strlen(resp->body) / 4 + 1);
+        st->reply.tokens_in = st->req_bytes / 4 + 1;
         st->reply.tokens_out = (long)(resp->body_len / 4 + 1);
     }
     st->out->tokens_in += st->reply.tokens_in;
@@ -838,6 +887,7 @@ static void model_call(agent_state_t *st) {
     o.headers = headers;
     o.body = body;
     o.body_len = strlen(body);
+    st->req_bytes = (long)o.body_len;
     o.timeout_ms = m->timeout_ms;
     rc = lr_http_send(lr_worker_http(st->w), &o, model_response, st, &st->model_req);
     memset(auth, 0, sizeof(auth));
@@ -897,27 +947,34 @@ static void tool_response(const lr_http_response_t *resp, void *arg) {
     tc->running = false;
     st->calls_running--;
     if (resp->err == 0 && resp->status >= 200 && resp->status < 300) {
-        if (resp->truncated || (long)resp->body_len > tc->def->max_result_bytes) {
-            size_t keep = (size_t)tc->def->max_result_bytes;
-            char *cut = malloc(keep + 64);
-            if (cut != NULL) {
-                memcpy(cut, resp->body, keep < resp->body_len ? keep : resp->body_len);
-                snprintf(cut + (keep < resp->body_len ? keep : resp->body_len), 64,
-                         "...[truncated: result over %ld bytes]", tc->def->max_result_bytes);
-                add_tool_result(st, tc->id, tc->name, cut, false);
-                free(cut);
+        bool cut = false;
+        char *clean = utf8_clean(resp->body, resp->body_len, (size_t)tc->def->max_result_bytes, &cut);
+        if (clean == NULL) {
+            add_tool_result(st, tc->id, tc->name, "error: out of memory reading the tool result", true);
+        } else if (cut || resp->truncated) {
+            size_t n = strlen(clean);
+            char *marked = malloc(n + 64);
+            if (marked != NULL) {
+                snprintf(marked, n + 64, "%s...[truncated: result over %ld bytes]", clean, tc->def->max_result_bytes);
+                add_tool_result(st, tc->id, tc->name, marked, false);
+                free(marked);
             }
             log_call(st, tc->id, tc->name, "truncated", resp->status, ms, idem);
         } else {
-            add_tool_result(st, tc->id, tc->name, resp->body, false);
+            add_tool_result(st, tc->id, tc->name, clean, false);
             log_call(st, tc->id, tc->name, "ok", resp->status, ms, idem);
         }
+        free(clean);
     } else {
         char msg[600];
         if (resp->err != 0) {
             snprintf(msg, sizeof(msg), "error: tool %s failed: %s", tc->name, lr_strerror(resp->err));
         } else {
-            snprintf(msg, sizeof(msg), "error: tool %s answered HTTP %ld: %.400s", tc->name, resp->status, resp->body);
+            bool cut;
+            char *clean = utf8_clean(resp->body, resp->body_len, 400, &cut);
+            snprintf(msg, sizeof(msg), "error: tool %s answered HTTP %ld: %s", tc->name, resp->status,
+                     clean != NULL ? clean : "");
+            free(clean);
         }
         add_tool_result(st, tc->id, tc->name, msg, true);
         log_call(st, tc->id, tc->name, "error", resp->status, ms, idem);
@@ -1153,8 +1210,14 @@ static void agent_cancel(lr_run_t *r) {
     }
     uv_timer_stop(&st->timer);
     if (st->model_req != NULL) {
+        breaker_t *b = st->agent != NULL ? breaker_for(&st->agent->models[st->model_idx]) : NULL;
         lr_http_cancel(st->model_req);
         st->model_req = NULL;
+        if (b != NULL && b->state == CB_HALF_OPEN) {
+            /* the trial call never finished: allow another trial */
+            b->state = CB_OPEN;
+            b->open_until = loop_now(st);
+        }
     }
     for (int i = 0; i < st->ncalls; i++) {
         if (st->calls[i].req != NULL) {

@@ -1109,7 +1109,7 @@ static void transition_cb(int err, const PGresult *res, void *arg) {
         /* Released at the drain deadline: the delivery goes back as is. */
         run_requeue(r);
         return;
-    } else if (strcmp(r->final_status, "queued") == 0 && strcmp(r->reason, "drain") == 0) {
+    } else if (strcmp(r->final_status, "queued") == 0) {
         /* Claimed after the drain began, handed back untouched: publish it
          * again for another worker (acking alone would strand it until the
          * scheduler's outbox sweep). */

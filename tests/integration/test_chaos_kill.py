@@ -27,7 +27,9 @@ WORKER_ENV = dict(LONGRUN_MAX_IN_FLIGHT=IN_FLIGHT, LONGRUN_SLICE_STEPS=4, LONGRU
 def test():
     with h.Env("chaos-kill") as env:
         env.start_fixture("--tool-latency-ms", "100", "--record", str(N * STEPS * 3))
-        env.start_scheduler()
+        # a kill between a slice's release and its continuation's confirm leaves
+        # a queued, unpublished task: the outbox sweep republishes it after the grace
+        env.start_scheduler(LONGRUN_OUTBOX_GRACE_SECONDS=3)
         stable = env.start_worker("stable", **WORKER_ENV)
         gen = 0
         victim = env.start_worker("chaos-0", **WORKER_ENV)

@@ -4,7 +4,7 @@
  * Needs LONGRUN_DATABASE_URL (e.g. postgresql://longrun@127.0.0.1:55432/longrun,
  * see scripts/services.sh); skips with 77 without it.  Creates its own table
  * (name includes the pid) and drops it at the end.  LONGRUN_LOG_LEVEL=debug
- * shows every connection transition; LONGRUN_TEST_TIMEOUT_MULT scales waits.
+ * shows every connection transition; LONGRUN_TEST_TIMEOUT_MULTIPLIER scales waits.
  *
  * Covers: parameters and results, SQL errors (LR_EDB + SQLSTATE), 2000
  * group-committed inserts, a group commit with one failing statement, LISTEN/
@@ -956,7 +956,7 @@ int main(void) {
     statelog_t sl = {0};
     lr_pg_pool_t *p;
     const char *lvl = getenv("LONGRUN_LOG_LEVEL");
-    const char *mult = getenv("LONGRUN_TEST_TIMEOUT_MULT");
+    const char *mult = getenv("LONGRUN_TEST_TIMEOUT_MULTIPLIER");
     char q[256];
 
     db_url = getenv("LONGRUN_DATABASE_URL");
