@@ -72,8 +72,9 @@
     "  published_at < now() - make_interval(secs => 10 * $2::int))"                            \
     " ORDER BY updated_at LIMIT $1"
 
+/* Outbox bookkeeping of one publish batch: $1 uuid[] of confirmed tasks. */
 #define SQL_MARK_PUBLISHED                                                                     \
-    "UPDATE tasks SET published_at = now() WHERE id = $1 AND status = 'queued'"
+    "UPDATE tasks SET published_at = now() WHERE id = ANY($1::uuid[]) AND status = 'queued'"
 
 /* Deadlines of live tasks. $1 batch. */
 #define SQL_DEADLINE                                                                           \
@@ -166,8 +167,19 @@ static void metrics_init(void) {
     m_ready = lr_metric_gauge("longrun_ready", "1 when this process is ready (readiness probe).", NULL);
 }
 
+/* The publishes of one sweep statement's rows.  Their outbox marks are
+ * written in one UPDATE once every confirm is in (one round trip per batch,
+ * not per task: this is what bounds the resume rate of a burst). */
+typedef struct pub_batch {
+    sched_t *s;
+    int pending;            /* publishes whose confirm has not arrived */
+    int n;                  /* confirmed ids in ids */
+    char *ids;              /* n * 37 bytes */
+} pub_batch_t;
+
 typedef struct pub {
     sched_t *s;
+    pub_batch_t *b;
     char id[40];
     char queue[72];
 } pub_t;
@@ -177,27 +189,65 @@ static void sweep(sched_t *s);
 /* ------------------------------------------------------------- publishing */
 
 static void marked_cb(int err, const PGresult *res, void *arg) {
-    (void)err;
-    (void)res;
-    free(arg);
+    pub_batch_t *b = arg;
+    if (err != 0) {
+        /* Harmless: the outbox sweep republishes them after the grace. */
+        lr_warn("scheduler.mark_failed", "cannot mark %d published task(s): %s", b->n,
+                res != NULL ? PQresultErrorMessage(res) : lr_strerror(err));
+    }
+    free(b->ids);
+    free(b);
+}
+
+static void batch_flush(pub_batch_t *b) {
+    size_t len = 0;
+    char *arr;
+    if (b->n == 0 || b->s->stopping || (arr = malloc((size_t)b->n * 38 + 3)) == NULL) {
+        free(b->ids);
+        free(b);
+        return;
+    }
+    arr[len++] = '{';
+    for (int i = 0; i < b->n; i++) {
+        len += (size_t)sprintf(arr + len, "%s%s", i ? "," : "", b->ids + (size_t)i * 37);
+    }
+    arr[len++] = '}';
+    arr[len] = '\0';
+    if (lr_pg_query(b->s->pg, SQL_MARK_PUBLISHED, 1, (const char *const[]){arr}, 0, marked_cb, b) != 0) {
+        free(b->ids);
+        free(b);
+    }
+    free(arr);
 }
 
 static void published_cb(int err, void *arg) {
     pub_t *p = arg;
+    pub_batch_t *b = p->b;
     if (err != 0) {
         /* Left unpublished: the outbox sweep retries after its grace. */
         lr_warn("scheduler.publish_failed", "publish of task %s failed: %s", p->id, lr_strerror(err));
-        free(p);
-        return;
+    } else {
+        snprintf(b->ids + (size_t)b->n * 37, 37, "%.36s", p->id);
+        b->n++;
     }
-    if (p->s->stopping || lr_pg_query(p->s->pg, SQL_MARK_PUBLISHED, 1, (const char *const[]){p->id},
-                                      0, marked_cb, p) != 0) {
-        free(p);
+    free(p);
+    if (--b->pending == 0) {
+        batch_flush(b);
     }
 }
 
 static void publish_rows(sched_t *s, const PGresult *res, uint64_t *counter, const char *what) {
     int n = PQntuples(res);
+    pub_batch_t *b = n > 0 ? calloc(1, sizeof(*b)) : NULL;
+    if (b != NULL && (b->ids = calloc((size_t)n, 37)) == NULL) {
+        free(b);
+        b = NULL;
+    }
+    if (b == NULL) {
+        return; /* nothing, or no memory: the outbox sweep publishes them */
+    }
+    b->s = s;
+    b->pending = 1; /* held until every publish below is sent */
     for (int i = 0; i < n; i++) {
         pub_t *p = calloc(1, sizeof(*p));
         lr_amqp_msg_t msg;
@@ -206,6 +256,7 @@ static void publish_rows(sched_t *s, const PGresult *res, uint64_t *counter, con
             continue;
         }
         p->s = s;
+        p->b = b;
         snprintf(p->id, sizeof(p->id), "%s", lr_pg_get(res, i, 0));
         snprintf(p->queue, sizeof(p->queue), "%s", lr_pg_get(res, i, 1) ? lr_pg_get(res, i, 1) : "default");
         snprintf(body, sizeof(body), "{\"id\":\"%s\"}", p->id);
@@ -216,14 +267,17 @@ static void publish_rows(sched_t *s, const PGresult *res, uint64_t *counter, con
         msg.content_type = "application/json";
         msg.persistent = true;
         msg.mandatory = true;
+        b->pending++;
         if (s->amqp == NULL || lr_amqp_publish(s->amqp, LR_AMQP_EXCHANGE, p->queue, &msg, published_cb, p) != 0) {
+            b->pending--;
             free(p);
         }
     }
-    if (n > 0) {
-        *counter += (uint64_t)n;
-        lr_info("scheduler.dispatched", "%s: %d task(s) queued and published", what, n);
+    if (--b->pending == 0) {
+        batch_flush(b);
     }
+    *counter += (uint64_t)n;
+    lr_info("scheduler.dispatched", "%s: %d task(s) queued and published", what, n);
 }
 
 /* ------------------------------------------------------------------ sweeps */

@@ -29,6 +29,7 @@
 #include <sys/random.h>
 
 #include "agents.h"
+#include "text.h"
 #include "log.h"
 #include "provider.h"
 #include "wmetrics.h"
@@ -304,44 +305,6 @@ static cJSON *apply_window(const cJSON *conv, int n) {
     return out;
 }
 
-/* A copy of s (at most max bytes) that is valid UTF-8: invalid bytes become
- * U+FFFD and a cut never splits a character (PostgreSQL's jsonb refuses
- * invalid text, and a tool's body is outside input). */
-static char *utf8_clean(const char *s, size_t n, size_t max, bool *cut) {
-    char *out = malloc((n < max ? n : max) * 3 + 4);
-    size_t o = 0, i = 0;
-    *cut = false;
-    if (out == NULL) {
-        return NULL;
-    }
-    while (i < n) {
-        unsigned char c = (unsigned char)s[i];
-        size_t len = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
-        bool ok = len > 0 && i + len <= n && c != 0;
-        for (size_t k = 1; ok && k < len; k++) {
-            ok = ((unsigned char)s[i + k] & 0xC0) == 0x80;
-        }
-        if (ok && len == 2 && c < 0xC2) {
-            ok = false; /* overlong */
-        }
-        if (o + (ok ? len : 3) > max) {
-            *cut = true;
-            break;
-        }
-        if (ok) {
-            memcpy(out + o, s + i, len);
-            o += len;
-            i += len;
-        } else {
-            memcpy(out + o, "\xEF\xBF\xBD", 3);
-            o += 3;
-            i += 1;
-        }
-    }
-    out[o] = '\0';
-    return out;
-}
-
 static void add_tool_result(agent_state_t *st, const char *id, const char *name, const char *content, bool is_error) {
     cJSON *m = cJSON_CreateObject();
     cJSON_AddStringToObject(m, "role", "tool");
@@ -602,14 +565,7 @@ static void model_response(const lr_http_response_t *resp, void *arg) {
         model_failed(st, cls, reason, detail, wait);
         return;
     }
-    {
-        /* Outside input: make it valid UTF-8 before it can reach jsonb. */
-        bool cut;
-        char *clean = utf8_clean(resp->body, resp->body_len, resp->body_len * 3 + 4, &cut);
-        rc = clean != NULL ? lr_provider_parse(m, clean, strlen(clean), st->step_no, &st->reply, err, sizeof(err))
-                           : LR_ENOMEM;
-        free(clean);
-    }
+    rc = lr_provider_parse(m, resp->body, resp->body_len, st->step_no, &st->reply, err, sizeof(err));
     if (rc != 0) {
         model_failed(st, LR_CALL_RETRY, "malformed_response", err, -1);
         return;
@@ -948,7 +904,7 @@ static void tool_response(const lr_http_response_t *resp, void *arg) {
     st->calls_running--;
     if (resp->err == 0 && resp->status >= 200 && resp->status < 300) {
         bool cut = false;
-        char *clean = utf8_clean(resp->body, resp->body_len, (size_t)tc->def->max_result_bytes, &cut);
+        char *clean = lr_utf8_clean(resp->body, resp->body_len, (size_t)tc->def->max_result_bytes, &cut);
         if (clean == NULL) {
             add_tool_result(st, tc->id, tc->name, "error: out of memory reading the tool result", true);
         } else if (cut || resp->truncated) {
@@ -971,7 +927,7 @@ static void tool_response(const lr_http_response_t *resp, void *arg) {
             snprintf(msg, sizeof(msg), "error: tool %s failed: %s", tc->name, lr_strerror(resp->err));
         } else {
             bool cut;
-            char *clean = utf8_clean(resp->body, resp->body_len, 400, &cut);
+            char *clean = lr_utf8_clean(resp->body, resp->body_len, 400, &cut);
             snprintf(msg, sizeof(msg), "error: tool %s answered HTTP %ld: %s", tc->name, resp->status,
                      clean != NULL ? clean : "");
             free(clean);

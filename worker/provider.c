@@ -2,6 +2,8 @@
  * see provider.h and ../shared/reference/llm-api-contracts.md. */
 #include "provider.h"
 
+#include "text.h"
+
 #include <ctype.h>
 #include <math.h>
 #include <stdio.h>
@@ -380,8 +382,16 @@ int lr_provider_parse(const lr_model_ref_t *m, const char *body, size_t len, int
                       char *errbuf, size_t errlen) {
     cJSON *root;
     int rc;
+    bool cut;
+    char *clean;
     memset(out, 0, sizeof(*out));
-    root = cJSON_ParseWithLength(body, len);
+    /* Outside input: everything parsed from it must be storable as jsonb. */
+    clean = lr_utf8_clean(body, len, len * 3 + 4, &cut);
+    if (clean == NULL) {
+        return LR_ENOMEM;
+    }
+    root = cJSON_ParseWithLength(clean, strlen(clean));
+    free(clean);
     if (root == NULL) {
         return lr_seterr(errbuf, errlen, LR_EPARSE, "model response is not valid JSON (%zu bytes)", len);
     }
@@ -475,14 +485,14 @@ long lr_retry_after_ms(const char *ms, const char *s) {
     if (ms != NULL && ms[0] != '\0') {
         v = strtod(ms, &end);
         if (end != ms && isfinite(v) && v >= 0) {
-            return (long)v;
+            return v > 1e9 ? 1000000000L : (long)v;
         }
     }
     if (s != NULL && s[0] != '\0') {
         struct tm tm;
         v = strtod(s, &end);
         if (end != s && *end == '\0' && isfinite(v) && v >= 0) {
-            return (long)(v * 1000.0);
+            return v > 1e6 ? 1000000000L : (long)(v * 1000.0);
         }
         memset(&tm, 0, sizeof(tm));
         if (strptime(s, "%a, %d %b %Y %H:%M:%S GMT", &tm) != NULL) {

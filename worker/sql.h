@@ -106,7 +106,6 @@
 #define SQL_TRANSITION                                                                         \
     "WITH t AS (UPDATE tasks SET status = $3, attempt = attempt + $9::int,"                   \
     "   claims = CASE WHEN $3 = 'queued' THEN greatest(claims - 1, 0) ELSE claims END,"        \
-    "   claims = CASE WHEN $3 = 'queued' THEN greatest(claims - 1, 0) ELSE claims END,"        \
     "   error = coalesce($6, error), stop_reason = coalesce($7, stop_reason),"                 \
     "   resume_at = CASE WHEN $8::bigint IS NULL THEN NULL"                                    \
     "     ELSE now() + make_interval(secs => $8::bigint / 1000.0) END,"                        \

@@ -399,22 +399,6 @@ static void utf8_scrub(char *s) {
     }
 }
 
-/* Whether a JSON text holds the escape \u0000 (a backslash that is not itself
- * escaped).  cJSON cuts the string there and jsonb refuses it, so such a task
- * could only run with its input silently altered. */
-static bool has_nul_escape(const char *b, size_t n) {
-    for (const char *p = b; (p = memmem(p, n - (size_t)(p - b), "\\u0000", 6)) != NULL; p += 6) {
-        size_t k = 0;
-        while (p - (ptrdiff_t)k > b && p[-(ptrdiff_t)k - 1] == '\\') {
-            k++;
-        }
-        if (k % 2 == 0) {
-            return true;
-        }
-    }
-    return false;
-}
-
 /* Whether the body is one JSON value that PostgreSQL's jsonb will take:
  * nothing after it, valid UTF-8, no \u0000 (jsonb refuses it).  When this
  * errs on the lenient side the record is retried in safe mode. */
@@ -1518,12 +1502,6 @@ static void on_delivery(lr_amqp_delivery_t *d, void *arg) {
             r->msg.id[i] = (char)tolower((unsigned char)d->message_id[i]);
         }
         r->msg.has_id = true;
-    }
-    if (rc == 0 && has_nul_escape(d->body, d->body_len)) {
-        lr_task_msg_free(&r->msg);
-        rc = LR_EINVAL;
-        snprintf(err, sizeof(err), "message body: a string holds \\u0000, which cannot be stored "
-                                   "(PostgreSQL jsonb refuses it)");
     }
     if (rc != 0 || !r->msg.has_id) {
         const char *reason = rc == LR_ETOOBIG ? "oversized" : rc == LR_EPARSE ? "bad_json" : "invalid";
