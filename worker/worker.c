@@ -1093,8 +1093,10 @@ static void transition_cb(int err, const PGresult *res, void *arg) {
         /* Released at the drain deadline: the delivery goes back as is. */
         run_requeue(r);
         return;
-    } else if (strcmp(r->final_status, "queued") == 0) {
-        /* Claimed after the drain began, handed back untouched: publish it
+    } else if (strcmp(r->final_status, "queued") == 0 && strcmp(r->reason, "drain") == 0) {
+        /* (state_version_too_new is only acked: the outbox republishes it
+         * after its grace, which paces old workers instead of a hot loop.)
+         * Claimed after the drain began, handed back untouched: publish it
          * again for another worker (acking alone would strand it until the
          * scheduler's outbox sweep). */
         r->after = AFTER_CONTINUATION;

@@ -9,3 +9,4 @@ lr_py_test(integration.docs integration/test_docs.py TIMEOUT 60 LABELS "unit")
 lr_py_test(integration.ratelimit integration/test_ratelimit.py TIMEOUT 300 LABELS "integration")
 # Issue 9: a short libFuzzer run (tests/fuzz/run.sh 2); skipped without clang + libFuzzer.
 lr_py_test(fuzz.smoke integration/test_fuzz_smoke.py TIMEOUT 300 LABELS "fuzz")
+lr_py_test(integration.state_version integration/test_state_version.py TIMEOUT 120 LABELS "integration")
