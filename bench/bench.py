@@ -442,6 +442,7 @@ class Run:
         self.procs.stop(idle)
         self.workers.remove(idle)
 
+        load_before = os.getloadavg()[0]
         log("%s: enqueueing %d tasks" % (self.name(), n))
         enq_s = self.enqueue(n)
         before = self.pg_counters()
@@ -494,6 +495,7 @@ class Run:
                "max_in_flight": self.in_flight, "pg_pool": self.args.pg_pool, "model_ms": self.model_ms,
                "tool_ms": self.tool_ms, "enqueue_s": round(enq_s, 2), "wall_s": round(wall, 2),
                "peak_in_flight": peak_in_flight, "worker_exit_codes": rcs,
+               "loadavg_1m": [load_before, os.getloadavg()[0]],
                "startup_cpu_s": startup_cpu}
         # means of the worker's own histograms (seconds -> ms): how long the
         # model and tool calls took as the worker saw them (a fixture server
@@ -666,9 +668,11 @@ def main():
                   r["model_calls"], r["tool_calls"], r["fixture_http_errors"], r["enqueue_s"]))
     for r in results:
         f = lambda v: "-" if v is None else "%.1f" % v
-        print("  %-10s worker-side means: step %s ms, model call %s ms, tool call %s ms, checkpoint %s ms" % (
-            r["run"], f(r["step_duration_mean_ms"]), f(r["model_request_duration_mean_ms"]),
-            f(r["tool_duration_mean_ms"]), f(r["checkpoint_duration_mean_ms"])))
+        print("  %-10s worker-side means: step %s ms, model call %s ms, tool call %s ms, checkpoint %s ms; "
+              "load average (1 min) before/after %.1f/%.1f" % (
+                  r["run"], f(r["step_duration_mean_ms"]), f(r["model_request_duration_mean_ms"]),
+                  f(r["tool_duration_mean_ms"]), f(r["checkpoint_duration_mean_ms"]), r["loadavg_1m"][0],
+                  r["loadavg_1m"][1]))
     print("results: %s (total %.0f s)" % (path, out["total_s"]))
     return rc
 

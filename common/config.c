@@ -57,6 +57,8 @@ static const struct cfg_entry entries[] = {
     I("LONGRUN_SWEEP_BATCH", sweep_batch, "500", 1, 100000),
     I("LONGRUN_OUTBOX_GRACE_SECONDS", outbox_grace_seconds, "30", 1, 86400),
     I("LONGRUN_RETENTION_DAYS", retention_days, "30", 0, 36500),
+    I("LONGRUN_TENANT_MAX_RUNNING", tenant_max_running, "0", 0, 1000000),
+    I("LONGRUN_TENANT_TPM", tenant_tpm, "0", 0, 2000000000),
 };
 
 static const struct cfg_entry *find(const char *env) {

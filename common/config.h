@@ -49,6 +49,8 @@ typedef struct lr_config {
     int sweep_batch;
     int outbox_grace_seconds;
     int retention_days;
+    int tenant_max_running;   /* running tasks per tenant, fleet-wide; 0 = no cap */
+    int tenant_tpm;           /* tokens per minute per tenant, fleet-wide; 0 = no cap */
 } lr_config_t;
 
 /* Fills cfg with defaults, then the environment.  Returns 0 or LR_ECONFIG

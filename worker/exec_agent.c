@@ -161,6 +161,7 @@ typedef struct agent_state {
     long reserved_est;           /* tokens reserved (settled after the call) */
     char window[48];             /* window_start of the reservation */
     bool reserving;              /* a reservation query is in flight */
+    bool tenant_reserved;        /* the reservation also covers the tenant */
     bool released;               /* the run is gone; free when the query returns */
     bool timer_closed;
 } agent_state_t;
@@ -639,17 +640,25 @@ static void model_response(const lr_http_response_t *resp, void *arg) {
 
 /* ------------------------------------------------------ fleet rate limits */
 
+/* One statement reserves on the model's key and, when the tenant is capped,
+ * on the tenant's key.  $1 model key, $2 rpm, $3 tpm, $4 estimate,
+ * $5 tenant key or NULL, $6 tenant tpm. */
 #define SQL_RATE_RESERVE                                                                       \
-    "INSERT INTO rate_windows AS w (key, window_start, requests, tokens)"                      \
+    "WITH m AS (INSERT INTO rate_windows AS w (key, window_start, requests, tokens)"           \
     " VALUES ($1, date_trunc('minute', now()), 1, $4::bigint)"                                 \
     " ON CONFLICT (key, window_start) DO UPDATE SET requests = w.requests + 1,"                \
     "  tokens = w.tokens + $4::bigint"                                                         \
     " WHERE ($2::int = 0 OR w.requests < $2::int) AND ($3::bigint = 0 OR w.tokens + $4::bigint <= $3::bigint)" \
-    " RETURNING window_start::text"
+    " RETURNING window_start::text AS ws),"                                                    \
+    " t AS (INSERT INTO rate_windows AS w (key, window_start, requests, tokens)"               \
+    " SELECT $5, date_trunc('minute', now()), 1, $4::bigint WHERE $5::text IS NOT NULL"        \
+    " ON CONFLICT (key, window_start) DO UPDATE SET requests = w.requests + 1,"                \
+    "  tokens = w.tokens + $4::bigint WHERE w.tokens + $4::bigint <= $6::bigint RETURNING 1)"  \
+    " SELECT (SELECT ws FROM m), (SELECT count(*) FROM t)"
 
 #define SQL_RATE_SETTLE                                                                        \
     "UPDATE rate_windows SET tokens = greatest(0, tokens + $3::bigint)"                        \
-    " WHERE key = $1 AND window_start = $2::timestamptz"
+    " WHERE key IN ($1, $4) AND window_start = $2::timestamptz"
 
 static void model_call(agent_state_t *st);
 
@@ -660,17 +669,27 @@ static void settle_cb(int err, const PGresult *res, void *arg) {
 }
 
 /* After the call: replace the estimate by the actual token count. */
+/* The tenant's rate key when its tokens are capped, else "". */
+static void tenant_key(agent_state_t *st, char *buf, size_t len) {
+    const char *t = lr_run_tenant(st->run);
+    buf[0] = '\0';
+    if (t != NULL && lr_worker_config(st->w)->tenant_tpm > 0) {
+        snprintf(buf, len, "tenant:%s", t);
+    }
+}
+
 static void rate_settle(agent_state_t *st, const lr_model_ref_t *m, long actual) {
-    char key[300], delta[32];
-    if (st->reserved_est <= 0 || m->tpm <= 0) {
+    char key[300], delta[32], tkey[100];
+    tenant_key(st, tkey, sizeof(tkey));
+    if (st->reserved_est <= 0 || (m->tpm <= 0 && tkey[0] == '\0')) {
         st->reserved_est = 0;
         return;
     }
     snprintf(key, sizeof(key), "model:%s:%s", m->provider == LR_PROVIDER_OPENAI ? "openai" : "anthropic", m->model);
     snprintf(delta, sizeof(delta), "%ld", actual - st->reserved_est);
     st->reserved_est = 0;
-    if (lr_pg_query(lr_worker_pg(st->w), SQL_RATE_SETTLE, 3, (const char *const[]){key, st->window, delta}, 10000,
-                    settle_cb, NULL) != 0) {
+    if (lr_pg_query(lr_worker_pg(st->w), SQL_RATE_SETTLE, 4, (const char *const[]){key, st->window, delta, tkey},
+                    10000, settle_cb, NULL) != 0) {
         lr_debug("ratelimit.settle_failed", "cannot queue the settlement");
     }
 }
@@ -706,7 +725,7 @@ static void reserve_cb(int err, const PGresult *res, void *arg) {
         st->pending_body = NULL;
         return;
     }
-    if (PQntuples(res) == 1) {
+    if (lr_pg_get(res, 0, 0) != NULL && (!st->tenant_reserved || atoi(lr_pg_get(res, 0, 1)) == 1)) {
         snprintf(st->window, sizeof(st->window), "%s", lr_pg_get(res, 0, 0));
         st->reserved = true;
         free(body);
@@ -739,16 +758,20 @@ static void reserve_cb(int err, const PGresult *res, void *arg) {
 }
 
 static void rate_reserve(agent_state_t *st, const lr_model_ref_t *m) {
-    char key[300], rpm[24], tpm[24], est[24];
+    char key[300], rpm[24], tpm[24], est[24], tkey[100], ttpm[24];
     long e = (long)strlen(st->pending_body) / 4 + (m->max_tokens > 0 ? m->max_tokens : 256);
     snprintf(key, sizeof(key), "model:%s:%s", m->provider == LR_PROVIDER_OPENAI ? "openai" : "anthropic", m->model);
     snprintf(rpm, sizeof(rpm), "%ld", m->rpm);
     snprintf(tpm, sizeof(tpm), "%ld", m->tpm);
     snprintf(est, sizeof(est), "%ld", e);
+    tenant_key(st, tkey, sizeof(tkey));
+    snprintf(ttpm, sizeof(ttpm), "%d", lr_worker_config(st->w)->tenant_tpm);
+    st->tenant_reserved = tkey[0] != '\0';
     st->reserved_est = e;
     st->reserving = true;
-    if (lr_pg_query(lr_worker_pg(st->w), SQL_RATE_RESERVE, 4, (const char *const[]){key, rpm, tpm, est}, 10000,
-                    reserve_cb, st) != 0) {
+    if (lr_pg_query(lr_worker_pg(st->w), SQL_RATE_RESERVE, 6,
+                    (const char *const[]){key, rpm, tpm, est, tkey[0] ? tkey : NULL, ttpm}, 10000, reserve_cb,
+                    st) != 0) {
         reserve_cb(LR_EBUSY, NULL, st);
     }
 }
@@ -807,7 +830,8 @@ static void model_call(agent_state_t *st) {
         model_next(st);
         return;
     }
-    if (body != NULL && (m->rpm > 0 || m->tpm > 0) && !st->reserved) {
+    if (body != NULL && !st->reserved &&
+        (m->rpm > 0 || m->tpm > 0 || (lr_run_tenant(st->run) != NULL && lr_worker_config(st->w)->tenant_tpm > 0))) {
         st->pending_body = body;
         rate_reserve(st, m);
         return;

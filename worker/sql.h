@@ -26,7 +26,9 @@
     " SELECT c.lease_epoch, c.step, c.claims, c.attempt, c.max_attempts, c.agent, c.queue,"    \
     "  c.input::text, c.budgets::text, c.tokens_in, c.tokens_out, c.cost_usd, c.tool_calls,"   \
     "  c.active_ms, (c.deadline IS NOT NULL AND c.deadline < now()) AS past_deadline,"         \
-    "  c.reply_to, c.correlation_id, c.callback_url, c.state_version,"                        \
+    "  c.reply_to, c.correlation_id, c.callback_url, c.state_version, c.tenant,"              \
+    "  (SELECT count(*) FROM tasks x WHERE x.tenant = c.tenant AND x.status = 'running'"       \
+    "   AND x.id <> c.id) AS tenant_running,"                                                  \
     "  cur.status AS cur_status, cur.claims AS cur_claims,"                                    \
     "  (cur.lease_expires_at IS NOT NULL AND cur.lease_expires_at >= now()) AS cur_leased"    \
     " FROM (SELECT 1) one LEFT JOIN c ON true"                                                 \
@@ -48,7 +50,9 @@
     " SELECT lease_epoch, step, claims, attempt, max_attempts, agent, queue, input::text,"     \
     "  budgets::text, tokens_in, tokens_out, cost_usd, tool_calls, active_ms,"                 \
     "  (deadline IS NOT NULL AND deadline < now()) AS past_deadline, reply_to, correlation_id," \
-    "  callback_url, state_version FROM c"
+    "  callback_url, state_version, tenant,"                                                   \
+    "  (SELECT count(*) FROM tasks x WHERE x.tenant = c.tenant AND x.status = 'running')"      \
+    "   AS tenant_running FROM c"
 
 /* Checkpoint one step: append the step row and advance the task row, in one
  * statement, only if we still hold the epoch and the previous step is the
@@ -105,7 +109,7 @@
  * the worker did not crash, so it must not count towards crash_loop. */
 #define SQL_TRANSITION                                                                         \
     "WITH t AS (UPDATE tasks SET status = $3, attempt = attempt + $9::int,"                   \
-    "   claims = CASE WHEN $3 = 'queued' THEN greatest(claims - 1, 0) ELSE claims END,"        \
+    "   claims = CASE WHEN $3 IN ('queued', 'suspended', 'retry_wait') THEN greatest(claims - 1, 0) ELSE claims END,"        \
     "   error = coalesce($6, error), stop_reason = coalesce($7, stop_reason),"                 \
     "   resume_at = CASE WHEN $8::bigint IS NULL THEN NULL"                                    \
     "     ELSE now() + make_interval(secs => $8::bigint / 1000.0) END,"                        \

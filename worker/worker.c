@@ -95,6 +95,7 @@ struct lr_run {
     char *reply_to;
     char *correlation_id;
     char *callback_url;
+    char *tenant;
     int64_t epoch;
     int step;                    /* last checkpointed step */
     int attempt, max_attempts;
@@ -235,6 +236,7 @@ static lr_executor_t const *find_executor(const char *agent) {
 }
 
 const char *lr_run_budgets_json(const lr_run_t *r) { return r->budgets_json; }
+const char *lr_run_tenant(const lr_run_t *r) { return r->tenant; }
 
 void lr_run_usage(const lr_run_t *r, lr_run_usage_t *u) {
     u->step = r->step;
@@ -304,6 +306,7 @@ static void run_maybe_free(lr_run_t *r) {
     free(r->reply_to);
     free(r->correlation_id);
     free(r->callback_url);
+    free(r->tenant);
     if (r->timer_init) {
         r->timer_init = false;
         uv_close((uv_handle_t *)&r->retry_timer, run_timer_closed);
@@ -1127,7 +1130,7 @@ static void run_transition(lr_run_t *r, const char *status, const char *reason, 
     params[6] = stop_reason;
     params[7] = resume_in_ms >= 0 ? p_resume : NULL;
     params[8] = p_inc;
-    params[9] = strcmp(status, "retry_wait") == 0 ? "retry" : NULL;
+    params[9] = strcmp(status, "retry_wait") == 0 ? "retry" : strcmp(status, "suspended") == 0 ? reason : NULL;
     set_state(r, RUN_TRANSITION);
     r->pending++;
     rc = lr_pg_query(r->w->pg, SQL_TRANSITION, 10, params, 0, transition_cb, r);
@@ -1187,6 +1190,9 @@ static void run_claimed(lr_run_t *r, const PGresult *res) {
     v = lr_pg_getn(res, 0, "callback_url");
     free(r->callback_url);
     r->callback_url = v != NULL ? strdup(v) : NULL;
+    v = lr_pg_getn(res, 0, "tenant");
+    free(r->tenant);
+    r->tenant = v != NULL ? strdup(v) : NULL;
     cJSON_Delete(r->input);
     r->input = input != NULL ? cJSON_Parse(input) : NULL;
     r->log.epoch = r->epoch;
@@ -1201,6 +1207,15 @@ static void run_claimed(lr_run_t *r, const PGresult *res) {
         LR_LOG(LR_LOG_WARN, &r->log, "task.state_too_new", "state version %s is newer than this worker reads",
                lr_pg_getn(res, 0, "state_version"));
         run_transition(r, "queued", "state_version_too_new", NULL, NULL, -1, 0);
+        return;
+    }
+    v = lr_pg_getn(res, 0, "tenant_running");
+    if (r->tenant != NULL && w->cfg.tenant_max_running > 0 && v != NULL && atoi(v) >= w->cfg.tenant_max_running) {
+        /* The tenant is at its fleet-wide cap: come back in a moment
+         * (no attempt, no crash claim) so other tenants' work flows. */
+        LR_LOG(LR_LOG_DEBUG, &r->log, "task.tenant_limit", "tenant %s has %s running (cap %d); suspending briefly",
+               r->tenant, v, w->cfg.tenant_max_running);
+        run_transition(r, "suspended", "tenant_limit", NULL, NULL, 1000 + backoff_ms(1000, 2000, 1), 0);
         return;
     }
     if (claims > w->cfg.max_claims) {

@@ -82,6 +82,8 @@ const cJSON *lr_run_history(const lr_run_t *r);
 void **lr_run_exec_state(lr_run_t *r);
 /* The task's own budgets object (JSON text as stored, may be "{}"). */
 const char *lr_run_budgets_json(const lr_run_t *r);
+/* The task's tenant, or NULL. */
+const char *lr_run_tenant(const lr_run_t *r);
 typedef struct lr_run_usage {
     int step;            /* steps checkpointed */
     long tokens_in, tokens_out, tool_calls, active_ms;

@@ -186,12 +186,19 @@ def part_mass_resume(env, leader):
     stop = threading.Event()
     latencies = []
     errors = []
+    # New work goes to its own queue and worker, so that its latency measures
+    # what the burst does to the shared parts (PostgreSQL, the scheduler, the
+    # broker), not the FIFO backlog of the burst's own queue (that is capacity:
+    # more workers).
+    env.start_worker("fresh", args=["--queue", "fresh"], LONGRUN_MAX_IN_FLIGHT=50, **WENV)
+    env.wait_queue("longrun.q.fresh")
 
     def producer():
         while not stop.is_set():
             try:
                 t0 = time.time()
-                [tid] = env.enqueue_many([{"agent": "http-steps", "input": {"steps": 1}, "metadata": {"new": True}}])
+                [tid] = env.enqueue_many([{"agent": "http-steps", "input": {"steps": 1}, "metadata": {"new": True}}],
+                                         queue="fresh")
                 latencies.append((tid, t0, time.time() - t0))
             except Exception as e:  # noqa: BLE001
                 errors.append(repr(e))
@@ -217,10 +224,13 @@ def part_mass_resume(env, leader):
     rate = N_RESUME / max(span, 0.001)
     h.check(max(e["n"] for e in ev) <= BATCH, "each sweep resumed at most %d (saw %d)" % (
         BATCH, max(e["n"] for e in ev)))
-    h.wait_for(lambda: env.scalar("select count(*) from tasks where status not in ('succeeded', 'dead')") == 0,
-               180, "everything finished", interval=0.5)
+    time.sleep(2)  # new tasks keep coming while the resumed ones run
     stop.set()
     th.join(30)
+    h.wait_for(lambda: env.scalar("select count(*) from tasks where status not in ('succeeded', 'dead')") == 0,
+               300, "everything finished", interval=0.5)
+    drained = env.scalar("select extract(epoch from max(finished_at) - %s) from tasks where metadata is null",
+                         (t_ins,))
     h.eq(errors, [], "producer errors")
     new = env.sql("select id::text, extract(epoch from (finished_at - created_at)) as e2e from tasks "
                   "where metadata ? 'new'")
@@ -230,11 +240,12 @@ def part_mass_resume(env, leader):
     h.eq(env.scalar("select count(*) from tasks where status = 'succeeded'"), env.scalar("select count(*) from tasks "
          "where status <> 'dead'"), "everything succeeded")
     env.check_step_log()
-    h.log("RESULT mass resume: %d tasks due at once resumed in %.2f s = %.0f tasks/s, %d sweeps of <= %d; "
-          "%d new tasks meanwhile: enqueue %.0f/%.0f ms (median/max), end-to-end %.2f/%.2f s (median/max)" % (
-              N_RESUME, span, rate, len(ev), BATCH, len(new), enq[len(enq) // 2] * 1000, enq[-1] * 1000,
-              e2e[len(e2e) // 2], e2e[-1]))
-    h.check(e2e[-1] < 30 * h.TIMEOUT_MULT, "new tasks' latency stayed bounded (max %.1f s)" % e2e[-1])
+    h.log("RESULT mass resume: %d tasks due at once resumed in %.2f s = %.0f tasks/s, %d sweeps of <= %d, "
+          "all run by one worker %.1f s after they were due; %d new tasks meanwhile: enqueue %.0f/%.0f ms "
+          "(median/max), end-to-end %.2f/%.2f s (median/max)" % (
+              N_RESUME, span, rate, len(ev), BATCH, float(drained), len(new), enq[len(enq) // 2] * 1000,
+              enq[-1] * 1000, e2e[len(e2e) // 2], e2e[-1]))
+    h.check(e2e[-1] < 5 * h.TIMEOUT_MULT, "new tasks' latency stayed bounded (max %.1f s)" % e2e[-1])
     h.check(enq[-1] < 5 * h.TIMEOUT_MULT, "enqueue never stalled behind the resume burst (max %.1f s)" % enq[-1])
 
 
