@@ -224,11 +224,13 @@ def part_mass_resume(env, leader):
     rate = N_RESUME / max(span, 0.001)
     h.check(max(e["n"] for e in ev) <= BATCH, "each sweep resumed at most %d (saw %d)" % (
         BATCH, max(e["n"] for e in ev)))
-    time.sleep(2)  # new tasks keep coming while the resumed ones run
+    # new tasks keep coming until the resumed ones have all run
+    h.wait_for(lambda: env.scalar("select count(*) from tasks where status not in ('succeeded', 'dead') "
+                                  "and metadata is null") == 0, 300, "the resumed tasks finished", interval=0.5)
     stop.set()
     th.join(30)
     h.wait_for(lambda: env.scalar("select count(*) from tasks where status not in ('succeeded', 'dead')") == 0,
-               300, "everything finished", interval=0.5)
+               60, "everything finished", interval=0.5)
     drained = env.scalar("select extract(epoch from max(finished_at) - %s) from tasks where metadata is null",
                          (t_ins,))
     h.eq(errors, [], "producer errors")
