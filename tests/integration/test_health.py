@@ -180,6 +180,25 @@ def test():
         h.eq(sample(sf, "longrun_scheduler_leader"), 1, "leader gauge")
         h.eq(sample(sf, "longrun_queue_depth", queue="longrun.q.default"), 0, "queue drained")
 
+        # every metric the dashboard and the alerts reference exists in an exposition
+        import glob
+        import re
+        exposed = set()
+        for f in list(fams.values()) + list(sf.values()):
+            exposed.update(smp.name for smp in f.samples)
+            exposed.add(f.name)
+        refs = {}
+        for path in glob.glob(os.path.join(h.SOURCE, "k8s", "**", "*.json"), recursive=True) + \
+                glob.glob(os.path.join(h.SOURCE, "k8s", "**", "*.yaml"), recursive=True):
+            if not re.search(r"monitoring|dashboard|alert|rule|autoscal|hpa|keda", path):
+                continue
+            for name in re.findall(r"\blongrun_[a-z_]+[a-z]", open(path).read()):
+                refs.setdefault(name, path)
+        h.check(len(refs) >= 10, "the dashboard and alerts reference metrics (%d found)" % len(refs))
+        missing = {n: p for n, p in refs.items() if n not in exposed}
+        h.check(not missing, "referenced but not exposed: %r" % missing)
+        h.log("all %d metrics referenced in k8s/ exist in the exposition" % len(refs))
+
         # RabbitMQ outage: readiness false, then back
         proxy.cut()
         h.wait_for(lambda: get(port, "/readyz")[0] == 503, 20, "not ready during the outage")
