@@ -1,17 +1,27 @@
 # Integration tests: real PostgreSQL and RabbitMQ (scripts/dev test starts them).
 # Label "asan": also run against the sanitizer build.
 lr_py_test(integration.cli_basics integration/test_cli_basics.py TIMEOUT 180 LABELS "integration;asan")
-lr_py_test(integration.worker_run integration/test_worker_run.py TIMEOUT 600 LABELS "integration")
+lr_py_test(integration.worker_run integration/test_worker_run.py TIMEOUT 600 LABELS "integration;asan")
 lr_py_test(integration.agent integration/test_agent.py TIMEOUT 300 LABELS "integration;asan")
 lr_py_test(integration.operator integration/test_operator.py TIMEOUT 300 LABELS "integration;asan")
-lr_py_test(integration.health integration/test_health.py TIMEOUT 300 LABELS "integration")
+lr_py_test(integration.health integration/test_health.py TIMEOUT 300 LABELS "integration;asan")
 lr_py_test(integration.docs integration/test_docs.py TIMEOUT 60 LABELS "unit")
 lr_py_test(integration.ratelimit integration/test_ratelimit.py TIMEOUT 300 LABELS "integration")
 # Issue 9: a short libFuzzer run (tests/fuzz/run.sh 2); skipped without clang + libFuzzer.
 lr_py_test(fuzz.smoke integration/test_fuzz_smoke.py TIMEOUT 300 LABELS "fuzz")
-lr_py_test(integration.state_version integration/test_state_version.py TIMEOUT 120 LABELS "integration")
+lr_py_test(integration.state_version integration/test_state_version.py TIMEOUT 120 LABELS "integration;asan")
 lr_py_test(integration.tenants integration/test_tenants.py TIMEOUT 300 LABELS "integration")
 # Issue 8: kustomize renderings validated offline (schemas, policy, references): no servers.
 lr_py_test(k8s.validate k8s/test_validate.py TIMEOUT 120 LABELS "k8s")
 # Issue 8: the container image (buildah, daemonless); opt-in with LONGRUN_IMAGE_TEST=1, else skipped (77).
 lr_py_test(k8s.image k8s/test_image.py TIMEOUT 1200 LABELS "image" SERIAL)
+# Issue 3 (durable core) and issue 5 (scheduler): failure semantics with real servers.
+lr_py_test(integration.malformed integration/test_malformed.py TIMEOUT 120 LABELS "integration;asan")
+lr_py_test(integration.reply_to integration/test_reply_to.py TIMEOUT 120 LABELS "integration;asan")
+lr_py_test(integration.fencing integration/test_fencing.py TIMEOUT 180 LABELS "integration")
+lr_py_test(integration.sigterm integration/test_sigterm.py TIMEOUT 240 LABELS "integration")
+lr_py_test(integration.chaos_kill integration/test_chaos_kill.py TIMEOUT 300 LABELS "integration")
+lr_py_test(integration.crash_loop integration/test_crash_loop.py TIMEOUT 180 LABELS "integration")
+lr_py_test(integration.scheduler integration/test_scheduler.py TIMEOUT 400 LABELS "integration")
+# Restarts the shared RabbitMQ and PostgreSQL (needs LONGRUN_HOME): nothing else may run meanwhile.
+lr_py_test(integration.restarts integration/test_restarts.py TIMEOUT 400 LABELS "integration" SERIAL)
