@@ -275,6 +275,8 @@ class Run:
         self.mgmt_auth = "%s:%s" % (mg.username, mg.password)
         self.fixtures = []
         self.workers = []
+        self.scheduler = None
+        self.failed = False
 
     def name(self):
         return "W-%s %dw" % (self.workload, self.nworkers)
@@ -298,7 +300,7 @@ class Run:
     def teardown(self):
         for p in self.workers + self.fixtures:
             self.procs.stop(p, timeout=30)
-        if self.args.keep_data:
+        if self.args.keep_data or self.failed:
             log("%s: kept database %s and vhost %s, logs in %s" % (self.name(), self.tag, self.tag, self.dir))
             return
         try:
@@ -445,15 +447,22 @@ class Run:
         load_before = os.getloadavg()[0]
         log("%s: enqueueing %d tasks" % (self.name(), n))
         enq_s = self.enqueue(n)
+        # The scheduler is part of the fleet: it resumes tasks whose lease
+        # expired (e.g. after a worker gave up its steps) and runs the sweeps.
+        self.workers.append(self.procs.start("%s-scheduler" % self.tag,
+                                             [os.path.join(self.args.build, "longrun-scheduler")], self.env()))
+        self.scheduler = self.workers[-1]
         before = self.pg_counters()
         for i in range(self.nworkers):
             self.start_worker(i, agents[i % len(agents)])
+        workers = [p for p in self.workers if p is not self.scheduler]
         perf = None
         if self.args.perf:
             os.makedirs(self.args.perf, exist_ok=True)
             self.perf_data = os.path.join(self.args.perf, "%s-%dw.perf.data" % (self.workload, self.nworkers))
-            perf = subprocess.Popen(["perf", "record", "-F", "999", "-o", self.perf_data, "-p",
-                                     str(self.workers[0].pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            cg = ["--call-graph", "dwarf,16384", "-F", "299"] if self.args.perf_callgraph else ["-F", "999"]
+            perf = subprocess.Popen(["perf", "record"] + cg + ["-o", self.perf_data, "-p", str(workers[0].pid)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         peak_in_flight = 0
         t_start = time.time()
         deadline = t_start + self.args.timeout
@@ -461,8 +470,9 @@ class Run:
         while time.time() < deadline:
             for p in self.workers:
                 if p.poll() is not None:
-                    raise BenchError("%s exited with %s (log: %s)" % (p.name, p.returncode, self.dir))
-            hs = [self.worker_health(p) or {} for p in self.workers]
+                    self.failed = True
+                    raise BenchError("%s exited with %s (logs: %s)" % (p.name, p.returncode, self.procs.logdir))
+            hs = [self.worker_health(p) or {} for p in workers]
             peak_in_flight = max(peak_in_flight, sum(h.get("status", {}).get("in_flight", 0) for h in hs))
             (done,), = self.q("SELECT count(*) FROM tasks WHERE status IN ('succeeded','failed','dead','cancelled')")
             if done >= n:
@@ -470,33 +480,52 @@ class Run:
             time.sleep(0.25)
         wall = time.time() - t_start
         if done < n:
+            self.failed = True
             raise BenchError("%s: only %d of %d tasks finished within %d s (logs: %s)" % (
-                self.name(), done, n, self.args.timeout, self.dir))
+                self.name(), done, n, self.args.timeout, self.procs.logdir))
         after = self.pg_counters()
         if perf is not None:
             perf.send_signal(signal.SIGINT)
             perf.wait(60)
-            rep = subprocess.run(["perf", "report", "-i", self.perf_data, "--stdio", "--no-children",
-                                  "--sort", "dso,symbol", "--percent-limit", "0.7"], capture_output=True, text=True)
+            if self.args.perf_callgraph:
+                # inclusive time per function: who calls malloc, cJSON, libpq...
+                rep = subprocess.run(["perf", "report", "-i", self.perf_data, "--stdio", "--children",
+                                      "--sort", "symbol", "-g", "none", "--percent-limit", "2"],
+                                     capture_output=True, text=True)
+            else:
+                rep = subprocess.run(["perf", "report", "-i", self.perf_data, "--stdio", "--no-children",
+                                      "--sort", "dso,symbol", "--percent-limit", "0.7"], capture_output=True, text=True)
             with open(self.perf_data.replace(".data", ".txt"), "w") as f:
                 f.write(rep.stdout)
             log("%s: perf profile of worker 0 in %s" % (self.name(), self.perf_data.replace(".data", ".txt")))
-        cpu = [proc_cpu_s(p.pid) - startup_cpu for p in self.workers]
-        hwm = [proc_status_kb(p.pid, "VmHWM") for p in self.workers]
+        cpu = [proc_cpu_s(p.pid) - startup_cpu for p in workers]
+        hwm = [proc_status_kb(p.pid, "VmHWM") for p in workers]
+        sched_cpu = proc_cpu_s(self.scheduler.pid)
         fx_stats = [http_json(f.url + "/_stats") for f in self.fixtures]
         metrics = {}
-        for p in self.workers:
+        for p in workers:
             for key, v in self.worker_metrics(p).items():
                 metrics[key] = metrics.get(key, 0.0) + v
-        rcs = [self.procs.stop(p, timeout=60) for p in self.workers]
+        rcs = [self.procs.stop(p, timeout=60) for p in workers]
+        events = {}
+        for p in workers:
+            with open(os.path.join(self.procs.logdir, p.name + ".log"), errors="replace") as f:
+                for line in f:
+                    if '"level":"warn"' in line or '"level":"error"' in line:
+                        m = re.search(r'"event":"([^"]+)"', line)
+                        key = m.group(1) if m else "?"
+                        if "deadlock detected" in line:
+                            key += " (deadlock)"
+                        events[key] = events.get(key, 0) + 1
+        self.procs.stop(self.scheduler, timeout=60)
         self.workers = []
 
         res = {"run": self.name(), "workload": self.workload, "workers": self.nworkers, "tasks": n, "steps_per_task": k,
                "max_in_flight": self.in_flight, "pg_pool": self.args.pg_pool, "model_ms": self.model_ms,
                "tool_ms": self.tool_ms, "enqueue_s": round(enq_s, 2), "wall_s": round(wall, 2),
-               "peak_in_flight": peak_in_flight, "worker_exit_codes": rcs,
+               "peak_in_flight": peak_in_flight, "worker_exit_codes": rcs, "worker_warnings": events,
                "loadavg_1m": [load_before, os.getloadavg()[0]],
-               "startup_cpu_s": startup_cpu}
+               "startup_cpu_s": startup_cpu, "scheduler_cpu_s": round(sched_cpu, 2)}
         # means of the worker's own histograms (seconds -> ms): how long the
         # model and tool calls took as the worker saw them (a fixture server
         # that cannot keep up shows here), and the checkpoint round trip.
@@ -528,10 +557,13 @@ class Run:
         model_calls = sum(s.get("by_kind", {}).get("openai", 0) for s in fx_stats)
         tool_calls = sum(s.get("by_kind", {}).get("tool", 0) for s in fx_stats)
         http_errors = sum(v for s in fx_stats for st, v in s.get("by_status", {}).items() if not st.startswith("2"))
-        ok = (status.get("succeeded", 0) == n and bad_steps == 0 and model_calls == n * k
-              and tool_calls == n * (k - 1) and int(nsteps) == n * k)
+        # Correct = every task succeeded with exactly K step rows numbered 1..K.
+        # Extra model calls are reported apart: a step interrupted before its
+        # checkpoint (e.g. a worker giving up its leases) runs again by design.
+        ok = status.get("succeeded", 0) == n and bad_steps == 0 and int(nsteps) == n * k
         res.update({"status": status, "tasks_with_wrong_steps": int(bad_steps), "max_claims_per_task": int(claims),
                     "model_calls": model_calls, "tool_calls": tool_calls, "fixture_http_errors": http_errors,
+                    "extra_model_calls": model_calls - n * k, "extra_tool_calls": tool_calls - n * (k - 1),
                     "correct": ok})
         # PostgreSQL side
         d = {key: after[key] - before[key] for key in after}
@@ -588,6 +620,8 @@ def main():
     ap.add_argument("--pg-port", type=int, default=57432)
     ap.add_argument("--amqp-port", type=int, default=57672)
     ap.add_argument("--perf", metavar="DIR", help="record worker 0 of each run with perf (flat profile) into DIR")
+    ap.add_argument("--perf-callgraph", action="store_true",
+                    help="with --perf: DWARF call graphs, report inclusive time per function (slower)")
     ap.add_argument("--json", help="write the results here [<build>/bench-results.json]")
     args = ap.parse_args()
     if args.quick:
@@ -636,6 +670,7 @@ def main():
                 log("%s: %.0f steps/s, %.1f tasks/s, ceiling %.0f tps, correct=%s" % (
                     r.name(), res["steps_per_s"], res["tasks_per_s"], ceilings[clients]["tps"], res["correct"]))
                 if not res["correct"]:
+                    r.failed = True
                     rc = 1
             finally:
                 r.teardown()
@@ -666,6 +701,10 @@ def main():
                   r["run"], r["cpu_ms_per_step"], r["worker_cpu_s"], r["startup_cpu_s"], r["fsyncs_per_step"],
                   r["commits_per_step"], 100 * (r["tasks_hot_update_ratio"] or 0), r["max_claims_per_task"],
                   r["model_calls"], r["tool_calls"], r["fixture_http_errors"], r["enqueue_s"]))
+    for r in results:
+        if r["worker_warnings"]:
+            print("  %-10s worker warnings/errors: %s" % (r["run"], ", ".join(
+                "%s x%d" % (k, v) for k, v in sorted(r["worker_warnings"].items()))))
     for r in results:
         f = lambda v: "-" if v is None else "%.1f" % v
         print("  %-10s worker-side means: step %s ms, model call %s ms, tool call %s ms, checkpoint %s ms; "

@@ -78,6 +78,8 @@ DEPS_PACKAGES=(
   iproute2
   curl
   ca-certificates
+  python3-yaml
+  prometheus
 )
 # ---------------------------------------------------------------------------
 

@@ -180,7 +180,7 @@ static int load_tools(registry_t *r, const cJSON *tools, char *errbuf, size_t er
     for (const cJSON *t = tools->child; t != NULL; t = t->next, i++) {
         lr_tool_def_t *d = &r->tools[i];
         char where[128];
-        double v;
+        double v = 0;
         const cJSON *params;
         int rc;
         snprintf(where, sizeof(where), "tools.%s", t->string);
@@ -257,7 +257,7 @@ static int load_model(registry_t *r, const cJSON *prices, const cJSON *m, const 
     const char *prov = get_str(m, "provider");
     const char *s;
     const cJSON *price;
-    double v;
+    double v = 0;
     int rc;
     (void)r;
     if (!cJSON_IsObject(m)) {
@@ -361,7 +361,7 @@ static int load_agents(registry_t *r, const cJSON *prices, const cJSON *agents, 
         lr_agent_t *ag = &r->agents[i];
         char where[96];
         const cJSON *models, *tools, *budgets, *ctx;
-        double v;
+        double v = 0;
         int rc, mi = 0, ti = 0;
         snprintf(where, sizeof(where), "agents[%d]", i);
         r->nagents = i + 1;

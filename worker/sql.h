@@ -144,13 +144,22 @@
     " RETURNING dedupe_key"
 
 /* Renew the leases of every task this worker holds, each fenced on its own
- * epoch.  $1 uuid[], $2 bigint[], $3 lease seconds.  Returns the renewed (id, epoch)
- * pairs; a pair asked for and not returned was fenced out. */
+ * epoch.  $1 uuid[], $2 bigint[], $3 lease seconds.  Rows locked by another
+ * statement are skipped, not waited for: they are being checkpointed (which
+ * extends the lease itself) or touched by an operator, and waiting could
+ * deadlock with a group commit of this worker's own checkpoints that locks
+ * the same rows in another order.  Returns (id, epoch, renewed): renewed
+ * pairs, and pairs positively fenced out (another epoch, no longer running,
+ * or gone) with renewed = false; skipped pairs are not returned. */
 #define SQL_RENEW                                                                              \
-    "UPDATE tasks t SET lease_expires_at = now() + make_interval(secs => $3::int)"            \
-    " FROM unnest($1::uuid[], $2::bigint[]) AS u(id, epoch)"                                   \
-    " WHERE t.id = u.id AND t.lease_epoch = u.epoch AND t.status = 'running'"                  \
-    " RETURNING t.id::text, t.lease_epoch"
+    "WITH u AS (SELECT * FROM unnest($1::uuid[], $2::bigint[]) AS u(id, epoch)),"              \
+    " l AS (SELECT t.id FROM tasks t JOIN u ON t.id = u.id AND t.lease_epoch = u.epoch"        \
+    "  AND t.status = 'running' ORDER BY t.id FOR UPDATE OF t SKIP LOCKED),"                   \
+    " r AS (UPDATE tasks t SET lease_expires_at = now() + make_interval(secs => $3::int)"      \
+    "  FROM l WHERE t.id = l.id RETURNING t.id, t.lease_epoch)"                                \
+    " SELECT id::text, lease_epoch, true AS renewed FROM r"                                    \
+    " UNION ALL SELECT u.id::text, u.epoch, false FROM u LEFT JOIN tasks t ON t.id = u.id"     \
+    "  WHERE t.id IS NULL OR t.lease_epoch <> u.epoch OR t.status <> 'running'"
 
 #define SQL_HEARTBEAT                                                                          \
     "INSERT INTO workers (id, hostname, pid, version, queues, in_flight, max_in_flight,"       \

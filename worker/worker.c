@@ -1553,7 +1553,7 @@ static void on_delivery(lr_amqp_delivery_t *d, void *arg) {
 typedef struct renew_item {
     char id[LR_UUID_LEN + 1];
     int64_t epoch;
-    bool renewed;
+    bool fenced;
 } renew_item_t;
 
 typedef struct renew {
@@ -1590,20 +1590,22 @@ static void renew_cb(int err, const PGresult *res, void *arg) {
         return;
     }
     w->renew_fail_since_ms = 0;
-    lr_metric_add(lr_wm.lease_renewals, NULL, (double)PQntuples(res));
     for (int i = 0; i < PQntuples(res); i++) {
         renew_item_t key, *it;
+        const char *renewed = lr_pg_get(res, i, 2);
+        if (renewed != NULL && renewed[0] == 't') {
+            continue;
+        }
         snprintf(key.id, sizeof(key.id), "%s", lr_pg_get(res, i, 0));
         key.epoch = atoll(lr_pg_get(res, i, 1));
         it = bsearch(&key, rn->items, (size_t)rn->n, sizeof(key), renew_item_cmp);
         if (it != NULL) {
-            it->renewed = true;
+            it->fenced = true;
         }
     }
-    /* A lease asked for and not renewed: a newer owner fenced us out (or the
-     * task left `running`).  A step in flight stops now rather than run to
-     * its end for nothing; other states learn it from their next fenced
-     * statement. */
+    /* A lease that a newer owner holds (or whose task left `running`): a
+     * step in flight stops now rather than run to its end for nothing;
+     * other states learn it from their next fenced statement. */
     for (lr_run_t *r = w->runs, *next; r != NULL && !w->stopping; r = next) {
         renew_item_t key, *it;
         next = r->next;
@@ -1613,7 +1615,7 @@ static void renew_cb(int err, const PGresult *res, void *arg) {
         snprintf(key.id, sizeof(key.id), "%s", r->id);
         key.epoch = r->epoch;
         it = bsearch(&key, rn->items, (size_t)rn->n, sizeof(key), renew_item_cmp);
-        if (it != NULL && !it->renewed) {
+        if (it != NULL && it->fenced) {
             run_stop_step(r);
             run_fenced(r, "lease renewal");
         }
@@ -1677,7 +1679,7 @@ static void lease_timer_cb(uv_timer_t *t) {
         ne += (size_t)sprintf(epochs + ne, "%s%lld", n ? "," : "", (long long)r->epoch);
         snprintf(rn->items[n].id, sizeof(rn->items[n].id), "%s", r->id);
         rn->items[n].epoch = r->epoch;
-        rn->items[n].renewed = false;
+        rn->items[n].fenced = false;
         n++;
     }
     ids[ni++] = '}';

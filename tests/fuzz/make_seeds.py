@@ -198,6 +198,16 @@ def classify_seeds():
         put(r, ms.encode() + b"\x00" + s.encode(), "h")
 
 
+def utf8_seeds():
+    u = "fuzz_utf8_clean"
+    samples = [b'{"tool":"lookup","args":{"step":1},"idempotency_key":null}', "caf\u00e9 \u65e5\u672c \U0001f600".encode(),
+               b"caf\xe9", b"\xff\xfe\x00\x01", b"\xed\xa0\x80", b"\xe0\x80\x80", b"\xf0\x80\x80\x80",
+               b"\xf4\x90\x80\x80", b"\xf5\x80\x80\x80", b"\xc0\xaf", b"\xe6\x97\xa5" * 30, b"a\x00b"]
+    for i, body in enumerate(samples):
+        for mx in (0, 1, 5, 64, 16384):
+            put(u, struct.pack(">H", mx) + body, "s%d-max%d" % (i, mx))
+
+
 def fixture_seeds():
     """Real bodies from the fixture server, for both wire formats."""
     tmp = tempfile.mkdtemp(prefix="lr-seeds-")
@@ -265,6 +275,7 @@ def main():
     spec_seeds()
     handwritten_provider_seeds()
     classify_seeds()
+    utf8_seeds()
     fixture_seeds()
     for d in sorted(os.listdir(CORPUS)):
         print("%-18s %d seeds" % (d, len(os.listdir(os.path.join(CORPUS, d)))))

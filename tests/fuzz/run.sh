@@ -8,7 +8,9 @@
 # once crashed or broke a property; each must now pass, checked with
 # LR_FUZZ_STRICT=1), then fuzz for SECONDS over the committed
 # seeds tests/fuzz/corpus/<target>/ (read only) plus a work corpus in the
-# build directory (where new inputs go).  A crash, leak, sanitizer report,
+# build directory (where new inputs go), with tests/fuzz/dict/<target>.dict
+# (JSON tokens and the field names of that format: cJSON is not instrumented,
+# so the fuzzer cannot discover them from coverage alone).  A crash, leak, sanitizer report,
 # timeout or FUZZ_CHECK failure stops that target; its input is saved in
 # <build>/fuzz-artifacts/<target>/ and the script exits 1 after the others ran.
 # A table of executions per target is printed at the end.
@@ -18,7 +20,7 @@
 #                            clang + LONGRUN_FUZZ + LONGRUN_SANITIZE if it has no cache
 #   LONGRUN_FUZZ_NO_BUILD=1  do not (re)build, use the binaries as they are
 #   LONGRUN_FUZZ_ARGS        extra libFuzzer flags, e.g. "-jobs=2 -workers=2"
-#   LR_FUZZ_STRICT=1         also check the optional properties (see fuzz_util.h)
+#   LR_FUZZ_STRICT=0         skip the switchable properties (see fuzz_util.h; default on)
 #
 # Exit: 0 all targets clean; 1 a finding (see above); 2 usage or build error;
 # 77 clang or its libFuzzer runtime is missing (nothing was run).
@@ -29,7 +31,7 @@ FUZZ_SRC=$ROOT/tests/fuzz
 BUILD=${LONGRUN_FUZZ_BUILD_DIR:-$ROOT/build-fuzz}
 SECS=${1:-20}
 shift || true
-ALL_TARGETS=(fuzz_task fuzz_agents fuzz_openai fuzz_anthropic fuzz_classify fuzz_retry_after)
+ALL_TARGETS=(fuzz_task fuzz_agents fuzz_openai fuzz_anthropic fuzz_classify fuzz_retry_after fuzz_utf8_clean)
 TARGETS=("$@")
 [[ ${#TARGETS[@]} -gt 0 ]] || TARGETS=("${ALL_TARGETS[@]}")
 
@@ -91,7 +93,7 @@ for t in "${TARGETS[@]}"; do
     while IFS= read -r -d '' f; do regs+=("$f"); done < <(find "$FUZZ_SRC/regressions/$t" -type f ! -name '*.md' -print0 | sort -z)
   fi
   if [[ ${#regs[@]} -gt 0 ]]; then
-    # Regressions are checked with the optional properties on (LR_FUZZ_STRICT):
+    # Regressions are checked with every property on (LR_FUZZ_STRICT=1):
     # each was saved because it broke one of them.
     if ! LR_FUZZ_STRICT=1 "$bin" -artifact_prefix="$art" "${regs[@]}" >"$log.regressions" 2>&1; then
       result="REGRESSION"
@@ -103,9 +105,11 @@ for t in "${TARGETS[@]}"; do
 
   # 2) fuzz
   runs=0
+  dict=()
+  [[ -f $FUZZ_SRC/dict/$t.dict ]] && dict=(-dict="$FUZZ_SRC/dict/$t.dict")
   if [[ $SECS -gt 0 ]]; then
     # shellcheck disable=SC2086
-    "$bin" "$work" "$seeds" -max_total_time="$SECS" -max_len="$(max_len "$t")" -timeout=10 \
+    "$bin" "$work" "$seeds" "${dict[@]}" -max_total_time="$SECS" -max_len="$(max_len "$t")" -timeout=10 \
       -rss_limit_mb=2048 -print_final_stats=1 -artifact_prefix="$art" ${LONGRUN_FUZZ_ARGS:-} >"$log" 2>&1
     st=$?
     runs=$(grep -oE '^stat::number_of_executed_units: *[0-9]+' "$log" | grep -oE '[0-9]+$' | tail -1)

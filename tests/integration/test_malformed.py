@@ -183,5 +183,13 @@ def test():
         h.eq(sched.events("dlq.ingest_failed"), [], "no failed ingests")
         h.check(sched.alive(), "scheduler alive")
 
+        # a clean exit (and, under ASan, no leak report) for every process
+        for p in env.procs:
+            if p.name != "fixture" and p.alive():
+                p.signal(15)
+        for p in env.procs:
+            if p.name != "fixture":
+                h.eq(p.wait(30), 0, "%s exit code after SIGTERM" % p.name)
+
 
 h.run(test)

@@ -2,7 +2,7 @@
 """k8s.image: build the container image daemonlessly and check it (scripts/image-test.sh).
 
 Opt-in: a cold build takes about 6 minutes on 2 cores (debootstrap of the base, two apt
-stages, the compile, vfs layer copies), a warm one (cached base and apt layers) under 2.
+stages, the compile, vfs layer copies), a warm one (cached base and apt layers) 1.5 to 2.5.
 Without LONGRUN_IMAGE_TEST=1 it exits 77 (skipped) and says so; run it with
 
     LONGRUN_IMAGE_TEST=1 ctest -L image --output-on-failure      (from build/)

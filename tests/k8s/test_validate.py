@@ -17,17 +17,23 @@
    + 10 s slack; worker pods have a preStop hook.
 4. Consistency: references to ConfigMaps and Secrets resolve (or are the documented,
    hand-made ones); Services, PDBs, ServiceMonitors, ScaledObjects and HPAs select or
-   target something that exists; every LONGRUN_* variable set is one common/config.c
-   knows; the KEDA trigger counts unacknowledged messages (protocol http, mode
+   target something that exists; every LONGRUN_* variable set is one a longrun binary
+   reads (the table of common/config.c, a getenv() in the sources, or ${VAR} in the
+   agents file); the KEDA trigger counts unacknowledged messages (protocol http, mode
    QueueLength) on each queue the workers consume; scale-down removes at most one worker
    per grace period; the agents file is examples/agents.json and passes
    `longrun-worker --check-config` with the rendered environment (when the build tree
    has the binary); no Secret values or credential-bearing URLs are rendered.
 5. Monitoring: every longrun_* metric in the PrometheusRule and the Grafana dashboard is
-   one of the documented metric names (and in docs/metrics.md once it exists); every
-   alert has a runbook_url that exists under docs/runbooks/; `promtool check rules`
+   documented in docs/metrics.md (before that file existed: the agreed list); every
+   alert has a runbook_url to a page under docs/runbooks/ that names it; `promtool check rules`
    accepts the rules (when promtool, from Debian's prometheus package, is installed).
 6. k8s/set-image rewrites an overlay's image and the overlay still renders.
+7. docs/deploy.md and docs/runbooks/: links and anchors resolve, and the repository
+   paths they name exist.
+8. Self-test: deliberately broken copies of the prod worker (unknown field, wrong type,
+   bad quantity, no readiness probe, root, no limits, short grace, writable root, no
+   preStop, a drain longer than the grace) must each be caught.
 
 Exit 0 passed, 1 failed, 77 skipped (kubectl or python3-yaml/jsonschema missing).
 """
@@ -70,7 +76,8 @@ TARGETS = {
 EXTERNAL_SECRETS = {"longrun-database", "longrun-amqp", "longrun-provider-keys"}
 # ConfigMaps created by hand (docs/deploy.md), per overlay.
 EXTERNAL_CONFIGMAPS = {"dev": {"longrun-fixture"}}
-# The metric names of the worker and scheduler (docs/metrics.md, issue 7).
+# The metric names of the worker and scheduler agreed for issue 7; once docs/metrics.md
+# exists, the names it documents are the authority instead.
 METRICS = {
     "longrun_tasks_finished_total", "longrun_steps_total", "longrun_step_duration_seconds",
     "longrun_model_requests_total", "longrun_tool_calls_total", "longrun_dead_letters_total",
@@ -111,6 +118,24 @@ def config_variables():
 
 
 CONFIG_NAMES, CONFIG_DEFAULTS = config_variables()
+
+
+def env_variables():
+    """LONGRUN_* names a binary reads: the configuration table, getenv() calls in the
+    sources (e.g. LONGRUN_HTTP_STEPS_URL), and ${VAR} in the example agents file."""
+    names = set(CONFIG_NAMES)
+    for d in ("common", "worker", "scheduler", "cli"):
+        for root, _, files in os.walk(os.path.join(SRC, d)):
+            for fn in files:
+                if fn.endswith((".c", ".h")):
+                    with open(os.path.join(root, fn), errors="replace") as f:
+                        names.update(re.findall(r'getenv\("(LONGRUN_[A-Z0-9_]+)"\)', f.read()))
+    with open(os.path.join(SRC, "examples", "agents.json")) as f:
+        names.update(re.findall(r"\$\{(LONGRUN_[A-Z0-9_]+)\}", f.read()))
+    return names
+
+
+KNOWN_ENV = env_variables()
 
 
 # --- schemas -------------------------------------------------------------------
@@ -247,8 +272,8 @@ def check_workload(where, obj, configmaps):
         if longrun and kind != "Job":
             env = container_env(c, configmaps)
             for name in env:
-                if name.startswith("LONGRUN_") and name not in CONFIG_NAMES and name != "LONGRUN_FIXTURE_URL":
-                    fail(cw, f"{name} is not a configuration variable (common/config.c)")
+                if name.startswith("LONGRUN_") and name not in KNOWN_ENV:
+                    fail(cw, f"{name} is read by no longrun binary (common/config.c, getenv, agents file)")
             drain = int(env.get("LONGRUN_DRAIN_SECONDS") or CONFIG_DEFAULTS["LONGRUN_DRAIN_SECONDS"])
             sleep = prestop_sleep(c)
             component = pod_labels(obj).get("app.kubernetes.io/component")
@@ -305,8 +330,9 @@ def check_references(target, objs):
         fail(f"{target} Secret/{name}", "Secrets must not be rendered (values are created per environment)")
     for name, cm in configmaps.items():
         for k, v in (cm.get("data") or {}).items():
-            if k.startswith("LONGRUN_") and k not in CONFIG_NAMES and k != "LONGRUN_FIXTURE_URL":
-                fail(f"{target} ConfigMap/{name}", f"{k} is not a configuration variable (common/config.c)")
+            if k.startswith("LONGRUN_") and k not in KNOWN_ENV:
+                fail(f"{target} ConfigMap/{name}", f"{k} is read by no longrun binary (common/config.c, getenv, "
+                                                   "agents file)")
             if re.search(r"://[^/\s:@\"]+:[^/\s@\"]+@", str(v)):
                 fail(f"{target} ConfigMap/{name}", f"{k} carries a credential in a URL")
     for name, svc in by_kind.get("Service", {}).items():
@@ -426,11 +452,11 @@ def check_monitoring(target, by_kind):
     if not rules or not dash:
         fail(target, "prod needs the PrometheusRule and the Grafana dashboard ConfigMap")
         return
-    documented = None
+    known = set(METRICS)
     metrics_md = os.path.join(SRC, "docs", "metrics.md")
     if os.path.exists(metrics_md):
         with open(metrics_md) as f:
-            documented = f.read()
+            known = set(re.findall(r"`(longrun_[a-z0-9_]+)`", f.read()))
     texts = []
     for name, pr in rules.items():
         for g in pr["spec"]["groups"]:
@@ -441,6 +467,10 @@ def check_monitoring(target, by_kind):
                     fail(target, f"alert {r['alert']} has no runbook_url")
                 elif url and not os.path.exists(os.path.join(SRC, url)):
                     fail(target, f"alert {r['alert']}: runbook {url} does not exist")
+                elif url:
+                    with open(os.path.join(SRC, url)) as f:
+                        if r["alert"] not in f.read():
+                            fail(target, f"alert {r['alert']}: its runbook {url} does not name it")
         promtool = shutil.which("promtool")
         if promtool:
             with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
@@ -462,10 +492,9 @@ def check_monitoring(target, by_kind):
     for where, expr in texts:
         for m in sorted(set(re.findall(r"\blongrun_[a-z0-9_]+", expr))):
             base = re.sub(r"_(bucket|sum|count)$", "", m)
-            if base not in METRICS:
-                fail(target, f"{where}: unknown metric {m}")
-            elif documented is not None and base not in documented:
-                fail(target, f"{where}: metric {base} is not in docs/metrics.md")
+            if m not in known and base not in known:
+                fail(target, f"{where}: metric {m} is not documented "
+                             f"({'docs/metrics.md' if os.path.exists(metrics_md) else 'the agreed list'})")
 
 
 def check_set_image():
@@ -536,6 +565,44 @@ def self_test(objs):
     notes.append(f"self-test: {len(cases) + 1 - len(missed)} of {len(cases) + 1} deliberate breakages caught")
 
 
+def slug(heading):
+    """GitHub's anchor for a Markdown heading."""
+    h = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return h.replace(" ", "-")
+
+
+def check_docs():
+    """docs/deploy.md and docs/runbooks/: relative links and #anchors resolve, and every
+    path under k8s/ or tests/ or scripts/ they name in backticks exists."""
+    pages = [os.path.join(SRC, "docs", "deploy.md")] + sorted(
+        os.path.join(SRC, "docs", "runbooks", f) for f in os.listdir(os.path.join(SRC, "docs", "runbooks"))
+        if f.endswith(".md"))
+    anchors = {}
+
+    def anchors_of(path):
+        if path not in anchors:
+            with open(path) as f:
+                anchors[path] = {slug(m) for m in re.findall(r"^#+ (.*)$", f.read(), re.M)}
+        return anchors[path]
+
+    for page in pages:
+        with open(page) as f:
+            text = f.read()
+        where = os.path.relpath(page, SRC)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"^[a-z]+://", target):
+                continue
+            path, _, anchor = target.partition("#")
+            dest = os.path.normpath(os.path.join(os.path.dirname(page), path)) if path else page
+            if not os.path.exists(dest):
+                fail(where, f"link {target}: {os.path.relpath(dest, SRC)} does not exist")
+            elif anchor and dest.endswith(".md") and anchor not in anchors_of(dest):
+                fail(where, f"link {target}: no heading #{anchor} in {os.path.relpath(dest, SRC)}")
+        for ref in set(re.findall(r"`((?:k8s|tests|scripts|docs|examples)/[\w./-]+)`", text)):
+            if not os.path.exists(os.path.join(SRC, ref.rstrip("/"))):
+                fail(where, f"names {ref}, which does not exist")
+
+
 def main():
     t0 = time.monotonic()
     rendered = {name: kustomize(path) for name, path in TARGETS.items()}
@@ -595,6 +662,7 @@ def main():
     if rendered.get("prod"):
         self_test(rendered["prod"])
     check_set_image()
+    check_docs()
     for n in notes:
         print(f"  {n}")
     n_objs = sum(len(v) for v in rendered.values())
