@@ -70,6 +70,16 @@ int cli_publish_continuations(cli_t *c, PGconn *db, PGresult *ids, int col_id, i
 /* The actor recorded with operator actions: LONGRUN_ACTOR, else the login name. */
 const char *cli_default_actor(void);
 
+/* A producer session for commands that enqueue (eval): both servers
+ * connected, the queue declared.  NULL after printing why.  send validates a
+ * task body (JSON text), records and publishes it, and writes its id;
+ * returns 0 or -1 (message printed). */
+typedef struct cli_producer cli_producer_t;
+cli_producer_t *cli_producer_open(cli_t *c, const char *queue);
+int cli_producer_send(cli_producer_t *p, const char *text, char id_out[37]);
+PGconn *cli_producer_db(cli_producer_t *p);
+void cli_producer_close(cli_producer_t *p);
+
 int cmd_migrate(cli_t *c, int argc, char **argv);
 int cmd_enqueue(cli_t *c, int argc, char **argv);
 int cmd_status(cli_t *c, int argc, char **argv);
@@ -85,6 +95,7 @@ int cmd_stats(cli_t *c, int argc, char **argv);
 int cmd_workers(cli_t *c, int argc, char **argv);
 int cmd_tools(cli_t *c, int argc, char **argv);
 int cmd_models(cli_t *c, int argc, char **argv);
+int cmd_eval(cli_t *c, int argc, char **argv);
 
 /* Applies pending migrations (used by `migrate` and by tests).  Prints
  * progress unless quiet.  Returns an exit code. */

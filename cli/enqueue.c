@@ -76,6 +76,7 @@ typedef struct enq {
     const char *queue;
     int ok, exists, failed;
     cJSON *out; /* --json array */
+    bool quiet; /* producer sessions of other commands print nothing but errors */
 } enq_t;
 
 static void report(enq_t *e, const char *id, const char *state, const char *error) {
@@ -88,6 +89,8 @@ static void report(enq_t *e, const char *id, const char *state, const char *erro
             cJSON_AddStringToObject(o, "error", error);
         }
         cJSON_AddItemToArray(e->out, o);
+    } else if (e->quiet) {
+        /* nothing */
     } else if (strcmp(state, "queued") == 0) {
         printf("%s\n", id);
     } else if (strcmp(state, "exists") == 0) {
@@ -231,6 +234,54 @@ static int connect_all(enq_t *e) {
         return -1;
     }
     return 0;
+}
+
+struct cli_producer {
+    enq_t e;
+};
+
+cli_producer_t *cli_producer_open(cli_t *c, const char *queue) {
+    cli_producer_t *p = calloc(1, sizeof(*p));
+    if (p == NULL) {
+        return NULL;
+    }
+    p->e.c = c;
+    p->e.queue = queue;
+    p->e.quiet = true;
+    if (connect_all(&p->e) != 0) {
+        cli_producer_close(p);
+        return NULL;
+    }
+    return p;
+}
+
+int cli_producer_send(cli_producer_t *p, const char *text, char id_out[LR_UUID_LEN + 1]) {
+    lr_task_msg_t m;
+    char err[512];
+    char *body = prepare(text, &m, err, sizeof(err));
+    int rc;
+    if (body == NULL) {
+        cli_fail(p->e.c, LR_EXIT_USAGE, "invalid task: %s", err);
+        return -1;
+    }
+    snprintf(id_out, LR_UUID_LEN + 1, "%s", m.id);
+    rc = enqueue_one(&p->e, &m, body);
+    free(body);
+    lr_task_msg_free(&m);
+    return rc;
+}
+
+PGconn *cli_producer_db(cli_producer_t *p) { return p->e.db; }
+
+void cli_producer_close(cli_producer_t *p) {
+    if (p == NULL) {
+        return;
+    }
+    if (p->e.amqp != NULL) {
+        lr_amqp_sync_close(p->e.amqp);
+    }
+    PQfinish(p->e.db);
+    free(p);
 }
 
 int cmd_enqueue(cli_t *c, int argc, char **argv) {

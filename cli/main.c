@@ -35,6 +35,7 @@ static const struct command {
     {"replay", cmd_replay, "run a task again from step N, in place or as a fork"},
     {"tools", cmd_tools, "kill switch: disable or enable a tool fleet-wide"},
     {"models", cmd_models, "kill switch: disable or enable a model fleet-wide"},
+    {"eval", cmd_eval, "release gate: run a suite of cases through the fleet, check the answers"},
 };
 
 static void usage(FILE *out) {
