@@ -59,6 +59,7 @@ static const struct cfg_entry entries[] = {
     I("LONGRUN_RETENTION_DAYS", retention_days, "30", 0, 36500),
     I("LONGRUN_TENANT_MAX_RUNNING", tenant_max_running, "0", 0, 1000000),
     I("LONGRUN_TENANT_TPM", tenant_tpm, "0", 0, 2000000000),
+    I("LONGRUN_STEP_TIMEOUT_SECONDS", step_timeout_seconds, "600", 5, 86400),
 };
 
 static const struct cfg_entry *find(const char *env) {

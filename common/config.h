@@ -51,6 +51,7 @@ typedef struct lr_config {
     int retention_days;
     int tenant_max_running;   /* running tasks per tenant, fleet-wide; 0 = no cap */
     int tenant_tpm;           /* tokens per minute per tenant, fleet-wide; 0 = no cap */
+    int step_timeout_seconds; /* a running task without a checkpoint this long is flagged; twice: no_progress */
 } lr_config_t;
 
 /* Fills cfg with defaults, then the environment.  Returns 0 or LR_ECONFIG

@@ -93,6 +93,26 @@
     "  'scheduler' FROM u ON CONFLICT (dedupe_key) DO NOTHING)"                                \
     " SELECT id FROM u"
 
+/* Progress-based liveness: a running task whose lease keeps being renewed
+ * but that wrote no checkpoint for twice the step timeout is looping or
+ * stuck: dead-letter it (no_progress); its worker's next write is fenced out.
+ * $1 batch, $2 seconds, $3 actor. */
+#define SQL_NO_PROGRESS                                                                        \
+    "WITH due AS (SELECT id FROM tasks WHERE status = 'running' AND"                           \
+    "  coalesce(last_progress_at, started_at, updated_at) < now() - make_interval(secs => $2::int)" \
+    "  LIMIT $1 FOR UPDATE SKIP LOCKED),"                                                      \
+    " u AS (UPDATE tasks t SET status = 'dead', stop_reason = 'no_progress',"                  \
+    "  error = 'no checkpoint for ' || $2 || ' s while its lease was renewed',"                \
+    "  lease_owner = NULL, lease_expires_at = NULL, finished_at = now(), updated_at = now()"   \
+    "  FROM due WHERE t.id = due.id RETURNING t.*),"                                           \
+    " ev AS (INSERT INTO task_events (task_id, from_status, to_status, reason, actor)"         \
+    "  SELECT id, 'running', 'dead', 'no_progress', $3 FROM u),"                               \
+    " dl AS (INSERT INTO dead_letters (dedupe_key, task_id, message_id, queue, agent, reason,"  \
+    "  error, body, source) SELECT 'task:' || id || ':no_progress:' || lease_epoch, id, id::text," \
+    "  queue, agent, 'no_progress', error, jsonb_build_object('id', id, 'agent', agent,"       \
+    "  'input', input), 'scheduler' FROM u ON CONFLICT (dedupe_key) DO NOTHING)"               \
+    " SELECT id FROM u"
+
 /* Retention: finished tasks (and, by cascade, their steps and events).
  * $1 batch, $2 days. */
 #define SQL_RETENTION                                                                          \
@@ -151,7 +171,7 @@ typedef struct sched {
 
 /* Metric families (docs/metrics.md). */
 static lr_metric_t *m_resumes, *m_leader, *m_ingested, *m_deadline, *m_depth, *m_consumers, *m_tasks,
-    *m_suspended, *m_ready;
+    *m_suspended, *m_ready, *m_no_progress, *m_stalled;
 
 static void metrics_init(void) {
     m_resumes = lr_metric_counter("longrun_resumes_total",
@@ -165,6 +185,11 @@ static void metrics_init(void) {
     m_tasks = lr_metric_gauge("longrun_tasks", "Live tasks by status (leader only).", "status");
     m_suspended = lr_metric_gauge("longrun_suspended_tasks", "Suspended tasks by reason (leader only).", "reason");
     m_ready = lr_metric_gauge("longrun_ready", "1 when this process is ready (readiness probe).", NULL);
+    m_no_progress = lr_metric_counter("longrun_no_progress_total",
+                                      "Running tasks dead-lettered for writing no checkpoint (no_progress).", NULL);
+    m_stalled = lr_metric_gauge("longrun_tasks_without_progress",
+                                "Running tasks with no checkpoint for longer than LONGRUN_STEP_TIMEOUT_SECONDS "
+                                "(leader, every 10 s).", NULL);
 }
 
 /* The publishes of one sweep statement's rows.  Their outbox marks are
@@ -287,7 +312,7 @@ typedef struct sweep_op {
     int kind;
 } sweep_op_t;
 
-enum { OP_RESUME, OP_EXPIRED, OP_OUTBOX, OP_DEADLINE, OP_RETENTION, OP_COUNT };
+enum { OP_RESUME, OP_EXPIRED, OP_OUTBOX, OP_DEADLINE, OP_NO_PROGRESS, OP_RETENTION, OP_COUNT };
 
 static void sweep_cb(int err, const PGresult *res, void *arg) {
     sweep_op_t *op = arg;
@@ -317,6 +342,14 @@ static void sweep_cb(int err, const PGresult *res, void *arg) {
                 s->deadlined += (uint64_t)PQntuples(res);
                 lr_info("scheduler.deadline", "%d task(s) dead-lettered past their deadline", PQntuples(res));
                 lr_metric_add(m_deadline, NULL, PQntuples(res));
+            }
+            break;
+        case OP_NO_PROGRESS:
+            if (PQntuples(res) > 0) {
+                lr_warn("scheduler.no_progress", "%d running task(s) wrote no checkpoint for %d s although their "
+                        "leases were renewed: dead-lettered with reason no_progress", PQntuples(res),
+                        2 * s->cfg.step_timeout_seconds);
+                lr_metric_add(m_no_progress, NULL, PQntuples(res));
             }
             break;
         default:
@@ -369,6 +402,11 @@ static void sweep(sched_t *s) {
     sweep_query(s, OP_EXPIRED, SQL_EXPIRED, 2, (const char *const[]){batch, s->id});
     sweep_query(s, OP_OUTBOX, SQL_OUTBOX, 2, (const char *const[]){batch, grace});
     sweep_query(s, OP_DEADLINE, SQL_DEADLINE, 2, (const char *const[]){batch, s->id});
+    {
+        char limit[24];
+        snprintf(limit, sizeof(limit), "%d", 2 * s->cfg.step_timeout_seconds);
+        sweep_query(s, OP_NO_PROGRESS, SQL_NO_PROGRESS, 3, (const char *const[]){batch, limit, s->id});
+    }
     uv_update_time(s->loop);
     now = uv_now(s->loop);
     if (s->cfg.retention_days > 0 && now - s->last_retention_ms > 60000) {
@@ -661,7 +699,9 @@ static void counts_cb(int err, const PGresult *res, void *arg) {
     for (int i = 0; i < PQntuples(res); i++) {
         const char *kind = lr_pg_get(res, i, 0), *key = lr_pg_get(res, i, 1);
         double n = atof(lr_pg_get(res, i, 2));
-        if (kind != NULL && key != NULL && strcmp(kind, "s") == 0) {
+        if (kind != NULL && strcmp(kind, "p") == 0) {
+            lr_metric_set(m_stalled, NULL, n);
+        } else if (kind != NULL && key != NULL && strcmp(kind, "s") == 0) {
             lr_metric_set(m_tasks, (const char *const[]){key}, n);
         } else if (kind != NULL && key != NULL) {
             lr_metric_set(m_suspended, (const char *const[]){key}, n);
@@ -673,8 +713,10 @@ static void health_timer_cb(uv_timer_t *t) {
     sched_t *s = t->data;
     const char *why = NULL;
     char snap[512];
+    char step_timeout[24];
     static unsigned ticks;
     lr_health_tick(s->health);
+    snprintf(step_timeout, sizeof(step_timeout), "%d", s->cfg.step_timeout_seconds);
     if (s->pg_usable == 0) {
         why = "PostgreSQL not connected";
     } else if (!s->amqp_up) {
@@ -689,8 +731,10 @@ static void health_timer_cb(uv_timer_t *t) {
                         "SELECT 's', st.status, count(t.id) FROM unnest(ARRAY['queued','running','suspended',"
                         "'retry_wait']) st(status) LEFT JOIN tasks t ON t.status = st.status GROUP BY st.status"
                         " UNION ALL SELECT 'r', coalesce(suspend_reason, 'unknown'), count(*) FROM tasks"
-                        " WHERE status = 'suspended' GROUP BY 2",
-                        0, NULL, 5000, counts_cb, s) != 0) {
+                        " WHERE status = 'suspended' GROUP BY 2"
+                        " UNION ALL SELECT 'p', 'stalled', count(*) FROM tasks WHERE status = 'running' AND"
+                        " coalesce(last_progress_at, started_at, updated_at) < now() - make_interval(secs => $1::int)",
+                        1, (const char *const[]){step_timeout}, 5000, counts_cb, s) != 0) {
             lr_debug("scheduler.counts", "cannot queue the counts");
         }
     }

@@ -26,3 +26,4 @@ lr_py_test(integration.scheduler integration/test_scheduler.py TIMEOUT 400 LABEL
 # Restarts the shared RabbitMQ and PostgreSQL (needs LONGRUN_HOME): nothing else may run meanwhile.
 lr_py_test(integration.restarts integration/test_restarts.py TIMEOUT 400 LABELS "integration" SERIAL)
 lr_py_test(integration.eval integration/test_eval.py TIMEOUT 180 LABELS "integration;asan")
+lr_py_test(integration.no_progress integration/test_no_progress.py TIMEOUT 120 LABELS "integration")
