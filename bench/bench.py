@@ -44,6 +44,7 @@ import json
 import os
 import random
 import re
+import resource
 import shutil
 import signal
 import string
@@ -117,6 +118,56 @@ def proc_cpu_s(pid):
         s = f.read()
     fields = s[s.rindex(")") + 2:].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_stat_fields(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        s = f.read()
+    return s[s.rindex(")") + 2:].split()
+
+
+def tree_cpu_s(pid):
+    """CPU seconds of a process, its reaped children (cutime/cstime) and its
+    live children: the whole of a PostgreSQL cluster (the postmaster forks a
+    backend per connection) or of a RabbitMQ node."""
+    try:
+        f = proc_stat_fields(pid)
+    except OSError:
+        return 0.0
+    ticks = int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            c = proc_stat_fields(int(d))
+        except (OSError, IndexError):
+            continue
+        if c[1] == str(pid):
+            ticks += int(c[11]) + int(c[12])
+    return ticks / CLK_TCK
+
+
+def machine_cpu_s():
+    """(busy, idle) CPU seconds of the whole machine since boot (/proc/stat)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + v[4]
+    return (sum(v[:8]) - idle) / CLK_TCK, idle / CLK_TCK
+
+
+def service_pids(home):
+    pids = {}
+    try:
+        with open(os.path.join(home, "postgres", "data", "postmaster.pid")) as f:
+            pids["postgres"] = int(f.readline())
+    except (OSError, ValueError):
+        pass
+    try:
+        with open(os.path.join(home, "rabbitmq", "rabbitmq.pid")) as f:
+            pids["rabbitmq"] = int(f.read().strip())
+    except (OSError, ValueError):
+        pass
+    return pids
 
 
 def proc_status_kb(pid, key):
@@ -222,7 +273,7 @@ def pgbench_script(path):
         f.write(sql + " \\gset\n")
 
 
-def run_pgbench(db_url, clients, seconds, workdir, sample_step):
+def run_pgbench(db_url, clients, seconds, workdir, sample_step, home):
     """tps of the checkpoint statement with `clients` connections, each
     advancing its own task row one step per transaction."""
     conn = psycopg2.connect(db_url)
@@ -247,15 +298,28 @@ def run_pgbench(db_url, clients, seconds, workdir, sample_step):
             "-f", script]
     for k, v in defs.items():
         argv += ["-D", "%s=%s" % (k, v)]
+    pg = service_pids(home).get("postgres")
+    pg0, (busy0, idle0) = tree_cpu_s(pg) if pg else 0.0, machine_cpu_s()
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=seconds + 60)
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    busy1, idle1 = machine_cpu_s()
+    # let the postmaster reap pgbench's backends (their CPU moves to its cutime)
+    time.sleep(1.0)
+    pg1 = tree_cpu_s(pg) if pg else 0.0
     m = re.search(r"tps = ([0-9.]+) \(without initial connection time\)", r.stdout)
     failed = re.search(r"number of failed transactions: (\d+)", r.stdout)
     if r.returncode != 0 or not m:
         raise BenchError("pgbench failed (%d):\n%s\n%s" % (r.returncode, r.stdout[-2000:], r.stderr[-2000:]))
     lat = re.search(r"latency average = ([0-9.]+) ms", r.stdout)
+    tx = re.search(r"number of transactions actually processed: (\d+)", r.stdout)
+    ntx = int(tx.group(1)) if tx else 0
     return {"clients": clients, "seconds": seconds, "tps": float(m.group(1)),
             "latency_ms": float(lat.group(1)) if lat else None,
-            "failed": int(failed.group(1)) if failed else 0}
+            "failed": int(failed.group(1)) if failed else 0, "transactions": ntx,
+            "pg_cpu_ms_per_tx": 1000.0 * (pg1 - pg0) / ntx if ntx else None,
+            "pgbench_cpu_s": round((ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime), 2),
+            "machine_busy_s": round(busy1 - busy0, 2), "machine_idle_s": round(idle1 - idle0, 2)}
 
 
 # ---------------------------------------------------------------- one run
@@ -300,6 +364,8 @@ class Run:
     def teardown(self):
         for p in self.workers + self.fixtures:
             self.procs.stop(p, timeout=30)
+        if getattr(self, "_conn", None) is not None:
+            self._conn.close()
         if self.args.keep_data or self.failed:
             log("%s: kept database %s and vhost %s, logs in %s" % (self.name(), self.tag, self.tag, self.dir))
             return
@@ -362,12 +428,13 @@ class Run:
         return c
 
     def q(self, sql, args=None):
-        with self.db() as c:
-            cur = c.cursor()
-            cur.execute(sql, args)
-            rows = cur.fetchall() if cur.description else []
-        c.close()
-        return rows
+        """One query on the run's polling connection (kept open: a connection
+        per poll would add backend start-ups to PostgreSQL's CPU figures)."""
+        if getattr(self, "_conn", None) is None or self._conn.closed:
+            self._conn = self.db()
+        cur = self._conn.cursor()
+        cur.execute(sql, args)
+        return cur.fetchall() if cur.description else []
 
     def enqueue(self, n):
         lines = "".join(json.dumps({"agent": "bench", "input": {"i": i}}) + "\n" for i in range(n))
@@ -453,6 +520,11 @@ class Run:
                                              [os.path.join(self.args.build, "longrun-scheduler")], self.env()))
         self.scheduler = self.workers[-1]
         before = self.pg_counters()
+        svc_pids = service_pids(self.args.home)
+        cpu0 = {k: tree_cpu_s(v) for k, v in svc_pids.items()}
+        cpu0["fixtures"] = sum(proc_cpu_s(f.pid) for f in self.fixtures)
+        cpu0["scheduler"] = proc_cpu_s(self.scheduler.pid)
+        busy0, idle0 = machine_cpu_s()
         for i in range(self.nworkers):
             self.start_worker(i, agents[i % len(agents)])
         workers = [p for p in self.workers if p is not self.scheduler]
@@ -484,6 +556,16 @@ class Run:
             raise BenchError("%s: only %d of %d tasks finished within %d s (logs: %s)" % (
                 self.name(), done, n, self.args.timeout, self.procs.logdir))
         after = self.pg_counters()
+        busy1, idle1 = machine_cpu_s()
+        cpu1 = {k: tree_cpu_s(v) for k, v in svc_pids.items()}
+        cpu1["fixtures"] = sum(proc_cpu_s(f.pid) for f in self.fixtures)
+        cpu1["scheduler"] = proc_cpu_s(self.scheduler.pid)
+        split = {k: round(cpu1[k] - cpu0[k], 2) for k in cpu1}
+        split["workers"] = round(sum(proc_cpu_s(p.pid) for p in workers), 2)
+        split["machine_busy"] = round(busy1 - busy0, 2)
+        split["machine_idle"] = round(idle1 - idle0, 2)
+        split["other_processes"] = round(split["machine_busy"] - sum(
+            v for k, v in split.items() if k not in ("machine_busy", "machine_idle")), 2)
         if perf is not None:
             perf.send_signal(signal.SIGINT)
             perf.wait(60)
@@ -525,7 +607,7 @@ class Run:
                "tool_ms": self.tool_ms, "enqueue_s": round(enq_s, 2), "wall_s": round(wall, 2),
                "peak_in_flight": peak_in_flight, "worker_exit_codes": rcs, "worker_warnings": events,
                "loadavg_1m": [load_before, os.getloadavg()[0]],
-               "startup_cpu_s": startup_cpu, "scheduler_cpu_s": round(sched_cpu, 2)}
+               "startup_cpu_s": startup_cpu, "scheduler_cpu_s": round(sched_cpu, 2), "cpu_split_s": split}
         # means of the worker's own histograms (seconds -> ms): how long the
         # model and tool calls took as the worker saw them (a fixture server
         # that cannot keep up shows here), and the checkpoint round trip.
@@ -571,6 +653,9 @@ class Run:
                     "commits_per_step": d["commits"] / max(nsteps, 1)})
         (hot, upd), = self.q("SELECT n_tup_hot_upd, n_tup_upd FROM pg_stat_user_tables WHERE relname = 'tasks'")
         res["tasks_hot_update_ratio"] = (hot / upd) if upd else None
+        # every UPDATE of a tasks row: claims, checkpoints, lease renewals, ...
+        res["tasks_row_updates"] = int(upd)
+        res["tasks_row_updates_per_step"] = upd / max(int(nsteps), 1)
         sample = self.q("SELECT messages::text, tool_calls::text, model FROM task_steps WHERE step_no = 2 LIMIT 1")
         res["sample_step"] = {"messages": sample[0][0], "tool_calls": sample[0][1] or "[]", "model": sample[0][2]}
         return res
@@ -612,6 +697,8 @@ def main():
     ap.add_argument("--fixture-pairs", type=int, default=1,
                     help="fixture server pairs (model + tool); workers are spread over them")
     ap.add_argument("--pgbench-seconds", type=int, default=15)
+    ap.add_argument("--pgbench-extra", default="32",
+                    help="comma-separated extra pgbench client counts, to show how PostgreSQL scales ('' = none)")
     ap.add_argument("--timeout", type=int, default=300, help="seconds a run may take")
     ap.add_argument("--quick", action="store_true", help="200 tasks per run, 5 s pgbench")
     ap.add_argument("--keep-services", action="store_true", help="leave the bench PostgreSQL and RabbitMQ running")
@@ -663,7 +750,14 @@ def main():
                 if clients not in ceilings:
                     log("%s: pgbench, the checkpoint statement with %d clients for %d s" % (
                         r.name(), clients, args.pgbench_seconds))
-                    ceilings[clients] = run_pgbench(r.db_url, clients, args.pgbench_seconds, r.dir, res["sample_step"])
+                    ceilings[clients] = run_pgbench(r.db_url, clients, args.pgbench_seconds, r.dir, res["sample_step"],
+                                                    args.home)
+                    for extra in [int(x) for x in args.pgbench_extra.split(",") if x.strip()]:
+                        if ("extra", extra) not in ceilings:
+                            log("%s: pgbench, the checkpoint statement with %d clients for %d s (scaling point)" % (
+                                r.name(), extra, args.pgbench_seconds))
+                            ceilings[("extra", extra)] = run_pgbench(r.db_url, extra, args.pgbench_seconds, r.dir,
+                                                                     res["sample_step"], args.home)
                 res["pg_ceiling"] = ceilings[clients]
                 res["ratio_to_ceiling"] = res["steps_per_s"] / ceilings[clients]["tps"]
                 results.append(res)
@@ -696,11 +790,21 @@ def main():
     print(table(results, ceilings))
     for r in results:
         print("  %-10s CPU %.3f ms/step (worker CPU s %s, start-up %.2f s subtracted), fsyncs/step %.3f, "
-              "commits/step %.2f, HOT updates of tasks %.0f%%, max claims/task %d, fixture model/tool calls %d/%d, "
+              "commits/step %.2f, tasks row updates/step %.2f, HOT updates of tasks %.0f%%, max claims/task %d, fixture model/tool calls %d/%d, "
               "non-2xx %d, enqueue %.1f s" % (
                   r["run"], r["cpu_ms_per_step"], r["worker_cpu_s"], r["startup_cpu_s"], r["fsyncs_per_step"],
-                  r["commits_per_step"], 100 * (r["tasks_hot_update_ratio"] or 0), r["max_claims_per_task"],
+                  r["commits_per_step"], r["tasks_row_updates_per_step"], 100 * (r["tasks_hot_update_ratio"] or 0), r["max_claims_per_task"],
                   r["model_calls"], r["tool_calls"], r["fixture_http_errors"], r["enqueue_s"]))
+    for c in sorted(ceilings.values(), key=lambda c: c["clients"]):
+        print("  pgbench    %3d clients: %.0f tps, latency %.2f ms, PostgreSQL CPU %.2f ms per checkpoint, "
+              "machine busy %.0f%%" % (c["clients"], c["tps"], c["latency_ms"] or 0, c["pg_cpu_ms_per_tx"] or 0,
+                                       100.0 * c["machine_busy_s"] / max(c["machine_busy_s"] + c["machine_idle_s"], 1e-9)))
+    for r in results:
+        sp = r["cpu_split_s"]
+        print("  %-10s CPU seconds during the run (%.1f s wall): workers %.1f, PostgreSQL %.1f (%.2f ms per step), "
+              "RabbitMQ %.1f, fixtures %.1f, scheduler %.1f, other processes %.1f, idle %.1f" % (
+                  r["run"], r["wall_s"], sp["workers"], sp.get("postgres", 0), 1000.0 * sp.get("postgres", 0) / r["steps"],
+                  sp.get("rabbitmq", 0), sp["fixtures"], sp["scheduler"], sp["other_processes"], sp["machine_idle"]))
     for r in results:
         if r["worker_warnings"]:
             print("  %-10s worker warnings/errors: %s" % (r["run"], ", ".join(

@@ -9,20 +9,24 @@
  * or running with an expired lease).  The LEFT JOINs always return one row:
  * claimed columns are NULL when the claim failed, and cur_* say why.
  * $1 id, $2 worker, $3 lease seconds, $4 claim only if claims (without
- * progress so far) is below this (how the worker defers suspects). */
+ * progress so far) is below this (how the worker defers suspects), $5 may
+ * take back a live lease this worker holds (a retry after a connection loss
+ * hid whether the first claim committed; it does not count as a claim). */
 #define SQL_CLAIM                                                                              \
-    "WITH o AS (SELECT id, status FROM tasks WHERE id = $1 FOR UPDATE),"                       \
+    "WITH o AS (SELECT id, status, ($5::bool AND status = 'running' AND lease_owner = $2"      \
+    "   AND lease_expires_at >= now()) AS own FROM tasks WHERE id = $1 FOR UPDATE),"          \
     " c AS (UPDATE tasks t SET status = 'running', lease_epoch = t.lease_epoch + 1,"           \
     "   lease_owner = $2, lease_expires_at = now() + make_interval(secs => $3::int),"          \
-    "   claims = t.claims + 1, claims_total = t.claims_total + 1,"                              \
+    "   claims = t.claims + CASE WHEN o.own THEN 0 ELSE 1 END,"                                \
+    "   claims_total = t.claims_total + CASE WHEN o.own THEN 0 ELSE 1 END,"                    \
     "   started_at = coalesce(t.started_at, now()), updated_at = now(),"                       \
     "   suspend_reason = NULL, wait_event = NULL, resume_at = NULL"                            \
-    "  FROM o WHERE t.id = o.id AND t.claims < $4::int AND (t.status = 'queued' OR"            \
-    "   (t.status = 'running' AND (t.lease_expires_at IS NULL OR t.lease_expires_at < now())))" \
-    "  RETURNING t.*, o.status AS old_status),"                                                \
+    "  FROM o WHERE t.id = o.id AND (o.own OR (t.claims < $4::int AND (t.status = 'queued' OR" \
+    "   (t.status = 'running' AND (t.lease_expires_at IS NULL OR t.lease_expires_at < now())))))" \
+    "  RETURNING t.*, o.status AS old_status, o.own),"                                         \
     " ev AS (INSERT INTO task_events (task_id, from_status, to_status, reason, actor)"         \
-    "  SELECT id, old_status, 'running',"                                                      \
-    "   CASE WHEN old_status = 'running' THEN 'lease_expired' ELSE 'claimed' END, $2 FROM c)"  \
+    "  SELECT id, old_status, 'running', CASE WHEN own THEN 'reclaimed'"                       \
+    "   WHEN old_status = 'running' THEN 'lease_expired' ELSE 'claimed' END, $2 FROM c)"       \
     " SELECT c.lease_epoch, c.step, c.claims, c.attempt, c.max_attempts, c.agent, c.queue,"    \
     "  c.input::text, c.budgets::text, c.tokens_in, c.tokens_out, c.cost_usd, c.tool_calls,"   \
     "  c.active_ms, (c.deadline IS NOT NULL AND c.deadline < now()) AS past_deadline,"         \

@@ -117,6 +117,13 @@ struct lr_run {
     char reason[32];
     char error[512];
     int publish_tries;
+    /* Retrying statements whose outcome a broken connection hid: */
+    int db_retries;
+    bool reclaim;                /* our claim may have committed: take our own live lease back */
+    char tr_reason[40], tr_stop[40]; /* the last transition's arguments */
+    bool tr_has_stop;
+    long tr_resume_ms;
+    int tr_inc;
     uv_timer_t retry_timer;      /* publish retry backoff */
     bool timer_init;
     lr_log_ctx_t log;
@@ -152,14 +159,15 @@ struct lr_worker {
     uv_timer_t health_timer;
     int schema_state;            /* 0 unknown, 1 ok, -1 incompatible */
     char schema_msg[160];
-    uint64_t renew_fail_since_ms; /* first failed lease renewal since the last success, 0 = none */
-    /* Crash-loop attribution: a task whose last SUSPECT_CLAIMS claims made
-     * no progress is a suspect.  At most one suspect runs per worker until
-     * its first checkpoint; the others wait unclaimed, so a poison task that
-     * kills the process cannot drag the claim counts of the tasks that share
-     * its worker up to crash_loop with it (a bystander's count stays at most
-     * SUSPECT_CLAIMS, below the limit).  A single crash makes no suspect, so
-     * the recovery of a dead worker's tasks is not serialized. */
+    bool renew_failing;           /* the last lease renewal failed */
+    uint64_t renew_ok_sent_ms;    /* when the last successful renewal was sent */
+    /* Crash-loop attribution: a task whose last suspect_claims() (2) claims
+     * made no progress is a suspect.  At most one suspect runs per worker
+     * until its first checkpoint; the others wait unclaimed, so a poison task
+     * that kills the process cannot drag the claim counts of the tasks that
+     * share its worker up to crash_loop with it (a bystander's count stays at
+     * most suspect_claims(), within the limit).  A single crash makes no
+     * suspect, so the recovery of a dead worker's tasks is not serialized. */
     lr_run_t *suspect;            /* the suspect claimed and not yet checkpointed */
     bool suspect_claiming;        /* a claim that may take a suspect is in flight */
     lr_run_t *deferred, *deferred_tail;
@@ -1070,11 +1078,25 @@ static void run_step_done(lr_run_t *r) {
 static void transition_cb(int err, const PGresult *res, void *arg) {
     lr_run_t *r = arg;
     r->pending--;
-    if (err == LR_ECONN) {
+    if (err == LR_ECONN && r->db_retries++ < 5) {
         /* Ambiguous; the transition is fenced on the epoch and the status
-         * being running, so re-running it is safe: zero rows then means it
-         * committed earlier or we were fenced.  Give the message back either
-         * way: a redelivery finds the task in its committed state. */
+         * being running, so re-running it is safe (it waits for the
+         * reconnection): zero rows then means it committed earlier or we
+         * were fenced.  (Giving the message back instead would leave the
+         * task running under our live lease, so a redelivery would be
+         * dropped and the task wait for the lease to expire.) */
+        char status[16], reason[40], stop[40], error[512];
+        snprintf(status, sizeof(status), "%s", r->final_status);
+        snprintf(reason, sizeof(reason), "%s", r->tr_reason);
+        snprintf(stop, sizeof(stop), "%s", r->tr_stop);
+        snprintf(error, sizeof(error), "%s", r->error);
+        LR_LOG(LR_LOG_WARN, &r->log, "task.transition_retry", "connection lost during the transition to %s; "
+               "running it again", status);
+        run_transition(r, status, reason, error[0] ? error : NULL, r->tr_has_stop ? stop : NULL,
+                       r->tr_resume_ms, r->tr_inc);
+        return;
+    }
+    if (err == LR_ECONN) {
         run_requeue(r);
         return;
     }
@@ -1082,6 +1104,12 @@ static void transition_cb(int err, const PGresult *res, void *arg) {
         LR_LOG(LR_LOG_ERROR, &r->log, "task.transition_failed", "transition to %s failed: %s",
                r->final_status, res != NULL ? PQresultErrorMessage(res) : lr_strerror(err));
         run_requeue(r);
+        return;
+    }
+    if (PQntuples(res) == 0 && r->db_retries > 0) {
+        LR_LOG(LR_LOG_WARN, &r->log, "task.transition_ambiguous", "the transition to %s committed before the "
+               "connection broke, or a newer owner holds the task; ending here", r->final_status);
+        run_done(r);
         return;
     }
     if (PQntuples(res) == 0) {
@@ -1118,6 +1146,11 @@ static void run_transition(lr_run_t *r, const char *status, const char *reason, 
     snprintf(r->final_status, sizeof(r->final_status), "%s", status);
     snprintf(r->reason, sizeof(r->reason), "%s", stop_reason != NULL ? stop_reason : reason);
     snprintf(r->error, sizeof(r->error), "%s", error != NULL ? error : "");
+    snprintf(r->tr_reason, sizeof(r->tr_reason), "%s", reason);
+    snprintf(r->tr_stop, sizeof(r->tr_stop), "%s", stop_reason != NULL ? stop_reason : "");
+    r->tr_has_stop = stop_reason != NULL;
+    r->tr_resume_ms = resume_in_ms;
+    r->tr_inc = attempt_inc;
     snprintf(p_epoch, sizeof(p_epoch), "%lld", (long long)r->epoch);
     snprintf(p_resume, sizeof(p_resume), "%ld", resume_in_ms);
     snprintf(p_inc, sizeof(p_inc), "%d", attempt_inc);
@@ -1145,6 +1178,15 @@ static void run_transition(lr_run_t *r, const char *status, const char *reason, 
 static void history_cb(int err, const PGresult *res, void *arg) {
     lr_run_t *r = arg;
     r->pending--;
+    if (err == LR_ECONN && r->db_retries++ < 5) {
+        /* A read: ask again (it waits for the reconnection).  Giving the
+         * message back would meet our own live lease and be dropped. */
+        r->pending++;
+        if (lr_pg_query(r->w->pg, SQL_HISTORY, 1, (const char *const[]){r->id}, 0, history_cb, r) == 0) {
+            return;
+        }
+        r->pending--;
+    }
     if (err != 0) {
         LR_LOG(LR_LOG_WARN, &r->log, "task.history_failed", "cannot load the step log: %s",
                res != NULL ? PQresultErrorMessage(res) : lr_strerror(err));
@@ -1274,7 +1316,7 @@ static int suspect_claims(const lr_worker_t *w) {
 static void run_claim(lr_run_t *r) {
     lr_worker_t *w = r->w;
     char lease[16], below[16];
-    const char *params[4];
+    const char *params[5];
     bool may = w->suspect == NULL && !w->suspect_claiming;
     snprintf(lease, sizeof(lease), "%d", w->cfg.lease_seconds);
     snprintf(below, sizeof(below), "%d", may ? 1000000 : suspect_claims(w));
@@ -1282,13 +1324,14 @@ static void run_claim(lr_run_t *r) {
     params[1] = w->id;
     params[2] = lease;
     params[3] = below;
+    params[4] = r->reclaim ? "true" : "false";
     if (may) {
         w->suspect_claiming = true;
         r->claim_may_suspect = true;
     }
     set_state(r, RUN_CLAIMING);
     r->pending++;
-    if (lr_pg_query(w->pg, SQL_CLAIM, 4, params, 0, claim_cb, r) != 0) {
+    if (lr_pg_query(w->pg, SQL_CLAIM, 5, params, 0, claim_cb, r) != 0) {
         r->pending--;
         if (may) {
             w->suspect_claiming = false;
@@ -1318,6 +1361,27 @@ static void suspect_next(lr_worker_t *w) {
     run_claim(r);
 }
 
+/* After a connection loss hid whether our claim (or insert) committed: claim
+ * again, allowed to take back a live lease that is ours (the statement waits
+ * for the reconnection).  Giving the message back instead would strand the
+ * task: its redelivery would meet our own live lease and be dropped, and the
+ * task would wait for the lease to expire.  Not when another run of this
+ * worker holds the same task (that lease is that run's). */
+static bool run_retry_claim(lr_run_t *r) {
+    if (r->db_retries++ >= 5) {
+        return false;
+    }
+    for (lr_run_t *o = r->w->runs; o != NULL; o = o->next) {
+        if (o != r && o->state != RUN_DONE && strcmp(o->id, r->id) == 0) {
+            return false;
+        }
+    }
+    LR_LOG(LR_LOG_WARN, &r->log, "task.claim_retry", "connection lost during the claim; claiming again");
+    r->reclaim = true;
+    run_claim(r);
+    return true;
+}
+
 static void suspect_release(lr_run_t *r) {
     if (r->w->suspect == r) {
         r->w->suspect = NULL;
@@ -1335,6 +1399,10 @@ static void claim_cb(int err, const PGresult *res, void *arg) {
     if (may_suspect) {
         r->claim_may_suspect = false;
         w->suspect_claiming = false;
+    }
+    if (err == LR_ECONN && run_retry_claim(r)) {
+        suspect_next(w);
+        return;
     }
     if (err != 0) {
         LR_LOG(LR_LOG_WARN, &r->log, "task.claim_failed", "claim failed: %s; giving the message back",
@@ -1470,6 +1538,9 @@ static void insert_cb(int err, const PGresult *res, void *arg) {
         run_maybe_free(r);
         return;
     }
+    if (err == LR_ECONN && run_retry_claim(r)) {
+        return; /* the claim finds the row if the insert committed, else inserts again */
+    }
     if (err != 0) {
         LR_LOG(LR_LOG_WARN, &r->log, "task.insert_failed", "cannot create the task row: %s",
                res != NULL ? PQresultErrorMessage(res) : lr_strerror(err));
@@ -1558,6 +1629,7 @@ typedef struct renew_item {
 
 typedef struct renew {
     lr_worker_t *w;
+    uint64_t sent_ms;
     int n;
     renew_item_t items[];
 } renew_t;
@@ -1583,13 +1655,12 @@ static void renew_cb(int err, const PGresult *res, void *arg) {
     if (err != 0) {
         lr_warn("lease.renew_failed", "lease renewal failed: %s",
                 res != NULL ? PQresultErrorMessage(res) : lr_strerror(err));
-        if (w->renew_fail_since_ms == 0) {
-            w->renew_fail_since_ms = now_ms(w);
-        }
+        w->renew_failing = true;
         free(rn);
         return;
     }
-    w->renew_fail_since_ms = 0;
+    w->renew_failing = false;
+    w->renew_ok_sent_ms = rn->sent_ms;
     for (int i = 0; i < PQntuples(res); i++) {
         renew_item_t key, *it;
         const char *renewed = lr_pg_get(res, i, 2);
@@ -1647,8 +1718,7 @@ static void lease_timer_cb(uv_timer_t *t) {
         free(rn);
         return;
     }
-    if (w->renew_fail_since_ms != 0 &&
-        now_ms(w) - w->renew_fail_since_ms > (uint64_t)w->cfg.lease_seconds * 1000u) {
+    if (w->renew_failing && now_ms(w) - w->renew_ok_sent_ms > (uint64_t)w->cfg.lease_seconds * 1000u) {
         /* No renewal for longer than the lease: our leases may have expired
          * and the tasks been handed to another worker.  Stop the steps in
          * flight (they run again from their last checkpoint) instead of
@@ -1688,6 +1758,7 @@ static void lease_timer_cb(uv_timer_t *t) {
     epochs[ne] = '\0';
     snprintf(lease, sizeof(lease), "%d", w->cfg.lease_seconds);
     rn->w = w;
+    rn->sent_ms = now_ms(w);
     rn->n = n;
     qsort(rn->items, (size_t)n, sizeof(renew_item_t), renew_item_cmp);
     if (n > 0) {
@@ -1697,7 +1768,8 @@ static void lease_timer_cb(uv_timer_t *t) {
             free(rn);
         }
     } else {
-        w->renew_fail_since_ms = 0; /* no lease held, none to lose */
+        w->renew_failing = false; /* no lease held, none to lose */
+        w->renew_ok_sent_ms = now_ms(w);
         free(rn);
     }
     free(ids);

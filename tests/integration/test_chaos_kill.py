@@ -36,6 +36,7 @@ def test():
         env.wait_queue(consumers=2)
         t0 = time.time()
         ids = env.enqueue_many([{"agent": "http-steps", "input": {"steps": STEPS}} for _ in range(N)])
+        h.eq(len(ids), N, "enqueued")
         kills = 0
         in_flight_at_kills = []
         next_kill = time.time() + KILL_EVERY

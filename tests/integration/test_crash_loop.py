@@ -11,9 +11,10 @@ claim (MAX_CLAIMS + 1 without progress) dead-letters it: status dead,
 stop_reason crash_loop, a dead_letters row, no step 2 row.
 
 Good tasks share the workers and die with them at every crash.  They must all
-succeed: a task whose last claim made no progress is a "suspect", and a worker
-runs at most one suspect at a time until it checkpoints, so the poison cannot
-drag the claim counts of its bystanders up to the limit with it.
+succeed: a task whose last two claims made no progress is a "suspect", and a
+worker runs at most one suspect at a time until it checkpoints (the others
+wait unclaimed), so the poison cannot drag the claim counts of its bystanders
+up to the limit with it.
 """
 import os
 import sys
@@ -75,8 +76,9 @@ def test():
         # claims: 1 (step 1, then step 2 crashed) + MAX_CLAIMS crashed + the claim that dead-letters it
         h.eq(row["claims_total"], MAX_CLAIMS + 2, "claims in total")
         suspects = [e for w in env.procs if w.name[0] in "ab" for e in w.events("task.suspect")]
-        h.log("%d suspect claims (tasks whose last claim made no progress) were run one per worker at a time; "
-              "%d of them were the poison task" % (len(suspects), sum(1 for e in suspects if e.get("task_id") == poison)))
+        h.log("%d suspect claims (tasks whose last two claims made no progress) were run one per worker at a "
+              "time; %d of them were the poison task" % (len(suspects),
+                                                         sum(1 for e in suspects if e.get("task_id") == poison)))
         env.wait_all_terminal(GOOD + 1, 90)
         c = env.status_counts()
         h.eq(c.get("succeeded"), GOOD, "good tasks all succeeded: %r" % c)

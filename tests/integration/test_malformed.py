@@ -84,7 +84,8 @@ def kinds():
                                          "deadline": "tomorrow"}), {}), "invalid", "deadline"),
         # RFC 3339 shaped but not a real time: PostgreSQL refuses it
         ("deadline_range", lambda i: (j({"id": uid(), "agent": "http-steps", "input": {"n": i},
-                                         "deadline": "2026-13-45T25:61:61Z"}), {}), "invalid", "deadline: PostgreSQL cannot store it"),
+                                         "deadline": "2026-13-45T25:61:61Z"}), {}),
+         "invalid", "deadline: PostgreSQL cannot store it"),
         # valid JSON that PostgreSQL's jsonb cannot store
         ("nul_escape", lambda i: (j({"id": uid(), "agent": "http-steps", "input": {"steps": 1, "s": "a\u0000b",
                                                                                    "n": i}}), {}),

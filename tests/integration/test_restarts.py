@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import harness as h  # noqa: E402
 
 N = int(os.environ.get("LONGRUN_TEST_TASKS", "200"))
+LEASE = 60
 STEPS = 10
 
 
@@ -50,8 +51,10 @@ def ready(port):
 
 def phase(env, name, restart_cmd):
     ports = [free_port(), free_port()]
+    # leases far longer than the outage: a task that waited for its lease to
+    # expire (a hand-back lost with the connection) shows up in the timing
     ws = [env.start_worker("%s-w%d" % (name, i), LONGRUN_MAX_IN_FLIGHT=20, LONGRUN_SLICE_STEPS=4,
-                           LONGRUN_HTTP_PORT=ports[i]) for i in range(2)]
+                           LONGRUN_HTTP_PORT=ports[i], LONGRUN_LEASE_SECONDS=LEASE) for i in range(2)]
     h.wait_for(lambda: all(ready(p) for p in ports), 30, "workers ready")
     env.wait_queue(consumers=2)
     ids = env.enqueue_many([{"agent": "http-steps", "input": {"steps": STEPS}} for _ in range(N)])
@@ -77,8 +80,9 @@ def phase(env, name, restart_cmd):
                 not_ready.append(time.time() - t0)
             time.sleep(0.2)
         h.check(proc.returncode == 0, "services.sh %s failed: %s" % (cmd, proc.stderr.read()[-2000:]))
+    t_back = time.time()
     h.log("%s: %s took %.1f s (%d steps were done before)" % (name, " + ".join(map(str, restart_cmd)),
-                                                            time.time() - t0, done_before))
+                                                            t_back - t0, done_before))
     h.wait_for(lambda: all(ready(p) for p in ports), 60, "workers ready again")
     h.check(not_ready, "readiness went false during the outage")
 
@@ -88,6 +92,9 @@ def phase(env, name, restart_cmd):
         return n == N and n
     h.wait_for(finished, 180, "every task finished", interval=0.5)
     el = time.time() - t0
+    after = time.time() - t_back
+    h.check(after < LEASE - 15, "finished %.1f s after the server was back: some task waited for its %d s lease "
+            "to expire" % (after, LEASE))
     h.eq(env.scalar("select count(*) from tasks where id = any(%s::uuid[]) and status = 'succeeded'", (ids,)), N,
          "all succeeded")
     env.check_step_log()
