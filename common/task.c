@@ -218,7 +218,7 @@ int lr_task_parse(const char *body, size_t len, lr_task_msg_t *out, char *errbuf
         while ((size_t)(end - body) < len && isspace((unsigned char)*end)) {
             end++;
         }
-        if ((size_t)(end - body) < len && *end != '\0') {
+        if ((size_t)(end - body) < len) { /* a NUL byte is trailing data too */
             rc = lr_seterr(errbuf, errlen, LR_EPARSE,
                            "message body has trailing data after the JSON value (byte %zu)",
                            (size_t)(end - body));
