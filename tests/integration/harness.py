@@ -28,6 +28,9 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+import socket
+import threading
+
 import psycopg2
 import psycopg2.extras
 
@@ -428,6 +431,71 @@ class Env:
         if expect_steps is not None:
             wrong = self.sql("select id, step from tasks where step <> %s", (expect_steps,))
             check(not wrong, "tasks with other than %d steps: %r" % (expect_steps, wrong[:5]))
+
+
+class Proxy:
+    """A TCP proxy that can be cut (connections reset, new ones refused)."""
+
+    def __init__(self, host, port):
+        self.target = (host, port)
+        self.srv = socket.socket()
+        self.srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.srv.bind(("127.0.0.1", 0))
+        self.srv.listen(64)
+        self.port = self.srv.getsockname()[1]
+        self.up = True
+        self.conns = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while True:
+            try:
+                c, _ = self.srv.accept()
+            except OSError:
+                return
+            if not self.up:
+                c.close()
+                continue
+            try:
+                u = socket.create_connection(self.target)
+            except OSError:
+                c.close()
+                continue
+            with self.lock:
+                self.conns += [c, u]
+            for a, b in ((c, u), (u, c)):
+                threading.Thread(target=self.pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def pipe(a, b):
+        try:
+            while True:
+                d = a.recv(65536)
+                if not d:
+                    break
+                b.sendall(d)
+        except OSError:
+            pass
+        for s in (a, b):
+            try:
+                s.close()
+            except OSError:
+                pass
+
+    def cut(self):
+        self.up = False
+        with self.lock:
+            for s in self.conns:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                    s.close()
+                except OSError:
+                    pass
+            self.conns = []
+
+    def restore(self):
+        self.up = True
 
 
 def run(fn):

@@ -24,71 +24,6 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 AGENTS = os.path.join(h.SOURCE, "tests", "fixtures", "agents.test.json")
 
 
-class Proxy:
-    """A TCP proxy that can be cut (connections reset, new ones refused)."""
-
-    def __init__(self, host, port):
-        self.target = (host, port)
-        self.srv = socket.socket()
-        self.srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.srv.bind(("127.0.0.1", 0))
-        self.srv.listen(64)
-        self.port = self.srv.getsockname()[1]
-        self.up = True
-        self.conns = []
-        self.lock = threading.Lock()
-        threading.Thread(target=self.accept, daemon=True).start()
-
-    def accept(self):
-        while True:
-            try:
-                c, _ = self.srv.accept()
-            except OSError:
-                return
-            if not self.up:
-                c.close()
-                continue
-            try:
-                u = socket.create_connection(self.target)
-            except OSError:
-                c.close()
-                continue
-            with self.lock:
-                self.conns += [c, u]
-            for a, b in ((c, u), (u, c)):
-                threading.Thread(target=self.pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def pipe(a, b):
-        try:
-            while True:
-                d = a.recv(65536)
-                if not d:
-                    break
-                b.sendall(d)
-        except OSError:
-            pass
-        for s in (a, b):
-            try:
-                s.close()
-            except OSError:
-                pass
-
-    def cut(self):
-        self.up = False
-        with self.lock:
-            for s in self.conns:
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                    s.close()
-                except OSError:
-                    pass
-            self.conns = []
-
-    def restore(self):
-        self.up = True
-
-
 def get(port, path):
     try:
         with urllib.request.urlopen("http://127.0.0.1:%d%s" % (port, path), timeout=5) as r:
@@ -133,7 +68,7 @@ def test():
                         json.loads(get(sport, "/health")[1]), 20, "scheduler leader in /health")
         h.eq(hs["status"]["dependencies"]["postgres"]["status"], "up", "scheduler postgres")
         p = urllib.parse.urlparse(env.amqp_url)
-        proxy = Proxy(p.hostname, p.port)
+        proxy = h.Proxy(p.hostname, p.port)
         proxied = env.amqp_url.replace(":%d/" % p.port, ":%d/" % proxy.port)
         port = free_port()
         env.start_worker("w1", LONGRUN_AGENTS_FILE=AGENTS, LONGRUN_HTTP_PORT=port, LONGRUN_AMQP_URL=proxied)

@@ -27,3 +27,4 @@ lr_py_test(integration.scheduler integration/test_scheduler.py TIMEOUT 400 LABEL
 lr_py_test(integration.restarts integration/test_restarts.py TIMEOUT 400 LABELS "integration" SERIAL)
 lr_py_test(integration.eval integration/test_eval.py TIMEOUT 180 LABELS "integration;asan")
 lr_py_test(integration.no_progress integration/test_no_progress.py TIMEOUT 120 LABELS "integration")
+lr_py_test(integration.reliability integration/test_reliability.py TIMEOUT 400 LABELS "integration;reliability")
