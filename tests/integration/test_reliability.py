@@ -54,10 +54,20 @@ def test():
         for slot in ("s1", "s2", "w1", "w2"):
             start(slot)
         t0 = time.time()
-        env.enqueue_many([{"agent": "http-steps", "input": {"steps": K}} for _ in range(N)])
+        # enqueue from a thread: the attacks start while tasks are still arriving
+        import threading
+        enq_err = []
+
+        def enqueue():
+            try:
+                env.enqueue_many([{"agent": "http-steps", "input": {"steps": K}} for _ in range(N)])
+            except Exception as e:  # reported below
+                enq_err.append(e)
+        enq = threading.Thread(target=enqueue)
+        enq.start()
 
         def done():
-            return env.scalar("select count(*) from tasks where status = 'succeeded'") == N
+            return not enq.is_alive() and env.scalar("select count(*) from tasks where status = 'succeeded'") == N
 
         deadline = time.time() + 300 * h.TIMEOUT_MULT
         rnd = 0
@@ -95,6 +105,8 @@ def test():
                     counts["sigterms"] += 1
                     start(slot)
                     time.sleep(0.5)
+        enq.join()
+        h.check(not enq_err, "enqueue: %r" % enq_err)
         h.check(done(), "every task succeeded within the time limit: %r" % env.status_counts())
         el = time.time() - t0
 
