@@ -67,6 +67,12 @@ char *cli_read_arg_or_file(cli_t *c, const char *name, const char *arg, size_t m
  * them later).  *published counts the confirmed ones. */
 int cli_publish_continuations(cli_t *c, PGconn *db, PGresult *ids, int col_id, int col_queue, int *published);
 
+/* Prints j as one line of JSON on stdout. */
+struct cJSON;
+void cli_print_json(const struct cJSON *j);
+/* "30s", "15m", "2h", "7d" -> "30 seconds" (a PostgreSQL interval); 0 or -1. */
+int cli_duration(const char *s, char *out, size_t outlen);
+
 /* The actor recorded with operator actions: LONGRUN_ACTOR, else the login name. */
 const char *cli_default_actor(void);
 

@@ -42,30 +42,6 @@ enum {
     D_ACTOR,
 };
 
-static void print_json(cJSON *j) {
-    char *s = cJSON_PrintUnformatted(j);
-    printf("%s\n", s != NULL ? s : "null");
-    free(s);
-}
-
-static int interval_of(const char *s, char *out, size_t n) {
-    char *end = NULL;
-    long v = strtol(s, &end, 10);
-    const char *u;
-    if (end == s || v <= 0 || end[0] == '\0' || end[1] != '\0') {
-        return -1;
-    }
-    switch (end[0]) {
-    case 's': u = "seconds"; break;
-    case 'm': u = "minutes"; break;
-    case 'h': u = "hours"; break;
-    case 'd': u = "days"; break;
-    default: return -1;
-    }
-    snprintf(out, n, "%ld %s", v, u);
-    return 0;
-}
-
 static cJSON *rows_json(PGresult *r) {
     cJSON *arr = cJSON_CreateArray();
     for (int i = 0; i < PQntuples(r); i++) {
@@ -122,7 +98,7 @@ static int dlq_list(cli_t *c, int argc, char **argv) {
         case D_REASON: params[0] = optarg; break;
         case D_AGENT: params[1] = optarg; break;
         case D_SINCE:
-            if (interval_of(optarg, since, sizeof(since)) != 0) {
+            if (cli_duration(optarg, since, sizeof(since)) != 0) {
                 return cli_fail(c, LR_EXIT_USAGE, "--since: '%s' is not a duration like 30m, 2h, 7d", optarg);
             }
             params[2] = since;
@@ -159,7 +135,7 @@ static int dlq_list(cli_t *c, int argc, char **argv) {
     }
     if (c->json) {
         cJSON *j = rows_json(r);
-        print_json(j);
+        cli_print_json(j);
         cJSON_Delete(j);
     } else {
         printf("%-7s %-36s %-14s %-16s %-20s %s\n", "ID", "TASK", "AGENT", "REASON", "CREATED", "ERROR");
@@ -250,7 +226,7 @@ static int dlq_show(cli_t *c, int argc, char **argv) {
         if (s != NULL) {
             cJSON_AddItemToObject(o, "last_steps", rows_json(s));
         }
-        print_json(o);
+        cli_print_json(o);
         cJSON_Delete(o);
     } else {
         for (int col = 0; col < PQnfields(d); col++) {
@@ -419,7 +395,7 @@ static int dlq_requeue(cli_t *c, int argc, char **argv) {
     if (dry) {
         if (c->json) {
             cJSON *j = rows_json(sel);
-            print_json(j);
+            cli_print_json(j);
             cJSON_Delete(j);
         } else {
             for (int i = 0; i < PQntuples(sel); i++) {
@@ -490,7 +466,7 @@ static int dlq_requeue(cli_t *c, int argc, char **argv) {
         cJSON *j = cJSON_CreateObject();
         cJSON_AddNumberToObject(j, "requeued", (double)done);
         cJSON_AddNumberToObject(j, "published", (double)published_total);
-        print_json(j);
+        cli_print_json(j);
         cJSON_Delete(j);
     } else {
         printf("requeued %ld task(s); %ld dispatched now%s\n", done, published_total,
@@ -530,7 +506,7 @@ static int dlq_purge(cli_t *c, int argc, char **argv) {
                    "\nDeletes dead-letter records older than the given age (the tasks stay).\n");
             return LR_EXIT_OK;
         case D_OLDER:
-            if (interval_of(optarg, iv, sizeof(iv)) != 0) {
+            if (cli_duration(optarg, iv, sizeof(iv)) != 0) {
                 return cli_fail(c, LR_EXIT_USAGE, "--older-than: '%s' is not a duration like 12h or 30d", optarg);
             }
             break;
@@ -679,7 +655,7 @@ int cmd_stats(cli_t *c, int argc, char **argv) {
     }
     cJSON_AddItemToObject(o, "queues", queues);
     if (c->json) {
-        print_json(o);
+        cli_print_json(o);
     } else {
         const cJSON *x;
         printf("tasks:");
@@ -747,7 +723,7 @@ int cmd_workers(cli_t *c, int argc, char **argv) {
     }
     if (c->json) {
         cJSON *j = rows_json(r);
-        print_json(j);
+        cli_print_json(j);
         cJSON_Delete(j);
     } else {
         printf("%-28s %-8s %-12s %9s %8s %s\n", "WORKER", "VERSION", "QUEUES", "IN FLIGHT", "DRAINING", "HEARTBEAT");
@@ -808,7 +784,7 @@ static int flag_cmd(cli_t *c, int argc, char **argv, const char *kind) {
         if (r != NULL) {
             if (c->json) {
                 cJSON *j = rows_json(r);
-                print_json(j);
+                cli_print_json(j);
                 cJSON_Delete(j);
             } else {
                 for (int i = 0; i < PQntuples(r); i++) {

@@ -57,12 +57,6 @@ static cJSON *row_json(const PGresult *res, int r) {
     return o;
 }
 
-static void print_json(cJSON *j) {
-    char *s = cJSON_PrintUnformatted(j);
-    printf("%s\n", s != NULL ? s : "null");
-    free(s);
-}
-
 static int parse_common_only(cli_t *c, int argc, char **argv, void (*usage)(FILE *)) {
     static const struct option opts[] = {CLI_COMMON_OPTIONS, {NULL, 0, NULL, 0}};
     int opt, h;
@@ -126,7 +120,7 @@ int cmd_status(cli_t *c, int argc, char **argv) {
     }
     if (c->json) {
         cJSON *o = row_json(res, 0);
-        print_json(o);
+        cli_print_json(o);
         cJSON_Delete(o);
     } else {
         for (int col = 0; col < PQnfields(res); col++) {
@@ -164,27 +158,17 @@ static bool valid_status(const char *s) {
     return false;
 }
 
-/* "15m" -> "15 minutes"; RFC 3339 passes through.  0 ok, -1 invalid. */
+/* "15m" -> "@interval:15 minutes"; RFC 3339 passes through.  0 ok, -1 invalid. */
 static int since_param(const char *s, char *out, size_t outlen) {
-    char *end = NULL;
-    long v;
-    const char *unit;
+    char iv[64];
     if (lr_rfc3339_valid(s)) {
         snprintf(out, outlen, "%s", s);
         return 0;
     }
-    v = strtol(s, &end, 10);
-    if (end == s || v <= 0 || end[0] == '\0' || end[1] != '\0') {
+    if (cli_duration(s, iv, sizeof(iv)) != 0) {
         return -1;
     }
-    switch (end[0]) {
-    case 's': unit = "seconds"; break;
-    case 'm': unit = "minutes"; break;
-    case 'h': unit = "hours"; break;
-    case 'd': unit = "days"; break;
-    default: return -1;
-    }
-    snprintf(out, outlen, "@interval:%ld %s", v, unit);
+    snprintf(out, outlen, "@interval:%s", iv);
     return 0;
 }
 
@@ -285,7 +269,7 @@ int cmd_list(cli_t *c, int argc, char **argv) {
         for (int r = 0; r < PQntuples(res); r++) {
             cJSON_AddItemToArray(arr, row_json(res, r));
         }
-        print_json(arr);
+        cli_print_json(arr);
         cJSON_Delete(arr);
     } else {
         printf("%-36s  %-10s  %-16s  %-10s  %5s  %s\n", "ID", "QUEUE", "AGENT", "STATUS", "STEP", "UPDATED");

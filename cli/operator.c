@@ -47,12 +47,6 @@ enum {
     O_YES,
 };
 
-static void print_json(cJSON *j) {
-    char *s = cJSON_PrintUnformatted(j);
-    printf("%s\n", s != NULL ? s : "null");
-    free(s);
-}
-
 static int begin(cli_t *c, PGconn *db) {
     PGresult *r = cli_exec(c, db, "BEGIN", 0, NULL);
     if (r == NULL) {
@@ -231,7 +225,7 @@ static int deliver_signal(cli_t *c, const char *id, const char *name, cJSON *pay
         cJSON_AddStringToObject(o2, "id", id);
         cJSON_AddStringToObject(o2, "signal", name);
         cJSON_AddBoolToObject(o2, "resumed", woke);
-        print_json(o2);
+        cli_print_json(o2);
         cJSON_Delete(o2);
     } else {
         printf("%s: %s recorded%s\n", id, name,
@@ -359,7 +353,7 @@ int cmd_cancel(cli_t *c, int argc, char **argv) {
         cJSON *j = cJSON_CreateObject();
         cJSON_AddStringToObject(j, "id", id);
         cJSON_AddStringToObject(j, "status", PQgetvalue(r, 0, 0));
-        print_json(j);
+        cli_print_json(j);
         cJSON_Delete(j);
     } else if (strcmp(PQgetvalue(r, 0, 0), "running") == 0) {
         printf("%s: cancel requested; the task stops at its next step boundary\n", id);
@@ -512,14 +506,14 @@ int cmd_log(cli_t *c, int argc, char **argv) {
                 ei++;
             }
             if (line != NULL) {
-                print_json(cJSON_GetArrayItem(line, 0));
+                cli_print_json(cJSON_GetArrayItem(line, 0));
                 cJSON_Delete(line);
             }
         }
         PQclear(steps);
         PQclear(events);
         if (arr != NULL) {
-            print_json(arr);
+            cli_print_json(arr);
             cJSON_Delete(arr);
             arr = NULL;
         }
@@ -640,7 +634,7 @@ int cmd_replay(cli_t *c, int argc, char **argv) {
         cJSON_AddNumberToObject(j, "from_step", (double)o.from_step);
         cJSON_AddBoolToObject(j, "forked", o.fork);
         cJSON_AddBoolToObject(j, "published", pub == 1);
-        print_json(j);
+        cli_print_json(j);
         cJSON_Delete(j);
     } else {
         printf("%s: replaying from step %ld%s\n", PQgetvalue(r, 0, 0), o.from_step, o.fork ? " (fork)" : "");

@@ -1,5 +1,7 @@
 /* util.c - helpers shared by the CLI commands; see cli.h. */
 #include <errno.h>
+
+#include <cjson/cJSON.h>
 #include <pwd.h>
 #include <unistd.h>
 #include <stdarg.h>
@@ -198,3 +200,27 @@ const char *cli_default_actor(void) {
     return actor_buf;
 }
 
+
+void cli_print_json(const cJSON *j) {
+    char *s = cJSON_PrintUnformatted(j);
+    printf("%s\n", s != NULL ? s : "null");
+    free(s);
+}
+
+int cli_duration(const char *s, char *out, size_t outlen) {
+    char *end = NULL;
+    long v = strtol(s, &end, 10);
+    const char *unit;
+    if (end == s || v <= 0 || end[0] == '\0' || end[1] != '\0') {
+        return -1;
+    }
+    switch (end[0]) {
+    case 's': unit = "seconds"; break;
+    case 'm': unit = "minutes"; break;
+    case 'h': unit = "hours"; break;
+    case 'd': unit = "days"; break;
+    default: return -1;
+    }
+    snprintf(out, outlen, "%ld %s", v, unit);
+    return 0;
+}

@@ -12,4 +12,19 @@
  * memory.  Caller frees. */
 char *lr_utf8_clean(const char *s, size_t n, size_t max, bool *cut);
 
+/* Length of the valid UTF-8 sequence at s (n bytes available): 1-4, or 0
+ * when it is not valid UTF-8 (overlong, surrogate, beyond U+10FFFF, cut). */
+size_t lr_utf8_seq_len(const unsigned char *s, size_t n);
+
+/* Valid UTF-8 without NUL bytes: PostgreSQL accepts it as text. */
+bool lr_pg_text_ok(const char *s, size_t n);
+
+/* One JSON value, nothing but whitespace after it, that jsonb will take
+ * (valid UTF-8, no \u0000). */
+bool lr_json_storable(const char *s, size_t n);
+
+/* s[0..n) as PostgreSQL's bytea hex text ("\x4142..."), malloc'd; NULL on out
+ * of memory.  Caller frees. */
+char *lr_bytea_hex(const char *s, size_t n);
+
 #endif

@@ -33,6 +33,7 @@
 
 #include "amqp.h"
 #include "log.h"
+#include "text.h"
 #include "health.h"
 #include "metrics.h"
 #include "pg.h"
@@ -473,58 +474,6 @@ typedef struct ingest {
 
 static void ingest_send(ingest_t *in);
 
-/* Length of the UTF-8 sequence at s (n bytes left), or 0 if invalid. */
-static size_t utf8_seq_len(const unsigned char *s, size_t n) {
-    size_t k;
-    if (s[0] < 0x80) {
-        return s[0] != 0 ? 1 : 0;
-    }
-    k = s[0] >= 0xf0 && s[0] <= 0xf4 ? 4 : s[0] >= 0xe0 ? 3 : s[0] >= 0xc2 && s[0] < 0xe0 ? 2 : 0;
-    if (k == 0 || k > n) {
-        return 0;
-    }
-    for (size_t i = 1; i < k; i++) {
-        if ((s[i] & 0xc0) != 0x80) {
-            return 0;
-        }
-    }
-    if ((k == 3 && s[0] == 0xe0 && s[1] < 0xa0) || (k == 3 && s[0] == 0xed && s[1] >= 0xa0) ||
-        (k == 4 && s[0] == 0xf0 && s[1] < 0x90) || (k == 4 && s[0] == 0xf4 && s[1] >= 0x90)) {
-        return 0;
-    }
-    return k;
-}
-
-/* Valid UTF-8 without NUL bytes (PostgreSQL text). */
-static bool pg_text_ok(const char *s, size_t n) {
-    for (size_t i = 0; i < n;) {
-        size_t k = utf8_seq_len((const unsigned char *)s + i, n - i);
-        if (k == 0) {
-            return false;
-        }
-        i += k;
-    }
-    return true;
-}
-
-/* One JSON value, nothing after it, that jsonb will take (no \u0000). */
-static bool json_storable(const char *b, size_t n) {
-    const char *end = NULL;
-    cJSON *j;
-    if (n == 0 || !pg_text_ok(b, n) || memmem(b, n, "\\u0000", 6) != NULL) {
-        return false;
-    }
-    j = cJSON_ParseWithLengthOpts(b, n, &end, false);
-    if (j == NULL) {
-        return false;
-    }
-    cJSON_Delete(j);
-    while (end != NULL && (size_t)(end - b) < n && (*end == ' ' || *end == '\t' || *end == '\n' || *end == '\r')) {
-        end++;
-    }
-    return end != NULL && (size_t)(end - b) == n;
-}
-
 static void ingest_cb(int err, const PGresult *res, void *arg) {
     ingest_t *in = arg;
     if (err == LR_EDB && !in->safe) {
@@ -586,10 +535,9 @@ static void ingest_send(ingest_t *in) {
     sched_t *s = in->s;
     lr_amqp_delivery_t *d = in->d;
     char key[300], reason[64], queue[128], cnt[24];
-    char *hex = malloc(d->body_len * 2 + 3);
+    char *hex = lr_bytea_hex(d->body, d->body_len);
     long count;
     const char *params[11];
-    static const char digits[] = "0123456789abcdef";
     bool is_json, mid_ok;
 
     if (hex == NULL) {
@@ -601,16 +549,9 @@ static void ingest_send(ingest_t *in) {
         return;
     }
     dead_info(d, key, sizeof(key), reason, sizeof(reason), queue, sizeof(queue), &count);
-    hex[0] = '\\';
-    hex[1] = 'x';
-    for (size_t i = 0; i < d->body_len; i++) {
-        hex[2 + 2 * i] = digits[((unsigned char)d->body[i]) >> 4];
-        hex[3 + 2 * i] = digits[((unsigned char)d->body[i]) & 15];
-    }
-    hex[2 + 2 * d->body_len] = '\0';
-    is_json = !in->safe && json_storable(d->body, d->body_len);
-    mid_ok = !in->safe && d->message_id != NULL && pg_text_ok(d->message_id, strlen(d->message_id));
-    if (in->safe || !pg_text_ok(key, strlen(key))) {
+    is_json = !in->safe && lr_json_storable(d->body, d->body_len);
+    mid_ok = !in->safe && d->message_id != NULL && lr_pg_text_ok(d->message_id, strlen(d->message_id));
+    if (in->safe || !lr_pg_text_ok(key, strlen(key))) {
         /* The key may quote a message id that is not text. */
         for (size_t i = 0; key[i] != '\0'; i++) {
             if ((unsigned char)key[i] >= 0x80) {
@@ -621,8 +562,8 @@ static void ingest_send(ingest_t *in) {
     snprintf(cnt, sizeof(cnt), "%ld", count);
     params[0] = key;
     params[1] = mid_ok ? d->message_id : NULL;
-    params[2] = pg_text_ok(queue, strlen(queue)) ? queue : NULL;
-    params[3] = pg_text_ok(reason, strlen(reason)) ? reason : "unknown";
+    params[2] = lr_pg_text_ok(queue, strlen(queue)) ? queue : NULL;
+    params[3] = lr_pg_text_ok(reason, strlen(reason)) ? reason : "unknown";
     params[4] = hex;
     params[5] = in->safe ? NULL : d->headers_json;
     params[6] = count >= 0 ? cnt : NULL;

@@ -44,6 +44,7 @@
 #include <unistd.h>
 
 #include "log.h"
+#include "text.h"
 #include "migrations.h"
 #include "sql.h"
 #include "health.h"
@@ -363,71 +364,17 @@ typedef struct dead_msg {
     bool safe;                   /* record only what PostgreSQL surely accepts */
 } dead_msg_t;
 
-/* Length of the UTF-8 sequence at s (n bytes left), or 0 if invalid. */
-static size_t utf8_seq_len(const unsigned char *s, size_t n) {
-    size_t k;
-    if (s[0] < 0x80) {
-        return 1;
-    }
-    k = s[0] >= 0xf0 && s[0] <= 0xf4 ? 4 : s[0] >= 0xe0 ? 3 : s[0] >= 0xc2 && s[0] < 0xe0 ? 2 : 0;
-    if (k == 0 || k > n) {
-        return 0;
-    }
-    for (size_t i = 1; i < k; i++) {
-        if ((s[i] & 0xc0) != 0x80) {
-            return 0;
-        }
-    }
-    if ((k == 3 && s[0] == 0xe0 && s[1] < 0xa0) || (k == 3 && s[0] == 0xed && s[1] >= 0xa0) ||
-        (k == 4 && s[0] == 0xf0 && s[1] < 0x90) || (k == 4 && s[0] == 0xf4 && s[1] >= 0x90)) {
-        return 0; /* overlong, surrogate, beyond U+10FFFF */
-    }
-    return k;
-}
-
-/* Valid UTF-8 without NUL bytes: PostgreSQL accepts it as text. */
-static bool pg_text_ok(const char *s, size_t n) {
-    for (size_t i = 0; i < n;) {
-        size_t k = s[i] == '\0' ? 0 : utf8_seq_len((const unsigned char *)s + i, n - i);
-        if (k == 0) {
-            return false;
-        }
-        i += k;
-    }
-    return true;
-}
-
 /* Replaces every byte that is not part of valid UTF-8 with '?' (in place). */
 static void utf8_scrub(char *s) {
     size_t n = strlen(s);
     for (size_t i = 0; i < n;) {
-        size_t k = utf8_seq_len((unsigned char *)s + i, n - i);
+        size_t k = lr_utf8_seq_len((unsigned char *)s + i, n - i);
         if (k == 0) {
             s[i++] = '?';
         } else {
             i += k;
         }
     }
-}
-
-/* Whether the body is one JSON value that PostgreSQL's jsonb will take:
- * nothing after it, valid UTF-8, no \u0000 (jsonb refuses it).  When this
- * errs on the lenient side the record is retried in safe mode. */
-static bool json_storable(const char *b, size_t n) {
-    const char *end = NULL;
-    cJSON *j;
-    if (n == 0 || !pg_text_ok(b, n) || memmem(b, n, "\\u0000", 6) != NULL) {
-        return false;
-    }
-    j = cJSON_ParseWithLengthOpts(b, n, &end, false);
-    if (j == NULL) {
-        return false;
-    }
-    cJSON_Delete(j);
-    while (end != NULL && (size_t)(end - b) < n && (*end == ' ' || *end == '\t' || *end == '\n' || *end == '\r')) {
-        end++;
-    }
-    return end != NULL && (size_t)(end - b) == n;
 }
 
 static void dead_msg_free(dead_msg_t *m) {
@@ -451,13 +398,12 @@ static void dead_msg_recorded(int err, const PGresult *res, void *arg);
 
 static void dead_msg_record(dead_msg_t *m) {
     lr_amqp_delivery_t *d = m->d;
-    char *hex = malloc(d->body_len * 2 + 3);
+    char *hex = lr_bytea_hex(d->body, d->body_len);
     char count[24];
     const char *params[9];
     bool is_json = false;
     bool mid_ok;
     int rc;
-    static const char digits[] = "0123456789abcdef";
 
     if (hex == NULL) {
         lr_error("dead_letter.nomem", "out of memory recording a dead letter; requeueing it");
@@ -465,19 +411,12 @@ static void dead_msg_record(dead_msg_t *m) {
         dead_msg_free(m);
         return;
     }
-    hex[0] = '\\';
-    hex[1] = 'x';
-    for (size_t i = 0; i < d->body_len; i++) {
-        hex[2 + 2 * i] = digits[((unsigned char)d->body[i]) >> 4];
-        hex[3 + 2 * i] = digits[((unsigned char)d->body[i]) & 15];
-    }
-    hex[2 + 2 * d->body_len] = '\0';
     /* The raw bytes always go in (bytea); the parsed body, the message id
      * and the headers only when PostgreSQL will surely take them, and not at
      * all in safe mode (after the server refused them): a malformed message
      * must never fail its own dead-letter record. */
-    is_json = !m->safe && json_storable(d->body, d->body_len);
-    mid_ok = !m->safe && d->message_id != NULL && pg_text_ok(d->message_id, strlen(d->message_id));
+    is_json = !m->safe && lr_json_storable(d->body, d->body_len);
+    mid_ok = !m->safe && d->message_id != NULL && lr_pg_text_ok(d->message_id, strlen(d->message_id));
     snprintf(count, sizeof(count), "%lld", (long long)d->delivery_count);
     params[0] = hex;
     params[1] = mid_ok ? d->message_id : NULL;
