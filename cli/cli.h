@@ -24,14 +24,23 @@ typedef struct cli {
     bool json;
     bool color;
     const char *prog;  /* "longrun status" for messages */
+    const char *actor; /* --actor, or NULL: see cli_actor() */
+    char **opt_argv;   /* the argv cli_next_option() is parsing */
 } cli_t;
 
-/* Options every subcommand accepts; their ids start at 1000. */
+/* Options every subcommand accepts, then options shared by some (--actor, the
+ * budget flags); their ids start at 1000. */
 enum {
     OPT_DATABASE_URL = 1000,
     OPT_AMQP_URL,
     OPT_JSON,
     OPT_HELP,
+    OPT_ACTOR,
+    OPT_MAX_STEPS,
+    OPT_MAX_TOOL_CALLS,
+    OPT_MAX_TOKENS,
+    OPT_MAX_COST,
+    OPT_MAX_SECONDS,
     OPT_FIRST_COMMAND_OPTION
 };
 #define CLI_COMMON_OPTIONS                                        \
@@ -39,10 +48,47 @@ enum {
         {"amqp-url", required_argument, NULL, OPT_AMQP_URL},     \
         {"json", no_argument, NULL, OPT_JSON},                   \
         {"help", no_argument, NULL, 'h'}
+/* --actor NAME, for the commands that record who acted; see cli_actor(). */
+#define CLI_ACTOR_OPTION {"actor", required_argument, NULL, OPT_ACTOR}
+/* The budget flags of enqueue and dlq requeue, parsed by cli_budget_option().
+ * dlq requeue takes these four; enqueue also takes CLI_MAX_SECONDS_OPTION. */
+#define CLI_BUDGET_OPTIONS                                               \
+    {"max-steps", required_argument, NULL, OPT_MAX_STEPS},              \
+        {"max-tool-calls", required_argument, NULL, OPT_MAX_TOOL_CALLS}, \
+        {"max-tokens", required_argument, NULL, OPT_MAX_TOKENS},         \
+        {"max-cost", required_argument, NULL, OPT_MAX_COST}
+#define CLI_MAX_SECONDS_OPTION {"max-seconds", required_argument, NULL, OPT_MAX_SECONDS}
 
-/* Handles a common option; returns 1 if handled, 0 if not common, or -1 when
- * its value is invalid (message printed). */
-int cli_common_option(cli_t *c, int opt, const char *arg);
+enum { CLI_OPT_INVALID = -2 };
+
+/* The option loop of every subcommand: getopt_long() over argv with opts
+ * (which must start with CLI_COMMON_OPTIONS), handling the common options
+ * (--database-url, --amqp-url, --json) and --actor itself.  Starts again from
+ * argv[1] when argv is not the one of the previous call.
+ * Returns the next option for the command to handle: its id (or 'h', or '?'
+ * for an unknown option or a missing value, which getopt has reported); -1
+ * when the options are done (optind is the first operand); or
+ * CLI_OPT_INVALID when a common option has an invalid value: the message is
+ * printed, the command exits LR_EXIT_USAGE. */
+int cli_next_option(cli_t *c, int argc, char **argv, const char *shortopts, const struct option *opts);
+
+/* The actor recorded with operator actions: --actor, else LONGRUN_ACTOR,
+ * else the login name. */
+const char *cli_actor(const cli_t *c);
+
+/* One budget flag: its option id, how messages name it, and the budget it
+ * sets (its name in the task contract's "budgets"). */
+typedef struct cli_budget_flag {
+    int opt;
+    const char *flag;   /* "--max-steps" */
+    const char *budget; /* "max_steps" */
+} cli_budget_flag_t;
+
+/* Parses the value of budget flag opt (OPT_MAX_STEPS .. OPT_MAX_SECONDS) as a
+ * number; its range is the caller's to check (lr_budget_set()).  Returns the
+ * flag's entry with *value set, or NULL after printing why (the command
+ * exits LR_EXIT_USAGE). */
+const cli_budget_flag_t *cli_budget_option(cli_t *c, int opt, const char *arg, double *value);
 
 /* Prints "longrun <cmd>: <message>" to stderr and returns code. */
 int cli_fail(cli_t *c, int code, const char *fmt, ...) LR_PRINTF(3, 4);
@@ -72,9 +118,6 @@ struct cJSON;
 void cli_print_json(const struct cJSON *j);
 /* "30s", "15m", "2h", "7d" -> "30 seconds" (a PostgreSQL interval); 0 or -1. */
 int cli_duration(const char *s, char *out, size_t outlen);
-
-/* The actor recorded with operator actions: LONGRUN_ACTOR, else the login name. */
-const char *cli_default_actor(void);
 
 /* A producer session for commands that enqueue (eval): both servers
  * connected, the queue declared.  NULL after printing why.  send validates a

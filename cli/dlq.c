@@ -31,15 +31,10 @@ enum {
     D_LIMIT,
     D_ALL,
     D_DRY_RUN,
-    D_MAX_STEPS,
-    D_MAX_TOKENS,
-    D_MAX_COST,
-    D_MAX_TOOL_CALLS,
     D_DEADLINE,
     D_MODEL,
     D_RESET,
     D_OLDER,
-    D_ACTOR,
 };
 
 static cJSON *rows_json(PGresult *r) {
@@ -78,19 +73,12 @@ static int dlq_list(cli_t *c, int argc, char **argv) {
     const char *params[4] = {NULL, NULL, NULL, "50"};
     char since[64], lim[16];
     long v;
-    int opt, h;
+    int opt;
     PGconn *db;
     PGresult *r;
-    optind = 1;
-    while ((opt = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
-        h = cli_common_option(c, opt, optarg);
-        if (h < 0) {
-            return LR_EXIT_USAGE;
-        }
-        if (h > 0) {
-            continue;
-        }
+    while ((opt = cli_next_option(c, argc, argv, "h", opts)) != -1) {
         switch (opt) {
+        case CLI_OPT_INVALID: return LR_EXIT_USAGE;
         case 'h':
             printf("usage: longrun dlq list [--reason R] [--agent A] [--since 1h] [--limit N] [--json]\n"
                    "\nDead letters, newest first: id, task, reason, error, when, and whether requeued.\n");
@@ -167,24 +155,20 @@ static PGresult *find_dead(cli_t *c, PGconn *db, const char *ref) {
 
 static int dlq_show(cli_t *c, int argc, char **argv) {
     static const struct option opts[] = {CLI_COMMON_OPTIONS, {NULL, 0, NULL, 0}};
-    int opt, h;
+    int opt;
     PGconn *db;
     PGresult *d, *t = NULL, *s = NULL;
-    optind = 1;
-    while ((opt = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
-        h = cli_common_option(c, opt, optarg);
-        if (h < 0) {
+    while ((opt = cli_next_option(c, argc, argv, "h", opts)) != -1) {
+        if (opt == CLI_OPT_INVALID) {
             return LR_EXIT_USAGE;
         }
-        if (h == 0) {
-            if (opt == 'h') {
-                printf("usage: longrun dlq show ID|TASK_ID [--json]\n"
-                       "\nOne dead letter: reason, last error, attempts, budget used, the last steps, and the raw\n"
-                       "body of a malformed message.\n");
-                return LR_EXIT_OK;
-            }
-            return cli_fail(c, LR_EXIT_USAGE, "unknown option (see --help)");
+        if (opt == 'h') {
+            printf("usage: longrun dlq show ID|TASK_ID [--json]\n"
+                   "\nOne dead letter: reason, last error, attempts, budget used, the last steps, and the raw\n"
+                   "body of a malformed message.\n");
+            return LR_EXIT_OK;
         }
+        return cli_fail(c, LR_EXIT_USAGE, "unknown option (see --help)");
     }
     if (optind + 1 != argc) {
         return cli_fail(c, LR_EXIT_USAGE, "exactly one ID is expected");
@@ -264,38 +248,27 @@ static int dlq_requeue(cli_t *c, int argc, char **argv) {
                                          {"all", no_argument, NULL, D_ALL},
                                          {"reason", required_argument, NULL, D_REASON},
                                          {"dry-run", no_argument, NULL, D_DRY_RUN},
-                                         {"max-steps", required_argument, NULL, D_MAX_STEPS},
-                                         {"max-tokens", required_argument, NULL, D_MAX_TOKENS},
-                                         {"max-cost", required_argument, NULL, D_MAX_COST},
-                                         {"max-tool-calls", required_argument, NULL, D_MAX_TOOL_CALLS},
+                                         CLI_BUDGET_OPTIONS,
                                          {"deadline", required_argument, NULL, D_DEADLINE},
                                          {"model", required_argument, NULL, D_MODEL},
                                          {"reset-attempts", no_argument, NULL, D_RESET},
-                                         {"actor", required_argument, NULL, D_ACTOR},
+                                         CLI_ACTOR_OPTION,
                                          {NULL, 0, NULL, 0}};
     lr_budgets_t b;
     char err[256];
     bool all = false, dry = false, reset = false;
     const char *reason = NULL, *deadline = NULL, *model = NULL;
-    const char *actor = cli_default_actor();
     char *budgets = NULL;
-    int opt, h, rc = LR_EXIT_USAGE;
+    int opt, rc = LR_EXIT_USAGE;
     PGconn *db = NULL;
     PGresult *sel = NULL;
     long total = 0, done = 0, published_total = 0;
     cJSON *ids = cJSON_CreateArray();
 
     lr_budgets_init(&b);
-    optind = 1;
-    while ((opt = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
-        h = cli_common_option(c, opt, optarg);
-        if (h < 0) {
-            goto out;
-        }
-        if (h > 0) {
-            continue;
-        }
+    while ((opt = cli_next_option(c, argc, argv, "h", opts)) != -1) {
         switch (opt) {
+        case CLI_OPT_INVALID: goto out;
         case 'h':
             printf("usage: longrun dlq requeue ID... | --all | --reason R  [overrides] [--dry-run] [--json]\n"
                    "\nRequeues dead tasks; each resumes from its last good step (no step runs again).\n"
@@ -320,21 +293,17 @@ static int dlq_requeue(cli_t *c, int argc, char **argv) {
             deadline = optarg;
             break;
         case D_MODEL: model = optarg; break;
-        case D_ACTOR: actor = optarg; break;
-        case D_MAX_STEPS:
-        case D_MAX_TOKENS:
-        case D_MAX_COST:
-        case D_MAX_TOOL_CALLS: {
-            static const char *names[] = {"max_steps", "max_tokens", "max_cost_usd", "max_tool_calls"};
-            static const char *flags[] = {"--max-steps", "--max-tokens", "--max-cost", "--max-tool-calls"};
-            char *end = NULL;
-            double v = strtod(optarg, &end);
-            if (end == optarg || *end != '\0') {
-                rc = cli_fail(c, LR_EXIT_USAGE, "%s: '%s' is not a number", flags[opt - D_MAX_STEPS], optarg);
+        case OPT_MAX_STEPS:
+        case OPT_MAX_TOKENS:
+        case OPT_MAX_COST:
+        case OPT_MAX_TOOL_CALLS: {
+            double v;
+            const cli_budget_flag_t *f = cli_budget_option(c, opt, optarg, &v);
+            if (f == NULL) {
                 goto out;
             }
-            if (lr_budget_set(&b, names[opt - D_MAX_STEPS], v, err, sizeof(err)) != 0) {
-                rc = cli_fail(c, LR_EXIT_USAGE, "%s: %s", flags[opt - D_MAX_STEPS], err);
+            if (lr_budget_set(&b, f->budget, v, err, sizeof(err)) != 0) {
+                rc = cli_fail(c, LR_EXIT_USAGE, "%s: %s", f->flag, err);
                 goto out;
             }
             break;
@@ -420,7 +389,7 @@ static int dlq_requeue(cli_t *c, int argc, char **argv) {
         btxt = cJSON_PrintUnformatted(batch);
         cJSON_Delete(batch);
         {
-            const char *p[6] = {btxt, budgets, reset ? "true" : "false", deadline, model, actor};
+            const char *p[6] = {btxt, budgets, reset ? "true" : "false", deadline, model, cli_actor(c)};
             u = cli_exec(c, db,
                          "WITH u AS (UPDATE tasks t SET status = 'queued', budgets = t.budgets || $2::jsonb,"
                          "  attempt = CASE WHEN $3::bool THEN 0 ELSE t.attempt END, claims = 0,"
@@ -488,19 +457,12 @@ static int dlq_purge(cli_t *c, int argc, char **argv) {
                                          {NULL, 0, NULL, 0}};
     char iv[64] = "";
     bool dry = false;
-    int opt, h;
+    int opt;
     PGconn *db;
     PGresult *r;
-    optind = 1;
-    while ((opt = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
-        h = cli_common_option(c, opt, optarg);
-        if (h < 0) {
-            return LR_EXIT_USAGE;
-        }
-        if (h > 0) {
-            continue;
-        }
+    while ((opt = cli_next_option(c, argc, argv, "h", opts)) != -1) {
         switch (opt) {
+        case CLI_OPT_INVALID: return LR_EXIT_USAGE;
         case 'h':
             printf("usage: longrun dlq purge --older-than 30d [--dry-run] [--json]\n"
                    "\nDeletes dead-letter records older than the given age (the tasks stay).\n");
@@ -572,30 +534,24 @@ int cmd_dlq(cli_t *c, int argc, char **argv) {
 
 int cmd_stats(cli_t *c, int argc, char **argv) {
     static const struct option opts[] = {CLI_COMMON_OPTIONS, {NULL, 0, NULL, 0}};
-    int opt, h;
+    int opt;
     PGconn *db;
     PGresult *st, *tp, *dl, *qs;
     lr_amqp_sync_t *a = NULL;
     char err[256];
     cJSON *o = cJSON_CreateObject(), *queues = cJSON_CreateArray();
-    optind = 1;
-    while ((opt = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
-        h = cli_common_option(c, opt, optarg);
-        if (h < 0) {
-            cJSON_Delete(o);
-            cJSON_Delete(queues);
+    while ((opt = cli_next_option(c, argc, argv, "h", opts)) != -1) {
+        cJSON_Delete(o);
+        cJSON_Delete(queues);
+        if (opt == CLI_OPT_INVALID) {
             return LR_EXIT_USAGE;
         }
-        if (h == 0) {
-            cJSON_Delete(o);
-            cJSON_Delete(queues);
-            if (opt == 'h') {
-                printf("usage: longrun stats [--json]\n\nTasks by status, queue depths (RabbitMQ), steps per second over\n"
-                       "the last 1 and 5 minutes, dead letters by reason.\n");
-                return LR_EXIT_OK;
-            }
-            return cli_fail(c, LR_EXIT_USAGE, "unknown option (see --help)");
+        if (opt == 'h') {
+            printf("usage: longrun stats [--json]\n\nTasks by status, queue depths (RabbitMQ), steps per second over\n"
+                   "the last 1 and 5 minutes, dead letters by reason.\n");
+            return LR_EXIT_OK;
         }
+        return cli_fail(c, LR_EXIT_USAGE, "unknown option (see --help)");
     }
     db = cli_db_connect(c);
     if (db == NULL) {
@@ -689,23 +645,19 @@ int cmd_stats(cli_t *c, int argc, char **argv) {
 
 int cmd_workers(cli_t *c, int argc, char **argv) {
     static const struct option opts[] = {CLI_COMMON_OPTIONS, {NULL, 0, NULL, 0}};
-    int opt, h;
+    int opt;
     PGconn *db;
     PGresult *r;
-    optind = 1;
-    while ((opt = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
-        h = cli_common_option(c, opt, optarg);
-        if (h < 0) {
+    while ((opt = cli_next_option(c, argc, argv, "h", opts)) != -1) {
+        if (opt == CLI_OPT_INVALID) {
             return LR_EXIT_USAGE;
         }
-        if (h == 0) {
-            if (opt == 'h') {
-                printf("usage: longrun workers [--json]\n\nLive workers (heartbeat in the last 30 s): version, "
-                       "queues, in-flight tasks, draining, last heartbeat.\n");
-                return LR_EXIT_OK;
-            }
-            return cli_fail(c, LR_EXIT_USAGE, "unknown option (see --help)");
+        if (opt == 'h') {
+            printf("usage: longrun workers [--json]\n\nLive workers (heartbeat in the last 30 s): version, "
+                   "queues, in-flight tasks, draining, last heartbeat.\n");
+            return LR_EXIT_OK;
         }
+        return cli_fail(c, LR_EXIT_USAGE, "unknown option (see --help)");
     }
     db = cli_db_connect(c);
     if (db == NULL) {
@@ -743,21 +695,16 @@ int cmd_workers(cli_t *c, int argc, char **argv) {
 static int flag_cmd(cli_t *c, int argc, char **argv, const char *kind) {
     static const struct option opts[] = {CLI_COMMON_OPTIONS,
                                          {"reason", required_argument, NULL, D_REASON},
-                                         {"actor", required_argument, NULL, D_ACTOR},
+                                         CLI_ACTOR_OPTION,
                                          {NULL, 0, NULL, 0}};
-    const char *reason = NULL, *actor = cli_default_actor();
-    int opt, h;
+    const char *reason = NULL;
+    int opt;
     bool disable;
     PGconn *db;
     PGresult *r;
-    optind = 1;
-    while ((opt = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
-        h = cli_common_option(c, opt, optarg);
-        if (h < 0) {
+    while ((opt = cli_next_option(c, argc, argv, "h", opts)) != -1) {
+        if (opt == CLI_OPT_INVALID) {
             return LR_EXIT_USAGE;
-        }
-        if (h > 0) {
-            continue;
         }
         if (opt == 'h') {
             printf("usage: longrun %ss disable|enable NAME [--reason TEXT] [--actor NAME]\n"
@@ -766,13 +713,10 @@ static int flag_cmd(cli_t *c, int argc, char **argv, const char *kind) {
                    kind, kind, strcmp(kind, "tool") == 0 ? "\nNAME '@writes' switches off every tool marked \"writes\": true." : "");
             return LR_EXIT_OK;
         }
-        if (opt == D_REASON) {
-            reason = optarg;
-        } else if (opt == D_ACTOR) {
-            actor = optarg;
-        } else {
+        if (opt != D_REASON) {
             return cli_fail(c, LR_EXIT_USAGE, "unknown option (see --help)");
         }
+        reason = optarg;
     }
     if (optind < argc && strcmp(argv[optind], "list") == 0 && optind + 1 == argc) {
         db = cli_db_connect(c);
@@ -812,7 +756,7 @@ static int flag_cmd(cli_t *c, int argc, char **argv, const char *kind) {
     {
         bool writes = strcmp(kind, "tool") == 0 && strcmp(argv[optind + 1], "@writes") == 0;
         const char *p[5] = {writes ? "writes" : kind, writes ? "*" : argv[optind + 1], disable ? "true" : "false",
-                            reason, actor};
+                            reason, cli_actor(c)};
         r = cli_exec(c, db,
                      "INSERT INTO flags (kind, name, disabled, reason, actor) VALUES ($1, $2, $3::bool, $4, $5)"
                      " ON CONFLICT (kind, name) DO UPDATE SET disabled = EXCLUDED.disabled, reason = EXCLUDED.reason,"

@@ -57,11 +57,6 @@ enum {
     O_INPUT,
     O_ID,
     O_QUEUE,
-    O_MAX_STEPS,
-    O_MAX_TOOL_CALLS,
-    O_MAX_TOKENS,
-    O_MAX_COST,
-    O_MAX_SECONDS,
     O_MAX_ATTEMPTS,
     O_DEADLINE,
     O_TENANT,
@@ -126,7 +121,7 @@ static int enqueue_one(enq_t *e, const lr_task_msg_t *m, const char *body) {
     params[7] = m->tenant;
     params[8] = metadata;
     params[9] = m->callback_url;
-    params[10] = cli_default_actor();
+    params[10] = cli_actor(e->c);
     if (input == NULL || budgets == NULL) {
         report(e, m->id, "error", "out of memory");
         goto out;
@@ -290,11 +285,8 @@ int cmd_enqueue(cli_t *c, int argc, char **argv) {
                                          {"input", required_argument, NULL, O_INPUT},
                                          {"id", required_argument, NULL, O_ID},
                                          {"queue", required_argument, NULL, O_QUEUE},
-                                         {"max-steps", required_argument, NULL, O_MAX_STEPS},
-                                         {"max-tool-calls", required_argument, NULL, O_MAX_TOOL_CALLS},
-                                         {"max-tokens", required_argument, NULL, O_MAX_TOKENS},
-                                         {"max-cost", required_argument, NULL, O_MAX_COST},
-                                         {"max-seconds", required_argument, NULL, O_MAX_SECONDS},
+                                         CLI_BUDGET_OPTIONS,
+                                         CLI_MAX_SECONDS_OPTION,
                                          {"max-attempts", required_argument, NULL, O_MAX_ATTEMPTS},
                                          {"deadline", required_argument, NULL, O_DEADLINE},
                                          {"tenant", required_argument, NULL, O_TENANT},
@@ -306,7 +298,7 @@ int cmd_enqueue(cli_t *c, int argc, char **argv) {
     cJSON *budgets = NULL;
     char *input_text = NULL;
     char *line = NULL;
-    int opt, h, rc = LR_EXIT_USAGE;
+    int opt, rc = LR_EXIT_USAGE;
     const char *agent = NULL;
 
     memset(&e, 0, sizeof(e));
@@ -314,16 +306,9 @@ int cmd_enqueue(cli_t *c, int argc, char **argv) {
     e.queue = "default";
     task = cJSON_CreateObject();
     budgets = cJSON_CreateObject();
-    optind = 1;
-    while ((opt = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
-        h = cli_common_option(c, opt, optarg);
-        if (h < 0) {
-            goto out;
-        }
-        if (h > 0) {
-            continue;
-        }
+    while ((opt = cli_next_option(c, argc, argv, "h", opts)) != -1) {
         switch (opt) {
+        case CLI_OPT_INVALID: goto out;
         case 'h':
             enqueue_usage(stdout);
             rc = LR_EXIT_OK;
@@ -356,22 +341,18 @@ int cmd_enqueue(cli_t *c, int argc, char **argv) {
             }
             e.queue = optarg;
             break;
-        case O_MAX_STEPS:
-        case O_MAX_TOOL_CALLS:
-        case O_MAX_TOKENS:
-        case O_MAX_COST:
-        case O_MAX_SECONDS: {
-            static const char *names[] = {"max_steps", "max_tool_calls", "max_tokens", "max_cost_usd",
-                                          "max_seconds"};
-            static const char *flags[] = {"max-steps", "max-tool-calls", "max-tokens", "max-cost",
-                                          "max-seconds"};
-            char *end = NULL;
-            double v = strtod(optarg, &end);
-            if (end == optarg || *end != '\0') {
-                rc = cli_fail(c, LR_EXIT_USAGE, "--%s: '%s' is not a number", flags[opt - O_MAX_STEPS], optarg);
+        case OPT_MAX_STEPS:
+        case OPT_MAX_TOOL_CALLS:
+        case OPT_MAX_TOKENS:
+        case OPT_MAX_COST:
+        case OPT_MAX_SECONDS: {
+            /* checked with the whole task by lr_task_parse() */
+            double v;
+            const cli_budget_flag_t *f = cli_budget_option(c, opt, optarg, &v);
+            if (f == NULL) {
                 goto out;
             }
-            cJSON_AddNumberToObject(budgets, names[opt - O_MAX_STEPS], v);
+            cJSON_AddNumberToObject(budgets, f->budget, v);
             break;
         }
         case O_MAX_ATTEMPTS: {

@@ -118,7 +118,7 @@ int cmd_eval(cli_t *c, int argc, char **argv) {
     const char *queue = "default";
     long timeout = 300;
     double max_p95 = -1, max_err = -1;
-    int opt, h, rc = LR_EXIT_USAGE, nruns, n = 0, failed = 0, not_ok = 0;
+    int opt, rc = LR_EXIT_USAGE, nruns, n = 0, failed = 0, not_ok = 0;
     char *text = NULL;
     cJSON *suite = NULL, *ids = NULL;
     const cJSON *cases, *cs;
@@ -128,17 +128,10 @@ int cmd_eval(cli_t *c, int argc, char **argv) {
     int nlat = 0;
     time_t start;
 
-    optind = 1;
-    while ((opt = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+    while ((opt = cli_next_option(c, argc, argv, "h", opts)) != -1) {
         char *end = NULL;
-        h = cli_common_option(c, opt, optarg);
-        if (h < 0) {
-            goto out;
-        }
-        if (h > 0) {
-            continue;
-        }
         switch (opt) {
+        case CLI_OPT_INVALID: goto out;
         case 'h': eval_usage(stdout); rc = LR_EXIT_OK; goto out;
         case E_QUEUE:
             if (!lr_name_valid(optarg)) {

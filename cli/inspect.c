@@ -59,15 +59,10 @@ static cJSON *row_json(const PGresult *res, int r) {
 
 static int parse_common_only(cli_t *c, int argc, char **argv, void (*usage)(FILE *)) {
     static const struct option opts[] = {CLI_COMMON_OPTIONS, {NULL, 0, NULL, 0}};
-    int opt, h;
-    optind = 1;
-    while ((opt = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
-        h = cli_common_option(c, opt, optarg);
-        if (h < 0) {
+    int opt;
+    while ((opt = cli_next_option(c, argc, argv, "h", opts)) != -1) {
+        if (opt == CLI_OPT_INVALID) {
             return LR_EXIT_USAGE;
-        }
-        if (h > 0) {
-            continue;
         }
         if (opt == 'h') {
             usage(stdout);
@@ -187,20 +182,13 @@ int cmd_list(cli_t *c, int argc, char **argv) {
     char since[128] = "";
     char lim[16] = "50", off[16] = "0";
     long v;
-    int opt, h, rc = LR_EXIT_USAGE;
+    int opt, rc = LR_EXIT_USAGE;
     PGconn *db = NULL;
     PGresult *res = NULL;
 
-    optind = 1;
-    while ((opt = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
-        h = cli_common_option(c, opt, optarg);
-        if (h < 0) {
-            return LR_EXIT_USAGE;
-        }
-        if (h > 0) {
-            continue;
-        }
+    while ((opt = cli_next_option(c, argc, argv, "h", opts)) != -1) {
         switch (opt) {
+        case CLI_OPT_INVALID: return LR_EXIT_USAGE;
         case 'h': list_usage(stdout); return LR_EXIT_OK;
         case L_STATUS:
             if (!valid_status(optarg)) {

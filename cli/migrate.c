@@ -201,20 +201,13 @@ int cmd_migrate(cli_t *c, int argc, char **argv) {
                                          {"dry-run", no_argument, NULL, 'n'},
                                          {NULL, 0, NULL, 0}};
     bool status = false, dry = false;
-    int opt, h;
+    int opt;
     PGconn *db;
     int rc;
 
-    optind = 1;
-    while ((opt = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
-        h = cli_common_option(c, opt, optarg);
-        if (h < 0) {
-            return LR_EXIT_USAGE;
-        }
-        if (h > 0) {
-            continue;
-        }
+    while ((opt = cli_next_option(c, argc, argv, "h", opts)) != -1) {
         switch (opt) {
+        case CLI_OPT_INVALID: return LR_EXIT_USAGE;
         case 's': status = true; break;
         case 'n': dry = true; break;
         case 'h': migrate_usage(stdout); return LR_EXIT_OK;

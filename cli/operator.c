@@ -24,27 +24,12 @@
 #include "task.h"
 
 enum {
-    O_ACTOR = OPT_FIRST_COMMAND_OPTION,
-    O_COMMENT,
+    O_COMMENT = OPT_FIRST_COMMAND_OPTION,
     O_REASON,
     O_PAYLOAD,
     O_FOLLOW,
     O_FROM_STEP,
     O_FORK,
-    O_AGENT,
-    O_SINCE,
-    O_LIMIT,
-    O_ALL,
-    O_DRY_RUN,
-    O_MAX_STEPS,
-    O_MAX_TOKENS,
-    O_MAX_COST,
-    O_MAX_TOOL_CALLS,
-    O_DEADLINE,
-    O_MODEL,
-    O_RESET_ATTEMPTS,
-    O_OLDER_THAN,
-    O_YES,
 };
 
 static int begin(cli_t *c, PGconn *db) {
@@ -106,7 +91,7 @@ typedef struct act_opts {
 
 static int parse_act(cli_t *c, int argc, char **argv, const char *usage, act_opts_t *o, int min_args, int max_args) {
     static const struct option opts[] = {CLI_COMMON_OPTIONS,
-                                         {"actor", required_argument, NULL, O_ACTOR},
+                                         CLI_ACTOR_OPTION,
                                          {"comment", required_argument, NULL, O_COMMENT},
                                          {"reason", required_argument, NULL, O_REASON},
                                          {"payload", required_argument, NULL, O_PAYLOAD},
@@ -114,22 +99,13 @@ static int parse_act(cli_t *c, int argc, char **argv, const char *usage, act_opt
                                          {"from-step", required_argument, NULL, O_FROM_STEP},
                                          {"fork", no_argument, NULL, O_FORK},
                                          {NULL, 0, NULL, 0}};
-    int opt, h;
+    int opt;
     memset(o, 0, sizeof(*o));
-    o->actor = cli_default_actor();
     o->from_step = -1;
-    optind = 1;
-    while ((opt = getopt_long(argc, argv, "hf", opts, NULL)) != -1) {
-        h = cli_common_option(c, opt, optarg);
-        if (h < 0) {
-            return LR_EXIT_USAGE;
-        }
-        if (h > 0) {
-            continue;
-        }
+    while ((opt = cli_next_option(c, argc, argv, "hf", opts)) != -1) {
         switch (opt) {
+        case CLI_OPT_INVALID: return LR_EXIT_USAGE;
         case 'h': printf("%s", usage); return -1;
-        case O_ACTOR: o->actor = optarg; break;
         case O_COMMENT: o->comment = optarg; break;
         case O_REASON: o->reason = optarg; break;
         case O_PAYLOAD: o->payload = optarg; break;
@@ -149,6 +125,7 @@ static int parse_act(cli_t *c, int argc, char **argv, const char *usage, act_opt
         return cli_fail(c, LR_EXIT_USAGE, "expected %d%s argument(s), got %d", min_args,
                         max_args > min_args ? " or more" : "", argc - optind);
     }
+    o->actor = cli_actor(c);
     if (strlen(o->actor) == 0 || strlen(o->actor) > 128) {
         return cli_fail(c, LR_EXIT_USAGE, "--actor: 1 to 128 characters");
     }

@@ -22,7 +22,9 @@ int cli_fail(cli_t *c, int code, const char *fmt, ...) {
     return code;
 }
 
-int cli_common_option(cli_t *c, int opt, const char *arg) {
+/* Handles a common option (or --actor): 1 if handled, 0 if not one of them,
+ * -1 when its value is invalid (message printed). */
+static int common_option(cli_t *c, int opt, const char *arg) {
     char err[512];
     switch (opt) {
     case OPT_DATABASE_URL:
@@ -40,9 +42,53 @@ int cli_common_option(cli_t *c, int opt, const char *arg) {
     case OPT_JSON:
         c->json = true;
         return 1;
+    case OPT_ACTOR:
+        c->actor = arg;
+        return 1;
     default:
         return 0;
     }
+}
+
+int cli_next_option(cli_t *c, int argc, char **argv, const char *shortopts, const struct option *opts) {
+    int opt, h;
+    if (c->opt_argv != argv) {
+        c->opt_argv = argv;
+        optind = 1;
+    }
+    do {
+        opt = getopt_long(argc, argv, shortopts, opts, NULL);
+        if (opt == -1) {
+            return -1;
+        }
+        h = common_option(c, opt, optarg);
+    } while (h > 0);
+    return h < 0 ? CLI_OPT_INVALID : opt;
+}
+
+static const cli_budget_flag_t budget_flags[] = {
+    {OPT_MAX_STEPS, "--max-steps", "max_steps"},
+    {OPT_MAX_TOOL_CALLS, "--max-tool-calls", "max_tool_calls"},
+    {OPT_MAX_TOKENS, "--max-tokens", "max_tokens"},
+    {OPT_MAX_COST, "--max-cost", "max_cost_usd"},
+    {OPT_MAX_SECONDS, "--max-seconds", "max_seconds"},
+};
+
+const cli_budget_flag_t *cli_budget_option(cli_t *c, int opt, const char *arg, double *value) {
+    for (size_t i = 0; i < sizeof(budget_flags) / sizeof(budget_flags[0]); i++) {
+        char *end = NULL;
+        if (budget_flags[i].opt != opt) {
+            continue;
+        }
+        *value = strtod(arg, &end);
+        if (end == arg || *end != '\0') {
+            cli_fail(c, LR_EXIT_USAGE, "%s: '%s' is not a number", budget_flags[i].flag, arg);
+            return NULL;
+        }
+        return &budget_flags[i];
+    }
+    cli_fail(c, LR_EXIT_USAGE, "option %d is not a budget flag", opt);
+    return NULL;
 }
 
 PGconn *cli_db_connect(cli_t *c) {
@@ -185,9 +231,12 @@ int cli_publish_continuations(cli_t *c, PGconn *db, PGresult *ids, int col_id, i
 
 static char actor_buf[160];
 
-const char *cli_default_actor(void) {
+const char *cli_actor(const cli_t *c) {
     const char *u = getenv("LONGRUN_ACTOR");
     struct passwd *pw;
+    if (c->actor != NULL) {
+        return c->actor;
+    }
     if (u != NULL && u[0] != '\0') {
         return u;
     }
