@@ -60,6 +60,16 @@ static const struct cfg_entry entries[] = {
     I("LONGRUN_TENANT_MAX_RUNNING", tenant_max_running, "0", 0, 1000000),
     I("LONGRUN_TENANT_TPM", tenant_tpm, "0", 0, 2000000000),
     I("LONGRUN_STEP_TIMEOUT_SECONDS", step_timeout_seconds, "600", 5, 86400),
+    I("LONGRUN_CEILING_MAX_STEPS", ceiling_max_steps, "0", 0, 10000),
+    I("LONGRUN_CEILING_MAX_TOOL_CALLS", ceiling_max_tool_calls, "0", 0, 100000),
+    I("LONGRUN_CEILING_MAX_SECONDS", ceiling_max_seconds, "0", 0, 2592000),
+    I("LONGRUN_CEILING_MAX_TOKENS", ceiling_max_tokens, "0", 0, 1000000000),
+    D("LONGRUN_CEILING_MAX_COST_USD", ceiling_max_cost_usd, "0", 0, 100000),
+    I("LONGRUN_BREAKER_FAILURES", breaker_failures, "5", 1, 1000),
+    I("LONGRUN_BREAKER_OPEN_SECONDS", breaker_open_seconds, "30", 1, 3600),
+    I("LONGRUN_MODEL_CONCURRENCY", model_concurrency, "0", 0, 100000),
+    I("LONGRUN_LONG_WAIT_SECONDS", long_wait_seconds, "30", 1, 86400),
+    D("LONGRUN_LOG_PAYLOADS", log_payloads, "0", 0, 1),
 };
 
 static const struct cfg_entry *find(const char *env) {
@@ -125,6 +135,35 @@ static int validate(lr_config_t *cfg, char *errbuf, size_t errlen) {
     if (strncmp(cfg->amqp_url, "amqp://", 7) != 0 && strncmp(cfg->amqp_url, "amqps://", 8) != 0) {
         return lr_seterr(errbuf, errlen, LR_ECONFIG,
                          "LONGRUN_AMQP_URL: must start with amqp:// or amqps://");
+    }
+    {
+        /* A default budget above its ceiling is a contradiction, not a clamp. */
+        static const struct {
+            const char *name, *ceiling;
+            size_t value, max;
+        } pairs[] = {
+            {"LONGRUN_MAX_STEPS", "LONGRUN_CEILING_MAX_STEPS", offsetof(lr_config_t, max_steps),
+             offsetof(lr_config_t, ceiling_max_steps)},
+            {"LONGRUN_MAX_TOOL_CALLS", "LONGRUN_CEILING_MAX_TOOL_CALLS", offsetof(lr_config_t, max_tool_calls),
+             offsetof(lr_config_t, ceiling_max_tool_calls)},
+            {"LONGRUN_MAX_SECONDS", "LONGRUN_CEILING_MAX_SECONDS", offsetof(lr_config_t, max_seconds),
+             offsetof(lr_config_t, ceiling_max_seconds)},
+            {"LONGRUN_MAX_TOKENS", "LONGRUN_CEILING_MAX_TOKENS", offsetof(lr_config_t, max_tokens),
+             offsetof(lr_config_t, ceiling_max_tokens)},
+        };
+        for (size_t i = 0; i < sizeof(pairs) / sizeof(pairs[0]); i++) {
+            int v = *(const int *)(const void *)((const char *)cfg + pairs[i].value);
+            int c = *(const int *)(const void *)((const char *)cfg + pairs[i].max);
+            if (c > 0 && v > c) {
+                return lr_seterr(errbuf, errlen, LR_ECONFIG, "%s=%d: above the operator's ceiling %s=%d",
+                                 pairs[i].name, v, pairs[i].ceiling, c);
+            }
+        }
+        if (cfg->ceiling_max_cost_usd > 0 && cfg->max_cost_usd > cfg->ceiling_max_cost_usd) {
+            return lr_seterr(errbuf, errlen, LR_ECONFIG,
+                             "LONGRUN_MAX_COST_USD=%g: above the operator's ceiling LONGRUN_CEILING_MAX_COST_USD=%g",
+                             cfg->max_cost_usd, cfg->ceiling_max_cost_usd);
+        }
     }
     if (cfg->retry_max_ms < cfg->retry_base_ms) {
         return lr_seterr(errbuf, errlen, LR_ECONFIG,

@@ -52,6 +52,17 @@ typedef struct lr_config {
     int tenant_max_running;   /* running tasks per tenant, fleet-wide; 0 = no cap */
     int tenant_tpm;           /* tokens per minute per tenant, fleet-wide; 0 = no cap */
     int step_timeout_seconds; /* a running task without a checkpoint this long is flagged; twice: no_progress */
+    /* operator ceilings over every task's and agent's budgets; 0 = none */
+    int ceiling_max_steps;
+    int ceiling_max_tool_calls;
+    int ceiling_max_seconds;
+    int ceiling_max_tokens;
+    double ceiling_max_cost_usd;
+    int breaker_failures;     /* consecutive failures that open a circuit */
+    int breaker_open_seconds; /* how long an open circuit stays open before a trial */
+    int model_concurrency;    /* in-process calls in flight per (provider, model); 0 = no gate */
+    int long_wait_seconds;    /* a provider wait longer than this suspends the task */
+    double log_payloads;      /* share of tasks whose payloads are logged (0 = never) */
 } lr_config_t;
 
 /* Fills cfg with defaults, then the environment.  Returns 0 or LR_ECONFIG

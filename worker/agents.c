@@ -158,6 +158,8 @@ static void free_registry(registry_t *r) {
         lr_agent_t *a = &r->agents[i];
         for (int m = 0; m < a->nmodels; m++) {
             free(a->models[m].base_url);
+            free(a->models[m].endpoint_key);
+            free(a->models[m].endpoint_label);
         }
         free(a->models);
         free(a->tools);
@@ -253,7 +255,8 @@ static int load_model(registry_t *r, const cJSON *prices, const cJSON *m, const 
                       char *errbuf, size_t errlen) {
     static const char *const known[] = {"provider", "base_url", "model", "api_key_env", "max_tokens",
                                         "max_tokens_field", "temperature", "tool_choice",
-                                        "parallel_tool_calls", "timeout_ms", "retries", "rpm", "tpm", NULL};
+                                        "parallel_tool_calls", "timeout_ms", "retries", "rpm", "tpm",
+                                        "max_concurrency", NULL};
     const char *prov = get_str(m, "provider");
     const char *s;
     const cJSON *price;
@@ -332,6 +335,22 @@ static int load_model(registry_t *r, const cJSON *prices, const cJSON *m, const 
         return rc;
     }
     out->tpm = (long)v;
+    if ((rc = get_num(m, "max_concurrency", where, 0, 100000, true, 0, &v, errbuf, errlen)) != 0) {
+        return rc;
+    }
+    out->max_concurrency = (int)v;
+    {
+        const char *pn = out->provider == LR_PROVIDER_OPENAI ? "openai" : "anthropic";
+        size_t kl = strlen(pn) + strlen(out->base_url) + strlen(out->model) + 3;
+        size_t ll = strlen(pn) + strlen(out->model) + 2;
+        out->endpoint_key = malloc(kl);
+        out->endpoint_label = malloc(ll);
+        if (out->endpoint_key == NULL || out->endpoint_label == NULL) {
+            return LR_ENOMEM;
+        }
+        snprintf(out->endpoint_key, kl, "%s %s %s", pn, out->base_url, out->model);
+        snprintf(out->endpoint_label, ll, "%s/%s", pn, out->model);
+    }
     price = cJSON_GetObjectItemCaseSensitive(prices, out->model);
     if (price != NULL) {
         char pw[200];
@@ -350,7 +369,7 @@ static int load_model(registry_t *r, const cJSON *prices, const cJSON *m, const 
 
 static int load_agents(registry_t *r, const cJSON *prices, const cJSON *agents, char *errbuf, size_t errlen) {
     static const char *const known[] = {"name", "system", "models", "tools", "budgets", "context",
-                                        "description", NULL};
+                                        "description", "slice", NULL};
     int n = cJSON_GetArraySize(agents);
     int i = 0;
     r->agents = calloc((size_t)n + 1, sizeof(lr_agent_t));
@@ -437,15 +456,54 @@ static int load_agents(registry_t *r, const cJSON *prices, const cJSON *agents, 
         ag->context = LR_CONTEXT_FULL;
         if (ctx != NULL) {
             const char *st = get_str(ctx, "strategy");
-            if (st == NULL || (strcmp(st, "full") != 0 && strcmp(st, "window") != 0)) {
-                return fail(errbuf, errlen, "%s.context.strategy: must be \"full\" or \"window\"", where);
+            char cw[128];
+            snprintf(cw, sizeof(cw), "%s.context", where);
+            if (st == NULL ||
+                (strcmp(st, "full") != 0 && strcmp(st, "window") != 0 && strcmp(st, "summarize") != 0)) {
+                return fail(errbuf, errlen, "%s.strategy: must be \"full\", \"window\" or \"summarize\"", cw);
             }
             if (strcmp(st, "window") == 0) {
                 ag->context = LR_CONTEXT_WINDOW;
-                if ((rc = get_num(ctx, "messages", where, 2, 10000, true, 40, &v, errbuf, errlen)) != 0) {
+                if ((rc = get_num(ctx, "messages", cw, 2, 10000, true, 40, &v, errbuf, errlen)) != 0) {
                     return rc;
                 }
                 ag->context_messages = (int)v;
+            } else if (strcmp(st, "summarize") == 0) {
+                ag->context = LR_CONTEXT_SUMMARIZE;
+                if ((rc = get_num(ctx, "messages", cw, 2, 10000, true, 6, &v, errbuf, errlen)) != 0) {
+                    return rc;
+                }
+                ag->context_messages = (int)v;
+                if ((rc = get_num(ctx, "threshold_tokens", cw, 100, 1e8, true, 0, &v, errbuf, errlen)) != 0) {
+                    return rc;
+                }
+                if (v == 0) {
+                    return fail(errbuf, errlen, "%s.threshold_tokens: required with \"summarize\" (estimated "
+                                "tokens of the conversation that trigger a summary)", cw);
+                }
+                ag->summarize_tokens = (long)v;
+            }
+        }
+        {
+            const cJSON *sl = cJSON_GetObjectItemCaseSensitive(a, "slice");
+            static const char *const slice_known[] = {"steps", "seconds", NULL};
+            char sw[128];
+            snprintf(sw, sizeof(sw), "%s.slice", where);
+            if (sl != NULL) {
+                if (!cJSON_IsObject(sl)) {
+                    return fail(errbuf, errlen, "%s: must be an object {\"steps\": N, \"seconds\": N}", sw);
+                }
+                if ((rc = check_keys(sl, sw, slice_known, errbuf, errlen)) != 0) {
+                    return rc;
+                }
+                if ((rc = get_num(sl, "steps", sw, 1, 10000, true, 0, &v, errbuf, errlen)) != 0) {
+                    return rc;
+                }
+                ag->slice_steps = (int)v;
+                if ((rc = get_num(sl, "seconds", sw, 1, 3600, true, 0, &v, errbuf, errlen)) != 0) {
+                    return rc;
+                }
+                ag->slice_seconds = (int)v;
             }
         }
     }

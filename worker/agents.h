@@ -15,9 +15,12 @@
  *                            "max_tokens": N, "max_tokens_field": "max_tokens"|
  *                            "max_completion_tokens", "temperature": x,
  *                            "tool_choice": "auto"|..., "parallel_tool_calls": bool,
- *                            "timeout_ms": N, "retries": N, "rpm": N, "tpm": N}],
+ *                            "timeout_ms": N, "retries": N, "rpm": N, "tpm": N,
+ *                            "max_concurrency": N}],
  *                "tools": ["name", "sleep", ...], "budgets": {...},
- *                "context": {"strategy": "full"|"window", "messages": N}}]}
+ *                "context": {"strategy": "full"|"window"|"summarize", "messages": N,
+ *                            "threshold_tokens": N},
+ *                "slice": {"steps": N, "seconds": N}}]}
  * "${VAR}" in URLs is replaced by the environment variable VAR at load.
  * API keys are never in the file: only the *name* of the variable.
  *
@@ -35,7 +38,7 @@
 
 enum lr_provider { LR_PROVIDER_OPENAI = 1, LR_PROVIDER_ANTHROPIC };
 enum lr_builtin { LR_TOOL_HTTP = 0, LR_TOOL_SLEEP, LR_TOOL_WAIT_EVENT, LR_TOOL_APPROVAL };
-enum lr_context { LR_CONTEXT_FULL = 0, LR_CONTEXT_WINDOW };
+enum lr_context { LR_CONTEXT_FULL = 0, LR_CONTEXT_WINDOW, LR_CONTEXT_SUMMARIZE };
 
 typedef struct lr_model_ref {
     enum lr_provider provider;
@@ -50,6 +53,9 @@ typedef struct lr_model_ref {
     long timeout_ms;
     int retries;             /* in-process retries of one call (default 2) */
     long rpm, tpm;           /* fleet-wide requests / tokens per minute; 0 = unlimited */
+    int max_concurrency;     /* in-process calls in flight; 0 = LONGRUN_MODEL_CONCURRENCY */
+    char *endpoint_key;      /* "<provider> <base_url> <model>": breaker and gate key */
+    char *endpoint_label;    /* "<provider>/<model>": metrics and logs */
     /* from the price table */
     double price_in, price_out, price_cached; /* USD per million tokens */
     long context_tokens;     /* 0 = unknown */
@@ -77,7 +83,10 @@ typedef struct lr_agent {
     int ntools;
     lr_budgets_t budgets;
     enum lr_context context;
-    int context_messages;
+    int context_messages;    /* window: messages kept; summarize: recent messages kept verbatim */
+    long summarize_tokens;   /* summarize: estimated tokens that trigger a summary */
+    int slice_steps;         /* 0 = LONGRUN_SLICE_STEPS */
+    int slice_seconds;       /* 0 = LONGRUN_SLICE_SECONDS */
 } lr_agent_t;
 
 /* Loads and validates path (replacing any loaded registry on success).

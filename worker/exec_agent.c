@@ -29,80 +29,26 @@
 #include <sys/random.h>
 
 #include "agents.h"
+#include "breaker.h"
 #include "text.h"
 #include "log.h"
 #include "provider.h"
 #include "wmetrics.h"
 #include "worker.h"
 
-#define CB_THRESHOLD 5
-#define CB_OPEN_MS 30000
 #define MAX_CALLS 16
+#define PAYLOAD_LOG_MAX 4096
 
-/* ---------------------------------------------------------- circuit breaker */
-
-enum cb_state { CB_CLOSED = 0, CB_OPEN, CB_HALF_OPEN };
-typedef struct breaker {
-    const void *key;
-    enum cb_state state;
-    int failures;
-    uint64_t open_until;
-} breaker_t;
-static breaker_t breakers[256];
-
-static breaker_t *breaker_for(const void *key) {
-    for (size_t i = 0; i < sizeof(breakers) / sizeof(breakers[0]); i++) {
-        if (breakers[i].key == key) {
-            return &breakers[i];
-        }
-        if (breakers[i].key == NULL) {
-            breakers[i].key = key;
-            return &breakers[i];
-        }
-    }
-    return NULL;
+static lr_breaker_t *model_breaker(const lr_model_ref_t *m) {
+    char key[400];
+    snprintf(key, sizeof(key), "model:%s", m->endpoint_key);
+    return lr_breaker_get(key, m->endpoint_label);
 }
 
-static bool breaker_allows(breaker_t *b, uint64_t now) {
-    if (b == NULL || b->state == CB_CLOSED) {
-        return true;
-    }
-    if (b->state == CB_OPEN && now >= b->open_until) {
-        b->state = CB_HALF_OPEN;
-        lr_info("circuit.half_open", "circuit half-open: allowing one trial call");
-        return true;
-    }
-    return false;
-}
-
-static void breaker_gauge(const breaker_t *b, const char *what) {
-    const char *v[1] = {what};
-    lr_metric_set(lr_wm.circuit_state, v, b->state == CB_CLOSED ? 0 : b->state == CB_HALF_OPEN ? 1 : 2);
-}
-
-static void breaker_result(breaker_t *b, bool ok, uint64_t now, const char *what) {
-    if (b == NULL) {
-        return;
-    }
-    if (ok) {
-        if (b->state != CB_CLOSED) {
-            lr_info("circuit.closed", "circuit for %s closed again", what);
-        }
-        b->state = CB_CLOSED;
-        b->failures = 0;
-        breaker_gauge(b, what);
-        return;
-    }
-    b->failures++;
-    if (b->state == CB_HALF_OPEN || b->failures >= CB_THRESHOLD) {
-        if (b->state != CB_OPEN) {
-            lr_warn("circuit.open", "circuit for %s opened after %d failures; falling back for %d s", what,
-                    b->failures, CB_OPEN_MS / 1000);
-        }
-        b->state = CB_OPEN;
-        b->open_until = now + CB_OPEN_MS;
-        breaker_gauge(b, what);
-    }
+static lr_breaker_t *tool_breaker(const lr_tool_def_t *d) {
+    char key[100];
+    snprintf(key, sizeof(key), "tool:%s", d->name);
+    return lr_breaker_get(key, key);
 }
 
 /* ------------------------------------------------------------------ state */
@@ -164,10 +110,24 @@ typedef struct agent_state {
     bool tenant_reserved;        /* the reservation also covers the tenant */
     bool released;               /* the run is gone; free when the query returns */
     bool timer_closed;
+    /* in-process concurrency gate of the current model endpoint */
+    lr_gate_waiter_t gate_wait;
+    lr_gate_t *gate;
+    bool gate_held;              /* a slot is ours until the response */
+    bool gate_waiting;           /* queued; the timer bounds the wait */
+    char *pending_send;          /* request body waiting for its slot */
+    bool log_payloads;           /* this task is sampled (LONGRUN_LOG_PAYLOADS) */
+    bool summarizing;            /* this step writes a summary (context "summarize") */
+    int summary_cut;             /* it summarizes conv[0 .. cut) */
+    int summary_turns;           /* assistant messages in conv[0 .. cut) */
+    bool clamp_logged;
 } agent_state_t;
 
 static void model_call(agent_state_t *st);
+static void model_send(agent_state_t *st, char *body);
 static void tools_start(agent_state_t *st);
+static void tools_maybe_done(agent_state_t *st);
+static void finish(agent_state_t *st, int outcome);
 
 static uint64_t loop_now(agent_state_t *st) {
     (void)st;
@@ -180,6 +140,49 @@ static double jitter(void) {
         r = (unsigned int)rand();
     }
     return (double)r / (double)UINT32_MAX;
+}
+
+/* Sampled payload logging: the whole task or nothing, by a hash of its id. */
+static bool payload_sampled(const char *id, double rate) {
+    uint32_t h = 2166136261u;
+    if (rate <= 0) {
+        return false;
+    }
+    for (const char *p = id; *p != '\0'; p++) {
+        h = (h ^ (uint8_t)*p) * 16777619u;
+    }
+    return (double)h / (double)UINT32_MAX < rate;
+}
+
+static void log_payload(agent_state_t *st, const char *event, const char *what, const char *text, size_t len) {
+    lr_log_ctx_t ctx = {lr_run_id(st->run), st->step_no, lr_run_epoch(st->run)};
+    bool cut = false;
+    char *clean;
+    if (!st->log_payloads) {
+        return;
+    }
+    clean = lr_utf8_clean(text != NULL ? text : "", text != NULL ? len : 0, PAYLOAD_LOG_MAX, &cut);
+    LR_LOG(LR_LOG_INFO, &ctx, event, "%s (%zu bytes%s): %s", what, len, cut ? ", cut at 4096" : "",
+           clean != NULL ? clean : "");
+    lr_metric_add(lr_wm.payloads_logged, NULL, 1);
+    free(clean);
+}
+
+static void gate_done(agent_state_t *st) {
+    if (st->gate_held) {
+        st->gate_held = false;
+        lr_gate_release(st->gate);
+    }
+}
+
+static void gate_ready(lr_gate_waiter_t *wt) {
+    agent_state_t *st = (agent_state_t *)(void *)((char *)wt - offsetof(agent_state_t, gate_wait));
+    char *body = st->pending_send;
+    st->pending_send = NULL;
+    st->gate_waiting = false;
+    st->gate_held = true;
+    uv_timer_stop(&st->timer);
+    model_send(st, body);
 }
 
 static long budget_of(long task, long agent, long dflt) {
@@ -253,6 +256,38 @@ static void resolve_budgets(agent_state_t *st) {
     st->budgets.max_cost_usd = task.max_cost_usd >= 0 ? task.max_cost_usd
                                : st->agent->budgets.max_cost_usd >= 0 ? st->agent->budgets.max_cost_usd
                                                                       : cfg->max_cost_usd;
+    /* The operator's ceilings bind every budget, whoever set it. */
+    {
+        struct {
+            const char *name;
+            long *value;
+            long ceiling;
+        } cl[] = {
+            {"max_steps", &st->budgets.max_steps, cfg->ceiling_max_steps},
+            {"max_tool_calls", &st->budgets.max_tool_calls, cfg->ceiling_max_tool_calls},
+            {"max_tokens", &st->budgets.max_tokens, cfg->ceiling_max_tokens},
+            {"max_seconds", &st->budgets.max_seconds, cfg->ceiling_max_seconds},
+        };
+        lr_log_ctx_t ctx = {lr_run_id(st->run), st->step_no, lr_run_epoch(st->run)};
+        for (size_t i = 0; i < sizeof(cl) / sizeof(cl[0]); i++) {
+            if (cl[i].ceiling > 0 && (*cl[i].value < 0 || *cl[i].value > cl[i].ceiling)) {
+                if (!st->clamp_logged) {
+                    LR_LOG(LR_LOG_INFO, &ctx, "budget.clamped", "%s %ld lowered to the operator's ceiling %ld",
+                           cl[i].name, *cl[i].value, cl[i].ceiling);
+                }
+                *cl[i].value = cl[i].ceiling;
+            }
+        }
+        if (cfg->ceiling_max_cost_usd > 0 &&
+            (st->budgets.max_cost_usd < 0 || st->budgets.max_cost_usd > cfg->ceiling_max_cost_usd)) {
+            if (!st->clamp_logged) {
+                LR_LOG(LR_LOG_INFO, &ctx, "budget.clamped", "max_cost_usd %.4f lowered to the operator's ceiling %.4f",
+                       st->budgets.max_cost_usd, cfg->ceiling_max_cost_usd);
+            }
+            st->budgets.max_cost_usd = cfg->ceiling_max_cost_usd;
+        }
+        st->clamp_logged = true;
+    }
 }
 
 /* The first user message of a task, from its input. */
@@ -304,6 +339,211 @@ static cJSON *apply_window(const cJSON *conv, int n) {
         cJSON_AddItemToArray(out, cJSON_Duplicate(cJSON_GetArrayItem(conv, i), true));
     }
     return out;
+}
+
+/* ---------------------------------------------------- summarize context */
+
+#define SUMMARY_SYSTEM                                                                         \
+    "[longrun:summarize] You condense the transcript of an AI agent's work so far into a "   \
+    "summary that lets the agent continue without the transcript: the goal, what was done "   \
+    "and found (with the tool results that still matter, quoted exactly where exact values "  \
+    "count), decisions made, and what remains open.  Plain text, at most 400 words."
+#define SUMMARY_PIECE_MAX 4000
+
+static const char *role_of(const cJSON *m) {
+    return cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(m, "role"));
+}
+
+/* The last summary message of conv (NULL if none) and where it applies. */
+static const cJSON *last_summary(const cJSON *conv, int *covers, int *turns) {
+    const cJSON *found = NULL;
+    const cJSON *m;
+    *covers = 0;
+    *turns = 0;
+    cJSON_ArrayForEach(m, conv) {
+        const char *role = role_of(m);
+        if (role != NULL && strcmp(role, "summary") == 0) {
+            const cJSON *c = cJSON_GetObjectItemCaseSensitive(m, "covers");
+            const cJSON *t = cJSON_GetObjectItemCaseSensitive(m, "turns");
+            int n = cJSON_GetArraySize(conv);
+            if (cJSON_IsNumber(c) && c->valuedouble >= 1 && c->valuedouble <= n) {
+                found = m;
+                *covers = (int)c->valuedouble;
+                *turns = cJSON_IsNumber(t) && t->valuedouble >= 0 ? (int)t->valuedouble : 0;
+            }
+        }
+    }
+    return found;
+}
+
+/* Summarize context: the first (user) message carries the latest summary,
+ * followed by every message after the part it covers. */
+static cJSON *apply_summary(const cJSON *conv) {
+    int covers, turns, n = cJSON_GetArraySize(conv);
+    const cJSON *sum = last_summary(conv, &covers, &turns);
+    cJSON *out, *first;
+    const char *orig, *text;
+    size_t len;
+    char *merged;
+    if (sum == NULL || n == 0) {
+        return cJSON_Duplicate(conv, true);
+    }
+    out = cJSON_CreateArray();
+    first = cJSON_Duplicate(cJSON_GetArrayItem(conv, 0), true);
+    orig = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(first, "content"));
+    text = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(sum, "content"));
+    len = (orig != NULL ? strlen(orig) : 0) + (text != NULL ? strlen(text) : 0) + 128;
+    merged = malloc(len);
+    if (merged != NULL) {
+        snprintf(merged, len, "%s\n\n[longrun summary of %d earlier messages, %d assistant turns]\n%s",
+                 orig != NULL ? orig : "", covers, turns, text != NULL ? text : "");
+        cJSON_ReplaceItemInObjectCaseSensitive(first, "content", cJSON_CreateString(merged));
+        free(merged);
+    }
+    cJSON_AddItemToArray(out, first);
+    for (int i = covers; i < n; i++) {
+        const cJSON *m = cJSON_GetArrayItem(conv, i);
+        const char *role = role_of(m);
+        if (i == 0 || (role != NULL && strcmp(role, "summary") == 0)) {
+            continue;
+        }
+        cJSON_AddItemToArray(out, cJSON_Duplicate(m, true));
+    }
+    return out;
+}
+
+/* The conversation as the agent's context strategy sends it. */
+static cJSON *context_of(const agent_state_t *st) {
+    switch (st->agent->context) {
+    case LR_CONTEXT_WINDOW:
+        return apply_window(st->conv, st->agent->context_messages);
+    case LR_CONTEXT_SUMMARIZE:
+        return apply_summary(st->conv);
+    default:
+        return apply_summary(st->conv); /* no summary in it: a copy */
+    }
+}
+
+/* Does the conversation need a summary before the next model call?  Sets
+ * summary_cut (keep the last N messages verbatim, starting at an assistant
+ * message so that no tool result loses its call) and summary_turns. */
+static bool summary_needed(agent_state_t *st) {
+    int n = cJSON_GetArraySize(st->conv), covers, turns, cut;
+    cJSON *ctx;
+    char *txt;
+    long est;
+    if (st->agent->context != LR_CONTEXT_SUMMARIZE) {
+        return false;
+    }
+    ctx = apply_summary(st->conv);
+    txt = ctx != NULL ? cJSON_PrintUnformatted(ctx) : NULL;
+    est = txt != NULL ? (long)strlen(txt) / 4 : 0;
+    free(txt);
+    cJSON_Delete(ctx);
+    if (est <= st->agent->summarize_tokens) {
+        return false;
+    }
+    (void)last_summary(st->conv, &covers, &turns);
+    cut = n - st->agent->context_messages;
+    while (cut < n) {
+        const char *role = role_of(cJSON_GetArrayItem(st->conv, cut));
+        if (role != NULL && strcmp(role, "assistant") == 0) {
+            break;
+        }
+        cut++;
+    }
+    if (cut >= n || cut <= (covers > 1 ? covers : 1)) {
+        return false; /* nothing new to summarize: send as is (the context check still applies) */
+    }
+    turns = 0;
+    for (int i = 0; i < cut; i++) {
+        const char *role = role_of(cJSON_GetArrayItem(st->conv, i));
+        if (role != NULL && strcmp(role, "assistant") == 0) {
+            turns++;
+        }
+    }
+    st->summary_cut = cut;
+    st->summary_turns = turns;
+    return true;
+}
+
+static void append_piece(char **buf, size_t *len, size_t *cap, const char *a, const char *b) {
+    size_t need = strlen(a) + (b != NULL ? (strlen(b) < SUMMARY_PIECE_MAX ? strlen(b) : SUMMARY_PIECE_MAX) : 0) + 8;
+    if (*buf == NULL) {
+        return;
+    }
+    if (*len + need > *cap) {
+        size_t ncap = (*cap + need) * 2;
+        char *nb = realloc(*buf, ncap);
+        if (nb == NULL) {
+            free(*buf);
+            *buf = NULL;
+            return;
+        }
+        *buf = nb;
+        *cap = ncap;
+    }
+    *len += (size_t)snprintf(*buf + *len, *cap - *len, "%s%.*s%s\n", a, SUMMARY_PIECE_MAX, b != NULL ? b : "",
+                             b != NULL && strlen(b) > SUMMARY_PIECE_MAX ? " [...]" : "");
+}
+
+/* The summarization request: one user message with the transcript of
+ * conv[0 .. cut), the previous summary standing for what it covered. */
+static cJSON *summary_request_conv(const agent_state_t *st) {
+    int covers, turns;
+    const cJSON *prev = last_summary(st->conv, &covers, &turns);
+    size_t len = 0, cap = 4096;
+    char *buf = malloc(cap);
+    cJSON *conv, *u;
+    const cJSON *first = cJSON_GetArrayItem(st->conv, 0);
+    if (buf == NULL) {
+        return NULL;
+    }
+    buf[0] = '\0';
+    append_piece(&buf, &len, &cap, "The agent's task:\n",
+                 cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(first, "content")));
+    if (prev != NULL) {
+        append_piece(&buf, &len, &cap, "\nSummary of the earlier work:\n",
+                     cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(prev, "content")));
+    }
+    append_piece(&buf, &len, &cap, "\nTranscript since then:", NULL);
+    for (int i = prev != NULL ? covers : 1; i < st->summary_cut; i++) {
+        const cJSON *m = cJSON_GetArrayItem(st->conv, i);
+        const char *role = role_of(m);
+        const cJSON *c;
+        if (role == NULL || strcmp(role, "summary") == 0) {
+            continue;
+        }
+        if (strcmp(role, "tool") == 0) {
+            char head[160];
+            snprintf(head, sizeof(head), "tool %s returned: ",
+                     cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(m, "name")) != NULL
+                         ? cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(m, "name")) : "?");
+            append_piece(&buf, &len, &cap, head, cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(m, "content")));
+            continue;
+        }
+        if (cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(m, "content")) != NULL) {
+            append_piece(&buf, &len, &cap, strcmp(role, "assistant") == 0 ? "assistant: " : "user: ",
+                         cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(m, "content")));
+        }
+        cJSON_ArrayForEach(c, cJSON_GetObjectItemCaseSensitive(m, "tool_calls")) {
+            char head[160];
+            snprintf(head, sizeof(head), "assistant called %s with ",
+                     cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(c, "name")) != NULL
+                         ? cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(c, "name")) : "?");
+            append_piece(&buf, &len, &cap, head, cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(c, "arguments")));
+        }
+    }
+    if (buf == NULL) {
+        return NULL;
+    }
+    conv = cJSON_CreateArray();
+    u = cJSON_CreateObject();
+    cJSON_AddStringToObject(u, "role", "user");
+    cJSON_AddStringToObject(u, "content", buf);
+    cJSON_AddItemToArray(conv, u);
+    free(buf);
+    return conv;
 }
 
 static void add_tool_result(agent_state_t *st, const char *id, const char *name, const char *content, bool is_error) {
@@ -465,19 +705,32 @@ static void rate_settle(agent_state_t *st, const lr_model_ref_t *m, long actual)
 
 static void timer_cb(uv_timer_t *t) {
     agent_state_t *st = t->data;
+    if (st->gate_waiting) {
+        /* No slot within the long-wait threshold: give the task's place back. */
+        lr_log_ctx_t ctx = {lr_run_id(st->run), st->step_no, lr_run_epoch(st->run)};
+        lr_gate_forget(&st->gate_wait);
+        st->gate_waiting = false;
+        free(st->pending_send);
+        st->pending_send = NULL;
+        LR_LOG(LR_LOG_INFO, &ctx, "model.gate_suspend", "no free slot for %s within %d s: suspending the task",
+               st->agent->models[st->model_idx].endpoint_label, lr_worker_config(st->w)->long_wait_seconds);
+        snprintf(st->out->suspend_reason, sizeof(st->out->suspend_reason), "rate_limited");
+        st->out->resume_in_ms = 1000 + (long)(jitter() * 2000.0);
+        finish(st, LR_STEP_SUSPEND);
+        return;
+    }
     model_call(st);
 }
 
 static void model_failed(agent_state_t *st, int cls, const char *reason, const char *detail, long wait_ms) {
     const lr_model_ref_t *m = &st->agent->models[st->model_idx];
     const lr_config_t *cfg = lr_worker_config(st->w);
-    long suspend_after = 30000;
+    long suspend_after = (long)cfg->long_wait_seconds * 1000;
     lr_log_ctx_t ctx = {lr_run_id(st->run), st->step_no, lr_run_epoch(st->run)};
-    (void)cfg;
     snprintf(st->last_reason, sizeof(st->last_reason), "%s", reason);
     snprintf(st->last_error, sizeof(st->last_error), "%s (%s): %s", m->model, reason, detail);
     st->last_class = cls;
-    breaker_result(breaker_for(m), cls == LR_CALL_PERMANENT, loop_now(st), m->model);
+    lr_breaker_result(model_breaker(m), cls == LR_CALL_PERMANENT, loop_now(st));
     LR_LOG(LR_LOG_WARN, &ctx, "model.call_failed", "model %s attempt %d failed: %s: %s", m->model, st->attempt + 1,
            reason, detail);
     if (cls == LR_CALL_PERMANENT) {
@@ -540,6 +793,8 @@ static void model_response(const lr_http_response_t *resp, void *arg) {
     lr_log_ctx_t ctx = {lr_run_id(st->run), st->step_no, lr_run_epoch(st->run)};
 
     st->model_req = NULL;
+    gate_done(st);
+    log_payload(st, "payload.model_response", m->endpoint_label, resp->body, resp->body_len);
     if (resp->err != 0 || resp->status < 200 || resp->status >= 300) {
         rate_settle(st, m, 0); /* a 2xx is settled once its usage is parsed */
     }
@@ -571,7 +826,7 @@ static void model_response(const lr_http_response_t *resp, void *arg) {
         model_failed(st, LR_CALL_RETRY, "malformed_response", err, -1);
         return;
     }
-    breaker_result(breaker_for(m), true, loop_now(st), m->model);
+    lr_breaker_result(model_breaker(m), true, loop_now(st));
     st->answered = m;
     rate_settle(st, m, st->reply.tokens_in + st->reply.tokens_out);
     if (st->reply.usage_missing) {
@@ -595,6 +850,25 @@ static void model_response(const lr_http_response_t *resp, void *arg) {
     LR_LOG(LR_LOG_DEBUG, &ctx, "model.answered", "model %s: %d tool calls, finish %s, tokens %ld/%ld, %.0f ms",
            m->model, st->reply.ntool_calls, st->reply.finish, st->reply.tokens_in, st->reply.tokens_out,
            resp->total_ms);
+    if (st->summarizing) {
+        cJSON *sm;
+        if (st->reply.text == NULL || st->reply.text[0] == '\0' || st->reply.ntool_calls > 0) {
+            model_failed(st, LR_CALL_RETRY, "malformed_response", "the summary is empty", -1);
+            return;
+        }
+        sm = cJSON_CreateObject();
+        cJSON_AddStringToObject(sm, "role", "summary");
+        cJSON_AddStringToObject(sm, "content", st->reply.text);
+        cJSON_AddNumberToObject(sm, "covers", st->summary_cut);
+        cJSON_AddNumberToObject(sm, "turns", st->summary_turns);
+        cJSON_AddItemToArray(st->added, cJSON_Duplicate(sm, true));
+        cJSON_AddItemToArray(st->conv, sm);
+        LR_LOG(LR_LOG_INFO, &ctx, "context.summarized", "summarized %d messages (%d assistant turns) with %s",
+               st->summary_cut, st->summary_turns, m->model);
+        st->ncalls = 0;
+        tools_maybe_done(st); /* the summary is a step of its own */
+        return;
+    }
     cJSON_AddItemToArray(st->added, cJSON_Duplicate(st->reply.assistant, true));
     cJSON_AddItemToArray(st->conv, cJSON_Duplicate(st->reply.assistant, true));
     if (st->reply.ntool_calls == 0) {
@@ -744,7 +1018,7 @@ static void reserve_cb(int err, const PGresult *res, void *arg) {
         clock_gettime(CLOCK_REALTIME, &now);
         wait = 60000 - (long)((now.tv_sec % 60) * 1000 + now.tv_nsec / 1000000) + (long)(jitter() * 1000.0) + 50;
         lr_metric_inc1(lr_wm.rate_limit_waits, m->model);
-        if (wait > 30000) {
+        if (wait > (long)lr_worker_config(st->w)->long_wait_seconds * 1000) {
             LR_LOG(LR_LOG_INFO, &ctx, "ratelimit.suspend", "fleet-wide limit of %s reached; suspending for %ld ms",
                    m->model, wait);
             snprintf(st->out->suspend_reason, sizeof(st->out->suspend_reason), "rate_limited");
@@ -779,11 +1053,7 @@ static void rate_reserve(agent_state_t *st, const lr_model_ref_t *m) {
 static void model_call(agent_state_t *st) {
     const lr_model_ref_t *m;
     const char *key = NULL;
-    char *url = NULL, *body = NULL;
-    char auth[600], idem[128];
-    const char *headers[6];
-    lr_http_opts_t o;
-    int nh = 0, rc;
+    char *body = NULL;
     cJSON *conv = NULL;
 
     while (st->model_idx < st->agent->nmodels) {
@@ -792,7 +1062,7 @@ static void model_call(agent_state_t *st) {
             snprintf(st->last_reason, sizeof(st->last_reason), "model_disabled");
             snprintf(st->last_error, sizeof(st->last_error), "%s: disabled by an operator (kill switch)", mm->model);
             st->any_transient = true;
-        } else if (!breaker_allows(breaker_for(mm), loop_now(st))) {
+        } else if (!lr_breaker_allows(model_breaker(mm), loop_now(st))) {
             snprintf(st->last_reason, sizeof(st->last_reason), "circuit_open");
             snprintf(st->last_error, sizeof(st->last_error), "%s: circuit open", mm->model);
             st->any_transient = true;
@@ -817,9 +1087,13 @@ static void model_call(agent_state_t *st) {
             return;
         }
     }
-    conv = st->agent->context == LR_CONTEXT_WINDOW ? apply_window(st->conv, st->agent->context_messages)
-                                                   : cJSON_Duplicate(st->conv, true);
-    body = lr_provider_request(m, st->agent->system, conv, st->agent->tools, st->agent->ntools);
+    if (st->summarizing) {
+        conv = summary_request_conv(st);
+        body = conv != NULL ? lr_provider_request(m, SUMMARY_SYSTEM, conv, NULL, 0) : NULL;
+    } else {
+        conv = context_of(st);
+        body = lr_provider_request(m, st->agent->system, conv, st->agent->tools, st->agent->ntools);
+    }
     cJSON_Delete(conv);
     if (body != NULL && m->context_tokens > 0 && (long)strlen(body) / 4 > m->context_tokens) {
         /* Never sent blindly over the context limit. */
@@ -837,23 +1111,53 @@ static void model_call(agent_state_t *st) {
         return;
     }
     st->reserved = false;
+    model_send(st, body);
+}
+
+/* Sends body (owned) to the current model once the concurrency gate has a
+ * slot for it. */
+static void model_send(agent_state_t *st, char *body) {
+    const lr_model_ref_t *m = &st->agent->models[st->model_idx];
+    const lr_config_t *cfg = lr_worker_config(st->w);
+    const char *key = m->api_key_env != NULL ? getenv(m->api_key_env) : NULL;
+    char *url;
+    char auth[600], idem[128];
+    const char *headers[6];
+    lr_http_opts_t o;
+    int nh = 0, rc;
+
+    if (!st->gate_held && body != NULL) {
+        st->gate = lr_gate_get(m->endpoint_key, m->endpoint_label,
+                               m->max_concurrency > 0 ? m->max_concurrency : cfg->model_concurrency);
+        if (st->gate != NULL) {
+            st->gate_wait.ready = gate_ready;
+            if (!lr_gate_acquire(st->gate, &st->gate_wait, loop_now(st))) {
+                st->pending_send = body;
+                st->gate_waiting = true;
+                uv_timer_start(&st->timer, timer_cb, (uint64_t)cfg->long_wait_seconds * 1000u, 0);
+                return;
+            }
+            st->gate_held = true;
+        }
+    }
     url = lr_provider_url(m);
     if (body == NULL || url == NULL) {
         free(body);
         free(url);
+        gate_done(st);
         snprintf(st->out->error, sizeof(st->out->error), "out of memory building the model request");
         finish(st, LR_STEP_FAIL_TRANSIENT);
         return;
     }
     headers[nh++] = "Content-Type: application/json";
     if (m->provider == LR_PROVIDER_OPENAI) {
-        if (key != NULL) {
+        if (key != NULL && key[0] != '\0') {
             snprintf(auth, sizeof(auth), "Authorization: Bearer %s", key);
             headers[nh++] = auth;
         }
     } else {
         headers[nh++] = "anthropic-version: 2023-06-01";
-        if (key != NULL) {
+        if (key != NULL && key[0] != '\0') {
             snprintf(auth, sizeof(auth), "x-api-key: %s", key);
             headers[nh++] = auth;
         }
@@ -869,11 +1173,13 @@ static void model_call(agent_state_t *st) {
     o.body_len = strlen(body);
     st->req_bytes = (long)o.body_len;
     o.timeout_ms = m->timeout_ms;
+    log_payload(st, "payload.model_request", m->endpoint_label, body, o.body_len);
     rc = lr_http_send(lr_worker_http(st->w), &o, model_response, st, &st->model_req);
     memset(auth, 0, sizeof(auth));
     free(url);
     free(body);
     if (rc != 0) {
+        gate_done(st);
         model_failed(st, LR_CALL_RETRY, "send_failed", lr_strerror(rc), -1);
     }
 }
@@ -926,6 +1232,10 @@ static void tool_response(const lr_http_response_t *resp, void *arg) {
     }
     tc->running = false;
     st->calls_running--;
+    /* The tool works if it answered anything but a transport error, 5xx,
+     * 408 or 429 (a 4xx is the caller's mistake). */
+    lr_breaker_result(tool_breaker(tc->def), !retry, loop_now(st));
+    log_payload(st, "payload.tool_result", tc->name, resp->body, resp->body_len);
     if (resp->err == 0 && resp->status >= 200 && resp->status < 300) {
         bool cut = false;
         char *clean = lr_utf8_clean(resp->body, resp->body_len, (size_t)tc->def->max_result_bytes, &cut);
@@ -1038,6 +1348,16 @@ static void tools_start(agent_state_t *st) {
             cJSON_Delete(parsed);
             continue;
         }
+        if (tc->def->builtin == LR_TOOL_HTTP && !(tc->def->requires_approval && !tc->approved) &&
+            !lr_breaker_allows(tool_breaker(tc->def), loop_now(st))) {
+            char msg[200];
+            snprintf(msg, sizeof(msg), "error: tool \"%s\" is unavailable (circuit open after repeated failures); "
+                     "try again later or do without it", tc->name);
+            add_tool_result(st, tc->id, tc->name, msg, true);
+            log_call(st, tc->id, tc->name, "circuit_open", 0, 0, NULL);
+            cJSON_Delete(parsed);
+            continue;
+        }
         if (tc->def->builtin == LR_TOOL_SLEEP) {
             const cJSON *s = cJSON_GetObjectItemCaseSensitive(parsed, "seconds");
             double secs = cJSON_IsNumber(s) ? s->valuedouble : -1;
@@ -1125,6 +1445,7 @@ static int agent_start(lr_run_t *r, lr_step_t *out, lr_step_done_cb done) {
     st->suspend_reason[0] = st->wait_event[0] = '\0';
     st->suspend_ms = -1;
     st->ncalls = 0;
+    st->summarizing = false;
     st->active = true;
     if (st->agent == NULL) {
         out->outcome = LR_STEP_FAIL_PERMANENT;
@@ -1132,6 +1453,7 @@ static int agent_start(lr_run_t *r, lr_step_t *out, lr_step_done_cb done) {
         st->active = false;
         return LR_EPERM;
     }
+    st->log_payloads = payload_sampled(lr_run_id(r), lr_worker_config(st->w)->log_payloads);
     lr_run_usage(r, &st->usage);
     resolve_budgets(st);
     reason = budget_exceeded(st, why, sizeof(why));
@@ -1179,6 +1501,7 @@ static int agent_start(lr_run_t *r, lr_step_t *out, lr_step_done_cb done) {
         tools_start(st);
         return 0;
     }
+    st->summarizing = summary_needed(st);
     model_call(st);
     return 0;
 }
@@ -1189,20 +1512,21 @@ static void agent_cancel(lr_run_t *r) {
         return;
     }
     uv_timer_stop(&st->timer);
+    lr_gate_forget(&st->gate_wait);
     if (st->model_req != NULL) {
-        breaker_t *b = st->agent != NULL ? breaker_for(&st->agent->models[st->model_idx]) : NULL;
         lr_http_cancel(st->model_req);
         st->model_req = NULL;
-        if (b != NULL && b->state == CB_HALF_OPEN) {
-            /* the trial call never finished: allow another trial */
-            b->state = CB_OPEN;
-            b->open_until = loop_now(st);
-        }
+        /* a trial call that never finished: allow another trial */
+        lr_breaker_abandon(model_breaker(&st->agent->models[st->model_idx]), loop_now(st));
     }
+    gate_done(st);
+    free(st->pending_send);
+    st->pending_send = NULL;
     for (int i = 0; i < st->ncalls; i++) {
         if (st->calls[i].req != NULL) {
             lr_http_cancel(st->calls[i].req);
             st->calls[i].req = NULL;
+            lr_breaker_abandon(tool_breaker(st->calls[i].def), loop_now(st));
         }
     }
     cJSON_Delete(st->conv);

@@ -44,11 +44,11 @@ static cJSON *openai_messages(const char *system, const cJSON *conv) {
     }
     cJSON_ArrayForEach(m, conv) {
         const char *role = jstr(m, "role");
-        cJSON *o = cJSON_CreateObject();
-        if (role == NULL) {
-            cJSON_Delete(o);
-            continue;
+        cJSON *o;
+        if (role == NULL || strcmp(role, "summary") == 0) {
+            continue; /* a summary is folded into the first message by the caller */
         }
+        o = cJSON_CreateObject();
         cJSON_AddStringToObject(o, "role", role);
         if (strcmp(role, "assistant") == 0) {
             const cJSON *calls = cJSON_GetObjectItemCaseSensitive(m, "tool_calls");
@@ -91,7 +91,7 @@ static cJSON *anthropic_messages(const cJSON *conv) {
     const cJSON *m;
     cJSON_ArrayForEach(m, conv) {
         const char *role = jstr(m, "role");
-        if (role == NULL) {
+        if (role == NULL || strcmp(role, "summary") == 0) {
             continue;
         }
         if (strcmp(role, "tool") == 0) {

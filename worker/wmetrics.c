@@ -35,10 +35,14 @@ void lr_wm_init(void) {
     lr_wm.tool_seconds = lr_metric_histogram("longrun_tool_duration_seconds", "Tool call latency.", "tool",
                                              lr_latency_buckets, lr_latency_nbuckets);
     lr_wm.circuit_state = lr_metric_gauge("longrun_circuit_state",
-                                          "Circuit breaker per model endpoint: 0 closed, 1 half-open, 2 open.",
+                                          "Circuit breaker per model endpoint and per tool: 0 closed, 1 half-open, 2 open.",
                                           "endpoint");
     lr_wm.rate_limit_waits = lr_metric_counter("longrun_rate_limit_waits_total",
                                                "Rate-limit answers (429) that made a call wait or suspend.", "model");
+    lr_wm.gate_waiting = lr_metric_gauge("longrun_model_gate_waiting",
+                                         "Model calls waiting for the in-process concurrency gate.", "endpoint");
+    lr_wm.payloads_logged = lr_metric_counter("longrun_payloads_logged_total",
+                                              "Payloads written to the log (LONGRUN_LOG_PAYLOADS sampling).", NULL);
     lr_wm.ready = lr_metric_gauge("longrun_ready", "1 when this process is ready (readiness probe).", NULL);
     lr_wm.amqp_connected = lr_metric_gauge("longrun_amqp_connected", "1 while connected to RabbitMQ.", NULL);
     lr_wm.pg_connections = lr_metric_gauge("longrun_pg_connections", "Usable PostgreSQL connections.", NULL);

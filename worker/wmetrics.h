@@ -27,6 +27,8 @@ typedef struct lr_wm {
     lr_metric_t *tool_seconds;       /* histogram {tool} */
     lr_metric_t *circuit_state;      /* gauge {endpoint}: 0 closed, 1 half-open, 2 open */
     lr_metric_t *rate_limit_waits;   /* counter {model} */
+    lr_metric_t *gate_waiting;       /* gauge {endpoint} */
+    lr_metric_t *payloads_logged;    /* counter */
     lr_metric_t *ready;              /* gauge */
     lr_metric_t *amqp_connected;     /* gauge */
     lr_metric_t *pg_connections;     /* gauge */

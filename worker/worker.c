@@ -50,6 +50,7 @@
 #include "health.h"
 #include "wmetrics.h"
 #include "agents.h"
+#include "breaker.h"
 
 enum run_state {
     RUN_CLAIMING,      /* claim statement in flight */
@@ -735,8 +736,10 @@ static void run_step_done(lr_run_t *r);
 /* Whether the step being checkpointed ends the slice (it counts). */
 static bool slice_over(lr_run_t *r) {
     lr_worker_t *w = r->w;
-    return r->slice_steps + 1 >= w->cfg.slice_steps ||
-           now_ms(w) - r->slice_start_ms >= (uint64_t)w->cfg.slice_seconds * 1000u;
+    const lr_agent_t *a = r->agent[0] != '\0' ? lr_agents_find(r->agent) : NULL;
+    int steps = a != NULL && a->slice_steps > 0 ? a->slice_steps : w->cfg.slice_steps;
+    int secs = a != NULL && a->slice_seconds > 0 ? a->slice_seconds : w->cfg.slice_seconds;
+    return r->slice_steps + 1 >= steps || now_ms(w) - r->slice_start_ms >= (uint64_t)secs * 1000u;
 }
 
 static void run_start_step(lr_run_t *r) {
@@ -1892,7 +1895,7 @@ static void schema_cb(int err, const PGresult *res, void *arg) {
 static void health_timer_cb(uv_timer_t *t) {
     lr_worker_t *w = t->data;
     const char *why = NULL;
-    char snap[1024];
+    char snap[6144], circuits[4096];
     static unsigned ticks;
     ticks++;
     lr_health_tick(w->health);
@@ -1918,16 +1921,18 @@ static void health_timer_cb(uv_timer_t *t) {
     lr_metric_set(lr_wm.in_flight, NULL, w->nruns);
     lr_metric_set(lr_wm.amqp_connected, NULL, w->amqp_up ? 1 : 0);
     lr_metric_set(lr_wm.pg_connections, NULL, w->pg_usable);
+    (void)lr_breakers_json(circuits, sizeof(circuits));
     snprintf(snap, sizeof(snap),
              "{\"worker\":\"%s\",\"dependencies\":{\"rabbitmq\":{\"status\":\"%s\"},"
              "\"postgres\":{\"status\":\"%s\",\"usable_connections\":%d,\"pending_queries\":%zu},"
              "\"schema\":{\"status\":\"%s\",\"binary_version\":%d}},"
-             "\"in_flight\":%d,\"max_in_flight\":%d,\"draining\":%s,\"steps\":%llu,\"tasks_finished\":%llu}",
+             "\"in_flight\":%d,\"max_in_flight\":%d,\"draining\":%s,\"steps\":%llu,\"tasks_finished\":%llu,"
+             "\"circuits\":%s}",
              w->id, w->amqp_up ? "up" : "down", w->pg_usable > 0 ? "up" : "down", w->pg_usable,
              w->pg != NULL ? lr_pg_pool_pending(w->pg) : (size_t)0,
              w->schema_state > 0 ? "ok" : w->schema_state < 0 ? "incompatible" : "unknown", lr_schema_version_known(),
              w->nruns, w->cfg.max_in_flight, w->draining ? "true" : "false", (unsigned long long)w->steps_done,
-             (unsigned long long)w->tasks_finished);
+             (unsigned long long)w->tasks_finished, circuits);
     lr_health_set_snapshot(w->health, snap);
     if (ticks % 60 == 0) {
         lr_info("worker.stats", "in flight %d, steps %llu, tasks finished %llu, postgres %d connection(s) with %zu "
@@ -1963,6 +1968,7 @@ int lr_worker_run(const lr_config_t *cfg, const char *const *queues) {
     w->loop = &loop;
     w->cfg = *cfg;
     lr_wm_init();
+    lr_breakers_configure(cfg->breaker_failures, (long)cfg->breaker_open_seconds * 1000);
     w->test_hooks = getenv("LONGRUN_TEST_HOOKS") != NULL && strcmp(getenv("LONGRUN_TEST_HOOKS"), "1") == 0;
     gethostname(w->hostname, sizeof(w->hostname) - 1);
     if (cfg->worker_id[0] != '\0') {

@@ -3,6 +3,7 @@
 lr_py_test(integration.cli_basics integration/test_cli_basics.py TIMEOUT 180 LABELS "integration;asan")
 lr_py_test(integration.worker_run integration/test_worker_run.py TIMEOUT 600 LABELS "integration;asan")
 lr_py_test(integration.agent integration/test_agent.py TIMEOUT 300 LABELS "integration;asan")
+lr_py_test(integration.agent_resilience integration/test_agent_resilience.py TIMEOUT 300 LABELS "integration;asan")
 lr_py_test(integration.operator integration/test_operator.py TIMEOUT 300 LABELS "integration;asan")
 lr_py_test(integration.health integration/test_health.py TIMEOUT 300 LABELS "integration;asan")
 lr_py_test(integration.docs integration/test_docs.py TIMEOUT 60 LABELS "unit")

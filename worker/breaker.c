@@ -1,0 +1,244 @@
+/* breaker.c - circuit breakers and concurrency gates; see breaker.h. */
+#include "breaker.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+
+#include <cjson/cJSON.h>
+#include <string.h>
+
+#include "log.h"
+#include "wmetrics.h"
+
+#define KEY_MAX 320
+#define LABEL_MAX 160
+
+struct lr_breaker {
+    char key[KEY_MAX];
+    char label[LABEL_MAX];
+    enum lr_cb_state state;
+    int failures;
+    uint64_t open_until;
+};
+
+static lr_breaker_t breakers[LR_BREAKERS_MAX];
+static int nbreakers;
+static int cb_failures = 5;
+static long cb_open_ms = 30000;
+static bool warned_full;
+
+void lr_breakers_configure(int failures, long open_ms) {
+    cb_failures = failures > 0 ? failures : 5;
+    cb_open_ms = open_ms > 0 ? open_ms : 30000;
+}
+
+static void gauge(const lr_breaker_t *b) {
+    const char *v[1] = {b->label};
+    lr_metric_set(lr_wm.circuit_state, v, (double)b->state);
+}
+
+lr_breaker_t *lr_breaker_get(const char *key, const char *label) {
+    for (int i = 0; i < nbreakers; i++) {
+        if (strcmp(breakers[i].key, key) == 0) {
+            return &breakers[i];
+        }
+    }
+    if (nbreakers == LR_BREAKERS_MAX || strlen(key) >= KEY_MAX) {
+        if (!warned_full) {
+            warned_full = true;
+            lr_warn("circuit.table_full", "circuit breaker table full (%d) or key too long: %s is not protected",
+                    LR_BREAKERS_MAX, label);
+        }
+        return NULL;
+    }
+    lr_breaker_t *b = &breakers[nbreakers++];
+    snprintf(b->key, sizeof(b->key), "%s", key);
+    snprintf(b->label, sizeof(b->label), "%s", label);
+    b->state = LR_CB_CLOSED;
+    gauge(b);
+    return b;
+}
+
+bool lr_breaker_allows(lr_breaker_t *b, uint64_t now_ms) {
+    if (b == NULL || b->state == LR_CB_CLOSED) {
+        return true;
+    }
+    if (b->state == LR_CB_OPEN && now_ms >= b->open_until) {
+        b->state = LR_CB_HALF_OPEN;
+        gauge(b);
+        lr_info("circuit.half_open", "circuit for %s half-open: allowing one trial call", b->label);
+        return true;
+    }
+    return false;
+}
+
+void lr_breaker_result(lr_breaker_t *b, bool ok, uint64_t now_ms) {
+    if (b == NULL) {
+        return;
+    }
+    if (ok) {
+        if (b->state != LR_CB_CLOSED) {
+            lr_info("circuit.closed", "circuit for %s closed again", b->label);
+        }
+        b->state = LR_CB_CLOSED;
+        b->failures = 0;
+        gauge(b);
+        return;
+    }
+    b->failures++;
+    if (b->state == LR_CB_HALF_OPEN || b->failures >= cb_failures) {
+        if (b->state != LR_CB_OPEN) {
+            lr_warn("circuit.open", "circuit for %s opened after %d failures; refusing calls for %ld s", b->label,
+                    b->failures, cb_open_ms / 1000);
+        }
+        b->state = LR_CB_OPEN;
+        b->open_until = now_ms + (uint64_t)cb_open_ms;
+        gauge(b);
+    }
+}
+
+void lr_breaker_abandon(lr_breaker_t *b, uint64_t now_ms) {
+    if (b != NULL && b->state == LR_CB_HALF_OPEN) {
+        b->state = LR_CB_OPEN;
+        b->open_until = now_ms;
+        gauge(b);
+    }
+}
+
+enum lr_cb_state lr_breaker_state(const lr_breaker_t *b) {
+    return b != NULL ? b->state : LR_CB_CLOSED;
+}
+
+size_t lr_breakers_json(char *buf, size_t len) {
+    cJSON *arr = cJSON_CreateArray();
+    char *txt;
+    size_t n = 0;
+    for (int i = 0; i < nbreakers && arr != NULL; i++) {
+        const lr_breaker_t *b = &breakers[i];
+        cJSON *o;
+        if (b->state == LR_CB_CLOSED) {
+            continue;
+        }
+        o = cJSON_CreateObject();
+        cJSON_AddStringToObject(o, "name", b->label);
+        cJSON_AddStringToObject(o, "state", b->state == LR_CB_OPEN ? "open" : "half_open");
+        cJSON_AddNumberToObject(o, "failures", b->failures);
+        cJSON_AddItemToArray(arr, o);
+    }
+    txt = arr != NULL ? cJSON_PrintUnformatted(arr) : NULL;
+    cJSON_Delete(arr);
+    if (len > 0) {
+        if (txt == NULL || strlen(txt) >= len) {
+            n = len >= 3 ? 2 : 0;
+            memcpy(buf, "[]", n);
+            buf[n] = '\0';
+        } else {
+            n = strlen(txt);
+            memcpy(buf, txt, n + 1);
+        }
+    }
+    free(txt);
+    return n;
+}
+
+/* ------------------------------------------------------ concurrency gate */
+
+struct lr_gate {
+    char key[KEY_MAX];
+    char label[LABEL_MAX];
+    int limit;
+    int in_flight;
+    int waiting;
+    lr_gate_waiter_t *head, *tail;
+};
+
+static lr_gate_t gates[LR_BREAKERS_MAX];
+static int ngates;
+
+lr_gate_t *lr_gate_get(const char *key, const char *label, int limit) {
+    if (limit <= 0) {
+        return NULL;
+    }
+    for (int i = 0; i < ngates; i++) {
+        if (strcmp(gates[i].key, key) == 0) {
+            gates[i].limit = limit;
+            return &gates[i];
+        }
+    }
+    if (ngates == LR_BREAKERS_MAX || strlen(key) >= KEY_MAX) {
+        return NULL;
+    }
+    lr_gate_t *g = &gates[ngates++];
+    snprintf(g->key, sizeof(g->key), "%s", key);
+    snprintf(g->label, sizeof(g->label), "%s", label);
+    g->limit = limit;
+    return g;
+}
+
+static void gate_gauge(const lr_gate_t *g) {
+    const char *v[1] = {g->label};
+    lr_metric_set(lr_wm.gate_waiting, v, (double)g->waiting);
+}
+
+bool lr_gate_acquire(lr_gate_t *g, lr_gate_waiter_t *wt, uint64_t now_ms) {
+    if (g == NULL) {
+        return true;
+    }
+    if (g->in_flight < g->limit && g->head == NULL) {
+        g->in_flight++;
+        return true;
+    }
+    wt->gate = g;
+    wt->next = NULL;
+    wt->prev = g->tail;
+    wt->since_ms = now_ms;
+    if (g->tail != NULL) {
+        g->tail->next = wt;
+    } else {
+        g->head = wt;
+    }
+    g->tail = wt;
+    g->waiting++;
+    gate_gauge(g);
+    return false;
+}
+
+static void unlink_waiter(lr_gate_waiter_t *wt) {
+    lr_gate_t *g = wt->gate;
+    if (wt->prev != NULL) {
+        wt->prev->next = wt->next;
+    } else {
+        g->head = wt->next;
+    }
+    if (wt->next != NULL) {
+        wt->next->prev = wt->prev;
+    } else {
+        g->tail = wt->prev;
+    }
+    wt->next = wt->prev = NULL;
+    wt->gate = NULL;
+    g->waiting--;
+    gate_gauge(g);
+}
+
+void lr_gate_release(lr_gate_t *g) {
+    lr_gate_waiter_t *wt;
+    if (g == NULL) {
+        return;
+    }
+    if (g->in_flight > 0) {
+        g->in_flight--;
+    }
+    while (g->head != NULL && g->in_flight < g->limit) {
+        wt = g->head;
+        unlink_waiter(wt);
+        g->in_flight++;
+        wt->ready(wt);
+    }
+}
+
+void lr_gate_forget(lr_gate_waiter_t *wt) {
+    if (wt != NULL && wt->gate != NULL) {
+        unlink_waiter(wt);
+    }
+}
