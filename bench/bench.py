@@ -248,7 +248,7 @@ def checkpoint_sql():
         raise BenchError("SQL_CHECKPOINT not found in worker/sql.h")
     parts = re.findall(r'"((?:[^"\\]|\\.)*)"', m.group(1))
     sql = "".join(parts).replace('\\"', '"')
-    if "$24" not in sql or "task_steps" not in sql:
+    if "$25" not in sql or "task_steps" not in sql:
         raise BenchError("SQL_CHECKPOINT in worker/sql.h has changed shape; update bench.py's parameter map")
     return sql
 
@@ -260,7 +260,7 @@ PGBENCH_PARAMS = {
     2: ":epoch", 3: ":next", 4: ":st", 5: ":worker", 6: ":messages", 7: ":toolcalls", 8: ":model",
     9: ":tin", 10: ":tout", 11: ":tcached", 12: ":cost", 13: ":lat", 14: ":release",
     15: "NULL", 16: "NULL", 17: "NULL", 18: "NULL", 19: "NULL", 20: "NULL", 21: "NULL",
-    22: ":tc", 23: ":active", 24: ":lease",
+    22: ":tc", 23: ":active", 24: ":lease", 25: "1",
 }
 ID_PREFIX = "00000000-0000-4000-8000-"
 

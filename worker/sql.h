@@ -66,7 +66,7 @@
  * $12 cost, $13 latency_ms, $14 release lease (bool), $15 result,
  * $16 error, $17 stop_reason, $18 suspend_reason, $19 resume_in_ms,
  * $20 wait_event, $21 event reason, $22 tool call count, $23 active_ms,
- * $24 lease seconds */
+ * $24 lease seconds, $25 state version of the step (worker/state.h) */
 #define SQL_CHECKPOINT                                                                         \
     "WITH t AS (UPDATE tasks SET step = $3,"                                                   \
     "   status = CASE WHEN cancel_requested THEN 'cancelled' ELSE $4 END, claims = 0,"         \
@@ -84,13 +84,14 @@
     "   wait_event = $20, published_at = NULL,"                                                \
     "   finished_at = CASE WHEN cancel_requested OR $4 IN ('succeeded', 'failed', 'dead', 'cancelled')" \
     "     THEN now() ELSE finished_at END,"                                                    \
-    "   updated_at = now(), last_progress_at = now()"                                          \
+    "   updated_at = now(), last_progress_at = now(),"                                         \
+    "   state_version = greatest(state_version, $25::int)"                                     \
     "  WHERE id = $1 AND lease_epoch = $2 AND step = $3 - 1 AND status = 'running'"            \
     "  RETURNING id, queue, agent, input, budgets, tokens_in, tokens_out, cost_usd, step, status)," \
     " s AS (INSERT INTO task_steps (task_id, step_no, epoch, worker, model, messages,"         \
-    "  tool_calls, tokens_in, tokens_out, tokens_cached, cost_usd, latency_ms)"                \
+    "  tool_calls, tokens_in, tokens_out, tokens_cached, cost_usd, latency_ms, state_version)" \
     "  SELECT id, $3, $2, $5, $8, coalesce($6::jsonb, '[]'::jsonb), $7::jsonb, $9, $10, $11,"  \
-    "   $12::numeric, $13 FROM t RETURNING step_no),"                                          \
+    "   $12::numeric, $13, $25::int FROM t RETURNING step_no),"                                \
     " ev AS (INSERT INTO task_events (task_id, from_status, to_status, reason, actor)"         \
     "  SELECT id, 'running', status, CASE WHEN status = 'cancelled' AND $4 <> 'cancelled'"    \
     "   THEN 'cancel_requested' ELSE $21 END, $5 FROM t WHERE status <> 'running'),"           \
@@ -178,10 +179,10 @@
 
 /* The step log and then the task's signals (approval decisions, events). */
 #define SQL_HISTORY                                                                            \
-    "SELECT kind, n, body FROM ("                                                              \
-    " SELECT 0 AS kind, step_no::bigint AS n, messages::text AS body FROM task_steps"          \
-    "  WHERE task_id = $1"                                                                     \
-    " UNION ALL SELECT 1, id, json_build_object('signal', name, 'payload', payload)::text"     \
+    "SELECT kind, n, body, v FROM ("                                                           \
+    " SELECT 0 AS kind, step_no::bigint AS n, messages::text AS body, state_version AS v"      \
+    "  FROM task_steps WHERE task_id = $1"                                                     \
+    " UNION ALL SELECT 1, id, json_build_object('signal', name, 'payload', payload)::text, 1"  \
     "  FROM task_signals WHERE task_id = $1) x ORDER BY kind, n"
 
 #endif

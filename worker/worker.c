@@ -51,6 +51,7 @@
 #include "wmetrics.h"
 #include "agents.h"
 #include "breaker.h"
+#include "state.h"
 
 enum run_state {
     RUN_CLAIMING,      /* claim statement in flight */
@@ -796,8 +797,8 @@ static const char *status_for_outcome(lr_run_t *r, bool *release, const char **r
 static void run_checkpoint(lr_run_t *r) {
     lr_worker_t *w = r->w;
     char p_epoch[24], p_step[16], p_tin[24], p_tout[24], p_tcached[24], p_cost[32], p_lat[24];
-    char p_resume[24], p_tc[24], p_active[24], p_lease[16];
-    const char *params[24];
+    char p_resume[24], p_tc[24], p_active[24], p_lease[16], p_sv[16];
+    const char *params[25];
     bool release;
     const char *reason = NULL;
     const char *status = status_for_outcome(r, &release, &reason);
@@ -841,13 +842,15 @@ static void run_checkpoint(lr_run_t *r) {
     params[21] = p_tc;
     params[22] = p_active;
     params[23] = p_lease;
+    snprintf(p_sv, sizeof(p_sv), "%d", lr_state_version());
+    params[24] = p_sv;
     if (r->out.outcome == LR_STEP_STOP) {
         snprintf(r->error, sizeof(r->error), "%s", r->out.error);
     }
     set_state(r, RUN_CHECKPOINTING);
     r->ckpt_sent_ms = now_ms(w);
     r->pending++;
-    rc = lr_pg_query_batched(w->pg, SQL_CHECKPOINT, 24, params, 0, checkpoint_cb, r);
+    rc = lr_pg_query_batched(w->pg, SQL_CHECKPOINT, 25, params, 0, checkpoint_cb, r);
     if (rc != 0) {
         r->pending--;
         lr_error("task.checkpoint_queue_failed", "cannot queue checkpoint of task %s: %s", r->id,
@@ -875,6 +878,9 @@ static void run_checkpoint_committed(lr_run_t *r) {
         cJSON *m = cJSON_Parse(r->out.messages);
         if (r->history == NULL) {
             r->history = cJSON_CreateArray();
+        }
+        if (m != NULL) {
+            (void)lr_state_decode(lr_state_version(), m);
         }
         cJSON_AddItemToArray(r->history, m != NULL ? m : cJSON_CreateArray());
     }
@@ -980,6 +986,20 @@ static void run_step_done(lr_run_t *r) {
     if (r->state == RUN_DONE) {
         run_maybe_free(r);
         return;
+    }
+    if (r->out.messages != NULL && lr_state_version() != 1) {
+        /* Store the step in this worker's state shape (version 1 is neutral). */
+        cJSON *m = cJSON_Parse(r->out.messages);
+        char *enc = NULL;
+        if (m != NULL) {
+            lr_state_encode(m);
+            enc = cJSON_PrintUnformatted(m);
+            cJSON_Delete(m);
+        }
+        if (enc != NULL) {
+            free(r->out.messages);
+            r->out.messages = enc;
+        }
     }
     switch (r->out.outcome) {
     case LR_STEP_CONTINUE:
@@ -1139,6 +1159,15 @@ static void history_cb(int err, const PGresult *res, void *arg) {
     r->history = cJSON_CreateArray();
     for (int i = 0; i < PQntuples(res); i++) {
         cJSON *m = cJSON_Parse(lr_pg_get(res, i, 2));
+        if (m != NULL && lr_state_decode(atoi(lr_pg_get(res, i, 3)), m) != 0) {
+            /* (the claim checked tasks.state_version; a step newer than the
+             * task row would be a bug, so refuse rather than misread) */
+            LR_LOG(LR_LOG_WARN, &r->log, "task.state_too_new", "step state version %s is newer than this worker "
+                   "reads (%d)", lr_pg_get(res, i, 3), lr_state_version());
+            cJSON_Delete(m);
+            run_transition(r, "queued", "state_version_too_new", NULL, NULL, -1, 0);
+            return;
+        }
         cJSON_AddItemToArray(r->history, m != NULL ? m : cJSON_CreateArray());
     }
     run_next(r);
@@ -1186,10 +1215,10 @@ static void run_claimed(lr_run_t *r, const PGresult *res) {
     LR_LOG(LR_LOG_DEBUG, &r->log, "task.claimed", "claimed (claims without progress: %d)", claims);
     lr_metric_add(lr_wm.tasks_started, NULL, 1);
 
-    if (atoi(lr_pg_getn(res, 0, "state_version")) > 1) {
+    if (atoi(lr_pg_getn(res, 0, "state_version")) > lr_state_version()) {
         /* Written by a newer worker: hand it back rather than misread it. */
-        LR_LOG(LR_LOG_WARN, &r->log, "task.state_too_new", "state version %s is newer than this worker reads",
-               lr_pg_getn(res, 0, "state_version"));
+        LR_LOG(LR_LOG_WARN, &r->log, "task.state_too_new", "state version %s is newer than this worker reads (%d)",
+               lr_pg_getn(res, 0, "state_version"), lr_state_version());
         run_transition(r, "queued", "state_version_too_new", NULL, NULL, -1, 0);
         return;
     }
@@ -1970,6 +1999,11 @@ int lr_worker_run(const lr_config_t *cfg, const char *const *queues) {
     lr_wm_init();
     lr_breakers_configure(cfg->breaker_failures, (long)cfg->breaker_open_seconds * 1000);
     w->test_hooks = getenv("LONGRUN_TEST_HOOKS") != NULL && strcmp(getenv("LONGRUN_TEST_HOOKS"), "1") == 0;
+    if (w->test_hooks && getenv("LONGRUN_TEST_STATE_VERSION") != NULL &&
+        lr_state_set_version(atoi(getenv("LONGRUN_TEST_STATE_VERSION"))) != 0) {
+        lr_error("worker.config", "LONGRUN_TEST_STATE_VERSION=%s: not a state version this build knows (1..%d)",
+                 getenv("LONGRUN_TEST_STATE_VERSION"), LR_STATE_VERSION_MAX);
+    }
     gethostname(w->hostname, sizeof(w->hostname) - 1);
     if (cfg->worker_id[0] != '\0') {
         snprintf(w->id, sizeof(w->id), "%s", cfg->worker_id);

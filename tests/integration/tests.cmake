@@ -11,6 +11,7 @@ lr_py_test(integration.ratelimit integration/test_ratelimit.py TIMEOUT 300 LABEL
 # Issue 9: a short libFuzzer run (tests/fuzz/run.sh 2); skipped without clang + libFuzzer.
 lr_py_test(fuzz.smoke integration/test_fuzz_smoke.py TIMEOUT 300 LABELS "fuzz")
 lr_py_test(integration.state_version integration/test_state_version.py TIMEOUT 120 LABELS "integration;asan")
+lr_py_test(integration.rolling_deploy integration/test_rolling_deploy.py TIMEOUT 300 LABELS "integration")
 lr_py_test(integration.tenants integration/test_tenants.py TIMEOUT 300 LABELS "integration")
 # Issue 8: kustomize renderings validated offline (schemas, policy, references): no servers.
 lr_py_test(k8s.validate k8s/test_validate.py TIMEOUT 120 LABELS "k8s")
