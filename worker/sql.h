@@ -84,7 +84,8 @@
     "   wait_event = $20, published_at = NULL,"                                                \
     "   finished_at = CASE WHEN cancel_requested OR $4 IN ('succeeded', 'failed', 'dead', 'cancelled')" \
     "     THEN now() ELSE finished_at END,"                                                    \
-    "   updated_at = now(), last_progress_at = now(),"                                         \
+    "   updated_at = CASE WHEN $4 <> 'running' OR cancel_requested THEN now() ELSE updated_at END," \
+    "   last_progress_at = now(),"                                                             \
     "   state_version = greatest(state_version, $25::int)"                                     \
     "  WHERE id = $1 AND lease_epoch = $2 AND step = $3 - 1 AND status = 'running'"            \
     "  RETURNING id, queue, agent, input, budgets, tokens_in, tokens_out, cost_usd, step, status)," \

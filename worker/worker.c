@@ -108,6 +108,7 @@ struct lr_run {
     uint64_t slice_start_ms;
     uint64_t step_start_ms;
     uint64_t ckpt_sent_ms;
+    uint64_t lease_from_ms;      /* the last committed checkpoint that extended the lease was sent then */
     cJSON *input;                /* owned */
     char *budgets_json;          /* owned: the task's budgets object as stored */
     long tool_calls_total;       /* usage before this delivery (from the claim) */
@@ -952,6 +953,7 @@ static void checkpoint_cb(int err, const PGresult *res, void *arg) {
         return;
     }
     lr_metric_observe(lr_wm.checkpoint_seconds, NULL, (double)(now_ms(r->w) - r->ckpt_sent_ms) / 1000.0);
+    r->lease_from_ms = r->ckpt_sent_ms; /* the checkpoint renewed the lease (if it kept it) */
     if (strcmp(lr_pg_getn(res, 0, "status"), r->final_status) != 0) {
         /* An operator cancelled the task meanwhile: it stops here. */
         snprintf(r->final_status, sizeof(r->final_status), "%s", lr_pg_getn(res, 0, "status"));
@@ -1673,6 +1675,13 @@ static void heartbeat_cb(int err, const PGresult *res, void *arg) {
     }
 }
 
+/* The renewal period: min(lease / 3, heartbeat), in ms. */
+static uint64_t renew_every_ms(const lr_worker_t *w) {
+    uint64_t every = (uint64_t)w->cfg.lease_seconds * 1000u / 3u;
+    uint64_t hb = (uint64_t)w->cfg.heartbeat_seconds * 1000u;
+    return hb < every ? hb : every;
+}
+
 static void lease_timer_cb(uv_timer_t *t) {
     lr_worker_t *w = t->data;
     size_t cap = (size_t)w->nruns * 40 + 4;
@@ -1714,6 +1723,11 @@ static void lease_timer_cb(uv_timer_t *t) {
     epochs[ne++] = '{';
     for (lr_run_t *r = w->runs; r != NULL; r = r->next) {
         if (r->epoch <= 0 || r->state == RUN_DONE || r->fenced) {
+            continue;
+        }
+        if (r->lease_from_ms != 0 && now_ms(w) - r->lease_from_ms < renew_every_ms(w)) {
+            /* Its last checkpoint already extended the lease this period:
+             * renewing it again would only cost a row update. */
             continue;
         }
         ni += (size_t)sprintf(ids + ni, "%s%s", n ? "," : "", r->id);
@@ -2080,13 +2094,7 @@ int lr_worker_run(const lr_config_t *cfg, const char *const *queues) {
     uv_timer_init(&loop, &w->lease_timer);
     uv_timer_init(&loop, &w->drain_timer);
     w->lease_timer.data = w->drain_timer.data = w;
-    {
-        uint64_t every = (uint64_t)cfg->lease_seconds * 1000u / 3u;
-        if ((uint64_t)cfg->heartbeat_seconds * 1000u < every) {
-            every = (uint64_t)cfg->heartbeat_seconds * 1000u;
-        }
-        uv_timer_start(&w->lease_timer, lease_timer_cb, 200, every);
-    }
+    uv_timer_start(&w->lease_timer, lease_timer_cb, 200, renew_every_ms(w));
     uv_timer_init(&loop, &w->health_timer);
     w->health_timer.data = w;
     uv_timer_start(&w->health_timer, health_timer_cb, 0, 1000);
