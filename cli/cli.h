@@ -50,14 +50,13 @@ enum {
         {"help", no_argument, NULL, 'h'}
 /* --actor NAME, for the commands that record who acted; see cli_actor(). */
 #define CLI_ACTOR_OPTION {"actor", required_argument, NULL, OPT_ACTOR}
-/* The budget flags of enqueue and dlq requeue, parsed by cli_budget_option().
- * dlq requeue takes these four; enqueue also takes CLI_MAX_SECONDS_OPTION. */
+/* The budget flags of enqueue and dlq requeue, parsed by cli_budget_option(). */
 #define CLI_BUDGET_OPTIONS                                               \
     {"max-steps", required_argument, NULL, OPT_MAX_STEPS},              \
         {"max-tool-calls", required_argument, NULL, OPT_MAX_TOOL_CALLS}, \
         {"max-tokens", required_argument, NULL, OPT_MAX_TOKENS},         \
-        {"max-cost", required_argument, NULL, OPT_MAX_COST}
-#define CLI_MAX_SECONDS_OPTION {"max-seconds", required_argument, NULL, OPT_MAX_SECONDS}
+        {"max-cost", required_argument, NULL, OPT_MAX_COST},             \
+        {"max-seconds", required_argument, NULL, OPT_MAX_SECONDS}
 
 enum { CLI_OPT_INVALID = -2 };
 

@@ -272,7 +272,8 @@ static int dlq_requeue(cli_t *c, int argc, char **argv) {
         case 'h':
             printf("usage: longrun dlq requeue ID... | --all | --reason R  [overrides] [--dry-run] [--json]\n"
                    "\nRequeues dead tasks; each resumes from its last good step (no step runs again).\n"
-                   "  --max-steps N --max-tokens N --max-cost USD --max-tool-calls N   raise (or set) budgets\n"
+                   "  --max-steps N --max-tokens N --max-cost USD --max-tool-calls N --max-seconds N\n"
+                   "                         raise (or set) budgets\n"
                    "  --deadline RFC3339     a new deadline\n"
                    "  --model NAME           try this model of the agent's chain first\n"
                    "  --reset-attempts       start the attempt counter again\n"
@@ -296,6 +297,7 @@ static int dlq_requeue(cli_t *c, int argc, char **argv) {
         case OPT_MAX_STEPS:
         case OPT_MAX_TOKENS:
         case OPT_MAX_COST:
+        case OPT_MAX_SECONDS:
         case OPT_MAX_TOOL_CALLS: {
             double v;
             const cli_budget_flag_t *f = cli_budget_option(c, opt, optarg, &v);

@@ -286,7 +286,6 @@ int cmd_enqueue(cli_t *c, int argc, char **argv) {
                                          {"id", required_argument, NULL, O_ID},
                                          {"queue", required_argument, NULL, O_QUEUE},
                                          CLI_BUDGET_OPTIONS,
-                                         CLI_MAX_SECONDS_OPTION,
                                          {"max-attempts", required_argument, NULL, O_MAX_ATTEMPTS},
                                          {"deadline", required_argument, NULL, O_DEADLINE},
                                          {"tenant", required_argument, NULL, O_TENANT},

@@ -58,6 +58,7 @@ def test():
                            (["dlq", "requeue", "--all", "--reason", "x"], "exactly one"),
                            (["dlq", "requeue", str(uuid.uuid4())], "not dead tasks"),
                            (["dlq", "requeue", tid, "--deadline", "soon"], "RFC 3339"),
+                           (["dlq", "requeue", tid, "--max-seconds", "0"], "max_seconds"),
                            (["dlq", "show", "zzz"], "neither"),
                            (["dlq", "frob"], "unknown dlq command"),
                            (["dlq", "purge"], "--older-than")):
@@ -70,12 +71,13 @@ def test():
         h.check("would requeue" in r.stdout and "from step 2" in r.stdout, r.stdout)
         h.eq(task(env, tid)["status"], "dead", "dry run changed nothing")
         calls_before = len(env.fixture("/_requests?limit=10000&model=fixture-steps-3")["requests"])
-        r = env.cli("dlq", "requeue", tid, "--max-steps", "50", "--actor", "alice")
+        r = env.cli("dlq", "requeue", tid, "--max-steps", "50", "--max-seconds", "900", "--actor", "alice")
         h.eq(r.returncode, 0, r.stderr)
         h.wait_for(lambda: task(env, tid)["status"] == "succeeded", 30, "requeued task finished")
         t = task(env, tid)
         h.eq(t["step"], 3, "three steps in all")
         h.eq(t["budgets"]["max_steps"], 50, "budget raised")
+        h.eq(t["budgets"]["max_seconds"], 900, "time budget set by requeue --max-seconds")
         steps = env.sql("select step_no, epoch from task_steps where task_id = %s order by step_no", (tid,))
         h.eq([s["step_no"] for s in steps], [1, 2, 3], "no step re-run, no gap")
         h.eq(len(env.fixture("/_requests?limit=10000&model=fixture-steps-3")["requests"]) - calls_before, 2,
