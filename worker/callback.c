@@ -7,8 +7,12 @@
  * connection errors, timeouts, 408, 429 and 5xx.  Only URLs that start with
  * one of the prefixes in LONGRUN_CALLBACK_ALLOW (comma-separated) are called:
  * tasks must not make workers reach arbitrary hosts.  Delivery is
- * best-effort after the outcome is committed (a worker that dies mid-retry
- * does not retry again); the outcome itself is always in PostgreSQL.
+ * best-effort after the outcome is committed (a worker that stops or dies
+ * mid-retry does not retry again; a stopping worker logs each one it gives
+ * up); the outcome itself is always in PostgreSQL.
+ *
+ * Pending deliveries are kept in a list (loop thread only), so that
+ * lr_callback_abandon_all() can cancel and free them when the worker stops.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -18,13 +22,29 @@
 #include "worker.h"
 
 typedef struct callback {
+    struct callback *next, *prev;
     lr_worker_t *w;
     uv_timer_t timer;
+    lr_http_req_t *req;          /* the attempt in flight, or NULL */
     char id[LR_UUID_LEN + 1];
     char *url;
     char *body;
     int tries;
 } callback_t;
+
+static callback_t *pending;
+
+static void cb_unlink(callback_t *c) {
+    if (c->prev != NULL) {
+        c->prev->next = c->next;
+    } else if (pending == c) {
+        pending = c->next;
+    }
+    if (c->next != NULL) {
+        c->next->prev = c->prev;
+    }
+    c->next = c->prev = NULL;
+}
 
 static void cb_closed(uv_handle_t *h) {
     callback_t *c = h->data;
@@ -39,9 +59,15 @@ static void cb_timer(uv_timer_t *t) {
     cb_send(t->data);
 }
 
+static void cb_finish(callback_t *c) {
+    cb_unlink(c);
+    uv_close((uv_handle_t *)&c->timer, cb_closed);
+}
+
 static void cb_done(const lr_http_response_t *resp, void *arg) {
     callback_t *c = arg;
     bool retry = resp->err != 0 || resp->status == 408 || resp->status == 429 || resp->status >= 500;
+    c->req = NULL;
     if (resp->err == 0 && resp->status >= 200 && resp->status < 300) {
         lr_info("task.callback_delivered", "outcome of task %s delivered to its callback (HTTP %ld)", c->id,
                 resp->status);
@@ -52,7 +78,7 @@ static void cb_done(const lr_http_response_t *resp, void *arg) {
         lr_warn("task.callback_failed", "outcome of task %s not delivered to its callback after %d attempt(s): %s",
                 c->id, c->tries, resp->err != 0 ? lr_strerror(resp->err) : "HTTP error");
     }
-    uv_close((uv_handle_t *)&c->timer, cb_closed);
+    cb_finish(c);
 }
 
 static void cb_send(callback_t *c) {
@@ -75,9 +101,10 @@ static void cb_send(callback_t *c) {
     o.timeout_ms = 10000;
     o.max_body = 4096;
     c->tries++;
-    if (http == NULL || lr_http_send(http, &o, cb_done, c, NULL) != 0) {
+    if (http == NULL || lr_http_send(http, &o, cb_done, c, &c->req) != 0) {
+        c->req = NULL;
         lr_warn("task.callback_failed", "cannot send the outcome of task %s to its callback", c->id);
-        uv_close((uv_handle_t *)&c->timer, cb_closed);
+        cb_finish(c);
     }
 }
 
@@ -114,9 +141,28 @@ void lr_callback_send(lr_worker_t *w, const char *task_id, const char *url, cons
     uv_timer_init(lr_worker_loop(w), &c->timer);
     uv_unref((uv_handle_t *)&c->timer); /* never holds the worker's exit */
     c->timer.data = c;
+    c->next = pending;
+    if (pending != NULL) {
+        pending->prev = c;
+    }
+    pending = c;
     if (c->url == NULL || c->body == NULL) {
-        uv_close((uv_handle_t *)&c->timer, cb_closed);
+        cb_finish(c);
         return;
     }
     cb_send(c);
+}
+
+void lr_callback_abandon_all(void) {
+    while (pending != NULL) {
+        callback_t *c = pending;
+        lr_warn("task.callback_abandoned", "worker stopping: outcome of task %s not delivered to its callback "
+                "after %d attempt(s) (it is in PostgreSQL)", c->id, c->tries);
+        if (c->req != NULL) {
+            lr_http_cancel(c->req);
+            c->req = NULL;
+        }
+        uv_timer_stop(&c->timer);
+        cb_finish(c);
+    }
 }

@@ -1802,6 +1802,7 @@ static void worker_close_all(lr_worker_t *w) {
     uv_close((uv_handle_t *)&w->sigquit, handle_closed);
     uv_close((uv_handle_t *)&w->sighup, handle_closed);
     w->closing = 3;
+    lr_callback_abandon_all();
     lr_http_close(w->http, component_closed, w);
     w->http = NULL;
     lr_pg_pool_close(w->pg, component_closed, w);

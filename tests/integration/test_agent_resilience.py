@@ -48,6 +48,7 @@ AGENTS = {
         {"name": "sliced", "models": [fx("fixture-steps-7")], "tools": ["lookup"], "slice": {"steps": 2},
          "budgets": {"max_steps": 10}},
         {"name": "slowtools", "models": [fx("fixture-steps-3")], "tools": ["slowtool"]},
+        {"name": "oneshot", "models": [fx("fixture-steps-1")], "tools": ["lookup"]},
     ],
 }
 
@@ -86,7 +87,8 @@ def test():
         port = free_port()
         common = dict(LONGRUN_AGENTS_FILE=agents, FIXTURE_KEY=SECRET, LONGRUN_BREAKER_FAILURES=2,
                       LONGRUN_BREAKER_OPEN_SECONDS=60, LONGRUN_CEILING_MAX_STEPS=30, LONGRUN_MAX_STEPS=4,
-                      LONGRUN_RETRY_BASE_MS=200, LONGRUN_RETRY_MAX_MS=500)
+                      LONGRUN_RETRY_BASE_MS=200, LONGRUN_RETRY_MAX_MS=500,
+                      LONGRUN_CALLBACK_ALLOW=env.fixture_url + "/tools/fail-503")
         w1 = env.start_worker("w1", LONGRUN_HTTP_PORT=port, LONGRUN_LOG_PAYLOADS=1, **common)
 
         # -- tool circuit breaker: two failures open it; later calls never reach the tool
@@ -175,6 +177,15 @@ def test():
         h.eq(len(keys), 3, "step 1 twice, step 2 once: %r" % keys)
         h.eq(keys[2], kid + ":2:0", "the next step's key")
         env.check_step_log()
+
+        # -- a callback still being retried when the worker stops: given up, logged, freed (LSan in the asan run)
+        oid = env.enqueue_many([{"agent": "oneshot", "input": "x", "callback_url": env.fixture_url + "/tools/fail-503"}])[0]
+        h.wait_for(lambda: len(env.fixture_requests("/tools/fail-503")) >= 2, 20, "callback retried")
+        h.eq(task(env, oid)["status"], "succeeded", "the outcome is committed whatever the callback does")
+        w3.signal(15)
+        h.eq(w3.wait(40), 0, "w3 exits 0 with a callback pending")
+        h.check(any(e.get("event") == "task.callback_abandoned" and oid in e.get("msg", "") for e in w3.events()),
+                "the abandoned callback is logged")
         for p in (w2, w3):
             h.check(SECRET not in p.log_text(), "no API key in %s's log" % p.name)
             h.check('"event":"payload.' not in p.log_text(), "no payloads logged when LONGRUN_LOG_PAYLOADS=0")
