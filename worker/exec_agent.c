@@ -853,6 +853,7 @@ static void model_response(const lr_http_response_t *resp, void *arg) {
     if (st->summarizing) {
         cJSON *sm;
         if (st->reply.text == NULL || st->reply.text[0] == '\0' || st->reply.ntool_calls > 0) {
+            lr_model_reply_free(&st->reply);
             model_failed(st, LR_CALL_RETRY, "malformed_response", "the summary is empty", -1);
             return;
         }
@@ -869,6 +870,14 @@ static void model_response(const lr_http_response_t *resp, void *arg) {
         tools_maybe_done(st); /* the summary is a step of its own */
         return;
     }
+    if (st->reply.ntool_calls > 0 &&
+        (strcmp(st->reply.finish, "length") == 0 || strcmp(st->reply.finish, "max_tokens") == 0)) {
+        /* Arguments may be cut: never execute them, and keep the message out
+         * of the conversation (a retry must not carry unanswered calls). */
+        lr_model_reply_free(&st->reply);
+        model_failed(st, LR_CALL_RETRY, "truncated_tool_call", "tool call cut by the token limit", -1);
+        return;
+    }
     cJSON_AddItemToArray(st->added, cJSON_Duplicate(st->reply.assistant, true));
     cJSON_AddItemToArray(st->conv, cJSON_Duplicate(st->reply.assistant, true));
     if (st->reply.ntool_calls == 0) {
@@ -882,11 +891,6 @@ static void model_response(const lr_http_response_t *resp, void *arg) {
         st->out->result = cJSON_PrintUnformatted(res);
         cJSON_Delete(res);
         finish(st, LR_STEP_FINISHED);
-        return;
-    }
-    if (strcmp(st->reply.finish, "length") == 0 || strcmp(st->reply.finish, "max_tokens") == 0) {
-        /* Arguments may be cut: never execute them. */
-        model_failed(st, LR_CALL_RETRY, "truncated_tool_call", "tool call cut by the token limit", -1);
         return;
     }
     /* Run the requested tools. */

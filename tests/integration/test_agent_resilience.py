@@ -162,7 +162,7 @@ def test():
                 "payloads logged when sampled")
         h.check(SECRET not in log1, "the API key is never logged")
         w1.signal(15)
-        w1.wait(40)
+        h.eq(w1.wait(40), 0, "w1 exits 0 (and, under ASan, without a leak)")
 
         # -- kill -9 during an agent's tool call: the re-run sends the same Idempotency-Key
         env.fixture("/_reset", {})
