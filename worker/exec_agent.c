@@ -65,6 +65,7 @@ typedef struct tool_call {
     bool running;
     bool suspends;
     bool approved;               /* requires_approval and approved: run it */
+    double sig_id;               /* the approval signal it consumes (0: none) */
     uint64_t started;
 } tool_call_t;
 
@@ -582,19 +583,55 @@ static void log_call(agent_state_t *st, const char *id, const char *name, const 
     cJSON_AddItemToArray(st->calls_log, o);
 }
 
+/* Was signal `id` already used to answer a wait?  (The tool result that
+ * consumed it records "signal_id".) */
+static bool signal_consumed(const agent_state_t *st, double id) {
+    const cJSON *m;
+    for (int i = 0; i < st->ncalls; i++) {
+        if (st->calls[i].sig_id == id) {
+            return true; /* taken by an approved call of this step */
+        }
+    }
+    cJSON_ArrayForEach(m, st->conv) {
+        const cJSON *sid = cJSON_GetObjectItemCaseSensitive(m, "signal_id");
+        if (cJSON_IsNumber(sid) && sid->valuedouble == id) {
+            return true;
+        }
+    }
+    return false;
+}
+
 /* Signals delivered to the task (approval decisions, events): from the
- * history the worker loaded, entries {"signal": name, "payload": ...}. */
-static const cJSON *find_signal(agent_state_t *st, const char *name) {
+ * history the worker loaded, entries {"signal": name, "payload": ..., "id": N}
+ * in arrival order.  Each wait consumes one: the oldest not yet used. */
+static const cJSON *find_signal(agent_state_t *st, const char *name, double *sig_id) {
     const cJSON *h = lr_run_history(st->run);
-    const cJSON *found = NULL;
     const cJSON *e;
     cJSON_ArrayForEach(e, h) {
         const char *sig = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(e, "signal"));
-        if (sig != NULL && strcmp(sig, name) == 0) {
-            found = cJSON_GetObjectItemCaseSensitive(e, "payload");
+        const cJSON *id = cJSON_GetObjectItemCaseSensitive(e, "id");
+        if (sig != NULL && strcmp(sig, name) == 0 && cJSON_IsNumber(id) && !signal_consumed(st, id->valuedouble)) {
+            *sig_id = id->valuedouble;
+            return cJSON_GetObjectItemCaseSensitive(e, "payload");
         }
     }
-    return found;
+    return NULL;
+}
+
+/* Marks the tool result just added as the consumer of signal sig_id. */
+static void mark_consumed(agent_state_t *st, double sig_id) {
+    cJSON *a = cJSON_GetArrayItem(st->added, cJSON_GetArraySize(st->added) - 1);
+    cJSON *c = cJSON_GetArrayItem(st->conv, cJSON_GetArraySize(st->conv) - 1);
+    cJSON_AddNumberToObject(a, "signal_id", sig_id);
+    cJSON_AddNumberToObject(c, "signal_id", sig_id);
+}
+
+/* The result of tool call tc (recording the approval it used, if any). */
+static void tool_result(tool_call_t *tc, const char *content, bool is_error) {
+    add_tool_result(tc->st, tc->id, tc->name, content, is_error);
+    if (tc->sig_id != 0) {
+        mark_consumed(tc->st, tc->sig_id);
+    }
 }
 
 /* The last assistant message may have tool calls that are not answered yet:
@@ -644,8 +681,9 @@ static int answer_pending(agent_state_t *st) {
             const char *ev = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(a, "name"));
             char sig[160];
             const cJSON *p;
+            double sig_id = 0;
             snprintf(sig, sizeof(sig), "event:%s", ev != NULL ? ev : "");
-            p = find_signal(st, sig);
+            p = find_signal(st, sig, &sig_id);
             if (p == NULL) {
                 snprintf(st->suspend_reason, sizeof(st->suspend_reason), "event");
                 snprintf(st->wait_event, sizeof(st->wait_event), "%s", ev != NULL ? ev : "");
@@ -655,12 +693,14 @@ static int answer_pending(agent_state_t *st) {
             {
                 char *txt = cJSON_PrintUnformatted(p);
                 add_tool_result(st, id, name, txt != NULL ? txt : "null", false);
+                mark_consumed(st, sig_id);
                 free(txt);
             }
             log_call(st, id, name, "resumed", 0, 0, NULL);
             cJSON_Delete(a);
         } else if (def->builtin == LR_TOOL_APPROVAL || def->requires_approval) {
-            const cJSON *p = find_signal(st, "approval");
+            double sig_id = 0;
+            const cJSON *p = find_signal(st, "approval", &sig_id);
             bool approved;
             if (p == NULL) {
                 snprintf(st->suspend_reason, sizeof(st->suspend_reason), "approval");
@@ -670,6 +710,7 @@ static int answer_pending(agent_state_t *st) {
             if (def->builtin == LR_TOOL_APPROVAL || !approved) {
                 char *txt = cJSON_PrintUnformatted(p);
                 add_tool_result(st, id, name, txt != NULL ? txt : "{}", !approved);
+                mark_consumed(st, sig_id);
                 free(txt);
                 log_call(st, id, name, approved ? "approved" : "denied", 0, 0, NULL);
             } else if (st->ncalls < MAX_CALLS) {
@@ -683,6 +724,7 @@ static int answer_pending(agent_state_t *st) {
                 tc->args = args;
                 tc->def = def;
                 tc->approved = true;
+                tc->sig_id = sig_id;
             }
         } else if (st->ncalls < MAX_CALLS) {
             tool_call_t *tc = &st->calls[st->ncalls++];
@@ -1244,18 +1286,18 @@ static void tool_response(const lr_http_response_t *resp, void *arg) {
         bool cut = false;
         char *clean = lr_utf8_clean(resp->body, resp->body_len, (size_t)tc->def->max_result_bytes, &cut);
         if (clean == NULL) {
-            add_tool_result(st, tc->id, tc->name, "error: out of memory reading the tool result", true);
+            tool_result(tc, "error: out of memory reading the tool result", true);
         } else if (cut || resp->truncated) {
             size_t n = strlen(clean);
             char *marked = malloc(n + 64);
             if (marked != NULL) {
                 snprintf(marked, n + 64, "%s...[truncated: result over %ld bytes]", clean, tc->def->max_result_bytes);
-                add_tool_result(st, tc->id, tc->name, marked, false);
+                tool_result(tc, marked, false);
                 free(marked);
             }
             log_call(st, tc->id, tc->name, "truncated", resp->status, ms, idem);
         } else {
-            add_tool_result(st, tc->id, tc->name, clean, false);
+            tool_result(tc, clean, false);
             log_call(st, tc->id, tc->name, "ok", resp->status, ms, idem);
         }
         free(clean);
@@ -1270,7 +1312,7 @@ static void tool_response(const lr_http_response_t *resp, void *arg) {
                      clean != NULL ? clean : "");
             free(clean);
         }
-        add_tool_result(st, tc->id, tc->name, msg, true);
+        tool_result(tc, msg, true);
         log_call(st, tc->id, tc->name, "error", resp->status, ms, idem);
     }
     tools_maybe_done(st);
@@ -1322,23 +1364,22 @@ static void tools_start(agent_state_t *st) {
                                 (tc->def->writes && lr_flag_disabled("writes", tc->def->name)))) {
             char msg[200];
             snprintf(msg, sizeof(msg), "error: tool \"%s\" is disabled by an operator (kill switch)", tc->name);
-            add_tool_result(st, tc->id, tc->name, msg, true);
+            tool_result(tc, msg, true);
             log_call(st, tc->id, tc->name, "disabled", 0, 0, NULL);
             continue;
         }
         if (tc->def == NULL) {
             char msg[200];
             snprintf(msg, sizeof(msg), "error: tool \"%s\" is unknown or not allowed for this agent", tc->name ? tc->name : "");
-            add_tool_result(st, tc->id, tc->name, msg, true);
+            tool_result(tc, msg, true);
             log_call(st, tc->id, tc->name, "unknown_tool", 0, 0, NULL);
             continue;
         }
         parsed = tc->args != NULL ? cJSON_Parse(tc->args) : NULL;
         if (!cJSON_IsObject(parsed)) {
             /* Never run a tool on arguments that do not parse. */
-            add_tool_result(st, tc->id, tc->name,
-                            "error: the arguments are not a valid JSON object; call the tool again with valid JSON",
-                            true);
+            tool_result(tc, "error: the arguments are not a valid JSON object; call the tool again with valid JSON",
+                        true);
             log_call(st, tc->id, tc->name, "invalid_arguments", 0, 0, NULL);
             cJSON_Delete(parsed);
             continue;
@@ -1346,7 +1387,7 @@ static void tools_start(agent_state_t *st) {
         if (st->budgets.max_tool_calls >= 0 && st->usage.tool_calls + st->tool_calls_made >= st->budgets.max_tool_calls) {
             char msg[160];
             snprintf(msg, sizeof(msg), "error: tool-call budget exhausted (%ld)", st->budgets.max_tool_calls);
-            add_tool_result(st, tc->id, tc->name, msg, true);
+            tool_result(tc, msg, true);
             log_call(st, tc->id, tc->name, "budget", 0, 0, NULL);
             snprintf(st->out->stop_reason, sizeof(st->out->stop_reason), "max_tool_calls");
             cJSON_Delete(parsed);
@@ -1357,7 +1398,7 @@ static void tools_start(agent_state_t *st) {
             char msg[200];
             snprintf(msg, sizeof(msg), "error: tool \"%s\" is unavailable (circuit open after repeated failures); "
                      "try again later or do without it", tc->name);
-            add_tool_result(st, tc->id, tc->name, msg, true);
+            tool_result(tc, msg, true);
             log_call(st, tc->id, tc->name, "circuit_open", 0, 0, NULL);
             cJSON_Delete(parsed);
             continue;
@@ -1366,7 +1407,7 @@ static void tools_start(agent_state_t *st) {
             const cJSON *s = cJSON_GetObjectItemCaseSensitive(parsed, "seconds");
             double secs = cJSON_IsNumber(s) ? s->valuedouble : -1;
             if (secs < 0 || secs > 30 * 86400.0) {
-                add_tool_result(st, tc->id, tc->name, "error: seconds must be a number in [0, 2592000]", true);
+                tool_result(tc, "error: seconds must be a number in [0, 2592000]", true);
                 cJSON_Delete(parsed);
                 continue;
             }

@@ -183,7 +183,7 @@
     "SELECT kind, n, body, v FROM ("                                                           \
     " SELECT 0 AS kind, step_no::bigint AS n, messages::text AS body, state_version AS v"      \
     "  FROM task_steps WHERE task_id = $1"                                                     \
-    " UNION ALL SELECT 1, id, json_build_object('signal', name, 'payload', payload)::text, 1"  \
+    " UNION ALL SELECT 1, id, json_build_object('signal', name, 'payload', payload, 'id', id)::text, 1" \
     "  FROM task_signals WHERE task_id = $1) x ORDER BY kind, n"
 
 #endif

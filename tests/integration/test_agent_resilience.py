@@ -49,6 +49,8 @@ AGENTS = {
          "budgets": {"max_steps": 10}},
         {"name": "slowtools", "models": [fx("fixture-steps-3")], "tools": ["slowtool"]},
         {"name": "oneshot", "models": [fx("fixture-steps-1")], "tools": ["lookup"]},
+        {"name": "twoapprovals", "models": [fx("fixture-tool:request_approval-3")], "tools": ["request_approval"]},
+        {"name": "twoevents", "models": [fx("fixture-tool:wait_for_event-3")], "tools": ["wait_for_event"]},
     ],
 }
 
@@ -155,6 +157,38 @@ def test():
                     if "[longrun:summarize]" in json.dumps(r["body"])), "summarization requests offer no tools")
         h.check(all(m["role"] != "summary" for r in reqs for m in r["body"]["messages"]),
                 "the summary role never reaches the provider")
+
+        # -- every wait consumes its own signal: a second approval (or event) is waited for, not
+        #    answered by the first one
+        ap, ev = env.enqueue_many([{"agent": "twoapprovals", "input": "x"}, {"agent": "twoevents", "input": "y"}])
+
+        def waiting(tid, step):
+            t = task(env, tid)
+            return t["status"] == "suspended" and t["step"] >= step
+
+        for n in (1, 2):
+            h.wait_for(lambda: waiting(ap, n) and waiting(ev, n), 30, "both waiting (wait %d)" % n)
+            if n == 2:
+                # a wake-up without a new signal (as after a redelivery): the old signal must not answer
+                before = {x: task(env, x)["step"] for x in (ap, ev)}
+                env.sql("update tasks set resume_at = now() where id in (%s, %s)", (ap, ev))
+                env.sql("notify longrun_wakeup")
+                h.wait_for(lambda: all(waiting(x, before[x] + 1) for x in (ap, ev)), 30,
+                           "woken without a signal, both wait again")
+                h.eq((task(env, ap)["suspend_reason"], task(env, ev)["suspend_reason"]), ("approval", "event"),
+                     "the second wait is not answered by the first signal")
+            r = env.cli("approve", ap, "--comment", "ok %d" % n)
+            h.eq(r.returncode, 0, r.stderr)
+            r = env.cli("signal", ev, "go", "--payload", json.dumps({"n": n}))
+            h.eq(r.returncode, 0, r.stderr)
+            h.wait_for(lambda: task(env, ap)["step"] > n and task(env, ev)["step"] > n, 30, "woken (wait %d)" % n)
+        h.wait_for(lambda: task(env, ap)["status"] == "succeeded" and task(env, ev)["status"] == "succeeded", 30,
+                   "both finished after two signals each")
+        for tid, want in ((ap, ["ok 1", "ok 2"]), (ev, ['{"n":1}', '{"n":2}'])):
+            res = [m for st_ in steps(env, tid) for m in st_["messages"] if m["role"] == "tool"]
+            h.eq(len(res), 2, "two answered waits")
+            h.check(all(w in m["content"] for w, m in zip(want, res)), "each wait got its own signal: %r" % res)
+            h.eq(len({m["signal_id"] for m in res}), 2, "two distinct signals consumed")
 
         # -- payload logging (LONGRUN_LOG_PAYLOADS=1 on w1): logged, but never the API key
         log1 = w1.log_text()
