@@ -434,10 +434,16 @@ class Env:
 
 
 class Proxy:
-    """A TCP proxy that can be cut (connections reset, new ones refused)."""
+    """A TCP proxy that injects network faults between a process and a server:
+    cut() resets every connection and refuses new ones until restore();
+    delay(s) holds every forwarded chunk s seconds; partition() stops
+    forwarding without closing anything (a silent partition: peers see no
+    reset, only silence) until restore()."""
 
     def __init__(self, host, port):
         self.target = (host, port)
+        self.lag = 0.0
+        self.silent = False
         self.srv = socket.socket()
         self.srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.srv.bind(("127.0.0.1", 0))
@@ -467,13 +473,16 @@ class Proxy:
             for a, b in ((c, u), (u, c)):
                 threading.Thread(target=self.pipe, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def pipe(a, b):
+    def pipe(self, a, b):
         try:
             while True:
                 d = a.recv(65536)
                 if not d:
                     break
+                while self.silent and self.up:
+                    time.sleep(0.05)
+                if self.lag:
+                    time.sleep(self.lag)
                 b.sendall(d)
         except OSError:
             pass
@@ -494,7 +503,15 @@ class Proxy:
                     pass
             self.conns = []
 
+    def delay(self, seconds):
+        self.lag = seconds
+
+    def partition(self):
+        self.silent = True
+
     def restore(self):
+        self.silent = False
+        self.lag = 0.0
         self.up = True
 
 

@@ -4,8 +4,10 @@ attacked in rounds until every task is done:
 
   - kill -9 of a random worker (restarted),
   - kill -9 of the scheduler leader (restarted; the standby takes over),
-  - a network fault between a worker and PostgreSQL (a TCP proxy is cut for
-    2 s, connections reset),
+  - network faults through TCP proxies: between worker w1 and PostgreSQL
+    (connections reset for 2 s; then 300 ms of added latency per packet for
+    3 s) and between worker w2 and RabbitMQ (a silent partition for 3 s, then
+    connections reset),
   - a rolling SIGTERM of every worker (each must exit 0 and is replaced).
 
 Then an invariant checker: every task succeeded (none is stuck), step rows
@@ -35,6 +37,9 @@ def test():
         p = urllib.parse.urlparse(env.db_url)
         pg_proxy = h.Proxy(p.hostname, p.port)
         proxied_db = env.db_url.replace(":%d/" % p.port, ":%d/" % pg_proxy.port)
+        a = urllib.parse.urlparse(env.amqp_url)
+        amqp_proxy = h.Proxy(a.hostname, a.port)
+        proxied_amqp = env.amqp_url.replace(":%d/" % a.port, ":%d/" % amqp_proxy.port)
         gen = {"w1": 0, "w2": 0, "s1": 0, "s2": 0}
         procs = {}
         counts = {"worker_kills": 0, "leader_kills": 0, "restarts": 0, "network_faults": 0, "sigterms": 0}
@@ -47,7 +52,7 @@ def test():
             elif slot == "w1":
                 procs[slot] = env.start_worker(name, LONGRUN_DATABASE_URL=proxied_db, **WENV)
             else:
-                procs[slot] = env.start_worker(name, **WENV)
+                procs[slot] = env.start_worker(name, LONGRUN_AMQP_URL=proxied_amqp, **WENV)
             if gen[slot] > 1:
                 counts["restarts"] += 1
 
@@ -89,11 +94,19 @@ def test():
                 counts["leader_kills"] += 1
                 start(leader)
             time.sleep(1.5)
-            # 3. network fault between w1 and PostgreSQL
+            # 3. network faults: w1 <-> PostgreSQL reset, then slow; w2 <-> RabbitMQ silent, then reset
             pg_proxy.cut()
-            counts["network_faults"] += 1
+            amqp_proxy.partition()
+            counts["network_faults"] += 2
             time.sleep(2)
             pg_proxy.restore()
+            pg_proxy.delay(0.3)
+            time.sleep(1)
+            amqp_proxy.cut()
+            counts["network_faults"] += 2
+            time.sleep(2)
+            pg_proxy.restore()
+            amqp_proxy.restore()
             time.sleep(1.5)
             # 4. rolling SIGTERM of every worker (each must exit 0)
             if rnd % 2 == 1:
