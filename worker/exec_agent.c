@@ -80,6 +80,7 @@ typedef struct agent_state {
     bool active;                 /* a step is in flight */
     int step_no;                 /* the step being made */
     cJSON *conv;                 /* conversation sent to the model */
+    int conv_step;               /* conv is the whole conversation through this step (-1: rebuild) */
     cJSON *added;                /* messages this step added */
     cJSON *calls_log;            /* tool_calls column */
     lr_budgets_t budgets;
@@ -204,10 +205,18 @@ static void finish(agent_state_t *st, int outcome) {
         out->model = strdup(st->answered->model);
     }
     out->tool_calls_count = st->tool_calls_made;
-    cJSON_Delete(st->conv);
+    if (outcome == LR_STEP_CONTINUE) {
+        /* The next step of this delivery starts from here (if this one's
+         * checkpoint commits) instead of rebuilding from the step log. */
+        st->conv_step = st->step_no;
+    } else {
+        cJSON_Delete(st->conv);
+        st->conv = NULL;
+        st->conv_step = -1;
+    }
     cJSON_Delete(st->added);
     cJSON_Delete(st->calls_log);
-    st->conv = st->added = st->calls_log = NULL;
+    st->added = st->calls_log = NULL;
     lr_model_reply_free(&st->reply);
     st->ncalls = 0;
     st->active = false;
@@ -413,16 +422,19 @@ static cJSON *apply_summary(const cJSON *conv) {
     return out;
 }
 
-/* The conversation as the agent's context strategy sends it. */
-static cJSON *context_of(const agent_state_t *st) {
-    switch (st->agent->context) {
-    case LR_CONTEXT_WINDOW:
+/* The conversation as the agent's context strategy sends it: a new array
+ * (*owned) or st->conv itself when it is sent whole. */
+static cJSON *context_of(const agent_state_t *st, bool *owned) {
+    int covers, turns;
+    *owned = true;
+    if (st->agent->context == LR_CONTEXT_WINDOW) {
         return apply_window(st->conv, st->agent->context_messages);
-    case LR_CONTEXT_SUMMARIZE:
-        return apply_summary(st->conv);
-    default:
-        return apply_summary(st->conv); /* no summary in it: a copy */
     }
+    if (last_summary(st->conv, &covers, &turns) != NULL) {
+        return apply_summary(st->conv);
+    }
+    *owned = false;
+    return st->conv;
 }
 
 /* Does the conversation need a summary before the next model call?  Sets
@@ -1137,8 +1149,12 @@ static void model_call(agent_state_t *st) {
         conv = summary_request_conv(st);
         body = conv != NULL ? lr_provider_request(m, SUMMARY_SYSTEM, conv, NULL, 0) : NULL;
     } else {
-        conv = context_of(st);
+        bool owned;
+        conv = context_of(st, &owned);
         body = lr_provider_request(m, st->agent->system, conv, st->agent->tools, st->agent->ntools);
+        if (!owned) {
+            conv = NULL;
+        }
     }
     cJSON_Delete(conv);
     if (body != NULL && m->context_tokens > 0 && (long)strlen(body) / 4 > m->context_tokens) {
@@ -1509,19 +1525,23 @@ static int agent_start(lr_run_t *r, lr_step_t *out, lr_step_done_cb done) {
         st->active = false;
         return LR_EPERM;
     }
-    st->conv = cJSON_CreateArray();
     st->added = cJSON_CreateArray();
     st->calls_log = cJSON_CreateArray();
-    h = lr_run_history(r);
-    cJSON_ArrayForEach(e, h) {
-        const cJSON *m;
-        if (!cJSON_IsArray(e)) {
-            continue; /* signals */
-        }
-        cJSON_ArrayForEach(m, e) {
-            cJSON_AddItemToArray(st->conv, cJSON_Duplicate(m, true));
+    if (st->conv == NULL || st->conv_step != lr_run_step_no(r)) {
+        cJSON_Delete(st->conv);
+        st->conv = cJSON_CreateArray();
+        h = lr_run_history(r);
+        cJSON_ArrayForEach(e, h) {
+            const cJSON *m;
+            if (!cJSON_IsArray(e)) {
+                continue; /* signals */
+            }
+            cJSON_ArrayForEach(m, e) {
+                cJSON_AddItemToArray(st->conv, cJSON_Duplicate(m, true));
+            }
         }
     }
+    st->conv_step = -1; /* until this step finishes */
     if (cJSON_GetArraySize(st->conv) == 0) {
         cJSON *u = user_message(lr_run_input(r));
         cJSON_AddItemToArray(st->conv, cJSON_Duplicate(u, true));
