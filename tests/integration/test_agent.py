@@ -8,34 +8,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 import harness as h  # noqa: E402
+from openai_schema import request_validator  # noqa: E402
 
 AGENTS = os.path.join(h.SOURCE, "tests", "fixtures", "agents.test.json")
-SPEC = os.environ.get("OPENAI_SPEC_DIR") or os.path.join(h.SOURCE, "tests", "fixtures", "openai-spec")
-
-
-def request_validator():
-    """jsonschema validator for CreateChatCompletionRequest (resolving the
-    schema files' relative $ids from a local store)."""
-    import jsonschema
-    path = os.path.join(SPEC, "CreateChatCompletionRequest.schema.json")
-    if not os.path.exists(path):
-        h.skip("OpenAI schemas not found in %s" % SPEC)
-    store = {}
-    for f in os.listdir(SPEC):
-        if f.endswith(".json") and not f.startswith("examples"):
-            try:
-                doc = json.load(open(os.path.join(SPEC, f)))
-            except ValueError:
-                continue
-            uri = "file://%s/%s" % (SPEC, f)
-            store[uri] = doc
-            if isinstance(doc, dict) and "$id" in doc:
-                store[doc["$id"]] = doc
-    schema = json.load(open(path))
-    schema["$id"] = "file://%s/CreateChatCompletionRequest.schema.json" % SPEC
-    resolver = jsonschema.RefResolver(base_uri=schema["$id"], referrer=schema, store=store)
-    cls = jsonschema.validators.validator_for(schema)
-    return cls(schema, resolver=resolver)
 
 
 def task(env, tid):

@@ -13,6 +13,7 @@ import urllib.request
 
 sys.path.insert(0, os.path.dirname(__file__))
 import harness as h  # noqa: E402
+from openai_schema import check_requests  # noqa: E402
 
 SECRET = "sk-test-DO-NOT-LOG-4f1c9e"
 
@@ -91,6 +92,7 @@ def test():
                       LONGRUN_BREAKER_OPEN_SECONDS=60, LONGRUN_CEILING_MAX_STEPS=30, LONGRUN_MAX_STEPS=4,
                       LONGRUN_RETRY_BASE_MS=200, LONGRUN_RETRY_MAX_MS=500,
                       LONGRUN_CALLBACK_ALLOW=env.fixture_url + "/tools/fail-503")
+        validated = 0
         w1 = env.start_worker("w1", LONGRUN_HTTP_PORT=port, LONGRUN_LOG_PAYLOADS=1, **common)
 
         # -- tool circuit breaker: two failures open it; later calls never reach the tool
@@ -126,6 +128,7 @@ def test():
         h.eq(ends, 3, "slice_end after steps 2, 4 and 6 (the agent's slice, not LONGRUN_SLICE_STEPS)")
 
         # -- concurrency gate: 6 tasks, each call 300 ms, at most 2 in flight
+        validated += check_requests(env, "resilience")
         env.fixture("/_reset", {})
         gids = env.enqueue_many([{"agent": "gated", "input": "g%d" % i} for i in range(6)])
         h.wait_for(lambda: all(task(env, g)["status"] == "succeeded" for g in gids), 60, "gated tasks")
@@ -134,6 +137,7 @@ def test():
         h.eq(stats["count"], 12, "every call made once")
 
         # -- summarize: long conversations are summarized into steps of their own
+        validated += check_requests(env, "resilience")
         env.fixture("/_reset", {})
         sm = env.enqueue_many([{"agent": "summarizer", "input": "a long job"},
                                {"agent": "summarizer-anthropic", "input": "a long job"}])
@@ -199,6 +203,7 @@ def test():
         h.eq(w1.wait(40), 0, "w1 exits 0 (and, under ASan, without a leak)")
 
         # -- kill -9 during an agent's tool call: the re-run sends the same Idempotency-Key
+        validated += check_requests(env, "resilience")
         env.fixture("/_reset", {})
         w2 = env.start_worker("w2", LONGRUN_LEASE_SECONDS=4, **common)
         kid = env.enqueue_many([{"agent": "slowtools", "input": "slow"}])[0]
@@ -220,6 +225,9 @@ def test():
         h.eq(w3.wait(40), 0, "w3 exits 0 with a callback pending")
         h.check(any(e.get("event") == "task.callback_abandoned" and oid in e.get("msg", "") for e in w3.events()),
                 "the abandoned callback is logged")
+        validated += check_requests(env, "resilience")
+        h.log("%d OpenAI request bodies validated against the official schema" % validated)
+        h.check(validated > 50, "requests validated")
         for p in (w2, w3):
             h.check(SECRET not in p.log_text(), "no API key in %s's log" % p.name)
             h.check('"event":"payload.' not in p.log_text(), "no payloads logged when LONGRUN_LOG_PAYLOADS=0")
