@@ -24,8 +24,8 @@
  */
 #include "jsonschema.h"
 
-#include <ctype.h>
 #include <float.h>
+#include <locale.h>
 #include <math.h>
 #include <regex.h>
 #include <stdarg.h>
@@ -39,7 +39,7 @@
 #define PATH_CAP 160      /* bytes of a path in a message; longer ones end in "..." */
 #define NAME_SHOWN 64     /* bytes of a name, pattern or type shown in a message */
 #define SCRATCH 200       /* bytes of a branch's message inside anyOf/oneOf */
-#define PATTERN_COST 100  /* steps charged for compiling and running one pattern */
+#define PATTERN_COST 100  /* steps charged for compiling a pattern (its search costs more) */
 
 /* ---- paths and messages ------------------------------------------------- */
 
@@ -114,7 +114,7 @@ static void utf8_trim_tail(char *s) {
         i--;
     }
     if (i == 0) {
-        s[0] = n > 0 && ((unsigned char)s[0] & 0xc0) == 0x80 ? '\0' : s[0];
+        s[0] = '\0'; /* empty, or nothing but continuation bytes */
         return;
     }
     i--;
@@ -136,12 +136,18 @@ static void put_msg(char *err, size_t errlen, const path_t *p, const char *fmt, 
     utf8_trim_tail(err);
 }
 
+/* ASCII only, whatever the locale: a Latin-1 locale must not let a lone
+ * byte 0xE9 into a message as a "letter". */
+static bool ascii_alnum(unsigned char ch) {
+    return (ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z');
+}
+
 /* Appends a member name to a path: .name for identifiers, ["name"] else. */
 static size_t path_push_name(path_t *p, const char *name) {
     char esc[NAME_SHOWN + 8], seg[NAME_SHOWN + 16];
-    bool ident = name[0] != '\0' && !isdigit((unsigned char)name[0]);
+    bool ident = name[0] != '\0' && !(name[0] >= '0' && name[0] <= '9');
     for (const char *q = name; *q != '\0' && ident; q++) {
-        ident = isalnum((unsigned char)*q) || *q == '_' || *q == '$';
+        ident = ascii_alnum((unsigned char)*q) || *q == '_' || *q == '$';
     }
     if (ident && strlen(name) <= NAME_SHOWN) {
         snprintf(seg, sizeof(seg), "%s%s", p->len > 0 ? "." : "", name);
@@ -173,11 +179,35 @@ static const cJSON *kw(const cJSON *schema, const char *name) {
 
 /* ---- patterns ------------------------------------------------------------ */
 
-/* The POSIX ERE being built from a schema's pattern. */
+/*
+ * A schema's pattern is translated into a POSIX ERE before regcomp(), for
+ * three reasons:
+ *   - meaning: ECMA escapes (\d, \w, \s ...) that POSIX reads differently or
+ *     not at all are rewritten, and what cannot be rewritten is refused;
+ *   - time: glibc's regexec() retries a failing unanchored search from every
+ *     position, quadratic in the string ("[a-z]+@" takes seconds on 20 kB).
+ *     The ERE is "^.*(P)": one anchored pass, linear in the string;
+ *   - size: counted repetitions are copied by regcomp, nested ones multiply
+ *     ("((a{1,30}){1,30}){1,30}" never finishes), and stacked quantifiers
+ *     ("a****") make regcomp cubic.  The translator estimates the expanded
+ *     size (PATTERN_MAX_SIZE) and refuses stacked quantifiers, as ECMA does
+ *     ("nothing to repeat"), except the lazy "?" of "*?", which matches the
+ *     same strings and is dropped.  Back-references (exponential) are
+ *     refused.
+ */
+#define PATTERN_MAX_SIZE 1000 /* elements of a pattern, counted repetitions expanded */
+#define PATTERN_MAX_GROUPS 32 /* nesting of (...) */
+
 typedef struct ere {
     char *buf;
     size_t len, cap;
     bool overflow;
+    size_t size;     /* elements so far, repetitions expanded */
+    size_t atom;     /* elements of the last atom; 0: nothing to repeat */
+    bool quantified; /* the last token was a quantifier */
+    bool lazy;       /* ... and its lazy "?" was dropped */
+    int depth;       /* open groups */
+    size_t group_start[PATTERN_MAX_GROUPS];
 } ere_t;
 
 static void emit(ere_t *e, const char *s, size_t n) {
@@ -190,6 +220,21 @@ static void emit(ere_t *e, const char *s, size_t n) {
 }
 
 static void emit_str(ere_t *e, const char *s) { emit(e, s, strlen(s)); }
+
+/* A token that a quantifier may follow, n elements big. */
+static void atom(ere_t *e, size_t n) {
+    e->size += n;
+    e->atom = n;
+    e->quantified = false;
+    e->lazy = false;
+}
+
+/* A token that nothing may repeat: an anchor, "(", "|". */
+static void no_atom(ere_t *e) {
+    e->atom = 0;
+    e->quantified = false;
+    e->lazy = false;
+}
 
 LR_PRINTF(3, 4)
 static int pattern_err(char *msg, size_t msglen, const char *fmt, ...) {
@@ -204,78 +249,128 @@ static int pattern_err(char *msg, size_t msglen, const char *fmt, ...) {
 static int translate_escape(ere_t *e, unsigned char x, bool in_class, char *msg, size_t msglen) {
     static const char ere_special[] = ".[]()*+?{}|^$\\";
     static const char class_special[] = "]-^[\\";
+    const char *out = NULL;
     char one[8];
     switch (x) {
-    case 'd': emit_str(e, in_class ? "0-9" : "[0-9]"); return 0;
-    case 'w': emit_str(e, in_class ? "A-Za-z0-9_" : "[A-Za-z0-9_]"); return 0;
-    case 's': emit_str(e, in_class ? "[:space:]" : "[[:space:]]"); return 0;
+    case 'd': out = in_class ? "0-9" : "[0-9]"; break;
+    case 'w': out = in_class ? "A-Za-z0-9_" : "[A-Za-z0-9_]"; break;
+    case 's': out = in_class ? "[:space:]" : "[[:space:]]"; break;
     case 'D':
     case 'W':
     case 'S':
         if (in_class) {
             return pattern_err(msg, msglen, "\\%c inside [...] is not supported", x);
         }
-        emit_str(e, x == 'D' ? "[^0-9]" : x == 'W' ? "[^A-Za-z0-9_]" : "[^[:space:]]");
-        return 0;
-    case 'n': emit_str(e, "\n"); return 0;
-    case 't': emit_str(e, "\t"); return 0;
-    case 'r': emit_str(e, "\r"); return 0;
-    case 'f': emit_str(e, "\f"); return 0;
-    case 'v': emit_str(e, "\v"); return 0;
+        out = x == 'D' ? "[^0-9]" : x == 'W' ? "[^A-Za-z0-9_]" : "[^[:space:]]";
+        break;
+    case 'n': out = "\n"; break;
+    case 't': out = "\t"; break;
+    case 'r': out = "\r"; break;
+    case 'f': out = "\f"; break;
+    case 'v': out = "\v"; break;
     case 'b':
     case 'B':
-        /* Word boundaries are a GNU extension of regcomp; [\b] is a backspace. */
         if (in_class && x == 'B') {
             return pattern_err(msg, msglen, "\\B inside [...] is not supported");
         }
-        emit_str(e, in_class ? "\b" : x == 'b' ? "\\b" : "\\B");
+        if (in_class) {
+            emit_str(e, "\b"); /* [\b] is a backspace */
+            return 0;
+        }
+        emit_str(e, x == 'b' ? "\\b" : "\\B"); /* word boundaries, a GNU extension of regcomp */
+        no_atom(e);
         return 0;
     default:
         break;
     }
-    if (x >= '1' && x <= '9' && !in_class) {
-        snprintf(one, sizeof(one), "\\%c", x); /* a back-reference */
-        emit_str(e, one);
-        return 0;
+    if (out == NULL && x >= '1' && x <= '9') {
+        return pattern_err(msg, msglen, "back-references (\\%c) are not supported", x);
     }
-    if (isalnum(x)) {
+    if (out == NULL && ascii_alnum(x)) {
         return pattern_err(msg, msglen, "the escape \\%c is not supported (write the character itself)", x);
     }
-    if (in_class) {
-        /* A collating symbol is the one way to put ] - ^ [ \ anywhere in a
-         * POSIX bracket expression. */
-        if (strchr(class_special, x) != NULL) {
+    if (out == NULL) {
+        if (in_class && strchr(class_special, x) != NULL) {
+            /* A collating symbol is the one way to put ] - ^ [ \ anywhere
+             * in a POSIX bracket expression. */
             snprintf(one, sizeof(one), "[.%c.]", x);
+        } else if (!in_class && strchr(ere_special, x) != NULL) {
+            snprintf(one, sizeof(one), "\\%c", x);
         } else {
-            snprintf(one, sizeof(one), "%c", x);
+            snprintf(one, sizeof(one), "%c", x); /* \/ \- \< ...: the character (GNU reads \< \> as anchors) */
         }
-    } else if (strchr(ere_special, x) != NULL) {
-        snprintf(one, sizeof(one), "\\%c", x);
-    } else {
-        snprintf(one, sizeof(one), "%c", x); /* \/ \- \< ...: the character (GNU reads \< \> as anchors) */
+        out = one;
     }
-    emit_str(e, one);
+    emit_str(e, out);
+    if (!in_class) {
+        atom(e, 1);
+    }
     return 0;
 }
 
-/* Translates an ECMA-flavoured pattern into POSIX ERE (see jsonschema.h). */
+/* Whether p starts an interval "{n}", "{n,}" or "{n,m}": *len its bytes,
+ * *mult how many copies of its atom regcomp makes (capped). */
+static bool interval(const char *p, size_t *len, size_t *mult) {
+    size_t i = 1, lo = 0, hi = 0;
+    bool comma = false, has_hi = false;
+    if (!(p[i] >= '0' && p[i] <= '9')) {
+        return false;
+    }
+    for (; p[i] >= '0' && p[i] <= '9'; i++) {
+        lo = lo < 100000 ? lo * 10 + (size_t)(p[i] - '0') : lo;
+    }
+    if (p[i] == ',') {
+        comma = true;
+        for (i++; p[i] >= '0' && p[i] <= '9'; i++) {
+            hi = hi < 100000 ? hi * 10 + (size_t)(p[i] - '0') : hi;
+            has_hi = true;
+        }
+    }
+    if (p[i] != '}') {
+        return false;
+    }
+    *len = i + 1;
+    *mult = !comma ? lo : has_hi ? (hi > lo ? hi : lo) : lo + 1;
+    if (*mult == 0) {
+        *mult = 1;
+    }
+    return true;
+}
+
+/* A quantifier at p (one of * + ? or an interval of qlen bytes). */
+static int quantifier(ere_t *e, const char *p, size_t qlen, size_t mult, char *msg, size_t msglen) {
+    if (e->quantified || e->atom == 0) {
+        return pattern_err(msg, msglen, "nothing to repeat before \"%.*s\"", (int)qlen, p);
+    }
+    if (e->atom > PATTERN_MAX_SIZE || mult > PATTERN_MAX_SIZE ||
+        e->size + e->atom * (mult - 1) > PATTERN_MAX_SIZE) {
+        return pattern_err(msg, msglen,
+                           "too complex: its repetitions expand to more than %d elements "
+                           "(for a length limit, use minLength/maxLength)",
+                           PATTERN_MAX_SIZE);
+    }
+    e->size += e->atom * (mult - 1);
+    e->quantified = true;
+    emit(e, p, qlen);
+    return 0;
+}
+
+/* Translates an ECMA-flavoured pattern into POSIX ERE (see above). */
 static int translate_pattern(const char *p, ere_t *e, char *msg, size_t msglen) {
     bool in_class = false;
-    size_t i = 0;
-    int rc;
-    while (p[i] != '\0') {
+    size_t i = 0, qlen, mult;
+    int rc = 0;
+    emit_str(e, "^.*(");
+    while (p[i] != '\0' && rc == 0) {
         unsigned char ch = (unsigned char)p[i];
         if (ch == '\\') {
             if (p[i + 1] == '\0') {
                 return pattern_err(msg, msglen, "ends with a lone backslash");
             }
             rc = translate_escape(e, (unsigned char)p[i + 1], in_class, msg, msglen);
-            if (rc != 0) {
-                return rc;
-            }
             i += 2;
         } else if (in_class && ch == '[' && (p[i + 1] == ':' || p[i + 1] == '.' || p[i + 1] == '=')) {
-            /* [:class:], [.sym.], [=equiv=]: copied whole, so their ']' does not close the class. */
+            /* [:class:], [.sym.], [=equiv=]: copied whole, so that their ']' does not close the class */
             char close[3] = {p[i + 1], ']', '\0'};
             const char *end = strstr(p + i + 2, close);
             if (end == NULL) {
@@ -290,6 +385,7 @@ static int translate_pattern(const char *p, ere_t *e, char *msg, size_t msglen) 
         } else if (ch == '[') {
             in_class = true;
             emit_str(e, "[");
+            atom(e, 1);
             i++;
             if (p[i] == '^') {
                 emit_str(e, "^");
@@ -298,17 +394,60 @@ static int translate_pattern(const char *p, ere_t *e, char *msg, size_t msglen) 
             if (p[i] == ']') {
                 return pattern_err(msg, msglen, "\"[]\" and \"[^]\" are not supported (ECMA and POSIX read them differently)");
             }
-        } else if (ch == '(' && p[i + 1] == '?') {
-            if (p[i + 2] != ':') {
+        } else if (ch == '?' && e->quantified && !e->lazy) {
+            e->lazy = true; /* the lazy "*?": the same strings match */
+            i++;
+        } else if (ch == '*' || ch == '+' || ch == '?') {
+            rc = quantifier(e, p + i, 1, ch == '+' ? 2 : 1, msg, msglen);
+            i++;
+        } else if (ch == '{' && interval(p + i, &qlen, &mult)) {
+            rc = quantifier(e, p + i, qlen, mult, msg, msglen);
+            i += qlen;
+        } else if (ch == '{' || ch == '}') {
+            emit_str(e, ch == '{' ? "\\{" : "}"); /* not an interval: the character, as in ECMA */
+            atom(e, 1);
+            i++;
+        } else if (ch == '(') {
+            if (p[i + 1] == '?' && p[i + 2] != ':') {
                 return pattern_err(msg, msglen, "lookaround and named groups \"(?\" are not supported");
             }
+            if (e->depth >= PATTERN_MAX_GROUPS) {
+                return pattern_err(msg, msglen, "groups nest more than %d deep", PATTERN_MAX_GROUPS);
+            }
+            e->group_start[e->depth++] = e->size;
             emit_str(e, "("); /* (?:...) groups like (...) when nothing is captured */
-            i += 3;
+            no_atom(e);
+            i += p[i + 1] == '?' ? 3 : 1;
+        } else if (ch == ')') {
+            if (e->depth == 0) {
+                return pattern_err(msg, msglen, "unmatched \")\"");
+            }
+            e->depth--;
+            emit_str(e, ")");
+            e->atom = e->size > e->group_start[e->depth] ? e->size - e->group_start[e->depth] : 1;
+            e->quantified = false;
+            e->lazy = false;
+            i++;
         } else {
             emit(e, p + i, 1);
+            if (ch == '|' || ch == '^' || ch == '$') {
+                no_atom(e);
+            } else if ((ch & 0xc0) != 0x80) {
+                atom(e, 1); /* a character; UTF-8 continuation bytes belong to it */
+            }
             i++;
         }
     }
+    if (rc != 0) {
+        return rc;
+    }
+    if (in_class) {
+        return pattern_err(msg, msglen, "unterminated \"[\"");
+    }
+    if (e->depth > 0) {
+        return pattern_err(msg, msglen, "unmatched \"(\"");
+    }
+    emit_str(e, ")");
     if (e->overflow) {
         return pattern_err(msg, msglen, "too long");
     }
@@ -316,15 +455,38 @@ static int translate_pattern(const char *p, ere_t *e, char *msg, size_t msglen) 
     return 0;
 }
 
-/* Compiles a schema's pattern.  Returns 0 (the caller regfree()s re),
- * LR_ECONFIG with the reason in msg, or LR_ENOMEM. */
-static int pattern_compile(const char *src, regex_t *re, char *msg, size_t msglen) {
+/* Patterns match characters, not bytes: regcomp() and regexec() run with a
+ * C.UTF-8 LC_CTYPE and LC_COLLATE for this thread only (uselocale), whatever
+ * the locale of the process.  Where C.UTF-8 does not exist (glibc before
+ * 2.35 without it installed) they run in the process's locale. */
+typedef struct utf8_scope {
+    locale_t loc, old;
+} utf8_scope_t;
+
+static void utf8_enter(utf8_scope_t *u) {
+    u->loc = newlocale(LC_CTYPE_MASK | LC_COLLATE_MASK, "C.UTF-8", (locale_t)0);
+    u->old = u->loc != (locale_t)0 ? uselocale(u->loc) : (locale_t)0;
+}
+
+static void utf8_leave(utf8_scope_t *u) {
+    if (u->loc != (locale_t)0) {
+        uselocale(u->old);
+        freelocale(u->loc);
+    }
+}
+
+/* Compiles a schema's pattern; call inside utf8_enter/utf8_leave.  Returns
+ * 0 (the caller regfree()s re; *size is its expanded size), LR_ECONFIG with
+ * the reason in msg, or LR_ENOMEM. */
+static int pattern_compile(const char *src, regex_t *re, size_t *size, char *msg, size_t msglen) {
     size_t n = strlen(src);
-    ere_t e = {NULL, 0, n * 8 + 1, false};
+    ere_t e;
     int rc, rerr;
     if (n > LR_SCHEMA_MAX_PATTERN) {
         return pattern_err(msg, msglen, "longer than %d bytes", LR_SCHEMA_MAX_PATTERN);
     }
+    memset(&e, 0, sizeof(e));
+    e.cap = n * 8 + 8; /* the longest rewrite, \W, is 13 bytes for 2; "^.*(" ")" */
     e.buf = malloc(e.cap);
     if (e.buf == NULL) {
         snprintf(msg, msglen, "out of memory");
@@ -342,7 +504,45 @@ static int pattern_compile(const char *src, regex_t *re, char *msg, size_t msgle
             rc = pattern_err(msg, msglen, "does not compile: %s", why);
         }
     }
+    *size = e.size;
     free(e.buf);
+    return rc;
+}
+
+/* Compiles pattern and, when str is not NULL, searches it in str.  The
+ * search costs about size * length / 100 units (one anchored pass over the
+ * string with a state set as big as the pattern).  Returns 0 with *found
+ * and *cost set; LR_ETOOBIG (nothing searched) when the cost would exceed
+ * max_cost; LR_ECONFIG with msg; LR_ENOMEM.  A string that is not valid
+ * UTF-8 is not matched ("." does not match a stray byte). */
+static int pattern_search(const char *pattern, const char *str, long max_cost, bool *found, long *cost, char *msg,
+                          size_t msglen) {
+    utf8_scope_t u;
+    regex_t re;
+    size_t size = 0, n = str != NULL ? strlen(str) : 0;
+    int rc, m;
+    *found = false;
+    *cost = PATTERN_COST;
+    utf8_enter(&u);
+    rc = pattern_compile(pattern, &re, &size, msg, msglen);
+    if (rc == 0) {
+        *cost += (long)(size * n / 100); /* size <= PATTERN_MAX_SIZE: no overflow */
+        if (str == NULL || !lr_pg_text_ok(str, n)) {
+            m = REG_NOMATCH;
+        } else if (*cost > max_cost) {
+            m = REG_NOMATCH;
+            rc = LR_ETOOBIG;
+        } else {
+            m = regexec(&re, str, 0, NULL, 0);
+        }
+        regfree(&re);
+        if (m != 0 && m != REG_NOMATCH) {
+            rc = LR_ENOMEM; /* REG_ESPACE, the one other result */
+            snprintf(msg, msglen, "out of memory");
+        }
+        *found = m == 0 && rc == 0;
+    }
+    utf8_leave(&u);
     return rc;
 }
 
@@ -446,9 +646,9 @@ static int check_type_name(cctx_t *c, const cJSON *t) {
 }
 
 static int check_type(cctx_t *c, const cJSON *v, int level) {
-    (void)level;
     const cJSON *t;
     int i = 0, rc = 0;
+    (void)level;
     if (cJSON_IsString(v)) {
         return check_type_name(c, v);
     }
@@ -503,11 +703,11 @@ static int check_count(cctx_t *c, const cJSON *v, int level) {
 }
 
 static int check_pattern_text(cctx_t *c, const char *pattern) {
-    regex_t re;
-    char why[160];
-    int rc = pattern_compile(pattern, &re, why, sizeof(why));
+    char why[200];
+    bool found;
+    long cost;
+    int rc = pattern_search(pattern, NULL, 0, &found, &cost, why, sizeof(why));
     if (rc == 0) {
-        regfree(&re);
         return 0;
     }
     if (rc == LR_ENOMEM) {
@@ -522,9 +722,9 @@ static int check_pattern(cctx_t *c, const cJSON *v, int level) {
 }
 
 static int check_required(cctx_t *c, const cJSON *v, int level) {
-    (void)level;
     const cJSON *r;
     int i = 0;
+    (void)level;
     if (!cJSON_IsArray(v)) {
         return cfail(c, "must be an array of property names");
     }
@@ -601,10 +801,10 @@ static int check_list(cctx_t *c, const cJSON *v, int level) {
 }
 
 static int check_ref(cctx_t *c, const cJSON *v, int level) {
-    (void)level;
     char esc[NAME_SHOWN + 8];
     bool supported;
     const cJSON *t;
+    (void)level;
     if (!cJSON_IsString(v)) {
         return cfail(c, "must be a string");
     }
@@ -701,6 +901,9 @@ int lr_schema_check(const cJSON *schema, char *errbuf, size_t errlen) {
     c.root = schema;
     c.err = errbuf;
     c.errlen = errlen;
+    if (errbuf != NULL && errlen > 0) {
+        errbuf[0] = '\0';
+    }
     if (schema == NULL) {
         return lr_seterr(errbuf, errlen, LR_ECONFIG, "(root): no schema");
     }
@@ -839,27 +1042,36 @@ static void type_list(const cJSON *t, char *out, size_t cap) {
     }
 }
 
+/* Whether "type" t (a name or an array of names) admits v; a malformed t
+ * (refused by lr_schema_check) admits everything. */
+static bool type_admits(const cJSON *t, const cJSON *v) {
+    const cJSON *e;
+    if (cJSON_IsString(t)) {
+        return type_matches(t->valuestring, v);
+    }
+    if (!cJSON_IsArray(t)) {
+        return true;
+    }
+    cJSON_ArrayForEach(e, t) {
+        if (cJSON_IsString(e) && type_matches(e->valuestring, v)) {
+            return true;
+        }
+    }
+    return false;
+}
+
 static int apply_type(vctx_t *c, const cJSON *s, const cJSON *v) {
-    const cJSON *t = kw(s, "type"), *e;
+    const cJSON *t = kw(s, "type");
+    bool nullable = cJSON_IsTrue(kw(s, "nullable"));
+    cJSON null_value;
     char expected[160];
-    if (t == NULL || (cJSON_IsNull(v) && cJSON_IsTrue(kw(s, "nullable")))) {
+    if (t == NULL || (nullable && cJSON_IsNull(v)) || type_admits(t, v)) {
         return V_OK;
     }
-    if (cJSON_IsString(t)) {
-        if (type_matches(t->valuestring, v)) {
-            return V_OK;
-        }
-    } else if (cJSON_IsArray(t)) {
-        cJSON_ArrayForEach(e, t) {
-            if (cJSON_IsString(e) && type_matches(e->valuestring, v)) {
-                return V_OK;
-            }
-        }
-    } else {
-        return V_OK; /* malformed: lr_schema_check refuses it */
-    }
+    memset(&null_value, 0, sizeof(null_value));
+    null_value.type = cJSON_NULL;
     type_list(t, expected, sizeof(expected));
-    if (cJSON_IsTrue(kw(s, "nullable"))) {
+    if (nullable && !type_admits(t, &null_value)) {
         size_t n = strlen(expected);
         snprintf(expected + n, sizeof(expected) - n, " or null");
     }
@@ -984,24 +1196,20 @@ static size_t utf8_count(const char *s) {
 }
 
 static int apply_pattern(vctx_t *c, const char *pattern, const char *str, bool *matched) {
-    regex_t re;
-    char why[160], esc[NAME_SHOWN + 8];
-    int rc = spend(c, PATTERN_COST), m;
-    if (rc != V_OK) {
-        return rc;
+    char why[200], esc[NAME_SHOWN + 8];
+    long cost;
+    int rc = pattern_search(pattern, str, LR_SCHEMA_MAX_STEPS - c->steps, matched, &cost, why, sizeof(why));
+    if (rc == LR_ETOOBIG) {
+        return spend(c, cost); /* over the budget: the V_HARD of spend() */
     }
-    rc = pattern_compile(pattern, &re, why, sizeof(why));
+    if (rc == LR_ENOMEM) {
+        return vhard(c, rc, "out of memory matching a pattern");
+    }
     if (rc != 0) {
         escape_text(pattern, esc, sizeof(esc));
         return vhard(c, rc, "schema error: pattern \"%s\": %s (lr_schema_check was skipped)", esc, why);
     }
-    m = regexec(&re, str, 0, NULL, 0);
-    regfree(&re);
-    if (m != 0 && m != REG_NOMATCH) {
-        return vhard(c, LR_ENOMEM, "out of memory matching a pattern");
-    }
-    *matched = m == 0;
-    return V_OK;
+    return spend(c, cost);
 }
 
 static int apply_string(vctx_t *c, const cJSON *s, const cJSON *v) {
@@ -1011,10 +1219,10 @@ static int apply_string(vctx_t *c, const cJSON *s, const cJSON *v) {
     bool matched = true;
     int rc;
     if (cJSON_IsNumber(minl) && (double)n < minl->valuedouble) {
-        return vfail(c, "string is %zu characters, fewer than minLength %s", n, fmt_num(minl->valuedouble, b, sizeof(b)));
+        return vfail(c, "string length %zu is less than minLength %s", n, fmt_num(minl->valuedouble, b, sizeof(b)));
     }
     if (cJSON_IsNumber(maxl) && (double)n > maxl->valuedouble) {
-        return vfail(c, "string is %zu characters, more than maxLength %s", n, fmt_num(maxl->valuedouble, b, sizeof(b)));
+        return vfail(c, "string length %zu is greater than maxLength %s", n, fmt_num(maxl->valuedouble, b, sizeof(b)));
     }
     if (cJSON_IsString(pat)) {
         rc = apply_pattern(c, pat->valuestring, v->valuestring, &matched);
@@ -1035,10 +1243,10 @@ static int apply_array(vctx_t *c, const cJSON *s, const cJSON *v) {
     int n = cJSON_GetArraySize(v), i = 0, rc = V_OK;
     char b[40];
     if (cJSON_IsNumber(mini) && n < mini->valuedouble) {
-        return vfail(c, "array has %d items, fewer than minItems %s", n, fmt_num(mini->valuedouble, b, sizeof(b)));
+        return vfail(c, "array length %d is less than minItems %s", n, fmt_num(mini->valuedouble, b, sizeof(b)));
     }
     if (cJSON_IsNumber(maxi) && n > maxi->valuedouble) {
-        return vfail(c, "array has %d items, more than maxItems %s", n, fmt_num(maxi->valuedouble, b, sizeof(b)));
+        return vfail(c, "array length %d is greater than maxItems %s", n, fmt_num(maxi->valuedouble, b, sizeof(b)));
     }
     p = cJSON_IsArray(prefix) ? prefix->child : NULL;
     if (cJSON_IsArray(items)) {
@@ -1118,11 +1326,11 @@ static int apply_object(vctx_t *c, const cJSON *s, const cJSON *v) {
     int n = cJSON_GetArraySize(v), rc;
     char b[40], esc[NAME_SHOWN + 8];
     if (cJSON_IsNumber(minp) && n < minp->valuedouble) {
-        return vfail(c, "object has %d properties, fewer than minProperties %s", n,
+        return vfail(c, "property count %d is less than minProperties %s", n,
                      fmt_num(minp->valuedouble, b, sizeof(b)));
     }
     if (cJSON_IsNumber(maxp) && n > maxp->valuedouble) {
-        return vfail(c, "object has %d properties, more than maxProperties %s", n,
+        return vfail(c, "property count %d is greater than maxProperties %s", n,
                      fmt_num(maxp->valuedouble, b, sizeof(b)));
     }
     if (cJSON_IsArray(req)) {

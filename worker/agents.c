@@ -1,5 +1,6 @@
 /* agents.c - loading and validating the agents file; see agents.h. */
 #include "agents.h"
+#include "jsonschema.h"
 
 #include <ctype.h>
 #include <math.h>
@@ -207,6 +208,16 @@ static int load_tools(registry_t *r, const cJSON *tools, char *errbuf, size_t er
         params = cJSON_GetObjectItemCaseSensitive(t, "parameters");
         if (params != NULL && !cJSON_IsObject(params)) {
             return fail(errbuf, errlen, "%s.parameters: must be a JSON Schema object", where);
+        }
+        if (params != NULL) {
+            char serr[300];
+            rc = lr_schema_check(params, serr, sizeof(serr));
+            if (rc == LR_ECONFIG) {
+                return fail(errbuf, errlen, "%s.parameters: %s", where, serr);
+            }
+            if (rc != 0) {
+                return rc;
+            }
         }
         d->parameters = (cJSON *)params;
         if (get_str(t, "url") == NULL) {

@@ -30,6 +30,7 @@
 
 #include "agents.h"
 #include "breaker.h"
+#include "jsonschema.h"
 #include "text.h"
 #include "log.h"
 #include "provider.h"
@@ -1399,6 +1400,23 @@ static void tools_start(agent_state_t *st) {
             log_call(st, tc->id, tc->name, "invalid_arguments", 0, 0, NULL);
             cJSON_Delete(parsed);
             continue;
+        }
+        {
+            /* The arguments must match the tool's parameters schema: a tool
+             * never runs on arguments it did not declare. */
+            const cJSON *schema = tc->def->builtin == LR_TOOL_HTTP ? tc->def->parameters
+                                                                   : lr_builtin_parameters(tc->def->builtin);
+            char verr[300], msg[512];
+            int vrc = schema != NULL ? lr_schema_validate(schema, parsed, verr, sizeof(verr)) : 0;
+            if (vrc != 0) {
+                snprintf(msg, sizeof(msg), "error: the arguments do not match the parameters of tool \"%s\": %s; "
+                         "call it again with arguments that do", tc->name,
+                         vrc == LR_EINVAL ? verr : lr_strerror(vrc));
+                tool_result(tc, msg, true);
+                log_call(st, tc->id, tc->name, "invalid_arguments", 0, 0, NULL);
+                cJSON_Delete(parsed);
+                continue;
+            }
         }
         if (st->budgets.max_tool_calls >= 0 && st->usage.tool_calls + st->tool_calls_made >= st->budgets.max_tool_calls) {
             char msg[160];

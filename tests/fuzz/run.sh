@@ -31,7 +31,7 @@ FUZZ_SRC=$ROOT/tests/fuzz
 BUILD=${LONGRUN_FUZZ_BUILD_DIR:-$ROOT/build-fuzz}
 SECS=${1:-20}
 shift || true
-ALL_TARGETS=(fuzz_task fuzz_agents fuzz_openai fuzz_anthropic fuzz_classify fuzz_retry_after fuzz_utf8_clean)
+ALL_TARGETS=(fuzz_task fuzz_agents fuzz_openai fuzz_anthropic fuzz_classify fuzz_retry_after fuzz_utf8_clean fuzz_jsonschema)
 TARGETS=("$@")
 [[ ${#TARGETS[@]} -gt 0 ]] || TARGETS=("${ALL_TARGETS[@]}")
 

@@ -30,6 +30,10 @@ AGENTS = {
         "lookup": {"description": "Look something up",
                    "parameters": {"type": "object", "properties": {"step": {"type": "integer"}}},
                    "url": "${LONGRUN_FIXTURE_URL}/tools/lookup"},
+        "strict": {"description": "Search; needs a query",
+                   "parameters": {"type": "object", "properties": {"query": {"type": "string", "minLength": 1}},
+                                  "required": ["query"], "additionalProperties": False},
+                   "url": "${LONGRUN_FIXTURE_URL}/tools/strict"},
         "slowtool": {"description": "Answers after 4 s", "url": "${LONGRUN_FIXTURE_URL}/tools/slow-4000",
                      "timeout_ms": 20000, "retries": 0},
     },
@@ -49,6 +53,7 @@ AGENTS = {
         {"name": "sliced", "models": [fx("fixture-steps-7")], "tools": ["lookup"], "slice": {"steps": 2},
          "budgets": {"max_steps": 10}},
         {"name": "slowtools", "models": [fx("fixture-steps-3")], "tools": ["slowtool"]},
+        {"name": "strict", "models": [fx("fixture-steps-2")], "tools": ["strict"]},
         {"name": "oneshot", "models": [fx("fixture-steps-1")], "tools": ["lookup"]},
         {"name": "twoapprovals", "models": [fx("fixture-tool:request_approval-3")], "tools": ["request_approval"]},
         {"name": "twoevents", "models": [fx("fixture-tool:wait_for_event-3")], "tools": ["wait_for_event"]},
@@ -112,6 +117,17 @@ def test():
         h.check('longrun_circuit_state{endpoint="tool:broken"} 2' in text, "circuit gauge in /metrics")
         msgs = [m for s in steps(env, bid) for m in s["messages"] if m["role"] == "tool"]
         h.check("circuit open" in msgs[-1]["content"] and msgs[-1].get("is_error"), msgs[-1])
+
+        # -- arguments that do not match the tool's schema: an error result, the tool never runs
+        xid = env.enqueue_many([{"agent": "strict", "input": "search"}])[0]
+        h.wait_for(lambda: task(env, xid)["status"] in ("succeeded", "dead"), 30, "strict task")
+        h.eq(task(env, xid)["status"], "succeeded", "the loop goes on after invalid arguments")
+        tm = [m for s_ in steps(env, xid) for m in s_["messages"] if m["role"] == "tool"]
+        h.check(len(tm) == 1 and tm[0].get("is_error") and 'missing required property \\"query\\"' in json.dumps(tm[0]),
+                "the model is told what is wrong: %r" % tm)
+        h.eq([c["status"] for s_ in steps(env, xid) for c in (s_["tool_calls"] or [])], ["invalid_arguments"],
+             "logged as invalid_arguments")
+        h.eq(env.fixture_requests("/tools/strict"), [], "the tool never ran on arguments outside its schema")
 
         # -- operator ceiling over a task's own budget (and the budget shown in the dead letter)
         cid = env.enqueue_many([{"agent": "capped", "input": "loop", "budgets": {"max_steps": 40}}])[0]

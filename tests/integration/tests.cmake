@@ -7,6 +7,7 @@ lr_py_test(integration.agent_resilience integration/test_agent_resilience.py TIM
 lr_py_test(integration.operator integration/test_operator.py TIMEOUT 300 LABELS "integration;asan")
 lr_py_test(integration.health integration/test_health.py TIMEOUT 300 LABELS "integration;asan")
 lr_py_test(integration.docs integration/test_docs.py TIMEOUT 60 LABELS "unit")
+lr_py_test(integration.agents_file integration/test_agents_file.py TIMEOUT 60 LABELS "unit;asan")
 lr_py_test(integration.ratelimit integration/test_ratelimit.py TIMEOUT 300 LABELS "integration")
 # Issue 9: a short libFuzzer run (tests/fuzz/run.sh 2); skipped without clang + libFuzzer.
 lr_py_test(fuzz.smoke integration/test_fuzz_smoke.py TIMEOUT 300 LABELS "fuzz")

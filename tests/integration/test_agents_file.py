@@ -1,0 +1,79 @@
+"""Issue 4 / bad-input corpus: every kind of invalid agents file gets a precise error
+from `longrun-worker --check-config` (exit 2, the JSON path named), and a valid one
+passes.  No servers: --check-config only loads and validates the file."""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(__file__))
+import harness as h  # noqa: E402
+
+MODEL = {"provider": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m"}
+TOOL = {"url": "http://127.0.0.1:9/tools/t", "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}
+
+
+def agents(agent=None, tools=None, top=None):
+    a = {"name": "a1", "models": [dict(MODEL)], "tools": ["t"]}
+    a.update(agent or {})
+    doc = {"tools": {"t": dict(TOOL)}, "agents": [a]}
+    if tools is not None:
+        doc["tools"] = tools
+    doc.update(top or {})
+    return json.dumps(doc)
+
+
+CASES = [
+    ("not JSON", "{\"agents\": [", "not valid JSON"),
+    ("unknown top-level key", agents(top={"agentz": []}), "agentz"),
+    ("unknown agent key", agents({"temperature": 1}), "agents[0]"),
+    ("bad provider", agents({"models": [dict(MODEL, provider="openia")]}), "models[0].provider"),
+    ("missing model", agents({"models": [{"provider": "openai"}]}), "models[0].model"),
+    ("unknown tool in an agent", agents({"tools": ["nope"]}), "\"nope\" is not defined"),
+    ("${VAR} not set", agents(tools={"t": dict(TOOL, url="${LONGRUN_NO_SUCH_VAR}/x")}), "LONGRUN_NO_SUCH_VAR"),
+    ("built-in tool redefined", agents(tools={"sleep": dict(TOOL)}, agent={"tools": ["sleep"]}), "built-in"),
+    ("tool schema with an unknown type",
+     agents(tools={"t": dict(TOOL, parameters={"type": "object", "properties": {"q": {"type": "strin"}}})}),
+     "tools.t.parameters: properties.q.type"),
+    ("tool schema with a pattern POSIX cannot read",
+     agents(tools={"t": dict(TOOL, parameters={"type": "string", "pattern": "(?<=a)b"})}), "tools.t.parameters"),
+    ("tool schema with a dangling $ref",
+     agents(tools={"t": dict(TOOL, parameters={"$ref": "#/$defs/nope"})}), "tools.t.parameters"),
+    ("summarize without a threshold", agents({"context": {"strategy": "summarize"}}), "threshold_tokens"),
+    ("unknown context strategy", agents({"context": {"strategy": "compress"}}), "context.strategy"),
+    ("slice of 0 steps", agents({"slice": {"steps": 0}}), "slice.steps"),
+    ("unknown slice key", agents({"slice": {"stepz": 2}}), "stepz"),
+    ("negative max_concurrency", agents({"models": [dict(MODEL, max_concurrency=-1)]}), "max_concurrency"),
+    ("budget out of range", agents({"budgets": {"max_steps": 0}}), "max_steps"),
+]
+
+
+def check_config(text):
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        f.write(text)
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LONGRUN_")}
+        env["LONGRUN_AGENTS_FILE"] = f.name
+        return subprocess.run([os.path.join(h.BUILD, "longrun-worker"), "--check-config"], env=env,
+                              capture_output=True, text=True, timeout=30)
+    finally:
+        os.unlink(f.name)
+
+
+def test():
+    ok = check_config(agents({"context": {"strategy": "summarize", "threshold_tokens": 4000, "messages": 6},
+                              "slice": {"steps": 5, "seconds": 30},
+                              "models": [dict(MODEL, max_concurrency=4)]}))
+    h.eq(ok.returncode, 0, "a valid file passes: %s" % ok.stderr)
+    h.check("configuration ok" in ok.stdout, ok.stdout)
+    for what, text, word in CASES:
+        r = check_config(text)
+        h.eq(r.returncode, 2, "%s: exit code (stderr: %s)" % (what, r.stderr.strip()))
+        h.check("invalid agents file" in r.stderr and word in r.stderr,
+                "%s: the message names %r: %s" % (what, word, r.stderr.strip()))
+        h.check("Traceback" not in r.stderr and "Sanitizer" not in r.stderr, "%s: clean failure" % what)
+    h.log("%d invalid agents files rejected with a precise message" % len(CASES))
+
+
+h.run(test)
