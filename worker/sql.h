@@ -81,7 +81,8 @@
     "     ELSE coalesce($17, stop_reason) END, suspend_reason = $18,"                          \
     "   resume_at = CASE WHEN $19::bigint IS NULL THEN NULL"                                   \
     "     ELSE now() + make_interval(secs => $19::bigint / 1000.0) END,"                       \
-    "   wait_event = $20, published_at = NULL,"                                                \
+    "   wait_event = $20,"                                                                     \
+    "   published_at = CASE WHEN $4 = 'running' AND NOT cancel_requested THEN published_at END,"  \
     "   finished_at = CASE WHEN cancel_requested OR $4 IN ('succeeded', 'failed', 'dead', 'cancelled')" \
     "     THEN now() ELSE finished_at END,"                                                    \
     "   updated_at = CASE WHEN $4 <> 'running' OR cancel_requested THEN now() ELSE updated_at END," \
