@@ -10,11 +10,14 @@ What one invocation does:
    (LONGRUN_HOME=<repo>/.longrun-bench, ports 57432 / 57672: never the dev or
    test instances) and stops them at the end (unless --keep-services).
 2. For each run (workload x number of workers): a fresh database and vhost,
-   two fixture servers (tests/fixtures/fixture_server.py; model calls go to
-   one, tool calls to the other, so that one Python process is not the
-   bottleneck), an agents file with one agent (model fixture-steps-K, one
-   HTTP tool), N tasks enqueued with `longrun enqueue` *before* the workers
-   start, then the workers, until every task is terminal.
+   two fixture servers (model calls go to one, tool calls to the other):
+   --fixture fast (the default when built) runs <build>/longrun-bench-fixture
+   (bench/fixture_fast.c, a few microseconds of CPU per request), --fixture
+   python tests/fixtures/fixture_server.py (the reference fixture of the
+   tests, 0.5-0.9 ms of CPU per step, which on a small machine competes with
+   PostgreSQL and the worker); an agents file with one agent (model
+   fixture-steps-K, one HTTP tool), N tasks enqueued with `longrun enqueue`
+   *before* the workers start, then the workers, until every task is terminal.
      W-zero: model and tool latency 0   (pure orchestration overhead)
      W-lat:  model 50 ms, tool 20 ms    (concurrency hiding latency)
 3. Measures, per run: tasks/s and steps/s (from the first claim to the last
@@ -62,6 +65,7 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), 
 PY = "/usr/bin/python3"
 PGBENCH = "/usr/lib/postgresql/15/bin/pgbench"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+FAST_FIXTURE = "longrun-bench-fixture"  # bench/fixture_fast.c, in the build directory
 WORKLOADS = {
     # name: (model latency ms, tool latency ms)
     "zero": (0, 0),
@@ -392,10 +396,14 @@ class Run:
 
     def start_fixture(self, i):
         portfile = os.path.join(self.dir, "fixture%d.port" % i)
+        # Both fixtures take the same flags; see --fixture.
+        if self.args.fixture == "fast":
+            argv = [os.path.join(self.args.build, FAST_FIXTURE)]
+        else:
+            argv = [PY, os.path.join(ROOT, "tests", "fixtures", "fixture_server.py")]
         p = self.procs.start("%s-fixture%d" % (self.tag, i),
-                             [PY, os.path.join(ROOT, "tests", "fixtures", "fixture_server.py"), "--port", "0",
-                              "--port-file", portfile, "--record", "0",
-                              "--model-latency-ms", str(self.model_ms), "--tool-latency-ms", str(self.tool_ms)],
+                             argv + ["--port", "0", "--port-file", portfile, "--record", "0",
+                                     "--model-latency-ms", str(self.model_ms), "--tool-latency-ms", str(self.tool_ms)],
                              self.env())
         wait_for(lambda: os.path.exists(portfile) and open(portfile).read().strip(), 20, "fixture port")
         p.url = "http://127.0.0.1:%s" % open(portfile).read().strip()
@@ -684,6 +692,10 @@ def table(results, ceilings):
     return "\n".join(out)
 
 
+def fixture_desc(kind):
+    return "fast (%s)" % FAST_FIXTURE if kind == "fast" else "python (fixture_server.py)"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--build", default=os.path.join(ROOT, "build-bench"), help="directory with the binaries")
@@ -694,6 +706,9 @@ def main():
     ap.add_argument("--zero-in-flight", type=int, default=256, help="LONGRUN_MAX_IN_FLIGHT for W-zero (per worker)")
     ap.add_argument("--lat-in-flight", type=int, default=1000, help="LONGRUN_MAX_IN_FLIGHT for W-lat (per worker)")
     ap.add_argument("--pg-pool", type=int, default=4, help="LONGRUN_PG_POOL_SIZE per worker")
+    ap.add_argument("--fixture", choices=("fast", "python"),
+                    help="model and tool servers: fast = <build>/%s (bench/fixture_fast.c), python = "
+                         "tests/fixtures/fixture_server.py [fast if built, else python]" % FAST_FIXTURE)
     ap.add_argument("--fixture-pairs", type=int, default=1,
                     help="fixture server pairs (model + tool); workers are spread over them")
     ap.add_argument("--pgbench-seconds", type=int, default=15)
@@ -718,6 +733,15 @@ def main():
         if not os.access(os.path.join(args.build, b), os.X_OK):
             sys.exit("bench: %s/%s not found; build first: cmake -S . -B build-bench -DCMAKE_BUILD_TYPE=Release "
                      "&& cmake --build build-bench -j2" % (args.build, b))
+    fast = os.path.join(args.build, FAST_FIXTURE)
+    if args.fixture is None:
+        args.fixture = "fast" if os.access(fast, os.X_OK) else "python"
+        if args.fixture == "python":
+            log("note: %s not found, using the Python fixture servers (tests/fixtures/fixture_server.py), whose "
+                "CPU competes with PostgreSQL; build the target %s for the fast ones" % (fast, FAST_FIXTURE))
+    elif args.fixture == "fast" and not os.access(fast, os.X_OK):
+        sys.exit("bench: %s not found; build it (cmake --build %s --target %s) or use --fixture python" % (
+            fast, args.build, FAST_FIXTURE))
     if not os.access(PGBENCH, os.X_OK):
         sys.exit("bench: %s not found (Debian package postgresql-15 / postgresql-contrib)" % PGBENCH)
     runs = []
@@ -728,7 +752,8 @@ def main():
         runs.append((wl, int(nw)))
 
     t_all = time.time()
-    log("bench services: LONGRUN_HOME=%s, PostgreSQL %d, RabbitMQ %d" % (args.home, args.pg_port, args.amqp_port))
+    log("bench services: LONGRUN_HOME=%s, PostgreSQL %d, RabbitMQ %d; fixture servers: %s" % (
+        args.home, args.pg_port, args.amqp_port, fixture_desc(args.fixture)))
     svc = services("up", args.home, args.pg_port, args.amqp_port)
     logdir = tempfile.mkdtemp(prefix="longrun-bench-")
     procs = Procs(logdir)
@@ -758,6 +783,7 @@ def main():
                                 r.name(), extra, args.pgbench_seconds))
                             ceilings[("extra", extra)] = run_pgbench(r.db_url, extra, args.pgbench_seconds, r.dir,
                                                                      res["sample_step"], args.home)
+                res["fixture"] = args.fixture
                 res["pg_ceiling"] = ceilings[clients]
                 res["ratio_to_ceiling"] = res["steps_per_s"] / ceilings[clients]["tps"]
                 results.append(res)
@@ -779,14 +805,14 @@ def main():
                 services("down", args.home, args.pg_port, args.amqp_port)
             except BenchError as e:
                 log(str(e))
-    out = {"machine": machine, "results": results, "pgbench": list(ceilings.values()),
+    out = {"machine": machine, "fixture": args.fixture, "results": results, "pgbench": list(ceilings.values()),
            "total_s": round(time.time() - t_all, 1)}
     path = args.json or os.path.join(args.build, "bench-results.json")
     with open(path, "w") as f:
         json.dump(out, f, indent=1, default=str)
     print()
-    print("longrun bench, %s, %d CPUs (%s); %d tasks x %d steps per run" % (
-        machine["date"], machine["cpus"], machine.get("cpu", "?"), args.tasks, args.steps))
+    print("longrun bench, %s, %d CPUs (%s); %d tasks x %d steps per run; fixture servers: %s" % (
+        machine["date"], machine["cpus"], machine.get("cpu", "?"), args.tasks, args.steps, fixture_desc(args.fixture)))
     print(table(results, ceilings))
     for r in results:
         print("  %-10s CPU %.3f ms/step (worker CPU s %s, start-up %.2f s subtracted), fsyncs/step %.3f, "
