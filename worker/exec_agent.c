@@ -1546,6 +1546,7 @@ static int agent_start(lr_run_t *r, lr_step_t *out, lr_step_done_cb done) {
     st->added = cJSON_CreateArray();
     st->calls_log = cJSON_CreateArray();
     if (st->conv == NULL || st->conv_step != lr_run_step_no(r)) {
+        int nsteps = 0;
         cJSON_Delete(st->conv);
         st->conv = cJSON_CreateArray();
         h = lr_run_history(r);
@@ -1554,9 +1555,25 @@ static int agent_start(lr_run_t *r, lr_step_t *out, lr_step_done_cb done) {
             if (!cJSON_IsArray(e)) {
                 continue; /* signals */
             }
+            nsteps++;
             cJSON_ArrayForEach(m, e) {
                 cJSON_AddItemToArray(st->conv, cJSON_Duplicate(m, true));
             }
+        }
+        if (nsteps != lr_run_step_no(r)) {
+            /* The history holds the steps loaded at the claim; later ones
+             * live only in st->conv.  Never send a conversation with a hole:
+             * hand the task back to be loaded again. */
+            LR_LOG(LR_LOG_ERROR, &((lr_log_ctx_t){lr_run_id(r), st->step_no, lr_run_epoch(r)}), "agent.history_gap",
+                   "conversation has %d of %d steps; retrying the task", nsteps, lr_run_step_no(r));
+            cJSON_Delete(st->conv);
+            cJSON_Delete(st->added);
+            cJSON_Delete(st->calls_log);
+            st->conv = st->added = st->calls_log = NULL;
+            st->active = false;
+            out->outcome = LR_STEP_FAIL_TRANSIENT;
+            snprintf(out->error, sizeof(out->error), "conversation out of sync with the step log");
+            return LR_EPERM;
         }
     }
     st->conv_step = -1; /* until this step finishes */
@@ -1635,6 +1652,7 @@ static void agent_release(lr_run_t *r) {
 const lr_executor_t lr_exec_agent = {
     .name = "agent",
     .needs_history = true,
+    .keeps_conversation = true,
     .start = agent_start,
     .cancel = agent_cancel,
     .release = agent_release,

@@ -874,7 +874,7 @@ static void run_checkpoint_committed(lr_run_t *r) {
     lr_run_add_usage(r, r->out.tool_calls_count, (long)(now_ms(w) - r->step_start_ms));
     lr_metric_add(lr_wm.steps, NULL, 1);
     lr_metric_observe(lr_wm.step_seconds, NULL, (double)(now_ms(w) - r->step_start_ms) / 1000.0);
-    if (r->exec->needs_history && r->out.messages != NULL) {
+    if (r->exec->needs_history && !r->exec->keeps_conversation && r->out.messages != NULL) {
         /* Keep the in-memory step log in step with what was committed. */
         cJSON *m = cJSON_Parse(r->out.messages);
         if (r->history == NULL) {

@@ -58,6 +58,10 @@ typedef void (*lr_step_done_cb)(lr_run_t *r);
 typedef struct lr_executor {
     const char *name;
     bool needs_history;
+    /* It keeps its own copy of the conversation across the steps of a
+     * delivery: the worker does not append each committed step to the
+     * history (lr_run_history then holds what was loaded at the claim). */
+    bool keeps_conversation;
     /* Starts step lr_run_step_no(r) + 1.  Returns 0 and later calls done(r)
      * exactly once (never inside start), or an error code (done never runs):
      * LR_EPERM means out->outcome/out->error already say why (e.g. invalid
