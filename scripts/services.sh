@@ -39,6 +39,10 @@
 # cookie ($HOME) and config, it never sees nor disturbs a system instance on
 # 4369/5672/25672 or a second longrun instance with another LONGRUN_HOME.
 # Precedence for every port: explicit env var > LONGRUN_HOME/ports.env > default.
+# These ports lie in Linux's ephemeral range: as root, `up` adds them to
+# net.ipv4.ip_local_reserved_ports so that no outgoing connection takes one
+# (a leftover TIME-WAIT socket on the distribution port stops RabbitMQ from
+# starting); without root it waits for such sockets to close.
 #
 # stdout carries only the `export ...` lines (so `eval "$(scripts/services.sh up)"`
 # works); all progress and error messages go to stderr.  `status` prints to stdout.
@@ -250,6 +254,40 @@ take_lock() {
 
 # true if something accepts TCP connections on 127.0.0.1:$1
 port_open() { (exec 8<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# Our ports lie inside Linux's ephemeral range (32768-60999), so an outgoing
+# connection of any program may take one as its local port, and the Erlang
+# distribution listener refuses to start while such a socket (even in
+# TIME-WAIT) holds it.  As root, take them out of the ephemeral range
+# (net.ipv4.ip_local_reserved_ports, added to what is there).  Returns 0 when
+# they were reserved already (nothing can hold them), else 1: then the caller
+# waits (up to 70 s: TIME-WAIT lasts 60 s) until no socket uses them.
+reserve_ports() {
+  local f=/proc/sys/net/ipv4/ip_local_reserved_ports cur want p
+  cur=$(cat "$f" 2>/dev/null) || return 1
+  want=$cur
+  for p in "$@"; do
+    [[ ,$want, == *",$p,"* ]] || want=${want:+$want,}$p
+  done
+  [[ $want != "$cur" ]] || return 0
+  [[ -w $f ]] && echo "$want" >"$f" 2>/dev/null
+  return 1
+}
+
+wait_ports_free() {
+  command -v ss >/dev/null || return 0
+  local p t0=$SECONDS said=0
+  for p in "$@"; do
+    while [[ -n $(ss -Htan "( sport = :$p )" 2>/dev/null) ]]; do
+      if (( said == 0 )); then
+        say "port $p is held by a closing connection; waiting for it to be released (at most 70 s)"
+        said=1
+      fi
+      (( $(elapsed $t0) < 70 )) || die "port $p is still in use (ss -tan 'sport = :$p'); set LONGRUN_DEV_AMQP_PORT"
+      sleep 1
+    done
+  done
+}
 
 elapsed() { echo $((SECONDS - $1)); }
 
@@ -530,6 +568,8 @@ rmq_start() {
   for p in "$AMQP_PORT" "$MGMT_PORT" "$DIST_PORT"; do
     ! port_open "$p" || die "port $p is already in use by another process (set LONGRUN_DEV_AMQP_PORT)"
   done
+  reserve_ports "$PG_PORT" "$AMQP_PORT" "$MGMT_PORT" "$EPMD_PORT" "$DIST_PORT" ||
+    wait_ports_free "$AMQP_PORT" "$MGMT_PORT" "$DIST_PORT"
   rmq_write_config
   save_state "AMQP_PORT=$AMQP_PORT" "MGMT_PORT=$MGMT_PORT" "EPMD_PORT=$EPMD_PORT" "DIST_PORT=$DIST_PORT"
   rm -f "$RMQ_PIDFILE"
