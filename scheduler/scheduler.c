@@ -92,7 +92,8 @@
     "  error, body, source) SELECT 'task:' || id || ':deadline', id, id::text, queue, agent,"  \
     "  'deadline', error, jsonb_build_object('id', id, 'agent', agent, 'input', input),"       \
     "  'scheduler' FROM u ON CONFLICT (dedupe_key) DO NOTHING)"                                \
-    " SELECT id FROM u"
+    " SELECT id, stop_reason, error, step, tokens_in, tokens_out, cost_usd::float8, reply_to,"  \
+    "  correlation_id FROM u"
 
 /* Progress-based liveness: a running task whose lease keeps being renewed
  * but that wrote no checkpoint for twice the step timeout is looping or
@@ -112,7 +113,8 @@
     "  error, body, source) SELECT 'task:' || id || ':no_progress:' || lease_epoch, id, id::text," \
     "  queue, agent, 'no_progress', error, jsonb_build_object('id', id, 'agent', agent,"       \
     "  'input', input), 'scheduler' FROM u ON CONFLICT (dedupe_key) DO NOTHING)"               \
-    " SELECT id FROM u"
+    " SELECT id, stop_reason, error, step, tokens_in, tokens_out, cost_usd::float8, reply_to,"  \
+    "  correlation_id FROM u"
 
 /* Retention: finished tasks (and, by cascade, their steps and events).
  * $1 batch, $2 days. */
@@ -306,6 +308,62 @@ static void publish_rows(sched_t *s, const PGresult *res, uint64_t *counter, con
     lr_info("scheduler.dispatched", "%s: %d task(s) queued and published", what, n);
 }
 
+/* The outcome of tasks the scheduler killed (deadline, no_progress), to
+ * their reply_to queues: the same JSON a worker sends (docs/task-contract.md),
+ * best effort (the outcome is in the row either way).  Columns: id,
+ * stop_reason, error, step, tokens_in, tokens_out, cost_usd, reply_to,
+ * correlation_id. */
+static void reply_cb(int err, void *arg) {
+    char *id = arg;
+    if (err != 0) {
+        lr_warn("task.reply_failed", "could not publish the outcome of task %s to reply_to: %s", id,
+                lr_strerror(err));
+    }
+    free(id);
+}
+
+static void send_outcomes(sched_t *s, const PGresult *res) {
+    for (int i = 0; i < PQntuples(res); i++) {
+        const char *reply_to = lr_pg_get(res, i, 7);
+        cJSON *o, *usage;
+        char *body, *id;
+        lr_amqp_msg_t msg;
+        if (reply_to == NULL || reply_to[0] == '\0' || s->amqp == NULL) {
+            continue;
+        }
+        o = cJSON_CreateObject();
+        cJSON_AddStringToObject(o, "id", lr_pg_get(res, i, 0));
+        cJSON_AddStringToObject(o, "status", "dead");
+        cJSON_AddNullToObject(o, "result");
+        cJSON_AddStringToObject(o, "error", lr_pg_get(res, i, 2) != NULL ? lr_pg_get(res, i, 2) : "");
+        cJSON_AddStringToObject(o, "stop_reason", lr_pg_get(res, i, 1) != NULL ? lr_pg_get(res, i, 1) : "");
+        usage = cJSON_AddObjectToObject(o, "usage");
+        cJSON_AddNumberToObject(usage, "steps", atof(lr_pg_get(res, i, 3)));
+        cJSON_AddNumberToObject(usage, "tokens_in", atof(lr_pg_get(res, i, 4)));
+        cJSON_AddNumberToObject(usage, "tokens_out", atof(lr_pg_get(res, i, 5)));
+        cJSON_AddNumberToObject(usage, "cost_usd", atof(lr_pg_get(res, i, 6)));
+        body = cJSON_PrintUnformatted(o);
+        cJSON_Delete(o);
+        id = strdup(lr_pg_get(res, i, 0));
+        if (body == NULL || id == NULL) {
+            free(body);
+            free(id);
+            continue;
+        }
+        memset(&msg, 0, sizeof(msg));
+        msg.body = body;
+        msg.body_len = strlen(body);
+        msg.message_id = id;
+        msg.correlation_id = lr_pg_get(res, i, 8);
+        msg.content_type = "application/json";
+        msg.persistent = true;
+        if (lr_amqp_publish(s->amqp, "", reply_to, &msg, reply_cb, id) != 0) {
+            free(id);
+        }
+        free(body);
+    }
+}
+
 /* ------------------------------------------------------------------ sweeps */
 
 typedef struct sweep_op {
@@ -343,6 +401,7 @@ static void sweep_cb(int err, const PGresult *res, void *arg) {
                 s->deadlined += (uint64_t)PQntuples(res);
                 lr_info("scheduler.deadline", "%d task(s) dead-lettered past their deadline", PQntuples(res));
                 lr_metric_add(m_deadline, NULL, PQntuples(res));
+                send_outcomes(s, res);
             }
             break;
         case OP_NO_PROGRESS:
@@ -351,6 +410,7 @@ static void sweep_cb(int err, const PGresult *res, void *arg) {
                         "leases were renewed: dead-lettered with reason no_progress", PQntuples(res),
                         2 * s->cfg.step_timeout_seconds);
                 lr_metric_add(m_no_progress, NULL, PQntuples(res));
+                send_outcomes(s, res);
             }
             break;
         default:

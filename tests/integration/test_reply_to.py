@@ -11,8 +11,9 @@ task id, whose body is exactly the documented outcome object:
      "usage": {"steps": N, "tokens_in": N, "tokens_out": N, "cost_usd": X}}
 
 Covered: tasks that succeed in one delivery and across slices (the outcome is
-sent by whichever worker finishes, from the row's reply_to), and tasks that
-are dead-lettered (unknown agent, permanent tool error, attempts exhausted).
+sent by whichever worker finishes, from the row's reply_to), tasks that
+are dead-lettered (unknown agent, permanent tool error, attempts exhausted),
+and a task the scheduler kills past its deadline (the scheduler sends it).
 """
 import json
 import os
@@ -60,6 +61,10 @@ def test():
             "permanent_error", "HTTP 400")
         add({"agent": "http-steps", "input": {"steps": 2, "path": "/tools/fail-503"}, "max_attempts": 2}, "dead", 0,
             "exhausted", "HTTP 503")
+        # killed by the scheduler past its deadline while its step still runs: the scheduler sends the outcome
+        soon = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3))
+        add({"agent": "http-steps", "input": {"steps": 1, "path": "/tools/slow-8000"}, "deadline": soon}, "dead", 0,
+            "deadline", "deadline passed")
         env.publish(bodies, props=lambda i, b: props[i], conn=conn)
         h.log("published %d tasks with reply_to %s" % (len(bodies), q))
 
