@@ -278,6 +278,50 @@ int cmd_signal(cli_t *c, int argc, char **argv) {
 
 /* ------------------------------------------------------------------ cancel */
 
+/* The outcome of a task cancelled by the operator, to its reply_to (columns
+ * of r: status, reply_to, correlation_id, step, tokens_in, tokens_out,
+ * cost_usd).  Returns 0 when the broker confirmed it; else warns. */
+static int send_cancel_outcome(cli_t *c, const char *id, PGresult *r, const char *reason) {
+    lr_amqp_sync_t *a = NULL;
+    lr_amqp_msg_t msg;
+    cJSON *o = cJSON_CreateObject(), *usage;
+    char err[256] = "", *body;
+    int rc;
+    cJSON_AddStringToObject(o, "id", id);
+    cJSON_AddStringToObject(o, "status", "cancelled");
+    cJSON_AddNullToObject(o, "result");
+    cJSON_AddStringToObject(o, "error", reason);
+    cJSON_AddStringToObject(o, "stop_reason", "cancelled");
+    usage = cJSON_AddObjectToObject(o, "usage");
+    cJSON_AddNumberToObject(usage, "steps", atof(PQgetvalue(r, 0, 3)));
+    cJSON_AddNumberToObject(usage, "tokens_in", atof(PQgetvalue(r, 0, 4)));
+    cJSON_AddNumberToObject(usage, "tokens_out", atof(PQgetvalue(r, 0, 5)));
+    cJSON_AddNumberToObject(usage, "cost_usd", atof(PQgetvalue(r, 0, 6)));
+    body = cJSON_PrintUnformatted(o);
+    cJSON_Delete(o);
+    if (body == NULL) {
+        return LR_ENOMEM;
+    }
+    memset(&msg, 0, sizeof(msg));
+    msg.body = body;
+    msg.body_len = strlen(body);
+    msg.message_id = id;
+    msg.correlation_id = PQgetisnull(r, 0, 2) ? NULL : PQgetvalue(r, 0, 2);
+    msg.content_type = "application/json";
+    msg.persistent = true;
+    rc = lr_amqp_sync_connect(&a, c->cfg.amqp_url, 5000, err, sizeof(err));
+    if (rc == 0) {
+        rc = lr_amqp_sync_publish(a, "", PQgetvalue(r, 0, 1), &msg, 5000, err, sizeof(err));
+        lr_amqp_sync_close(a);
+    }
+    if (rc != 0) {
+        fprintf(stderr, "longrun: warning: %s is cancelled, but its outcome could not be sent to reply_to %s: %s\n",
+                id, PQgetvalue(r, 0, 1), err);
+    }
+    free(body);
+    return rc;
+}
+
 int cmd_cancel(cli_t *c, int argc, char **argv) {
     static const char *usage = "usage: longrun cancel ID [--reason TEXT] [--actor NAME] [--json]\n"
                                "\nCancels a task.  A queued, suspended or waiting task is cancelled at once; a\n"
@@ -287,6 +331,7 @@ int cmd_cancel(cli_t *c, int argc, char **argv) {
     PGresult *r = NULL;
     char status[32];
     const char *id;
+    bool reply_tried = false, reply_sent = false;
     int rc = parse_act(c, argc, argv, usage, &o, 1, 1);
     if (rc != 0) {
         return rc < 0 ? LR_EXIT_OK : rc;
@@ -316,20 +361,31 @@ int cmd_cancel(cli_t *c, int argc, char **argv) {
                      "  stop_reason = CASE WHEN status = 'running' THEN stop_reason ELSE 'cancelled' END,"
                      "  error = $3, finished_at = CASE WHEN status = 'running' THEN NULL ELSE now() END,"
                      "  lease_owner = CASE WHEN status = 'running' THEN lease_owner ELSE NULL END,"
-                     "  updated_at = now() WHERE id = $1 RETURNING status)"
-                     " INSERT INTO task_events (task_id, from_status, to_status, reason, actor, detail)"
+                     "  updated_at = now() WHERE id = $1 RETURNING status, reply_to, correlation_id, step,"
+                     "  tokens_in, tokens_out, cost_usd::float8 AS cost_usd),"
+                     " ev AS (INSERT INTO task_events (task_id, from_status, to_status, reason, actor, detail)"
                      " SELECT $1, $4, u.status, CASE WHEN u.status = 'running' THEN 'cancel_requested'"
-                     "  ELSE 'cancelled' END, $2, jsonb_build_object('reason', $3::text) FROM u RETURNING to_status",
+                     "  ELSE 'cancelled' END, $2, jsonb_build_object('reason', $3::text) FROM u)"
+                     " SELECT status, reply_to, correlation_id, step, tokens_in, tokens_out, cost_usd FROM u",
                      4, params);
     }
     if (r == NULL || commit(c, db) != 0) {
         rc = LR_EXIT_FAIL;
         goto out;
     }
+    /* A task cancelled here (not running) gets no outcome from a worker:
+     * send it to its reply_to, as a worker would (best effort). */
+    if (strcmp(PQgetvalue(r, 0, 0), "cancelled") == 0 && !PQgetisnull(r, 0, 1) && PQgetvalue(r, 0, 1)[0] != '\0') {
+        reply_sent = send_cancel_outcome(c, id, r, o.reason != NULL ? o.reason : "cancelled by operator") == 0;
+        reply_tried = true;
+    }
     if (c->json) {
         cJSON *j = cJSON_CreateObject();
         cJSON_AddStringToObject(j, "id", id);
         cJSON_AddStringToObject(j, "status", PQgetvalue(r, 0, 0));
+        if (reply_tried) {
+            cJSON_AddBoolToObject(j, "outcome_sent", reply_sent);
+        }
         cli_print_json(j);
         cJSON_Delete(j);
     } else if (strcmp(PQgetvalue(r, 0, 0), "running") == 0) {

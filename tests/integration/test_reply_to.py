@@ -90,6 +90,28 @@ def test():
                 continue
             extra.append(json.loads(body))
         h.eq(extra, [], "duplicate outcomes")
+
+        # an operator cancels a task that is not running: `longrun cancel` sends its outcome
+        cid = str(uuid.uuid4())
+        env.sql("insert into tasks (id, agent, input, status, step, suspend_reason, reply_to, correlation_id)"
+                " values (%s, 'http-steps', '{\"steps\": 3}', 'suspended', 1, 'approval', %s, 'corr-cancel')",
+                (cid, q))
+        r = env.cli("cancel", cid, "--reason", "not needed", "--json")
+        h.eq(r.returncode, 0, r.stderr)
+        h.eq(json.loads(r.stdout), {"id": cid, "status": "cancelled", "outcome_sent": True}, "cancel --json")
+        msg = None
+        deadline = time.time() + 10
+        while msg is None and time.time() < deadline:
+            method, pr, body = ch.basic_get(q, auto_ack=True)
+            if method is None:
+                conn.process_data_events(0.2)
+                continue
+            msg = (pr, json.loads(body))
+        h.check(msg is not None, "the cancelled task's outcome reached reply_to")
+        h.eq(msg[1], {"id": cid, "status": "cancelled", "result": None, "error": "not needed",
+                      "stop_reason": "cancelled", "usage": {"steps": 1, "tokens_in": 0, "tokens_out": 0, "cost_usd": 0}},
+             "cancel outcome")
+        h.eq((msg[0].correlation_id, msg[0].message_id), ("corr-cancel", cid), "cancel outcome properties")
         conn.close()
 
         rows = {r["id"]: r for r in env.sql("select id::text, status, step, stop_reason, result, error, tokens_in, "
