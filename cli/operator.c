@@ -284,21 +284,10 @@ int cmd_signal(cli_t *c, int argc, char **argv) {
 static int send_cancel_outcome(cli_t *c, const char *id, PGresult *r, const char *reason) {
     lr_amqp_sync_t *a = NULL;
     lr_amqp_msg_t msg;
-    cJSON *o = cJSON_CreateObject(), *usage;
-    char err[256] = "", *body;
+    char err[256] = "";
+    char *body = lr_outcome_json(id, "cancelled", NULL, reason, "cancelled", atol(PQgetvalue(r, 0, 3)),
+                                 atol(PQgetvalue(r, 0, 4)), atol(PQgetvalue(r, 0, 5)), atof(PQgetvalue(r, 0, 6)));
     int rc;
-    cJSON_AddStringToObject(o, "id", id);
-    cJSON_AddStringToObject(o, "status", "cancelled");
-    cJSON_AddNullToObject(o, "result");
-    cJSON_AddStringToObject(o, "error", reason);
-    cJSON_AddStringToObject(o, "stop_reason", "cancelled");
-    usage = cJSON_AddObjectToObject(o, "usage");
-    cJSON_AddNumberToObject(usage, "steps", atof(PQgetvalue(r, 0, 3)));
-    cJSON_AddNumberToObject(usage, "tokens_in", atof(PQgetvalue(r, 0, 4)));
-    cJSON_AddNumberToObject(usage, "tokens_out", atof(PQgetvalue(r, 0, 5)));
-    cJSON_AddNumberToObject(usage, "cost_usd", atof(PQgetvalue(r, 0, 6)));
-    body = cJSON_PrintUnformatted(o);
-    cJSON_Delete(o);
     if (body == NULL) {
         return LR_ENOMEM;
     }

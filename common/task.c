@@ -396,3 +396,39 @@ void lr_task_msg_free(lr_task_msg_t *m) {
     cJSON_Delete(m->root);
     memset(m, 0, sizeof(*m));
 }
+
+char *lr_outcome_json(const char *id, const char *status, const char *result_json, const char *error,
+                      const char *stop_reason, long steps, long tokens_in, long tokens_out, double cost_usd) {
+    cJSON *o = cJSON_CreateObject();
+    cJSON *usage;
+    char *text;
+    if (o == NULL) {
+        return NULL;
+    }
+    cJSON_AddStringToObject(o, "id", id);
+    cJSON_AddStringToObject(o, "status", status);
+    if (result_json != NULL) {
+        cJSON *res = cJSON_Parse(result_json);
+        cJSON_AddItemToObject(o, "result", res != NULL ? res : cJSON_CreateString(result_json));
+    } else {
+        cJSON_AddNullToObject(o, "result");
+    }
+    if (error != NULL && error[0] != '\0') {
+        cJSON_AddStringToObject(o, "error", error);
+    } else {
+        cJSON_AddNullToObject(o, "error");
+    }
+    if (stop_reason != NULL && stop_reason[0] != '\0') {
+        cJSON_AddStringToObject(o, "stop_reason", stop_reason);
+    } else {
+        cJSON_AddNullToObject(o, "stop_reason");
+    }
+    usage = cJSON_AddObjectToObject(o, "usage");
+    cJSON_AddNumberToObject(usage, "steps", (double)steps);
+    cJSON_AddNumberToObject(usage, "tokens_in", (double)tokens_in);
+    cJSON_AddNumberToObject(usage, "tokens_out", (double)tokens_out);
+    cJSON_AddNumberToObject(usage, "cost_usd", cost_usd);
+    text = cJSON_PrintUnformatted(o);
+    cJSON_Delete(o);
+    return text;
+}

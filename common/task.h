@@ -59,6 +59,17 @@ int lr_task_parse(const char *body, size_t len, lr_task_msg_t *out, char *errbuf
                   size_t errlen) LR_MUSTCHECK;
 void lr_task_msg_free(lr_task_msg_t *m);
 
+/* The outcome message of a task that ended (docs/task-contract.md,
+ * "Results without polling"), as malloc'd JSON text:
+ *   {"id","status","result","error","stop_reason",
+ *    "usage":{"steps","tokens_in","tokens_out","cost_usd"}}
+ * result_json: the task's result as JSON text (kept as a string if it does
+ * not parse), or NULL for null; error and stop_reason: NULL or "" for null.
+ * Sent by the worker, the scheduler (deadline, no_progress) and `longrun
+ * cancel`.  Returns NULL on out of memory. */
+char *lr_outcome_json(const char *id, const char *status, const char *result_json, const char *error,
+                      const char *stop_reason, long steps, long tokens_in, long tokens_out, double cost_usd);
+
 /* The budgets object as JSON text with only the fields that are set
  * (malloc'd, caller frees), e.g. {"max_steps":50}. */
 char *lr_budgets_to_json(const lr_budgets_t *b);

@@ -325,25 +325,14 @@ static void reply_cb(int err, void *arg) {
 static void send_outcomes(sched_t *s, const PGresult *res) {
     for (int i = 0; i < PQntuples(res); i++) {
         const char *reply_to = lr_pg_get(res, i, 7);
-        cJSON *o, *usage;
         char *body, *id;
         lr_amqp_msg_t msg;
         if (reply_to == NULL || reply_to[0] == '\0' || s->amqp == NULL) {
             continue;
         }
-        o = cJSON_CreateObject();
-        cJSON_AddStringToObject(o, "id", lr_pg_get(res, i, 0));
-        cJSON_AddStringToObject(o, "status", "dead");
-        cJSON_AddNullToObject(o, "result");
-        cJSON_AddStringToObject(o, "error", lr_pg_get(res, i, 2) != NULL ? lr_pg_get(res, i, 2) : "");
-        cJSON_AddStringToObject(o, "stop_reason", lr_pg_get(res, i, 1) != NULL ? lr_pg_get(res, i, 1) : "");
-        usage = cJSON_AddObjectToObject(o, "usage");
-        cJSON_AddNumberToObject(usage, "steps", atof(lr_pg_get(res, i, 3)));
-        cJSON_AddNumberToObject(usage, "tokens_in", atof(lr_pg_get(res, i, 4)));
-        cJSON_AddNumberToObject(usage, "tokens_out", atof(lr_pg_get(res, i, 5)));
-        cJSON_AddNumberToObject(usage, "cost_usd", atof(lr_pg_get(res, i, 6)));
-        body = cJSON_PrintUnformatted(o);
-        cJSON_Delete(o);
+        body = lr_outcome_json(lr_pg_get(res, i, 0), "dead", NULL, lr_pg_get(res, i, 2), lr_pg_get(res, i, 1),
+                               atol(lr_pg_get(res, i, 3)), atol(lr_pg_get(res, i, 4)), atol(lr_pg_get(res, i, 5)),
+                               atof(lr_pg_get(res, i, 6)));
         id = strdup(lr_pg_get(res, i, 0));
         if (body == NULL || id == NULL) {
             free(body);

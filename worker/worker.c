@@ -540,30 +540,11 @@ static void run_publish_retry(lr_run_t *r, int err) {
     uv_timer_start(&r->retry_timer, retry_timer_cb, (uint64_t)delay + 1, 0);
 }
 
-static void outcome_json(lr_run_t *r, cJSON *o) {
-    cJSON *usage = cJSON_AddObjectToObject(o, "usage");
-    cJSON_AddStringToObject(o, "id", r->id);
-    cJSON_AddStringToObject(o, "status", r->final_status);
-    if (r->out.result != NULL && strcmp(r->final_status, "succeeded") == 0) {
-        cJSON *res = cJSON_Parse(r->out.result);
-        cJSON_AddItemToObject(o, "result", res != NULL ? res : cJSON_CreateString(r->out.result));
-    } else {
-        cJSON_AddNullToObject(o, "result");
-    }
-    if (r->error[0] != '\0') {
-        cJSON_AddStringToObject(o, "error", r->error);
-    } else {
-        cJSON_AddNullToObject(o, "error");
-    }
-    if (r->reason[0] != '\0' && strcmp(r->final_status, "succeeded") != 0) {
-        cJSON_AddStringToObject(o, "stop_reason", r->reason);
-    } else {
-        cJSON_AddNullToObject(o, "stop_reason");
-    }
-    cJSON_AddNumberToObject(usage, "steps", r->step);
-    cJSON_AddNumberToObject(usage, "tokens_in", (double)r->tokens_in);
-    cJSON_AddNumberToObject(usage, "tokens_out", (double)r->tokens_out);
-    cJSON_AddNumberToObject(usage, "cost_usd", r->cost_usd);
+/* This run's outcome message (lr_outcome_json), malloc'd. */
+static char *run_outcome(const lr_run_t *r) {
+    bool ok = strcmp(r->final_status, "succeeded") == 0;
+    return lr_outcome_json(r->id, r->final_status, ok ? r->out.result : NULL, r->error, ok ? NULL : r->reason,
+                           r->step, r->tokens_in, r->tokens_out, r->cost_usd);
 }
 
 /* Publishes what the committed state calls for, then acks (run_published). */
@@ -656,17 +637,13 @@ static void reply_published(int err, void *arg) {
 
 static void run_send_reply(lr_run_t *r) {
     lr_amqp_msg_t msg;
-    cJSON *o;
     char *body, *id;
     bool reply = r->reply_to != NULL && r->reply_to[0] != '\0';
     bool callback = r->callback_url != NULL && r->callback_url[0] != '\0';
     if (!reply && !callback) {
         return;
     }
-    o = cJSON_CreateObject();
-    outcome_json(r, o);
-    body = cJSON_PrintUnformatted(o);
-    cJSON_Delete(o);
+    body = run_outcome(r);
     if (callback && body != NULL) {
         lr_callback_send(r->w, r->id, r->callback_url, body);
     }

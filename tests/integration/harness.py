@@ -63,6 +63,26 @@ def eq(a, b, msg=""):
         raise TestFailure("%s: %r != %r" % (msg or "values differ", a, b))
 
 
+def free_port():
+    """A TCP port free on 127.0.0.1 right now (for LONGRUN_HTTP_PORT and the like)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def http_get(port, path):
+    """GET http://127.0.0.1:port/path: (status, body text); (None, "") when nothing answers."""
+    try:
+        with urllib.request.urlopen("http://127.0.0.1:%d%s" % (port, path), timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except OSError:
+        return None, ""
+
+
 def wait_for(cond, timeout, what, interval=0.1):
     """Polls cond() until it returns a truthy value; returns it.  Fails with `what`."""
     deadline = time.time() + timeout * TIMEOUT_MULT

@@ -5,15 +5,14 @@ same Idempotency-Key for an agent's tool call re-run after kill -9.  Real Rabbit
 PostgreSQL, the fixture server for models and tools."""
 import json
 import os
-import socket
 import sys
-import time
-import urllib.error
-import urllib.request
 
 sys.path.insert(0, os.path.dirname(__file__))
 import harness as h  # noqa: E402
 from openai_schema import check_requests  # noqa: E402
+
+get = h.http_get
+free_port = h.free_port
 
 SECRET = "sk-test-DO-NOT-LOG-4f1c9e"
 
@@ -61,20 +60,8 @@ AGENTS = {
 }
 
 
-def get(port, path):
-    try:
-        with urllib.request.urlopen("http://127.0.0.1:%d%s" % (port, path), timeout=5) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 def task(env, tid):

@@ -8,9 +8,7 @@
 """
 import json
 import os
-import socket
 import sys
-import threading
 import time
 import urllib.error
 import urllib.parse
@@ -21,25 +19,14 @@ import harness as h  # noqa: E402
 
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
+get = h.http_get
+free_port = h.free_port
+
 AGENTS = os.path.join(h.SOURCE, "tests", "fixtures", "agents.test.json")
 
 
-def get(port, path):
-    try:
-        with urllib.request.urlopen("http://127.0.0.1:%d%s" % (port, path), timeout=5) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-    except OSError:
-        return None, ""
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 def metrics(port):

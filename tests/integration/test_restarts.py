@@ -19,7 +19,6 @@ Needs LONGRUN_HOME naming the services.sh instance of LONGRUN_DATABASE_URL
 (scripts/dev test sets it); skips otherwise.
 """
 import os
-import socket
 import sys
 import time
 import urllib.request
@@ -28,17 +27,13 @@ from collections import Counter
 sys.path.insert(0, os.path.dirname(__file__))
 import harness as h  # noqa: E402
 
+free_port = h.free_port
+
 N = int(os.environ.get("LONGRUN_TEST_TASKS", "200"))
 LEASE = 60
 STEPS = 10
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 def ready(port):
