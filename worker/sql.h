@@ -179,6 +179,10 @@
     "UPDATE tasks SET published_at = now() WHERE id = $1 AND status = 'queued'"                \
     " AND published_at IS NULL"
 
+/* A tenant's running tasks, counted after a claim committed (the claim's own
+ * count could not see claims racing on other connections). */
+#define SQL_TENANT_RUNNING "SELECT count(*) FROM tasks WHERE tenant = $1 AND status = 'running'"
+
 /* The step log and then the task's signals (approval decisions, events). */
 #define SQL_HISTORY                                                                            \
     "SELECT kind, n, body, v FROM ("                                                           \

@@ -178,6 +178,9 @@ struct lr_worker {
 };
 
 static void run_next(lr_run_t *r);
+static void run_load(lr_run_t *r);
+static void tenant_bounce(lr_run_t *r, int running);
+static void tenant_cb(int err, const PGresult *res, void *arg);
 static void run_publish_followup(lr_run_t *r);
 static void run_transition(lr_run_t *r, const char *status, const char *reason, const char *error,
                            const char *stop_reason, long resume_in_ms, int attempt_inc);
@@ -1201,15 +1204,6 @@ static void run_claimed(lr_run_t *r, const PGresult *res) {
         run_transition(r, "queued", "state_version_too_new", NULL, NULL, -1, 0);
         return;
     }
-    v = lr_pg_getn(res, 0, "tenant_running");
-    if (r->tenant != NULL && w->cfg.tenant_max_running > 0 && v != NULL && atoi(v) >= w->cfg.tenant_max_running) {
-        /* The tenant is at its fleet-wide cap: come back in a moment
-         * (no attempt, no crash claim) so other tenants' work flows. */
-        LR_LOG(LR_LOG_DEBUG, &r->log, "task.tenant_limit", "tenant %s has %s running (cap %d); suspending briefly",
-               r->tenant, v, w->cfg.tenant_max_running);
-        run_transition(r, "suspended", "tenant_limit", NULL, NULL, 1000 + backoff_ms(1000, 2000, 1), 0);
-        return;
-    }
     if (claims > w->cfg.max_claims) {
         char why[160];
         snprintf(why, sizeof(why), "claimed %d times without progress (limit %d): its worker keeps dying",
@@ -1229,6 +1223,56 @@ static void run_claimed(lr_run_t *r, const PGresult *res) {
         run_transition(r, "dead", "unknown_agent", why, "unknown_agent", -1, 0);
         return;
     }
+    v = lr_pg_getn(res, 0, "tenant_running");
+    if (r->tenant != NULL && w->cfg.tenant_max_running > 0) {
+        if (v != NULL && atoi(v) >= w->cfg.tenant_max_running) {
+            tenant_bounce(r, atoi(v));
+            return;
+        }
+        /* The count above was read before this claim committed, so claims
+         * racing on other connections do not see each other.  Count again
+         * now that ours is visible: whichever of them counts last sees all
+         * the others, so the cap holds exactly. */
+        set_state(r, RUN_LOADING);
+        r->pending++;
+        if (lr_pg_query(w->pg, SQL_TENANT_RUNNING, 1, (const char *const[]){r->tenant}, 0, tenant_cb, r) != 0) {
+            r->pending--;
+            run_requeue(r);
+        }
+        return;
+    }
+    run_load(r);
+}
+
+/* The tenant is at its fleet-wide cap: come back in a moment (no attempt,
+ * no crash claim) so that other tenants' work flows. */
+static void tenant_bounce(lr_run_t *r, int running) {
+    LR_LOG(LR_LOG_DEBUG, &r->log, "task.tenant_limit", "tenant %s has %d running (cap %d); suspending briefly",
+           r->tenant, running, r->w->cfg.tenant_max_running);
+    run_transition(r, "suspended", "tenant_limit", NULL, NULL, 1000 + backoff_ms(1000, 2000, 1), 0);
+}
+
+static void tenant_cb(int err, const PGresult *res, void *arg) {
+    lr_run_t *r = arg;
+    int running;
+    r->pending--;
+    if (err != 0 || PQntuples(res) != 1) {
+        LR_LOG(LR_LOG_WARN, &r->log, "task.tenant_check_failed", "cannot count the tenant's running tasks: %s",
+               res != NULL ? PQresultErrorMessage(res) : lr_strerror(err));
+        run_requeue(r);
+        return;
+    }
+    running = atoi(lr_pg_get(res, 0, 0)); /* ours included */
+    if (running > r->w->cfg.tenant_max_running) {
+        tenant_bounce(r, running - 1);
+        return;
+    }
+    run_load(r);
+}
+
+/* Loads the step log if the executor needs it, then starts the step. */
+static void run_load(lr_run_t *r) {
+    lr_worker_t *w = r->w;
     if (r->exec->needs_history && r->step > 0) {
         set_state(r, RUN_LOADING);
         r->pending++;

@@ -1,10 +1,10 @@
 """Issue 4: one tenant's burst cannot starve the others.
 
 With LONGRUN_TENANT_MAX_RUNNING=2, a burst of 12 slow tasks from tenant
-`big` runs at most about 2 at a time fleet-wide (sampled in the database;
-the cap is checked at claim time, so two claims racing on different
-connections can overshoot by one), while tenant `small`'s 2 tasks finish
-long before the burst does.  Bounced claims burn no attempt and no crash
+`big` runs at most 2 at a time fleet-wide (the cap is counted again after
+each claim commits, so claims racing on different connections and workers
+see each other), while tenant `small`'s 2 tasks finish long before the
+burst does.  Bounced claims burn no attempt and no crash
 claim.
 """
 import os
@@ -58,7 +58,9 @@ def test():
             overlap = max(overlap, cur)
         h.log("tenant big: %d steps ran at once at most (rows 'running' peaked at %d, incl. bounces); "
               "%d big tasks were left when small finished" % (overlap, peak[0], big_left))
-        h.check(overlap <= 3, "tenant big ran at most 2 (+1 race) steps at a time: %d" % overlap)
+        # (+1: step rows are timestamped at their group-commit batch's start, which can make
+        # two steps that ran one after the other look overlapping by a few milliseconds)
+        h.check(overlap <= 3, "tenant big ran at most 2 steps at a time (+1 for timestamps): %d" % overlap)
         h.check(big_left >= 4, "the small tenant was not queued behind the burst (%d big tasks left)" % big_left)
         h.eq(env.scalar("select count(*) from tasks where status = 'succeeded'"), 14, "all succeeded")
         h.eq(env.scalar("select max(attempt) from tasks"), 0, "no attempt burned by the cap")
