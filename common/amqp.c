@@ -2823,3 +2823,33 @@ void lr_amqp_sync_close(lr_amqp_sync_t *s) {
     url_free(&s->url);
     free(s);
 }
+
+static void reply_confirmed(int err, void *arg) {
+    char *id = arg;
+    if (err != 0) {
+        lr_warn("task.reply_failed", "could not publish the outcome of task %s to reply_to: %s", id,
+                lr_strerror(err));
+    }
+    free(id);
+}
+
+void lr_amqp_publish_reply(lr_amqp_t *a, const char *reply_to, const char *correlation_id, const char *task_id,
+                           const char *body) {
+    lr_amqp_msg_t msg;
+    char *id = strdup(task_id);
+    int rc;
+    if (id == NULL) {
+        return;
+    }
+    memset(&msg, 0, sizeof(msg));
+    msg.body = body;
+    msg.body_len = strlen(body);
+    msg.message_id = task_id;
+    msg.correlation_id = correlation_id;
+    msg.content_type = "application/json";
+    msg.persistent = true;
+    rc = lr_amqp_publish(a, "", reply_to, &msg, reply_confirmed, id);
+    if (rc != 0) {
+        reply_confirmed(rc, id);
+    }
+}

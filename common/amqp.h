@@ -124,6 +124,14 @@ int lr_amqp_reject(lr_amqp_t *a, const lr_amqp_delivery_t *d, bool requeue);
 int lr_amqp_publish(lr_amqp_t *a, const char *exchange, const char *routing_key,
                     const lr_amqp_msg_t *msg, lr_amqp_confirm_cb cb, void *arg) LR_MUSTCHECK;
 
+/* Publishes a task's outcome (JSON body) to the producer's reply_to queue
+ * through the default exchange, persistent, message_id = task_id, with
+ * correlation_id if not NULL.  Best effort: a failure (now or in the
+ * confirm) is logged as task.reply_failed and nothing else; the outcome is
+ * in PostgreSQL either way.  Used by the worker, the scheduler. */
+void lr_amqp_publish_reply(lr_amqp_t *a, const char *reply_to, const char *correlation_id, const char *task_id,
+                           const char *body);
+
 /* Stops consuming (basic.cancel on every consumer; not resumed on reconnect).
  * Publishing, acks and rejects keep working. */
 void lr_amqp_cancel_consume(lr_amqp_t *a);

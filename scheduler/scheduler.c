@@ -313,41 +313,18 @@ static void publish_rows(sched_t *s, const PGresult *res, uint64_t *counter, con
  * best effort (the outcome is in the row either way).  Columns: id,
  * stop_reason, error, step, tokens_in, tokens_out, cost_usd, reply_to,
  * correlation_id. */
-static void reply_cb(int err, void *arg) {
-    char *id = arg;
-    if (err != 0) {
-        lr_warn("task.reply_failed", "could not publish the outcome of task %s to reply_to: %s", id,
-                lr_strerror(err));
-    }
-    free(id);
-}
-
 static void send_outcomes(sched_t *s, const PGresult *res) {
     for (int i = 0; i < PQntuples(res); i++) {
         const char *reply_to = lr_pg_get(res, i, 7);
-        char *body, *id;
-        lr_amqp_msg_t msg;
+        char *body;
         if (reply_to == NULL || reply_to[0] == '\0' || s->amqp == NULL) {
             continue;
         }
         body = lr_outcome_json(lr_pg_get(res, i, 0), "dead", NULL, lr_pg_get(res, i, 2), lr_pg_get(res, i, 1),
                                atol(lr_pg_get(res, i, 3)), atol(lr_pg_get(res, i, 4)), atol(lr_pg_get(res, i, 5)),
                                atof(lr_pg_get(res, i, 6)));
-        id = strdup(lr_pg_get(res, i, 0));
-        if (body == NULL || id == NULL) {
-            free(body);
-            free(id);
-            continue;
-        }
-        memset(&msg, 0, sizeof(msg));
-        msg.body = body;
-        msg.body_len = strlen(body);
-        msg.message_id = id;
-        msg.correlation_id = lr_pg_get(res, i, 8);
-        msg.content_type = "application/json";
-        msg.persistent = true;
-        if (lr_amqp_publish(s->amqp, "", reply_to, &msg, reply_cb, id) != 0) {
-            free(id);
+        if (body != NULL) {
+            lr_amqp_publish_reply(s->amqp, reply_to, lr_pg_get(res, i, 8), lr_pg_get(res, i, 0), body);
         }
         free(body);
     }

@@ -270,7 +270,7 @@ reserve_ports() {
     [[ ,$want, == *",$p,"* ]] || want=${want:+$want,}$p
   done
   [[ $want != "$cur" ]] || return 0
-  [[ -w $f ]] && echo "$want" >"$f" 2>/dev/null
+  [[ -w $f ]] && { echo "$want" >"$f"; } 2>/dev/null
   return 1
 }
 

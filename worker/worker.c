@@ -627,48 +627,24 @@ static void run_publish_followup(lr_run_t *r) {
     }
 }
 
-/* Best-effort: the outcome to the producer's reply_to queue (confirmed, but
- * the ack does not wait for it: the outcome is in PostgreSQL either way). */
-static void reply_published(int err, void *arg) {
-    char *id = arg;
-    if (err != 0) {
-        lr_warn("task.reply_failed", "could not publish the outcome of task %s to reply_to: %s", id,
-                lr_strerror(err));
-    }
-    free(id);
-}
-
+/* The outcome to callback_url and reply_to, best effort (not awaited before
+ * the ack: the outcome is in PostgreSQL either way). */
 static void run_send_reply(lr_run_t *r) {
-    lr_amqp_msg_t msg;
-    char *body, *id;
+    char *body;
     bool reply = r->reply_to != NULL && r->reply_to[0] != '\0';
     bool callback = r->callback_url != NULL && r->callback_url[0] != '\0';
     if (!reply && !callback) {
         return;
     }
     body = run_outcome(r);
-    if (callback && body != NULL) {
+    if (body == NULL) {
+        return;
+    }
+    if (callback) {
         lr_callback_send(r->w, r->id, r->callback_url, body);
     }
-    if (!reply) {
-        free(body);
-        return;
-    }
-    id = strdup(r->id);
-    if (body == NULL || id == NULL) {
-        free(body);
-        free(id);
-        return;
-    }
-    memset(&msg, 0, sizeof(msg));
-    msg.body = body;
-    msg.body_len = strlen(body);
-    msg.message_id = r->id;
-    msg.correlation_id = r->correlation_id;
-    msg.content_type = "application/json";
-    msg.persistent = true;
-    if (lr_amqp_publish(r->w->amqp, "", r->reply_to, &msg, reply_published, id) != 0) {
-        free(id);
+    if (reply) {
+        lr_amqp_publish_reply(r->w->amqp, r->reply_to, r->correlation_id, r->id, body);
     }
     free(body);
 }
