@@ -105,10 +105,6 @@ void lr_breaker_abandon(lr_breaker_t *b, uint64_t now_ms) {
     }
 }
 
-enum lr_cb_state lr_breaker_state(const lr_breaker_t *b) {
-    return b != NULL ? b->state : LR_CB_CLOSED;
-}
-
 size_t lr_breakers_json(char *buf, size_t len) {
     cJSON *arr = cJSON_CreateArray();
     char *txt;

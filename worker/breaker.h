@@ -39,8 +39,6 @@ void lr_breaker_result(lr_breaker_t *b, bool ok, uint64_t now_ms);
 /* A trial call was cancelled before it finished: allow another trial. */
 void lr_breaker_abandon(lr_breaker_t *b, uint64_t now_ms);
 
-enum lr_cb_state lr_breaker_state(const lr_breaker_t *b);
-
 /* Writes [{"name":label,"state":"open"|"half_open","failures":N}, ...]
  * for every circuit that is not closed (the /health snapshot).  Returns the
  * length written ("[]" when it does not fit). */

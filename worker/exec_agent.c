@@ -77,7 +77,6 @@ typedef struct agent_state {
     lr_step_done_cb done;
     const lr_agent_t *agent;
     uv_timer_t timer;
-    bool timer_init;
     bool active;                 /* a step is in flight */
     int step_no;                 /* the step being made */
     cJSON *conv;                 /* conversation sent to the model */
@@ -1508,7 +1507,6 @@ static int agent_start(lr_run_t *r, lr_step_t *out, lr_step_done_cb done) {
         st->w = lr_run_worker(r);
         uv_timer_init(lr_worker_loop(st->w), &st->timer);
         st->timer.data = st;
-        st->timer_init = true;
         *sp = st;
     }
     st->run = r;
