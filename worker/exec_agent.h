@@ -1,0 +1,177 @@
+/*
+ * exec_agent.h - internals of the agent executor shared by its files (not
+ * for the rest of the worker, which sees only lr_exec_agent in worker.h):
+ *
+ *   exec_agent.c     the step's state machine, the executor entry points,
+ *                    budgets, the model call (fallback chain, retries,
+ *                    circuit breakers, concurrency gate, rate windows)
+ *   agent_context.c  the conversation: built from the step log, the context
+ *                    strategies (window, summarize) and the summary step
+ *   agent_tools.c    tool calls: answering pending calls from signals,
+ *                    checking and running the calls the model asked for
+ *   agent_fsm.c      the states and their legal moves (agent_fsm.h)
+ *
+ * Everything runs on the loop thread.  The state (agent_state_t) belongs to
+ * exec_agent.c: only its set_state() changes st->state, and only its
+ * agent_unref() frees it.
+ */
+#ifndef LR_EXEC_AGENT_H
+#define LR_EXEC_AGENT_H
+
+#include <cjson/cJSON.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "agent_fsm.h"
+#include "agents.h"
+#include "breaker.h"
+#include "log.h"
+#include "provider.h"
+#include "worker.h"
+
+#define LR_AGENT_MAX_CALLS 16 /* tool calls of one assistant message that run (more are dropped) */
+
+typedef struct agent_state agent_state_t;
+
+/* One tool call of the step (its strings borrowed from the assistant message
+ * in st->conv, valid until the step ends). */
+typedef struct tool_call {
+    agent_state_t *st;
+    int index;       /* position in the step: part of the Idempotency-Key */
+    const char *id;
+    const char *name;
+    const char *args;
+    const lr_tool_def_t *def; /* NULL: unknown or not allowed for the agent */
+    lr_http_req_t *req;       /* in flight, or NULL */
+    int tries;
+    bool running;  /* sent (or being retried), no result yet */
+    bool suspends; /* a sleep, wait_event or approval: the step suspends */
+    bool approved; /* requires_approval and approved: run it */
+    double sig_id; /* the approval signal it consumes (0: none) */
+    uint64_t started;
+} tool_call_t;
+
+/* Per task, allocated on its first step, freed once released and nothing
+ * refers to it (refs). */
+struct agent_state {
+    enum lr_agent_state state; /* written only by set_state() */
+    int refs;                  /* the timer until its close callback + reservations in flight */
+    lr_run_t *run;
+    lr_worker_t *w;
+    lr_log_ctx_t log; /* task, step being made, epoch */
+    lr_step_t *out;
+    lr_step_done_cb done; /* NULL while start() runs: its return value reports a step
+                             that ended inside it */
+    const lr_agent_t *agent;
+    /* One timer; its purpose is the state: RATE_WAIT (next window), GATE_WAIT
+     * (the longest wait for a slot), BACKOFF (before the next try). */
+    uv_timer_t timer;
+    int step_no;      /* the step being made */
+    cJSON *conv;      /* conversation sent to the model */
+    int conv_step;    /* conv is the whole conversation through this step (-1: rebuild) */
+    cJSON *added;     /* messages this step added */
+    cJSON *calls_log; /* tool_calls column */
+    lr_budgets_t budgets;
+    lr_run_usage_t usage;
+    /* the model call: model_idx of the chain, attempt of that model */
+    int model_idx;
+    int attempt;
+    lr_http_req_t *model_req; /* CALLING: the request in flight */
+    char last_reason[32];
+    char last_error[384];
+    bool any_transient;
+    lr_model_reply_t reply;
+    const lr_model_ref_t *answered;
+    long req_bytes; /* size of the last request body (token estimates) */
+    /* tool calls */
+    tool_call_t calls[LR_AGENT_MAX_CALLS];
+    int ncalls;
+    int calls_running;
+    long tool_calls_made;
+    char suspend_reason[32];
+    char wait_event[128];
+    long suspend_ms;
+    /* fleet-wide rate limit of the current model (ratewin.h) */
+    bool reserved;     /* the next send is covered by the reservation just made */
+    long reserved_est; /* tokens reserved (settled after the call) */
+    char window[48];   /* window_start of the reservation */
+    /* in-process concurrency gate of the current model endpoint */
+    lr_gate_waiter_t gate_wait;
+    lr_gate_t *gate;    /* GATE_WAIT: the gate queued at; CALLING: the gate whose slot
+                           is ours until the response; NULL otherwise */
+    char *pending_send; /* GATE_WAIT: the request body waiting for its slot */
+    bool log_payloads;  /* this task is sampled (LONGRUN_LOG_PAYLOADS) */
+    /* context "summarize" */
+    bool summarizing;  /* this step writes a summary */
+    int summary_cut;   /* it summarizes conv[0 .. cut) */
+    int summary_turns; /* assistant messages in conv[0 .. cut) */
+    bool clamp_logged;
+};
+
+/* ------------------------------------------------------------ exec_agent.c */
+
+/* The one transition function: checks the move (agent_fsm.h), traces
+ * "old -> new (line N)" at debug level with the task's log context. */
+#define set_state(st, s) lr_agent_set_state_at((st), (s), __LINE__)
+void lr_agent_set_state_at(agent_state_t *st, enum lr_agent_state s, int line);
+
+/* Ends the step with outcome: fills st->out, moves to IDLE and calls done
+ * (unless start is still running: then start returns LR_EPERM).  The caller
+ * must not touch the step afterwards (done may release the run). */
+void lr_agent_finish(agent_state_t *st, int outcome);
+
+/* Every call of the step has its answer: suspends if one asked to, ends the
+ * task on a budget, or continues (through lr_agent_finish). */
+void lr_agent_step_complete(agent_state_t *st);
+
+/* Logs a payload when the task is sampled (LONGRUN_LOG_PAYLOADS). */
+void lr_agent_log_payload(agent_state_t *st, const char *event, const char *what, const char *text, size_t len);
+
+/* The loop's monotonic clock in ms (breakers, the gate, tool timings). */
+static inline uint64_t lr_agent_now(void) { return uv_hrtime() / 1000000u; }
+
+/* --------------------------------------------------------- agent_context.c */
+
+/* The system prompt of a summary step. */
+extern const char lr_agent_summary_system[];
+
+/* Makes st->conv the whole conversation through the last checkpointed step:
+ * kept from the previous step of this delivery, or rebuilt from the history
+ * (plus the first user message, also added to st->added, for step 1).
+ * Returns 0, or LR_EPERM when the history has a hole (logged; out says so). */
+int lr_agent_conv_load(agent_state_t *st);
+
+/* The conversation as the agent's context strategy sends it: a new array
+ * (*owned) or st->conv itself when it is sent whole. */
+cJSON *lr_agent_context_of(const agent_state_t *st, bool *owned);
+
+/* Does the conversation need a summary before the next model call?  Sets
+ * st->summary_cut and st->summary_turns when it does. */
+bool lr_agent_summary_needed(agent_state_t *st);
+
+/* The request conversation of the summary step (new array, or NULL). */
+cJSON *lr_agent_summary_request(const agent_state_t *st);
+
+/* Adds the summary text to the step and the conversation. */
+void lr_agent_summary_add(agent_state_t *st, const char *text);
+
+/* ----------------------------------------------------------- agent_tools.c */
+
+/* The last assistant message may have tool calls that are not answered yet
+ * (those that suspended the task): answers them from the task's signals and
+ * queues approved HTTP calls in st->calls.  Returns 0, or 1 when the task
+ * must stay suspended (st->suspend_reason, st->wait_event say for what). */
+int lr_agent_answer_pending(agent_state_t *st);
+
+/* Queues the tool calls of the assistant message just added to st->conv. */
+void lr_agent_tools_collect(agent_state_t *st);
+
+/* Checks and runs st->calls (state TOOLS); the step ends when every call has
+ * its answer (possibly before this returns). */
+void lr_agent_tools_start(agent_state_t *st);
+
+/* Cancels the tool requests in flight (their callbacks will not run). */
+void lr_agent_tools_cancel(agent_state_t *st);
+
+#endif
