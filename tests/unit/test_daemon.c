@@ -89,6 +89,33 @@ static void fake_close(void *obj, long timeout_ms, lr_daemon_done_cb done, void 
     T_EQ_INT(uv_timer_start(&f->timer, fake_fire, 20, 0), 0);
 }
 
+/* A loop and a daemon named "testd" (no health server) with these hooks. */
+static world_t *world_new(lr_daemon_drain_cb on_drain_cb, lr_daemon_hook_cb on_reload_cb,
+                          lr_daemon_hook_cb on_tick_cb) {
+    world_t *w = calloc(1, sizeof(*w));
+    lr_daemon_opts_t o;
+    char err[256];
+
+    T_ASSERT(w != NULL);
+    T_EQ_INT(uv_loop_init(&w->loop), 0);
+    memset(&o, 0, sizeof(o));
+    o.name = "testd";
+    o.on_drain = on_drain_cb;
+    o.on_reload = on_reload_cb;
+    o.on_tick = on_tick_cb;
+    o.arg = w;
+    T_EQ_INT(lr_daemon_init(&w->d, &w->loop, &o, err, sizeof(err)), 0);
+    T_ASSERT(lr_daemon_health(w->d) == NULL); /* port 0: no server */
+    return w;
+}
+
+/* Every case ends here: nothing may be left on the loop. */
+static void world_free(world_t *w) {
+    lr_daemon_free(w->d);
+    T_EQ_INT(uv_loop_close(&w->loop), 0);
+    free(w);
+}
+
 /* ---- case 1: signals, drain once, ordered shutdown --------------------- */
 
 static void on_tick(lr_daemon_t *d, void *arg) {
@@ -147,23 +174,11 @@ static void drive(uv_timer_t *t) {
 }
 
 static void test_signals_and_order(void) {
-    world_t *w = calloc(1, sizeof(*w));
-    lr_daemon_opts_t o;
+    world_t *w = world_new(on_drain, on_reload, on_tick);
     lr_pg_opts_t po;
     lr_amqp_opts_t ao;
     char err[256];
     static const char *const consume[] = {"longrun.q.test-daemon", NULL};
-
-    T_ASSERT(w != NULL);
-    T_EQ_INT(uv_loop_init(&w->loop), 0);
-    memset(&o, 0, sizeof(o));
-    o.name = "testd";
-    o.on_tick = on_tick;
-    o.on_reload = on_reload;
-    o.on_drain = on_drain;
-    o.arg = w;
-    T_EQ_INT(lr_daemon_init(&w->d, &w->loop, &o, err, sizeof(err)), 0);
-    T_ASSERT(lr_daemon_health(w->d) == NULL); /* port 0: no server */
 
     /* Components, in closing order.  The slots are still NULL. */
     T_EQ_INT(uv_timer_init(&w->loop, &w->driver), 0);
@@ -206,28 +221,16 @@ static void test_signals_and_order(void) {
     T_ASSERT(w->slots_clear_at_last);
     T_ASSERT(w->pg == NULL && w->http == NULL && w->amqp == NULL && w->pg_never == NULL);
     T_EQ_INT(lr_daemon_add(w->d, "late", fake_close, &w->a, 0), LR_ESHUTDOWN);
-    lr_daemon_free(w->d);
-    T_EQ_INT(uv_loop_close(&w->loop), 0);
-    free(w);
+    world_free(w);
     printf("signals and order: ok\n");
 }
 
 /* ---- case 2: a start-up failure ---------------------------------------- */
 
 static void test_startup_failure(void) {
-    world_t *w = calloc(1, sizeof(*w));
-    lr_daemon_opts_t o;
-    char err[256];
+    world_t *w = world_new(on_drain, NULL, on_tick);
     uv_timer_t never_started;
 
-    T_ASSERT(w != NULL);
-    T_EQ_INT(uv_loop_init(&w->loop), 0);
-    memset(&o, 0, sizeof(o));
-    o.name = "testd";
-    o.on_tick = on_tick;
-    o.on_drain = on_drain;
-    o.arg = w;
-    T_EQ_INT(lr_daemon_init(&w->d, &w->loop, &o, err, sizeof(err)), 0);
     T_EQ_INT(uv_timer_init(&w->loop, &never_started), 0);
     w->b = (fake_t){.w = w, .tag = 'b', .async = true};
     T_EQ_INT(lr_daemon_add_handle(w->d, "timer", (uv_handle_t *)&never_started), 0);
@@ -240,9 +243,7 @@ static void test_startup_failure(void) {
     T_EQ_INT(w->ticks, 0); /* the tick never started */
     T_EQ_STR(w->order, "bB");
     T_ASSERT(uv_is_closing((uv_handle_t *)&never_started));
-    lr_daemon_free(w->d);
-    T_EQ_INT(uv_loop_close(&w->loop), 0);
-    free(w);
+    world_free(w);
     printf("start-up failure: ok\n");
 }
 
@@ -261,26 +262,15 @@ static void idle_cb(uv_idle_t *h) {
 }
 
 static void test_leftover_handle(void) {
-    world_t *w = calloc(1, sizeof(*w));
-    lr_daemon_opts_t o;
-    char err[256];
+    world_t *w = world_new(NULL, NULL, raise_sigint);
     uv_idle_t forgotten;
 
-    T_ASSERT(w != NULL);
-    T_EQ_INT(uv_loop_init(&w->loop), 0);
-    memset(&o, 0, sizeof(o));
-    o.name = "testd";
-    o.on_tick = raise_sigint;
-    o.arg = w;
-    T_EQ_INT(lr_daemon_init(&w->d, &w->loop, &o, err, sizeof(err)), 0);
     T_EQ_INT(uv_idle_init(&w->loop, &forgotten), 0);
     T_EQ_INT(uv_idle_start(&forgotten, idle_cb), 0);
     T_EQ_INT(lr_daemon_run(w->d), 0);
     T_ASSERT(lr_daemon_draining(w->d) && lr_daemon_stopping(w->d));
     T_ASSERT(uv_is_closing((uv_handle_t *)&forgotten)); /* closed, logged as testd.open_at_exit */
-    lr_daemon_free(w->d);
-    T_EQ_INT(uv_loop_close(&w->loop), 0);
-    free(w);
+    world_free(w);
     printf("leftover handle: ok\n");
 }
 
