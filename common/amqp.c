@@ -86,6 +86,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "list.h"
 #include "log.h"
 
 #define CHANNEL 1
@@ -1465,7 +1466,7 @@ typedef enum {
 
 /* A command (loop -> owner) or an event (owner -> loop). */
 struct item {
-    struct item *next;
+    lr_list_t link;       /* in one of the command or event lists below */
     item_type_t type;
     uint64_t generation;  /* CMD_ACK/REJECT: of the delivery; EV_STATE: new one */
     uint64_t tag;         /* CMD_ACK/REJECT */
@@ -1477,43 +1478,10 @@ struct item {
     char *detail;         /* EV_STATE */
 };
 
-typedef struct list {
-    item_t *head, *tail;
-} list_t;
-
-static void list_push(list_t *l, item_t *it) {
-    it->next = NULL;
-    if (l->tail != NULL) {
-        l->tail->next = it;
-    } else {
-        l->head = it;
-    }
-    l->tail = it;
-}
-
-static void list_append(list_t *l, list_t *other) {
-    if (other->head == NULL) {
-        return;
-    }
-    if (l->tail != NULL) {
-        l->tail->next = other->head;
-    } else {
-        l->head = other->head;
-    }
-    l->tail = other->tail;
-    other->head = other->tail = NULL;
-}
-
-static item_t *list_pop(list_t *l) {
-    item_t *it = l->head;
-    if (it != NULL) {
-        l->head = it->next;
-        if (l->head == NULL) {
-            l->tail = NULL;
-        }
-        it->next = NULL;
-    }
-    return it;
+/* Removes and returns the oldest item of a FIFO list, or NULL. */
+static item_t *item_pop(lr_list_t *l) {
+    lr_list_t *n = lr_list_pop_front(l);
+    return n != NULL ? lr_list_entry(n, item_t, link) : NULL;
 }
 
 static void item_free(item_t *it) {
@@ -1561,9 +1529,9 @@ struct lr_amqp {
 
     /* Shared, guarded by mu. */
     pthread_mutex_t mu;
-    list_t cmds;
+    lr_list_t cmds;          /* item_t, oldest first */
     bool wake_armed;         /* wake_fd has been written and not yet read */
-    list_t events;
+    lr_list_t events;        /* item_t, oldest first */
     int kick_fd;             /* current socket, for stop's last resort; -1 when none */
 
     /* Loop thread only. */
@@ -1586,8 +1554,8 @@ struct lr_amqp {
     bool t_stop;
     uint64_t t_stop_deadline;
     ring_t unconfirmed;
-    list_t t_cmds;           /* commands taken from cmds, not yet executed */
-    list_t t_events;         /* events not yet handed to the loop */
+    lr_list_t t_cmds;        /* commands taken from cmds, not yet executed */
+    lr_list_t t_events;      /* events not yet handed to the loop */
     uint64_t rng;
 };
 
@@ -1602,16 +1570,16 @@ static void set_state_at(lr_amqp_t *a, owner_state_t s, int line) {
 
 /* Owner: queue an event for the next flush. */
 static void emit(lr_amqp_t *a, item_t *it) {
-    list_push(&a->t_events, it);
+    lr_list_push_back(&a->t_events, &it->link);
 }
 
 /* Owner: hand queued events to the loop and wake it. */
 static void flush_events(lr_amqp_t *a) {
-    if (a->t_events.head == NULL) {
+    if (lr_list_empty(&a->t_events)) {
         return;
     }
     pthread_mutex_lock(&a->mu);
-    list_append(&a->events, &a->t_events);
+    lr_list_splice_back(&a->events, &a->t_events);
     pthread_mutex_unlock(&a->mu);
     uv_async_send(&a->async);
 }
@@ -1978,7 +1946,7 @@ static void take_commands(lr_amqp_t *a) {
         (void)n;
         a->wake_armed = false;
     }
-    list_append(&a->t_cmds, &a->cmds);
+    lr_list_splice_back(&a->t_cmds, &a->cmds);
     pthread_mutex_unlock(&a->mu);
 }
 
@@ -1986,7 +1954,7 @@ static void take_commands(lr_amqp_t *a) {
 static int run_commands(lr_amqp_t *a, bool connected, char *detail, size_t dlen) {
     take_commands(a);
     for (int i = 0; i < CMD_BATCH; i++) {
-        item_t *it = list_pop(&a->t_cmds);
+        item_t *it = item_pop(&a->t_cmds);
         if (it == NULL) {
             break;
         }
@@ -2055,7 +2023,7 @@ static int session_run(lr_amqp_t *a, char *detail, size_t dlen) {
             }
         }
         flush_events(a);
-        if (!idle || a->t_cmds.head != NULL) {
+        if (!idle || !lr_list_empty(&a->t_cmds)) {
             continue;
         }
         long wait = IDLE_TICK_MS;
@@ -2152,7 +2120,7 @@ static void disconnected_wait(lr_amqp_t *a, long ms) {
             /* Not connected: cannot fail (publishes complete with LR_ECONN). */
             (void)run_commands(a, false, detail, sizeof(detail));
             flush_events(a);
-        } while (a->t_cmds.head != NULL);
+        } while (!lr_list_empty(&a->t_cmds));
         uint64_t now = now_ms();
         if (a->t_stop || now >= deadline) {
             return;
@@ -2207,7 +2175,7 @@ static void *owner_main(void *arg) {
     /* Whatever the loop queued before its stop command completes now. */
     for (;;) {
         take_commands(a);
-        item_t *it = list_pop(&a->t_cmds);
+        item_t *it = item_pop(&a->t_cmds);
         if (it == NULL) {
             break;
         }
@@ -2233,10 +2201,10 @@ static void *owner_main(void *arg) {
 
 static void amqp_free(lr_amqp_t *a) {
     item_t *it;
-    while ((it = list_pop(&a->events)) != NULL) {
+    while ((it = item_pop(&a->events)) != NULL) {
         item_free(it);
     }
-    while ((it = list_pop(&a->cmds)) != NULL) {
+    while ((it = item_pop(&a->cmds)) != NULL) {
         item_free(it);
     }
     item_free(a->stop_item);
@@ -2278,7 +2246,7 @@ static void handle_closed(uv_handle_t *h) {
 static void push_command(lr_amqp_t *a, item_t *it) {
     bool wake = false;
     pthread_mutex_lock(&a->mu);
-    list_push(&a->cmds, it);
+    lr_list_push_back(&a->cmds, &it->link);
     if (!a->wake_armed) {
         a->wake_armed = true;
         wake = true;
@@ -2293,18 +2261,18 @@ static void push_command(lr_amqp_t *a, item_t *it) {
 
 static void async_cb(uv_async_t *h) {
     lr_amqp_t *a = h->data;
-    list_t batch;
+    lr_list_t batch;
     item_t *it;
 
     if (a->stopped) {
         return;
     }
+    lr_list_init(&batch);
     pthread_mutex_lock(&a->mu);
-    batch = a->events;
-    a->events.head = a->events.tail = NULL;
+    lr_list_splice_back(&batch, &a->events);
     pthread_mutex_unlock(&a->mu);
 
-    while ((it = list_pop(&batch)) != NULL) {
+    while ((it = item_pop(&batch)) != NULL) {
         switch (it->type) {
         case EV_DELIVERY:
             if (!a->stopping && a->on_delivery != NULL) {
@@ -2425,6 +2393,10 @@ int lr_amqp_start(lr_amqp_t **out, uv_loop_t *loop, const lr_amqp_opts_t *opts, 
     }
     a->wake_fd = -1;
     a->kick_fd = -1;
+    lr_list_init(&a->cmds);
+    lr_list_init(&a->events);
+    lr_list_init(&a->t_cmds);
+    lr_list_init(&a->t_events);
     pthread_mutex_init(&a->mu, NULL);
     rc = url_parse(&a->url, opts->url, errbuf, errlen);
     if (rc != 0) {

@@ -40,6 +40,7 @@
 #include <string.h>
 #include <strings.h>
 
+#include "list.h"
 #include "log.h"
 
 /* Internal bounds on what a caller may pass in; beyond them lr_http_send
@@ -73,8 +74,7 @@ static const char *const req_state_names[] = {"active", "callback"};
 
 struct lr_http_req {
     lr_http_t *h;
-    struct lr_http_req *prev; /* in h->reqs while REQ_ACTIVE */
-    struct lr_http_req *next;
+    lr_list_t link;           /* in h->reqs while REQ_ACTIVE */
     enum req_state state;
     CURL *easy;
     struct curl_slist *headers;
@@ -99,17 +99,16 @@ struct sock_ctx {
     curl_socket_t fd;
     int events;               /* UV_READABLE | UV_WRITABLE currently wanted */
     bool closing;             /* uv_close called; freed in close_sock_cb */
-    struct sock_ctx *prev;    /* in h->socks until closing */
-    struct sock_ctx *next;
+    lr_list_t link;           /* in h->socks until closing */
 };
 
 struct lr_http {
     uv_loop_t *loop;
     CURLM *multi;             /* NULL once lr_http_close cleaned it up */
     uv_timer_t timer;         /* curl's timeout; embedded, freed with h */
-    struct lr_http_req *reqs; /* requests in REQ_ACTIVE */
+    lr_list_t reqs;           /* requests in REQ_ACTIVE, newest first */
     size_t n_reqs;
-    struct sock_ctx *socks;   /* polls not yet closing */
+    lr_list_t socks;          /* polls not yet closing (struct sock_ctx), newest first */
     size_t pending_closes;    /* uv_close calls whose callback has not run */
     bool sweep_failed;        /* some request has sock_failed set */
     bool closing;             /* lr_http_close was called */
@@ -160,25 +159,12 @@ static int buf_append(struct buf *b, const char *p, size_t n, size_t max) {
 }
 
 static void list_add_req(lr_http_t *h, struct lr_http_req *req) {
-    req->prev = NULL;
-    req->next = h->reqs;
-    if (h->reqs != NULL) {
-        h->reqs->prev = req;
-    }
-    h->reqs = req;
+    lr_list_push_front(&h->reqs, &req->link);
     h->n_reqs++;
 }
 
 static void list_del_req(lr_http_t *h, struct lr_http_req *req) {
-    if (req->prev != NULL) {
-        req->prev->next = req->next;
-    } else {
-        h->reqs = req->next;
-    }
-    if (req->next != NULL) {
-        req->next->prev = req->prev;
-    }
-    req->prev = req->next = NULL;
+    lr_list_remove(&req->link);
     h->n_reqs--;
 }
 
@@ -291,15 +277,7 @@ static void sock_close(lr_http_t *h, struct sock_ctx *ctx) {
         return;
     }
     ctx->closing = true;
-    if (ctx->prev != NULL) {
-        ctx->prev->next = ctx->next;
-    } else {
-        h->socks = ctx->next;
-    }
-    if (ctx->next != NULL) {
-        ctx->next->prev = ctx->prev;
-    }
-    ctx->prev = ctx->next = NULL;
+    lr_list_remove(&ctx->link);
     h->pending_closes++;
     uv_close((uv_handle_t *)&ctx->poll, close_sock_cb);
 }
@@ -364,11 +342,7 @@ static int socket_cb(CURL *easy, curl_socket_t s, int what, void *userp, void *s
                                  "uv_poll_init_socket", rc);
         }
         ctx->poll.data = ctx;
-        ctx->next = h->socks;
-        if (h->socks != NULL) {
-            h->socks->prev = ctx;
-        }
-        h->socks = ctx;
+        lr_list_push_front(&h->socks, &ctx->link);
         curl_multi_assign(h->multi, s, ctx);
     }
     ctx->events = events;
@@ -509,9 +483,13 @@ static void process_done(lr_http_t *h) {
         finish_req(h, priv, msg->data.result);
     }
     while (!h->closing && h->sweep_failed) {
-        struct lr_http_req *req = h->reqs;
-        while (req != NULL && !req->sock_failed) {
-            req = req->next;
+        struct lr_http_req *req = NULL;
+        lr_list_foreach(it, &h->reqs) {
+            struct lr_http_req *r = lr_list_entry(it, struct lr_http_req, link);
+            if (r->sock_failed) {
+                req = r;
+                break;
+            }
         }
         if (req == NULL) {
             h->sweep_failed = false;
@@ -550,6 +528,8 @@ int lr_http_init(lr_http_t **out, uv_loop_t *loop) {
         return LR_ENOMEM;
     }
     h->loop = loop;
+    lr_list_init(&h->reqs);
+    lr_list_init(&h->socks);
     h->multi = curl_multi_init();
     if (h->multi == NULL) {
         rc = LR_EIO;
@@ -871,14 +851,14 @@ void lr_http_close(lr_http_t *h, void (*done)(void *arg), void *arg) {
     h->done = done;
     h->done_arg = arg;
     /* Cancel first, while curl may still report socket removals normally. */
-    while (h->reqs != NULL) {
-        lr_http_cancel(h->reqs);
+    while (!lr_list_empty(&h->reqs)) {
+        lr_http_cancel(lr_list_entry(lr_list_first(&h->reqs), struct lr_http_req, link));
     }
     h->closing = true;
     /* Stop watching every socket before curl closes it (fds stay valid for
      * uv_poll_stop), then let curl close its cached connections. */
-    while (h->socks != NULL) {
-        sock_close(h, h->socks);
+    while (!lr_list_empty(&h->socks)) {
+        sock_close(h, lr_list_entry(lr_list_first(&h->socks), struct sock_ctx, link));
     }
     curl_multi_cleanup(h->multi);
     h->multi = NULL;

@@ -11,6 +11,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "list.h"
+
 enum kind { K_COUNTER, K_GAUGE, K_HISTOGRAM };
 
 typedef struct series {
@@ -22,7 +24,7 @@ typedef struct series {
 } series_t;
 
 struct lr_metric {
-    struct lr_metric *next;
+    lr_list_t link;        /* in families, newest first */
     enum kind kind;
     char *name;
     char *help;
@@ -38,7 +40,7 @@ struct lr_metric {
 const double lr_latency_buckets[] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120};
 const int lr_latency_nbuckets = (int)(sizeof(lr_latency_buckets) / sizeof(lr_latency_buckets[0]));
 
-static lr_metric_t *families;
+static lr_list_t families = {&families, &families}; /* lr_metric_t; guarded by reg_mu */
 static pthread_mutex_t reg_mu = PTHREAD_MUTEX_INITIALIZER;
 static time_t start_time;
 
@@ -62,7 +64,8 @@ static char *xstrdup(const char *s) {
 static lr_metric_t *reg(enum kind k, const char *name, const char *help, const char *labels) {
     lr_metric_t *m;
     pthread_mutex_lock(&reg_mu);
-    for (m = families; m != NULL; m = m->next) {
+    lr_list_foreach(it, &families) {
+        m = lr_list_entry(it, lr_metric_t, link);
         if (strcmp(m->name, name) == 0) {
             pthread_mutex_unlock(&reg_mu);
             return m; /* registering twice returns the same family */
@@ -81,8 +84,7 @@ static lr_metric_t *reg(enum kind k, const char *name, const char *help, const c
         free(copy);
     }
     pthread_mutex_init(&m->mu, NULL);
-    m->next = families;
-    families = m;
+    lr_list_push_front(&families, &m->link);
     if (start_time == 0) {
         start_time = time(NULL);
     }
@@ -314,14 +316,14 @@ static void process_metrics(buf_t *b) {
 
 char *lr_metrics_render(void) {
     buf_t b = {malloc(16384), 0, 16384, false};
-    lr_metric_t *m;
     if (b.p == NULL) {
         return NULL;
     }
     b.p[0] = '\0';
     pthread_mutex_lock(&reg_mu);
-    for (m = families; m != NULL; m = m->next) {
+    lr_list_foreach(it, &families) {
         static const char *const kinds[] = {"counter", "gauge", "histogram"};
+        lr_metric_t *m = lr_list_entry(it, lr_metric_t, link);
         pthread_mutex_lock(&m->mu);
         bput(&b, "# HELP %s %s\n# TYPE %s %s\n", m->name, m->help, m->name, kinds[m->kind]);
         if (m->nlabels == 0 && m->nseries == 0 && m->kind != K_HISTOGRAM) {
@@ -366,10 +368,10 @@ char *lr_metrics_render(void) {
 }
 
 void lr_metrics_free(void) {
+    lr_list_t *it;
     pthread_mutex_lock(&reg_mu);
-    while (families != NULL) {
-        lr_metric_t *m = families;
-        families = m->next;
+    while ((it = lr_list_pop_front(&families)) != NULL) {
+        lr_metric_t *m = lr_list_entry(it, lr_metric_t, link);
         for (int i = 0; i < m->nseries; i++) {
             for (int l = 0; l < m->nlabels; l++) {
                 free(m->series[i].values[l]);

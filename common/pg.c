@@ -42,6 +42,7 @@
 #include <sys/stat.h>
 #include <sys/types.h>
 
+#include "list.h"
 #include "log.h"
 
 #define PG_DEFAULT_SIZE 4
@@ -81,7 +82,7 @@ static const char *const conn_state_names[] = {
 };
 
 typedef struct pgq {
-    struct pgq *prev, *next;
+    lr_list_t link; /* in one qlist: a waiting queue or a connection's inflight */
     lr_pg_cb cb;
     void *arg;
     uint64_t seq;      /* FIFO order across both queues; 0 = re-run first */
@@ -95,12 +96,12 @@ typedef struct pgq {
 } pgq_t;
 
 typedef struct qlist {
-    pgq_t *head, *tail;
+    lr_list_t head;
     size_t n;
 } qlist_t;
 
 typedef struct pgchan {
-    struct pgchan *next;
+    lr_list_t link; /* in p->chans, in lr_pg_listen order; freed with the pool */
     lr_pg_notify_cb cb;
     void *arg;
     bool sending;  /* included in the LISTEN command in flight */
@@ -164,7 +165,7 @@ struct lr_pg_pool {
     uint64_t seq;
     pgconn_t *conns;
     pgconn_t lconn;
-    pgchan_t *chans, *chans_tail;
+    lr_list_t chans; /* pgchan_t */
     uv_timer_t tick;
     uv_idle_t kick;
     int open_handles;
@@ -190,58 +191,57 @@ static void on_kick(uv_idle_t *h);
 
 static uint64_t now_ms(void) { return uv_hrtime() / 1000000u; }
 
+static void qlist_init(qlist_t *l) {
+    lr_list_init(&l->head);
+    l->n = 0;
+}
+
+static bool qlist_empty(const qlist_t *l) { return l->n == 0; }
+
+static pgq_t *qlist_first(const qlist_t *l) {
+    lr_list_t *n = lr_list_first(&l->head);
+    return n != NULL ? lr_list_entry(n, pgq_t, link) : NULL;
+}
+
+static pgq_t *qlist_last(const qlist_t *l) {
+    return lr_list_empty(&l->head) ? NULL : lr_list_entry(l->head.prev, pgq_t, link);
+}
+
+/* The query after q on l, or NULL when q is the last one. */
+static pgq_t *qlist_next(const qlist_t *l, const pgq_t *q) {
+    return q->link.next == &l->head ? NULL : lr_list_entry(q->link.next, pgq_t, link);
+}
+
 static void qlist_push_back(qlist_t *l, pgq_t *q) {
-    q->next = NULL;
-    q->prev = l->tail;
-    if (l->tail != NULL) {
-        l->tail->next = q;
-    } else {
-        l->head = q;
-    }
-    l->tail = q;
+    lr_list_push_back(&l->head, &q->link);
     l->n++;
 }
 
 static void qlist_push_front(qlist_t *l, pgq_t *q) {
-    q->prev = NULL;
-    q->next = l->head;
-    if (l->head != NULL) {
-        l->head->prev = q;
-    } else {
-        l->tail = q;
-    }
-    l->head = q;
+    lr_list_push_front(&l->head, &q->link);
     l->n++;
 }
 
 static void qlist_remove(qlist_t *l, pgq_t *q) {
-    if (q->prev != NULL) {
-        q->prev->next = q->next;
-    } else {
-        l->head = q->next;
-    }
-    if (q->next != NULL) {
-        q->next->prev = q->prev;
-    } else {
-        l->tail = q->prev;
-    }
-    q->prev = q->next = NULL;
+    lr_list_remove(&q->link);
     l->n--;
 }
 
 static pgq_t *qlist_pop(qlist_t *l) {
-    pgq_t *q = l->head;
+    pgq_t *q = qlist_first(l);
     if (q != NULL) {
         qlist_remove(l, q);
     }
     return q;
 }
 
-/* Moves the whole list out (for delivering without holding pool state). */
-static qlist_t qlist_take(qlist_t *l) {
-    qlist_t out = *l;
-    memset(l, 0, sizeof(*l));
-    return out;
+/* Moves the whole of `from` into the empty list `to` (for delivering
+ * without holding pool state); `from` is left empty. */
+static void qlist_take(qlist_t *to, qlist_t *from) {
+    qlist_init(to);
+    lr_list_splice_back(&to->head, &from->head);
+    to->n = from->n;
+    from->n = 0;
 }
 
 static bool result_ok(const PGresult *res) {
@@ -352,7 +352,7 @@ static void deliver_all(lr_pg_pool_t *p, qlist_t *l, int err) {
 /* Re-queues unsent queries at the front of their queue, keeping their order. */
 static void requeue_front(lr_pg_pool_t *p, qlist_t *l) {
     pgq_t *q;
-    while ((q = l->tail) != NULL) {
+    while ((q = qlist_last(l)) != NULL) {
         qlist_remove(l, q);
         qlist_push_front(q->batched && !q->alone ? &p->batch : &p->plain, q);
     }
@@ -367,11 +367,9 @@ static void kick(lr_pg_pool_t *p) {
 /* ---- handle bookkeeping --------------------------------------------------- */
 
 static void pool_free(lr_pg_pool_t *p) {
-    pgchan_t *ch = p->chans;
-    while (ch != NULL) {
-        pgchan_t *next = ch->next;
-        free(ch);
-        ch = next;
+    lr_list_foreach_safe(it, next, &p->chans) {
+        lr_list_remove(it);
+        free(lr_list_entry(it, pgchan_t, link));
     }
     free(p->conns);
     free(p->conninfo);
@@ -612,13 +610,14 @@ static void conn_connect_step(pgconn_t *c) {
  * still in flight gets LR_ECONN: it may have committed. */
 static void conn_fail(pgconn_t *c, const char *why) {
     lr_pg_pool_t *p = c->pool;
-    qlist_t lost = qlist_take(&c->inflight);
+    qlist_t lost;
     char msg[512];
     /* A group commit whose COMMIT already answered OK is durable even if the
      * connection died before its Sync result: report it as done. */
     bool committed = c->state == CONN_BUSY_BATCH && !c->batch_bad && result_ok(c->commit_res) &&
                      strcmp(PQcmdStatus(c->commit_res), "COMMIT") == 0;
 
+    qlist_take(&lost, &c->inflight);
     p->inflight -= lost.n;
     if (c->pg != NULL) {
         flatten(msg, sizeof(msg), PQerrorMessage(c->pg));
@@ -650,7 +649,8 @@ static void conn_fail(pgconn_t *c, const char *why) {
     batch_reset(c);
     c->flushing = c->rollback = c->listen_inflight = c->listen_err = false;
     if (c->id < 0) {
-        for (pgchan_t *ch = p->chans; ch != NULL; ch = ch->next) {
+        lr_list_foreach(it, &p->chans) {
+            pgchan_t *ch = lr_list_entry(it, pgchan_t, link);
             ch->sending = ch->active = ch->failed = ch->announce = false;
         }
     }
@@ -686,7 +686,8 @@ static void send_single(pgconn_t *c, pgq_t *q) {
     if (!PQsendQueryParams(c->pg, q->sql, q->nparams, NULL, (const char *const *)q->params, NULL,
                            NULL, 0)) {
         /* Not sent (its Sync never left): safe to run elsewhere. */
-        qlist_t back = qlist_take(&c->inflight);
+        qlist_t back;
+        qlist_take(&back, &c->inflight);
         p->inflight -= back.n;
         requeue_front(p, &back);
         conn_fail(c, "send failed");
@@ -704,7 +705,8 @@ static bool pipeline_begin(pgconn_t *c) {
         !PQsendQueryParams(c->pg, "BEGIN", 0, NULL, NULL, NULL, NULL, 0)) {
         return false;
     }
-    for (pgq_t *q = c->inflight.head; q != NULL; q = q->next) {
+    lr_list_foreach(it, &c->inflight.head) {
+        const pgq_t *q = lr_list_entry(it, pgq_t, link);
         if (!PQsendQueryParams(c->pg, q->sql, q->nparams, NULL, (const char *const *)q->params,
                                NULL, NULL, 0)) {
             return false;
@@ -718,7 +720,7 @@ static void send_batch(pgconn_t *c) {
     lr_pg_pool_t *p = c->pool;
     int n = 0;
 
-    while (n < p->max_batch && p->batch.head != NULL) {
+    while (n < p->max_batch && !qlist_empty(&p->batch)) {
         qlist_push_back(&c->inflight, qlist_pop(&p->batch));
         n++;
     }
@@ -738,7 +740,8 @@ static void send_batch(pgconn_t *c) {
     set_state(c, CONN_BUSY_BATCH);
     if (!pipeline_begin(c)) {
         /* Without COMMIT nothing can have committed: run them again later. */
-        qlist_t back = qlist_take(&c->inflight);
+        qlist_t back;
+        qlist_take(&back, &c->inflight);
         p->inflight -= back.n;
         requeue_front(p, &back);
         conn_fail(c, "send failed");
@@ -762,9 +765,9 @@ static pgconn_t *idle_conn(lr_pg_pool_t *p) {
 
 /* Sends waiting queries on idle connections, oldest first. */
 static void dispatch(lr_pg_pool_t *p) {
-    while (!p->closing && (p->plain.head != NULL || p->batch.head != NULL)) {
+    while (!p->closing && (!qlist_empty(&p->plain) || !qlist_empty(&p->batch))) {
         pgconn_t *c = idle_conn(p);
-        pgq_t *ph = p->plain.head, *bh = p->batch.head;
+        pgq_t *ph = qlist_first(&p->plain), *bh = qlist_first(&p->batch);
         if (c == NULL) {
             return;
         }
@@ -809,7 +812,7 @@ static void conn_idle(pgconn_t *c) {
 
 static void conn_read_single(pgconn_t *c) {
     lr_pg_pool_t *p = c->pool;
-    pgq_t *q = c->inflight.head; /* NULL for our own ROLLBACK */
+    pgq_t *q = qlist_first(&c->inflight); /* NULL for our own ROLLBACK */
     bool complete = false;
     qlist_t done;
     int err;
@@ -846,7 +849,7 @@ static void conn_read_single(pgconn_t *c) {
         return;
     }
     c->rollback = false;
-    done = qlist_take(&c->inflight);
+    qlist_take(&done, &c->inflight);
     p->inflight -= done.n;
     conn_idle(c);
     if (q != NULL) {
@@ -871,8 +874,8 @@ static void conn_read_batch(pgconn_t *c) {
             }
             c->slot++;
             c->slot_has_result = false;
-            c->cursor = c->slot == 1        ? c->inflight.head
-                        : c->cursor != NULL ? c->cursor->next
+            c->cursor = c->slot == 1        ? qlist_first(&c->inflight)
+                        : c->cursor != NULL ? qlist_next(&c->inflight, c->cursor)
                                             : NULL;
             continue;
         }
@@ -907,7 +910,7 @@ static void conn_read_batch(pgconn_t *c) {
     }
     committed = !c->batch_bad && c->slot == c->nbatch + 2 && result_ok(c->commit_res) &&
                 strcmp(PQcmdStatus(c->commit_res), "COMMIT") == 0;
-    done = qlist_take(&c->inflight);
+    qlist_take(&done, &c->inflight);
     p->inflight -= done.n;
     batch_reset(c);
     if (!PQexitPipelineMode(c->pg)) {
@@ -924,7 +927,8 @@ static void conn_read_batch(pgconn_t *c) {
     p->stats.batch_retries++;
     lr_debug("pg.batch_retry", "conn %d: group commit of %zu rolled back; re-running alone", c->id,
              done.n);
-    for (pgq_t *q = done.head; q != NULL; q = q->next) {
+    lr_list_foreach(it, &done.head) {
+        pgq_t *q = lr_list_entry(it, pgq_t, link);
         PQclear(q->res);
         q->res = NULL;
         q->alone = true;
@@ -965,7 +969,8 @@ static void listen_read(pgconn_t *c) {
     }
     if (complete) {
         c->listen_inflight = false;
-        for (pgchan_t *ch = p->chans; ch != NULL; ch = ch->next) {
+        lr_list_foreach(it, &p->chans) {
+            pgchan_t *ch = lr_list_entry(it, pgchan_t, link);
             if (ch->sending) {
                 ch->sending = false;
                 ch->failed = c->listen_err;
@@ -974,8 +979,14 @@ static void listen_read(pgconn_t *c) {
             }
         }
         c->listen_err = false;
-        /* "now listening: re-scan for anything missed" */
-        for (pgchan_t *ch = p->chans; ch != NULL && !p->closing; ch = ch->next) {
+        /* "now listening: re-scan for anything missed".  A callback may add
+         * a channel (visited too) or close the pool (stop here); channels are
+         * freed only with the pool, after every close callback. */
+        lr_list_foreach(it, &p->chans) {
+            pgchan_t *ch = lr_list_entry(it, pgchan_t, link);
+            if (p->closing) {
+                break;
+            }
             if (ch->announce) {
                 ch->announce = false;
                 ch->cb(ch->name, NULL, ch->arg);
@@ -984,7 +995,11 @@ static void listen_read(pgconn_t *c) {
     }
     /* A callback may have closed the pool (and finished this PGconn). */
     while (c->state == CONN_LISTEN && c->pg != NULL && (n = PQnotifies(c->pg)) != NULL) {
-        for (pgchan_t *ch = p->chans; ch != NULL && !p->closing; ch = ch->next) {
+        lr_list_foreach(it, &p->chans) {
+            pgchan_t *ch = lr_list_entry(it, pgchan_t, link);
+            if (p->closing) {
+                break;
+            }
             if (ch->active && strcmp(ch->name, n->relname) == 0) {
                 ch->cb(ch->name, n->extra, ch->arg);
             }
@@ -1002,7 +1017,8 @@ static void listen_maintain(lr_pg_pool_t *p) {
     if (c->state != CONN_LISTEN || c->listen_inflight) {
         return;
     }
-    for (pgchan_t *ch = p->chans; ch != NULL; ch = ch->next) {
+    lr_list_foreach(it, &p->chans) {
+        pgchan_t *ch = lr_list_entry(it, pgchan_t, link);
         char *id;
         size_t idlen;
         if (ch->active || ch->failed) {
@@ -1149,21 +1165,20 @@ static void on_kick(uv_idle_t *h) {
 static void on_tick(uv_timer_t *t) {
     lr_pg_pool_t *p = t->data;
     uint64_t now = now_ms();
-    qlist_t expired = {0};
+    qlist_t expired;
     bool any_deadline = false;
     qlist_t *lists[2] = {&p->plain, &p->batch};
 
+    qlist_init(&expired);
     for (int i = 0; i < 2; i++) {
-        pgq_t *q = lists[i]->head;
-        while (q != NULL) {
-            pgq_t *next = q->next;
+        lr_list_foreach_safe(it, next, &lists[i]->head) {
+            pgq_t *q = lr_list_entry(it, pgq_t, link);
             if (q->deadline != 0 && q->deadline <= now) {
                 qlist_remove(lists[i], q);
                 qlist_push_back(&expired, q);
             } else if (q->deadline != 0) {
                 any_deadline = true;
             }
-            q = next;
         }
     }
     if (!any_deadline) {
@@ -1216,6 +1231,7 @@ static void conn_setup(lr_pg_pool_t *p, pgconn_t *c, int id) {
     c->pool = p;
     c->id = id;
     c->state = CONN_INIT;
+    qlist_init(&c->inflight);
     uv_timer_init(p->loop, &c->timer); /* cannot fail */
     c->timer.data = c;
     p->open_handles++;
@@ -1258,6 +1274,9 @@ int lr_pg_pool_init(lr_pg_pool_t **out, uv_loop_t *loop, const lr_pg_opts_t *opt
         goto out;
     }
     p->loop = loop;
+    qlist_init(&p->plain);
+    qlist_init(&p->batch);
+    lr_list_init(&p->chans);
     p->size = opts->size > 0 ? opts->size : PG_DEFAULT_SIZE;
     p->max_batch = opts->max_batch > 0 ? opts->max_batch : PG_DEFAULT_BATCH;
     p->max_queue = opts->max_queue > 0 ? opts->max_queue : PG_DEFAULT_QUEUE;
@@ -1395,12 +1414,7 @@ int lr_pg_listen(lr_pg_pool_t *p, const char *channel, lr_pg_notify_cb cb, void 
     memcpy(ch->name, channel, len + 1);
     ch->cb = cb;
     ch->arg = arg;
-    if (p->chans_tail != NULL) {
-        p->chans_tail->next = ch;
-    } else {
-        p->chans = ch;
-    }
-    p->chans_tail = ch;
+    lr_list_push_back(&p->chans, &ch->link);
     if (p->lconn.state == CONN_INIT) {
         conn_start(&p->lconn); /* calls no user callback */
     }
@@ -1462,7 +1476,7 @@ void lr_pg_pool_close(lr_pg_pool_t *p, void (*done)(void *arg), void *arg) {
     }
     conn_shutdown(&p->lconn);
     /* Pop one at a time: a callback cannot add (LR_ESHUTDOWN) but may look. */
-    while ((q = qlist_pop(p->plain.head != NULL ? &p->plain : &p->batch)) != NULL) {
+    while ((q = qlist_pop(!qlist_empty(&p->plain) ? &p->plain : &p->batch)) != NULL) {
         deliver(p, q, LR_ESHUTDOWN);
     }
     /* done runs from the last close callback (maybe_finish). */

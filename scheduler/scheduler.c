@@ -19,10 +19,16 @@
  *
  * Every instance (leader or not) consumes longrun.dead and records each
  * message in dead_letters before acking it.
+ *
+ * Signals, the health tick and the shutdown are the daemon skeleton's
+ * (common/daemon.h).  The first SIGTERM/SIGINT stops at once (there is
+ * nothing to drain: every sweep is a transaction), in this order: the
+ * timers; the leader lock's session, so that a standby takes over without
+ * waiting; RabbitMQ, so that nothing new arrives that could no longer be
+ * recorded; PostgreSQL last, after its in-flight statements finished.
  */
 #include "scheduler.h"
 
-#include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -32,6 +38,7 @@
 #include <cjson/cJSON.h>
 
 #include "amqp.h"
+#include "daemon.h"
 #include "log.h"
 #include "text.h"
 #include "health.h"
@@ -147,24 +154,22 @@
 
 typedef struct sched {
     uv_loop_t *loop;
+    lr_daemon_t *d;
     lr_config_t cfg;
     char id[160];
+    /* Components, NULL once the shutdown reached them (lr_daemon_add_*). */
     lr_pg_pool_t *pg;
     lr_pg_pool_t *lock;     /* one connection: the leader lock's session */
     lr_amqp_t *amqp;
     uv_timer_t tick;
     uv_timer_t lock_timer;
-    uv_signal_t sigterm, sigint, sigquit, sighup;
     bool leader;
     bool lock_pending;
     bool stopping;
     int sweeps_running;     /* statements in flight in this sweep round */
     bool sweep_again;       /* a wake-up arrived during a sweep */
-    int closing;
     uint64_t last_retention_ms;
     uint64_t resumed, recovered, republished, deadlined, ingested;
-    lr_health_t *health;
-    uv_timer_t health_timer;
     bool amqp_up;
     int pg_usable;
     uv_thread_t depth_thread;
@@ -676,20 +681,22 @@ static void counts_cb(int err, const PGresult *res, void *arg) {
     }
 }
 
-static void health_timer_cb(uv_timer_t *t) {
-    sched_t *s = t->data;
+/* Every second (the daemon ticks liveness): readiness, gauges, the
+ * /health snapshot. */
+static void on_tick(lr_daemon_t *d, void *arg) {
+    sched_t *s = arg;
+    lr_health_t *health = lr_daemon_health(d);
     const char *why = NULL;
     char snap[512];
     char step_timeout[24];
     static unsigned ticks;
-    lr_health_tick(s->health);
     snprintf(step_timeout, sizeof(step_timeout), "%d", s->cfg.step_timeout_seconds);
     if (s->pg_usable == 0) {
         why = "PostgreSQL not connected";
     } else if (!s->amqp_up) {
         why = "RabbitMQ not connected";
     }
-    lr_health_set_ready(s->health, why == NULL, why);
+    lr_health_set_ready(health, why == NULL, why);
     lr_metric_set(m_ready, NULL, why == NULL ? 1 : 0);
     lr_metric_set(m_leader, NULL, s->leader ? 1 : 0);
     if (s->leader && ticks++ % 10 == 0 && !s->stopping) {
@@ -712,7 +719,7 @@ static void health_timer_cb(uv_timer_t *t) {
              s->id, s->leader ? "true" : "false", s->amqp_up ? "up" : "down", s->pg_usable > 0 ? "up" : "down",
              s->pg_usable, (unsigned long long)s->resumed, (unsigned long long)s->recovered,
              (unsigned long long)s->republished, (unsigned long long)s->ingested);
-    lr_health_set_snapshot(s->health, snap);
+    lr_health_set_snapshot(health, snap);
 }
 
 static void on_pg_state(int usable, void *arg) {
@@ -722,51 +729,14 @@ static void on_pg_state(int usable, void *arg) {
 
 /* -------------------------------------------------------------- lifecycle */
 
-static void noop_close(uv_handle_t *h);
-
-static void closed_cb(void *arg) {
+/* The first SIGTERM/SIGINT: nothing to drain, stop now (in the order the
+ * components were registered in start()). */
+static void on_drain(lr_daemon_t *d, const char *why, void *arg) {
     sched_t *s = arg;
-    if (--s->closing == 0) {
-        /* Signal handlers stay until the end so that a second signal can
-         * still force the exit while connections close. */
-        if (uv_is_active((uv_handle_t *)&s->sigterm) || uv_is_active((uv_handle_t *)&s->sigint)) {
-            uv_close((uv_handle_t *)&s->sigterm, noop_close);
-            uv_close((uv_handle_t *)&s->sigint, noop_close);
-            uv_close((uv_handle_t *)&s->sigquit, noop_close);
-            uv_close((uv_handle_t *)&s->sighup, noop_close);
-        }
-        uv_stop(s->loop);
-    }
-}
-
-static void noop_close(uv_handle_t *h) {
-    (void)h;
-}
-
-static void on_signal(uv_signal_t *sig, int signum) {
-    sched_t *s = sig->data;
-    if (s->stopping || signum == SIGQUIT) {
-        lr_warn("scheduler.exit_now", "%s: exiting now", strsignal(signum));
-        fflush(stdout);
-        _exit(signum == SIGQUIT ? 3 : 1);
-    }
-    if (signum == SIGHUP) {
-        lr_info("scheduler.sighup", "SIGHUP: nothing to reload (configuration is read at start)");
-        return;
-    }
     s->stopping = true;
     lr_info("scheduler.stopping", "%s: stopping (leader lock released with the session); the same signal "
-            "again exits at once", strsignal(signum));
-    uv_close((uv_handle_t *)&s->tick, noop_close);
-    uv_close((uv_handle_t *)&s->health_timer, noop_close);
-    uv_close((uv_handle_t *)&s->lock_timer, noop_close);
-    s->closing = 3;
-    lr_amqp_stop(s->amqp, 3000, closed_cb, s);
-    s->amqp = NULL;
-    lr_pg_pool_close(s->lock, closed_cb, s);
-    s->lock = NULL;
-    lr_pg_pool_close(s->pg, closed_cb, s);
-    s->pg = NULL;
+            "again exits at once", why);
+    lr_daemon_shutdown(d);
 }
 
 static void on_amqp_state(int connected, const char *detail, void *arg) {
@@ -778,15 +748,77 @@ static void on_amqp_state(int connected, const char *detail, void *arg) {
     }
 }
 
+/* Creates the components and starts the timers.  Returns 0 or the exit
+ * code (what failed is logged); whatever was created is closed by the
+ * shutdown either way. */
+static int start(sched_t *s) {
+    const lr_config_t *cfg = &s->cfg;
+    lr_pg_opts_t po;
+    lr_amqp_opts_t ao;
+    char err[512];
+    static const char *const consume[] = {LR_AMQP_DEAD_QUEUE, NULL};
+    static const char *const declare[] = {"default", NULL};
+
+    /* Registered first, closed first; the timers before anything they use. */
+    uv_timer_init(s->loop, &s->tick);
+    uv_timer_init(s->loop, &s->lock_timer);
+    s->tick.data = s->lock_timer.data = s;
+    if (lr_daemon_add_handle(s->d, "sweep timer", (uv_handle_t *)&s->tick) != 0 ||
+        lr_daemon_add_handle(s->d, "lock timer", (uv_handle_t *)&s->lock_timer) != 0 ||
+        lr_daemon_add_pg(s->d, "leader lock", &s->lock) != 0 ||
+        lr_daemon_add_amqp(s->d, "rabbitmq", &s->amqp, 3000) != 0 ||
+        lr_daemon_add_pg(s->d, "postgres", &s->pg) != 0) {
+        lr_error("scheduler.start", "cannot register the components");
+        return 1;
+    }
+
+    memset(&po, 0, sizeof(po));
+    po.conninfo = cfg->database_url;
+    po.size = 2;
+    po.application_name = "longrun-scheduler";
+    po.on_state = on_pg_state;
+    po.state_arg = s;
+    if (lr_pg_pool_init(&s->pg, s->loop, &po, err, sizeof(err)) != 0) {
+        lr_error("scheduler.config", "LONGRUN_DATABASE_URL: %s", err);
+        return 2;
+    }
+    po.size = 1;
+    po.application_name = "longrun-scheduler-lock";
+    po.on_state = on_lock_state;
+    po.state_arg = s;
+    if (lr_pg_pool_init(&s->lock, s->loop, &po, err, sizeof(err)) != 0) {
+        return 2;
+    }
+    if (lr_pg_listen(s->pg, "longrun_wakeup", on_notify, s) != 0) {
+        return 1;
+    }
+    memset(&ao, 0, sizeof(ao));
+    ao.url = cfg->amqp_url;
+    ao.consume = consume;
+    ao.declare = declare;
+    ao.prefetch = 100;
+    ao.delivery_limit = cfg->delivery_limit;
+    ao.on_delivery = on_dead;
+    ao.on_state = on_amqp_state;
+    ao.arg = s;
+    if (lr_amqp_start(&s->amqp, s->loop, &ao, err, sizeof(err)) != 0) {
+        lr_error("scheduler.config", "LONGRUN_AMQP_URL: %s", err);
+        return 2;
+    }
+    uv_timer_start(&s->tick, tick_cb, (uint64_t)cfg->sweep_interval_ms, (uint64_t)cfg->sweep_interval_ms);
+    if (uv_thread_create(&s->depth_thread, depth_thread, s) == 0) {
+        s->depth_started = true;
+    }
+    uv_timer_start(&s->lock_timer, lock_timer_cb, 100, 1000);
+    return 0;
+}
+
 int lr_scheduler_run(const lr_config_t *cfg) {
     sched_t *s = calloc(1, sizeof(*s));
     uv_loop_t loop;
-    lr_pg_opts_t po;
-    lr_amqp_opts_t ao;
+    lr_daemon_opts_t dopts;
     char err[512], host[100] = "";
-    static const char *const consume[] = {LR_AMQP_DEAD_QUEUE, NULL};
-    static const char *const declare[] = {"default", NULL};
-    int rc = 1;
+    int rc;
 
     if (s == NULL || uv_loop_init(&loop) != 0) {
         free(s);
@@ -798,101 +830,45 @@ int lr_scheduler_run(const lr_config_t *cfg) {
     snprintf(s->id, sizeof(s->id), "scheduler:%s-%d", host, (int)getpid());
     lr_log_init("scheduler", s->id, lr_log_level_parse(cfg->log_level), strcmp(cfg->log_format, "json") == 0);
     metrics_init();
-    if (lr_health_start(&s->health, cfg->http_port, "scheduler", 10000, err, sizeof(err)) != 0) {
+    memset(&dopts, 0, sizeof(dopts));
+    dopts.name = "scheduler";
+    dopts.http_port = cfg->http_port;
+    dopts.stall_ms = 10000;
+    dopts.on_drain = on_drain;
+    dopts.on_tick = on_tick;
+    dopts.arg = s;
+    if (lr_daemon_init(&s->d, &loop, &dopts, err, sizeof(err)) != 0) {
         lr_error("scheduler.config", "%s", err);
         uv_loop_close(&loop);
         free(s);
+        lr_metrics_free();
         return 2;
     }
-
-    memset(&po, 0, sizeof(po));
-    po.conninfo = cfg->database_url;
-    po.size = 2;
-    po.application_name = "longrun-scheduler";
-    po.on_state = on_pg_state;
-    po.state_arg = s;
-    if (lr_pg_pool_init(&s->pg, &loop, &po, err, sizeof(err)) != 0) {
-        lr_error("scheduler.config", "LONGRUN_DATABASE_URL: %s", err);
-        rc = 2;
-        goto out;
+    rc = start(s);
+    if (rc == 0) {
+        lr_info("scheduler.started", "longrun-scheduler %s: sweep every %d ms, batch %d, outbox grace %d s, "
+                "retention %d days", LONGRUN_VERSION, cfg->sweep_interval_ms, cfg->sweep_batch,
+                cfg->outbox_grace_seconds, cfg->retention_days);
+    } else {
+        s->stopping = true;
+        lr_daemon_shutdown(s->d); /* close what start() created */
     }
-    po.size = 1;
-    po.application_name = "longrun-scheduler-lock";
-    po.on_state = on_lock_state;
-    po.state_arg = s;
-    if (lr_pg_pool_init(&s->lock, &loop, &po, err, sizeof(err)) != 0) {
-        rc = 2;
-        goto out;
+    if (lr_daemon_run(s->d) != 0 && rc == 0) {
+        rc = 1;
     }
-    if (lr_pg_listen(s->pg, "longrun_wakeup", on_notify, s) != 0) {
-        goto out;
-    }
-    memset(&ao, 0, sizeof(ao));
-    ao.url = cfg->amqp_url;
-    ao.consume = consume;
-    ao.declare = declare;
-    ao.prefetch = 100;
-    ao.delivery_limit = cfg->delivery_limit;
-    ao.on_delivery = on_dead;
-    ao.on_state = on_amqp_state;
-    ao.arg = s;
-    if (lr_amqp_start(&s->amqp, &loop, &ao, err, sizeof(err)) != 0) {
-        lr_error("scheduler.config", "LONGRUN_AMQP_URL: %s", err);
-        rc = 2;
-        goto out;
-    }
-    uv_timer_init(&loop, &s->tick);
-    uv_timer_init(&loop, &s->lock_timer);
-    s->tick.data = s->lock_timer.data = s;
-    uv_timer_start(&s->tick, tick_cb, (uint64_t)cfg->sweep_interval_ms, (uint64_t)cfg->sweep_interval_ms);
-    uv_timer_init(&loop, &s->health_timer);
-    s->health_timer.data = s;
-    uv_timer_start(&s->health_timer, health_timer_cb, 0, 1000);
-    if (uv_thread_create(&s->depth_thread, depth_thread, s) == 0) {
-        s->depth_started = true;
-    }
-    uv_timer_start(&s->lock_timer, lock_timer_cb, 100, 1000);
-    uv_signal_init(&loop, &s->sigterm);
-    uv_signal_init(&loop, &s->sigint);
-    uv_signal_init(&loop, &s->sigquit);
-    uv_signal_init(&loop, &s->sighup);
-    s->sighup.data = s;
-    uv_signal_start(&s->sighup, on_signal, SIGHUP);
-    s->sigterm.data = s->sigint.data = s->sigquit.data = s;
-    uv_signal_start(&s->sigterm, on_signal, SIGTERM);
-    uv_signal_start(&s->sigint, on_signal, SIGINT);
-    uv_signal_start(&s->sigquit, on_signal, SIGQUIT);
-    lr_info("scheduler.started", "longrun-scheduler %s: sweep every %d ms, batch %d, outbox grace %d s, "
-            "retention %d days", LONGRUN_VERSION, cfg->sweep_interval_ms, cfg->sweep_batch,
-            cfg->outbox_grace_seconds, cfg->retention_days);
-    uv_run(&loop, UV_RUN_DEFAULT);
-    uv_run(&loop, UV_RUN_DEFAULT);
-    lr_info("scheduler.exit", "exiting: resumed %llu, recovered %llu, republished %llu, deadline %llu, "
-            "dead letters ingested %llu", (unsigned long long)s->resumed, (unsigned long long)s->recovered,
-            (unsigned long long)s->republished, (unsigned long long)s->deadlined,
-            (unsigned long long)s->ingested);
-    rc = 0;
-out:
-    if (rc != 0) {
-        s->closing = 3;
-        lr_pg_pool_close(s->pg, closed_cb, s);
-        lr_pg_pool_close(s->lock, closed_cb, s);
-        if (s->amqp != NULL) {
-            lr_amqp_stop(s->amqp, 1000, closed_cb, s);
-        } else {
-            closed_cb(s);
-        }
-        uv_run(&loop, UV_RUN_DEFAULT);
+    if (rc == 0) {
+        lr_info("scheduler.exit", "exiting: resumed %llu, recovered %llu, republished %llu, deadline %llu, "
+                "dead letters ingested %llu", (unsigned long long)s->resumed, (unsigned long long)s->recovered,
+                (unsigned long long)s->republished, (unsigned long long)s->deadlined,
+                (unsigned long long)s->ingested);
     }
     if (s->depth_started) {
         atomic_store(&s->depth_stop, 1);
         uv_thread_join(&s->depth_thread);
     }
-    lr_health_stop(s->health);
+    lr_daemon_free(s->d);
     if (uv_loop_close(&loop) != 0) {
-        uv_walk(&loop, (uv_walk_cb)uv_close, NULL);
-        uv_run(&loop, UV_RUN_DEFAULT);
-        (void)uv_loop_close(&loop);
+        lr_error("scheduler.exit", "the event loop still has open handles at exit");
     }
     free(s);
     lr_metrics_free();
