@@ -112,6 +112,7 @@
 #define HEADERS_JSON_MAX (1024 * 1024)
 #define JSON_MAX_DEPTH 16
 #define DETAIL_MAX 512
+#define SYNC_NACK_ATTEMPTS 4       /* blocking publish: tries when the broker nacks */
 #define SYSTEM_CA_BUNDLE "/etc/ssl/certs/ca-certificates.crt"
 
 /* ------------------------------------------------------------------------ */
@@ -2642,9 +2643,11 @@ int lr_amqp_sync_declare(lr_amqp_sync_t *s, const char *const *queues, int deliv
     return declare_topology(&s->c, queues, delivery_limit, errbuf, errlen);
 }
 
-int lr_amqp_sync_publish(lr_amqp_sync_t *s, const char *exchange, const char *routing_key,
-                         const lr_amqp_msg_t *msg, long timeout_ms, char *errbuf,
-                         size_t errlen) {
+/* One publish and its confirm; *nacked tells a basic.nack apart from the
+ * other failures. */
+static int sync_publish_once(lr_amqp_sync_t *s, const char *exchange, const char *routing_key,
+                             const lr_amqp_msg_t *msg, long timeout_ms, bool *nacked,
+                             char *errbuf, size_t errlen) {
     char detail[DETAIL_MAX];
     char returned[DETAIL_MAX] = "";
     int rc;
@@ -2708,6 +2711,7 @@ int lr_amqp_sync_publish(lr_amqp_sync_t *s, const char *exchange, const char *ro
                 continue;
             }
             if (nack) {
+                *nacked = true;
                 return lr_seterr(errbuf, errlen, LR_EAMQP,
                                  "the broker refused the message (basic.nack; queue full or "
                                  "unavailable?)");
@@ -2748,6 +2752,35 @@ int lr_amqp_sync_publish(lr_amqp_sync_t *s, const char *exchange, const char *ro
             amqp_maybe_release_buffers(s->c.st);
             continue;
         }
+    }
+}
+
+int lr_amqp_sync_publish(lr_amqp_sync_t *s, const char *exchange, const char *routing_key,
+                         const lr_amqp_msg_t *msg, long timeout_ms, char *errbuf,
+                         size_t errlen) {
+    /* A basic.nack means the broker did not take the message: RabbitMQ sends
+       one on an internal error of the queue process (a quorum queue between
+       leaders, a full queue).  The first is transient, so the publish is
+       retried with a doubling pause while the deadline allows; a full queue
+       still fails, a little later. */
+    uint64_t deadline = now_ms() + (uint64_t)(timeout_ms > 0 ? timeout_ms : 0);
+    long pause_ms = 50;
+    for (int attempt = 1;; attempt++) {
+        bool nacked = false;
+        uint64_t now = now_ms();
+        long left = now < deadline ? (long)(deadline - now) : 0;
+        int rc = sync_publish_once(s, exchange, routing_key, msg, left, &nacked, errbuf, errlen);
+        if (rc == 0 || !nacked || attempt >= SYNC_NACK_ATTEMPTS) {
+            return rc;
+        }
+        now = now_ms();
+        if (now + (uint64_t)pause_ms >= deadline) {
+            return rc;
+        }
+        struct timespec ts = {.tv_sec = pause_ms / 1000, .tv_nsec = (pause_ms % 1000) * 1000000L};
+        while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
+        }
+        pause_ms *= 2;
     }
 }
 

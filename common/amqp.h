@@ -171,6 +171,8 @@ int lr_amqp_sync_declare(lr_amqp_sync_t *s, const char *const *queues, int deliv
                          char *errbuf, size_t errlen) LR_MUSTCHECK;
 
 /* Publishes and waits for the broker's confirm (up to timeout_ms).
+ * A nacked publish is retried (4 tries, pauses doubling from 50 ms) while
+ * the timeout allows.
  * Returns 0 (confirmed), LR_EAMQP (nacked / unroutable), LR_ETIMEOUT,
  * LR_ECONN. */
 int lr_amqp_sync_publish(lr_amqp_sync_t *s, const char *exchange, const char *routing_key,
