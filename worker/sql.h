@@ -191,6 +191,12 @@
     " UNION ALL SELECT 1, id, json_build_object('signal', name, 'payload', payload, 'id', id)::text, 1" \
     "  FROM task_signals WHERE task_id = $1) x ORDER BY kind, n"
 
+/* The kill switches that are on, as "kind:name". */
+#define SQL_FLAGS "SELECT kind || ':' || name FROM flags WHERE disabled"
+
+/* The database's schema version (0 before the first migration). */
+#define SQL_SCHEMA_VERSION "SELECT coalesce(max(version), 0) FROM schema_migrations"
+
 /* ------------------------------------------- rate windows (worker/ratewin.c) */
 
 /* Reserves one request and the estimated tokens in this minute's window of

@@ -52,6 +52,7 @@
 #include "agents.h"
 #include "breaker.h"
 #include "state.h"
+#include "store.h"
 
 enum run_state {
     RUN_CLAIMING,      /* claim statement in flight */
@@ -125,9 +126,6 @@ struct lr_run {
     int db_retries;
     bool reclaim;                /* our claim may have committed: take our own live lease back */
     char tr_reason[40], tr_stop[40]; /* the last transition's arguments */
-    bool tr_has_stop;
-    long tr_resume_ms;
-    int tr_inc;
     uv_timer_t retry_timer;      /* publish retry backoff */
     bool timer_init;
     lr_log_ctx_t log;
@@ -180,7 +178,7 @@ struct lr_worker {
 static void run_next(lr_run_t *r);
 static void run_load(lr_run_t *r);
 static void tenant_bounce(lr_run_t *r, int running);
-static void tenant_cb(int err, const PGresult *res, void *arg);
+static void tenant_cb(const lr_store_count_res_t *res, void *arg);
 static void run_publish_followup(lr_run_t *r);
 static void run_transition(lr_run_t *r, const char *status, const char *reason, const char *error,
                            const char *stop_reason, long resume_in_ms, int attempt_inc);
@@ -366,7 +364,6 @@ typedef struct dead_msg {
     char reason[32];
     char error[512];
     char key[256];
-    int tries;
     bool safe;                   /* record only what PostgreSQL surely accepts */
 } dead_msg_t;
 
@@ -400,41 +397,31 @@ static void dead_msg_published(int err, void *arg) {
     dead_msg_free(m);
 }
 
-static void dead_msg_recorded(int err, const PGresult *res, void *arg);
+static void dead_msg_recorded(const lr_store_dead_message_res_t *res, void *arg);
 
 static void dead_msg_record(dead_msg_t *m) {
     lr_amqp_delivery_t *d = m->d;
-    char *hex = lr_bytea_hex(d->body, d->body_len);
-    char count[24];
-    const char *params[9];
-    bool is_json = false;
+    lr_store_dead_message_args_t a;
     bool mid_ok;
     int rc;
 
-    if (hex == NULL) {
-        lr_error("dead_letter.nomem", "out of memory recording a dead letter; requeueing it");
-        (void)lr_amqp_reject(m->w->amqp, d, true);
-        dead_msg_free(m);
-        return;
-    }
     /* The raw bytes always go in (bytea); the parsed body, the message id
      * and the headers only when PostgreSQL will surely take them, and not at
      * all in safe mode (after the server refused them): a malformed message
      * must never fail its own dead-letter record. */
-    is_json = !m->safe && lr_json_storable(d->body, d->body_len);
     mid_ok = !m->safe && d->message_id != NULL && lr_pg_text_ok(d->message_id, strlen(d->message_id));
-    snprintf(count, sizeof(count), "%lld", (long long)d->delivery_count);
-    params[0] = hex;
-    params[1] = mid_ok ? d->message_id : NULL;
-    params[2] = d->queue;
-    params[3] = m->reason;
-    params[4] = m->error;
-    params[5] = m->safe ? NULL : d->headers_json;
-    params[6] = d->delivery_count >= 0 ? count : NULL;
-    params[7] = is_json ? "true" : "false";
-    params[8] = (mid_ok && lr_uuid_valid(d->message_id)) ? d->message_id : NULL;
-    rc = lr_pg_query(m->w->pg, SQL_DEAD_MESSAGE, 9, params, 0, dead_msg_recorded, m);
-    free(hex);
+    memset(&a, 0, sizeof(a));
+    a.body = d->body;
+    a.body_len = d->body_len;
+    a.message_id = mid_ok ? d->message_id : NULL;
+    a.queue = d->queue;
+    a.reason = m->reason;
+    a.error = m->error;
+    a.headers_json = m->safe ? NULL : d->headers_json;
+    a.delivery_count = d->delivery_count >= 0 ? (long long)d->delivery_count : -1;
+    a.body_is_json = !m->safe && lr_json_storable(d->body, d->body_len);
+    a.task_id = (mid_ok && lr_uuid_valid(d->message_id)) ? d->message_id : NULL;
+    rc = lr_store_dead_message(m->w->pg, &a, dead_msg_recorded, m);
     if (rc != 0) {
         lr_error("dead_letter.query_failed", "cannot queue the dead-letter record: %s; requeueing",
                  lr_strerror(rc));
@@ -443,33 +430,27 @@ static void dead_msg_record(dead_msg_t *m) {
     }
 }
 
-static void dead_msg_recorded(int err, const PGresult *res, void *arg) {
+static void dead_msg_recorded(const lr_store_dead_message_res_t *res, void *arg) {
     dead_msg_t *m = arg;
     lr_amqp_msg_t msg;
     const char *headers[9];
-    const char *key;
     int rc;
 
-    if (err != 0) {
-        if (err == LR_ECONN && ++m->tries < 5) {
-            dead_msg_record(m); /* the upsert is idempotent */
-            return;
-        }
-        if (err == LR_EDB && !m->safe) {
+    if (res->err != 0) {
+        if (res->err == LR_EDB && !m->safe) {
             lr_warn("dead_letter.safe_mode", "dead letter (%s) refused by PostgreSQL (%s); recording the "
-                    "raw bytes only", m->reason, res != NULL ? PQresultErrorMessage(res) : "?");
+                    "raw bytes only", m->reason, res->errmsg);
             m->safe = true;
             dead_msg_record(m);
             return;
         }
         lr_error("dead_letter.record_failed", "cannot record dead letter (%s): %s; requeueing",
-                 m->reason, res != NULL ? PQresultErrorMessage(res) : lr_strerror(err));
+                 m->reason, res->errmsg);
         (void)lr_amqp_reject(m->w->amqp, m->d, true);
         dead_msg_free(m);
         return;
     }
-    key = lr_pg_get(res, 0, 0);
-    snprintf(m->key, sizeof(m->key), "%s", key != NULL ? key : "");
+    snprintf(m->key, sizeof(m->key), "%s", res->key);
     lr_metric_inc1(lr_wm.dead_letters, m->reason);
     lr_warn("message.dead_lettered", "message %s from %s dead-lettered: %s: %s",
             m->d->message_id != NULL ? m->d->message_id : "(no message_id)",
@@ -649,10 +630,9 @@ static void run_send_reply(lr_run_t *r) {
     free(body);
 }
 
-static void mark_published_cb(int err, const PGresult *res, void *arg) {
+static void mark_published_cb(int err, void *arg) {
     lr_run_t *r = arg;
-    (void)err;
-    (void)res;
+    (void)err; /* the outbox sweep covers a lost mark */
     r->pending--;
     run_done(r);
 }
@@ -677,8 +657,7 @@ static void run_published(int err, void *arg) {
     if (r->after == AFTER_CONTINUATION) {
         /* Outbox bookkeeping: the dispatch of this queued state is confirmed. */
         r->pending++;
-        if (lr_pg_query_batched(r->w->pg, SQL_MARK_PUBLISHED, 1, (const char *const[]){r->id}, 0,
-                                mark_published_cb, r) != 0) {
+        if (lr_store_mark_published(r->w->pg, r->id, mark_published_cb, r) != 0) {
             r->pending--;
             run_done(r);
         }
@@ -721,7 +700,7 @@ static void run_start_step(lr_run_t *r) {
     }
 }
 
-static void checkpoint_cb(int err, const PGresult *res, void *arg);
+static void checkpoint_cb(const lr_store_write_res_t *res, void *arg);
 
 static const char *status_for_outcome(lr_run_t *r, bool *release, const char **reason) {
     *release = true;
@@ -753,61 +732,48 @@ static const char *status_for_outcome(lr_run_t *r, bool *release, const char **r
 
 static void run_checkpoint(lr_run_t *r) {
     lr_worker_t *w = r->w;
-    char p_epoch[24], p_step[16], p_tin[24], p_tout[24], p_tcached[24], p_cost[32], p_lat[24];
-    char p_resume[24], p_tc[24], p_active[24], p_lease[16], p_sv[16];
-    const char *params[25];
+    lr_store_checkpoint_args_t a;
     bool release;
     const char *reason = NULL;
     const char *status = status_for_outcome(r, &release, &reason);
-    uint64_t latency = now_ms(w) - r->step_start_ms;
+    long latency = (long)(now_ms(w) - r->step_start_ms);
     int rc;
 
     snprintf(r->final_status, sizeof(r->final_status), "%s", status);
     snprintf(r->reason, sizeof(r->reason), "%s", reason != NULL ? reason : "");
-    snprintf(p_epoch, sizeof(p_epoch), "%lld", (long long)r->epoch);
-    snprintf(p_step, sizeof(p_step), "%d", r->step + 1);
-    snprintf(p_tin, sizeof(p_tin), "%ld", r->out.tokens_in);
-    snprintf(p_tout, sizeof(p_tout), "%ld", r->out.tokens_out);
-    snprintf(p_tcached, sizeof(p_tcached), "%ld", r->out.tokens_cached);
-    snprintf(p_cost, sizeof(p_cost), "%.6f", r->out.cost_usd);
-    snprintf(p_lat, sizeof(p_lat), "%llu", (unsigned long long)latency);
-    snprintf(p_resume, sizeof(p_resume), "%ld", r->out.resume_in_ms);
-    snprintf(p_tc, sizeof(p_tc), "%ld", r->out.tool_calls_count);
-    snprintf(p_active, sizeof(p_active), "%llu", (unsigned long long)latency);
-    snprintf(p_lease, sizeof(p_lease), "%d", w->cfg.lease_seconds);
-    params[0] = r->id;
-    params[1] = p_epoch;
-    params[2] = p_step;
-    params[3] = status;
-    params[4] = w->id;
-    params[5] = r->out.messages;
-    params[6] = r->out.tool_calls;
-    params[7] = r->out.model;
-    params[8] = p_tin;
-    params[9] = p_tout;
-    params[10] = p_tcached;
-    params[11] = p_cost;
-    params[12] = p_lat;
-    params[13] = release ? "true" : "false";
-    params[14] = r->out.outcome == LR_STEP_FINISHED ? r->out.result : NULL;
-    params[15] = r->out.outcome == LR_STEP_STOP && r->out.error[0] ? r->out.error : NULL;
-    params[16] = r->out.outcome == LR_STEP_STOP ? reason : NULL;
-    params[17] = r->out.outcome == LR_STEP_SUSPEND ? r->out.suspend_reason : NULL;
-    params[18] = r->out.outcome == LR_STEP_SUSPEND && r->out.resume_in_ms >= 0 ? p_resume : NULL;
-    params[19] = r->out.outcome == LR_STEP_SUSPEND && r->out.wait_event[0] ? r->out.wait_event : NULL;
-    params[20] = reason;
-    params[21] = p_tc;
-    params[22] = p_active;
-    params[23] = p_lease;
-    snprintf(p_sv, sizeof(p_sv), "%d", lr_state_version());
-    params[24] = p_sv;
+    memset(&a, 0, sizeof(a));
+    a.id = r->id;
+    a.epoch = r->epoch;
+    a.step_no = r->step + 1;
+    a.status = status;
+    a.worker = w->id;
+    a.messages = r->out.messages;
+    a.tool_calls = r->out.tool_calls;
+    a.model = r->out.model;
+    a.tokens_in = r->out.tokens_in;
+    a.tokens_out = r->out.tokens_out;
+    a.tokens_cached = r->out.tokens_cached;
+    a.tool_calls_count = r->out.tool_calls_count;
+    a.cost_usd = r->out.cost_usd;
+    a.latency_ms = latency;
+    a.active_ms = latency;
+    a.release = release;
+    a.result = r->out.outcome == LR_STEP_FINISHED ? r->out.result : NULL;
+    a.error = r->out.outcome == LR_STEP_STOP && r->out.error[0] ? r->out.error : NULL;
+    a.stop_reason = r->out.outcome == LR_STEP_STOP ? reason : NULL;
+    a.suspend_reason = r->out.outcome == LR_STEP_SUSPEND ? r->out.suspend_reason : NULL;
+    a.resume_in_ms = r->out.outcome == LR_STEP_SUSPEND ? r->out.resume_in_ms : -1;
+    a.wait_event = r->out.outcome == LR_STEP_SUSPEND && r->out.wait_event[0] ? r->out.wait_event : NULL;
+    a.event_reason = reason;
+    a.lease_seconds = w->cfg.lease_seconds;
+    a.state_version = lr_state_version();
     if (r->out.outcome == LR_STEP_STOP) {
         snprintf(r->error, sizeof(r->error), "%s", r->out.error);
     }
     set_state(r, RUN_CHECKPOINTING);
     r->ckpt_sent_ms = now_ms(w);
     r->pending++;
-    rc = lr_pg_query_batched(w->pg, SQL_CHECKPOINT, 25, params, 0, checkpoint_cb, r);
+    rc = lr_store_checkpoint(w->pg, &a, checkpoint_cb, r);
     if (rc != 0) {
         r->pending--;
         lr_error("task.checkpoint_queue_failed", "cannot queue checkpoint of task %s: %s", r->id,
@@ -816,8 +782,6 @@ static void run_checkpoint(lr_run_t *r) {
         run_requeue(r);
     }
 }
-
-static void verify_cb(int err, const PGresult *res, void *arg);
 
 static void run_checkpoint_committed(lr_run_t *r) {
     lr_worker_t *w = r->w;
@@ -875,66 +839,29 @@ static void run_fenced(lr_run_t *r, const char *what) {
     run_done(r);
 }
 
-static void checkpoint_cb(int err, const PGresult *res, void *arg) {
+static void checkpoint_cb(const lr_store_write_res_t *res, void *arg) {
     lr_run_t *r = arg;
     r->pending--;
-    if (err == LR_ECONN) {
-        /* The statement may or may not have committed: look for our row. */
-        char p_epoch[24], p_step[16];
-        const char *params[3];
-        snprintf(p_epoch, sizeof(p_epoch), "%lld", (long long)r->epoch);
-        snprintf(p_step, sizeof(p_step), "%d", r->step + 1);
-        params[0] = r->id;
-        params[1] = p_step;
-        params[2] = p_epoch;
-        set_state(r, RUN_VERIFYING);
-        r->pending++;
-        if (lr_pg_query(r->w->pg, SQL_STEP_EXISTS, 3, params, 0, verify_cb, r) != 0) {
-            r->pending--;
-            run_requeue(r);
-        }
-        return;
-    }
-    if (err != 0) {
-        LR_LOG(LR_LOG_ERROR, &r->log, "task.checkpoint_failed", "checkpoint failed: %s",
-               res != NULL ? PQresultErrorMessage(res) : lr_strerror(err));
+    if (res->err != 0) {
+        LR_LOG(LR_LOG_ERROR, &r->log, "task.checkpoint_failed", "checkpoint failed: %s", res->errmsg);
         /* A statement error is not transient by retrying the same write;
          * give the task back (the message is redelivered; crash-loop
          * accounting bounds the retries). */
         run_requeue(r);
         return;
     }
-    if (PQntuples(res) == 0) {
+    if (res->fenced) {
         run_fenced(r, "checkpoint");
         return;
     }
     lr_metric_observe(lr_wm.checkpoint_seconds, NULL, (double)(now_ms(r->w) - r->ckpt_sent_ms) / 1000.0);
     r->lease_from_ms = r->ckpt_sent_ms; /* the checkpoint renewed the lease (if it kept it) */
-    if (strcmp(lr_pg_getn(res, 0, "status"), r->final_status) != 0) {
+    if (res->status != NULL && strcmp(res->status, r->final_status) != 0) {
         /* An operator cancelled the task meanwhile: it stops here. */
-        snprintf(r->final_status, sizeof(r->final_status), "%s", lr_pg_getn(res, 0, "status"));
+        snprintf(r->final_status, sizeof(r->final_status), "%s", res->status);
         snprintf(r->reason, sizeof(r->reason), "cancelled");
     }
     run_checkpoint_committed(r);
-}
-
-static void verify_cb(int err, const PGresult *res, void *arg) {
-    lr_run_t *r = arg;
-    r->pending--;
-    if (err == LR_ECONN) {
-        checkpoint_cb(LR_ECONN, NULL, (r->pending++, r));
-        return;
-    }
-    if (err != 0) {
-        run_requeue(r);
-        return;
-    }
-    if (PQntuples(res) > 0) {
-        run_checkpoint_committed(r);
-    } else {
-        /* Not committed: write it again (still fenced on epoch and step). */
-        run_checkpoint(r);
-    }
 }
 
 static void run_step_done(lr_run_t *r) {
@@ -995,44 +922,26 @@ static void run_step_done(lr_run_t *r) {
 
 /* ------------------------------------------------------------- transitions */
 
-static void transition_cb(int err, const PGresult *res, void *arg) {
+static void transition_cb(const lr_store_write_res_t *res, void *arg) {
     lr_run_t *r = arg;
     r->pending--;
-    if (err == LR_ECONN && r->db_retries++ < 5) {
-        /* Ambiguous; the transition is fenced on the epoch and the status
-         * being running, so re-running it is safe (it waits for the
-         * reconnection): zero rows then means it committed earlier or we
-         * were fenced.  (Giving the message back instead would leave the
-         * task running under our live lease, so a redelivery would be
-         * dropped and the task wait for the lease to expire.) */
-        char status[16], reason[40], stop[40], error[512];
-        snprintf(status, sizeof(status), "%s", r->final_status);
-        snprintf(reason, sizeof(reason), "%s", r->tr_reason);
-        snprintf(stop, sizeof(stop), "%s", r->tr_stop);
-        snprintf(error, sizeof(error), "%s", r->error);
-        LR_LOG(LR_LOG_WARN, &r->log, "task.transition_retry", "connection lost during the transition to %s; "
-               "running it again", status);
-        run_transition(r, status, reason, error[0] ? error : NULL, r->tr_has_stop ? stop : NULL,
-                       r->tr_resume_ms, r->tr_inc);
-        return;
-    }
-    if (err == LR_ECONN) {
+    if (res->err == LR_ECONN) {
         run_requeue(r);
         return;
     }
-    if (err != 0) {
+    if (res->err != 0) {
         LR_LOG(LR_LOG_ERROR, &r->log, "task.transition_failed", "transition to %s failed: %s",
-               r->final_status, res != NULL ? PQresultErrorMessage(res) : lr_strerror(err));
+               r->final_status, res->errmsg);
         run_requeue(r);
         return;
     }
-    if (PQntuples(res) == 0 && r->db_retries > 0) {
+    if (res->ambiguous) {
         LR_LOG(LR_LOG_WARN, &r->log, "task.transition_ambiguous", "the transition to %s committed before the "
                "connection broke, or a newer owner holds the task; ending here", r->final_status);
         run_done(r);
         return;
     }
-    if (PQntuples(res) == 0) {
+    if (res->fenced) {
         run_fenced(r, "transition");
         return;
     }
@@ -1059,8 +968,7 @@ static void transition_cb(int err, const PGresult *res, void *arg) {
 
 static void run_transition(lr_run_t *r, const char *status, const char *reason, const char *error,
                            const char *stop_reason, long resume_in_ms, int attempt_inc) {
-    char p_epoch[24], p_resume[24], p_inc[8];
-    const char *params[10];
+    lr_store_transition_args_t a;
     int rc;
 
     snprintf(r->final_status, sizeof(r->final_status), "%s", status);
@@ -1068,25 +976,22 @@ static void run_transition(lr_run_t *r, const char *status, const char *reason, 
     snprintf(r->error, sizeof(r->error), "%s", error != NULL ? error : "");
     snprintf(r->tr_reason, sizeof(r->tr_reason), "%s", reason);
     snprintf(r->tr_stop, sizeof(r->tr_stop), "%s", stop_reason != NULL ? stop_reason : "");
-    r->tr_has_stop = stop_reason != NULL;
-    r->tr_resume_ms = resume_in_ms;
-    r->tr_inc = attempt_inc;
-    snprintf(p_epoch, sizeof(p_epoch), "%lld", (long long)r->epoch);
-    snprintf(p_resume, sizeof(p_resume), "%ld", resume_in_ms);
-    snprintf(p_inc, sizeof(p_inc), "%d", attempt_inc);
-    params[0] = r->id;
-    params[1] = p_epoch;
-    params[2] = status;
-    params[3] = r->w->id;
-    params[4] = reason;
-    params[5] = error;
-    params[6] = stop_reason;
-    params[7] = resume_in_ms >= 0 ? p_resume : NULL;
-    params[8] = p_inc;
-    params[9] = strcmp(status, "retry_wait") == 0 ? "retry" : strcmp(status, "suspended") == 0 ? reason : NULL;
+    memset(&a, 0, sizeof(a));
+    a.id = r->id;
+    a.epoch = r->epoch;
+    a.status = r->final_status;
+    a.worker = r->w->id;
+    a.reason = r->tr_reason;
+    a.error = error != NULL ? r->error : NULL;
+    a.stop_reason = stop_reason != NULL ? r->tr_stop : NULL;
+    a.resume_in_ms = resume_in_ms;
+    a.attempt_inc = attempt_inc;
+    a.suspend_reason = strcmp(status, "retry_wait") == 0  ? "retry"
+                       : strcmp(status, "suspended") == 0 ? r->tr_reason
+                                                          : NULL;
     set_state(r, RUN_TRANSITION);
     r->pending++;
-    rc = lr_pg_query(r->w->pg, SQL_TRANSITION, 10, params, 0, transition_cb, r);
+    rc = lr_store_transition(r->w->pg, &a, transition_cb, r);
     if (rc != 0) {
         r->pending--;
         run_requeue(r);
@@ -1095,33 +1000,27 @@ static void run_transition(lr_run_t *r, const char *status, const char *reason, 
 
 /* ------------------------------------------------------------------ claim */
 
-static void history_cb(int err, const PGresult *res, void *arg) {
+static void history_cb(const lr_store_history_res_t *res, void *arg) {
     lr_run_t *r = arg;
     r->pending--;
-    if (err == LR_ECONN && r->db_retries++ < 5) {
-        /* A read: ask again (it waits for the reconnection).  Giving the
-         * message back would meet our own live lease and be dropped. */
-        r->pending++;
-        if (lr_pg_query(r->w->pg, SQL_HISTORY, 1, (const char *const[]){r->id}, 0, history_cb, r) == 0) {
-            return;
-        }
-        r->pending--;
-    }
-    if (err != 0) {
-        LR_LOG(LR_LOG_WARN, &r->log, "task.history_failed", "cannot load the step log: %s",
-               res != NULL ? PQresultErrorMessage(res) : lr_strerror(err));
+    if (res->err != 0) {
+        LR_LOG(LR_LOG_WARN, &r->log, "task.history_failed", "cannot load the step log: %s", res->errmsg);
         run_requeue(r);
         return;
     }
     cJSON_Delete(r->history);
     r->history = cJSON_CreateArray();
-    for (int i = 0; i < PQntuples(res); i++) {
-        cJSON *m = cJSON_Parse(lr_pg_get(res, i, 2));
-        if (m != NULL && lr_state_decode(atoi(lr_pg_get(res, i, 3)), m) != 0) {
+    for (int i = 0; i < res->n; i++) {
+        const char *body;
+        int version;
+        cJSON *m;
+        lr_store_history_row(res, i, &body, &version);
+        m = cJSON_Parse(body);
+        if (m != NULL && lr_state_decode(version, m) != 0) {
             /* (the claim checked tasks.state_version; a step newer than the
              * task row would be a bug, so refuse rather than misread) */
-            LR_LOG(LR_LOG_WARN, &r->log, "task.state_too_new", "step state version %s is newer than this worker "
-                   "reads (%d)", lr_pg_get(res, i, 3), lr_state_version());
+            LR_LOG(LR_LOG_WARN, &r->log, "task.state_too_new", "step state version %d is newer than this worker "
+                   "reads (%d)", version, lr_state_version());
             cJSON_Delete(m);
             run_transition(r, "queued", "state_version_too_new", NULL, NULL, -1, 0);
             return;
@@ -1132,63 +1031,56 @@ static void history_cb(int err, const PGresult *res, void *arg) {
 }
 
 /* After a successful claim: decide whether to run. */
-static void run_claimed(lr_run_t *r, const PGresult *res) {
-    lr_worker_t *w = r->w;
-    const char *input = lr_pg_getn(res, 0, "input");
-    const char *v;
-    int claims = atoi(lr_pg_getn(res, 0, "claims") ? lr_pg_getn(res, 0, "claims") : "1");
+static char *dup_or_null(const char *s) { return s != NULL ? strdup(s) : NULL; }
 
-    r->epoch = atoll(lr_pg_getn(res, 0, "lease_epoch"));
-    r->step = atoi(lr_pg_getn(res, 0, "step"));
-    r->attempt = atoi(lr_pg_getn(res, 0, "attempt"));
-    r->max_attempts = atoi(lr_pg_getn(res, 0, "max_attempts"));
-    r->tokens_in = atol(lr_pg_getn(res, 0, "tokens_in"));
-    r->tokens_out = atol(lr_pg_getn(res, 0, "tokens_out"));
-    r->cost_usd = atof(lr_pg_getn(res, 0, "cost_usd"));
-    r->tool_calls_total = atol(lr_pg_getn(res, 0, "tool_calls"));
-    r->active_ms = atol(lr_pg_getn(res, 0, "active_ms"));
-    v = lr_pg_getn(res, 0, "budgets");
+static void run_claimed(lr_run_t *r, const lr_store_task_t *t) {
+    lr_worker_t *w = r->w;
+
+    r->epoch = t->epoch;
+    r->step = t->step;
+    r->attempt = t->attempt;
+    r->max_attempts = t->max_attempts;
+    r->tokens_in = t->tokens_in;
+    r->tokens_out = t->tokens_out;
+    r->cost_usd = t->cost_usd;
+    r->tool_calls_total = t->tool_calls;
+    r->active_ms = t->active_ms;
     free(r->budgets_json);
-    r->budgets_json = v != NULL ? strdup(v) : NULL;
-    snprintf(r->agent, sizeof(r->agent), "%s", lr_pg_getn(res, 0, "agent"));
-    snprintf(r->queue, sizeof(r->queue), "%s", lr_pg_getn(res, 0, "queue"));
-    v = lr_pg_getn(res, 0, "reply_to");
+    r->budgets_json = dup_or_null(t->budgets);
+    snprintf(r->agent, sizeof(r->agent), "%s", t->agent != NULL ? t->agent : "");
+    snprintf(r->queue, sizeof(r->queue), "%s", t->queue != NULL ? t->queue : "");
     free(r->reply_to);
-    r->reply_to = v != NULL ? strdup(v) : NULL;
-    v = lr_pg_getn(res, 0, "correlation_id");
+    r->reply_to = dup_or_null(t->reply_to);
     free(r->correlation_id);
-    r->correlation_id = v != NULL ? strdup(v) : NULL;
-    v = lr_pg_getn(res, 0, "callback_url");
+    r->correlation_id = dup_or_null(t->correlation_id);
     free(r->callback_url);
-    r->callback_url = v != NULL ? strdup(v) : NULL;
-    v = lr_pg_getn(res, 0, "tenant");
+    r->callback_url = dup_or_null(t->callback_url);
     free(r->tenant);
-    r->tenant = v != NULL ? strdup(v) : NULL;
+    r->tenant = dup_or_null(t->tenant);
     cJSON_Delete(r->input);
-    r->input = input != NULL ? cJSON_Parse(input) : NULL;
+    r->input = t->input != NULL ? cJSON_Parse(t->input) : NULL;
     r->log.epoch = r->epoch;
     r->log.step = r->step;
     r->slice_start_ms = now_ms(w);
     r->slice_steps = 0;
-    LR_LOG(LR_LOG_DEBUG, &r->log, "task.claimed", "claimed (claims without progress: %d)", claims);
+    LR_LOG(LR_LOG_DEBUG, &r->log, "task.claimed", "claimed (claims without progress: %d)", t->claims);
     lr_metric_add(lr_wm.tasks_started, NULL, 1);
 
-    if (atoi(lr_pg_getn(res, 0, "state_version")) > lr_state_version()) {
+    if (t->state_version > lr_state_version()) {
         /* Written by a newer worker: hand it back rather than misread it. */
-        LR_LOG(LR_LOG_WARN, &r->log, "task.state_too_new", "state version %s is newer than this worker reads (%d)",
-               lr_pg_getn(res, 0, "state_version"), lr_state_version());
+        LR_LOG(LR_LOG_WARN, &r->log, "task.state_too_new", "state version %d is newer than this worker reads (%d)",
+               t->state_version, lr_state_version());
         run_transition(r, "queued", "state_version_too_new", NULL, NULL, -1, 0);
         return;
     }
-    if (claims > w->cfg.max_claims) {
+    if (t->claims > w->cfg.max_claims) {
         char why[160];
         snprintf(why, sizeof(why), "claimed %d times without progress (limit %d): its worker keeps dying",
-                 claims, w->cfg.max_claims);
+                 t->claims, w->cfg.max_claims);
         run_transition(r, "dead", "crash_loop", why, "crash_loop", -1, 0);
         return;
     }
-    v = lr_pg_getn(res, 0, "past_deadline");
-    if (v != NULL && v[0] == 't') {
+    if (t->past_deadline) {
         run_transition(r, "dead", "deadline", "the task's deadline passed", "deadline", -1, 0);
         return;
     }
@@ -1199,10 +1091,9 @@ static void run_claimed(lr_run_t *r, const PGresult *res) {
         run_transition(r, "dead", "unknown_agent", why, "unknown_agent", -1, 0);
         return;
     }
-    v = lr_pg_getn(res, 0, "tenant_running");
     if (r->tenant != NULL && w->cfg.tenant_max_running > 0) {
-        if (v != NULL && atoi(v) >= w->cfg.tenant_max_running) {
-            tenant_bounce(r, atoi(v));
+        if (t->tenant_running >= w->cfg.tenant_max_running) {
+            tenant_bounce(r, t->tenant_running);
             return;
         }
         /* The count above was read before this claim committed, so claims
@@ -1211,7 +1102,7 @@ static void run_claimed(lr_run_t *r, const PGresult *res) {
          * the others, so the cap holds exactly. */
         set_state(r, RUN_LOADING);
         r->pending++;
-        if (lr_pg_query(w->pg, SQL_TENANT_RUNNING, 1, (const char *const[]){r->tenant}, 0, tenant_cb, r) != 0) {
+        if (lr_store_tenant_running(w->pg, r->tenant, tenant_cb, r) != 0) {
             r->pending--;
             run_requeue(r);
         }
@@ -1228,19 +1119,19 @@ static void tenant_bounce(lr_run_t *r, int running) {
     run_transition(r, "suspended", "tenant_limit", NULL, NULL, 1000 + backoff_ms(1000, 2000, 1), 0);
 }
 
-static void tenant_cb(int err, const PGresult *res, void *arg) {
+static void tenant_cb(const lr_store_count_res_t *res, void *arg) {
     lr_run_t *r = arg;
-    int running;
+    long running;
     r->pending--;
-    if (err != 0 || PQntuples(res) != 1) {
+    if (res->err != 0) {
         LR_LOG(LR_LOG_WARN, &r->log, "task.tenant_check_failed", "cannot count the tenant's running tasks: %s",
-               res != NULL ? PQresultErrorMessage(res) : lr_strerror(err));
+               res->errmsg);
         run_requeue(r);
         return;
     }
-    running = atoi(lr_pg_get(res, 0, 0)); /* ours included */
+    running = res->count; /* ours included */
     if (running > r->w->cfg.tenant_max_running) {
-        tenant_bounce(r, running - 1);
+        tenant_bounce(r, (int)running - 1);
         return;
     }
     run_load(r);
@@ -1252,7 +1143,7 @@ static void run_load(lr_run_t *r) {
     if (r->exec->needs_history && r->step > 0) {
         set_state(r, RUN_LOADING);
         r->pending++;
-        if (lr_pg_query(w->pg, SQL_HISTORY, 1, (const char *const[]){r->id}, 0, history_cb, r) != 0) {
+        if (lr_store_history(w->pg, r->id, history_cb, r) != 0) {
             r->pending--;
             run_requeue(r);
         }
@@ -1272,8 +1163,8 @@ static void run_next(lr_run_t *r) {
     run_start_step(r);
 }
 
-static void insert_cb(int err, const PGresult *res, void *arg);
-static void claim_cb(int err, const PGresult *res, void *arg);
+static void insert_cb(const lr_store_claim_res_t *res, void *arg);
+static void claim_cb(const lr_store_claim_res_t *res, void *arg);
 
 /* Claims without progress that make a task a suspect: 2, or the crash-loop
  * limit if lower (then a bystander still stays within the limit). */
@@ -1285,23 +1176,20 @@ static int suspect_claims(const lr_worker_t *w) {
  * suspect slot is free and no other such claim is in flight. */
 static void run_claim(lr_run_t *r) {
     lr_worker_t *w = r->w;
-    char lease[16], below[16];
-    const char *params[5];
+    lr_store_claim_args_t a;
     bool may = w->suspect == NULL && !w->suspect_claiming;
-    snprintf(lease, sizeof(lease), "%d", w->cfg.lease_seconds);
-    snprintf(below, sizeof(below), "%d", may ? 1000000 : suspect_claims(w));
-    params[0] = r->id;
-    params[1] = w->id;
-    params[2] = lease;
-    params[3] = below;
-    params[4] = r->reclaim ? "true" : "false";
+    a.id = r->id;
+    a.worker = w->id;
+    a.lease_seconds = w->cfg.lease_seconds;
+    a.claims_below = may ? 1000000 : suspect_claims(w);
+    a.reclaim = r->reclaim;
     if (may) {
         w->suspect_claiming = true;
         r->claim_may_suspect = true;
     }
     set_state(r, RUN_CLAIMING);
     r->pending++;
-    if (lr_pg_query(w->pg, SQL_CLAIM, 5, params, 0, claim_cb, r) != 0) {
+    if (lr_store_claim(w->pg, &a, claim_cb, r) != 0) {
         r->pending--;
         if (may) {
             w->suspect_claiming = false;
@@ -1359,7 +1247,44 @@ static void suspect_release(lr_run_t *r) {
     }
 }
 
-static void claim_cb(int err, const PGresult *res, void *arg) {
+/* First sight of a task published straight to the broker: create its row,
+ * claimed. */
+static void run_insert(lr_run_t *r) {
+    lr_worker_t *w = r->w;
+    lr_store_insert_args_t a;
+    char *input = cJSON_PrintUnformatted(r->msg.input);
+    char *budgets = lr_budgets_to_json(&r->msg.budgets);
+    char *metadata = r->msg.metadata ? cJSON_PrintUnformatted(r->msg.metadata) : NULL;
+    int rc;
+    a.id = r->id;
+    a.queue = r->queue;
+    a.agent = r->msg.agent;
+    a.input = input;
+    a.budgets = budgets;
+    a.metadata = metadata;
+    a.max_attempts = r->msg.max_attempts > 0 ? r->msg.max_attempts : w->cfg.max_attempts;
+    a.deadline = r->msg.deadline;
+    a.tenant = r->msg.tenant;
+    a.callback_url = r->msg.callback_url;
+    a.reply_to = r->d->reply_to;
+    a.correlation_id = r->d->correlation_id;
+    a.worker = w->id;
+    a.lease_seconds = w->cfg.lease_seconds;
+    set_state(r, RUN_INSERTING);
+    r->pending++;
+    /* (the statement's text parameters are sent when it is queued, so these
+     * buffers need not outlive the call) */
+    rc = lr_store_insert(w->pg, &a, insert_cb, r);
+    free(input);
+    free(budgets);
+    free(metadata);
+    if (rc != 0) {
+        r->pending--;
+        run_requeue(r);
+    }
+}
+
+static void claim_cb(const lr_store_claim_res_t *res, void *arg) {
     lr_run_t *r = arg;
     lr_worker_t *w = r->w;
     const char *cur;
@@ -1370,32 +1295,29 @@ static void claim_cb(int err, const PGresult *res, void *arg) {
         r->claim_may_suspect = false;
         w->suspect_claiming = false;
     }
-    if (err == LR_ECONN && run_retry_claim(r)) {
+    if (res->lost && run_retry_claim(r)) {
         suspect_next(w);
         return;
     }
-    if (err != 0) {
-        LR_LOG(LR_LOG_WARN, &r->log, "task.claim_failed", "claim failed: %s; giving the message back",
-               res != NULL ? PQresultErrorMessage(res) : lr_strerror(err));
+    if (res->err != 0) {
+        LR_LOG(LR_LOG_WARN, &r->log, "task.claim_failed", "claim failed: %s; giving the message back", res->errmsg);
         run_requeue(r);
         suspect_next(w);
         return;
     }
-    if (lr_pg_getn(res, 0, "lease_epoch") != NULL) {
-        if (may_suspect && atoi(lr_pg_getn(res, 0, "claims")) > suspect_claims(w)) {
+    if (res->claimed) {
+        if (may_suspect && res->task.claims > suspect_claims(w)) {
             w->suspect = r;
-            LR_LOG(LR_LOG_INFO, &r->log, "task.suspect", "claimed %s times without progress: running it as "
-                   "this worker's only suspect until it checkpoints", lr_pg_getn(res, 0, "claims"));
+            LR_LOG(LR_LOG_INFO, &r->log, "task.suspect", "claimed %d times without progress: running it as "
+                   "this worker's only suspect until it checkpoints", res->task.claims);
         }
         suspect_next(w);
-        run_claimed(r, res);
+        run_claimed(r, &res->task);
         return;
     }
-    cur = lr_pg_getn(res, 0, "cur_status");
-    if (cur != NULL && !may_suspect && atoi(lr_pg_getn(res, 0, "cur_claims")) >= suspect_claims(w) &&
-        !w->draining) {
-        const char *leased = lr_pg_getn(res, 0, "cur_leased");
-        if (strcmp(cur, "queued") == 0 || (strcmp(cur, "running") == 0 && leased != NULL && leased[0] == 'f')) {
+    cur = res->cur_status;
+    if (cur != NULL && !may_suspect && res->cur_claims >= suspect_claims(w) && !w->draining) {
+        if (strcmp(cur, "queued") == 0 || (strcmp(cur, "running") == 0 && !res->cur_leased)) {
             /* A suspect, and another suspect holds this worker's slot: wait,
              * unclaimed, holding the delivery. */
             LR_LOG(LR_LOG_DEBUG, &r->log, "task.suspect_deferred", "suspect task waits for this worker's "
@@ -1423,106 +1345,44 @@ static void claim_cb(int err, const PGresult *res, void *arg) {
             run_maybe_free(r);
             return;
         }
-        /* First sight of a task published straight to the broker. */
-        {
-            char *input = cJSON_PrintUnformatted(r->msg.input);
-            char *budgets = lr_budgets_to_json(&r->msg.budgets);
-            char *metadata = r->msg.metadata ? cJSON_PrintUnformatted(r->msg.metadata) : NULL;
-            char attempts[16], lease[16];
-            const char *params[14];
-            int rc;
-            snprintf(attempts, sizeof(attempts), "%d",
-                     r->msg.max_attempts > 0 ? r->msg.max_attempts : w->cfg.max_attempts);
-            snprintf(lease, sizeof(lease), "%d", w->cfg.lease_seconds);
-            params[0] = r->id;
-            params[1] = r->queue;
-            params[2] = r->msg.agent;
-            params[3] = input;
-            params[4] = budgets;
-            params[5] = attempts;
-            params[6] = r->msg.deadline;
-            params[7] = r->msg.tenant;
-            params[8] = metadata;
-            params[9] = r->msg.callback_url;
-            params[10] = r->d->reply_to;
-            params[11] = r->d->correlation_id;
-            params[12] = w->id;
-            params[13] = lease;
-            set_state(r, RUN_INSERTING);
-            r->pending++;
-            rc = lr_pg_query(w->pg, SQL_INSERT_CLAIMED, 14, params, 0, insert_cb, r);
-            free(input);
-            free(budgets);
-            free(metadata);
-            if (rc != 0) {
-                r->pending--;
-                run_requeue(r);
-            }
-        }
+        run_insert(r);
         return;
     }
-    {
-        const char *leased = lr_pg_getn(res, 0, "cur_leased");
-        if (strcmp(cur, "running") == 0 && leased != NULL && leased[0] == 't') {
-            LR_LOG(LR_LOG_INFO, &r->log, "task.duplicate_delivery",
-                   "duplicate delivery: the task is leased by a live owner; dropped");
-        } else {
-            LR_LOG(LR_LOG_DEBUG, &r->log, "task.not_runnable", "task is %s; message dropped", cur);
-        }
+    if (strcmp(cur, "running") == 0 && res->cur_leased) {
+        LR_LOG(LR_LOG_INFO, &r->log, "task.duplicate_delivery",
+               "duplicate delivery: the task is leased by a live owner; dropped");
+    } else {
+        LR_LOG(LR_LOG_DEBUG, &r->log, "task.not_runnable", "task is %s; message dropped", cur);
     }
     run_done(r);
 }
 
-/* The server refused the new task's row for what the message holds (a value
- * PostgreSQL cannot store: invalid UTF-8, \u0000 in JSON, an RFC 3339-shaped
- * but impossible deadline, ...): SQLSTATE class 22 (data exception) or 23
- * (integrity).  Retrying cannot help: the message is malformed. */
-static bool insert_refused(int err, const PGresult *res, char *why, size_t len) {
-    static const char *const fields[] = {NULL, "id", "queue", "agent", "input", "budgets",
-                                         "max_attempts", "deadline", "tenant", "metadata",
-                                         "callback_url", "reply_to", "correlation_id"};
-    const char *state = res != NULL ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
-    const char *msg = res != NULL ? PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY) : NULL;
-    const char *ctx = res != NULL ? PQresultErrorField(res, PG_DIAG_CONTEXT) : NULL;
-    const char *p = ctx != NULL ? strstr(ctx, "parameter $") : NULL;
-    int n = p != NULL ? atoi(p + strlen("parameter $")) : 0;
-    if (err != LR_EDB || state == NULL || (strncmp(state, "22", 2) != 0 && strncmp(state, "23", 2) != 0)) {
-        return false;
-    }
-    snprintf(why, len, "%s: PostgreSQL cannot store it: %s",
-             n > 0 && n < (int)(sizeof(fields) / sizeof(fields[0])) ? fields[n] : "message",
-             msg != NULL ? msg : "data exception");
-    return true;
-}
-
-static void insert_cb(int err, const PGresult *res, void *arg) {
+static void insert_cb(const lr_store_claim_res_t *res, void *arg) {
     lr_run_t *r = arg;
-    char why[512];
     r->pending--;
-    if (insert_refused(err, res, why, sizeof(why))) {
+    if (res->refused) {
         lr_amqp_delivery_t *d = r->d;
-        LR_LOG(LR_LOG_WARN, &r->log, "task.insert_refused", "%s", why);
+        LR_LOG(LR_LOG_WARN, &r->log, "task.insert_refused", "%s", res->why);
         r->d = NULL;
-        dead_letter_message(r->w, d, "invalid", why);
+        dead_letter_message(r->w, d, "invalid", res->why);
         set_state(r, RUN_DONE);
         run_maybe_free(r);
         return;
     }
-    if (err == LR_ECONN && run_retry_claim(r)) {
+    if (res->lost && run_retry_claim(r)) {
         return; /* the claim finds the row if the insert committed, else inserts again */
     }
-    if (err != 0) {
-        LR_LOG(LR_LOG_WARN, &r->log, "task.insert_failed", "cannot create the task row: %s",
-               res != NULL ? PQresultErrorMessage(res) : lr_strerror(err));
+    if (res->err != 0) {
+        LR_LOG(LR_LOG_WARN, &r->log, "task.insert_failed", "cannot create the task row: %s", res->errmsg);
         run_requeue(r);
         return;
     }
-    if (PQntuples(res) == 0) {
+    if (!res->claimed) {
         /* Raced with another creator: claim the existing row. */
         run_claim(r);
         return;
     }
-    run_claimed(r, res);
+    run_claimed(r, &res->task);
 }
 
 /* --------------------------------------------------------------- delivery */
@@ -1590,22 +1450,14 @@ static void on_delivery(lr_amqp_delivery_t *d, void *arg) {
 
 /* ---------------------------------------------------------- leases + beats */
 
-/* One batch renewal: the (task, epoch) pairs it asked for, sorted. */
-typedef struct renew_item {
-    char id[LR_UUID_LEN + 1];
-    int64_t epoch;
-    bool fenced;
-} renew_item_t;
-
+/* One batch renewal: when it was sent. */
 typedef struct renew {
     lr_worker_t *w;
     uint64_t sent_ms;
-    int n;
-    renew_item_t items[];
 } renew_t;
 
-static int renew_item_cmp(const void *a, const void *b) {
-    const renew_item_t *x = a, *y = b;
+static int lease_cmp(const void *a, const void *b) {
+    const lr_store_lease_t *x = a, *y = b;
     int c = strcmp(x->id, y->id);
     return c != 0 ? c : (x->epoch > y->epoch) - (x->epoch < y->epoch);
 }
@@ -1619,57 +1471,38 @@ static void run_stop_step(lr_run_t *r) {
     r->pending--;
 }
 
-static void renew_cb(int err, const PGresult *res, void *arg) {
+static void renew_cb(const lr_store_renew_res_t *res, void *arg) {
     renew_t *rn = arg;
     lr_worker_t *w = rn->w;
-    if (err != 0) {
-        lr_warn("lease.renew_failed", "lease renewal failed: %s",
-                res != NULL ? PQresultErrorMessage(res) : lr_strerror(err));
+    lr_store_lease_t *lost = NULL;
+    if (res->err != 0) {
+        lr_warn("lease.renew_failed", "lease renewal failed: %s", res->errmsg);
         w->renew_failing = true;
         free(rn);
         return;
     }
     w->renew_failing = false;
     w->renew_ok_sent_ms = rn->sent_ms;
-    for (int i = 0; i < PQntuples(res); i++) {
-        renew_item_t key, *it;
-        const char *renewed = lr_pg_get(res, i, 2);
-        if (renewed != NULL && renewed[0] == 't') {
-            continue;
-        }
-        snprintf(key.id, sizeof(key.id), "%s", lr_pg_get(res, i, 0));
-        key.epoch = atoll(lr_pg_get(res, i, 1));
-        it = bsearch(&key, rn->items, (size_t)rn->n, sizeof(key), renew_item_cmp);
-        if (it != NULL) {
-            it->fenced = true;
-        }
+    if (res->nfenced > 0 && (lost = malloc((size_t)res->nfenced * sizeof(*lost))) != NULL) {
+        memcpy(lost, res->fenced, (size_t)res->nfenced * sizeof(*lost));
+        qsort(lost, (size_t)res->nfenced, sizeof(*lost), lease_cmp);
     }
     /* A lease that a newer owner holds (or whose task left `running`): a
      * step in flight stops now rather than run to its end for nothing;
      * other states learn it from their next fenced statement. */
-    for (lr_run_t *r = w->runs, *next; r != NULL && !w->stopping; r = next) {
-        renew_item_t key, *it;
+    for (lr_run_t *r = w->runs, *next; lost != NULL && r != NULL && !w->stopping; r = next) {
+        lr_store_lease_t key = {r->id, r->epoch};
         next = r->next;
         if (r->state != RUN_STEPPING || !r->stepping || r->fenced) {
             continue;
         }
-        snprintf(key.id, sizeof(key.id), "%s", r->id);
-        key.epoch = r->epoch;
-        it = bsearch(&key, rn->items, (size_t)rn->n, sizeof(key), renew_item_cmp);
-        if (it != NULL && it->fenced) {
+        if (bsearch(&key, lost, (size_t)res->nfenced, sizeof(key), lease_cmp) != NULL) {
             run_stop_step(r);
             run_fenced(r, "lease renewal");
         }
     }
+    free(lost);
     free(rn);
-}
-
-static void heartbeat_cb(int err, const PGresult *res, void *arg) {
-    (void)arg;
-    if (err != 0) {
-        lr_debug("worker.heartbeat_failed", "heartbeat failed: %s",
-                 res != NULL ? PQresultErrorMessage(res) : lr_strerror(err));
-    }
 }
 
 /* The renewal period: min(lease / 3, heartbeat), in ms. */
@@ -1679,92 +1512,83 @@ static uint64_t renew_every_ms(const lr_worker_t *w) {
     return hb < every ? hb : every;
 }
 
-static void lease_timer_cb(uv_timer_t *t) {
-    lr_worker_t *w = t->data;
-    size_t cap = (size_t)w->nruns * 40 + 4;
-    char *ids = malloc(cap);
-    char *epochs = malloc((size_t)w->nruns * 24 + 4);
-    renew_t *rn = malloc(sizeof(renew_t) + (size_t)w->nruns * sizeof(renew_item_t));
-    size_t ni = 0, ne = 0;
-    int n = 0;
-    char lease[16], pid[16], inflight[16], maxif[16];
+/* No renewal for longer than the lease: our leases may have expired and the
+ * tasks been handed to another worker.  Stop the steps in flight (they run
+ * again from their last checkpoint) instead of doing work nobody can
+ * checkpoint. */
+static void lease_check_lost(lr_worker_t *w) {
+    int stopped = 0;
+    if (!w->renew_failing || now_ms(w) - w->renew_ok_sent_ms <= (uint64_t)w->cfg.lease_seconds * 1000u) {
+        return;
+    }
+    for (lr_run_t *r = w->runs, *next; r != NULL; r = next) {
+        next = r->next;
+        if (r->state == RUN_STEPPING && r->stepping && !r->fenced) {
+            run_stop_step(r);
+            r->abandon = true;
+            stopped++;
+            run_requeue(r);
+        }
+    }
+    if (stopped > 0) {
+        lr_warn("lease.lost", "no lease renewal for more than %d s (database unreachable): stopped %d "
+                "running step(s); their tasks resume from the last checkpoint", w->cfg.lease_seconds,
+                stopped);
+    }
+}
 
-    if (ids == NULL || epochs == NULL || rn == NULL) {
-        free(ids);
-        free(epochs);
+/* Renews, in one statement, the leases whose last checkpoint did not
+ * already extend them this period. */
+static void lease_renew(lr_worker_t *w) {
+    lr_store_lease_t *leases = malloc(((size_t)w->nruns + 1) * sizeof(*leases));
+    renew_t *rn = malloc(sizeof(*rn));
+    int n = 0;
+    if (leases == NULL || rn == NULL) {
+        free(leases);
         free(rn);
         return;
     }
-    if (w->renew_failing && now_ms(w) - w->renew_ok_sent_ms > (uint64_t)w->cfg.lease_seconds * 1000u) {
-        /* No renewal for longer than the lease: our leases may have expired
-         * and the tasks been handed to another worker.  Stop the steps in
-         * flight (they run again from their last checkpoint) instead of
-         * doing work nobody can checkpoint. */
-        int stopped = 0;
-        for (lr_run_t *r = w->runs, *next; r != NULL; r = next) {
-            next = r->next;
-            if (r->state == RUN_STEPPING && r->stepping && !r->fenced) {
-                run_stop_step(r);
-                r->abandon = true;
-                stopped++;
-                run_requeue(r);
-            }
-        }
-        if (stopped > 0) {
-            lr_warn("lease.lost", "no lease renewal for more than %d s (database unreachable): stopped %d "
-                    "running step(s); their tasks resume from the last checkpoint", w->cfg.lease_seconds,
-                    stopped);
-        }
-    }
-    ids[ni++] = '{';
-    epochs[ne++] = '{';
     for (lr_run_t *r = w->runs; r != NULL; r = r->next) {
         if (r->epoch <= 0 || r->state == RUN_DONE || r->fenced) {
             continue;
         }
         if (r->lease_from_ms != 0 && now_ms(w) - r->lease_from_ms < renew_every_ms(w)) {
-            /* Its last checkpoint already extended the lease this period:
-             * renewing it again would only cost a row update. */
-            continue;
+            continue; /* renewing it again would only cost a row update */
         }
-        ni += (size_t)sprintf(ids + ni, "%s%s", n ? "," : "", r->id);
-        ne += (size_t)sprintf(epochs + ne, "%s%lld", n ? "," : "", (long long)r->epoch);
-        snprintf(rn->items[n].id, sizeof(rn->items[n].id), "%s", r->id);
-        rn->items[n].epoch = r->epoch;
-        rn->items[n].fenced = false;
+        leases[n].id = r->id;
+        leases[n].epoch = r->epoch;
         n++;
     }
-    ids[ni++] = '}';
-    ids[ni] = '\0';
-    epochs[ne++] = '}';
-    epochs[ne] = '\0';
-    snprintf(lease, sizeof(lease), "%d", w->cfg.lease_seconds);
     rn->w = w;
     rn->sent_ms = now_ms(w);
-    rn->n = n;
-    qsort(rn->items, (size_t)n, sizeof(renew_item_t), renew_item_cmp);
-    if (n > 0) {
-        const char *params[3] = {ids, epochs, lease};
-        if (lr_pg_query(w->pg, SQL_RENEW, 3, params, (long)w->cfg.lease_seconds * 500, renew_cb, rn) != 0) {
-            lr_warn("lease.renew_failed", "cannot queue the lease renewal");
-            free(rn);
-        }
-    } else {
+    if (n == 0) {
         w->renew_failing = false; /* no lease held, none to lose */
         w->renew_ok_sent_ms = now_ms(w);
         free(rn);
+    } else if (lr_store_renew(w->pg, leases, n, w->cfg.lease_seconds, (long)w->cfg.lease_seconds * 500, renew_cb,
+                              rn) != 0) {
+        lr_warn("lease.renew_failed", "cannot queue the lease renewal");
+        free(rn);
     }
-    free(ids);
-    free(epochs);
-    snprintf(pid, sizeof(pid), "%d", (int)getpid());
-    snprintf(inflight, sizeof(inflight), "%d", w->nruns);
-    snprintf(maxif, sizeof(maxif), "%d", w->cfg.max_in_flight);
-    {
-        const char *params[8] = {w->id, w->hostname, pid, LONGRUN_VERSION, w->queues_csv,
-                                 inflight, maxif, w->draining ? "true" : "false"};
-        if (lr_pg_query(w->pg, SQL_HEARTBEAT, 8, params, 5000, heartbeat_cb, w) != 0) {
-            lr_debug("worker.heartbeat_failed", "cannot queue the heartbeat");
-        }
+    free(leases);
+}
+
+static void lease_timer_cb(uv_timer_t *t) {
+    lr_worker_t *w = t->data;
+    lr_store_heartbeat_args_t hb = {
+        .worker = w->id,
+        .hostname = w->hostname,
+        .version = LONGRUN_VERSION,
+        .queues_csv = w->queues_csv,
+        .pid = (int)getpid(),
+        .in_flight = w->nruns,
+        .max_in_flight = w->cfg.max_in_flight,
+        .draining = w->draining,
+    };
+    lease_check_lost(w);
+    lease_renew(w);
+    if (lr_store_heartbeat(w->pg, &hb) != 0) {
+        lr_debug("worker.heartbeat_failed", "cannot queue the heartbeat");
     }
 }
 
@@ -1884,20 +1708,14 @@ static void on_amqp_state(int connected, const char *detail, void *arg) {
     }
 }
 
-static void flags_cb(int err, const PGresult *res, void *arg) {
-    const char *entries[512];
-    int n = 0;
+static void flags_cb(const lr_store_flags_res_t *res, void *arg) {
     (void)arg;
-    if (err != 0) {
-        lr_warn("flags.load_failed", "cannot read the kill switches: %s",
-                res != NULL ? PQresultErrorMessage(res) : lr_strerror(err));
+    if (res->err != 0) {
+        lr_warn("flags.load_failed", "cannot read the kill switches: %s", res->errmsg);
         return;
     }
-    for (int i = 0; i < PQntuples(res) && n < 512; i++) {
-        entries[n++] = lr_pg_get(res, i, 0);
-    }
-    lr_flags_replace(entries, n);
-    lr_info("flags.loaded", "%d kill switch(es) active", n);
+    lr_flags_replace(res->entries, res->n);
+    lr_info("flags.loaded", "%d kill switch(es) active", res->n);
 }
 
 /* NOTIFY longrun_flags (and every reconnect): reload the kill switches. */
@@ -1905,22 +1723,21 @@ static void on_flags_notify(const char *channel, const char *payload, void *arg)
     lr_worker_t *w = arg;
     (void)channel;
     (void)payload;
-    if (!w->stopping && lr_pg_query(w->pg, "SELECT kind || ':' || name FROM flags WHERE disabled", 0, NULL, 0,
-                                    flags_cb, w) != 0) {
+    if (!w->stopping && lr_store_flags(w->pg, flags_cb, w) != 0) {
         lr_warn("flags.load_failed", "cannot queue the kill-switch reload");
     }
 }
 
-static void schema_cb(int err, const PGresult *res, void *arg) {
+static void schema_cb(const lr_store_count_res_t *res, void *arg) {
     lr_worker_t *w = arg;
     int v;
-    if (err != 0) {
+    if (res->err != 0) {
         w->schema_state = -1;
         snprintf(w->schema_msg, sizeof(w->schema_msg), "schema not readable (run longrun migrate): %.100s",
-                 res != NULL ? PQresultErrorMessage(res) : lr_strerror(err));
+                 res->errmsg);
         return;
     }
-    v = atoi(lr_pg_get(res, 0, 0) ? lr_pg_get(res, 0, 0) : "0");
+    v = (int)res->count;
     if (v < lr_schema_version_known()) {
         w->schema_state = -1;
         snprintf(w->schema_msg, sizeof(w->schema_msg), "schema version %d is older than %d: run longrun migrate", v,
@@ -1941,8 +1758,7 @@ static void health_timer_cb(uv_timer_t *t) {
     ticks++;
     lr_health_tick(w->health);
     if ((w->schema_state <= 0 || ticks % 30 == 0) && w->pg_usable > 0) {
-        if (lr_pg_query(w->pg, "SELECT coalesce(max(version), 0) FROM schema_migrations", 0, NULL, 5000, schema_cb,
-                        w) != 0) {
+        if (lr_store_schema_version(w->pg, schema_cb, w) != 0) {
             lr_debug("worker.schema_check", "cannot queue the schema check");
         }
     }
