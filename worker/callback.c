@@ -18,12 +18,15 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "callback.h"
+
+#include "list.h"
 #include "log.h"
-#include "worker.h"
+#include "task.h"
 
 typedef struct callback {
-    struct callback *next, *prev;
-    lr_worker_t *w;
+    lr_list_t link;              /* in pending */
+    lr_http_t *const *http;      /* the worker's client slot */
     uv_timer_t timer;
     lr_http_req_t *req;          /* the attempt in flight, or NULL */
     char id[LR_UUID_LEN + 1];
@@ -32,19 +35,7 @@ typedef struct callback {
     int tries;
 } callback_t;
 
-static callback_t *pending;
-
-static void cb_unlink(callback_t *c) {
-    if (c->prev != NULL) {
-        c->prev->next = c->next;
-    } else if (pending == c) {
-        pending = c->next;
-    }
-    if (c->next != NULL) {
-        c->next->prev = c->prev;
-    }
-    c->next = c->prev = NULL;
-}
+static lr_list_t pending = {&pending, &pending};
 
 static void cb_closed(uv_handle_t *h) {
     callback_t *c = h->data;
@@ -60,7 +51,7 @@ static void cb_timer(uv_timer_t *t) {
 }
 
 static void cb_finish(callback_t *c) {
-    cb_unlink(c);
+    lr_list_remove(&c->link);
     uv_close((uv_handle_t *)&c->timer, cb_closed);
 }
 
@@ -85,7 +76,7 @@ static void cb_send(callback_t *c) {
     char idem[96], task[96];
     const char *headers[4];
     lr_http_opts_t o;
-    lr_http_t *http = lr_worker_http(c->w);
+    lr_http_t *http = *c->http;
     snprintf(idem, sizeof(idem), "Idempotency-Key: %s:outcome", c->id);
     snprintf(task, sizeof(task), "X-Longrun-Task-Id: %s", c->id);
     headers[0] = "Content-Type: application/json";
@@ -123,7 +114,8 @@ static bool allowed(const char *url) {
     return ok;
 }
 
-void lr_callback_send(lr_worker_t *w, const char *task_id, const char *url, const char *body) {
+void lr_callback_send(uv_loop_t *loop, lr_http_t *const *http, const char *task_id, const char *url,
+                      const char *body) {
     callback_t *c;
     if (!allowed(url)) {
         lr_warn("task.callback_refused", "task %s: callback_url is not under LONGRUN_CALLBACK_ALLOW; not called",
@@ -134,18 +126,14 @@ void lr_callback_send(lr_worker_t *w, const char *task_id, const char *url, cons
     if (c == NULL) {
         return;
     }
-    c->w = w;
+    c->http = http;
     snprintf(c->id, sizeof(c->id), "%s", task_id);
     c->url = strdup(url);
     c->body = strdup(body);
-    uv_timer_init(lr_worker_loop(w), &c->timer);
+    uv_timer_init(loop, &c->timer);
     uv_unref((uv_handle_t *)&c->timer); /* never holds the worker's exit */
     c->timer.data = c;
-    c->next = pending;
-    if (pending != NULL) {
-        pending->prev = c;
-    }
-    pending = c;
+    lr_list_push_front(&pending, &c->link);
     if (c->url == NULL || c->body == NULL) {
         cb_finish(c);
         return;
@@ -154,8 +142,8 @@ void lr_callback_send(lr_worker_t *w, const char *task_id, const char *url, cons
 }
 
 void lr_callback_abandon_all(void) {
-    while (pending != NULL) {
-        callback_t *c = pending;
+    while (!lr_list_empty(&pending)) {
+        callback_t *c = lr_list_entry(lr_list_first(&pending), callback_t, link);
         lr_warn("task.callback_abandoned", "worker stopping: outcome of task %s not delivered to its callback "
                 "after %d attempt(s) (it is in PostgreSQL)", c->id, c->tries);
         if (c->req != NULL) {

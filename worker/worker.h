@@ -105,11 +105,6 @@ const lr_config_t *lr_worker_config(const lr_worker_t *w);
 const char *lr_worker_id(const lr_worker_t *w);
 bool lr_worker_test_hooks(const lr_worker_t *w);
 
-/* Posts a task's outcome to its callback_url (worker/callback.c). */
-void lr_callback_send(lr_worker_t *w, const char *task_id, const char *url, const char *body);
-/* Cancels and frees every callback delivery still pending (worker stop). */
-void lr_callback_abandon_all(void);
-
 /* Built-in executors. */
 extern const lr_executor_t lr_exec_http_steps;
 extern const lr_executor_t lr_exec_agent;

@@ -100,6 +100,10 @@ def _with_db(url, dbname):
     return urllib.parse.urlunparse(p._replace(path="/" + dbname))
 
 
+# Log events that only a bug produces (checked for every daemon at teardown).
+BUG_EVENTS = ("task.bad_state", "task.bad_outcome", "task.bad_io")
+
+
 class Proc:
     def __init__(self, name, argv, env, logdir):
         self.name = name
@@ -218,6 +222,16 @@ class Env:
                     exit_problems.append("%s did not exit within 40 s of SIGTERM" % p.name)
                 elif rc != 0:
                     exit_problems.append("%s exited %d after SIGTERM" % (p.name, rc))
+            # The worker's state machines refuse and log an illegal move
+            # (task.bad_state / bad_outcome / bad_io) instead of crashing, and
+            # the daemons log a handle left open at exit: any of them is a bug.
+            for p in self.procs:
+                if p.name == "fixture" or p.name.startswith("aux"):
+                    continue
+                bad = [e for e in p.events() if e.get("event") in BUG_EVENTS or
+                       str(e.get("event", "")).endswith(".open_at_exit")]
+                if bad:
+                    exit_problems.append("%s logged %d bug event(s), first: %r" % (p.name, len(bad), bad[0]))
             if exit_problems:
                 failed = True
         for p in self.procs:

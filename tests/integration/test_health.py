@@ -150,6 +150,10 @@ def test():
                 pr.signal(__import__("signal").SIGTERM)
                 break
         h.wait_for(lambda: get(port, "/readyz")[0] in (503, None), 10, "not ready while draining")
+        # and, with nothing in flight, it exits 0 on its own (a second SIGTERM
+        # from the teardown while it closes would mean "exit now")
+        rc = pr.wait(30)
+        h.eq(rc, 0, "w1 exits 0 after draining")
 
 
 h.run(test)
