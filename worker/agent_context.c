@@ -18,7 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "exec_agent.h"
+#include "agent_state.h"
 
 /* The first user message of a task, from its input. */
 static cJSON *user_message(const cJSON *input) {

@@ -1,6 +1,7 @@
 /*
- * exec_agent.h - internals of the agent executor shared by its files (not
- * for the rest of the worker, which sees only lr_exec_agent in worker.h):
+ * agent_state.h - the agent executor's per-task state and what its files
+ * share (not for the rest of the worker, which sees only lr_exec_agent in
+ * worker.h):
  *
  *   exec_agent.c     the step's state machine, the executor entry points,
  *                    budgets, the model call (fallback chain, retries,
@@ -12,11 +13,13 @@
  *   agent_fsm.c      the states and their legal moves (agent_fsm.h)
  *
  * Everything runs on the loop thread.  The state (agent_state_t) belongs to
- * exec_agent.c: only its set_state() changes st->state, and only its
- * agent_unref() frees it.
+ * exec_agent.c: only its agent_set_state() changes st->state, and only its
+ * agent_unref() frees it.  The other files call back into it through
+ * st->ops (agent_ops_t), never by name, so that exec_agent.c depends on them
+ * and not the other way round.
  */
-#ifndef LR_EXEC_AGENT_H
-#define LR_EXEC_AGENT_H
+#ifndef LR_AGENT_STATE_H
+#define LR_AGENT_STATE_H
 
 #include <cjson/cJSON.h>
 #include <stdbool.h>
@@ -33,6 +36,20 @@
 #define LR_AGENT_MAX_CALLS 16 /* tool calls of one assistant message that run (more are dropped) */
 
 typedef struct agent_state agent_state_t;
+
+/* exec_agent.c's entry points for the other files of the executor. */
+typedef struct agent_ops {
+    /* Ends the step with outcome: fills st->out, moves to IDLE and calls
+     * done (unless start is still running: then start returns LR_EPERM).
+     * The caller must not touch the step afterwards (done may release the
+     * run). */
+    void (*finish)(agent_state_t *st, int outcome);
+    /* Every call of the step has its answer: suspends if one asked to, ends
+     * the task on a budget, or continues (through finish). */
+    void (*step_complete)(agent_state_t *st);
+    /* Logs a payload when the task is sampled (LONGRUN_LOG_PAYLOADS). */
+    void (*log_payload)(agent_state_t *st, const char *event, const char *what, const char *text, size_t len);
+} agent_ops_t;
 
 /* One tool call of the step (its strings borrowed from the assistant message
  * in st->conv, valid until the step ends). */
@@ -55,7 +72,8 @@ typedef struct tool_call {
 /* Per task, allocated on its first step, freed once released and nothing
  * refers to it (refs). */
 struct agent_state {
-    enum lr_agent_state state; /* written only by set_state() */
+    enum lr_agent_state state; /* written only by agent_set_state() */
+    const agent_ops_t *ops;    /* exec_agent.c's entry points */
     int refs;                  /* the timer until its close callback + reservations in flight */
     lr_run_t *run;
     lr_worker_t *w;
@@ -108,25 +126,6 @@ struct agent_state {
     int summary_turns; /* assistant messages in conv[0 .. cut) */
     bool clamp_logged;
 };
-
-/* ------------------------------------------------------------ exec_agent.c */
-
-/* The one transition function: checks the move (agent_fsm.h), traces
- * "old -> new (line N)" at debug level with the task's log context. */
-#define set_state(st, s) lr_agent_set_state_at((st), (s), __LINE__)
-void lr_agent_set_state_at(agent_state_t *st, enum lr_agent_state s, int line);
-
-/* Ends the step with outcome: fills st->out, moves to IDLE and calls done
- * (unless start is still running: then start returns LR_EPERM).  The caller
- * must not touch the step afterwards (done may release the run). */
-void lr_agent_finish(agent_state_t *st, int outcome);
-
-/* Every call of the step has its answer: suspends if one asked to, ends the
- * task on a budget, or continues (through lr_agent_finish). */
-void lr_agent_step_complete(agent_state_t *st);
-
-/* Logs a payload when the task is sampled (LONGRUN_LOG_PAYLOADS). */
-void lr_agent_log_payload(agent_state_t *st, const char *event, const char *what, const char *text, size_t len);
 
 /* The loop's monotonic clock in ms (breakers, the gate, tool timings). */
 static inline uint64_t lr_agent_now(void) { return uv_hrtime() / 1000000u; }

@@ -14,7 +14,7 @@
  * each retried at once up to its retries on a transport error, 5xx, 408 or
  * 429, with an Idempotency-Key of task:step:index so that the tool can
  * recognise the retries (and the re-runs of a step).  When the last call has
- * its result the step completes (lr_agent_step_complete).
+ * its result the step completes (step_complete).
  *
  * Nothing here logs tool arguments or results (privacy) unless the task's
  * payloads are sampled.
@@ -23,7 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "exec_agent.h"
+#include "agent_state.h"
 #include "jsonschema.h"
 #include "text.h"
 #include "wmetrics.h"
@@ -296,7 +296,7 @@ static void tools_maybe_done(agent_state_t *st) {
     if (st->state != LR_AGENT_TOOLS || st->calls_running > 0) {
         return;
     }
-    lr_agent_step_complete(st);
+    st->ops->step_complete(st);
 }
 
 static void tool_response(const lr_http_response_t *resp, void *arg) {
@@ -316,7 +316,7 @@ static void tool_response(const lr_http_response_t *resp, void *arg) {
     /* The tool works if it answered anything but a transport error, 5xx,
      * 408 or 429 (a 4xx is the caller's mistake). */
     lr_breaker_result(tool_breaker(tc->def), !retry, lr_agent_now());
-    lr_agent_log_payload(st, "payload.tool_result", tc->name, resp->body, resp->body_len);
+    st->ops->log_payload(st, "payload.tool_result", tc->name, resp->body, resp->body_len);
     if (resp->err == 0 && resp->status >= 200 && resp->status < 300) {
         bool cut = false;
         char *clean = lr_utf8_clean(resp->body, resp->body_len, (size_t)tc->def->max_result_bytes, &cut);
@@ -501,7 +501,7 @@ void lr_agent_tools_start(agent_state_t *st) {
     }
     if (st->out->stop_reason[0] != '\0' && started == 0) {
         snprintf(st->out->error, sizeof(st->out->error), "budget exhausted: %ld tool calls", st->budgets.max_tool_calls);
-        lr_agent_finish(st, LR_STEP_STOP);
+        st->ops->finish(st, LR_STEP_STOP);
         return;
     }
     /* A send that fails at once answers its call here; if that was the

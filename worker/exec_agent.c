@@ -4,9 +4,9 @@
  * asks for, and report what the step added.  The worker checkpoints it.
  *
  * Design.  Runs on the loop thread as an lr_executor_t.  Per task, an
- * agent_state_t (exec_agent.h; allocated on the first step) holds the step
+ * agent_state_t (agent_state.h; allocated on the first step) holds the step
  * in flight as a state machine (agent_fsm.h), every change through
- * set_state(), which checks it against the table of legal moves and traces
+ * agent_set_state(), which checks it against the table of legal moves and traces
  * it:
  *
  *   IDLE -> PREPARING  budgets, conversation (agent_context.c), answers to
@@ -49,10 +49,25 @@
 #include <sys/random.h>
 #include <time.h>
 
-#include "exec_agent.h"
+#include "agent_state.h"
 #include "ratewin.h"
 #include "text.h"
 #include "wmetrics.h"
+
+/* The one transition function: checks the move (agent_fsm.h), traces
+ * "old -> new (line N)" at debug level with the task's log context. */
+#define agent_set_state(st, s) agent_set_state_at((st), (s), __LINE__)
+static void agent_set_state_at(agent_state_t *st, enum lr_agent_state s, int line);
+static void agent_finish(agent_state_t *st, int outcome);
+static void agent_step_complete(agent_state_t *st);
+static void agent_log_payload(agent_state_t *st, const char *event, const char *what, const char *text, size_t len);
+
+/* What agent_tools.c and agent_context.c call back (agent_state.h). */
+static const agent_ops_t agent_ops = {
+    .finish = agent_finish,
+    .step_complete = agent_step_complete,
+    .log_payload = agent_log_payload,
+};
 
 #define PAYLOAD_LOG_MAX 4096
 
@@ -64,7 +79,7 @@ static lr_breaker_t *model_breaker(const lr_model_ref_t *m) {
 
 /* ------------------------------------------------------------------ state */
 
-void lr_agent_set_state_at(agent_state_t *st, enum lr_agent_state s, int line) {
+static void agent_set_state_at(agent_state_t *st, enum lr_agent_state s, int line) {
     if (st->state == s) {
         return;
     }
@@ -90,7 +105,7 @@ static void agent_unref(agent_state_t *st) {
     free(st);
 }
 
-static void timer_closed(uv_handle_t *h) { agent_unref(h->data); }
+static void agent_timer_closed(uv_handle_t *h) { agent_unref(h->data); }
 
 static double jitter(void) {
     unsigned int r = 0;
@@ -112,7 +127,7 @@ static bool payload_sampled(const char *id, double rate) {
     return (double)h / (double)UINT32_MAX < rate;
 }
 
-void lr_agent_log_payload(agent_state_t *st, const char *event, const char *what, const char *text, size_t len) {
+static void agent_log_payload(agent_state_t *st, const char *event, const char *what, const char *text, size_t len) {
     bool cut = false;
     char *clean;
     if (!st->log_payloads) {
@@ -134,7 +149,7 @@ static void step_drop(agent_state_t *st) {
     st->conv = st->added = st->calls_log = NULL;
 }
 
-void lr_agent_finish(agent_state_t *st, int outcome) {
+static void agent_finish(agent_state_t *st, int outcome) {
     lr_step_t *out = st->out;
     lr_step_done_cb done = st->done;
     out->outcome = outcome;
@@ -163,7 +178,7 @@ void lr_agent_finish(agent_state_t *st, int outcome) {
     st->added = st->calls_log = NULL;
     lr_model_reply_free(&st->reply);
     st->ncalls = 0;
-    set_state(st, LR_AGENT_IDLE);
+    agent_set_state(st, LR_AGENT_IDLE);
     if (done != NULL) {
         done(st->run); /* may release the run: st is not touched after this */
     }
@@ -253,7 +268,7 @@ static void resolve_budgets(agent_state_t *st) {
     clamp_budgets(st, cfg);
 }
 
-void lr_agent_step_complete(agent_state_t *st) {
+static void agent_step_complete(agent_state_t *st) {
     char why[160];
     const char *reason;
     for (int i = 0; i < st->ncalls; i++) {
@@ -261,7 +276,7 @@ void lr_agent_step_complete(agent_state_t *st) {
             snprintf(st->out->suspend_reason, sizeof(st->out->suspend_reason), "%s", st->suspend_reason);
             snprintf(st->out->wait_event, sizeof(st->out->wait_event), "%s", st->wait_event);
             st->out->resume_in_ms = st->suspend_ms;
-            lr_agent_finish(st, LR_STEP_SUSPEND);
+            agent_finish(st, LR_STEP_SUSPEND);
             return;
         }
     }
@@ -274,10 +289,10 @@ void lr_agent_step_complete(agent_state_t *st) {
     if (reason != NULL) {
         snprintf(st->out->stop_reason, sizeof(st->out->stop_reason), "%s", reason);
         snprintf(st->out->error, sizeof(st->out->error), "budget exhausted: %s", why);
-        lr_agent_finish(st, LR_STEP_STOP);
+        agent_finish(st, LR_STEP_STOP);
         return;
     }
-    lr_agent_finish(st, LR_STEP_CONTINUE);
+    agent_finish(st, LR_STEP_CONTINUE);
 }
 
 /* ------------------------------------------------------------ model calls */
@@ -315,7 +330,7 @@ static void gate_timeout(agent_state_t *st) {
            st->agent->models[st->model_idx].endpoint_label, lr_worker_config(st->w)->long_wait_seconds);
     snprintf(st->out->suspend_reason, sizeof(st->out->suspend_reason), "rate_limited");
     st->out->resume_in_ms = 1000 + (long)(jitter() * 2000.0);
-    lr_agent_finish(st, LR_STEP_SUSPEND);
+    agent_finish(st, LR_STEP_SUSPEND);
 }
 
 /* The one timer: what it waited for is the state. */
@@ -348,7 +363,7 @@ static void model_next(agent_state_t *st) {
     if (strcmp(st->last_reason, "context_length") == 0 && !st->any_transient) {
         snprintf(st->out->stop_reason, sizeof(st->out->stop_reason), "context_length");
     }
-    lr_agent_finish(st, st->any_transient ? LR_STEP_FAIL_TRANSIENT : LR_STEP_FAIL_PERMANENT);
+    agent_finish(st, st->any_transient ? LR_STEP_FAIL_TRANSIENT : LR_STEP_FAIL_PERMANENT);
 }
 
 /* A call of the current model failed (class cls): end the step, suspend,
@@ -367,7 +382,7 @@ static void model_failed(agent_state_t *st, int cls, const char *reason, const c
         if (strcmp(reason, "context_length") == 0) {
             snprintf(st->out->stop_reason, sizeof(st->out->stop_reason), "context_length");
         }
-        lr_agent_finish(st, LR_STEP_FAIL_PERMANENT);
+        agent_finish(st, LR_STEP_FAIL_PERMANENT);
         return;
     }
     if (cls == LR_CALL_RETRY) {
@@ -379,14 +394,14 @@ static void model_failed(agent_state_t *st, int cls, const char *reason, const c
             LR_LOG(LR_LOG_INFO, &st->log, "model.rate_limited", "model %s asks to wait %ld ms: suspending the task",
                    m->model, wait_ms);
             st->answered = NULL;
-            lr_agent_finish(st, LR_STEP_SUSPEND);
+            agent_finish(st, LR_STEP_SUSPEND);
             return;
         }
         if (st->attempt < m->retries) {
             long base = (long)(fmin(500.0 * pow(2.0, st->attempt), 8000.0) * jitter());
             long delay = wait_ms > 0 ? (wait_ms > base ? wait_ms : base) : base;
             st->attempt++;
-            set_state(st, LR_AGENT_BACKOFF);
+            agent_set_state(st, LR_AGENT_BACKOFF);
             uv_timer_start(&st->timer, timer_cb, (uint64_t)delay + 1, 0);
             return;
         }
@@ -465,12 +480,12 @@ static void rate_over(agent_state_t *st) {
                m->model, wait);
         snprintf(st->out->suspend_reason, sizeof(st->out->suspend_reason), "rate_limited");
         st->out->resume_in_ms = wait;
-        lr_agent_finish(st, LR_STEP_SUSPEND);
+        agent_finish(st, LR_STEP_SUSPEND);
         return;
     }
     LR_LOG(LR_LOG_DEBUG, &st->log, "ratelimit.wait", "fleet-wide limit of %s reached; waiting %ld ms", m->model,
            wait);
-    set_state(st, LR_AGENT_RATE_WAIT);
+    agent_set_state(st, LR_AGENT_RATE_WAIT);
     uv_timer_start(&st->timer, timer_cb, (uint64_t)wait, 0);
 }
 
@@ -517,7 +532,7 @@ static void rate_reserve(agent_state_t *st, const lr_model_ref_t *m, size_t body
         return;
     }
     st->refs++; /* the query's, until reserve_done */
-    set_state(st, LR_AGENT_RESERVING);
+    agent_set_state(st, LR_AGENT_RESERVING);
 }
 
 /* ---------------------------------------------------------- the request */
@@ -566,7 +581,7 @@ static char *model_request(agent_state_t *st, const lr_model_ref_t *m) {
 
 static void out_of_memory(agent_state_t *st) {
     snprintf(st->out->error, sizeof(st->out->error), "out of memory building the model request");
-    lr_agent_finish(st, LR_STEP_FAIL_TRANSIENT);
+    agent_finish(st, LR_STEP_FAIL_TRANSIENT);
 }
 
 /* Sends body (owned) once the endpoint's concurrency gate has a slot. */
@@ -583,7 +598,7 @@ static void model_admit(agent_state_t *st, char *body) {
         st->gate_wait.ready = gate_ready;
         if (!lr_gate_acquire(st->gate, &st->gate_wait, lr_agent_now())) {
             st->pending_send = body;
-            set_state(st, LR_AGENT_GATE_WAIT);
+            agent_set_state(st, LR_AGENT_GATE_WAIT);
             uv_timer_start(&st->timer, timer_cb, (uint64_t)cfg->long_wait_seconds * 1000u, 0);
             return;
         }
@@ -598,7 +613,7 @@ static void model_call(agent_state_t *st) {
     const char *key;
     char *body;
 
-    set_state(st, LR_AGENT_PREPARING);
+    agent_set_state(st, LR_AGENT_PREPARING);
     m = model_pick(st);
     if (m == NULL) {
         model_next(st);
@@ -648,7 +663,7 @@ static void model_send(agent_state_t *st, char *body) {
     lr_http_opts_t o;
     int nh = 0, rc;
 
-    set_state(st, LR_AGENT_CALLING);
+    agent_set_state(st, LR_AGENT_CALLING);
     url = lr_provider_url(m);
     if (url == NULL) {
         free(body);
@@ -680,7 +695,7 @@ static void model_send(agent_state_t *st, char *body) {
     o.body_len = strlen(body);
     st->req_bytes = (long)o.body_len;
     o.timeout_ms = m->timeout_ms;
-    lr_agent_log_payload(st, "payload.model_request", m->endpoint_label, body, o.body_len);
+    agent_log_payload(st, "payload.model_request", m->endpoint_label, body, o.body_len);
     rc = lr_http_send(lr_worker_http(st->w), &o, model_response, st, &st->model_req);
     memset(auth, 0, sizeof(auth));
     free(url);
@@ -759,7 +774,7 @@ static void model_answered(agent_state_t *st, const lr_model_ref_t *m) {
         LR_LOG(LR_LOG_INFO, &st->log, "context.summarized", "summarized %d messages (%d assistant turns) with %s",
                st->summary_cut, st->summary_turns, m->model);
         st->ncalls = 0;
-        lr_agent_step_complete(st); /* the summary is a step of its own */
+        agent_step_complete(st); /* the summary is a step of its own */
         return;
     }
     if (st->reply.ntool_calls > 0 && finish_is_length(st->reply.finish)) {
@@ -774,7 +789,7 @@ static void model_answered(agent_state_t *st, const lr_model_ref_t *m) {
     if (st->reply.ntool_calls > 0) {
         /* Run the requested tools. */
         lr_agent_tools_collect(st);
-        set_state(st, LR_AGENT_TOOLS);
+        agent_set_state(st, LR_AGENT_TOOLS);
         lr_agent_tools_start(st);
         return;
     }
@@ -787,7 +802,7 @@ static void model_answered(agent_state_t *st, const lr_model_ref_t *m) {
     }
     st->out->result = cJSON_PrintUnformatted(res);
     cJSON_Delete(res);
-    lr_agent_finish(st, LR_STEP_FINISHED);
+    agent_finish(st, LR_STEP_FINISHED);
 }
 
 /* CALLING: the model's answer, or a failure to get one. */
@@ -799,7 +814,7 @@ static void model_response(const lr_http_response_t *resp, void *arg) {
 
     st->model_req = NULL;
     gate_done(st);
-    lr_agent_log_payload(st, "payload.model_response", m->endpoint_label, resp->body, resp->body_len);
+    agent_log_payload(st, "payload.model_response", m->endpoint_label, resp->body, resp->body_len);
     if (!ok) {
         rate_settle(st, m, 0); /* a 2xx is settled once its usage is parsed */
     }
@@ -829,12 +844,13 @@ static agent_state_t *state_new(lr_worker_t *w) {
     if (st == NULL) {
         return NULL;
     }
+    st->ops = &agent_ops;
     st->state = LR_AGENT_IDLE;
     st->w = w;
     st->conv_step = -1;
     uv_timer_init(lr_worker_loop(w), &st->timer);
     st->timer.data = st;
-    st->refs = 1; /* the timer's, until timer_closed */
+    st->refs = 1; /* the timer's, until agent_timer_closed */
     return st;
 }
 
@@ -874,14 +890,14 @@ static int step_prepare(agent_state_t *st) {
         out->outcome = LR_STEP_FAIL_PERMANENT;
         snprintf(out->stop_reason, sizeof(out->stop_reason), "%s", reason);
         snprintf(out->error, sizeof(out->error), "budget exhausted before step %d: %s", st->step_no, why);
-        set_state(st, LR_AGENT_IDLE);
+        agent_set_state(st, LR_AGENT_IDLE);
         return LR_EPERM;
     }
     st->added = cJSON_CreateArray();
     st->calls_log = cJSON_CreateArray();
     if (lr_agent_conv_load(st) != 0) {
         step_drop(st);
-        set_state(st, LR_AGENT_IDLE);
+        agent_set_state(st, LR_AGENT_IDLE);
         return LR_EPERM;
     }
     if (lr_agent_answer_pending(st) != 0) {
@@ -892,7 +908,7 @@ static int step_prepare(agent_state_t *st) {
         step_drop(st);
         out->outcome = LR_STEP_SUSPEND;
         out->messages = strdup("[]");
-        set_state(st, LR_AGENT_IDLE);
+        agent_set_state(st, LR_AGENT_IDLE);
         return LR_EPERM; /* the worker checkpoints out->outcome */
     }
     return 0;
@@ -915,20 +931,20 @@ static int agent_start(lr_run_t *r, lr_step_t *out, lr_step_done_cb done) {
         snprintf(out->error, sizeof(out->error), "unknown agent '%s'", lr_run_agent(r));
         return LR_EPERM;
     }
-    set_state(st, LR_AGENT_PREPARING);
+    agent_set_state(st, LR_AGENT_PREPARING);
     if (step_prepare(st) != 0) {
         return LR_EPERM;
     }
     if (st->ncalls > 0) {
         /* Approved tool calls run first; the model is called next step. */
-        set_state(st, LR_AGENT_TOOLS);
+        agent_set_state(st, LR_AGENT_TOOLS);
         lr_agent_tools_start(st);
     } else {
         st->summarizing = lr_agent_summary_needed(st);
         model_call(st);
     }
     if (st->state == LR_AGENT_IDLE) {
-        return LR_EPERM; /* it ended already (lr_agent_finish filled out): the worker takes it from here */
+        return LR_EPERM; /* it ended already (agent_finish filled out): the worker takes it from here */
     }
     st->done = done;
     return 0;
@@ -966,7 +982,7 @@ static void agent_cancel(lr_run_t *r) {
     }
     step_drop(st);
     lr_model_reply_free(&st->reply);
-    set_state(st, LR_AGENT_IDLE);
+    agent_set_state(st, LR_AGENT_IDLE);
 }
 
 static void agent_release(lr_run_t *r) {
@@ -977,8 +993,8 @@ static void agent_release(lr_run_t *r) {
     }
     agent_cancel(r);
     *sp = NULL;
-    set_state(st, LR_AGENT_RELEASED);
-    uv_close((uv_handle_t *)&st->timer, timer_closed);
+    agent_set_state(st, LR_AGENT_RELEASED);
+    uv_close((uv_handle_t *)&st->timer, agent_timer_closed);
 }
 
 const lr_executor_t lr_exec_agent = {

@@ -61,26 +61,7 @@ static bool expected(int from, int to) {
     return false;
 }
 
-/* States reachable from s through legal moves (a bit per state). */
-static unsigned reachable(int s) {
-    unsigned seen = 1u << s;
-    bool grew = true;
-    while (grew) {
-        grew = false;
-        for (int a = 0; a < N; a++) {
-            if (!(seen & (1u << a))) {
-                continue;
-            }
-            for (int b = 0; b < N; b++) {
-                if (lr_agent_transition_ok(a, b) && !(seen & (1u << b))) {
-                    seen |= 1u << b;
-                    grew = true;
-                }
-            }
-        }
-    }
-    return seen;
-}
+static unsigned reachable(int s) { return t_reachable(s, N, lr_agent_transition_ok); }
 
 int main(void) {
     /* every pair, both ways */

@@ -175,26 +175,7 @@ static unsigned expected_from(int o) {
     return 0;
 }
 
-/* States reachable from s through the table's moves (a bit per state). */
-static unsigned reachable(int s) {
-    unsigned seen = 1u << s;
-    bool grew = true;
-    while (grew) {
-        grew = false;
-        for (int a = 0; a < N; a++) {
-            if (!(seen & (1u << a))) {
-                continue;
-            }
-            for (int b = 0; b < N; b++) {
-                if (lr_run_move_ok(a, b) && !(seen & (1u << b))) {
-                    seen |= 1u << b;
-                    grew = true;
-                }
-            }
-        }
-    }
-    return seen;
-}
+static unsigned reachable(int s) { return t_reachable(s, N, lr_run_move_ok); }
 
 static void test_moves(void) {
     size_t n = 0;

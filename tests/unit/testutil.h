@@ -2,6 +2,7 @@
  * operands and the line, then exits 1.  Skip with exit code 77. */
 #ifndef LR_TESTUTIL_H
 #define LR_TESTUTIL_H
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -41,4 +42,26 @@
         fputc('\n', stderr);               \
         exit(77);                          \
     } while (0)
+
+/* The states reachable from s in a state machine of n (<= 32) states whose
+ * legal moves ok(from, to) says, as a bit per state (s included). */
+static inline unsigned t_reachable(int s, int n, bool (*ok)(int from, int to)) {
+    unsigned seen = 1u << s;
+    bool grew = true;
+    while (grew) {
+        grew = false;
+        for (int a = 0; a < n; a++) {
+            if (!(seen & (1u << a))) {
+                continue;
+            }
+            for (int b = 0; b < n; b++) {
+                if (ok(a, b) && !(seen & (1u << b))) {
+                    seen |= 1u << b;
+                    grew = true;
+                }
+            }
+        }
+    }
+    return seen;
+}
 #endif
