@@ -565,18 +565,24 @@ out:
     free(want);
 }
 
+/* Masks s with mask_pg if libpq parses it as a conninfo; false if not. */
+static bool mask_conninfo(mask_out_t *o, const char *s, int depth) {
+    char *err = NULL;
+    PQconninfoOption *opts = PQconninfoParse(s, &err);
+    PQfreemem(err);
+    if (opts == NULL) {
+        return false;
+    }
+    mask_pg(o, s, opts, depth);
+    PQconninfoFree(opts);
+    return true;
+}
+
 /* One URL: a PostgreSQL URI that libpq parses goes through mask_pg, any
  * other through curl. */
 static void mask_url(mask_out_t *o, const char *url, int depth) {
-    if (pg_uri(url)) {
-        char *err = NULL;
-        PQconninfoOption *opts = PQconninfoParse(url, &err);
-        PQfreemem(err);
-        if (opts != NULL) {
-            mask_pg(o, url, opts, depth);
-            PQconninfoFree(opts);
-            return;
-        }
+    if (pg_uri(url) && mask_conninfo(o, url, depth)) {
+        return;
     }
     mask_curl_url(o, url);
 }
@@ -706,15 +712,8 @@ static void mask_any(mask_out_t *o, const char *s, int depth) {
         out_puts(o, s);
         return;
     }
-    if (strchr(s, '=') != NULL && !pg_uri(s)) {
-        char *err = NULL;
-        PQconninfoOption *opts = PQconninfoParse(s, &err);
-        PQfreemem(err);
-        if (opts != NULL) {
-            mask_pg(o, s, opts, depth);
-            PQconninfoFree(opts);
-            return;
-        }
+    if (strchr(s, '=') != NULL && !pg_uri(s) && mask_conninfo(o, s, depth)) {
+        return;
     }
     mask_text(o, s, depth);
 }
