@@ -609,7 +609,9 @@ int cmd_stats(cli_t *c, int argc, char **argv) {
         }
         lr_amqp_sync_close(a);
     } else {
-        cJSON_AddStringToObject(o, "queues_error", err);
+        char masked[1100];
+        (void)lr_config_mask_secrets(err, masked, sizeof(masked));
+        cJSON_AddStringToObject(o, "queues_error", masked);
     }
     cJSON_AddItemToObject(o, "queues", queues);
     if (c->json) {

@@ -216,12 +216,11 @@ static int connect_all(enq_t *e) {
         return -1;
     }
     if (lr_amqp_sync_connect(&e->amqp, e->c->cfg.amqp_url, 10000, err, sizeof(err)) != 0) {
-        char masked[1100];
-        lr_config_mask_url(e->c->cfg.amqp_url, masked, sizeof(masked));
+        /* cli_fail masks the password in the URL */
         cli_fail(e->c, LR_EXIT_FAIL,
                  "cannot connect to RabbitMQ at %s: %s (nothing was enqueued; is it running? try "
                  "'scripts/dev up')",
-                 masked, err);
+                 e->c->cfg.amqp_url, err);
         return -1;
     }
     if (lr_amqp_sync_declare(e->amqp, queues, e->c->cfg.delivery_limit, err, sizeof(err)) != 0) {

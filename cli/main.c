@@ -85,7 +85,7 @@ int main(int argc, char **argv) {
     }
     rc = lr_config_load(&c.cfg, err, sizeof(err));
     if (rc != 0) {
-        fprintf(stderr, "longrun: invalid configuration: %s\n", err);
+        (void)cli_fail(&c, 0, "invalid configuration: %s", err);
         return LR_EXIT_USAGE;
     }
     c.color = isatty(STDOUT_FILENO) && getenv("NO_COLOR") == NULL;

@@ -304,8 +304,8 @@ static int send_cancel_outcome(cli_t *c, const char *id, PGresult *r, const char
         lr_amqp_sync_close(a);
     }
     if (rc != 0) {
-        fprintf(stderr, "longrun: warning: %s is cancelled, but its outcome could not be sent to reply_to %s: %s\n",
-                id, PQgetvalue(r, 0, 1), err);
+        (void)cli_fail(c, 0, "warning: %s is cancelled, but its outcome could not be sent to reply_to %s: %s", id,
+                       PQgetvalue(r, 0, 1), err);
     }
     free(body);
     return rc;

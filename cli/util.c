@@ -14,11 +14,24 @@
 
 int cli_fail(cli_t *c, int code, const char *fmt, ...) {
     va_list ap;
-    fprintf(stderr, "%s: ", c->prog != NULL ? c->prog : "longrun");
+    char *raw = NULL, *masked = NULL;
+    int n;
     va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
+    n = vasprintf(&raw, fmt, ap);
     va_end(ap);
-    fputc('\n', stderr);
+    /* Messages name DSNs and URLs and quote library errors: masked, like
+     * every log line (room for each secret to become "***"). */
+    if (n >= 0) {
+        size_t cap = (size_t)n * 2 + 64;
+        masked = malloc(cap);
+        if (masked != NULL) {
+            (void)lr_config_mask_secrets(raw, masked, cap);
+        }
+    }
+    fprintf(stderr, "%s: %s\n", c->prog != NULL ? c->prog : "longrun",
+            masked != NULL ? masked : "(out of memory formatting the message)");
+    free(masked);
+    free(raw);
     return code;
 }
 
@@ -96,14 +109,12 @@ PGconn *cli_db_connect(cli_t *c) {
     const char *vals[] = {c->cfg.database_url, "10", "longrun-cli", NULL};
     PGconn *db = PQconnectdbParams(keys, vals, 1);
     if (db == NULL || PQstatus(db) != CONNECTION_OK) {
-        char masked[1100];
         char msg[512];
-        lr_config_mask_url(c->cfg.database_url[0] ? c->cfg.database_url : "(PG* defaults)", masked,
-                           sizeof(masked));
         snprintf(msg, sizeof(msg), "%s", db != NULL ? PQerrorMessage(db) : "out of memory");
         msg[strcspn(msg, "\n")] = '\0';
+        /* cli_fail masks the password in the URL */
         cli_fail(c, LR_EXIT_FAIL, "cannot connect to PostgreSQL at %s: %s (is it running? try 'scripts/dev up')",
-                 masked, msg);
+                 c->cfg.database_url[0] ? c->cfg.database_url : "(PG* defaults)", msg);
         PQfinish(db);
         return NULL;
     }
@@ -194,8 +205,8 @@ int cli_publish_continuations(cli_t *c, PGconn *db, PGresult *ids, int col_id, i
         return 0;
     }
     if (lr_amqp_sync_connect(&a, c->cfg.amqp_url, 10000, err, sizeof(err)) != 0) {
-        fprintf(stderr, "%s: RabbitMQ unreachable (%s): the scheduler's outbox sweep will dispatch the "
-                        "requeued tasks once it is back\n", c->prog, err);
+        (void)cli_fail(c, 0, "RabbitMQ unreachable (%s): the scheduler's outbox sweep will dispatch the "
+                             "requeued tasks once it is back", err);
         return -1;
     }
     for (int i = 0; i < PQntuples(ids); i++) {
@@ -214,7 +225,7 @@ int cli_publish_continuations(cli_t *c, PGconn *db, PGresult *ids, int col_id, i
         m.mandatory = true;
         if (i == 0 || strcmp(queue, PQgetvalue(ids, i - 1, col_queue)) != 0) {
             if (lr_amqp_sync_declare(a, queues, c->cfg.delivery_limit, err, sizeof(err)) != 0) {
-                fprintf(stderr, "%s: %s\n", c->prog, err);
+                (void)cli_fail(c, 0, "%s", err);
             }
         }
         if (lr_amqp_sync_publish(a, LR_AMQP_EXCHANGE, queue, &m, 10000, err, sizeof(err)) == 0) {
@@ -251,6 +262,8 @@ const char *cli_actor(const cli_t *c) {
 
 
 void cli_print_json(const cJSON *j) {
+    /* Values are task data, printed as they are; a DSN or URL must be
+     * masked (lr_config_mask_secrets) before it goes into j. */
     char *s = cJSON_PrintUnformatted(j);
     printf("%s\n", s != NULL ? s : "null");
     free(s);

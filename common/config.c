@@ -1,12 +1,17 @@
 /* config.c - the configuration table; see config.h. */
 #include "config.h"
 
+#include <ctype.h>
+#include <curl/curl.h>
 #include <errno.h>
+#include <libpq-fe.h>
 #include <limits.h>
 #include <math.h>
+#include <pthread.h>
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 enum cfg_type { CFG_STR, CFG_INT, CFG_DOUBLE };
 #define CFG_SENSITIVE 1u
@@ -215,27 +220,513 @@ int lr_config_set(lr_config_t *cfg, const char *env_name, const char *value, cha
     return validate(cfg, errbuf, errlen);
 }
 
-void lr_config_mask_url(const char *url, char *buf, size_t buflen) {
-    const char *scheme = strstr(url, "://");
-    const char *at, *colon;
-    if (scheme == NULL) {
-        /* key=value conninfo: mask password=... */
-        const char *pw = strstr(url, "password=");
-        if (pw == NULL) {
-            snprintf(buf, buflen, "%s", url);
-        } else {
-            const char *end = strchr(pw, ' ');
-            snprintf(buf, buflen, "%.*spassword=***%s", (int)(pw - url), url, end ? end : "");
+/* ---- secret masking -------------------------------------------------------
+ *
+ * Secrets are found by the parsers that will read the text, not by patterns:
+ *
+ *   - A PostgreSQL conninfo (a postgres[ql]:// URI or key=value pairs) is
+ *     parsed by libpq's own PQconninfoParse; the options libpq itself marks
+ *     as secret (dispchar "*": password, sslpassword) are the secrets.  The
+ *     text is masked in place, then parsed again: it is kept only if libpq
+ *     reads it as the original with every secret "***" (and every other value
+ *     masked in turn, for a dbname that is itself a conninfo); otherwise
+ *     libpq's parse is printed as key=value, which is right by construction.
+ *   - Any other URL is parsed by libcurl's URL API: the userinfo password
+ *     and credential-like query and fragment parameters are replaced, and
+ *     the URL is rebuilt by curl.
+ *   - In free text (an error message), every URL is masked as above, and
+ *     each of libpq's secret keywords (and its PG* variable) followed by '='
+ *     has its value, lexed as libpq lexes it (quotes, backslash escapes),
+ *     replaced.
+ *
+ * What cannot be parsed but could hold a credential (it has an '@', '?' or
+ * '#') is masked whole: masking fails closed.  Text that holds no secret is
+ * copied byte for byte.
+ */
+
+#define MASK "***"
+#define MASK_MAX_NAMES 8
+#define MASK_MAX_DEPTH 4
+
+/* libpq's secret keywords and their environment variables, from libpq's
+ * own option table, read once. */
+static struct {
+    char name[MASK_MAX_NAMES][32];
+    bool keyword[MASK_MAX_NAMES]; /* a conninfo keyword (else a PG* variable) */
+    int n;
+} pq_secrets;
+static pthread_once_t pq_secrets_once = PTHREAD_ONCE_INIT;
+
+static void pq_secret_add(const char *name, bool keyword) {
+    if (pq_secrets.n < MASK_MAX_NAMES && strlen(name) < sizeof(pq_secrets.name[0])) {
+        snprintf(pq_secrets.name[pq_secrets.n], sizeof(pq_secrets.name[0]), "%s", name);
+        pq_secrets.keyword[pq_secrets.n++] = keyword;
+    }
+}
+
+static void pq_secrets_init(void) {
+    char *err = NULL;
+    PQconninfoOption *opts = PQconninfoParse("", &err);
+    PQfreemem(err);
+    if (opts == NULL) {
+        /* out of memory: libpq 15's own list */
+        pq_secret_add("password", true);
+        pq_secret_add("sslpassword", true);
+        pq_secret_add("PGPASSWORD", false);
+        return;
+    }
+    for (const PQconninfoOption *o = opts; o->keyword != NULL; o++) {
+        if (o->dispchar != NULL && o->dispchar[0] == '*') {
+            pq_secret_add(o->keyword, true);
+            if (o->envvar != NULL) {
+                pq_secret_add(o->envvar, false);
+            }
         }
+    }
+    PQconninfoFree(opts);
+}
+
+static bool pq_secret_keyword(const char *kw) {
+    pthread_once(&pq_secrets_once, pq_secrets_init);
+    for (int i = 0; i < pq_secrets.n; i++) {
+        if (pq_secrets.keyword[i] && strcmp(pq_secrets.name[i], kw) == 0) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* Where masked text goes: cut at cap - 1 bytes, always NUL-terminated. */
+typedef struct mask_out {
+    char *p;
+    size_t cap;
+    size_t len;
+} mask_out_t;
+
+static void out_put(mask_out_t *o, const char *s, size_t n) {
+    if (o->cap == 0) {
         return;
     }
-    at = strchr(scheme + 3, '@');
-    colon = strchr(scheme + 3, ':');
-    if (at == NULL || colon == NULL || colon > at) {
-        snprintf(buf, buflen, "%s", url);
+    if (n > o->cap - 1 - o->len) {
+        n = o->cap - 1 - o->len;
+    }
+    memcpy(o->p + o->len, s, n);
+    o->len += n;
+    o->p[o->len] = '\0';
+}
+
+static void out_puts(mask_out_t *o, const char *s) { out_put(o, s, strlen(s)); }
+
+/* A heap buffer with room for s masked: every secret becomes "***", so the
+ * text grows by at most 3 bytes per 2 input bytes; curl may add a '/'. */
+static bool out_alloc(mask_out_t *o, const char *s) {
+    o->cap = strlen(s) * 2 + 64;
+    o->len = 0;
+    o->p = malloc(o->cap);
+    if (o->p != NULL) {
+        o->p[0] = '\0';
+    }
+    return o->p != NULL;
+}
+
+static void mask_any(mask_out_t *o, const char *s, int depth);
+static void mask_text(mask_out_t *o, const char *s, int depth);
+
+/* Query and fragment parameters that carry credentials: libpq's secret
+ * keywords, and the names (alone or after '_', '-' or '.') that APIs use for
+ * passwords, tokens, keys and signatures.  Compared percent-decoded,
+ * ignoring case. */
+static const char *const secret_words[] = {"password", "passwd", "pwd",  "pass", "secret",    "token",
+                                           "key",      "apikey", "auth", "sig",  "signature", "credential"};
+
+static int hexval(int c) {
+    return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+}
+
+static bool secret_param(const char *name, size_t n) {
+    char low[128];
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++) {
+        int c = (unsigned char)name[i];
+        if (c == '%' && i + 2 < n && hexval(name[i + 1]) >= 0 && hexval(name[i + 2]) >= 0) {
+            c = hexval(name[i + 1]) * 16 + hexval(name[i + 2]);
+            i += 2;
+        }
+        if (k == sizeof(low) - 1) {
+            return true; /* longer than any name here: fail closed */
+        }
+        low[k++] = (char)tolower(c);
+    }
+    low[k] = '\0';
+    pthread_once(&pq_secrets_once, pq_secrets_init);
+    for (int i = 0; i < pq_secrets.n; i++) {
+        if (pq_secrets.keyword[i] && strcasecmp(pq_secrets.name[i], low) == 0) {
+            return true;
+        }
+    }
+    for (size_t i = 0; i < sizeof(secret_words) / sizeof(secret_words[0]); i++) {
+        size_t wl = strlen(secret_words[i]);
+        if (strcmp(low, secret_words[i]) == 0 ||
+            (k > wl && strcmp(low + k - wl, secret_words[i]) == 0 && strchr("_-.", low[k - wl - 1]) != NULL)) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* The &-separated parameters of s with each secret value replaced;
+ * *changed: whether one was.  malloc'd; NULL on out of memory. */
+static char *mask_params(const char *s, bool *changed) {
+    mask_out_t o;
+    *changed = false;
+    if (!out_alloc(&o, s)) {
+        return NULL;
+    }
+    for (const char *p = s;;) {
+        size_t n = strcspn(p, "&");
+        const char *eq = memchr(p, '=', n);
+        if (eq != NULL && secret_param(p, (size_t)(eq - p))) {
+            out_put(&o, p, (size_t)(eq - p) + 1);
+            out_puts(&o, MASK);
+            *changed = true;
+        } else {
+            out_put(&o, p, n);
+        }
+        if (p[n] == '\0') {
+            break;
+        }
+        out_put(&o, "&", 1);
+        p += n + 1;
+    }
+    return o.p;
+}
+
+/* A URL no parser took: copied if it cannot hold a credential (no
+ * userinfo, query or fragment), else its scheme and "***". */
+static void mask_unparsed_url(mask_out_t *o, const char *url) {
+    const char *sep = strstr(url, "://");
+    if (strpbrk(url, "@?#") == NULL || sep == NULL) {
+        out_puts(o, sep == NULL ? MASK : url);
         return;
     }
-    snprintf(buf, buflen, "%.*s:***%s", (int)(colon - url), url, at);
+    out_put(o, url, (size_t)(sep - url) + 3);
+    out_puts(o, MASK);
+}
+
+/* Masks a URL with libcurl's parser. */
+static void mask_curl_url(mask_out_t *o, const char *url) {
+    static const CURLUPart parts[] = {CURLUPART_QUERY, CURLUPART_FRAGMENT};
+    CURLU *u = curl_url();
+    char *part = NULL, *full = NULL, *masked = NULL;
+    bool secret = false, changed = false;
+
+    if (u == NULL ||
+        curl_url_set(u, CURLUPART_URL, url, CURLU_NON_SUPPORT_SCHEME | CURLU_PATH_AS_IS) != CURLUE_OK) {
+        mask_unparsed_url(o, url);
+        goto out;
+    }
+    if (curl_url_get(u, CURLUPART_PASSWORD, &part, 0) == CURLUE_OK) {
+        secret = true;
+        if (curl_url_set(u, CURLUPART_PASSWORD, MASK, 0) != CURLUE_OK) {
+            goto fail;
+        }
+    }
+    for (size_t i = 0; i < sizeof(parts) / sizeof(parts[0]); i++) {
+        curl_free(part);
+        part = NULL;
+        if (curl_url_get(u, parts[i], &part, 0) != CURLUE_OK) {
+            continue;
+        }
+        masked = mask_params(part, &changed);
+        if (masked == NULL || (changed && curl_url_set(u, parts[i], masked, 0) != CURLUE_OK)) {
+            goto fail;
+        }
+        secret = secret || changed;
+        free(masked);
+        masked = NULL;
+    }
+    if (!secret) {
+        out_puts(o, url);
+        goto out;
+    }
+    if (curl_url_get(u, CURLUPART_URL, &full, 0) != CURLUE_OK) {
+        goto fail;
+    }
+    out_puts(o, full);
+    goto out;
+fail:
+    out_put(o, url, strcspn(url, ":"));
+    out_puts(o, "://" MASK);
+out:
+    free(masked);
+    curl_free(part);
+    curl_free(full);
+    curl_url_cleanup(u);
+}
+
+static bool pg_uri(const char *s) {
+    return strncmp(s, "postgresql://", 13) == 0 || strncmp(s, "postgres://", 11) == 0;
+}
+
+/* value in conninfo syntax: quoted when empty or holding a space, a quote or
+ * a backslash (each escaped with a backslash). */
+static void put_conninfo_value(mask_out_t *o, const char *v) {
+    if (v[0] != '\0' && strpbrk(v, " \t\n\r\f\v'\\") == NULL) {
+        out_puts(o, v);
+        return;
+    }
+    out_put(o, "'", 1);
+    for (; *v != '\0'; v++) {
+        if (*v == '\'' || *v == '\\') {
+            out_put(o, "\\", 1);
+        }
+        out_put(o, v, 1);
+    }
+    out_put(o, "'", 1);
+}
+
+/* s, which libpq parsed as opts, masked; see the comment at the top. */
+static void mask_pg(mask_out_t *o, const char *s, const PQconninfoOption *opts, int depth) {
+    size_t n = 0;
+    char **want = NULL;
+    mask_out_t cand = {NULL, 0, 0};
+    PQconninfoOption *again = NULL;
+    char *err = NULL;
+    bool changed = false, same;
+
+    while (opts[n].keyword != NULL) {
+        n++;
+    }
+    want = calloc(n + 1, sizeof(*want));
+    if (want == NULL) {
+        out_puts(o, MASK);
+        return;
+    }
+    for (size_t i = 0; i < n; i++) {
+        mask_out_t v;
+        if (opts[i].val == NULL) {
+            continue;
+        }
+        if (!out_alloc(&v, opts[i].val)) {
+            goto fail;
+        }
+        if (pq_secret_keyword(opts[i].keyword)) {
+            out_puts(&v, MASK);
+        } else {
+            mask_any(&v, opts[i].val, depth + 1);
+        }
+        want[i] = v.p;
+        changed = changed || strcmp(v.p, opts[i].val) != 0;
+    }
+    if (!changed) {
+        out_puts(o, s);
+        goto out;
+    }
+    if (!out_alloc(&cand, s)) {
+        goto fail;
+    }
+    if (pg_uri(s)) {
+        mask_curl_url(&cand, s);
+    } else {
+        mask_text(&cand, s, depth + 1);
+    }
+    again = PQconninfoParse(cand.p, &err);
+    same = again != NULL;
+    for (size_t i = 0; same && i < n; i++) {
+        const char *a = again[i].val, *w = want[i];
+        same = again[i].keyword != NULL && strcmp(again[i].keyword, opts[i].keyword) == 0 &&
+               (a == NULL ? w == NULL : w != NULL && strcmp(a, w) == 0);
+    }
+    if (same) {
+        out_puts(o, cand.p);
+        goto out;
+    }
+    /* libpq reads the masked text differently: print its parse instead */
+    for (size_t i = 0, k = 0; i < n; i++) {
+        if (want[i] != NULL) {
+            if (k++ > 0) {
+                out_put(o, " ", 1);
+            }
+            out_puts(o, opts[i].keyword);
+            out_put(o, "=", 1);
+            put_conninfo_value(o, want[i]);
+        }
+    }
+    goto out;
+fail:
+    out_puts(o, MASK);
+out:
+    PQfreemem(err);
+    PQconninfoFree(again);
+    free(cand.p);
+    for (size_t i = 0; i < n; i++) {
+        free(want[i]);
+    }
+    free(want);
+}
+
+/* Masks s with mask_pg if libpq parses it as a conninfo; false if not. */
+static bool mask_conninfo(mask_out_t *o, const char *s, int depth) {
+    char *err = NULL;
+    PQconninfoOption *opts = PQconninfoParse(s, &err);
+    PQfreemem(err);
+    if (opts == NULL) {
+        return false;
+    }
+    mask_pg(o, s, opts, depth);
+    PQconninfoFree(opts);
+    return true;
+}
+
+/* One URL: a PostgreSQL URI that libpq parses goes through mask_pg, any
+ * other through curl. */
+static void mask_url(mask_out_t *o, const char *url, int depth) {
+    if (pg_uri(url) && mask_conninfo(o, url, depth)) {
+        return;
+    }
+    mask_curl_url(o, url);
+}
+
+static bool scheme_char(int c) { return isalnum(c) || c == '+' || c == '-' || c == '.'; }
+
+/* Length of the URL starting at s[i] ("scheme://..." up to a space, a quote
+ * or a bracket, without trailing punctuation), or 0. */
+static size_t url_at(const char *s, size_t i) {
+    size_t j = i, end;
+    if (!isalpha((unsigned char)s[i]) || (i > 0 && scheme_char((unsigned char)s[i - 1]))) {
+        return 0;
+    }
+    while (scheme_char((unsigned char)s[j])) {
+        j++;
+    }
+    if (j - i < 2 || strncmp(s + j, "://", 3) != 0) {
+        return 0;
+    }
+    end = j + 3;
+    while (s[end] != '\0' && !isspace((unsigned char)s[end]) && !iscntrl((unsigned char)s[end]) &&
+           strchr("\"'<>`\\", s[end]) == NULL) {
+        end++;
+    }
+    while (end > j + 3 && strchr(",.;:!)]}", s[end - 1]) != NULL) {
+        end--;
+    }
+    return end - i;
+}
+
+/* Length of "KEYWORD =" (a libpq secret keyword or its PG* variable, any
+ * case, then '=' with optional spaces around it) at s[i], or 0. */
+static size_t secret_key_at(const char *s, size_t i) {
+    if (i > 0 && (isalnum((unsigned char)s[i - 1]) || s[i - 1] == '_')) {
+        return 0;
+    }
+    pthread_once(&pq_secrets_once, pq_secrets_init);
+    for (int k = 0; k < pq_secrets.n; k++) {
+        size_t n = strlen(pq_secrets.name[k]);
+        if (strncasecmp(s + i, pq_secrets.name[k], n) == 0) {
+            while (s[i + n] == ' ' || s[i + n] == '\t') {
+                n++;
+            }
+            if (s[i + n] == '=') {
+                n++;
+                while (isspace((unsigned char)s[i + n])) {
+                    n++;
+                }
+                return n;
+            }
+        }
+    }
+    return 0;
+}
+
+/* Length of the conninfo value at s (libpq's lexing: 'quoted' with
+ * backslash escapes, or up to white space with backslash escapes). */
+static size_t conninfo_value_len(const char *s) {
+    size_t n = 0;
+    if (s[0] == '\'') {
+        for (n = 1; s[n] != '\0' && s[n] != '\''; n++) {
+            if (s[n] == '\\' && s[n + 1] != '\0') {
+                n++;
+            }
+        }
+        return s[n] == '\'' ? n + 1 : n;
+    }
+    for (; s[n] != '\0' && !isspace((unsigned char)s[n]); n++) {
+        if (s[n] == '\\' && s[n + 1] != '\0') {
+            n++;
+        }
+    }
+    return n;
+}
+
+/* Free text: URLs and secret conninfo values masked, the rest copied. */
+static void mask_text(mask_out_t *o, const char *s, int depth) {
+    size_t i = 0, plain = 0;
+    while (s[i] != '\0') {
+        size_t k = secret_key_at(s, i), u = k == 0 ? url_at(s, i) : 0;
+        if (k == 0 && u == 0) {
+            i++;
+            continue;
+        }
+        out_put(o, s + plain, i - plain);
+        if (k > 0) {
+            out_put(o, s + i, k);
+            out_puts(o, MASK);
+            i += k + conninfo_value_len(s + i + k);
+        } else {
+            char *url = strndup(s + i, u);
+            if (url == NULL) {
+                out_puts(o, MASK);
+            } else {
+                mask_url(o, url, depth + 1);
+                free(url);
+            }
+            i += u;
+        }
+        plain = i;
+    }
+    out_put(o, s + plain, i - plain);
+}
+
+/* Could s hold a secret at all: a URL, or one of libpq's secret names. */
+static bool maybe_secret(const char *s) {
+    if (strstr(s, "://") != NULL) {
+        return true;
+    }
+    pthread_once(&pq_secrets_once, pq_secrets_init);
+    for (int k = 0; k < pq_secrets.n; k++) {
+        if (strcasestr(s, pq_secrets.name[k]) != NULL) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* Any text: a whole key=value conninfo, else free text (which may be one
+ * URL).  depth bounds the recursion through conninfo values. */
+static void mask_any(mask_out_t *o, const char *s, int depth) {
+    if (depth > MASK_MAX_DEPTH) {
+        out_puts(o, MASK);
+        return;
+    }
+    if (!maybe_secret(s)) {
+        out_puts(o, s);
+        return;
+    }
+    if (strchr(s, '=') != NULL && !pg_uri(s) && mask_conninfo(o, s, depth)) {
+        return;
+    }
+    mask_text(o, s, depth);
+}
+
+size_t lr_config_mask_secrets(const char *text, char *buf, size_t buflen) {
+    mask_out_t o = {buf, buflen, 0};
+    if (buflen > 0) {
+        buf[0] = '\0';
+    }
+    if (text != NULL) {
+        mask_any(&o, text, 0);
+    }
+    return o.len;
 }
 
 void lr_config_print(const lr_config_t *cfg, FILE *out) {
@@ -243,9 +734,9 @@ void lr_config_print(const lr_config_t *cfg, FILE *out) {
         const struct cfg_entry *e = &entries[i];
         const char *base = (const char *)cfg + e->offset;
         if (e->type == CFG_STR) {
-            char masked[1100];
+            char masked[2200];
             if (e->flags & CFG_SENSITIVE) {
-                lr_config_mask_url(base, masked, sizeof(masked));
+                (void)lr_config_mask_secrets(base, masked, sizeof(masked));
                 fprintf(out, "%s=%s\n", e->env, masked);
             } else {
                 fprintf(out, "%s=%s\n", e->env, base);

@@ -74,10 +74,26 @@ int lr_config_load(lr_config_t *cfg, char *errbuf, size_t errlen) LR_MUSTCHECK;
 int lr_config_set(lr_config_t *cfg, const char *env_name, const char *value, char *errbuf,
                   size_t errlen) LR_MUSTCHECK;
 
-/* Prints "NAME=value" lines, secrets (passwords in URLs) masked. */
+/* Prints "NAME=value" lines, secrets masked (lr_config_mask_secrets). */
 void lr_config_print(const lr_config_t *cfg, FILE *out);
 
-/* Copies url into buf with any password replaced by "***". */
-void lr_config_mask_url(const char *url, char *buf, size_t buflen);
+/* Copies text into buf (buflen bytes; always NUL-terminated when buflen > 0,
+ * cut to fit) with every secret replaced by "***".  The one masking function:
+ * every log line (lr_log_emit), /readyz and /health reason, CLI error and
+ * --print-config output goes through it.
+ *
+ * text may be a PostgreSQL conninfo (postgres[ql]:// URI or key=value
+ * pairs), any URL (amqp[s]://, http[s]://, ...), or free text such as an
+ * error message holding those.  Secrets are found by parsing, with libpq's
+ * PQconninfoParse (the options libpq marks secret: password, sslpassword)
+ * and libcurl's URL API (the userinfo password; query and fragment
+ * parameters named like password, secret, token, key, sig, credential);
+ * what could hold a secret but does not parse is masked whole.  Text without
+ * a secret is copied unchanged.  A conninfo that libpq would read
+ * differently once masked in place is printed as key=value from libpq's
+ * parse (the order of libpq's table).
+ *
+ * Returns the length written.  text NULL: "".  Thread-safe. */
+size_t lr_config_mask_secrets(const char *text, char *buf, size_t buflen);
 
 #endif

@@ -1,6 +1,8 @@
 /* log.c - JSON-lines logger; see log.h. */
 #include "log.h"
 
+#include "config.h"
+
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -67,6 +69,7 @@ size_t lr_json_escape(char *buf, size_t len, size_t cap, const char *s) {
 }
 
 void lr_log_emit(int level, const lr_log_ctx_t *ctx, const char *event, const char *fmt, ...) {
+    char raw[2048];
     char msg[2048];
     char line[4096];
     size_t n = 0;
@@ -75,8 +78,11 @@ void lr_log_emit(int level, const lr_log_ctx_t *ctx, const char *event, const ch
     va_list ap;
 
     va_start(ap, fmt);
-    vsnprintf(msg, sizeof(msg), fmt, ap);
+    vsnprintf(raw, sizeof(raw), fmt, ap);
     va_end(ap);
+    /* Whatever the caller formatted (a DSN, a URL inside an error message),
+     * no secret reaches the log. */
+    (void)lr_config_mask_secrets(raw, msg, sizeof(msg));
     if (level < 0 || level > LR_LOG_ERROR) {
         level = LR_LOG_ERROR;
     }

@@ -7,8 +7,10 @@
  *    "epoch":7,"msg":"..."}
  * The event name is stable (dashboards and tests key on it); msg is for humans.
  * Payloads (prompts, tool results) and secrets never go through here unless
- * payload logging is switched on by the caller.  With LONGRUN_LOG_FORMAT=text
- * the same fields are printed as one readable line.
+ * payload logging is switched on by the caller.  Every msg is passed through
+ * lr_config_mask_secrets (common/config.h) before it is written, so a DSN or
+ * URL in an error message shows no password or token.  With
+ * LONGRUN_LOG_FORMAT=text the same fields are printed as one readable line.
  *
  * Thread safety: every function may be called from any thread; each line is
  * written with a single fwrite.

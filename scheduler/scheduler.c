@@ -681,13 +681,41 @@ static void counts_cb(int err, const PGresult *res, void *arg) {
     }
 }
 
+/* The /health snapshot, built as a tree (any length, every string escaped)
+ * and handed to the health server, which copies it. */
+static void snapshot(const sched_t *s, lr_health_t *health) {
+    cJSON *o = cJSON_CreateObject(), *deps, *dep;
+    char *txt = NULL;
+    if (o == NULL) {
+        return;
+    }
+    cJSON_AddStringToObject(o, "instance", s->id);
+    cJSON_AddBoolToObject(o, "leader", s->leader);
+    deps = cJSON_AddObjectToObject(o, "dependencies");
+    dep = cJSON_AddObjectToObject(deps, "rabbitmq");
+    cJSON_AddStringToObject(dep, "status", s->amqp_up ? "up" : "down");
+    dep = cJSON_AddObjectToObject(deps, "postgres");
+    cJSON_AddStringToObject(dep, "status", s->pg_usable > 0 ? "up" : "down");
+    cJSON_AddNumberToObject(dep, "usable_connections", s->pg_usable);
+    cJSON_AddNumberToObject(o, "resumed", (double)s->resumed);
+    cJSON_AddNumberToObject(o, "recovered", (double)s->recovered);
+    cJSON_AddNumberToObject(o, "republished", (double)s->republished);
+    cJSON_AddNumberToObject(o, "dead_letters_ingested", (double)s->ingested);
+    txt = cJSON_PrintUnformatted(o);
+    cJSON_Delete(o);
+    if (txt != NULL) {
+        /* an error here (over LR_HEALTH_SNAPSHOT_MAX) shows in /health */
+        (void)lr_health_set_snapshot(health, txt);
+    }
+    free(txt);
+}
+
 /* Every second (the daemon ticks liveness): readiness, gauges, the
  * /health snapshot. */
 static void on_tick(lr_daemon_t *d, void *arg) {
     sched_t *s = arg;
     lr_health_t *health = lr_daemon_health(d);
     const char *why = NULL;
-    char snap[512];
     char step_timeout[24];
     static unsigned ticks;
     snprintf(step_timeout, sizeof(step_timeout), "%d", s->cfg.step_timeout_seconds);
@@ -712,14 +740,7 @@ static void on_tick(lr_daemon_t *d, void *arg) {
             lr_debug("scheduler.counts", "cannot queue the counts");
         }
     }
-    snprintf(snap, sizeof(snap),
-             "{\"instance\":\"%s\",\"leader\":%s,\"dependencies\":{\"rabbitmq\":{\"status\":\"%s\"},"
-             "\"postgres\":{\"status\":\"%s\",\"usable_connections\":%d}},\"resumed\":%llu,"
-             "\"recovered\":%llu,\"republished\":%llu,\"dead_letters_ingested\":%llu}",
-             s->id, s->leader ? "true" : "false", s->amqp_up ? "up" : "down", s->pg_usable > 0 ? "up" : "down",
-             s->pg_usable, (unsigned long long)s->resumed, (unsigned long long)s->recovered,
-             (unsigned long long)s->republished, (unsigned long long)s->ingested);
-    lr_health_set_snapshot(health, snap);
+    snapshot(s, health);
 }
 
 static void on_pg_state(int usable, void *arg) {

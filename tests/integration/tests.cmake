@@ -31,3 +31,6 @@ lr_py_test(integration.restarts integration/test_restarts.py TIMEOUT 400 LABELS 
 lr_py_test(integration.eval integration/test_eval.py TIMEOUT 180 LABELS "integration;asan")
 lr_py_test(integration.no_progress integration/test_no_progress.py TIMEOUT 120 LABELS "integration")
 lr_py_test(integration.reliability integration/test_reliability.py TIMEOUT 400 LABELS "integration;reliability")
+# Issue 15: secrets masked everywhere (item 3); the health server under a flood (item 4).
+lr_py_test(integration.secrets integration/test_secrets.py TIMEOUT 240 LABELS "integration;asan")
+lr_py_test(integration.health_flood integration/test_health_flood.py TIMEOUT 180 LABELS "integration;asan")
