@@ -105,10 +105,8 @@ void lr_breaker_abandon(lr_breaker_t *b, uint64_t now_ms) {
     }
 }
 
-size_t lr_breakers_json(char *buf, size_t len) {
+cJSON *lr_breakers_cjson(void) {
     cJSON *arr = cJSON_CreateArray();
-    char *txt;
-    size_t n = 0;
     for (int i = 0; i < nbreakers && arr != NULL; i++) {
         const lr_breaker_t *b = &breakers[i];
         cJSON *o;
@@ -121,20 +119,7 @@ size_t lr_breakers_json(char *buf, size_t len) {
         cJSON_AddNumberToObject(o, "failures", b->failures);
         cJSON_AddItemToArray(arr, o);
     }
-    txt = arr != NULL ? cJSON_PrintUnformatted(arr) : NULL;
-    cJSON_Delete(arr);
-    if (len > 0) {
-        if (txt == NULL || strlen(txt) >= len) {
-            n = len >= 3 ? 2 : 0;
-            memcpy(buf, "[]", n);
-            buf[n] = '\0';
-        } else {
-            n = strlen(txt);
-            memcpy(buf, txt, n + 1);
-        }
-    }
-    free(txt);
-    return n;
+    return arr;
 }
 
 /* ------------------------------------------------------ concurrency gate */

@@ -6,7 +6,7 @@
  * Keys are strings: "model:<provider> <base_url> <model>" (one endpoint,
  * shared by every agent that uses it) and "tool:<name>".  Both tables are
  * bounded (LR_BREAKERS_MAX entries; beyond that a key is unprotected, which
- * is logged once) and live on the loop thread only; lr_breakers_json() is
+ * is logged once) and live on the loop thread only; lr_breakers_cjson() is
  * called from the loop too (the health snapshot is built there).
  */
 #ifndef LR_BREAKER_H
@@ -39,10 +39,10 @@ void lr_breaker_result(lr_breaker_t *b, bool ok, uint64_t now_ms);
 /* A trial call was cancelled before it finished: allow another trial. */
 void lr_breaker_abandon(lr_breaker_t *b, uint64_t now_ms);
 
-/* Writes [{"name":label,"state":"open"|"half_open","failures":N}, ...]
- * for every circuit that is not closed (the /health snapshot).  Returns the
- * length written ("[]" when it does not fit). */
-size_t lr_breakers_json(char *buf, size_t len);
+/* [{"name":label,"state":"open"|"half_open","failures":N}, ...] for every
+ * circuit that is not closed (the /health snapshot): a new tree the caller
+ * owns (cJSON_Delete), or NULL without memory. */
+struct cJSON *lr_breakers_cjson(void);
 
 /* ------------------------------------------------------ concurrency gate */
 

@@ -89,13 +89,48 @@ static void schema_cb(const lr_store_count_res_t *res, void *arg) {
     }
 }
 
+/* The /health snapshot, built as a tree (any length, every string escaped)
+ * and handed to the health server, which copies it. */
+static void health_snapshot(const lr_worker_t *w, lr_health_t *health) {
+    cJSON *o = cJSON_CreateObject(), *deps, *dep, *circuits;
+    char *txt;
+    if (o == NULL) {
+        return;
+    }
+    cJSON_AddStringToObject(o, "worker", w->id);
+    deps = cJSON_AddObjectToObject(o, "dependencies");
+    dep = cJSON_AddObjectToObject(deps, "rabbitmq");
+    cJSON_AddStringToObject(dep, "status", w->amqp_up ? "up" : "down");
+    dep = cJSON_AddObjectToObject(deps, "postgres");
+    cJSON_AddStringToObject(dep, "status", w->pg_usable > 0 ? "up" : "down");
+    cJSON_AddNumberToObject(dep, "usable_connections", w->pg_usable);
+    cJSON_AddNumberToObject(dep, "pending_queries", w->pg != NULL ? (double)lr_pg_pool_pending(w->pg) : 0);
+    dep = cJSON_AddObjectToObject(deps, "schema");
+    cJSON_AddStringToObject(dep, "status",
+                            w->schema_state > 0 ? "ok" : w->schema_state < 0 ? "incompatible" : "unknown");
+    cJSON_AddNumberToObject(dep, "binary_version", lr_schema_version_known());
+    cJSON_AddNumberToObject(o, "in_flight", w->nruns);
+    cJSON_AddNumberToObject(o, "max_in_flight", w->cfg.max_in_flight);
+    cJSON_AddBoolToObject(o, "draining", w->draining);
+    cJSON_AddNumberToObject(o, "steps", (double)w->steps_done);
+    cJSON_AddNumberToObject(o, "tasks_finished", (double)w->tasks_finished);
+    circuits = lr_breakers_cjson();
+    cJSON_AddItemToObject(o, "circuits", circuits != NULL ? circuits : cJSON_CreateArray());
+    txt = cJSON_PrintUnformatted(o);
+    cJSON_Delete(o);
+    if (txt != NULL) {
+        /* an error here (over LR_HEALTH_SNAPSHOT_MAX) shows in /health */
+        (void)lr_health_set_snapshot(health, txt);
+    }
+    free(txt);
+}
+
 /* Every second (the daemon ticks liveness): readiness, gauges, the /health
  * snapshot. */
 static void on_tick(lr_daemon_t *d, void *arg) {
     lr_worker_t *w = arg;
     lr_health_t *health = lr_daemon_health(d);
     const char *why = NULL;
-    char snap[6144], circuits[4096];
     static unsigned ticks;
     ticks++;
     if ((w->schema_state <= 0 || ticks % 30 == 0) && w->pg_usable > 0) {
@@ -119,19 +154,7 @@ static void on_tick(lr_daemon_t *d, void *arg) {
     lr_metric_set(lr_wm.in_flight, NULL, w->nruns);
     lr_metric_set(lr_wm.amqp_connected, NULL, w->amqp_up ? 1 : 0);
     lr_metric_set(lr_wm.pg_connections, NULL, w->pg_usable);
-    (void)lr_breakers_json(circuits, sizeof(circuits));
-    snprintf(snap, sizeof(snap),
-             "{\"worker\":\"%s\",\"dependencies\":{\"rabbitmq\":{\"status\":\"%s\"},"
-             "\"postgres\":{\"status\":\"%s\",\"usable_connections\":%d,\"pending_queries\":%zu},"
-             "\"schema\":{\"status\":\"%s\",\"binary_version\":%d}},"
-             "\"in_flight\":%d,\"max_in_flight\":%d,\"draining\":%s,\"steps\":%llu,\"tasks_finished\":%llu,"
-             "\"circuits\":%s}",
-             w->id, w->amqp_up ? "up" : "down", w->pg_usable > 0 ? "up" : "down", w->pg_usable,
-             w->pg != NULL ? lr_pg_pool_pending(w->pg) : (size_t)0,
-             w->schema_state > 0 ? "ok" : w->schema_state < 0 ? "incompatible" : "unknown", lr_schema_version_known(),
-             w->nruns, w->cfg.max_in_flight, w->draining ? "true" : "false", (unsigned long long)w->steps_done,
-             (unsigned long long)w->tasks_finished, circuits);
-    lr_health_set_snapshot(health, snap);
+    health_snapshot(w, health);
     if (ticks % 60 == 0) {
         lr_info("worker.stats", "in flight %d, steps %llu, tasks finished %llu, postgres %d connection(s) with %zu "
                 "pending, rabbitmq %s%s", w->nruns, (unsigned long long)w->steps_done,
