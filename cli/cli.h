@@ -100,6 +100,14 @@ PGconn *cli_db_connect(cli_t *c);
  * (caller PQclear()s) or NULL after printing the server's message. */
 PGresult *cli_exec(cli_t *c, PGconn *db, const char *sql, int n, const char *const *params);
 
+/* Runs a statement without parameters whose result is not needed.  Returns 0,
+ * or -1 after printing the server's message (as cli_exec). */
+int cli_exec_simple(cli_t *c, PGconn *db, const char *sql);
+
+/* Whether a task status is terminal for the operator commands: succeeded,
+ * failed, dead or cancelled. */
+bool cli_status_final(const char *status);
+
 /* Parses a decimal integer in [min, max] for option name; -1 + message on error. */
 int cli_parse_long(cli_t *c, const char *name, const char *s, long min, long max, long *out);
 

@@ -133,6 +133,20 @@ PGresult *cli_exec(cli_t *c, PGconn *db, const char *sql, int n, const char *con
     return res;
 }
 
+int cli_exec_simple(cli_t *c, PGconn *db, const char *sql) {
+    PGresult *res = cli_exec(c, db, sql, 0, NULL);
+    if (res == NULL) {
+        return -1;
+    }
+    PQclear(res);
+    return 0;
+}
+
+bool cli_status_final(const char *status) {
+    return strcmp(status, "succeeded") == 0 || strcmp(status, "failed") == 0 || strcmp(status, "dead") == 0 ||
+           strcmp(status, "cancelled") == 0;
+}
+
 int cli_parse_long(cli_t *c, const char *name, const char *s, long min, long max, long *out) {
     char *end = NULL;
     long v;
