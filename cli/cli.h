@@ -71,6 +71,15 @@ enum { CLI_OPT_INVALID = -2 };
  * printed, the command exits LR_EXIT_USAGE. */
 int cli_next_option(cli_t *c, int argc, char **argv, const char *shortopts, const struct option *opts);
 
+/* What cli_no_options() prints for an option the command does not take:
+ * the command's usage (on stderr), or "unknown option (see --help)". */
+typedef enum { CLI_UNKNOWN_USAGE, CLI_UNKNOWN_SAY_SO } cli_on_unknown_t;
+
+/* The option loop of a command that takes only the common options.  usage is
+ * its help text, printed on stdout for --help.  Returns 0 to go on (optind is
+ * the first operand), -1 after --help, or LR_EXIT_USAGE after printing why. */
+int cli_no_options(cli_t *c, int argc, char **argv, const char *usage, cli_on_unknown_t on_unknown);
+
 /* The actor recorded with operator actions: --actor, else LONGRUN_ACTOR,
  * else the login name. */
 const char *cli_actor(const cli_t *c);

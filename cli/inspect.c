@@ -57,33 +57,14 @@ static cJSON *row_json(const PGresult *res, int r) {
     return o;
 }
 
-static int parse_common_only(cli_t *c, int argc, char **argv, void (*usage)(FILE *)) {
-    static const struct option opts[] = {CLI_COMMON_OPTIONS, {NULL, 0, NULL, 0}};
-    int opt;
-    while ((opt = cli_next_option(c, argc, argv, "h", opts)) != -1) {
-        if (opt == CLI_OPT_INVALID) {
-            return LR_EXIT_USAGE;
-        }
-        if (opt == 'h') {
-            usage(stdout);
-            return -1;
-        }
-        usage(stderr);
-        return LR_EXIT_USAGE;
-    }
-    return 0;
-}
-
-static void status_usage(FILE *f) {
-    fprintf(f,
-            "usage: longrun status ID [--json]\n"
-            "\n"
-            "Shows one task: status, step, attempts, lease, budgets and usage, result or error.\n"
-            "Exit code 2 when the id is malformed or unknown.\n");
-}
+static const char status_usage[] =
+    "usage: longrun status ID [--json]\n"
+    "\n"
+    "Shows one task: status, step, attempts, lease, budgets and usage, result or error.\n"
+    "Exit code 2 when the id is malformed or unknown.\n";
 
 int cmd_status(cli_t *c, int argc, char **argv) {
-    int rc = parse_common_only(c, argc, argv, status_usage);
+    int rc = cli_no_options(c, argc, argv, status_usage, CLI_UNKNOWN_USAGE);
     PGconn *db = NULL;
     PGresult *res = NULL;
     char sql[4096];

@@ -66,6 +66,26 @@ int cli_next_option(cli_t *c, int argc, char **argv, const char *shortopts, cons
     return h < 0 ? CLI_OPT_INVALID : opt;
 }
 
+int cli_no_options(cli_t *c, int argc, char **argv, const char *usage, cli_on_unknown_t on_unknown) {
+    static const struct option opts[] = {CLI_COMMON_OPTIONS, {NULL, 0, NULL, 0}};
+    int opt = cli_next_option(c, argc, argv, "h", opts);
+    if (opt == -1) {
+        return 0;
+    }
+    if (opt == CLI_OPT_INVALID) {
+        return LR_EXIT_USAGE;
+    }
+    if (opt == 'h') {
+        fputs(usage, stdout);
+        return -1;
+    }
+    if (on_unknown == CLI_UNKNOWN_USAGE) {
+        fputs(usage, stderr);
+        return LR_EXIT_USAGE;
+    }
+    return cli_fail(c, LR_EXIT_USAGE, "unknown option (see --help)");
+}
+
 static const cli_budget_flag_t budget_flags[] = {
     {OPT_MAX_STEPS, "--max-steps", "max_steps"},
     {OPT_MAX_TOOL_CALLS, "--max-tool-calls", "max_tool_calls"},
