@@ -247,14 +247,15 @@ static void print_dead_text(const dead_view_t *v) {
     }
 }
 
+static const char show_usage[] =
+    "usage: longrun dlq show ID|TASK_ID [--json]\n"
+    "\nOne dead letter: reason, last error, attempts, budget used, the last steps, and the raw\n"
+    "body of a malformed message.\n";
+
 static int dlq_show(cli_t *c, int argc, char **argv) {
     dead_view_t v = {NULL, NULL, NULL};
     PGconn *db;
-    int rc = cli_no_options(c, argc, argv,
-                            "usage: longrun dlq show ID|TASK_ID [--json]\n"
-                            "\nOne dead letter: reason, last error, attempts, budget used, the last steps, and the raw\n"
-                            "body of a malformed message.\n",
-                            CLI_UNKNOWN_SAY_SO);
+    int rc = cli_no_options(c, argc, argv, show_usage, CLI_UNKNOWN_SAY_SO);
     if (rc != 0) {
         return rc < 0 ? LR_EXIT_OK : rc;
     }
@@ -746,14 +747,15 @@ static void print_stats_text(const cJSON *o, const stats_rows_t *s) {
     printf("\n");
 }
 
+static const char stats_usage[] =
+    "usage: longrun stats [--json]\n\nTasks by status, queue depths (RabbitMQ), steps per second over\n"
+    "the last 1 and 5 minutes, dead letters by reason.\n";
+
 int cmd_stats(cli_t *c, int argc, char **argv) {
     stats_rows_t s = {NULL, NULL, NULL, NULL};
     PGconn *db;
     cJSON *o;
-    int rc = cli_no_options(c, argc, argv,
-                            "usage: longrun stats [--json]\n\nTasks by status, queue depths (RabbitMQ), steps per second over\n"
-                            "the last 1 and 5 minutes, dead letters by reason.\n",
-                            CLI_UNKNOWN_SAY_SO);
+    int rc = cli_no_options(c, argc, argv, stats_usage, CLI_UNKNOWN_SAY_SO);
     if (rc != 0) {
         return rc < 0 ? LR_EXIT_OK : rc;
     }
@@ -789,6 +791,10 @@ static void print_workers(PGresult *r) {
     }
 }
 
+static const char workers_usage[] =
+    "usage: longrun workers [--json]\n\nLive workers (heartbeat in the last 30 s): version, "
+    "queues, in-flight tasks, draining, last heartbeat.\n";
+
 int cmd_workers(cli_t *c, int argc, char **argv) {
     static const rows_query_t q = {
         "SELECT id, hostname, pid, version, array_to_string(queues, ',') AS queues, in_flight, max_in_flight,"
@@ -796,10 +802,7 @@ int cmd_workers(cli_t *c, int argc, char **argv) {
         " round(extract(epoch FROM now() - heartbeat_at)::numeric, 1) AS seconds_ago"
         " FROM workers WHERE heartbeat_at > now() - interval '30 seconds' ORDER BY id",
         0, NULL, print_workers};
-    int rc = cli_no_options(c, argc, argv,
-                            "usage: longrun workers [--json]\n\nLive workers (heartbeat in the last 30 s): version, "
-                            "queues, in-flight tasks, draining, last heartbeat.\n",
-                            CLI_UNKNOWN_SAY_SO);
+    int rc = cli_no_options(c, argc, argv, workers_usage, CLI_UNKNOWN_SAY_SO);
     if (rc != 0) {
         return rc < 0 ? LR_EXIT_OK : rc;
     }
