@@ -113,8 +113,8 @@ PGresult *cli_exec(cli_t *c, PGconn *db, const char *sql, int n, const char *con
  * or -1 after printing the server's message (as cli_exec). */
 int cli_exec_simple(cli_t *c, PGconn *db, const char *sql);
 
-/* Whether a task status is terminal for the operator commands: succeeded,
- * failed, dead or cancelled. */
+/* Whether a task status is final (nothing more happens to the task unless an
+ * operator acts): succeeded, failed, dead or cancelled. */
 bool cli_status_final(const char *status);
 
 /* Parses a decimal integer in [min, max] for option name; -1 + message on error. */
