@@ -71,6 +71,15 @@ enum { CLI_OPT_INVALID = -2 };
  * printed, the command exits LR_EXIT_USAGE. */
 int cli_next_option(cli_t *c, int argc, char **argv, const char *shortopts, const struct option *opts);
 
+/* What cli_no_options() prints for an option the command does not take:
+ * the command's usage (on stderr), or "unknown option (see --help)". */
+typedef enum { CLI_UNKNOWN_USAGE, CLI_UNKNOWN_SAY_SO } cli_on_unknown_t;
+
+/* The option loop of a command that takes only the common options.  usage is
+ * its help text, printed on stdout for --help.  Returns 0 to go on (optind is
+ * the first operand), -1 after --help, or LR_EXIT_USAGE after printing why. */
+int cli_no_options(cli_t *c, int argc, char **argv, const char *usage, cli_on_unknown_t on_unknown);
+
 /* The actor recorded with operator actions: --actor, else LONGRUN_ACTOR,
  * else the login name. */
 const char *cli_actor(const cli_t *c);
@@ -99,6 +108,14 @@ PGconn *cli_db_connect(cli_t *c);
 /* Runs a parameterized statement and checks its status.  Returns the result
  * (caller PQclear()s) or NULL after printing the server's message. */
 PGresult *cli_exec(cli_t *c, PGconn *db, const char *sql, int n, const char *const *params);
+
+/* Runs a statement without parameters whose result is not needed.  Returns 0,
+ * or -1 after printing the server's message (as cli_exec). */
+int cli_exec_simple(cli_t *c, PGconn *db, const char *sql);
+
+/* Whether a task status is final (nothing more happens to the task unless an
+ * operator acts): succeeded, failed, dead or cancelled. */
+bool cli_status_final(const char *status);
 
 /* Parses a decimal integer in [min, max] for option name; -1 + message on error. */
 int cli_parse_long(cli_t *c, const char *name, const char *s, long min, long max, long *out);

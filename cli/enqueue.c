@@ -96,18 +96,17 @@ static void report(enq_t *e, const char *id, const char *state, const char *erro
     }
 }
 
-/* Records and publishes one validated task.  body: the message body to send
- * (with the id filled in).  Returns 0 ok/exists, -1 failed. */
-static int enqueue_one(enq_t *e, const lr_task_msg_t *m, const char *body) {
+/* Inserts the row of a validated task and its "enqueued" event, unless its id
+ * exists.  Returns 1 when recorded, 0 when the id exists, -1 when it failed
+ * (each reported). */
+static int record_task(enq_t *e, const lr_task_msg_t *m) {
     char *input = cJSON_PrintUnformatted(m->input);
     char *budgets = lr_budgets_to_json(&m->budgets);
     char *metadata = m->metadata != NULL ? cJSON_PrintUnformatted(m->metadata) : NULL;
     char attempts[16];
-    char err[512];
     const char *params[11];
     PGresult *res = NULL;
     int rc = -1;
-    lr_amqp_msg_t msg;
 
     snprintf(attempts, sizeof(attempts), "%d",
              m->max_attempts > 0 ? m->max_attempts : e->c->cfg.max_attempts);
@@ -147,8 +146,21 @@ static int enqueue_one(enq_t *e, const lr_task_msg_t *m, const char *body) {
         rc = 0;
         goto out;
     }
+    rc = 1;
+out:
     PQclear(res);
-    res = NULL;
+    free(input);
+    free(budgets);
+    free(metadata);
+    return rc;
+}
+
+/* Publishes a recorded task (confirmed) and marks it published.  Returns 0,
+ * or -1 when the publish failed (reported: the outbox sweep sends it later). */
+static int publish_task(enq_t *e, const lr_task_msg_t *m, const char *body) {
+    const char *id = m->id;
+    char err[512];
+    lr_amqp_msg_t msg;
 
     memset(&msg, 0, sizeof(msg));
     msg.body = body;
@@ -165,20 +177,23 @@ static int enqueue_one(enq_t *e, const lr_task_msg_t *m, const char *body) {
                  "after LONGRUN_OUTBOX_GRACE_SECONDS",
                  err);
         report(e, m->id, "unpublished", why);
-        goto out;
+        return -1;
     }
-    res = cli_exec(e->c, e->db,
-                   "UPDATE tasks SET published_at = now() WHERE id = $1 AND published_at IS NULL",
-                   1, params);
+    PQclear(cli_exec(e->c, e->db, "UPDATE tasks SET published_at = now() WHERE id = $1 AND published_at IS NULL",
+                     1, &id));
     e->ok++;
     report(e, m->id, "queued", NULL);
-    rc = 0;
-out:
-    PQclear(res);
-    free(input);
-    free(budgets);
-    free(metadata);
-    return rc;
+    return 0;
+}
+
+/* Records and publishes one validated task.  body: the message body to send
+ * (with the id filled in).  Returns 0 ok/exists, -1 failed. */
+static int enqueue_one(enq_t *e, const lr_task_msg_t *m, const char *body) {
+    int rc = record_task(e, m);
+    if (rc <= 0) {
+        return rc;
+    }
+    return publish_task(e, m, body);
 }
 
 /* Validates a body; fills the id when missing and returns the body to send
@@ -278,7 +293,56 @@ void cli_producer_close(cli_producer_t *p) {
     free(p);
 }
 
-int cmd_enqueue(cli_t *c, int argc, char **argv) {
+/* What the options of `longrun enqueue` describe.  Owns task and budgets. */
+typedef struct enq_args {
+    cJSON *task;       /* the body being built from the task options */
+    cJSON *budgets;    /* the budget flags; moved into task when any is set */
+    const char *agent; /* --agent, or NULL: the bodies come from stdin */
+} enq_args_t;
+
+/* --input: JSON text, @FILE or - (stdin), parsed and added to task.  Returns
+ * 0, or -1 after printing why. */
+static int add_input(cli_t *c, cJSON *task, const char *arg) {
+    char *text = cli_read_arg_or_file(c, "--input", arg, LR_TASK_MAX_BODY);
+    cJSON *in;
+    if (text == NULL) {
+        return -1;
+    }
+    in = cJSON_Parse(text);
+    free(text);
+    if (in == NULL) {
+        return cli_fail(c, -1, "--input: not valid JSON (a string input must be quoted: '\"text\"')");
+    }
+    cJSON_AddItemToObject(task, "input", in);
+    return 0;
+}
+
+/* A budget flag, added to budgets (checked with the whole task by
+ * lr_task_parse()).  Returns 0, or -1 after printing why. */
+static int add_budget(cli_t *c, cJSON *budgets, int opt, const char *arg) {
+    double v;
+    const cli_budget_flag_t *f = cli_budget_option(c, opt, arg, &v);
+    if (f == NULL) {
+        return -1;
+    }
+    cJSON_AddNumberToObject(budgets, f->budget, v);
+    return 0;
+}
+
+/* --metadata JSON, added to task.  Returns 0, or -1 after printing why. */
+static int add_metadata(cli_t *c, cJSON *task, const char *arg) {
+    cJSON *md = cJSON_Parse(arg);
+    if (md == NULL) {
+        return cli_fail(c, -1, "--metadata: not valid JSON");
+    }
+    cJSON_AddItemToObject(task, "metadata", md);
+    return 0;
+}
+
+/* Parses the options into a (and --queue into e).  Returns 0 to go on, -1
+ * after --help, or an exit code after printing why.
+ * Long on purpose: one flat switch over the options. */
+static int enqueue_options(enq_t *e, enq_args_t *a, int argc, char **argv) {
     static const struct option opts[] = {CLI_COMMON_OPTIONS,
                                          {"agent", required_argument, NULL, O_AGENT},
                                          {"input", required_argument, NULL, O_INPUT},
@@ -291,211 +355,207 @@ int cmd_enqueue(cli_t *c, int argc, char **argv) {
                                          {"metadata", required_argument, NULL, O_METADATA},
                                          {"callback-url", required_argument, NULL, O_CALLBACK},
                                          {NULL, 0, NULL, 0}};
-    enq_t e;
-    cJSON *task = NULL;
-    cJSON *budgets = NULL;
-    char *input_text = NULL;
-    char *line = NULL;
-    int opt, rc = LR_EXIT_USAGE;
-    const char *agent = NULL;
-
-    memset(&e, 0, sizeof(e));
-    e.c = c;
-    e.queue = "default";
-    task = cJSON_CreateObject();
-    budgets = cJSON_CreateObject();
+    cli_t *c = e->c;
+    int opt;
+    long v;
     while ((opt = cli_next_option(c, argc, argv, "h", opts)) != -1) {
         switch (opt) {
-        case CLI_OPT_INVALID: goto out;
-        case 'h':
-            enqueue_usage(stdout);
-            rc = LR_EXIT_OK;
-            goto out;
+        case CLI_OPT_INVALID: return LR_EXIT_USAGE;
+        case 'h': enqueue_usage(stdout); return -1;
         case O_AGENT:
-            agent = optarg;
-            cJSON_AddStringToObject(task, "agent", optarg);
+            a->agent = optarg;
+            cJSON_AddStringToObject(a->task, "agent", optarg);
             break;
-        case O_INPUT: {
-            cJSON *in;
-            input_text = cli_read_arg_or_file(c, "--input", optarg, LR_TASK_MAX_BODY);
-            if (input_text == NULL) {
-                goto out;
+        case O_INPUT:
+            if (add_input(c, a->task, optarg) != 0) {
+                return LR_EXIT_USAGE;
             }
-            in = cJSON_Parse(input_text);
-            if (in == NULL) {
-                rc = cli_fail(c, LR_EXIT_USAGE, "--input: not valid JSON (a string input must be quoted: '\"text\"')");
-                goto out;
-            }
-            cJSON_AddItemToObject(task, "input", in);
             break;
-        }
-        case O_ID:
-            cJSON_AddStringToObject(task, "id", optarg);
-            break;
+        case O_ID: cJSON_AddStringToObject(a->task, "id", optarg); break;
         case O_QUEUE:
             if (!lr_name_valid(optarg)) {
-                rc = cli_fail(c, LR_EXIT_USAGE, "--queue: '%s' must match ^[a-z0-9][a-z0-9_.-]{0,63}$", optarg);
-                goto out;
+                return cli_fail(c, LR_EXIT_USAGE, "--queue: '%s' must match ^[a-z0-9][a-z0-9_.-]{0,63}$", optarg);
             }
-            e.queue = optarg;
+            e->queue = optarg;
             break;
         case OPT_MAX_STEPS:
         case OPT_MAX_TOOL_CALLS:
         case OPT_MAX_TOKENS:
         case OPT_MAX_COST:
-        case OPT_MAX_SECONDS: {
-            /* checked with the whole task by lr_task_parse() */
-            double v;
-            const cli_budget_flag_t *f = cli_budget_option(c, opt, optarg, &v);
-            if (f == NULL) {
-                goto out;
+        case OPT_MAX_SECONDS:
+            if (add_budget(c, a->budgets, opt, optarg) != 0) {
+                return LR_EXIT_USAGE;
             }
-            cJSON_AddNumberToObject(budgets, f->budget, v);
             break;
-        }
-        case O_MAX_ATTEMPTS: {
-            long v;
+        case O_MAX_ATTEMPTS:
             if (cli_parse_long(c, "--max-attempts", optarg, 1, 100, &v) != 0) {
-                goto out;
+                return LR_EXIT_USAGE;
             }
-            cJSON_AddNumberToObject(task, "max_attempts", (double)v);
+            cJSON_AddNumberToObject(a->task, "max_attempts", (double)v);
             break;
-        }
-        case O_DEADLINE:
-            cJSON_AddStringToObject(task, "deadline", optarg);
-            break;
-        case O_TENANT:
-            cJSON_AddStringToObject(task, "tenant", optarg);
-            break;
-        case O_METADATA: {
-            cJSON *md = cJSON_Parse(optarg);
-            if (md == NULL) {
-                rc = cli_fail(c, LR_EXIT_USAGE, "--metadata: not valid JSON");
-                goto out;
+        case O_DEADLINE: cJSON_AddStringToObject(a->task, "deadline", optarg); break;
+        case O_TENANT: cJSON_AddStringToObject(a->task, "tenant", optarg); break;
+        case O_METADATA:
+            if (add_metadata(c, a->task, optarg) != 0) {
+                return LR_EXIT_USAGE;
             }
-            cJSON_AddItemToObject(task, "metadata", md);
             break;
-        }
-        case O_CALLBACK:
-            cJSON_AddStringToObject(task, "callback_url", optarg);
-            break;
-        default:
-            enqueue_usage(stderr);
-            goto out;
+        case O_CALLBACK: cJSON_AddStringToObject(a->task, "callback_url", optarg); break;
+        default: enqueue_usage(stderr); return LR_EXIT_USAGE;
         }
     }
     if (optind < argc) {
-        rc = cli_fail(c, LR_EXIT_USAGE, "unexpected argument '%s'", argv[optind]);
-        goto out;
+        return cli_fail(c, LR_EXIT_USAGE, "unexpected argument '%s'", argv[optind]);
     }
-    if (c->json) {
-        e.out = cJSON_CreateArray();
+    return 0;
+}
+
+/* Prints the --json array of what was enqueued, when there is one. */
+static void print_results(const enq_t *e) {
+    if (e->out != NULL) {
+        cli_print_json(e->out);
     }
-    if (agent != NULL) {
-        lr_task_msg_t m;
-        char err[512];
-        char *text, *body;
-        if (cJSON_GetObjectItem(task, "input") == NULL) {
-            rc = cli_fail(c, LR_EXIT_USAGE, "--input is required with --agent");
-            goto out;
-        }
-        if (budgets->child != NULL) {
-            cJSON_AddItemToObject(task, "budgets", budgets);
-            budgets = NULL;
-        }
-        text = cJSON_PrintUnformatted(task);
-        body = text != NULL ? prepare(text, &m, err, sizeof(err)) : NULL;
-        free(text);
-        if (body == NULL) {
-            rc = cli_fail(c, LR_EXIT_USAGE, "invalid task: %s (nothing was enqueued)", err);
-            goto out;
-        }
-        if (connect_all(&e) != 0) {
-            rc = LR_EXIT_FAIL;
-            free(body);
-            lr_task_msg_free(&m);
-            goto out;
-        }
-        rc = enqueue_one(&e, &m, body) == 0 ? LR_EXIT_OK : LR_EXIT_FAIL;
-        free(body);
-        lr_task_msg_free(&m);
+}
+
+/* --agent: the one task the options describe.  Returns an exit code. */
+static int enqueue_single(enq_t *e, enq_args_t *a) {
+    lr_task_msg_t m;
+    char err[512];
+    char *text, *body;
+    int rc;
+    if (cJSON_GetObjectItem(a->task, "input") == NULL) {
+        return cli_fail(e->c, LR_EXIT_USAGE, "--input is required with --agent");
+    }
+    if (a->budgets->child != NULL) {
+        cJSON_AddItemToObject(a->task, "budgets", a->budgets);
+        a->budgets = NULL;
+    }
+    text = cJSON_PrintUnformatted(a->task);
+    body = text != NULL ? prepare(text, &m, err, sizeof(err)) : NULL;
+    free(text);
+    if (body == NULL) {
+        return cli_fail(e->c, LR_EXIT_USAGE, "invalid task: %s (nothing was enqueued)", err);
+    }
+    if (connect_all(e) != 0) {
+        rc = LR_EXIT_FAIL;
     } else {
-        size_t lineno = 0;
-        int invalid = 0;
-        if (budgets->child != NULL || cJSON_GetObjectItem(task, "input") != NULL || task->child != NULL) {
-            rc = cli_fail(c, LR_EXIT_USAGE,
-                          "task options need --agent; without --agent, task bodies are read from stdin");
-            goto out;
-        }
-        if (isatty(STDIN_FILENO)) {
-            rc = cli_fail(c, LR_EXIT_USAGE, "--agent is required (or pipe one JSON task per line to stdin)");
-            goto out;
-        }
-        if (connect_all(&e) != 0) {
-            rc = LR_EXIT_FAIL;
-            goto out;
-        }
-        line = malloc(MAX_LINE + 1);
-        if (line == NULL) {
-            rc = cli_fail(c, LR_EXIT_FAIL, "out of memory");
-            goto out;
-        }
-        while (fgets(line, MAX_LINE + 1, stdin) != NULL) {
-            lr_task_msg_t m;
+        rc = enqueue_one(e, &m, body) == 0 ? LR_EXIT_OK : LR_EXIT_FAIL;
+        print_results(e);
+    }
+    free(body);
+    lr_task_msg_free(&m);
+    return rc;
+}
+
+/* One line of stdin (line lineno, its end of line not yet stripped):
+ * validated, recorded and published.  Returns 1 when it is not a valid task
+ * (reported), else 0. */
+static int enqueue_line(enq_t *e, char *line, size_t lineno) {
+    lr_task_msg_t m;
+    char err[512];
+    char msg[600];
+    char *body;
+    size_t n = strlen(line);
+    while (n > 0 && (line[n - 1] == '\n' || line[n - 1] == '\r')) {
+        line[--n] = '\0';
+    }
+    if (n == 0) {
+        return 0;
+    }
+    body = prepare(line, &m, err, sizeof(err));
+    if (body == NULL) {
+        snprintf(msg, sizeof(msg), "line %zu: invalid task: %s", lineno, err);
+        report(e, NULL, "invalid", msg);
+        return 1;
+    }
+    (void)enqueue_one(e, &m, body);
+    free(body);
+    lr_task_msg_free(&m);
+    return 0;
+}
+
+/* Reads stdin to its end, a task body per line, into line (MAX_LINE + 1
+ * bytes).  Returns the number of invalid lines (each reported). */
+static int enqueue_lines(enq_t *e, char *line) {
+    size_t lineno = 0;
+    int invalid = 0;
+    while (fgets(line, MAX_LINE + 1, stdin) != NULL) {
+        size_t n = strlen(line);
+        lineno++;
+        if (n == MAX_LINE && line[n - 1] != '\n') {
             char err[512];
-            char *body;
-            size_t n = strlen(line);
-            lineno++;
-            if (n == MAX_LINE && line[n - 1] != '\n') {
-                int ch;
-                while ((ch = getchar()) != EOF && ch != '\n') {
-                }
-                invalid++;
-                snprintf(err, sizeof(err), "line %zu: over the limit of %d bytes", lineno, LR_TASK_MAX_BODY);
-                report(&e, NULL, "invalid", err);
-                continue;
+            int ch;
+            while ((ch = getchar()) != EOF && ch != '\n') {
             }
-            while (n > 0 && (line[n - 1] == '\n' || line[n - 1] == '\r')) {
-                line[--n] = '\0';
-            }
-            if (n == 0) {
-                continue;
-            }
-            body = prepare(line, &m, err, sizeof(err));
-            if (body == NULL) {
-                char msg[600];
-                invalid++;
-                snprintf(msg, sizeof(msg), "line %zu: invalid task: %s", lineno, err);
-                report(&e, NULL, "invalid", msg);
-                continue;
-            }
-            (void)enqueue_one(&e, &m, body);
-            free(body);
-            lr_task_msg_free(&m);
+            invalid++;
+            snprintf(err, sizeof(err), "line %zu: over the limit of %d bytes", lineno, LR_TASK_MAX_BODY);
+            report(e, NULL, "invalid", err);
+            continue;
         }
-        if (invalid > 0 && e.ok == 0 && e.exists == 0 && e.failed == 0) {
-            rc = LR_EXIT_USAGE;
-        } else if (invalid > 0 || e.failed > 0) {
-            rc = LR_EXIT_PARTIAL;
-        } else {
-            rc = LR_EXIT_OK;
-        }
-        if (e.out == NULL) {
-            fprintf(stderr, "enqueued %d, already existing %d, failed %d, invalid %d\n", e.ok, e.exists,
-                    e.failed, invalid);
-        }
+        invalid += enqueue_line(e, line, lineno);
     }
-    if (e.out != NULL) {
-        char *s = cJSON_PrintUnformatted(e.out);
-        printf("%s\n", s);
-        free(s);
+    return invalid;
+}
+
+/* No --agent: one task body per line of stdin.  Returns an exit code: 2 when
+ * every line was invalid, 3 when some line was invalid or failed. */
+static int enqueue_stdin(enq_t *e, const enq_args_t *a) {
+    char *line;
+    int invalid, rc;
+    if (a->budgets->child != NULL || cJSON_GetObjectItem(a->task, "input") != NULL || a->task->child != NULL) {
+        return cli_fail(e->c, LR_EXIT_USAGE,
+                        "task options need --agent; without --agent, task bodies are read from stdin");
     }
-out:
-    cJSON_Delete(e.out);
-    cJSON_Delete(task);
-    cJSON_Delete(budgets);
-    free(input_text);
+    if (isatty(STDIN_FILENO)) {
+        return cli_fail(e->c, LR_EXIT_USAGE, "--agent is required (or pipe one JSON task per line to stdin)");
+    }
+    if (connect_all(e) != 0) {
+        return LR_EXIT_FAIL;
+    }
+    line = malloc(MAX_LINE + 1);
+    if (line == NULL) {
+        return cli_fail(e->c, LR_EXIT_FAIL, "out of memory");
+    }
+    invalid = enqueue_lines(e, line);
     free(line);
+    if (invalid > 0 && e->ok == 0 && e->exists == 0 && e->failed == 0) {
+        rc = LR_EXIT_USAGE;
+    } else if (invalid > 0 || e->failed > 0) {
+        rc = LR_EXIT_PARTIAL;
+    } else {
+        rc = LR_EXIT_OK;
+    }
+    if (e->out == NULL) {
+        fprintf(stderr, "enqueued %d, already existing %d, failed %d, invalid %d\n", e->ok, e->exists, e->failed,
+                invalid);
+    }
+    print_results(e);
+    return rc;
+}
+
+int cmd_enqueue(cli_t *c, int argc, char **argv) {
+    enq_t e;
+    enq_args_t a;
+    int rc;
+
+    memset(&e, 0, sizeof(e));
+    e.c = c;
+    e.queue = "default";
+    a.task = cJSON_CreateObject();
+    a.budgets = cJSON_CreateObject();
+    a.agent = NULL;
+    rc = enqueue_options(&e, &a, argc, argv);
+    if (rc == 0) {
+        if (c->json) {
+            e.out = cJSON_CreateArray();
+        }
+        rc = a.agent != NULL ? enqueue_single(&e, &a) : enqueue_stdin(&e, &a);
+    } else if (rc < 0) {
+        rc = LR_EXIT_OK;
+    }
+    cJSON_Delete(e.out);
+    cJSON_Delete(a.task);
+    cJSON_Delete(a.budgets);
     if (e.amqp != NULL) {
         lr_amqp_sync_close(e.amqp);
     }

@@ -108,256 +108,361 @@ static const char *case_name(const cJSON *cases, int idx, char *buf, size_t len)
     return buf;
 }
 
-int cmd_eval(cli_t *c, int argc, char **argv) {
+/* What the command line asks of an eval. */
+typedef struct eval_opts {
+    const char *queue;
+    long timeout;   /* seconds to wait for every task */
+    double max_p95; /* --max-p95-seconds, or -1 */
+    double max_err; /* --max-error-rate, or -1 */
+} eval_opts_t;
+
+/* One eval in progress.  Owns runs, lat, ids and the producer session; cases
+ * is borrowed from the suite, which the caller keeps until the end. */
+typedef struct eval {
+    cli_t *c;
+    eval_opts_t o;
+    const cJSON *cases;
+    run_t *runs; /* one per task; n of them enqueued so far */
+    int n;
+    double *lat; /* the latencies of the runs that succeeded; nlat of them */
+    int nlat;
+    cJSON *ids; /* the ids of the runs, as a JSON array for the status query */
+    cli_producer_t *p;
+    time_t start;
+} eval_t;
+
+/* The outcome over all runs. */
+typedef struct eval_summary {
+    int failed;      /* runs that did not pass */
+    int not_ok;      /* runs whose task did not succeed */
+    double p95;      /* p95 latency of the runs that succeeded, in seconds */
+    double err_rate; /* not_ok / runs */
+} eval_summary_t;
+
+/* Parses the options and checks that one SUITE.json follows them.  Returns 0
+ * to go on (argv[optind] is the suite), -1 after --help, or an exit code
+ * after printing why. */
+static int eval_options(cli_t *c, int argc, char **argv, eval_opts_t *o) {
     static const struct option opts[] = {CLI_COMMON_OPTIONS,
                                          {"queue", required_argument, NULL, E_QUEUE},
                                          {"timeout", required_argument, NULL, E_TIMEOUT},
                                          {"max-p95-seconds", required_argument, NULL, E_MAX_P95},
                                          {"max-error-rate", required_argument, NULL, E_MAX_ERR},
                                          {NULL, 0, NULL, 0}};
-    const char *queue = "default";
-    long timeout = 300;
-    double max_p95 = -1, max_err = -1;
-    int opt, rc = LR_EXIT_USAGE, nruns, n = 0, failed = 0, not_ok = 0;
-    char *text = NULL;
-    cJSON *suite = NULL, *ids = NULL;
-    const cJSON *cases, *cs;
-    run_t *runs = NULL;
-    cli_producer_t *p = NULL;
-    double *lat = NULL, p95 = 0, err_rate;
-    int nlat = 0;
-    time_t start;
-
+    int opt;
+    o->queue = "default";
+    o->timeout = 300;
+    o->max_p95 = -1;
+    o->max_err = -1;
     while ((opt = cli_next_option(c, argc, argv, "h", opts)) != -1) {
         char *end = NULL;
         switch (opt) {
-        case CLI_OPT_INVALID: goto out;
-        case 'h': eval_usage(stdout); rc = LR_EXIT_OK; goto out;
+        case CLI_OPT_INVALID: return LR_EXIT_USAGE;
+        case 'h': eval_usage(stdout); return -1;
         case E_QUEUE:
             if (!lr_name_valid(optarg)) {
-                rc = cli_fail(c, LR_EXIT_USAGE, "--queue: '%s' is not a queue name", optarg);
-                goto out;
+                return cli_fail(c, LR_EXIT_USAGE, "--queue: '%s' is not a queue name", optarg);
             }
-            queue = optarg;
+            o->queue = optarg;
             break;
         case E_TIMEOUT:
-            if (cli_parse_long(c, "--timeout", optarg, 1, 86400, &timeout) != 0) {
-                goto out;
+            if (cli_parse_long(c, "--timeout", optarg, 1, 86400, &o->timeout) != 0) {
+                return LR_EXIT_USAGE;
             }
             break;
         case E_MAX_P95:
-            max_p95 = strtod(optarg, &end);
-            if (end == optarg || *end != '\0' || !(max_p95 > 0)) {
-                rc = cli_fail(c, LR_EXIT_USAGE, "--max-p95-seconds: '%s' is not a positive number", optarg);
-                goto out;
+            o->max_p95 = strtod(optarg, &end);
+            if (end == optarg || *end != '\0' || !(o->max_p95 > 0)) {
+                return cli_fail(c, LR_EXIT_USAGE, "--max-p95-seconds: '%s' is not a positive number", optarg);
             }
             break;
         case E_MAX_ERR:
-            max_err = strtod(optarg, &end);
-            if (end == optarg || *end != '\0' || max_err < 0 || max_err > 1) {
-                rc = cli_fail(c, LR_EXIT_USAGE, "--max-error-rate: '%s' is not a number in [0, 1]", optarg);
-                goto out;
+            o->max_err = strtod(optarg, &end);
+            if (end == optarg || *end != '\0' || o->max_err < 0 || o->max_err > 1) {
+                return cli_fail(c, LR_EXIT_USAGE, "--max-error-rate: '%s' is not a number in [0, 1]", optarg);
             }
             break;
-        default: eval_usage(stderr); goto out;
+        default: eval_usage(stderr); return LR_EXIT_USAGE;
         }
     }
     if (optind + 1 != argc) {
-        rc = cli_fail(c, LR_EXIT_USAGE, "exactly one SUITE.json is expected");
-        goto out;
+        return cli_fail(c, LR_EXIT_USAGE, "exactly one SUITE.json is expected");
     }
-    {
-        char arg[4096];
-        snprintf(arg, sizeof(arg), "@%s", argv[optind]);
-        text = cli_read_arg_or_file(c, "SUITE", arg, 4 * 1024 * 1024);
-    }
+    return 0;
+}
+
+/* Reads, parses and validates the suite at path.  Returns it (the caller
+ * owns it) with *nruns set, or NULL after printing why. */
+static cJSON *load_suite(cli_t *c, const char *path, int *nruns) {
+    char arg[4096];
+    char *text;
+    cJSON *suite;
+    snprintf(arg, sizeof(arg), "@%s", path);
+    text = cli_read_arg_or_file(c, "SUITE", arg, 4 * 1024 * 1024);
     if (text == NULL) {
-        goto out;
+        return NULL;
     }
     suite = cJSON_Parse(text);
+    free(text);
     if (suite == NULL) {
-        rc = cli_fail(c, LR_EXIT_USAGE, "%s: not valid JSON", argv[optind]);
-        goto out;
+        cli_fail(c, LR_EXIT_USAGE, "%s: not valid JSON", path);
+        return NULL;
     }
-    nruns = check_suite(c, suite);
-    if (nruns < 0) {
-        goto out;
+    *nruns = check_suite(c, suite);
+    if (*nruns < 0) {
+        cJSON_Delete(suite);
+        return NULL;
     }
-    cases = cJSON_GetObjectItemCaseSensitive(suite, "cases");
-    runs = calloc((size_t)nruns, sizeof(run_t));
-    lat = calloc((size_t)nruns, sizeof(double));
-    ids = cJSON_CreateArray();
-    if (runs == NULL || lat == NULL || ids == NULL) {
-        rc = cli_fail(c, LR_EXIT_FAIL, "out of memory");
-        goto out;
+    return suite;
+}
+
+/* The task body of one run of case cs, as malloc'd JSON text (NULL when out
+ * of memory). */
+static char *run_body(const cJSON *cs) {
+    cJSON *body = cJSON_CreateObject();
+    const cJSON *b = cJSON_GetObjectItemCaseSensitive(cs, "budgets");
+    char *text;
+    cJSON_AddStringToObject(body, "agent", cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(cs, "agent")));
+    cJSON_AddItemToObject(body, "input", cJSON_Duplicate(cJSON_GetObjectItemCaseSensitive(cs, "input"), true));
+    if (b != NULL) {
+        cJSON_AddItemToObject(body, "budgets", cJSON_Duplicate(b, true));
     }
-    p = cli_producer_open(c, queue);
-    if (p == NULL) {
-        rc = LR_EXIT_FAIL;
-        goto out;
-    }
-    start = time(NULL);
-    {
-        int ci = 0;
-        cJSON_ArrayForEach(cs, cases) {
-            const cJSON *rep = cJSON_GetObjectItemCaseSensitive(cs, "repeat");
-            int reps = rep != NULL ? (int)rep->valuedouble : 1;
-            for (int r = 0; r < reps; r++) {
-                cJSON *body = cJSON_CreateObject();
-                char *btxt;
-                const cJSON *b = cJSON_GetObjectItemCaseSensitive(cs, "budgets");
-                cJSON_AddStringToObject(body, "agent", cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(cs, "agent")));
-                cJSON_AddItemToObject(body, "input", cJSON_Duplicate(cJSON_GetObjectItemCaseSensitive(cs, "input"), true));
-                if (b != NULL) {
-                    cJSON_AddItemToObject(body, "budgets", cJSON_Duplicate(b, true));
-                }
-                cJSON_AddItemToObject(body, "metadata", cJSON_Parse("{\"eval\":true}"));
-                btxt = cJSON_PrintUnformatted(body);
-                cJSON_Delete(body);
-                runs[n].case_idx = ci;
-                if (btxt == NULL || cli_producer_send(p, btxt, runs[n].id) != 0) {
-                    free(btxt);
-                    rc = LR_EXIT_USAGE;
-                    goto out;
-                }
+    cJSON_AddItemToObject(body, "metadata", cJSON_Parse("{\"eval\":true}"));
+    text = cJSON_PrintUnformatted(body);
+    cJSON_Delete(body);
+    return text;
+}
+
+/* Enqueues every run of every case, in order.  Returns 0, or -1 when a task
+ * could not be sent (message printed). */
+static int enqueue_runs(eval_t *ev) {
+    const cJSON *cs;
+    int ci = 0;
+    cJSON_ArrayForEach(cs, ev->cases) {
+        const cJSON *rep = cJSON_GetObjectItemCaseSensitive(cs, "repeat");
+        int reps = rep != NULL ? (int)rep->valuedouble : 1;
+        for (int r = 0; r < reps; r++) {
+            char *btxt = run_body(cs);
+            ev->runs[ev->n].case_idx = ci;
+            if (btxt == NULL || cli_producer_send(ev->p, btxt, ev->runs[ev->n].id) != 0) {
                 free(btxt);
-                cJSON_AddItemToArray(ids, cJSON_CreateString(runs[n].id));
-                n++;
+                return -1;
             }
-            ci++;
+            free(btxt);
+            cJSON_AddItemToArray(ev->ids, cJSON_CreateString(ev->runs[ev->n].id));
+            ev->n++;
+        }
+        ci++;
+    }
+    return 0;
+}
+
+/* The runs' tasks now: id, status, answer, latency (seconds, created ->
+ * finished or now).  NULL after printing the database error. */
+static PGresult *query_runs(eval_t *ev) {
+    char *idtxt = cJSON_PrintUnformatted(ev->ids);
+    const char *params[1] = {idtxt};
+    PGresult *r = cli_exec(ev->c, cli_producer_db(ev->p),
+                           "SELECT id::text, status, coalesce(result->>'answer', ''),"
+                           " extract(epoch FROM coalesce(finished_at, now()) - created_at)"
+                           " FROM tasks WHERE id::text IN (SELECT x FROM jsonb_array_elements_text($1::jsonb) x)",
+                           1, params);
+    free(idtxt);
+    return r;
+}
+
+/* Grades run rn from row i of query_runs(): its status and latency, then
+ * whether the answer holds every "contains" text and no "not_contains" one. */
+static void grade_run(eval_t *ev, run_t *rn, PGresult *r, int i) {
+    const cJSON *cse = cJSON_GetArrayItem(ev->cases, rn->case_idx);
+    const cJSON *x;
+    const char *answer = PQgetvalue(r, i, 2);
+    snprintf(rn->status, sizeof(rn->status), "%s", PQgetvalue(r, i, 1));
+    rn->latency_s = atof(PQgetvalue(r, i, 3));
+    rn->pass = strcmp(rn->status, "succeeded") == 0;
+    if (!rn->pass) {
+        snprintf(rn->why, sizeof(rn->why), "status %s", rn->status);
+        return;
+    }
+    ev->lat[ev->nlat++] = rn->latency_s;
+    cJSON_ArrayForEach(x, cJSON_GetObjectItemCaseSensitive(cse, "contains")) {
+        if (rn->pass && strstr(answer, x->valuestring) == NULL) {
+            rn->pass = false;
+            snprintf(rn->why, sizeof(rn->why), "answer lacks \"%.80s\"", x->valuestring);
         }
     }
-    if (!c->json) {
-        fprintf(stderr, "eval: %d task(s) enqueued on queue %s; waiting (up to %ld s)\n", n, queue, timeout);
+    cJSON_ArrayForEach(x, cJSON_GetObjectItemCaseSensitive(cse, "not_contains")) {
+        if (rn->pass && strstr(answer, x->valuestring) != NULL) {
+            rn->pass = false;
+            snprintf(rn->why, sizeof(rn->why), "answer contains \"%.80s\"", x->valuestring);
+        }
     }
-    /* Wait for every task to be terminal. */
+}
+
+/* Waits until every run's task is final or the timeout has passed, then
+ * grades the runs from that last look.  Returns 0, or -1 on a database error
+ * (message printed). */
+static int wait_runs(eval_t *ev) {
     for (;;) {
-        char *idtxt = cJSON_PrintUnformatted(ids);
-        const char *params[1] = {idtxt};
-        PGresult *r = cli_exec(c, cli_producer_db(p),
-                               "SELECT id::text, status, coalesce(result->>'answer', ''),"
-                               " extract(epoch FROM coalesce(finished_at, now()) - created_at)"
-                               " FROM tasks WHERE id::text IN (SELECT x FROM jsonb_array_elements_text($1::jsonb) x)",
-                               1, params);
+        PGresult *r = query_runs(ev);
         int done = 0;
-        free(idtxt);
         if (r == NULL) {
-            rc = LR_EXIT_FAIL;
-            goto out;
+            return -1;
         }
         for (int i = 0; i < PQntuples(r); i++) {
-            const char *st = PQgetvalue(r, i, 1);
-            if (strcmp(st, "succeeded") == 0 || strcmp(st, "failed") == 0 || strcmp(st, "dead") == 0 ||
-                strcmp(st, "cancelled") == 0) {
+            if (cli_status_final(PQgetvalue(r, i, 1))) {
                 done++;
             }
         }
-        if (done == n || time(NULL) - start > timeout) {
+        if (done == ev->n || time(NULL) - ev->start > ev->o.timeout) {
             for (int i = 0; i < PQntuples(r); i++) {
-                for (int k = 0; k < n; k++) {
-                    run_t *rn = &runs[k];
-                    const cJSON *x, *cse;
-                    const char *answer;
-                    if (strcmp(rn->id, PQgetvalue(r, i, 0)) != 0) {
-                        continue;
-                    }
-                    cse = cJSON_GetArrayItem(cases, rn->case_idx);
-                    snprintf(rn->status, sizeof(rn->status), "%s", PQgetvalue(r, i, 1));
-                    answer = PQgetvalue(r, i, 2);
-                    rn->latency_s = atof(PQgetvalue(r, i, 3));
-                    rn->pass = strcmp(rn->status, "succeeded") == 0;
-                    if (!rn->pass) {
-                        snprintf(rn->why, sizeof(rn->why), "status %s", rn->status);
+                for (int k = 0; k < ev->n; k++) {
+                    if (strcmp(ev->runs[k].id, PQgetvalue(r, i, 0)) == 0) {
+                        grade_run(ev, &ev->runs[k], r, i);
                         break;
                     }
-                    lat[nlat++] = rn->latency_s;
-                    cJSON_ArrayForEach(x, cJSON_GetObjectItemCaseSensitive(cse, "contains")) {
-                        if (rn->pass && strstr(answer, x->valuestring) == NULL) {
-                            rn->pass = false;
-                            snprintf(rn->why, sizeof(rn->why), "answer lacks \"%.80s\"", x->valuestring);
-                        }
-                    }
-                    cJSON_ArrayForEach(x, cJSON_GetObjectItemCaseSensitive(cse, "not_contains")) {
-                        if (rn->pass && strstr(answer, x->valuestring) != NULL) {
-                            rn->pass = false;
-                            snprintf(rn->why, sizeof(rn->why), "answer contains \"%.80s\"", x->valuestring);
-                        }
-                    }
-                    break;
                 }
             }
             PQclear(r);
-            break;
+            return 0;
         }
         PQclear(r);
         usleep(500000);
     }
-    for (int k = 0; k < n; k++) {
-        if (runs[k].status[0] == '\0') {
-            snprintf(runs[k].why, sizeof(runs[k].why), "not finished within %ld s", timeout);
+}
+
+/* Says why of the runs that never finished, and sums up all runs. */
+static void summarize(eval_t *ev, eval_summary_t *s) {
+    memset(s, 0, sizeof(*s));
+    for (int k = 0; k < ev->n; k++) {
+        run_t *rn = &ev->runs[k];
+        if (rn->status[0] == '\0') {
+            snprintf(rn->why, sizeof(rn->why), "not finished within %ld s", ev->o.timeout);
         }
-        if (!runs[k].pass) {
-            failed++;
+        if (!rn->pass) {
+            s->failed++;
         }
-        if (strcmp(runs[k].status, "succeeded") != 0) {
-            not_ok++;
+        if (strcmp(rn->status, "succeeded") != 0) {
+            s->not_ok++;
         }
     }
-    qsort(lat, (size_t)nlat, sizeof(double), cmp_double);
-    p95 = nlat > 0 ? lat[(int)ceil(0.95 * nlat) - 1] : 0;
-    err_rate = n > 0 ? (double)not_ok / n : 0;
-    if (c->json) {
-        cJSON *o = cJSON_CreateObject(), *arr = cJSON_AddArrayToObject(o, "runs");
-        for (int k = 0; k < n; k++) {
-            char nb[32];
-            cJSON *x = cJSON_CreateObject();
-            cJSON_AddStringToObject(x, "case", case_name(cases, runs[k].case_idx, nb, sizeof(nb)));
-            cJSON_AddStringToObject(x, "id", runs[k].id);
-            cJSON_AddStringToObject(x, "status", runs[k].status[0] ? runs[k].status : "unfinished");
-            cJSON_AddBoolToObject(x, "pass", runs[k].pass);
-            if (!runs[k].pass) {
-                cJSON_AddStringToObject(x, "why", runs[k].why);
-            }
-            cJSON_AddNumberToObject(x, "latency_seconds", runs[k].latency_s);
-            cJSON_AddItemToArray(arr, x);
+    qsort(ev->lat, (size_t)ev->nlat, sizeof(double), cmp_double);
+    s->p95 = ev->nlat > 0 ? ev->lat[(int)ceil(0.95 * ev->nlat) - 1] : 0;
+    s->err_rate = ev->n > 0 ? (double)s->not_ok / ev->n : 0;
+}
+
+/* --json: every run, then the totals, as one object. */
+static void print_report_json(const eval_t *ev, const eval_summary_t *s) {
+    cJSON *o = cJSON_CreateObject(), *arr = cJSON_AddArrayToObject(o, "runs");
+    char *text;
+    for (int k = 0; k < ev->n; k++) {
+        const run_t *rn = &ev->runs[k];
+        char nb[32];
+        cJSON *x = cJSON_CreateObject();
+        cJSON_AddStringToObject(x, "case", case_name(ev->cases, rn->case_idx, nb, sizeof(nb)));
+        cJSON_AddStringToObject(x, "id", rn->id);
+        cJSON_AddStringToObject(x, "status", rn->status[0] ? rn->status : "unfinished");
+        cJSON_AddBoolToObject(x, "pass", rn->pass);
+        if (!rn->pass) {
+            cJSON_AddStringToObject(x, "why", rn->why);
         }
-        cJSON_AddNumberToObject(o, "runs_total", n);
-        cJSON_AddNumberToObject(o, "failed", failed);
-        cJSON_AddNumberToObject(o, "p95_seconds", p95);
-        cJSON_AddNumberToObject(o, "error_rate", err_rate);
-        {
-            char *s = cJSON_PrintUnformatted(o);
-            printf("%s\n", s != NULL ? s : "{}");
-            free(s);
-        }
-        cJSON_Delete(o);
-    } else {
-        for (int k = 0; k < n; k++) {
-            char nb[32];
-            printf("%-4s %-28.28s %-36s %-10s %7.2f s  %s\n", runs[k].pass ? "PASS" : "FAIL",
-                   case_name(cases, runs[k].case_idx, nb, sizeof(nb)), runs[k].id,
-                   runs[k].status[0] ? runs[k].status : "unfinished", runs[k].latency_s, runs[k].why);
-        }
-        printf("%d/%d passed; p95 latency %.2f s; error rate %.1f%%\n", n - failed, n, p95, err_rate * 100.0);
+        cJSON_AddNumberToObject(x, "latency_seconds", rn->latency_s);
+        cJSON_AddItemToArray(arr, x);
     }
-    rc = LR_EXIT_OK;
-    if (failed > 0) {
-        rc = LR_EXIT_FAIL;
-    }
-    if (max_p95 > 0 && p95 > max_p95) {
-        fprintf(stderr, "eval: p95 latency %.2f s is above --max-p95-seconds %.2f\n", p95, max_p95);
-        rc = LR_EXIT_FAIL;
-    }
-    if (max_err >= 0 && err_rate > max_err) {
-        fprintf(stderr, "eval: error rate %.3f is above --max-error-rate %.3f\n", err_rate, max_err);
-        rc = LR_EXIT_FAIL;
-    }
-out:
-    cli_producer_close(p);
-    cJSON_Delete(suite);
-    cJSON_Delete(ids);
+    cJSON_AddNumberToObject(o, "runs_total", ev->n);
+    cJSON_AddNumberToObject(o, "failed", s->failed);
+    cJSON_AddNumberToObject(o, "p95_seconds", s->p95);
+    cJSON_AddNumberToObject(o, "error_rate", s->err_rate);
+    text = cJSON_PrintUnformatted(o);
+    printf("%s\n", text != NULL ? text : "{}");
     free(text);
-    free(runs);
-    free(lat);
+    cJSON_Delete(o);
+}
+
+/* One line per run, then the totals. */
+static void print_report_text(const eval_t *ev, const eval_summary_t *s) {
+    for (int k = 0; k < ev->n; k++) {
+        const run_t *rn = &ev->runs[k];
+        char nb[32];
+        printf("%-4s %-28.28s %-36s %-10s %7.2f s  %s\n", rn->pass ? "PASS" : "FAIL",
+               case_name(ev->cases, rn->case_idx, nb, sizeof(nb)), rn->id, rn->status[0] ? rn->status : "unfinished",
+               rn->latency_s, rn->why);
+    }
+    printf("%d/%d passed; p95 latency %.2f s; error rate %.1f%%\n", ev->n - s->failed, ev->n, s->p95,
+           s->err_rate * 100.0);
+}
+
+/* The exit code: 1 when a run failed or a threshold is missed (each missed
+ * threshold said on stderr), else 0. */
+static int verdict(const eval_t *ev, const eval_summary_t *s) {
+    int rc = s->failed > 0 ? LR_EXIT_FAIL : LR_EXIT_OK;
+    if (ev->o.max_p95 > 0 && s->p95 > ev->o.max_p95) {
+        fprintf(stderr, "eval: p95 latency %.2f s is above --max-p95-seconds %.2f\n", s->p95, ev->o.max_p95);
+        rc = LR_EXIT_FAIL;
+    }
+    if (ev->o.max_err >= 0 && s->err_rate > ev->o.max_err) {
+        fprintf(stderr, "eval: error rate %.3f is above --max-error-rate %.3f\n", s->err_rate, ev->o.max_err);
+        rc = LR_EXIT_FAIL;
+    }
+    return rc;
+}
+
+int cmd_eval(cli_t *c, int argc, char **argv) {
+    eval_t ev;
+    eval_summary_t sum;
+    cJSON *suite = NULL;
+    int nruns = 0;
+    int rc;
+
+    memset(&ev, 0, sizeof(ev));
+    ev.c = c;
+    rc = eval_options(c, argc, argv, &ev.o);
+    if (rc != 0) {
+        return rc < 0 ? LR_EXIT_OK : rc;
+    }
+    rc = LR_EXIT_USAGE;
+    suite = load_suite(c, argv[optind], &nruns);
+    if (suite == NULL) {
+        goto out;
+    }
+    ev.cases = cJSON_GetObjectItemCaseSensitive(suite, "cases");
+    ev.runs = calloc((size_t)nruns, sizeof(run_t));
+    ev.lat = calloc((size_t)nruns, sizeof(double));
+    ev.ids = cJSON_CreateArray();
+    if (ev.runs == NULL || ev.lat == NULL || ev.ids == NULL) {
+        rc = cli_fail(c, LR_EXIT_FAIL, "out of memory");
+        goto out;
+    }
+    ev.p = cli_producer_open(c, ev.o.queue);
+    if (ev.p == NULL) {
+        rc = LR_EXIT_FAIL;
+        goto out;
+    }
+    ev.start = time(NULL);
+    if (enqueue_runs(&ev) != 0) {
+        rc = LR_EXIT_USAGE;
+        goto out;
+    }
+    if (!c->json) {
+        fprintf(stderr, "eval: %d task(s) enqueued on queue %s; waiting (up to %ld s)\n", ev.n, ev.o.queue,
+                ev.o.timeout);
+    }
+    if (wait_runs(&ev) != 0) {
+        rc = LR_EXIT_FAIL;
+        goto out;
+    }
+    summarize(&ev, &sum);
+    if (c->json) {
+        print_report_json(&ev, &sum);
+    } else {
+        print_report_text(&ev, &sum);
+    }
+    rc = verdict(&ev, &sum);
+out:
+    cli_producer_close(ev.p);
+    cJSON_Delete(suite);
+    cJSON_Delete(ev.ids);
+    free(ev.runs);
+    free(ev.lat);
     return rc;
 }

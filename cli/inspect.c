@@ -57,33 +57,14 @@ static cJSON *row_json(const PGresult *res, int r) {
     return o;
 }
 
-static int parse_common_only(cli_t *c, int argc, char **argv, void (*usage)(FILE *)) {
-    static const struct option opts[] = {CLI_COMMON_OPTIONS, {NULL, 0, NULL, 0}};
-    int opt;
-    while ((opt = cli_next_option(c, argc, argv, "h", opts)) != -1) {
-        if (opt == CLI_OPT_INVALID) {
-            return LR_EXIT_USAGE;
-        }
-        if (opt == 'h') {
-            usage(stdout);
-            return -1;
-        }
-        usage(stderr);
-        return LR_EXIT_USAGE;
-    }
-    return 0;
-}
-
-static void status_usage(FILE *f) {
-    fprintf(f,
-            "usage: longrun status ID [--json]\n"
-            "\n"
-            "Shows one task: status, step, attempts, lease, budgets and usage, result or error.\n"
-            "Exit code 2 when the id is malformed or unknown.\n");
-}
+static const char status_usage[] =
+    "usage: longrun status ID [--json]\n"
+    "\n"
+    "Shows one task: status, step, attempts, lease, budgets and usage, result or error.\n"
+    "Exit code 2 when the id is malformed or unknown.\n";
 
 int cmd_status(cli_t *c, int argc, char **argv) {
-    int rc = parse_common_only(c, argc, argv, status_usage);
+    int rc = cli_no_options(c, argc, argv, status_usage, CLI_UNKNOWN_USAGE);
     PGconn *db = NULL;
     PGresult *res = NULL;
     char sql[4096];
@@ -167,7 +148,17 @@ static int since_param(const char *s, char *out, size_t outlen) {
     return 0;
 }
 
-int cmd_list(cli_t *c, int argc, char **argv) {
+/* The parameters of the list query: the filters, then the page. */
+typedef struct list_query {
+    const char *params[8]; /* status, queue, agent, tenant, since (time), since (interval), limit, offset */
+    char since[128];       /* --since as since_param() gives it */
+    char lim[16];
+    char off[16];
+} list_query_t;
+
+/* Parses the options of `longrun list` into q.  Returns 0 to go on, -1 after
+ * --help, or an exit code after printing why. */
+static int list_options(cli_t *c, int argc, char **argv, list_query_t *q) {
     enum { L_STATUS = OPT_FIRST_COMMAND_OPTION, L_QUEUE, L_AGENT, L_TENANT, L_SINCE, L_LIMIT, L_OFFSET };
     static const struct option opts[] = {CLI_COMMON_OPTIONS,
                                          {"status", required_argument, NULL, L_STATUS},
@@ -178,31 +169,25 @@ int cmd_list(cli_t *c, int argc, char **argv) {
                                          {"limit", required_argument, NULL, L_LIMIT},
                                          {"offset", required_argument, NULL, L_OFFSET},
                                          {NULL, 0, NULL, 0}};
-    const char *params[8] = {NULL};
-    char since[128] = "";
-    char lim[16] = "50", off[16] = "0";
     long v;
-    int opt, rc = LR_EXIT_USAGE;
-    PGconn *db = NULL;
-    PGresult *res = NULL;
-
+    int opt;
     while ((opt = cli_next_option(c, argc, argv, "h", opts)) != -1) {
         switch (opt) {
         case CLI_OPT_INVALID: return LR_EXIT_USAGE;
-        case 'h': list_usage(stdout); return LR_EXIT_OK;
+        case 'h': list_usage(stdout); return -1;
         case L_STATUS:
             if (!valid_status(optarg)) {
                 return cli_fail(c, LR_EXIT_USAGE,
                                 "--status: '%s' is not a status (queued, running, suspended, retry_wait, "
                                 "succeeded, failed, dead, cancelled)", optarg);
             }
-            params[0] = optarg;
+            q->params[0] = optarg;
             break;
-        case L_QUEUE: params[1] = optarg; break;
-        case L_AGENT: params[2] = optarg; break;
-        case L_TENANT: params[3] = optarg; break;
+        case L_QUEUE: q->params[1] = optarg; break;
+        case L_AGENT: q->params[2] = optarg; break;
+        case L_TENANT: q->params[3] = optarg; break;
         case L_SINCE:
-            if (since_param(optarg, since, sizeof(since)) != 0) {
+            if (since_param(optarg, q->since, sizeof(q->since)) != 0) {
                 return cli_fail(c, LR_EXIT_USAGE,
                                 "--since: '%s' is neither a duration (30s, 15m, 2h, 7d) nor an RFC 3339 time",
                                 optarg);
@@ -212,13 +197,13 @@ int cmd_list(cli_t *c, int argc, char **argv) {
             if (cli_parse_long(c, "--limit", optarg, 1, 10000, &v) != 0) {
                 return LR_EXIT_USAGE;
             }
-            snprintf(lim, sizeof(lim), "%ld", v);
+            snprintf(q->lim, sizeof(q->lim), "%ld", v);
             break;
         case L_OFFSET:
             if (cli_parse_long(c, "--offset", optarg, 0, 100000000, &v) != 0) {
                 return LR_EXIT_USAGE;
             }
-            snprintf(off, sizeof(off), "%ld", v);
+            snprintf(q->off, sizeof(q->off), "%ld", v);
             break;
         default: list_usage(stderr); return LR_EXIT_USAGE;
         }
@@ -226,14 +211,47 @@ int cmd_list(cli_t *c, int argc, char **argv) {
     if (optind < argc) {
         return cli_fail(c, LR_EXIT_USAGE, "unexpected argument '%s'", argv[optind]);
     }
-    if (strncmp(since, "@interval:", 10) == 0) {
-        params[4] = NULL;
-        params[5] = since + 10;
-    } else if (since[0] != '\0') {
-        params[4] = since;
+    return 0;
+}
+
+/* The page of tasks res as JSON or as a table (with a hint when there may be
+ * more rows). */
+static void print_task_list(cli_t *c, PGresult *res, const list_query_t *q) {
+    if (c->json) {
+        cJSON *arr = cJSON_CreateArray();
+        for (int r = 0; r < PQntuples(res); r++) {
+            cJSON_AddItemToArray(arr, row_json(res, r));
+        }
+        cli_print_json(arr);
+        cJSON_Delete(arr);
+        return;
     }
-    params[6] = lim;
-    params[7] = off;
+    printf("%-36s  %-10s  %-16s  %-10s  %5s  %s\n", "ID", "QUEUE", "AGENT", "STATUS", "STEP", "UPDATED");
+    for (int r = 0; r < PQntuples(res); r++) {
+        printf("%-36s  %-10.10s  %-16.16s  %-10s  %5s  %s\n", PQgetvalue(res, r, 0), PQgetvalue(res, r, 1),
+               PQgetvalue(res, r, 2), PQgetvalue(res, r, 3), PQgetvalue(res, r, 4), PQgetvalue(res, r, 9));
+    }
+    if (PQntuples(res) == atoi(q->lim)) {
+        printf("(more rows: use --offset %d)\n", atoi(q->off) + atoi(q->lim));
+    }
+}
+
+int cmd_list(cli_t *c, int argc, char **argv) {
+    list_query_t q = {{NULL}, "", "50", "0"};
+    PGconn *db;
+    PGresult *res;
+    int rc = list_options(c, argc, argv, &q);
+    if (rc != 0) {
+        return rc < 0 ? LR_EXIT_OK : rc;
+    }
+    if (strncmp(q.since, "@interval:", 10) == 0) {
+        q.params[4] = NULL;
+        q.params[5] = q.since + 10;
+    } else if (q.since[0] != '\0') {
+        q.params[4] = q.since;
+    }
+    q.params[6] = q.lim;
+    q.params[7] = q.off;
     db = cli_db_connect(c);
     if (db == NULL) {
         return LR_EXIT_FAIL;
@@ -247,31 +265,13 @@ int cmd_list(cli_t *c, int argc, char **argv) {
                    " AND ($5::timestamptz IS NULL OR created_at >= $5::timestamptz)"
                    " AND ($6::interval IS NULL OR created_at >= now() - $6::interval)"
                    " ORDER BY created_at DESC, id LIMIT $7::int OFFSET $8::int",
-                   8, params);
-    if (res == NULL) {
-        rc = LR_EXIT_FAIL;
-        goto out;
-    }
-    if (c->json) {
-        cJSON *arr = cJSON_CreateArray();
-        for (int r = 0; r < PQntuples(res); r++) {
-            cJSON_AddItemToArray(arr, row_json(res, r));
-        }
-        cli_print_json(arr);
-        cJSON_Delete(arr);
+                   8, q.params);
+    if (res != NULL) {
+        print_task_list(c, res, &q);
+        rc = LR_EXIT_OK;
     } else {
-        printf("%-36s  %-10s  %-16s  %-10s  %5s  %s\n", "ID", "QUEUE", "AGENT", "STATUS", "STEP", "UPDATED");
-        for (int r = 0; r < PQntuples(res); r++) {
-            printf("%-36s  %-10.10s  %-16.16s  %-10s  %5s  %s\n", PQgetvalue(res, r, 0),
-                   PQgetvalue(res, r, 1), PQgetvalue(res, r, 2), PQgetvalue(res, r, 3),
-                   PQgetvalue(res, r, 4), PQgetvalue(res, r, 9));
-        }
-        if (PQntuples(res) == atoi(lim)) {
-            printf("(more rows: use --offset %d)\n", atoi(off) + atoi(lim));
-        }
+        rc = LR_EXIT_FAIL;
     }
-    rc = LR_EXIT_OK;
-out:
     PQclear(res);
     PQfinish(db);
     return rc;

@@ -19,43 +19,24 @@
 /* Arbitrary but fixed: the advisory lock key of all migrators. */
 #define MIGRATE_LOCK_KEY "7283947201"
 
-static int exec_simple(cli_t *c, PGconn *db, const char *sql) {
-    PGresult *res = cli_exec(c, db, sql, 0, NULL);
-    if (res == NULL) {
-        return -1;
-    }
-    PQclear(res);
-    return 0;
-}
+/* One run of the migrator. */
+typedef struct migrate_run {
+    cli_t *c;
+    PGconn *db;
+    bool dry_run, status_only;
+    cJSON *out; /* --json: the migrations reported so far (printed at the end), else NULL */
+} migrate_run_t;
 
-int cli_migrate_run(cli_t *c, PGconn *db, bool dry_run, bool status_only) {
-    PGresult *res = NULL;
-    int rc = LR_EXIT_FAIL;
-    int applied_max = 0;
-    int napplied = 0;
-    cJSON *out = c->json ? cJSON_CreateArray() : NULL;
-    bool locked = false;
-
-    if (exec_simple(c, db, "SELECT pg_advisory_lock(" MIGRATE_LOCK_KEY ")") != 0) {
-        goto out;
-    }
-    locked = true;
-    if (exec_simple(c, db,
-                    "CREATE TABLE IF NOT EXISTS schema_migrations ("
-                    " version integer PRIMARY KEY, name text NOT NULL,"
-                    " checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())") != 0) {
-        goto out;
-    }
-    res = cli_exec(c, db, "SELECT version, name, checksum, applied_at FROM schema_migrations ORDER BY version",
-                   0, NULL);
-    if (res == NULL) {
-        goto out;
-    }
+/* Checks the applied migrations (rows of schema_migrations: version, name,
+ * checksum, applied_at) against this binary: none changed, none newer than
+ * it knows.  Returns 0 with *applied_max set, or -1 after printing why. */
+static int check_applied(const migrate_run_t *mr, PGresult *res, int *applied_max) {
+    *applied_max = 0;
     for (int r = 0; r < PQntuples(res); r++) {
         int v = atoi(PQgetvalue(res, r, 0));
         bool known = false;
-        if (v > applied_max) {
-            applied_max = v;
+        if (v > *applied_max) {
+            *applied_max = v;
         }
         for (int i = 0; i < lr_migrations_count; i++) {
             if (lr_migrations[i].version != v) {
@@ -63,109 +44,148 @@ int cli_migrate_run(cli_t *c, PGconn *db, bool dry_run, bool status_only) {
             }
             known = true;
             if (strcmp(lr_migrations[i].sha256, PQgetvalue(res, r, 2)) != 0) {
-                rc = cli_fail(c, LR_EXIT_FAIL,
-                              "migration %s was changed after it was applied (checksum %.12s... in "
-                              "the database, %.12s... in this binary); applied migrations must "
-                              "never be edited: add a new migration instead",
-                              lr_migrations[i].name, PQgetvalue(res, r, 2), lr_migrations[i].sha256);
-                goto out;
+                return cli_fail(mr->c, -1,
+                                "migration %s was changed after it was applied (checksum %.12s... in "
+                                "the database, %.12s... in this binary); applied migrations must "
+                                "never be edited: add a new migration instead",
+                                lr_migrations[i].name, PQgetvalue(res, r, 2), lr_migrations[i].sha256);
             }
         }
         if (!known && v > lr_schema_version_known()) {
-            rc = cli_fail(c, LR_EXIT_FAIL,
-                          "the database schema is at version %d, newer than this binary knows "
-                          "(%d): upgrade longrun before migrating",
-                          v, lr_schema_version_known());
-            goto out;
+            return cli_fail(mr->c, -1,
+                            "the database schema is at version %d, newer than this binary knows "
+                            "(%d): upgrade longrun before migrating",
+                            v, lr_schema_version_known());
         }
+    }
+    return 0;
+}
+
+/* When migration version was applied (a row of res), or NULL when it was not. */
+static const char *applied_at(PGresult *res, int version) {
+    const char *when = NULL;
+    for (int r = 0; r < PQntuples(res); r++) {
+        if (atoi(PQgetvalue(res, r, 0)) == version) {
+            when = PQgetvalue(res, r, 3);
+        }
+    }
+    return when;
+}
+
+/* Reports migration m as it stands: applied (when), pending, or would apply
+ * (--dry-run).  The text lists applied ones only with --status. */
+static void report_state(const migrate_run_t *mr, const lr_migration_t *m, const char *when) {
+    bool done = when != NULL;
+    if (mr->out != NULL) {
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddNumberToObject(o, "version", m->version);
+        cJSON_AddStringToObject(o, "name", m->name);
+        cJSON_AddStringToObject(o, "state", done ? "applied" : (mr->dry_run ? "would apply" : "pending"));
+        if (when != NULL) {
+            cJSON_AddStringToObject(o, "applied_at", when);
+        }
+        cJSON_AddItemToArray(mr->out, o);
+    } else if (mr->status_only || !done) {
+        printf("%-28s %s%s\n", m->name, done ? "applied " : (mr->dry_run ? "would apply" : "pending"),
+               when != NULL ? when : "");
+    }
+}
+
+/* Applies migration m in its own transaction and records it.  Returns 0, or
+ * -1 after printing why (the transaction rolled back). */
+static int apply_migration(const migrate_run_t *mr, const lr_migration_t *m) {
+    char ver[16];
+    const char *params[3] = {ver, m->name, m->sha256};
+    PGresult *r;
+    snprintf(ver, sizeof(ver), "%d", m->version);
+    if (cli_exec_simple(mr->c, mr->db, "BEGIN") != 0) {
+        return -1;
+    }
+    r = PQexec(mr->db, m->sql);
+    if (PQresultStatus(r) != PGRES_COMMAND_OK && PQresultStatus(r) != PGRES_TUPLES_OK) {
+        char msg[1024];
+        snprintf(msg, sizeof(msg), "%s", PQresultErrorMessage(r));
+        msg[strcspn(msg, "\n")] = '\0';
+        PQclear(r);
+        (void)cli_exec_simple(mr->c, mr->db, "ROLLBACK");
+        return cli_fail(mr->c, -1, "migration %s failed and was rolled back: %s", m->name, msg);
+    }
+    PQclear(r);
+    r = cli_exec(mr->c, mr->db, "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)", 3,
+                 params);
+    if (r == NULL) {
+        (void)cli_exec_simple(mr->c, mr->db, "ROLLBACK");
+        return -1;
+    }
+    PQclear(r);
+    return cli_exec_simple(mr->c, mr->db, "COMMIT");
+}
+
+/* Reports migration m as applied by this run. */
+static void report_applied(const migrate_run_t *mr, const lr_migration_t *m) {
+    if (mr->out != NULL) {
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddNumberToObject(o, "version", m->version);
+        cJSON_AddStringToObject(o, "name", m->name);
+        cJSON_AddStringToObject(o, "state", "applied now");
+        cJSON_AddItemToArray(mr->out, o);
+    } else {
+        printf("applied %s\n", m->name);
+    }
+}
+
+/* The last line of the text output (none with --status or --json). */
+static void print_summary(const migrate_run_t *mr, int applied_max, int napplied) {
+    if (mr->out != NULL || mr->status_only) {
+        return;
+    }
+    if (mr->dry_run) {
+        printf("dry run: nothing was changed\n");
+    } else if (napplied == 0) {
+        printf("schema is up to date (version %d)\n",
+               applied_max > lr_schema_version_known() ? applied_max : lr_schema_version_known());
+    } else {
+        printf("applied %d migration(s); schema is at version %d\n", napplied, lr_schema_version_known());
+    }
+}
+
+int cli_migrate_run(cli_t *c, PGconn *db, bool dry_run, bool status_only) {
+    const migrate_run_t mr = {c, db, dry_run, status_only, c->json ? cJSON_CreateArray() : NULL};
+    PGresult *res = NULL;
+    int rc = LR_EXIT_FAIL;
+    int applied_max = 0;
+    int napplied = 0;
+    bool locked = false;
+
+    if (cli_exec_simple(c, db, "SELECT pg_advisory_lock(" MIGRATE_LOCK_KEY ")") != 0) {
+        goto out;
+    }
+    locked = true;
+    if (cli_exec_simple(c, db,
+                        "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                        " version integer PRIMARY KEY, name text NOT NULL,"
+                        " checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())") != 0) {
+        goto out;
+    }
+    res = cli_exec(c, db, "SELECT version, name, checksum, applied_at FROM schema_migrations ORDER BY version",
+                   0, NULL);
+    if (res == NULL || check_applied(&mr, res, &applied_max) != 0) {
+        goto out;
     }
     for (int i = 0; i < lr_migrations_count; i++) {
         const lr_migration_t *m = &lr_migrations[i];
-        bool done = false;
-        const char *when = NULL;
-        for (int r = 0; r < PQntuples(res); r++) {
-            if (atoi(PQgetvalue(res, r, 0)) == m->version) {
-                done = true;
-                when = PQgetvalue(res, r, 3);
-            }
-        }
-        if (status_only || (dry_run && !done) || done) {
-            if (out != NULL) {
-                cJSON *o = cJSON_CreateObject();
-                cJSON_AddNumberToObject(o, "version", m->version);
-                cJSON_AddStringToObject(o, "name", m->name);
-                cJSON_AddStringToObject(o, "state", done ? "applied" : (dry_run ? "would apply" : "pending"));
-                if (when != NULL) {
-                    cJSON_AddStringToObject(o, "applied_at", when);
-                }
-                cJSON_AddItemToArray(out, o);
-            } else if (status_only || !done) {
-                printf("%-28s %s%s\n", m->name, done ? "applied " : (dry_run ? "would apply" : "pending"),
-                       when != NULL ? when : "");
-            }
-            if (done || status_only) {
-                continue;
-            }
-        }
-        if (dry_run) {
+        const char *when = applied_at(res, m->version);
+        if (status_only || dry_run || when != NULL) {
+            report_state(&mr, m, when);
             continue;
         }
-        {
-            const char *params[3];
-            char ver[16];
-            PGresult *r2;
-            snprintf(ver, sizeof(ver), "%d", m->version);
-            params[0] = ver;
-            params[1] = m->name;
-            params[2] = m->sha256;
-            if (exec_simple(c, db, "BEGIN") != 0) {
-                goto out;
-            }
-            r2 = PQexec(db, m->sql);
-            if (PQresultStatus(r2) != PGRES_COMMAND_OK && PQresultStatus(r2) != PGRES_TUPLES_OK) {
-                char msg[1024];
-                snprintf(msg, sizeof(msg), "%s", PQresultErrorMessage(r2));
-                msg[strcspn(msg, "\n")] = '\0';
-                PQclear(r2);
-                (void)exec_simple(c, db, "ROLLBACK");
-                rc = cli_fail(c, LR_EXIT_FAIL, "migration %s failed and was rolled back: %s", m->name, msg);
-                goto out;
-            }
-            PQclear(r2);
-            r2 = cli_exec(c, db,
-                          "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
-                          3, params);
-            if (r2 == NULL) {
-                (void)exec_simple(c, db, "ROLLBACK");
-                goto out;
-            }
-            PQclear(r2);
-            if (exec_simple(c, db, "COMMIT") != 0) {
-                goto out;
-            }
-            napplied++;
-            if (out != NULL) {
-                cJSON *o = cJSON_CreateObject();
-                cJSON_AddNumberToObject(o, "version", m->version);
-                cJSON_AddStringToObject(o, "name", m->name);
-                cJSON_AddStringToObject(o, "state", "applied now");
-                cJSON_AddItemToArray(out, o);
-            } else {
-                printf("applied %s\n", m->name);
-            }
+        if (apply_migration(&mr, m) != 0) {
+            goto out;
         }
+        napplied++;
+        report_applied(&mr, m);
     }
-    if (out == NULL && !status_only) {
-        if (dry_run) {
-            printf("dry run: nothing was changed\n");
-        } else if (napplied == 0) {
-            printf("schema is up to date (version %d)\n",
-                   applied_max > lr_schema_version_known() ? applied_max : lr_schema_version_known());
-        } else {
-            printf("applied %d migration(s); schema is at version %d\n", napplied,
-                   lr_schema_version_known());
-        }
-    }
+    print_summary(&mr, applied_max, napplied);
     rc = LR_EXIT_OK;
 out:
     PQclear(res);
@@ -173,13 +193,11 @@ out:
         PGresult *u = PQexec(db, "SELECT pg_advisory_unlock(" MIGRATE_LOCK_KEY ")");
         PQclear(u);
     }
-    if (out != NULL) {
+    if (mr.out != NULL) {
         if (rc == LR_EXIT_OK) {
-            char *s = cJSON_PrintUnformatted(out);
-            printf("%s\n", s);
-            free(s);
+            cli_print_json(mr.out);
         }
-        cJSON_Delete(out);
+        cJSON_Delete(mr.out);
     }
     return rc;
 }

@@ -32,21 +32,11 @@ enum {
     O_FORK,
 };
 
-static int begin(cli_t *c, PGconn *db) {
-    PGresult *r = cli_exec(c, db, "BEGIN", 0, NULL);
-    if (r == NULL) {
-        return -1;
-    }
-    PQclear(r);
-    return 0;
-}
-
 static int commit(cli_t *c, PGconn *db) {
-    PGresult *r = cli_exec(c, db, "COMMIT", 0, NULL);
-    if (r == NULL) {
+    PGresult *r;
+    if (cli_exec_simple(c, db, "COMMIT") != 0) {
         return -1;
     }
-    PQclear(r);
     r = PQexec(db, "NOTIFY longrun_wakeup");
     PQclear(r);
     return 0;
@@ -77,6 +67,46 @@ static int task_status(cli_t *c, PGconn *db, const char *id, char *status, size_
     PQclear(r);
     return 0;
 }
+
+/* A transaction that changes one task: its own connection, the task's row
+ * locked (lock_task()), ended by end_task_txn(). */
+typedef struct task_txn {
+    PGconn *db;
+    const char *id;  /* borrowed */
+    char status[32]; /* the task's status when it was locked */
+} task_txn_t;
+
+/* Connects, begins a transaction and locks task t->id, reading its status.
+ * Returns 0, or an exit code after printing why (with nothing left open). */
+static int lock_task(cli_t *c, task_txn_t *t) {
+    int rc;
+    t->db = cli_db_connect(c);
+    if (t->db == NULL) {
+        return LR_EXIT_FAIL;
+    }
+    if (cli_exec_simple(c, t->db, "BEGIN") != 0) {
+        PQfinish(t->db);
+        t->db = NULL;
+        return LR_EXIT_FAIL;
+    }
+    rc = task_status(c, t->db, t->id, t->status, sizeof(t->status), true);
+    if (rc != 0) {
+        rollback(t->db);
+        PQfinish(t->db);
+        t->db = NULL;
+    }
+    return rc;
+}
+
+/* Ends a locked task's transaction: rolled back unless rc is LR_EXIT_OK (it
+ * was committed), then closed. */
+static void end_task_txn(task_txn_t *t, int rc) {
+    if (rc != LR_EXIT_OK) {
+        rollback(t->db);
+    }
+    PQfinish(t->db);
+}
+
 
 /* Common option parsing for the simple task actions. */
 typedef struct act_opts {
@@ -134,47 +164,31 @@ static int parse_act(cli_t *c, int argc, char **argv, const char *usage, act_opt
 
 /* ------------------------------------------------------ approve/deny/signal */
 
-static int deliver_signal(cli_t *c, const char *id, const char *name, cJSON *payload, const act_opts_t *o,
-                          const char *waits_for, const char *event_reason) {
-    PGconn *db = cli_db_connect(c);
-    char status[32];
-    char *ptxt = NULL;
-    const char *params[5];
-    PGresult *r = NULL;
-    int rc;
-    bool woke = false;
+/* A signal for a task: an approval or denial, or an external event. */
+typedef struct signal_req {
+    const char *id;           /* the task */
+    const char *name;         /* "approval" or "event:NAME" */
+    const cJSON *payload;     /* recorded with the signal and in the task event */
+    const char *waits_for;    /* the suspend_reason it resumes: "approval" or "event" */
+    const char *event_reason; /* the task event's reason: approved, denied or signal */
+    const char *actor;
+} signal_req_t;
 
-    if (db == NULL) {
-        return LR_EXIT_FAIL;
-    }
-    if (begin(c, db) != 0) {
-        PQfinish(db);
-        return LR_EXIT_FAIL;
-    }
-    rc = task_status(c, db, id, status, sizeof(status), true);
-    if (rc != 0) {
-        goto out;
-    }
-    if (strcmp(status, "succeeded") == 0 || strcmp(status, "failed") == 0 || strcmp(status, "dead") == 0 ||
-        strcmp(status, "cancelled") == 0) {
-        rc = cli_fail(c, LR_EXIT_USAGE, "task %s is %s: nothing waits for a %s", id, status, name);
-        goto out;
-    }
-    ptxt = cJSON_PrintUnformatted(payload);
-    params[0] = id;
-    params[1] = name;
-    params[2] = ptxt;
-    params[3] = o->actor;
+/* Records s in the transaction of db, then marks the task to resume now if
+ * it waits for s.  Returns 0 with *woke set, or -1 (message printed). */
+static int record_signal(cli_t *c, PGconn *db, const signal_req_t *s, bool *woke) {
+    char *ptxt = cJSON_PrintUnformatted(s->payload);
+    const char *params[4] = {s->id, s->name, ptxt, s->actor};
+    PGresult *r;
+    int rc = -1;
+
     r = cli_exec(c, db, "INSERT INTO task_signals (task_id, name, payload, actor) VALUES ($1, $2, $3::jsonb, $4)", 4,
                  params);
     if (r == NULL) {
-        rc = LR_EXIT_FAIL;
         goto out;
     }
     PQclear(r);
     /* Wake the task now if it waits for this (the scheduler resumes it). */
-    params[1] = waits_for;
-    params[2] = event_reason;
     r = cli_exec(c, db,
                  "WITH u AS (UPDATE tasks SET resume_at = now(), updated_at = now() WHERE id = $1"
                  " AND status = 'suspended' AND suspend_reason = $2 AND ($3::text IS NULL OR wait_event = $3)"
@@ -182,39 +196,52 @@ static int deliver_signal(cli_t *c, const char *id, const char *name, cJSON *pay
                  " INSERT INTO task_events (task_id, from_status, to_status, reason, actor, detail)"
                  " SELECT $1, 'suspended', 'suspended', $4, $5, $6::jsonb FROM (SELECT 1) x",
                  6,
-                 (const char *const[]){id, waits_for, strcmp(waits_for, "event") == 0 ? name + 6 : NULL,
-                                       event_reason, o->actor, ptxt});
+                 (const char *const[]){s->id, s->waits_for, strcmp(s->waits_for, "event") == 0 ? s->name + 6 : NULL,
+                                       s->event_reason, s->actor, ptxt});
     if (r == NULL) {
-        rc = LR_EXIT_FAIL;
         goto out;
     }
     PQclear(r);
-    r = cli_exec(c, db, "SELECT resume_at IS NOT NULL AND status = 'suspended' FROM tasks WHERE id = $1", 1, &id);
-    woke = r != NULL && PQntuples(r) > 0 && PQgetvalue(r, 0, 0)[0] == 't';
+    r = cli_exec(c, db, "SELECT resume_at IS NOT NULL AND status = 'suspended' FROM tasks WHERE id = $1", 1, &s->id);
+    *woke = r != NULL && PQntuples(r) > 0 && PQgetvalue(r, 0, 0)[0] == 't';
     PQclear(r);
-    r = NULL;
-    if (commit(c, db) != 0) {
+    rc = 0;
+out:
+    free(ptxt);
+    return rc;
+}
+
+/* Delivers s to its task unless the task has ended.  Returns an exit code. */
+static int deliver_signal(cli_t *c, const signal_req_t *s) {
+    task_txn_t t = {NULL, s->id, ""};
+    bool woke = false;
+    int rc = lock_task(c, &t);
+
+    if (rc != 0) {
+        return rc;
+    }
+    if (cli_status_final(t.status)) {
+        rc = cli_fail(c, LR_EXIT_USAGE, "task %s is %s: nothing waits for a %s", s->id, t.status, s->name);
+        goto out;
+    }
+    if (record_signal(c, t.db, s, &woke) != 0 || commit(c, t.db) != 0) {
         rc = LR_EXIT_FAIL;
         goto out;
     }
     if (c->json) {
-        cJSON *o2 = cJSON_CreateObject();
-        cJSON_AddStringToObject(o2, "id", id);
-        cJSON_AddStringToObject(o2, "signal", name);
-        cJSON_AddBoolToObject(o2, "resumed", woke);
-        cli_print_json(o2);
-        cJSON_Delete(o2);
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddStringToObject(o, "id", s->id);
+        cJSON_AddStringToObject(o, "signal", s->name);
+        cJSON_AddBoolToObject(o, "resumed", woke);
+        cli_print_json(o);
+        cJSON_Delete(o);
     } else {
-        printf("%s: %s recorded%s\n", id, name,
+        printf("%s: %s recorded%s\n", s->id, s->name,
                woke ? "; the task resumes now" : " (the task is not waiting for it yet; it will see it when it does)");
     }
     rc = LR_EXIT_OK;
 out:
-    if (rc != LR_EXIT_OK) {
-        rollback(db);
-    }
-    free(ptxt);
-    PQfinish(db);
+    end_task_txn(&t, rc);
     return rc;
 }
 
@@ -244,7 +271,10 @@ static int cmd_approve_deny(cli_t *c, int argc, char **argv, bool approve) {
     if (!approve && o.reason != NULL) {
         cJSON_AddStringToObject(p, "reason", o.reason);
     }
-    rc = deliver_signal(c, argv[optind], "approval", p, &o, "approval", approve ? "approved" : "denied");
+    {
+        const signal_req_t s = {argv[optind], "approval", p, "approval", approve ? "approved" : "denied", o.actor};
+        rc = deliver_signal(c, &s);
+    }
     cJSON_Delete(p);
     return rc;
 }
@@ -271,7 +301,10 @@ int cmd_signal(cli_t *c, int argc, char **argv) {
         return cli_fail(c, LR_EXIT_USAGE, "--payload: not valid JSON");
     }
     snprintf(name, sizeof(name), "event:%s", argv[optind + 1]);
-    rc = deliver_signal(c, argv[optind], name, p, &o, "event", "signal");
+    {
+        const signal_req_t s = {argv[optind], name, p, "event", "signal", o.actor};
+        rc = deliver_signal(c, &s);
+    }
     cJSON_Delete(p);
     return rc;
 }
@@ -311,66 +344,62 @@ static int send_cancel_outcome(cli_t *c, const char *id, PGresult *r, const char
     return rc;
 }
 
+/* Cancels the locked task t, or for a running one asks it to stop at its
+ * next step boundary, with its task event.  Returns the row of the task as it
+ * now is (status, reply_to, correlation_id, step, tokens_in, tokens_out,
+ * cost_usd), or NULL (message printed). */
+static PGresult *mark_cancelled(cli_t *c, const task_txn_t *t, const act_opts_t *o) {
+    const char *params[4] = {t->id, o->actor, o->reason != NULL ? o->reason : "cancelled by operator", t->status};
+    return cli_exec(c, t->db,
+                    "WITH u AS (UPDATE tasks SET cancel_requested = true,"
+                    "  status = CASE WHEN status = 'running' THEN status ELSE 'cancelled' END,"
+                    "  stop_reason = CASE WHEN status = 'running' THEN stop_reason ELSE 'cancelled' END,"
+                    "  error = $3, finished_at = CASE WHEN status = 'running' THEN NULL ELSE now() END,"
+                    "  lease_owner = CASE WHEN status = 'running' THEN lease_owner ELSE NULL END,"
+                    "  updated_at = now() WHERE id = $1 RETURNING status, reply_to, correlation_id, step,"
+                    "  tokens_in, tokens_out, cost_usd::float8 AS cost_usd),"
+                    " ev AS (INSERT INTO task_events (task_id, from_status, to_status, reason, actor, detail)"
+                    " SELECT $1, $4, u.status, CASE WHEN u.status = 'running' THEN 'cancel_requested'"
+                    "  ELSE 'cancelled' END, $2, jsonb_build_object('reason', $3::text) FROM u)"
+                    " SELECT status, reply_to, correlation_id, step, tokens_in, tokens_out, cost_usd FROM u",
+                    4, params);
+}
+
 int cmd_cancel(cli_t *c, int argc, char **argv) {
     static const char *usage = "usage: longrun cancel ID [--reason TEXT] [--actor NAME] [--json]\n"
                                "\nCancels a task.  A queued, suspended or waiting task is cancelled at once; a\n"
                                "running one stops at its next step boundary.  cancelled is terminal.\n";
     act_opts_t o;
-    PGconn *db;
+    task_txn_t t = {NULL, NULL, ""};
     PGresult *r = NULL;
-    char status[32];
-    const char *id;
     bool reply_tried = false, reply_sent = false;
     int rc = parse_act(c, argc, argv, usage, &o, 1, 1);
     if (rc != 0) {
         return rc < 0 ? LR_EXIT_OK : rc;
     }
-    id = argv[optind];
-    db = cli_db_connect(c);
-    if (db == NULL) {
-        return LR_EXIT_FAIL;
-    }
-    if (begin(c, db) != 0) {
-        PQfinish(db);
-        return LR_EXIT_FAIL;
-    }
-    rc = task_status(c, db, id, status, sizeof(status), true);
+    t.id = argv[optind];
+    rc = lock_task(c, &t);
     if (rc != 0) {
+        return rc;
+    }
+    if (strcmp(t.status, "succeeded") == 0 || strcmp(t.status, "failed") == 0 || strcmp(t.status, "cancelled") == 0) {
+        rc = cli_fail(c, LR_EXIT_USAGE, "task %s is already %s", t.id, t.status);
         goto out;
     }
-    if (strcmp(status, "succeeded") == 0 || strcmp(status, "failed") == 0 || strcmp(status, "cancelled") == 0) {
-        rc = cli_fail(c, LR_EXIT_USAGE, "task %s is already %s", id, status);
-        goto out;
-    }
-    {
-        const char *params[4] = {id, o.actor, o.reason != NULL ? o.reason : "cancelled by operator", status};
-        r = cli_exec(c, db,
-                     "WITH u AS (UPDATE tasks SET cancel_requested = true,"
-                     "  status = CASE WHEN status = 'running' THEN status ELSE 'cancelled' END,"
-                     "  stop_reason = CASE WHEN status = 'running' THEN stop_reason ELSE 'cancelled' END,"
-                     "  error = $3, finished_at = CASE WHEN status = 'running' THEN NULL ELSE now() END,"
-                     "  lease_owner = CASE WHEN status = 'running' THEN lease_owner ELSE NULL END,"
-                     "  updated_at = now() WHERE id = $1 RETURNING status, reply_to, correlation_id, step,"
-                     "  tokens_in, tokens_out, cost_usd::float8 AS cost_usd),"
-                     " ev AS (INSERT INTO task_events (task_id, from_status, to_status, reason, actor, detail)"
-                     " SELECT $1, $4, u.status, CASE WHEN u.status = 'running' THEN 'cancel_requested'"
-                     "  ELSE 'cancelled' END, $2, jsonb_build_object('reason', $3::text) FROM u)"
-                     " SELECT status, reply_to, correlation_id, step, tokens_in, tokens_out, cost_usd FROM u",
-                     4, params);
-    }
-    if (r == NULL || commit(c, db) != 0) {
+    r = mark_cancelled(c, &t, &o);
+    if (r == NULL || commit(c, t.db) != 0) {
         rc = LR_EXIT_FAIL;
         goto out;
     }
     /* A task cancelled here (not running) gets no outcome from a worker:
      * send it to its reply_to, as a worker would (best effort). */
     if (strcmp(PQgetvalue(r, 0, 0), "cancelled") == 0 && !PQgetisnull(r, 0, 1) && PQgetvalue(r, 0, 1)[0] != '\0') {
-        reply_sent = send_cancel_outcome(c, id, r, o.reason != NULL ? o.reason : "cancelled by operator") == 0;
+        reply_sent = send_cancel_outcome(c, t.id, r, o.reason != NULL ? o.reason : "cancelled by operator") == 0;
         reply_tried = true;
     }
     if (c->json) {
         cJSON *j = cJSON_CreateObject();
-        cJSON_AddStringToObject(j, "id", id);
+        cJSON_AddStringToObject(j, "id", t.id);
         cJSON_AddStringToObject(j, "status", PQgetvalue(r, 0, 0));
         if (reply_tried) {
             cJSON_AddBoolToObject(j, "outcome_sent", reply_sent);
@@ -378,17 +407,14 @@ int cmd_cancel(cli_t *c, int argc, char **argv) {
         cli_print_json(j);
         cJSON_Delete(j);
     } else if (strcmp(PQgetvalue(r, 0, 0), "running") == 0) {
-        printf("%s: cancel requested; the task stops at its next step boundary\n", id);
+        printf("%s: cancel requested; the task stops at its next step boundary\n", t.id);
     } else {
-        printf("%s: cancelled\n", id);
+        printf("%s: cancelled\n", t.id);
     }
     rc = LR_EXIT_OK;
 out:
-    if (rc != LR_EXIT_OK) {
-        rollback(db);
-    }
+    end_task_txn(&t, rc);
     PQclear(r);
-    PQfinish(db);
     return rc;
 }
 
@@ -453,6 +479,77 @@ static void print_event_row(PGresult *r, int i, cJSON *arr) {
 
 #define TS "to_char(%s AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
 
+
+/* How far `log` has printed a task's audit log, and how it prints. */
+typedef struct log_cursor {
+    const char *id;
+    long last_step;  /* the last step printed */
+    long last_event; /* the id of the last event printed */
+    bool jsonl;      /* --json --follow: one JSON object per line */
+} log_cursor_t;
+
+/* The steps and events after the cursor, read in one snapshot so that a step
+ * and the transition committed with it are seen together. */
+typedef struct log_page {
+    PGresult *steps;
+    PGresult *events;
+} log_page_t;
+
+/* Reads the next page of the log.  Returns 0, or -1 (message printed; the
+ * caller clears the page either way). */
+static int read_log_page(cli_t *c, PGconn *db, const log_cursor_t *lc, log_page_t *pg) {
+    char ls[24], le[24];
+    const char *params[2] = {lc->id, ls};
+    snprintf(ls, sizeof(ls), "%ld", lc->last_step);
+    snprintf(le, sizeof(le), "%ld", lc->last_event);
+    PQclear(PQexec(db, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"));
+    pg->steps = cli_exec(c, db,
+                         "SELECT " "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
+                         ", step_no, coalesce(model, ''), tokens_in, tokens_out,"
+                         " coalesce(tool_calls::text, '[]'), cost_usd, latency_ms, coalesce(worker, ''), epoch,"
+                         " created_at FROM task_steps WHERE task_id = $1 AND step_no > $2::int ORDER BY step_no",
+                         2, params);
+    params[1] = le;
+    pg->events = cli_exec(c, db,
+                          "SELECT " "to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
+                          ", id, coalesce(from_status, ''), coalesce(to_status, ''), coalesce(reason, ''), actor,"
+                          " detail::text, at FROM task_events WHERE task_id = $1 AND id > $2::bigint ORDER BY id",
+                          2, params);
+    PQclear(PQexec(db, "COMMIT"));
+    return pg->steps != NULL && pg->events != NULL ? 0 : -1;
+}
+
+/* Prints a page, steps and events merged by time, and moves the cursor past
+ * it: as text, as one JSON array (--json), or as JSON lines. */
+static void print_log_page(cli_t *c, log_cursor_t *lc, const log_page_t *pg) {
+    PGresult *steps = pg->steps, *events = pg->events;
+    cJSON *arr = c->json && !lc->jsonl ? cJSON_CreateArray() : NULL;
+    int si = 0, ei = 0;
+    /* ISO timestamps sort as text */
+    while (si < PQntuples(steps) || ei < PQntuples(events)) {
+        bool take_step = ei >= PQntuples(events) ||
+                         (si < PQntuples(steps) && strcmp(PQgetvalue(steps, si, 0), PQgetvalue(events, ei, 0)) <= 0);
+        cJSON *line = lc->jsonl ? cJSON_CreateArray() : NULL;
+        if (take_step) {
+            print_step_row(c, steps, si, arr != NULL ? arr : line);
+            lc->last_step = atol(PQgetvalue(steps, si, 1));
+            si++;
+        } else {
+            print_event_row(events, ei, arr != NULL ? arr : line);
+            lc->last_event = atol(PQgetvalue(events, ei, 1));
+            ei++;
+        }
+        if (line != NULL) {
+            cli_print_json(cJSON_GetArrayItem(line, 0));
+            cJSON_Delete(line);
+        }
+    }
+    if (arr != NULL) {
+        cli_print_json(arr);
+        cJSON_Delete(arr);
+    }
+}
+
 int cmd_log(cli_t *c, int argc, char **argv) {
     static const char *usage =
         "usage: longrun log ID [--follow] [--json]\n"
@@ -460,94 +557,41 @@ int cmd_log(cli_t *c, int argc, char **argv) {
         "latency) and every status transition (who and why), in order.  --follow keeps\n"
         "printing new entries as the task writes them, until it ends (Ctrl-C to stop).\n";
     act_opts_t o;
+    log_cursor_t lc = {NULL, 0, 0, false};
     PGconn *db;
     char status[32];
-    const char *id;
-    long last_step = 0, last_event = 0;
-    cJSON *arr = NULL;
-    bool jsonl;
     int rc = parse_act(c, argc, argv, usage, &o, 1, 1);
     if (rc != 0) {
         return rc < 0 ? LR_EXIT_OK : rc;
     }
-    jsonl = c->json && o.follow; /* JSON lines while following */
-    id = argv[optind];
+    lc.id = argv[optind];
+    lc.jsonl = c->json && o.follow;
     db = cli_db_connect(c);
     if (db == NULL) {
         return LR_EXIT_FAIL;
     }
-    rc = task_status(c, db, id, status, sizeof(status), false);
+    rc = task_status(c, db, lc.id, status, sizeof(status), false);
     if (rc != 0) {
         PQfinish(db);
         return rc;
     }
     for (;;) {
-        char ls[24], le[24];
-        const char *params[3];
-        PGresult *steps, *events;
-        int si = 0, ei = 0;
-        snprintf(ls, sizeof(ls), "%ld", last_step);
-        snprintf(le, sizeof(le), "%ld", last_event);
-        params[0] = id;
-        params[1] = ls;
-        /* one snapshot for both reads, so a step and the transition committed
-         * with it are seen together */
-        PQclear(PQexec(db, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"));
-        steps = cli_exec(c, db,
-                         "SELECT " "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
-                         ", step_no, coalesce(model, ''), tokens_in, tokens_out,"
-                         " coalesce(tool_calls::text, '[]'), cost_usd, latency_ms, coalesce(worker, ''), epoch,"
-                         " created_at FROM task_steps WHERE task_id = $1 AND step_no > $2::int ORDER BY step_no",
-                         2, params);
-        params[1] = le;
-        events = cli_exec(c, db,
-                          "SELECT " "to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
-                          ", id, coalesce(from_status, ''), coalesce(to_status, ''), coalesce(reason, ''), actor,"
-                          " detail::text, at FROM task_events WHERE task_id = $1 AND id > $2::bigint ORDER BY id",
-                          2, params);
-        PQclear(PQexec(db, "COMMIT"));
-        if (steps == NULL || events == NULL) {
-            PQclear(steps);
-            PQclear(events);
+        log_page_t pg = {NULL, NULL};
+        rc = read_log_page(c, db, &lc, &pg);
+        if (rc == 0) {
+            print_log_page(c, &lc, &pg);
+        }
+        PQclear(pg.steps);
+        PQclear(pg.events);
+        if (rc != 0) {
             PQfinish(db);
             return LR_EXIT_FAIL;
         }
-        arr = c->json && !jsonl ? cJSON_CreateArray() : NULL;
-        /* merge by time (ISO timestamps sort as text) */
-        while (si < PQntuples(steps) || ei < PQntuples(events)) {
-            bool take_step = ei >= PQntuples(events) ||
-                             (si < PQntuples(steps) && strcmp(PQgetvalue(steps, si, 0), PQgetvalue(events, ei, 0)) <= 0);
-            cJSON *line = jsonl ? cJSON_CreateArray() : NULL;
-            if (take_step) {
-                print_step_row(c, steps, si, arr != NULL ? arr : line);
-                last_step = atol(PQgetvalue(steps, si, 1));
-                si++;
-            } else {
-                print_event_row(events, ei, arr != NULL ? arr : line);
-                last_event = atol(PQgetvalue(events, ei, 1));
-                ei++;
-            }
-            if (line != NULL) {
-                cli_print_json(cJSON_GetArrayItem(line, 0));
-                cJSON_Delete(line);
-            }
-        }
-        PQclear(steps);
-        PQclear(events);
-        if (arr != NULL) {
-            cli_print_json(arr);
-            cJSON_Delete(arr);
-            arr = NULL;
-        }
         fflush(stdout);
-        if (!o.follow) {
+        if (!o.follow || task_status(c, db, lc.id, status, sizeof(status), false) != 0) {
             break;
         }
-        if (task_status(c, db, id, status, sizeof(status), false) != 0) {
-            break;
-        }
-        if (strcmp(status, "succeeded") == 0 || strcmp(status, "failed") == 0 || strcmp(status, "dead") == 0 ||
-            strcmp(status, "cancelled") == 0) {
+        if (cli_status_final(status)) {
             /* one last read to catch the final rows */
             o.follow = false;
             continue;
@@ -560,6 +604,65 @@ int cmd_log(cli_t *c, int argc, char **argv) {
 
 /* ------------------------------------------------------------------ replay */
 
+/* Forks task t at step o->from_step: a new task (new_id) with the steps
+ * before it copied and its own "forked" event; t itself is left as it is.
+ * Returns the new task's row (id, queue), or NULL (message printed). */
+static PGresult *replay_fork(cli_t *c, const task_txn_t *t, const act_opts_t *o) {
+    char keep_s[24], new_id[LR_UUID_LEN + 1];
+    const char *p[4] = {t->id, new_id, keep_s, o->actor};
+    snprintf(keep_s, sizeof(keep_s), "%ld", o->from_step - 1);
+    if (lr_uuid_v4(new_id) != 0) {
+        cli_fail(c, LR_EXIT_FAIL, "cannot generate an id");
+        return NULL;
+    }
+    return cli_exec(c, t->db,
+                    "WITH t AS (INSERT INTO tasks (id, queue, agent, input, budgets, max_attempts, deadline, tenant,"
+                    "  metadata, step, status)"
+                    " SELECT $2::uuid, queue, agent, input, budgets, max_attempts, deadline, tenant,"
+                    "  coalesce(metadata, '{}'::jsonb) || jsonb_build_object('forked_from', $1::text,"
+                    "  'forked_at_step', $3::int), $3::int, 'queued' FROM tasks WHERE id = $1::uuid RETURNING id, queue),"
+                    " s AS (INSERT INTO task_steps (task_id, step_no, epoch, worker, state_version, kind, model,"
+                    "  messages, tool_calls, tokens_in, tokens_out, tokens_cached, cost_usd, latency_ms)"
+                    " SELECT $2::uuid, step_no, 0, worker, state_version, kind, model, messages, tool_calls,"
+                    "  tokens_in, tokens_out, tokens_cached, cost_usd, latency_ms FROM task_steps"
+                    "  WHERE task_id = $1::uuid AND step_no <= $3::int),"
+                    " e AS (INSERT INTO task_events (task_id, from_status, to_status, reason, actor, detail)"
+                    " SELECT $2::uuid, NULL, 'queued', 'forked', $4, jsonb_build_object('from', $1::text,"
+                    "  'from_step', $3::int + 1))"
+                    " SELECT id::text, queue FROM t",
+                    4, p);
+}
+
+/* Replays task t in place from step o->from_step: the later steps deleted,
+ * the task queued again with its lease epoch bumped (fencing out a worker
+ * still running it).  Returns the task's row (id, queue), or NULL (message
+ * printed). */
+static PGresult *replay_in_place(cli_t *c, const task_txn_t *t, const act_opts_t *o) {
+    char step_s[24], keep_s[24];
+    const char *p[4] = {t->id, step_s, keep_s, o->actor};
+    snprintf(step_s, sizeof(step_s), "%ld", o->from_step);
+    snprintf(keep_s, sizeof(keep_s), "%ld", o->from_step - 1);
+    PQclear(cli_exec(c, t->db, "DELETE FROM task_steps WHERE task_id = $1 AND step_no >= $2::int", 2, p));
+    return cli_exec(c, t->db,
+                    "WITH u AS (UPDATE tasks SET step = $3::int, status = 'queued', lease_epoch = lease_epoch + 1,"
+                    "  lease_owner = NULL, lease_expires_at = NULL, result = NULL, error = NULL, stop_reason = NULL,"
+                    "  finished_at = NULL, cancel_requested = false, attempt = 0, claims = 0, resume_at = NULL,"
+                    "  suspend_reason = NULL, published_at = NULL, updated_at = now() WHERE id = $1::uuid"
+                    "  RETURNING id, queue),"
+                    " e AS (INSERT INTO task_events (task_id, from_status, to_status, reason, actor, detail)"
+                    " SELECT $1::uuid, NULL, 'queued', 'replay', $4, jsonb_build_object('from_step', $2::int) FROM u)"
+                    " SELECT id::text, queue FROM u",
+                    4, p);
+}
+
+/* The last step task t checkpointed (0 when it cannot be read). */
+static long task_step(cli_t *c, const task_txn_t *t) {
+    PGresult *r = cli_exec(c, t->db, "SELECT step FROM tasks WHERE id = $1", 1, &t->id);
+    long step = r != NULL ? atol(PQgetvalue(r, 0, 0)) : 0;
+    PQclear(r);
+    return step;
+}
+
 int cmd_replay(cli_t *c, int argc, char **argv) {
     static const char *usage =
         "usage: longrun replay ID --from-step N [--fork] [--actor NAME] [--json]\n"
@@ -568,88 +671,34 @@ int cmd_replay(cli_t *c, int argc, char **argv) {
         "worker still running it is fenced out.  With --fork, a new task is created with the\n"
         "history up to step N-1 copied, and the original is left untouched.\n";
     act_opts_t o;
-    PGconn *db;
+    task_txn_t t = {NULL, NULL, ""};
     PGresult *r = NULL;
-    char status[32], step_s[24], keep_s[24];
-    const char *id;
-    char newid[LR_UUID_LEN + 1];
-    int rc = parse_act(c, argc, argv, usage, &o, 1, 1);
     int pub = 0;
     long step;
+    int rc = parse_act(c, argc, argv, usage, &o, 1, 1);
     if (rc != 0) {
         return rc < 0 ? LR_EXIT_OK : rc;
     }
     if (o.from_step < 1) {
         return cli_fail(c, LR_EXIT_USAGE, "--from-step N is required (N >= 1)");
     }
-    id = argv[optind];
-    db = cli_db_connect(c);
-    if (db == NULL) {
-        return LR_EXIT_FAIL;
-    }
-    if (begin(c, db) != 0) {
-        PQfinish(db);
-        return LR_EXIT_FAIL;
-    }
-    rc = task_status(c, db, id, status, sizeof(status), true);
+    t.id = argv[optind];
+    rc = lock_task(c, &t);
     if (rc != 0) {
-        goto out;
+        return rc;
     }
-    r = cli_exec(c, db, "SELECT step FROM tasks WHERE id = $1", 1, &id);
-    step = r != NULL ? atol(PQgetvalue(r, 0, 0)) : 0;
-    PQclear(r);
-    r = NULL;
+    step = task_step(c, &t);
     if (o.from_step > step + 1) {
         rc = cli_fail(c, LR_EXIT_USAGE, "--from-step %ld: the task has only %ld step(s); use 1..%ld", o.from_step, step,
                       step + 1);
         goto out;
     }
-    snprintf(step_s, sizeof(step_s), "%ld", o.from_step);
-    snprintf(keep_s, sizeof(keep_s), "%ld", o.from_step - 1);
-    if (o.fork) {
-        if (lr_uuid_v4(newid) != 0) {
-            rc = cli_fail(c, LR_EXIT_FAIL, "cannot generate an id");
-            goto out;
-        }
-        {
-            const char *p[4] = {id, newid, keep_s, o.actor};
-            r = cli_exec(c, db,
-                         "WITH t AS (INSERT INTO tasks (id, queue, agent, input, budgets, max_attempts, deadline, tenant,"
-                         "  metadata, step, status)"
-                         " SELECT $2::uuid, queue, agent, input, budgets, max_attempts, deadline, tenant,"
-                         "  coalesce(metadata, '{}'::jsonb) || jsonb_build_object('forked_from', $1::text,"
-                         "  'forked_at_step', $3::int), $3::int, 'queued' FROM tasks WHERE id = $1::uuid RETURNING id, queue),"
-                         " s AS (INSERT INTO task_steps (task_id, step_no, epoch, worker, state_version, kind, model,"
-                         "  messages, tool_calls, tokens_in, tokens_out, tokens_cached, cost_usd, latency_ms)"
-                         " SELECT $2::uuid, step_no, 0, worker, state_version, kind, model, messages, tool_calls,"
-                         "  tokens_in, tokens_out, tokens_cached, cost_usd, latency_ms FROM task_steps"
-                         "  WHERE task_id = $1::uuid AND step_no <= $3::int),"
-                         " e AS (INSERT INTO task_events (task_id, from_status, to_status, reason, actor, detail)"
-                         " SELECT $2::uuid, NULL, 'queued', 'forked', $4, jsonb_build_object('from', $1::text,"
-                         "  'from_step', $3::int + 1))"
-                         " SELECT id::text, queue FROM t",
-                         4, p);
-        }
-    } else {
-        const char *p[4] = {id, step_s, keep_s, o.actor};
-        PGresult *d = cli_exec(c, db, "DELETE FROM task_steps WHERE task_id = $1 AND step_no >= $2::int", 2, p);
-        PQclear(d);
-        r = cli_exec(c, db,
-                     "WITH u AS (UPDATE tasks SET step = $3::int, status = 'queued', lease_epoch = lease_epoch + 1,"
-                     "  lease_owner = NULL, lease_expires_at = NULL, result = NULL, error = NULL, stop_reason = NULL,"
-                     "  finished_at = NULL, cancel_requested = false, attempt = 0, claims = 0, resume_at = NULL,"
-                     "  suspend_reason = NULL, published_at = NULL, updated_at = now() WHERE id = $1::uuid"
-                     "  RETURNING id, queue),"
-                     " e AS (INSERT INTO task_events (task_id, from_status, to_status, reason, actor, detail)"
-                     " SELECT $1::uuid, NULL, 'queued', 'replay', $4, jsonb_build_object('from_step', $2::int) FROM u)"
-                     " SELECT id::text, queue FROM u",
-                     4, p);
-    }
-    if (r == NULL || commit(c, db) != 0) {
+    r = o.fork ? replay_fork(c, &t, &o) : replay_in_place(c, &t, &o);
+    if (r == NULL || commit(c, t.db) != 0) {
         rc = LR_EXIT_FAIL;
         goto out;
     }
-    (void)cli_publish_continuations(c, db, r, 0, 1, &pub);
+    (void)cli_publish_continuations(c, t.db, r, 0, 1, &pub);
     if (c->json) {
         cJSON *j = cJSON_CreateObject();
         cJSON_AddStringToObject(j, "id", PQgetvalue(r, 0, 0));
@@ -663,10 +712,7 @@ int cmd_replay(cli_t *c, int argc, char **argv) {
     }
     rc = LR_EXIT_OK;
 out:
-    if (rc != LR_EXIT_OK) {
-        rollback(db);
-    }
+    end_task_txn(&t, rc);
     PQclear(r);
-    PQfinish(db);
     return rc;
 }

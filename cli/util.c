@@ -79,6 +79,26 @@ int cli_next_option(cli_t *c, int argc, char **argv, const char *shortopts, cons
     return h < 0 ? CLI_OPT_INVALID : opt;
 }
 
+int cli_no_options(cli_t *c, int argc, char **argv, const char *usage, cli_on_unknown_t on_unknown) {
+    static const struct option opts[] = {CLI_COMMON_OPTIONS, {NULL, 0, NULL, 0}};
+    int opt = cli_next_option(c, argc, argv, "h", opts);
+    if (opt == -1) {
+        return 0;
+    }
+    if (opt == CLI_OPT_INVALID) {
+        return LR_EXIT_USAGE;
+    }
+    if (opt == 'h') {
+        fputs(usage, stdout);
+        return -1;
+    }
+    if (on_unknown == CLI_UNKNOWN_USAGE) {
+        fputs(usage, stderr);
+        return LR_EXIT_USAGE;
+    }
+    return cli_fail(c, LR_EXIT_USAGE, "unknown option (see --help)");
+}
+
 static const cli_budget_flag_t budget_flags[] = {
     {OPT_MAX_STEPS, "--max-steps", "max_steps"},
     {OPT_MAX_TOOL_CALLS, "--max-tool-calls", "max_tool_calls"},
@@ -142,6 +162,20 @@ PGresult *cli_exec(cli_t *c, PGconn *db, const char *sql, int n, const char *con
         return NULL;
     }
     return res;
+}
+
+int cli_exec_simple(cli_t *c, PGconn *db, const char *sql) {
+    PGresult *res = cli_exec(c, db, sql, 0, NULL);
+    if (res == NULL) {
+        return -1;
+    }
+    PQclear(res);
+    return 0;
+}
+
+bool cli_status_final(const char *status) {
+    return strcmp(status, "succeeded") == 0 || strcmp(status, "failed") == 0 || strcmp(status, "dead") == 0 ||
+           strcmp(status, "cancelled") == 0;
 }
 
 int cli_parse_long(cli_t *c, const char *name, const char *s, long min, long max, long *out) {

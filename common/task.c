@@ -182,31 +182,229 @@ static int json_depth(const cJSON *j) {
 /* Depth check without recursion blow-up: cJSON itself refuses nesting beyond
  * CJSON_NESTING_LIMIT (1000), so the recursion above is bounded. */
 
-static const char *const known_keys[] = {"id",       "agent",    "input",        "budgets",
-                                         "deadline", "tenant",   "metadata",     "callback_url",
-                                         "max_attempts", NULL};
+/* One parse in progress: the message it fills and where its error goes. */
+typedef struct parse {
+    lr_task_msg_t *out;
+    char *errbuf;
+    size_t errlen;
+} parse_t;
 
-int lr_task_parse(const char *body, size_t len, lr_task_msg_t *out, char *errbuf, size_t errlen) {
-    int rc = 0;
-    cJSON *root = NULL;
-    const cJSON *f;
-    const char *end = NULL;
-    int nkeys = 0;
-
-    memset(out, 0, sizeof(*out));
-    lr_budgets_init(&out->budgets);
-    out->max_attempts = -1;
+/* The checks of a body's bytes before it is parsed: its size, that it is not
+ * empty, and no \u0000.  Returns 0 or the error (errbuf set). */
+static int check_bytes(const parse_t *p, const char *body, size_t len) {
     if (len > LR_TASK_MAX_BODY) {
-        return lr_seterr(errbuf, errlen, LR_ETOOBIG,
+        return lr_seterr(p->errbuf, p->errlen, LR_ETOOBIG,
                          "message body is %zu bytes, over the limit of %d bytes", len,
                          LR_TASK_MAX_BODY);
     }
     if (len == 0) {
-        return lr_seterr(errbuf, errlen, LR_EPARSE, "message body is empty, expected a JSON object");
+        return lr_seterr(p->errbuf, p->errlen, LR_EPARSE, "message body is empty, expected a JSON object");
     }
     if (memmem(body, len, "\\u0000", 6) != NULL) {
-        return lr_seterr(errbuf, errlen, LR_EINVAL,
+        return lr_seterr(p->errbuf, p->errlen, LR_EINVAL,
                          "message body contains \\u0000, which PostgreSQL cannot store in JSON");
+    }
+    return 0;
+}
+
+/* The offset of the first byte after the JSON value that ends at end and the
+ * white space after it: len when nothing else follows. */
+static size_t value_end(const char *body, size_t len, const char *end) {
+    while ((size_t)(end - body) < len && isspace((unsigned char)*end)) {
+        end++;
+    }
+    return (size_t)(end - body);
+}
+
+/* The top-level fields of a full task after "id", in the order they are
+ * checked (the first error wins).  check gets the field, or NULL when it is
+ * absent (only for a required one), and returns 0 or the error. */
+typedef int (*field_check_fn)(const parse_t *p, const cJSON *f);
+typedef struct task_field {
+    const char *name;
+    bool required;
+    field_check_fn check;
+} task_field_t;
+
+/* "id" (optional): a UUID, kept lowercased in out->id. */
+static int check_id(const parse_t *p, const cJSON *root) {
+    const cJSON *f = cJSON_GetObjectItemCaseSensitive(root, "id");
+    if (f == NULL) {
+        return 0;
+    }
+    if (!cJSON_IsString(f) || !lr_uuid_valid(f->valuestring)) {
+        return lr_seterr(p->errbuf, p->errlen, LR_EINVAL,
+                         "id: must be a UUID string like 7f1c1a52-8f3e-4c2b-9b7a-1e2d3c4b5a69");
+    }
+    p->out->has_id = true;
+    for (int i = 0; i <= LR_UUID_LEN; i++) {
+        p->out->id[i] = (char)tolower((unsigned char)f->valuestring[i]);
+    }
+    return 0;
+}
+
+static int check_agent(const parse_t *p, const cJSON *f) {
+    if (f == NULL) {
+        return lr_seterr(p->errbuf, p->errlen, LR_EINVAL, "agent: required field is missing");
+    }
+    if (!cJSON_IsString(f) || !lr_name_valid(f->valuestring)) {
+        return lr_seterr(p->errbuf, p->errlen, LR_EINVAL,
+                         "agent: must be a string matching ^[a-z0-9][a-z0-9_.-]{0,63}$");
+    }
+    p->out->agent = f->valuestring;
+    return 0;
+}
+
+/* "input": an object, an array or a string; null counts as missing. */
+static int check_input(const parse_t *p, const cJSON *f) {
+    if (f == NULL || cJSON_IsNull(f)) {
+        return lr_seterr(p->errbuf, p->errlen, LR_EINVAL, "input: required field is missing");
+    }
+    if (!cJSON_IsObject(f) && !cJSON_IsString(f) && !cJSON_IsArray(f)) {
+        return lr_seterr(p->errbuf, p->errlen, LR_EINVAL, "input: must be an object, an array or a string");
+    }
+    p->out->input = f;
+    return 0;
+}
+
+/* "budgets": an object of numbers, each checked by lr_budget_set(). */
+static int check_budgets(const parse_t *p, const cJSON *f) {
+    if (!cJSON_IsObject(f)) {
+        return lr_seterr(p->errbuf, p->errlen, LR_EINVAL, "budgets: must be an object");
+    }
+    for (const cJSON *b = f->child; b != NULL; b = b->next) {
+        int rc;
+        if (!cJSON_IsNumber(b)) {
+            return lr_seterr(p->errbuf, p->errlen, LR_EINVAL, "budgets.%.64s: must be a number", b->string);
+        }
+        rc = lr_budget_set(&p->out->budgets, b->string, b->valuedouble, p->errbuf, p->errlen);
+        if (rc != 0) {
+            return rc;
+        }
+    }
+    return 0;
+}
+
+static int check_max_attempts(const parse_t *p, const cJSON *f) {
+    if (!cJSON_IsNumber(f) || f->valuedouble != floor(f->valuedouble) || f->valuedouble < 1 ||
+        f->valuedouble > 100) {
+        return lr_seterr(p->errbuf, p->errlen, LR_EINVAL, "max_attempts: must be an integer in [1, 100]");
+    }
+    p->out->max_attempts = (int)f->valuedouble;
+    return 0;
+}
+
+static int check_deadline(const parse_t *p, const cJSON *f) {
+    if (!cJSON_IsString(f) || !lr_rfc3339_valid(f->valuestring)) {
+        return lr_seterr(p->errbuf, p->errlen, LR_EINVAL,
+                         "deadline: must be an RFC 3339 timestamp like 2026-11-22T10:00:00Z");
+    }
+    p->out->deadline = f->valuestring;
+    return 0;
+}
+
+static int check_tenant(const parse_t *p, const cJSON *f) {
+    size_t n;
+    bool ok = cJSON_IsString(f);
+    n = ok ? strlen(f->valuestring) : 0;
+    ok = ok && n >= 1 && n <= LR_TASK_MAX_TENANT;
+    for (size_t i = 0; ok && i < n; i++) {
+        unsigned char c = (unsigned char)f->valuestring[i];
+        ok = isalnum(c) || c == '_' || c == '.' || c == '-' || c == ':';
+    }
+    if (!ok) {
+        return lr_seterr(p->errbuf, p->errlen, LR_EINVAL, "tenant: must be 1-64 characters of [A-Za-z0-9_.:-]");
+    }
+    p->out->tenant = f->valuestring;
+    return 0;
+}
+
+/* "metadata": an object of at most LR_TASK_MAX_METADATA bytes serialized. */
+static int check_metadata(const parse_t *p, const cJSON *f) {
+    char *s;
+    size_t n;
+    if (!cJSON_IsObject(f)) {
+        return lr_seterr(p->errbuf, p->errlen, LR_EINVAL, "metadata: must be an object");
+    }
+    s = cJSON_PrintUnformatted(f);
+    if (s == NULL) {
+        return LR_ENOMEM;
+    }
+    n = strlen(s);
+    free(s);
+    if (n > LR_TASK_MAX_METADATA) {
+        return lr_seterr(p->errbuf, p->errlen, LR_ETOOBIG, "metadata: %zu bytes, over the limit of %d", n,
+                         LR_TASK_MAX_METADATA);
+    }
+    p->out->metadata = f;
+    return 0;
+}
+
+static int check_callback_url(const parse_t *p, const cJSON *f) {
+    if (!cJSON_IsString(f) || strlen(f->valuestring) > LR_TASK_MAX_URL ||
+        (strncmp(f->valuestring, "http://", 7) != 0 && strncmp(f->valuestring, "https://", 8) != 0)) {
+        return lr_seterr(p->errbuf, p->errlen, LR_EINVAL,
+                         "callback_url: must be an http:// or https:// URL of at most %d bytes", LR_TASK_MAX_URL);
+    }
+    p->out->callback_url = f->valuestring;
+    return 0;
+}
+
+static const task_field_t task_fields[] = {
+    {"agent", true, check_agent},
+    {"input", true, check_input},
+    {"budgets", false, check_budgets},
+    {"max_attempts", false, check_max_attempts},
+    {"deadline", false, check_deadline},
+    {"tenant", false, check_tenant},
+    {"metadata", false, check_metadata},
+    {"callback_url", false, check_callback_url},
+};
+static const size_t task_fields_count = sizeof(task_fields) / sizeof(task_fields[0]);
+
+static bool known_field(const char *name) {
+    if (strcmp(name, "id") == 0) {
+        return true;
+    }
+    for (size_t i = 0; i < task_fields_count; i++) {
+        if (strcmp(name, task_fields[i].name) == 0) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* The checks of the parsed tree as a whole: an object, not nested too deep,
+ * no unknown field.  Returns 0 or the error. */
+static int check_tree(const parse_t *p, const cJSON *root) {
+    if (!cJSON_IsObject(root)) {
+        return lr_seterr(p->errbuf, p->errlen, LR_EINVAL, "message body must be a JSON object");
+    }
+    if (json_depth(root) > LR_TASK_MAX_DEPTH) {
+        return lr_seterr(p->errbuf, p->errlen, LR_ETOOBIG, "message body nests deeper than %d levels",
+                         LR_TASK_MAX_DEPTH);
+    }
+    for (const cJSON *f = root->child; f != NULL; f = f->next) {
+        if (!known_field(f->string)) {
+            return lr_seterr(p->errbuf, p->errlen, LR_EINVAL, "unknown field \"%.64s\"", f->string);
+        }
+    }
+    return 0;
+}
+
+int lr_task_parse(const char *body, size_t len, lr_task_msg_t *out, char *errbuf, size_t errlen) {
+    const parse_t p = {out, errbuf, errlen};
+    int rc;
+    cJSON *root = NULL;
+    const char *end = NULL;
+    size_t used;
+
+    memset(out, 0, sizeof(*out));
+    lr_budgets_init(&out->budgets);
+    out->max_attempts = -1;
+    rc = check_bytes(&p, body, len);
+    if (rc != 0) {
+        return rc;
     }
     root = cJSON_ParseWithLengthOpts(body, len, &end, false);
     if (root == NULL) {
@@ -214,172 +412,33 @@ int lr_task_parse(const char *body, size_t len, lr_task_msg_t *out, char *errbuf
         return lr_seterr(errbuf, errlen, LR_EPARSE, "message body is not valid JSON (error near byte %zu)",
                          off);
     }
-    if (end != NULL) {
-        while ((size_t)(end - body) < len && isspace((unsigned char)*end)) {
-            end++;
-        }
-        if ((size_t)(end - body) < len) { /* a NUL byte is trailing data too */
-            rc = lr_seterr(errbuf, errlen, LR_EPARSE,
-                           "message body has trailing data after the JSON value (byte %zu)",
-                           (size_t)(end - body));
-            goto out;
-        }
-    }
-    if (!cJSON_IsObject(root)) {
-        rc = lr_seterr(errbuf, errlen, LR_EINVAL, "message body must be a JSON object");
+    used = end != NULL ? value_end(body, len, end) : len;
+    if (used < len) { /* a NUL byte is trailing data too */
+        rc = lr_seterr(errbuf, errlen, LR_EPARSE,
+                       "message body has trailing data after the JSON value (byte %zu)", used);
         goto out;
     }
-    if (json_depth(root) > LR_TASK_MAX_DEPTH) {
-        rc = lr_seterr(errbuf, errlen, LR_ETOOBIG, "message body nests deeper than %d levels",
-                       LR_TASK_MAX_DEPTH);
+    rc = check_tree(&p, root);
+    if (rc == 0) {
+        rc = check_id(&p, root);
+    }
+    if (rc != 0) {
         goto out;
     }
-    for (f = root->child; f != NULL; f = f->next) {
-        bool known = false;
-        nkeys++;
-        for (int i = 0; known_keys[i] != NULL; i++) {
-            if (strcmp(f->string, known_keys[i]) == 0) {
-                known = true;
-            }
-        }
-        if (!known) {
-            rc = lr_seterr(errbuf, errlen, LR_EINVAL, "unknown field \"%.64s\"", f->string);
-            goto out;
-        }
-    }
-
-    f = cJSON_GetObjectItemCaseSensitive(root, "id");
-    if (f != NULL) {
-        if (!cJSON_IsString(f) || !lr_uuid_valid(f->valuestring)) {
-            rc = lr_seterr(errbuf, errlen, LR_EINVAL,
-                           "id: must be a UUID string like 7f1c1a52-8f3e-4c2b-9b7a-1e2d3c4b5a69");
-            goto out;
-        }
-        out->has_id = true;
-        for (int i = 0; i <= LR_UUID_LEN; i++) {
-            out->id[i] = (char)tolower((unsigned char)f->valuestring[i]);
-        }
-    }
-    if (nkeys == 1 && out->has_id) {
+    if (cJSON_GetArraySize(root) == 1 && out->has_id) {
         out->continuation = true;
         out->root = root;
         return 0;
     }
-
-    f = cJSON_GetObjectItemCaseSensitive(root, "agent");
-    if (f == NULL) {
-        rc = lr_seterr(errbuf, errlen, LR_EINVAL, "agent: required field is missing");
-        goto out;
-    }
-    if (!cJSON_IsString(f) || !lr_name_valid(f->valuestring)) {
-        rc = lr_seterr(errbuf, errlen, LR_EINVAL,
-                       "agent: must be a string matching ^[a-z0-9][a-z0-9_.-]{0,63}$");
-        goto out;
-    }
-    out->agent = f->valuestring;
-
-    f = cJSON_GetObjectItemCaseSensitive(root, "input");
-    if (f == NULL || cJSON_IsNull(f)) {
-        rc = lr_seterr(errbuf, errlen, LR_EINVAL, "input: required field is missing");
-        goto out;
-    }
-    if (!cJSON_IsObject(f) && !cJSON_IsString(f) && !cJSON_IsArray(f)) {
-        rc = lr_seterr(errbuf, errlen, LR_EINVAL, "input: must be an object, an array or a string");
-        goto out;
-    }
-    out->input = f;
-
-    f = cJSON_GetObjectItemCaseSensitive(root, "budgets");
-    if (f != NULL) {
-        if (!cJSON_IsObject(f)) {
-            rc = lr_seterr(errbuf, errlen, LR_EINVAL, "budgets: must be an object");
+    for (size_t i = 0; i < task_fields_count; i++) {
+        const cJSON *f = cJSON_GetObjectItemCaseSensitive(root, task_fields[i].name);
+        if (f == NULL && !task_fields[i].required) {
+            continue;
+        }
+        rc = task_fields[i].check(&p, f);
+        if (rc != 0) {
             goto out;
         }
-        for (const cJSON *b = f->child; b != NULL; b = b->next) {
-            if (!cJSON_IsNumber(b)) {
-                rc = lr_seterr(errbuf, errlen, LR_EINVAL, "budgets.%.64s: must be a number",
-                               b->string);
-                goto out;
-            }
-            rc = lr_budget_set(&out->budgets, b->string, b->valuedouble, errbuf, errlen);
-            if (rc != 0) {
-                goto out;
-            }
-        }
-    }
-
-    f = cJSON_GetObjectItemCaseSensitive(root, "max_attempts");
-    if (f != NULL) {
-        if (!cJSON_IsNumber(f) || f->valuedouble != floor(f->valuedouble) || f->valuedouble < 1 ||
-            f->valuedouble > 100) {
-            rc = lr_seterr(errbuf, errlen, LR_EINVAL, "max_attempts: must be an integer in [1, 100]");
-            goto out;
-        }
-        out->max_attempts = (int)f->valuedouble;
-    }
-
-    f = cJSON_GetObjectItemCaseSensitive(root, "deadline");
-    if (f != NULL) {
-        if (!cJSON_IsString(f) || !lr_rfc3339_valid(f->valuestring)) {
-            rc = lr_seterr(errbuf, errlen, LR_EINVAL,
-                           "deadline: must be an RFC 3339 timestamp like 2026-11-22T10:00:00Z");
-            goto out;
-        }
-        out->deadline = f->valuestring;
-    }
-
-    f = cJSON_GetObjectItemCaseSensitive(root, "tenant");
-    if (f != NULL) {
-        size_t n;
-        bool ok = cJSON_IsString(f);
-        n = ok ? strlen(f->valuestring) : 0;
-        ok = ok && n >= 1 && n <= LR_TASK_MAX_TENANT;
-        for (size_t i = 0; ok && i < n; i++) {
-            unsigned char c = (unsigned char)f->valuestring[i];
-            ok = isalnum(c) || c == '_' || c == '.' || c == '-' || c == ':';
-        }
-        if (!ok) {
-            rc = lr_seterr(errbuf, errlen, LR_EINVAL,
-                           "tenant: must be 1-64 characters of [A-Za-z0-9_.:-]");
-            goto out;
-        }
-        out->tenant = f->valuestring;
-    }
-
-    f = cJSON_GetObjectItemCaseSensitive(root, "metadata");
-    if (f != NULL) {
-        char *s;
-        size_t n;
-        if (!cJSON_IsObject(f)) {
-            rc = lr_seterr(errbuf, errlen, LR_EINVAL, "metadata: must be an object");
-            goto out;
-        }
-        s = cJSON_PrintUnformatted(f);
-        if (s == NULL) {
-            rc = LR_ENOMEM;
-            goto out;
-        }
-        n = strlen(s);
-        free(s);
-        if (n > LR_TASK_MAX_METADATA) {
-            rc = lr_seterr(errbuf, errlen, LR_ETOOBIG, "metadata: %zu bytes, over the limit of %d",
-                           n, LR_TASK_MAX_METADATA);
-            goto out;
-        }
-        out->metadata = f;
-    }
-
-    f = cJSON_GetObjectItemCaseSensitive(root, "callback_url");
-    if (f != NULL) {
-        if (!cJSON_IsString(f) || strlen(f->valuestring) > LR_TASK_MAX_URL ||
-            (strncmp(f->valuestring, "http://", 7) != 0 &&
-             strncmp(f->valuestring, "https://", 8) != 0)) {
-            rc = lr_seterr(errbuf, errlen, LR_EINVAL,
-                           "callback_url: must be an http:// or https:// URL of at most %d bytes",
-                           LR_TASK_MAX_URL);
-            goto out;
-        }
-        out->callback_url = f->valuestring;
     }
     out->root = root;
     return 0;
