@@ -130,7 +130,7 @@ struct lr_gate {
     int limit;
     int in_flight;
     int waiting;
-    lr_gate_waiter_t *head, *tail;
+    lr_list_t waiters;  /* lr_gate_waiter_t.link, oldest first */
 };
 
 static lr_gate_t gates[LR_BREAKERS_MAX];
@@ -153,6 +153,7 @@ lr_gate_t *lr_gate_get(const char *key, const char *label, int limit) {
     snprintf(g->key, sizeof(g->key), "%s", key);
     snprintf(g->label, sizeof(g->label), "%s", label);
     g->limit = limit;
+    lr_list_init(&g->waiters);
     return g;
 }
 
@@ -165,20 +166,13 @@ bool lr_gate_acquire(lr_gate_t *g, lr_gate_waiter_t *wt, uint64_t now_ms) {
     if (g == NULL) {
         return true;
     }
-    if (g->in_flight < g->limit && g->head == NULL) {
+    if (g->in_flight < g->limit && lr_list_empty(&g->waiters)) {
         g->in_flight++;
         return true;
     }
     wt->gate = g;
-    wt->next = NULL;
-    wt->prev = g->tail;
     wt->since_ms = now_ms;
-    if (g->tail != NULL) {
-        g->tail->next = wt;
-    } else {
-        g->head = wt;
-    }
-    g->tail = wt;
+    lr_list_push_back(&g->waiters, &wt->link);
     g->waiting++;
     gate_gauge(g);
     return false;
@@ -186,17 +180,7 @@ bool lr_gate_acquire(lr_gate_t *g, lr_gate_waiter_t *wt, uint64_t now_ms) {
 
 static void unlink_waiter(lr_gate_waiter_t *wt) {
     lr_gate_t *g = wt->gate;
-    if (wt->prev != NULL) {
-        wt->prev->next = wt->next;
-    } else {
-        g->head = wt->next;
-    }
-    if (wt->next != NULL) {
-        wt->next->prev = wt->prev;
-    } else {
-        g->tail = wt->prev;
-    }
-    wt->next = wt->prev = NULL;
+    lr_list_remove(&wt->link);
     wt->gate = NULL;
     g->waiting--;
     gate_gauge(g);
@@ -210,8 +194,8 @@ void lr_gate_release(lr_gate_t *g) {
     if (g->in_flight > 0) {
         g->in_flight--;
     }
-    while (g->head != NULL && g->in_flight < g->limit) {
-        wt = g->head;
+    while (!lr_list_empty(&g->waiters) && g->in_flight < g->limit) {
+        wt = lr_list_entry(lr_list_first(&g->waiters), lr_gate_waiter_t, link);
         unlink_waiter(wt);
         g->in_flight++;
         wt->ready(wt);

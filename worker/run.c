@@ -19,7 +19,6 @@
 #include <string.h>
 #include <sys/random.h>
 
-#include "agents.h"
 
 static const char *const status_names[LR_ST_COUNT] = {
     [LR_ST_RUNNING] = "running",     [LR_ST_QUEUED] = "queued",       [LR_ST_SUCCEEDED] = "succeeded",
