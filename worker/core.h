@@ -92,6 +92,7 @@ struct lr_run {
     bool abandon;                /* stop at the next boundary (drain deadline) */
     bool claim_may_suspect;      /* its claim in flight may take a suspect task */
     bool reclaim;                /* our claim may have committed: take our own live lease back */
+    bool handing_back;           /* given back undecided through a continuation (REQUEUED) */
     int db_retries;              /* claims sent again after a lost connection */
     char id[LR_UUID_LEN + 1];
     char queue[LR_TASK_MAX_AGENT + 1];
@@ -172,6 +173,7 @@ struct lr_worker {
      * files need not call upward: */
     void (*on_progress)(lr_run_t *r); /* the run checkpointed or ended: frees the suspect slot */
     void (*on_run_freed)(lr_worker_t *w); /* a run was freed: the drain may be complete */
+    void (*hand_back)(lr_run_t *r);       /* gives a claimed run back through a continuation */
     const lr_executor_t *(*find_executor)(const char *agent);
 };
 
@@ -195,7 +197,10 @@ void lr_run_io_end(lr_run_t *r, unsigned io);
  * broker (false), moves to DONE with outcome o, frees it when no I/O is
  * left. */
 void lr_run_finish(lr_run_t *r, enum lr_run_outcome o, bool ack);
-/* Gives the delivery back undecided (database trouble): REQUEUED. */
+/* Gives the task back undecided (database trouble, lost lease): REQUEUED.
+ * A run that holds a claim publishes a continuation and acks (w->hand_back),
+ * so infrastructure trouble never counts against the queue's delivery limit
+ * (the poison budget); one that never claimed gives the delivery back. */
 void lr_run_requeue(lr_run_t *r);
 /* Ends a run whose delivery was handed over elsewhere (dead letter). */
 void lr_run_drop(lr_run_t *r, enum lr_run_outcome o);
@@ -215,6 +220,8 @@ void lr_deadletter_message(lr_pg_pool_t *pg, lr_amqp_t *amqp, lr_amqp_delivery_t
 
 /* Publishes what r->follow calls for, then acks (and ends the run). */
 void lr_followup_publish(lr_run_t *r);
+/* lr_worker_t.hand_back: a continuation for the task, then the ack. */
+void lr_followup_hand_back(lr_run_t *r);
 
 /* ---- step.c ---------------------------------------------------------- */
 

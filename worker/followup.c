@@ -33,6 +33,9 @@ static void publish(lr_run_t *r);
 
 /* How the run ended, from the status it committed. */
 static enum lr_run_outcome outcome_of(const lr_run_t *r) {
+    if (r->handing_back) {
+        return LR_RUN_OUT_REQUEUED;
+    }
     switch (r->status) {
     case LR_ST_SUCCEEDED:
         return LR_RUN_OUT_SUCCEEDED;
@@ -64,7 +67,9 @@ static void publish_retry(lr_run_t *r, int err) {
     lr_warn("task.publish_retry", "publish for task %s failed (%s); retrying in %ld ms", r->id, lr_strerror(err),
             delay);
     if (r->w->stopping) {
-        lr_run_finish(r, outcome_of(r), true);
+        /* a hand-back gives the delivery itself back; a decided run acks
+         * (the outbox sweep republishes queued tasks) */
+        lr_run_finish(r, outcome_of(r), !r->handing_back);
         return;
     }
     if (!r->timer_init) {
@@ -161,7 +166,7 @@ static void marked(int err, void *arg) {
     lr_run_t *r = arg;
     (void)err; /* a lost mark only makes the outbox sweep look at the task */
     lr_run_io_end(r, LR_IO_DB);
-    lr_run_finish(r, LR_RUN_OUT_HANDED_BACK, true);
+    lr_run_finish(r, outcome_of(r), true);
 }
 
 /* The follow-up is confirmed (or there was none to publish). */
@@ -179,7 +184,7 @@ static void followup_done(lr_run_t *r) {
         lr_run_io_begin(r, LR_IO_DB);
         if (lr_store_mark_published(r->w->pg, r->id, marked, r) != 0) {
             lr_run_io_end(r, LR_IO_DB);
-            lr_run_finish(r, LR_RUN_OUT_HANDED_BACK, true);
+            lr_run_finish(r, outcome_of(r), true);
         }
         return;
     }
@@ -195,6 +200,14 @@ static void published(int err, void *arg) {
         return;
     }
     followup_done(r);
+}
+
+void lr_followup_hand_back(lr_run_t *r) {
+    LR_LOG(LR_LOG_INFO, &r->log, "task.handed_back", "giving the task back through a continuation (its lease "
+           "expires or is released; not counted as a delivery)");
+    r->handing_back = true;
+    r->follow = LR_FOLLOW_CONTINUATION;
+    lr_followup_publish(r);
 }
 
 void lr_followup_publish(lr_run_t *r) {

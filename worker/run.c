@@ -206,7 +206,14 @@ void lr_run_finish(lr_run_t *r, enum lr_run_outcome o, bool ack) {
     lr_run_maybe_free(r);
 }
 
-void lr_run_requeue(lr_run_t *r) { lr_run_finish(r, LR_RUN_OUT_REQUEUED, false); }
+void lr_run_requeue(lr_run_t *r) {
+    lr_worker_t *w = r->w;
+    if (r->epoch > 0 && r->d != NULL && !w->stopping && w->hand_back != NULL && !r->handing_back) {
+        w->hand_back(r);
+        return;
+    }
+    lr_run_finish(r, LR_RUN_OUT_REQUEUED, false);
+}
 
 void lr_run_drop(lr_run_t *r, enum lr_run_outcome o) { lr_run_finish(r, o, true); }
 

@@ -46,7 +46,7 @@ enum lr_run_state {
     X(SUSPENDED, "suspended", "the task waits (sleep, approval, event, rate window, tenant cap)")  \
     X(RETRY_WAIT, "retry_wait", "a transient failure: the task retries later (attempt + 1)")       \
     X(HANDED_BACK, "handed_back", "the task is queued again (slice end, drain) for any worker")    \
-    X(REQUEUED, "requeued", "the delivery went back to the broker undecided (database trouble, lost lease, drain before the claim)") \
+    X(REQUEUED, "requeued", "given back undecided (database trouble, lost lease): a continuation, or the delivery itself before a claim") \
     X(FENCED, "fenced", "a newer owner holds the task: abandoned locally")                          \
     X(DROPPED, "dropped", "nothing to do: a duplicate delivery, or the task is not runnable")      \
     X(REJECTED, "rejected", "a malformed message: recorded as a dead letter with its reason")

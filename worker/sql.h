@@ -137,6 +137,10 @@
     "   'worker' FROM t WHERE $3 = 'dead' ON CONFLICT (dedupe_key) DO NOTHING)"                \
     " SELECT id, step, attempt FROM t"
 
+/* After a transition's resend changed nothing: the task's status and epoch
+ * now (did the first attempt commit?). */
+#define SQL_TASK_STATUS "SELECT status, lease_epoch FROM tasks WHERE id = $1"
+
 /* A message that is not a valid task: record it (raw bytes kept) once.
  * $1 raw body, $2 message_id, $3 queue, $4 reason, $5 error, $6 headers json,
  * $7 delivery count, $8 body is JSON (bool), $9 task id if known.  Returns the

@@ -302,20 +302,22 @@ static void transition_cb(const lr_store_write_res_t *res, void *arg) {
         lr_step_fenced(r, "transition");
         return;
     }
+    if (res->recovered) {
+        LR_LOG(LR_LOG_INFO, &r->log, "task.transition_recovered", "the transition to %s had committed before "
+               "the connection broke; sending its follow-ups", lr_status_name(r->status));
+    }
     if (r->status == LR_ST_DEAD) {
         r->w->tasks_finished++;
         r->follow = LR_FOLLOW_DEAD;
         LR_LOG(LR_LOG_WARN, &r->log, "task.dead", "task dead-lettered: %s: %s", r->reason, r->error);
-    } else if (r->status == LR_ST_QUEUED && r->abandon) {
-        /* Released at the drain deadline: the delivery goes back as is. */
-        lr_run_finish(r, LR_RUN_OUT_HANDED_BACK, false);
-        return;
-    } else if (r->status == LR_ST_QUEUED && strcmp(r->reason, "drain") == 0) {
+    } else if (r->status == LR_ST_QUEUED && (r->abandon || strcmp(r->reason, "drain") == 0)) {
         /* (state_version_too_new is only acked: the outbox republishes it
          * after its grace, which paces old workers instead of a hot loop.)
-         * Claimed after the drain began, handed back untouched: publish it
-         * again for another worker (acking alone would strand it until the
-         * scheduler's outbox sweep). */
+         * Claimed after the drain began and handed back untouched, or
+         * released at the drain deadline: publish it again for another
+         * worker, then ack (acking alone would strand it until the outbox
+         * sweep; giving the delivery back would count against the queue's
+         * delivery limit, so 20 drains would dead-letter a healthy task). */
         r->follow = LR_FOLLOW_CONTINUATION;
     } else {
         r->follow = LR_FOLLOW_ACK;

@@ -39,8 +39,11 @@ struct req {
     void *arg;
     const char *params[MAX_PARAMS];
     char num[MAX_PARAMS][NUM_LEN]; /* text of numeric parameters */
-    /* checkpoint: the step-row check after a lost connection */
+    /* the check of whether a lost write committed (checkpoint: the step
+     * row; transition: the task's status and epoch) */
     bool verifying;
+    const char *vsql;
+    int vnparams;
     const char *vparams[3];
     char *owned;                  /* a parameter this request allocated */
 };
@@ -80,7 +83,7 @@ static void req_bool(req_t *q, int i, bool v) { q->params[i] = v ? "true" : "fal
 
 static int req_send(req_t *q) {
     if (q->verifying) {
-        return lr_pg_query(q->pg, SQL_STEP_EXISTS, 3, q->vparams, 0, req_pg_cb, q);
+        return lr_pg_query(q->pg, q->vsql, q->vnparams, q->vparams, 0, req_pg_cb, q);
     }
     if (q->batched) {
         return lr_pg_query_batched(q->pg, q->sql, q->nparams, q->params, q->timeout_ms, req_pg_cb, q);
@@ -397,6 +400,8 @@ int lr_store_checkpoint(lr_pg_pool_t *pg, const lr_store_checkpoint_args_t *a, l
     req_num(q, 22, a->active_ms);
     req_num(q, 23, a->lease_seconds);
     req_num(q, 24, a->state_version);
+    q->vsql = SQL_STEP_EXISTS;
+    q->vnparams = 3;
     q->vparams[0] = q->params[0];
     q->vparams[1] = q->params[2];
     q->vparams[2] = q->params[1];
@@ -405,22 +410,37 @@ int lr_store_checkpoint(lr_pg_pool_t *pg, const lr_store_checkpoint_args_t *a, l
 
 static void transition_decode(req_t *q, int err, const PGresult *res) {
     lr_store_write_res_t r;
+    memset(&r, 0, sizeof(r));
     if (err == LR_ECONN) {
         /* Ambiguous; fenced on the epoch and status = running, so running
          * it again is safe (it waits for the reconnection). */
         lr_warn("task.transition_retry", "task %s: connection lost during the transition to %s; running it again",
                 q->params[0], q->params[2]);
+        q->verifying = false;
         if (req_resend(q, STORE_RETRIES)) {
             return;
         }
     }
-    memset(&r, 0, sizeof(r));
     r.err = err;
     if (err != 0) {
         r.errmsg = errmsg_of(err, res);
+    } else if (q->verifying) {
+        /* After a resend found nothing to change: did the first attempt
+         * commit?  Our status under our epoch says it did (nobody else
+         * writes a task while its epoch is ours). */
+        const char *st = PQntuples(res) == 1 ? lr_pg_get(res, 0, 0) : NULL;
+        const char *ep = PQntuples(res) == 1 ? lr_pg_get(res, 0, 1) : NULL;
+        bool ours = st != NULL && ep != NULL && strcmp(st, q->params[2]) == 0 && strcmp(ep, q->params[1]) == 0;
+        r.ambiguous = !ours;
+        r.recovered = ours;
+    } else if (PQntuples(res) == 0 && q->tries > 0) {
+        q->verifying = true;
+        if (req_send(q) == 0) {
+            return;
+        }
+        r.ambiguous = true;
     } else if (PQntuples(res) == 0) {
-        r.fenced = q->tries == 0;
-        r.ambiguous = q->tries > 0;
+        r.fenced = true;
     }
     write_done(q, &r);
 }
@@ -443,6 +463,9 @@ int lr_store_transition(lr_pg_pool_t *pg, const lr_store_transition_args_t *a, l
     }
     req_num(q, 8, a->attempt_inc);
     q->params[9] = a->suspend_reason;
+    q->vsql = SQL_TASK_STATUS;
+    q->vnparams = 1;
+    q->vparams[0] = a->id;
     return req_start(q);
 }
 

@@ -17,7 +17,9 @@
  *                     epoch is there: yes = committed, no = sent again
  *                     (still fenced on epoch and step)
  *   transition        sent again (fenced on epoch and status = running);
- *                     zero rows after a resend = res.ambiguous
+ *                     zero rows after a resend: the row is read, and our
+ *                     status under our epoch = committed (res.recovered),
+ *                     anything else = res.ambiguous
  *   history, tenant   read again
  *   dead message      sent again (an idempotent upsert)
  *   mark published,   not retried (the outbox sweep and the next beat
@@ -163,8 +165,12 @@ typedef struct lr_store_write_res {
     const char *errmsg;
     bool fenced;         /* err == 0, nothing written: a newer owner holds
                             the task (or it left running) */
-    bool ambiguous;      /* transition: zero rows after a resend: it
-                            committed earlier, or fenced; not told apart */
+    bool ambiguous;      /* transition: zero rows after a resend, and the
+                            task's row does not show our status under our
+                            epoch: fenced, or changed since; not told apart */
+    bool recovered;      /* transition: zero rows after a resend, and the
+                            row shows our status under our epoch: the first
+                            attempt committed (treat as committed) */
     const char *status;  /* checkpoint committed: the task's status as
                             written (an operator's cancel shows here); NULL
                             when the commit was found by the step-row check */

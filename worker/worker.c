@@ -323,6 +323,7 @@ int lr_worker_run(const lr_config_t *cfg, const char *const *queues) {
     lr_list_init(&w->deferred);
     w->on_progress = lr_claim_progress;
     w->on_run_freed = lr_drain_maybe_exit;
+    w->hand_back = lr_followup_hand_back;
     w->find_executor = find_executor;
     lr_wm_init();
     lr_breakers_configure(cfg->breaker_failures, (long)cfg->breaker_open_seconds * 1000);

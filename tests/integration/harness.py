@@ -472,7 +472,10 @@ class Proxy:
     cut() resets every connection and refuses new ones until restore();
     delay(s) holds every forwarded chunk s seconds; partition() stops
     forwarding without closing anything (a silent partition: peers see no
-    reset, only silence) until restore()."""
+    reset, only silence) until restore(); trip(pattern, n) lets the next n
+    client chunks that contain pattern reach the server, drops the server's
+    answer and then resets that connection (a write that committed while its
+    client never learns it did)."""
 
     def __init__(self, host, port):
         self.target = (host, port)
@@ -486,6 +489,7 @@ class Proxy:
         self.up = True
         self.conns = []
         self.lock = threading.Lock()
+        self.trip_pattern, self.trips_left, self.tripped = None, 0, 0
         threading.Thread(target=self.accept, daemon=True).start()
 
     def accept(self):
@@ -504,10 +508,11 @@ class Proxy:
                 continue
             with self.lock:
                 self.conns += [c, u]
-            for a, b in ((c, u), (u, c)):
-                threading.Thread(target=self.pipe, args=(a, b), daemon=True).start()
+            muted = threading.Event()  # the server's answers on this connection are dropped
+            for a, b, up in ((c, u, True), (u, c, False)):
+                threading.Thread(target=self.pipe, args=(a, b, up, muted), daemon=True).start()
 
-    def pipe(self, a, b):
+    def pipe(self, a, b, upstream=True, muted=None):
         try:
             while True:
                 d = a.recv(65536)
@@ -517,7 +522,21 @@ class Proxy:
                     time.sleep(0.05)
                 if self.lag:
                     time.sleep(self.lag)
+                trip = False
+                if upstream and self.trip_pattern is not None and self.trip_pattern in d:
+                    with self.lock:
+                        if self.trips_left > 0:
+                            self.trips_left -= 1
+                            self.tripped += 1
+                            trip = True
+                    if trip:
+                        muted.set()
+                if not upstream and muted is not None and muted.is_set():
+                    continue
                 b.sendall(d)
+                if trip:
+                    time.sleep(0.3)  # the server runs and commits it; its answer is dropped
+                    break
         except OSError:
             pass
         for s in (a, b):
@@ -539,6 +558,11 @@ class Proxy:
 
     def delay(self, seconds):
         self.lag = seconds
+
+    def trip(self, pattern, n):
+        with self.lock:
+            self.trip_pattern = pattern if isinstance(pattern, bytes) else pattern.encode()
+            self.trips_left = n
 
     def partition(self):
         self.silent = True

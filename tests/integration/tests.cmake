@@ -23,6 +23,10 @@ lr_py_test(integration.malformed integration/test_malformed.py TIMEOUT 120 LABEL
 lr_py_test(integration.reply_to integration/test_reply_to.py TIMEOUT 120 LABELS "integration;asan")
 lr_py_test(integration.fencing integration/test_fencing.py TIMEOUT 180 LABELS "integration")
 lr_py_test(integration.sigterm integration/test_sigterm.py TIMEOUT 240 LABELS "integration")
+# Issue 16 (1): 30 drains of one task: hand-backs do not spend the delivery limit.
+lr_py_test(integration.drains integration/test_drains.py TIMEOUT 300 LABELS "integration")
+# Issue 16 (3): PostgreSQL backends killed during a run: exactly one reply per task.
+lr_py_test(integration.pg_kills integration/test_pg_kills.py TIMEOUT 300 LABELS "integration;asan")
 lr_py_test(integration.chaos_kill integration/test_chaos_kill.py TIMEOUT 300 LABELS "integration")
 lr_py_test(integration.crash_loop integration/test_crash_loop.py TIMEOUT 180 LABELS "integration")
 lr_py_test(integration.scheduler integration/test_scheduler.py TIMEOUT 400 LABELS "integration")
