@@ -490,6 +490,16 @@ static bool tool_begin(agent_state_t *st, tool_call_t *tc, const cJSON *parsed) 
 
 void lr_agent_tools_start(agent_state_t *st) {
     int started = 0;
+    if (!lr_run_lease_ok(st->run)) {
+        /* paused past the lease: the task may be another worker's now, so
+         * none of these calls may run (their side effects would be a
+         * zombie's) */
+        LR_LOG(LR_LOG_WARN, &st->log, "lease.expired_locally", "the lease ran out by this worker's clock: "
+               "%d tool call(s) not started", st->ncalls);
+        snprintf(st->out->error, sizeof(st->out->error), "the lease ran out before the tool calls");
+        st->ops->finish(st, LR_STEP_ABANDONED);
+        return;
+    }
     st->calls_running = 0;
     for (int i = 0; i < st->ncalls; i++) {
         tool_call_t *tc = &st->calls[i];

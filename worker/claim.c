@@ -64,6 +64,7 @@ static void run_claimed(lr_run_t *r, const lr_store_task_t *t) {
     lr_worker_t *w = r->w;
 
     r->epoch = t->epoch;
+    r->lease_until_ms = r->claim_sent_ms + (uint64_t)w->cfg.lease_seconds * 1000u;
     r->step = t->step;
     r->attempt = t->attempt;
     r->max_attempts = t->max_attempts;
@@ -204,6 +205,7 @@ static void run_claim(lr_run_t *r) {
         r->claim_may_suspect = true;
     }
     lr_run_set_state(r, LR_RUN_CLAIMING);
+    r->claim_sent_ms = lr_worker_now(w);
     lr_run_io_begin(r, LR_IO_DB);
     if (lr_store_claim(w->pg, &a, claim_cb, r) != 0) {
         lr_run_io_end(r, LR_IO_DB);
@@ -284,6 +286,7 @@ static void run_insert(lr_run_t *r) {
     a.worker = w->id;
     a.lease_seconds = w->cfg.lease_seconds;
     lr_run_set_state(r, LR_RUN_INSERTING);
+    r->claim_sent_ms = lr_worker_now(w);
     lr_run_io_begin(r, LR_IO_DB);
     /* (the statement's text parameters are sent when it is queued, so these
      * buffers need not outlive the call) */

@@ -111,6 +111,8 @@ struct lr_run {
     uint64_t step_start_ms;
     uint64_t ckpt_sent_ms;
     uint64_t lease_from_ms;      /* the last committed checkpoint that extended the lease was sent then */
+    uint64_t claim_sent_ms;      /* the claim (or insert) statement was sent then */
+    uint64_t lease_until_ms;     /* the lease surely holds until then (loop clock; 0 = none) */
     cJSON *input;                /* owned */
     char *budgets_json;          /* owned: the task's budgets object as stored */
     long tool_calls_total;       /* usage before this delivery (from the claim) */

@@ -614,6 +614,14 @@ static void model_call(agent_state_t *st) {
     char *body;
 
     agent_set_state(st, LR_AGENT_PREPARING);
+    if (!lr_run_lease_ok(st->run)) {
+        /* paused past the lease: the task may be another worker's now */
+        LR_LOG(LR_LOG_WARN, &st->log, "lease.expired_locally", "the lease ran out by this worker's clock: "
+               "the model is not called");
+        snprintf(st->out->error, sizeof(st->out->error), "the lease ran out before the model call");
+        agent_finish(st, LR_STEP_ABANDONED);
+        return;
+    }
     m = model_pick(st);
     if (m == NULL) {
         model_next(st);

@@ -91,6 +91,11 @@ static int http_start(lr_run_t *r, lr_step_t *out, lr_step_done_cb done) {
         snprintf(out->error, sizeof(out->error), "input.path: must be an absolute path like /step");
         goto fail_now;
     }
+    if (!lr_run_lease_ok(r)) {
+        out->outcome = LR_STEP_ABANDONED; /* paused past the lease: maybe another worker's task now */
+        snprintf(out->error, sizeof(out->error), "the lease ran out before the step");
+        goto fail_now;
+    }
     if (base == NULL || base[0] == '\0') {
         out->outcome = LR_STEP_FAIL_PERMANENT;
         snprintf(out->error, sizeof(out->error), "LONGRUN_HTTP_STEPS_URL is not configured on this worker");

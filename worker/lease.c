@@ -21,16 +21,46 @@
 #include "store.h"
 
 
-/* One batch renewal: when it was sent. */
+/* One batch renewal: when it was sent and the leases it asked for. */
+typedef struct renew_item {
+    char id[LR_UUID_LEN + 1];
+    int64_t epoch;
+} renew_item_t;
+
 typedef struct renew {
     lr_worker_t *w;
     uint64_t sent_ms;
+    int n;
+    renew_item_t items[]; /* sorted (lease_cmp) */
 } renew_t;
 
 static int lease_cmp(const void *a, const void *b) {
     const lr_store_lease_t *x = a, *y = b;
     int c = strcmp(x->id, y->id);
     return c != 0 ? c : (x->epoch > y->epoch) - (x->epoch < y->epoch);
+}
+
+/* Compares a lease key with a renew item (for bsearch). */
+static int item_cmp(const void *a, const void *b) {
+    const lr_store_lease_t *x = a;
+    const renew_item_t *y = b;
+    int c = strcmp(x->id, y->id);
+    return c != 0 ? c : (x->epoch > y->epoch) - (x->epoch < y->epoch);
+}
+
+static int items_cmp(const void *a, const void *b) {
+    const renew_item_t *y = b;
+    lr_store_lease_t x = {((const renew_item_t *)a)->id, ((const renew_item_t *)a)->epoch};
+    return item_cmp(&x, y);
+}
+
+static bool lost_has(const lr_store_renew_res_t *res, const lr_store_lease_t *key) {
+    for (int i = 0; i < res->nfenced; i++) {
+        if (res->fenced[i].epoch == key->epoch && strcmp(res->fenced[i].id, key->id) == 0) {
+            return true;
+        }
+    }
+    return false;
 }
 
 static void renew_cb(const lr_store_renew_res_t *res, void *arg) {
@@ -45,6 +75,17 @@ static void renew_cb(const lr_store_renew_res_t *res, void *arg) {
     }
     w->renew_failing = false;
     w->renew_ok_sent_ms = rn->sent_ms;
+    /* The leases asked for and not lost hold a lease from when it was sent. */
+    lr_list_foreach(it, &w->runs) {
+        lr_run_t *r = lr_list_entry(it, lr_run_t, link);
+        lr_store_lease_t key = {r->id, r->epoch};
+        uint64_t until = rn->sent_ms + (uint64_t)w->cfg.lease_seconds * 1000u;
+        if (r->epoch > 0 && until > r->lease_until_ms &&
+            bsearch(&key, rn->items, (size_t)rn->n, sizeof(rn->items[0]), item_cmp) != NULL &&
+            (res->nfenced == 0 || !lost_has(res, &key))) {
+            r->lease_until_ms = until;
+        }
+    }
     if (res->nfenced > 0 && (lost = malloc((size_t)res->nfenced * sizeof(*lost))) != NULL) {
         memcpy(lost, res->fenced, (size_t)res->nfenced * sizeof(*lost));
         qsort(lost, (size_t)res->nfenced, sizeof(*lost), lease_cmp);
@@ -101,11 +142,36 @@ static void lease_check_lost(lr_worker_t *w) {
     }
 }
 
+/* Steps whose lease ran out by this worker's own clock (the process was
+ * paused, or its loop starved, past the lease): another worker may own the
+ * task by now, so the step stops at once (its requests in flight are
+ * cancelled) and the task is handed back; the transition is fenced, so it
+ * changes nothing when the task has a new owner already. */
+static void lease_check_expired(lr_worker_t *w) {
+    int stopped = 0;
+    uint64_t now = lr_worker_now(w);
+    lr_list_foreach_safe(it, nx, &w->runs) {
+        lr_run_t *r = lr_list_entry(it, lr_run_t, link);
+        if (r->state == LR_RUN_STEPPING && (r->io & LR_IO_STEP) && !r->fenced && r->lease_until_ms != 0 &&
+            now >= r->lease_until_ms) {
+            LR_LOG(LR_LOG_WARN, &r->log, "lease.expired_locally", "the lease ran out %llu ms ago by this "
+                   "worker's clock (paused or starved?): stopping the step", (unsigned long long)(now - r->lease_until_ms));
+            lr_step_cancel(r);
+            r->abandon = true;
+            stopped++;
+            lr_step_transition(r, LR_ST_QUEUED, "lease_expired", NULL, NULL, -1, 0);
+        }
+    }
+    if (stopped > 0) {
+        lr_warn("lease.expired", "%d step(s) stopped: their leases ran out by this worker's clock", stopped);
+    }
+}
+
 /* Renews, in one statement, the leases whose last checkpoint did not
  * already extend them this period. */
 static void lease_renew(lr_worker_t *w) {
     lr_store_lease_t *leases = malloc(((size_t)w->nruns + 1) * sizeof(*leases));
-    renew_t *rn = malloc(sizeof(*rn));
+    renew_t *rn = malloc(sizeof(*rn) + ((size_t)w->nruns + 1) * sizeof(renew_item_t));
     int n = 0;
     if (leases == NULL || rn == NULL) {
         free(leases);
@@ -122,10 +188,14 @@ static void lease_renew(lr_worker_t *w) {
         }
         leases[n].id = r->id;
         leases[n].epoch = r->epoch;
+        snprintf(rn->items[n].id, sizeof(rn->items[n].id), "%s", r->id);
+        rn->items[n].epoch = r->epoch;
         n++;
     }
     rn->w = w;
+    rn->n = n;
     rn->sent_ms = lr_worker_now(w);
+    qsort(rn->items, (size_t)n, sizeof(rn->items[0]), items_cmp);
     if (n == 0) {
         w->renew_failing = false; /* no lease held, none to lose */
         w->renew_ok_sent_ms = lr_worker_now(w);
@@ -151,6 +221,7 @@ void lr_lease_timer_cb(uv_timer_t *t) {
         .draining = w->draining,
     };
     lease_check_lost(w);
+    lease_check_expired(w);
     lease_renew(w);
     if (lr_store_heartbeat(w->pg, &hb) != 0) {
         lr_debug("worker.heartbeat_failed", "cannot queue the heartbeat");

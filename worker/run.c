@@ -75,6 +75,7 @@ void **lr_run_exec_state(lr_run_t *r) { return &r->exec_state; }
 const char *lr_run_budgets_json(const lr_run_t *r) { return r->budgets_json; }
 const char *lr_run_tenant(const lr_run_t *r) { return r->tenant; }
 lr_worker_t *lr_run_worker(lr_run_t *r) { return r->w; }
+bool lr_run_lease_ok(lr_run_t *r) { return r->lease_until_ms != 0 && lr_worker_now(r->w) < r->lease_until_ms; }
 lr_http_t *lr_worker_http(lr_worker_t *w) { return w->http; }
 uv_loop_t *lr_worker_loop(lr_worker_t *w) { return w->loop; }
 lr_pg_pool_t *lr_worker_pg(lr_worker_t *w) { return w->pg; }

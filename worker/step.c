@@ -213,6 +213,9 @@ static void checkpoint_cb(const lr_store_write_res_t *res, void *arg) {
     }
     lr_metric_observe(lr_wm.checkpoint_seconds, NULL, (double)(lr_worker_now(r->w) - r->ckpt_sent_ms) / 1000.0);
     r->lease_from_ms = r->ckpt_sent_ms; /* the checkpoint renewed the lease (if it kept it) */
+    if (r->status == LR_ST_RUNNING) {
+        r->lease_until_ms = r->ckpt_sent_ms + (uint64_t)r->w->cfg.lease_seconds * 1000u;
+    }
     if (res->status != NULL && lr_status_parse(res->status) != r->status &&
         lr_status_parse(res->status) != LR_ST_COUNT) {
         /* An operator cancelled the task meanwhile: it stops here. */
@@ -256,6 +259,7 @@ static void step_done(lr_run_t *r) {
                        r->out.stop_reason[0] ? r->out.stop_reason : "permanent_error", -1, 0);
         return;
     case LR_STEP_ABANDONED:
+        r->abandon = true; /* handed back with a continuation (if it is still ours) */
         lr_step_transition(r, LR_ST_QUEUED, "abandoned", NULL, NULL, -1, 0);
         return;
     default: {

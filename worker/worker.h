@@ -98,6 +98,13 @@ void lr_run_usage(const lr_run_t *r, lr_run_usage_t *u);
 /* Counts what a committed step used (called by the worker after a checkpoint). */
 void lr_run_add_usage(lr_run_t *r, long tool_calls, long active_ms);
 lr_worker_t *lr_run_worker(lr_run_t *r);
+/* Whether this worker's lease on the task is surely still valid by its own
+ * clock: claimed, renewed or checkpointed (each measured from when it was
+ * sent) less than a lease ago.  An executor asks before every model and
+ * tool call: false means the task may belong to another worker by now (this
+ * process was paused or starved past its lease); end the step as
+ * LR_STEP_ABANDONED without calling anything. */
+bool lr_run_lease_ok(lr_run_t *r);
 lr_http_t *lr_worker_http(lr_worker_t *w);
 uv_loop_t *lr_worker_loop(lr_worker_t *w);
 lr_pg_pool_t *lr_worker_pg(lr_worker_t *w);

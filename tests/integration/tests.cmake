@@ -27,6 +27,8 @@ lr_py_test(integration.sigterm integration/test_sigterm.py TIMEOUT 240 LABELS "i
 lr_py_test(integration.drains integration/test_drains.py TIMEOUT 300 LABELS "integration")
 # Issue 16 (3): PostgreSQL backends killed during a run: exactly one reply per task.
 lr_py_test(integration.pg_kills integration/test_pg_kills.py TIMEOUT 300 LABELS "integration;asan")
+# Issue 16 (5): a worker frozen past its lease starts no tool call with its stale epoch.
+lr_py_test(integration.zombie integration/test_zombie.py TIMEOUT 180 LABELS "integration;asan")
 lr_py_test(integration.chaos_kill integration/test_chaos_kill.py TIMEOUT 300 LABELS "integration")
 lr_py_test(integration.crash_loop integration/test_crash_loop.py TIMEOUT 180 LABELS "integration")
 lr_py_test(integration.scheduler integration/test_scheduler.py TIMEOUT 400 LABELS "integration")
