@@ -556,6 +556,30 @@ int lr_urlguard_match(const lr_urlguard_t *g, const char *url, uint64_t *rules, 
     return 0;
 }
 
+void lr_urlguard_loggable(const char *url, char *buf, size_t buflen) {
+    CURLU *u = NULL;
+    char *scheme = NULL, *host = NULL, *port = NULL, *path = NULL;
+
+    if (buflen == 0) {
+        return;
+    }
+    if (url != NULL && strnlen(url, LR_URLGUARD_MAX_URL + 1) <= LR_URLGUARD_MAX_URL && (u = curl_url()) != NULL &&
+        curl_url_set(u, CURLUPART_URL, url, 0) == CURLUE_OK &&
+        curl_url_get(u, CURLUPART_SCHEME, &scheme, 0) == CURLUE_OK &&
+        curl_url_get(u, CURLUPART_HOST, &host, 0) == CURLUE_OK &&
+        curl_url_get(u, CURLUPART_PORT, &port, CURLU_DEFAULT_PORT) == CURLUE_OK &&
+        curl_url_get(u, CURLUPART_PATH, &path, 0) == CURLUE_OK) {
+        snprintf(buf, buflen, "%s://%s:%s%s", scheme, host, port, path);
+    } else {
+        snprintf(buf, buflen, "(unparseable URL of %zu bytes)", url != NULL ? strlen(url) : (size_t)0);
+    }
+    curl_free(scheme);
+    curl_free(host);
+    curl_free(port);
+    curl_free(path);
+    curl_url_cleanup(u);
+}
+
 /* ---- parsing the rules -------------------------------------------------- */
 
 static bool is_space(char c) {

@@ -115,6 +115,12 @@ enum lr_urlguard_reason lr_urlguard_classify(const struct sockaddr *sa, size_t l
 int lr_urlguard_check_addr(const lr_urlguard_t *g, uint64_t rules, const struct sockaddr *sa, size_t len,
                            enum lr_urlguard_reason *why) LR_MUSTCHECK;
 
+/* What of url may be logged: "scheme://host:port/path" as curl parses it,
+ * without userinfo, query or fragment (which may hold secrets), at most
+ * buflen - 1 bytes; "(unparseable URL of N bytes)" when curl cannot parse
+ * it.  Log lines still pass through lr_config_mask_secrets. */
+void lr_urlguard_loggable(const char *url, char *buf, size_t buflen);
+
 /* Formats sa's address (no port) into buf: "127.0.0.1", "::1". */
 void lr_urlguard_addr_str(const struct sockaddr *sa, size_t len, char *buf, size_t buflen);
 
