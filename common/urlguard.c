@@ -118,6 +118,9 @@ static const range_t ranges[] = {
     V6(8, LR_UG_RESERVED, 0xff),                /* multicast */
 };
 
+/* The first 12 bytes of an IPv4-mapped IPv6 address (::ffff:a.b.c.d). */
+static const uint8_t mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+
 static bool net_has(const net_t *n, int family, const uint8_t *a) {
     int full = n->bits / 8, rest = n->bits % 8;
     if (n->family != family) {
@@ -132,7 +135,6 @@ static bool net_has(const net_t *n, int family, const uint8_t *a) {
 /* The address of sa as (family, bytes), an IPv4-mapped IPv6 address as
  * IPv4.  Returns false for anything but a complete IPv4/IPv6 address. */
 static bool sa_bytes(const struct sockaddr *sa, size_t len, int *family, uint8_t a[16]) {
-    static const uint8_t mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
     if (sa == NULL) {
         return false;
     }
@@ -282,7 +284,6 @@ static bool parse_net(const char *s, size_t len, net_t *n) {
     if (n->family == 6) {
         /* An IPv4-mapped range is the IPv4 range (addresses are compared
          * that way). */
-        static const uint8_t mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
         if (n->bits >= 96 && memcmp(n->a, mapped, 12) == 0) {
             memmove(n->a, n->a + 12, 4);
             memset(n->a + 4, 0, 12);
@@ -604,8 +605,8 @@ static int parse_rule(rule_t *r, const char *text, size_t len, char *errbuf, siz
     memcpy(url, text, ulen);
     url[ulen] = '\0';
     /* "*." is not a host curl parses: take it off and remember it. */
-    sub = strstr(url, "://*.");
-    if (sub != NULL) {
+    sub = strchr(url, ':');
+    if (sub != NULL && strncmp(sub, "://*.", 5) == 0) {
         memmove((char *)sub + 3, sub + 5, strlen(sub + 5) + 1);
         r->sub = true;
     }

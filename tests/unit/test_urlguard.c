@@ -230,7 +230,7 @@ static void test_bad_rules(void) {
     static const char *const bad[] = {
         "ftp://x/", "https://u@x/", "https://u:p@x/", "https://x/?q=1", "https://x/#f", "https://*.1.2.3.4/",
         "https://x/ 10.0.0.0/33", "https://x/ notanip", "https://x/ 10.0.0.0/", "not a url",
-        "https://[fe80::1%25eth0]/", "https://x/a%2fb",
+        "https://[fe80::1%25eth0]/", "https://x/a%2fb", "https://*./", "https://*.x.com*./",
     };
     lr_urlguard_t *g = (lr_urlguard_t *)&g;
     char err[256];
