@@ -87,6 +87,9 @@ struct lr_http_req {
     bool truncated;           /* set by body_cb when the body passed max_body */
     int local_err;            /* our own reason for aborting from a curl callback */
     bool sock_failed;         /* socket_cb could not watch its socket: fail it */
+    lr_http_addr_cb check_addr; /* connect-time check, or NULL */
+    void *check_arg;
+    int refused;              /* check_addr's code for the last address it refused, or 0 */
     char local_msg[128];      /* text for local_err; curl overwrites errbuf */
     char errbuf[CURL_ERROR_SIZE];
     uint64_t start_ns;
@@ -190,6 +193,9 @@ static int map_curl_code(const struct lr_http_req *req, CURLcode code) {
         return 0;
     case CURLE_OPERATION_TIMEDOUT:
         return LR_ETIMEOUT;
+    case CURLE_COULDNT_CONNECT:
+        /* Every address was refused by check_addr (or did not answer). */
+        return req->refused != 0 ? req->refused : LR_ECONN;
     case CURLE_OUT_OF_MEMORY:
         return LR_ENOMEM;
     case CURLE_WRITE_ERROR:
@@ -256,6 +262,29 @@ static size_t header_cb(char *ptr, size_t size, size_t nitems, void *userdata) {
         return CURL_WRITEFUNC_ERROR;
     }
     return n;
+}
+
+/* CURLOPT_OPENSOCKETFUNCTION of a request with check_addr: asks it about
+ * the resolved address, then opens the socket as curl would (curl makes it
+ * non-blocking).  A refused address gets CURL_SOCKET_BAD, so no packet is
+ * sent to it; curl tries the next address, if any. */
+static curl_socket_t open_socket_cb(void *clientp, curlsocktype purpose, struct curl_sockaddr *a) {
+    struct lr_http_req *req = clientp;
+    char why[96];
+    int rc;
+
+    if (purpose != CURLSOCKTYPE_IPCXN) {
+        return CURL_SOCKET_BAD;
+    }
+    why[0] = '\0';
+    rc = req->check_addr(&a->addr, a->addrlen, req->check_arg, why, sizeof(why));
+    if (rc != 0) {
+        req->refused = rc;
+        snprintf(req->local_msg, sizeof(req->local_msg), "connection refused by policy: %s",
+                 why[0] != '\0' ? why : lr_strerror(rc));
+        return CURL_SOCKET_BAD;
+    }
+    return socket(a->family, a->socktype | SOCK_CLOEXEC, a->protocol);
 }
 
 static void poll_cb(uv_poll_t *handle, int status, int events);
@@ -447,7 +476,7 @@ static void finish_req(lr_http_t *h, struct lr_http_req *req, CURLcode code) {
     resp.total_ms = (double)(uv_hrtime() - req->start_ns) / 1e6;
     if (resp.err == 0) {
         resp.errmsg = "";
-    } else if (req->local_err != 0 && req->local_msg[0] != '\0') {
+    } else if ((req->local_err != 0 || (req->refused != 0 && resp.err == req->refused)) && req->local_msg[0] != '\0') {
         resp.errmsg = req->local_msg; /* curl's errbuf would only say "write error" */
     } else if (req->errbuf[0] != '\0') {
         resp.errmsg = req->errbuf;
@@ -646,6 +675,8 @@ int lr_http_send(lr_http_t *h, const lr_http_opts_t *opts, lr_http_cb cb, void *
     req->cb = cb;
     req->arg = arg;
     req->max_body = opts->max_body != 0 ? opts->max_body : LR_HTTP_DEFAULT_MAX_BODY;
+    req->check_addr = opts->check_addr;
+    req->check_arg = opts->check_arg;
     if (req->max_body > MAX_BODY_CAP) {
         req->max_body = MAX_BODY_CAP;
     }
@@ -717,6 +748,15 @@ int lr_http_send(lr_http_t *h, const lr_http_opts_t *opts, lr_http_cb cb, void *
     curl_easy_setopt(e, CURLOPT_WRITEDATA, req);
     curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, header_cb);
     curl_easy_setopt(e, CURLOPT_HEADERDATA, req);
+    if (opts->check_addr != NULL) {
+        curl_easy_setopt(e, CURLOPT_OPENSOCKETFUNCTION, open_socket_cb);
+        curl_easy_setopt(e, CURLOPT_OPENSOCKETDATA, req);
+        curl_easy_setopt(e, CURLOPT_PROXY, ""); /* no proxy, not even from the environment */
+    }
+    if (opts->fresh_connection) {
+        curl_easy_setopt(e, CURLOPT_FRESH_CONNECT, 1L);
+        curl_easy_setopt(e, CURLOPT_FORBID_REUSE, 1L);
+    }
 
     if (req->body != NULL) {
         /* Size first: POSTFIELDS without it would strlen() the body. */

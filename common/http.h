@@ -18,6 +18,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <sys/socket.h>
 #include <uv.h>
 
 #include "err.h"
@@ -29,6 +30,14 @@ typedef struct lr_http_req lr_http_req_t;
 #define LR_HTTP_MAX_HEADERS_BYTES (64 * 1024)
 #define LR_HTTP_DEFAULT_MAX_BODY (8 * 1024 * 1024)
 
+/* A connect-time check (opts.check_addr): called on the loop thread with
+ * each address curl is about to connect to, after DNS and before any
+ * packet is sent (curl's CURLOPT_OPENSOCKETFUNCTION).  Returns 0 to let
+ * the connection be made, or a negative LR_E* code to refuse it, with a
+ * reason in why (whylen bytes).  When every address is refused the request
+ * fails with that code and reason (resp.err, resp.errmsg). */
+typedef int (*lr_http_addr_cb)(const struct sockaddr *addr, size_t addrlen, void *arg, char *why, size_t whylen);
+
 typedef struct lr_http_opts {
     const char *method;          /* "POST", "GET"; NULL means POST when body != NULL else GET */
     const char *url;             /* required */
@@ -38,6 +47,13 @@ typedef struct lr_http_opts {
     long timeout_ms;             /* whole-request timeout; 0 = 60000 */
     long connect_timeout_ms;     /* 0 = 10000 */
     size_t max_body;             /* 0 = LR_HTTP_DEFAULT_MAX_BODY */
+    /* Optional connect-time check of each address (see lr_http_addr_cb);
+     * with it, no proxy is used (the check must see the destination).  A
+     * pooled connection opened earlier is reused without a new check, so
+     * requests that need their own check set fresh_connection too. */
+    lr_http_addr_cb check_addr;
+    void *check_arg;             /* passed to check_addr; must outlive the request */
+    bool fresh_connection;       /* neither reuse a pooled connection nor leave this one in the pool */
 } lr_http_opts_t;
 
 typedef struct lr_http_response {

@@ -14,13 +14,22 @@
 
 #include "http.h"
 
+/* Sets the allow rules (LONGRUN_CALLBACK_ALLOW, syntax in
+ * common/urlguard.h; NULL or empty: no callback is called).  Returns 0, or
+ * LR_ECONFIG (why in errbuf) / LR_ENOMEM leaving the old rules.  Call
+ * before the first lr_callback_send. */
+int lr_callback_configure(const char *rules, char *errbuf, size_t errlen) LR_MUSTCHECK;
+
 /* Posts body (the outcome JSON) to url for task_id, retrying transient
- * failures; refused (logged) unless url is under LONGRUN_CALLBACK_ALLOW.
- * Strings are copied.  *http is read at each attempt. */
+ * failures.  Refused (logged as task.callback_refused with its reason,
+ * counted in longrun_callbacks_refused_total) unless url matches a rule,
+ * and at connect time unless every address it reaches is public or named
+ * by the rule.  Strings are copied.  *http is read at each attempt. */
 void lr_callback_send(uv_loop_t *loop, lr_http_t *const *http, const char *task_id, const char *url,
                       const char *body);
 
-/* Cancels and frees every delivery still pending (the worker stops). */
+/* Cancels and frees every delivery still pending and the rules (the
+ * worker stops). */
 void lr_callback_abandon_all(void);
 
 #endif

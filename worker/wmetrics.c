@@ -46,4 +46,8 @@ void lr_wm_init(void) {
     lr_wm.ready = lr_metric_gauge("longrun_ready", "1 when this process is ready (readiness probe).", NULL);
     lr_wm.amqp_connected = lr_metric_gauge("longrun_amqp_connected", "1 while connected to RabbitMQ.", NULL);
     lr_wm.pg_connections = lr_metric_gauge("longrun_pg_connections", "Usable PostgreSQL connections.", NULL);
+    lr_wm.callbacks_refused = lr_metric_counter("longrun_callbacks_refused_total",
+                                                "callback_url deliveries refused by LONGRUN_CALLBACK_ALLOW or the "
+                                                "connect-time address check, by reason.",
+                                                "reason");
 }

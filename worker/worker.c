@@ -263,6 +263,10 @@ static int start(lr_worker_t *w) {
         return 1;
     }
     on_flags_notify("longrun_flags", NULL, w);
+    if (lr_callback_configure(getenv("LONGRUN_CALLBACK_ALLOW"), err, sizeof(err)) != 0) {
+        lr_error("worker.config", "LONGRUN_CALLBACK_ALLOW: %s", err);
+        return 2;
+    }
     if (lr_http_init(&w->http, w->loop) != 0) {
         lr_error("worker.http_init", "cannot initialize the HTTP client");
         return 1;

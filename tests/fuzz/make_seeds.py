@@ -208,6 +208,28 @@ def utf8_seeds():
             put(u, struct.pack(">H", mx) + body, "s%d-max%d" % (i, mx))
 
 
+def urlguard_seeds():
+    # rules NUL url NUL address bytes; or only a URL (checked against built-in rules)
+    rules = b"https://hooks.example.com/longrun, https://*.svc.example.com/cb 10.0.0.0/8, http://127.0.0.1:8080/cb"
+    for url, addr in [
+            (b"https://hooks.example.com/longrun/x?y=1", b"\x5d\xb8\xd8\x22"),
+            (b"https://hooks.example.com.evil.net/longrun", b""),
+            (b"https://hooks.example.com@evil.net/longrun", b""),
+            (b"https://hooks.example.com/longrun/%2e%2e/admin", b""),
+            (b"https://hooks.example.com/longrun%2f..%2fx", b""),
+            (b"https://a.svc.example.com/cb", b"\x0a\x01\x02\x03"),
+            (b"http://0x7f.1:8080/cb", b"\x7f\x00\x00\x01"),
+            (b"http://2130706433/", b""),
+            (b"http://[::ffff:169.254.169.254]/", b"\x00" * 10 + b"\xff\xff\xa9\xfe\xa9\xfe"),
+            (b"http://[fe80::1%25eth0]/", b"\xfe\x80" + b"\x00" * 13 + b"\x01"),
+            (b"HTTPS://HOOKS.example.com:443/%6Congrun/./a/../b", b"\xa9\xfe\xa9\xfe")]:
+        put("fuzz_urlguard", rules + b"\x00" + url + b"\x00" + addr, "u")
+    put("fuzz_urlguard", b"https://hooks.example.com/longrun", "bare")
+    put("fuzz_urlguard", b"https://x/ 10.0.0.0/33\x00https://x/", "badrule")
+    put("fuzz_urlguard", b"https://[2001:db8::1]/v6 fd00::/8,http://[::1]:1/\x00https://[2001:db8:0::1]/v6/a\x00"
+        + b"\xfd" + b"\x00" * 15, "v6")
+
+
 def fixture_seeds():
     """Real bodies from the fixture server, for both wire formats."""
     tmp = tempfile.mkdtemp(prefix="lr-seeds-")
@@ -276,6 +298,7 @@ def main():
     handwritten_provider_seeds()
     classify_seeds()
     utf8_seeds()
+    urlguard_seeds()
     fixture_seeds()
     for d in sorted(os.listdir(CORPUS)):
         print("%-18s %d seeds" % (d, len(os.listdir(os.path.join(CORPUS, d)))))

@@ -31,7 +31,7 @@ FUZZ_SRC=$ROOT/tests/fuzz
 BUILD=${LONGRUN_FUZZ_BUILD_DIR:-$ROOT/build-fuzz}
 SECS=${1:-20}
 shift || true
-ALL_TARGETS=(fuzz_task fuzz_agents fuzz_openai fuzz_anthropic fuzz_classify fuzz_retry_after fuzz_utf8_clean fuzz_jsonschema)
+ALL_TARGETS=(fuzz_task fuzz_agents fuzz_openai fuzz_anthropic fuzz_classify fuzz_retry_after fuzz_utf8_clean fuzz_jsonschema fuzz_urlguard)
 TARGETS=("$@")
 [[ ${#TARGETS[@]} -gt 0 ]] || TARGETS=("${ALL_TARGETS[@]}")
 
@@ -71,6 +71,7 @@ max_len() {
   case $1 in
     fuzz_retry_after) echo 256 ;;
     fuzz_classify) echo 8192 ;;
+    fuzz_urlguard) echo 4096 ;;
     *) echo 16384 ;;
   esac
 }

@@ -2,8 +2,8 @@
 
 Builds the libFuzzer targets (tests/fuzz/) with clang in their own build
 directory, replays every regression input of tests/fuzz/regressions/, then
-fuzzes each target for LONGRUN_FUZZ_SMOKE_SECONDS (default 2; six targets, so
-about 12 s of fuzzing) over the committed seed corpus.  Any crash, leak,
+fuzzes each target for LONGRUN_FUZZ_SMOKE_SECONDS (default 2; nine targets, so
+about 18 s of fuzzing; fuzz_urlguard is the callback allow-list matcher) over the committed seed corpus.  Any crash, leak,
 sanitizer report or broken property fails the test; the input is saved under
 <fuzz build>/fuzz-artifacts/<target>/.
 
