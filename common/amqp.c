@@ -268,6 +268,24 @@ int lr_amqp_url_check(const char *url, char *errbuf, size_t errlen) {
     return rc;
 }
 
+int lr_amqp_url_host(const char *url, char *host, size_t hostlen, bool *tls, char *errbuf,
+                     size_t errlen) {
+    url_t u;
+    int rc = url_parse(&u, url, errbuf, errlen);
+    if (rc != 0) {
+        return rc;
+    }
+    if (strlen(u.ci.host) >= hostlen) {
+        rc = lr_seterr(errbuf, errlen, LR_ETOOBIG, "the AMQP URL's host is longer than %zu bytes",
+                       hostlen > 0 ? hostlen - 1 : 0);
+    } else {
+        memcpy(host, u.ci.host, strlen(u.ci.host) + 1);
+        *tls = u.ci.ssl != 0;
+    }
+    url_free(&u);
+    return rc;
+}
+
 /* ------------------------------------------------------------------------ */
 /* Connection wrapper shared by the owner thread and the blocking helpers    */
 

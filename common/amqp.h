@@ -190,4 +190,11 @@ void lr_amqp_sync_close(lr_amqp_sync_t *s);
  * checks the scheme; returns 0 or LR_EINVAL with the reason in errbuf. */
 int lr_amqp_url_check(const char *url, char *errbuf, size_t errlen);
 
+/* The broker host of url as rabbitmq-c reads it to connect (percent-decoded,
+ * an IPv6 address without its brackets) copied into host, and whether the
+ * URL is amqps:// into *tls.  Returns 0, LR_EINVAL (as lr_amqp_url_check),
+ * LR_ETOOBIG (the host does not fit in hostlen), LR_ENOMEM. */
+int lr_amqp_url_host(const char *url, char *host, size_t hostlen, bool *tls, char *errbuf,
+                     size_t errlen) LR_MUSTCHECK;
+
 #endif
