@@ -313,14 +313,26 @@ int cmd_signal(cli_t *c, int argc, char **argv) {
 
 /* The outcome of a task cancelled by the operator, to its reply_to (columns
  * of r: status, reply_to, correlation_id, step, tokens_in, tokens_out,
- * cost_usd).  Returns 0 when the broker confirmed it; else warns. */
-static int send_cancel_outcome(cli_t *c, const char *id, PGresult *r, const char *reason) {
+ * cost_usd), mandatory.  A reply_to that is not an allowed queue
+ * (lr_amqp_reply_allowed) gets nothing: the refusal is recorded on the task
+ * (LR_SQL_REPLY_REFUSED, by actor, on db) and LR_EPERM returned.  Returns 0
+ * when the broker confirmed it; else warns. */
+static int send_cancel_outcome(cli_t *c, PGconn *db, const char *actor, const char *id, PGresult *r,
+                               const char *reason) {
     lr_amqp_sync_t *a = NULL;
     lr_amqp_msg_t msg;
-    char err[256] = "";
-    char *body = lr_outcome_json(id, "cancelled", NULL, reason, "cancelled", atol(PQgetvalue(r, 0, 3)),
-                                 atol(PQgetvalue(r, 0, 4)), atol(PQgetvalue(r, 0, 5)), atof(PQgetvalue(r, 0, 6)));
-    int rc;
+    char err[512] = "";
+    const char *reply_to = PQgetvalue(r, 0, 1);
+    char *body = NULL;
+    int rc = lr_amqp_reply_allowed(reply_to, c->cfg.reply_to_prefix, err, sizeof(err));
+    if (rc != 0) {
+        const char *params[4] = {id, actor, reply_to, err};
+        (void)cli_fail(c, 0, "warning: %s is cancelled, but its outcome is not sent: %s", id, err);
+        PQclear(cli_exec(c, db, LR_SQL_REPLY_REFUSED, 4, params));
+        return rc;
+    }
+    body = lr_outcome_json(id, "cancelled", NULL, reason, "cancelled", atol(PQgetvalue(r, 0, 3)),
+                           atol(PQgetvalue(r, 0, 4)), atol(PQgetvalue(r, 0, 5)), atof(PQgetvalue(r, 0, 6)));
     if (body == NULL) {
         return LR_ENOMEM;
     }
@@ -331,14 +343,15 @@ static int send_cancel_outcome(cli_t *c, const char *id, PGresult *r, const char
     msg.correlation_id = PQgetisnull(r, 0, 2) ? NULL : PQgetvalue(r, 0, 2);
     msg.content_type = "application/json";
     msg.persistent = true;
+    msg.mandatory = !lr_amqp_reply_direct(reply_to); /* no such queue: returned, reported below */
     rc = lr_amqp_sync_connect(&a, c->cfg.amqp_url, 5000, err, sizeof(err));
     if (rc == 0) {
-        rc = lr_amqp_sync_publish(a, "", PQgetvalue(r, 0, 1), &msg, 5000, err, sizeof(err));
+        rc = lr_amqp_sync_publish(a, "", reply_to, &msg, 5000, err, sizeof(err));
         lr_amqp_sync_close(a);
     }
     if (rc != 0) {
         (void)cli_fail(c, 0, "warning: %s is cancelled, but its outcome could not be sent to reply_to %s: %s", id,
-                       PQgetvalue(r, 0, 1), err);
+                       reply_to, err);
     }
     free(body);
     return rc;
@@ -394,7 +407,8 @@ int cmd_cancel(cli_t *c, int argc, char **argv) {
     /* A task cancelled here (not running) gets no outcome from a worker:
      * send it to its reply_to, as a worker would (best effort). */
     if (strcmp(PQgetvalue(r, 0, 0), "cancelled") == 0 && !PQgetisnull(r, 0, 1) && PQgetvalue(r, 0, 1)[0] != '\0') {
-        reply_sent = send_cancel_outcome(c, t.id, r, o.reason != NULL ? o.reason : "cancelled by operator") == 0;
+        reply_sent = send_cancel_outcome(c, t.db, o.actor, t.id, r,
+                                         o.reason != NULL ? o.reason : "cancelled by operator") == 0;
         reply_tried = true;
     }
     if (c->json) {

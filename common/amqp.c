@@ -88,6 +88,7 @@
 
 #include "list.h"
 #include "log.h"
+#include "metrics.h"
 
 #define CHANNEL 1
 #define FRAME_MAX 131072
@@ -264,6 +265,24 @@ static int url_parse(url_t *u, const char *url, char *errbuf, size_t errlen) {
 int lr_amqp_url_check(const char *url, char *errbuf, size_t errlen) {
     url_t u;
     int rc = url_parse(&u, url, errbuf, errlen);
+    url_free(&u);
+    return rc;
+}
+
+int lr_amqp_url_host(const char *url, char *host, size_t hostlen, bool *tls, char *errbuf,
+                     size_t errlen) {
+    url_t u;
+    int rc = url_parse(&u, url, errbuf, errlen);
+    if (rc != 0) {
+        return rc;
+    }
+    if (strlen(u.ci.host) >= hostlen) {
+        rc = lr_seterr(errbuf, errlen, LR_ETOOBIG, "the AMQP URL's host is longer than %zu bytes",
+                       hostlen > 0 ? hostlen - 1 : 0);
+    } else {
+        memcpy(host, u.ci.host, strlen(u.ci.host) + 1);
+        *tls = u.ci.ssl != 0;
+    }
     url_free(&u);
     return rc;
 }
@@ -2829,22 +2848,78 @@ void lr_amqp_sync_close(lr_amqp_sync_t *s) {
     free(s);
 }
 
+/* ------------------------------------------------------------------------ */
+/* Replies                                                                   */
+
+static lr_metric_t *replies_metric(void) {
+    /* Registering is idempotent and locked: the same family every time. */
+    return lr_metric_counter("longrun_replies_total",
+                             "Task outcomes for reply_to queues: sent (confirmed), failed, refused (not an "
+                             "allowed queue).",
+                             "outcome");
+}
+
+bool lr_amqp_reply_direct(const char *reply_to) {
+    static const char direct[] = LR_AMQP_DIRECT_REPLY_TO;
+    return reply_to != NULL && strncmp(reply_to, direct, sizeof(direct) - 1) == 0 &&
+           (reply_to[sizeof(direct) - 1] == '\0' || reply_to[sizeof(direct) - 1] == '.');
+}
+
+int lr_amqp_reply_allowed(const char *reply_to, const char *prefixes, char *errbuf, size_t errlen) {
+    const char *p = prefixes != NULL ? prefixes : "none";
+    if (reply_to == NULL || reply_to[0] == '\0') {
+        return lr_seterr(errbuf, errlen, LR_EINVAL, "no reply_to");
+    }
+    if (strlen(reply_to) > MAX_SHORTSTR) {
+        return lr_seterr(errbuf, errlen, LR_EPERM, "reply_to is longer than %d bytes", MAX_SHORTSTR);
+    }
+    if (strncmp(reply_to, "longrun.", 8) == 0) {
+        return lr_seterr(errbuf, errlen, LR_EPERM,
+                         "reply_to '%s' is one of longrun's own queues (longrun.*), never a reply queue", reply_to);
+    }
+    if (lr_amqp_reply_direct(reply_to)) {
+        return 0;
+    }
+    while (strcmp(p, "none") != 0 && *p != '\0') {
+        size_t n = strcspn(p, ",");
+        if (n > 0 && strncmp(reply_to, p, n) == 0) {
+            return 0;
+        }
+        p += n;
+        p += *p == ',';
+    }
+    return lr_seterr(errbuf, errlen, LR_EPERM,
+                     "reply_to '%s' is not an allowed reply queue (direct reply-to " LR_AMQP_DIRECT_REPLY_TO
+                     ", or a name starting with LONGRUN_REPLY_TO_PREFIX=%s)",
+                     reply_to, p);
+}
+
 static void reply_confirmed(int err, void *arg) {
     char *id = arg;
     if (err != 0) {
-        lr_warn("task.reply_failed", "could not publish the outcome of task %s to reply_to: %s", id,
-                lr_strerror(err));
+        lr_warn("task.reply_failed",
+                "could not publish the outcome of task %s to reply_to: %s%s", id, lr_strerror(err),
+                err == LR_EAMQP ? " (nacked, or returned: the queue does not exist)" : "");
     }
+    lr_metric_inc1(replies_metric(), err == 0 ? "sent" : "failed");
     free(id);
 }
 
-void lr_amqp_publish_reply(lr_amqp_t *a, const char *reply_to, const char *correlation_id, const char *task_id,
-                           const char *body) {
+int lr_amqp_publish_reply(lr_amqp_t *a, const char *prefixes, const char *reply_to, const char *correlation_id,
+                          const char *task_id, const char *body, char *errbuf, size_t errlen) {
     lr_amqp_msg_t msg;
-    char *id = strdup(task_id);
-    int rc;
+    char why[512];
+    char *id;
+    int rc = lr_amqp_reply_allowed(reply_to, prefixes, why, sizeof(why));
+    if (rc != 0) {
+        lr_warn("task.reply_refused", "the outcome of task %s is not published: %s", task_id, why);
+        lr_metric_inc1(replies_metric(), "refused");
+        return lr_seterr(errbuf, errlen, rc, "%s", why);
+    }
+    id = strdup(task_id);
     if (id == NULL) {
-        return;
+        lr_metric_inc1(replies_metric(), "failed");
+        return 0;
     }
     memset(&msg, 0, sizeof(msg));
     msg.body = body;
@@ -2853,8 +2928,10 @@ void lr_amqp_publish_reply(lr_amqp_t *a, const char *reply_to, const char *corre
     msg.correlation_id = correlation_id;
     msg.content_type = "application/json";
     msg.persistent = true;
+    msg.mandatory = !lr_amqp_reply_direct(reply_to); /* no such queue: basic.return, logged */
     rc = lr_amqp_publish(a, "", reply_to, &msg, reply_confirmed, id);
     if (rc != 0) {
         reply_confirmed(rc, id);
     }
+    return 0;
 }

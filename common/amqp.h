@@ -124,13 +124,39 @@ int lr_amqp_reject(lr_amqp_t *a, const lr_amqp_delivery_t *d, bool requeue);
 int lr_amqp_publish(lr_amqp_t *a, const char *exchange, const char *routing_key,
                     const lr_amqp_msg_t *msg, lr_amqp_confirm_cb cb, void *arg) LR_MUSTCHECK;
 
+/* The queues a task's outcome may be published to: RabbitMQ's direct
+ * reply-to (LR_AMQP_DIRECT_REPLY_TO itself, or the per-channel name
+ * "amq.rabbitmq.reply-to.<token>" the broker gives the producer), and names
+ * that start with one of the comma-separated prefixes (LONGRUN_REPLY_TO_PREFIX,
+ * default "reply."; "none" or NULL: no prefix).  Never longrun's own queues (names starting with
+ * "longrun."), whatever the prefixes say: a producer must not be able to
+ * publish into a task queue or the dead-letter queue through a worker. */
+#define LR_AMQP_DIRECT_REPLY_TO "amq.rabbitmq.reply-to"
+
+/* Whether reply_to names RabbitMQ's direct reply-to.  Such a reply is
+ * published without mandatory: RabbitMQ (3.10 here) returns a mandatory
+ * publish to the pseudo-queue as unroutable even when it delivered it, and
+ * a requester that has gone away loses the reply either way. */
+bool lr_amqp_reply_direct(const char *reply_to);
+
+/* Whether reply_to is such a queue.  Returns 0 (allowed) or LR_EPERM with
+ * the reason in errbuf (LR_EINVAL: reply_to NULL or empty).  Any thread. */
+int lr_amqp_reply_allowed(const char *reply_to, const char *prefixes, char *errbuf, size_t errlen) LR_MUSTCHECK;
+
 /* Publishes a task's outcome (JSON body) to the producer's reply_to queue
- * through the default exchange, persistent, message_id = task_id, with
- * correlation_id if not NULL.  Best effort: a failure (now or in the
- * confirm) is logged as task.reply_failed and nothing else; the outcome is
- * in PostgreSQL either way.  Used by the worker, the scheduler. */
-void lr_amqp_publish_reply(lr_amqp_t *a, const char *reply_to, const char *correlation_id, const char *task_id,
-                           const char *body);
+ * through the default exchange, persistent and mandatory (not for direct
+ * reply-to, see lr_amqp_reply_direct), message_id =
+ * task_id, with correlation_id if not NULL.  A reply_to that
+ * lr_amqp_reply_allowed refuses is not published: logged as
+ * task.reply_refused, counted in longrun_replies_total{outcome="refused"},
+ * and LR_EPERM is returned with the reason in errbuf, for the caller to
+ * record on the task.  Otherwise best effort: returns 0, and a failure (now
+ * or in the confirm; a queue that does not exist comes back as basic.return)
+ * is logged as task.reply_failed and counted (outcome "failed"; "sent" when
+ * confirmed); the outcome is in PostgreSQL either way.  Used by the worker
+ * and the scheduler. */
+int lr_amqp_publish_reply(lr_amqp_t *a, const char *prefixes, const char *reply_to, const char *correlation_id,
+                          const char *task_id, const char *body, char *errbuf, size_t errlen);
 
 /* Stops consuming (basic.cancel on every consumer; not resumed on reconnect).
  * Publishing, acks and rejects keep working. */
@@ -189,5 +215,12 @@ void lr_amqp_sync_close(lr_amqp_sync_t *s);
 /* Parses url into its parts (wrapper over amqp_parse_url on a copy) and
  * checks the scheme; returns 0 or LR_EINVAL with the reason in errbuf. */
 int lr_amqp_url_check(const char *url, char *errbuf, size_t errlen);
+
+/* The broker host of url as rabbitmq-c reads it to connect (percent-decoded,
+ * an IPv6 address without its brackets) copied into host, and whether the
+ * URL is amqps:// into *tls.  Returns 0, LR_EINVAL (as lr_amqp_url_check),
+ * LR_ETOOBIG (the host does not fit in hostlen), LR_ENOMEM. */
+int lr_amqp_url_host(const char *url, char *host, size_t hostlen, bool *tls, char *errbuf,
+                     size_t errlen) LR_MUSTCHECK;
 
 #endif

@@ -75,6 +75,8 @@ static const struct cfg_entry entries[] = {
     I("LONGRUN_MODEL_CONCURRENCY", model_concurrency, "0", 0, 100000),
     I("LONGRUN_LONG_WAIT_SECONDS", long_wait_seconds, "30", 1, 86400),
     D("LONGRUN_LOG_PAYLOADS", log_payloads, "0", 0, 1),
+    S("LONGRUN_REPLY_TO_PREFIX", reply_to_prefix, "reply.", 0),
+    I("LONGRUN_ALLOW_PLAINTEXT", allow_plaintext, "0", 0, 1),
 };
 
 static const struct cfg_entry *find(const char *env) {
@@ -168,6 +170,25 @@ static int validate(lr_config_t *cfg, char *errbuf, size_t errlen) {
             return lr_seterr(errbuf, errlen, LR_ECONFIG,
                              "LONGRUN_MAX_COST_USD=%g: above the operator's ceiling LONGRUN_CEILING_MAX_COST_USD=%g",
                              cfg->max_cost_usd, cfg->ceiling_max_cost_usd);
+        }
+    }
+    if (strcmp(cfg->reply_to_prefix, "none") != 0) {
+        /* Each prefix names reply queues only: never empty (every queue) nor
+           one that longrun's own queues start with. */
+        for (const char *p = cfg->reply_to_prefix;; p++) {
+            size_t n = strcspn(p, ",");
+            if (n == 0 || strncmp(p, "longrun.", n < 8 ? n : 8) == 0) {
+                return lr_seterr(errbuf, errlen, LR_ECONFIG,
+                                 "LONGRUN_REPLY_TO_PREFIX=%s: %s; give comma-separated prefixes such as "
+                                 "reply., or none",
+                                 cfg->reply_to_prefix,
+                                 n == 0 ? "an empty prefix would allow every queue"
+                                        : "a prefix of longrun's own queue names (longrun.*)");
+            }
+            p += n;
+            if (*p == '\0') {
+                break;
+            }
         }
     }
     if (cfg->retry_max_ms < cfg->retry_base_ms) {

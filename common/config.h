@@ -63,6 +63,8 @@ typedef struct lr_config {
     int model_concurrency;    /* in-process calls in flight per (provider, model); 0 = no gate */
     int long_wait_seconds;    /* a provider wait longer than this suspends the task */
     double log_payloads;      /* share of tasks whose payloads are logged (0 = never) */
+    char reply_to_prefix[256]; /* comma-separated queue-name prefixes reply_to may name (common/amqp.h) */
+    int allow_plaintext;      /* 1: plain-text PostgreSQL/AMQP to other hosts allowed (common/transport.h) */
 } lr_config_t;
 
 /* Fills cfg with defaults, then the environment.  Returns 0 or LR_ECONFIG

@@ -34,6 +34,7 @@
 #include <unistd.h>
 
 #include "log.h"
+#include "transport.h"
 
 #define NAME_MAX_LEN 31
 #define TICK_MS 1000
@@ -612,6 +613,11 @@ int lr_daemon_main(const lr_daemon_main_t *m, int argc, char **argv) {
     }
     if (optind < argc) {
         fprintf(stderr, "%s: unexpected argument '%s'\n", m->prog, argv[optind]);
+        return 2;
+    }
+    /* Before anything connects, and for --check-config too. */
+    if (lr_transport_check(&cfg, err, sizeof(err)) != 0) {
+        fprintf(stderr, "%s: invalid configuration: %s\n", m->prog, err);
         return 2;
     }
     rc = m->prepare != NULL ? m->prepare(&cfg, note, sizeof(note), m->arg) : 0;

@@ -203,7 +203,9 @@ typedef struct lr_daemon_main {
  * "<prog>: invalid configuration: ...", exit 2), parses the shared options
  * (--database-url, --amqp-url, --check-config, --print-config, -h/--help,
  * --version) and the daemon's own, refuses positional arguments (exit 2),
- * calls prepare, then either prints/checks the configuration and exits 0,
+ * refuses plain text to another host (lr_transport_check, common/transport.h:
+ * "<prog>: invalid configuration: ...", exit 2, before anything connects,
+ * --check-config included), calls prepare, then either prints/checks the configuration and exits 0,
  * or ignores SIGPIPE and returns run's exit code.  Bad usage prints the
  * usage to stderr and exits 2; --help prints it to stdout and exits 0. */
 int lr_daemon_main(const lr_daemon_main_t *m, int argc, char **argv);

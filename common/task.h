@@ -70,6 +70,16 @@ void lr_task_msg_free(lr_task_msg_t *m);
 char *lr_outcome_json(const char *id, const char *status, const char *result_json, const char *error,
                       const char *stop_reason, long steps, long tokens_in, long tokens_out, double cost_usd);
 
+/* The task_events row that records an outcome not published because its
+ * reply_to is not an allowed queue (lr_amqp_reply_allowed, common/amqp.h):
+ * reason reply_to_refused, the task's status as from and to, detail
+ * {"reply_to", "error"}.  $1 task id, $2 actor, $3 reply_to, $4 the reason.
+ * Written by the worker, the scheduler and `longrun cancel`. */
+#define LR_SQL_REPLY_REFUSED                                                                     \
+    "INSERT INTO task_events (task_id, from_status, to_status, reason, actor, detail)"          \
+    " SELECT id, status, status, 'reply_to_refused', $2,"                                       \
+    "  jsonb_build_object('reply_to', $3::text, 'error', $4::text) FROM tasks WHERE id = $1::uuid"
+
 /* The budgets object as JSON text with only the fields that are set
  * (malloc'd, caller frees), e.g. {"max_steps":50}. */
 char *lr_budgets_to_json(const lr_budgets_t *b);

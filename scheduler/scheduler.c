@@ -313,6 +313,22 @@ static void publish_rows(sched_t *s, const PGresult *res, uint64_t *counter, con
     lr_info("scheduler.dispatched", "%s: %d task(s) queued and published", what, n);
 }
 
+static void reply_refused_cb(int err, const PGresult *res, void *arg) {
+    (void)arg;
+    if (err != 0) {
+        lr_warn("task.reply_refused_unrecorded", "the refused reply_to of a task was not recorded: %s",
+                res != NULL ? PQresultErrorMessage(res) : lr_strerror(err));
+    }
+}
+
+/* Records on the task that its outcome was not published to reply_to (why). */
+static void record_reply_refused(sched_t *s, const char *id, const char *reply_to, const char *why) {
+    const char *params[4] = {id, s->id, reply_to, why};
+    if (s->pg == NULL || lr_pg_query(s->pg, LR_SQL_REPLY_REFUSED, 4, params, 10000, reply_refused_cb, NULL) != 0) {
+        lr_warn("task.reply_refused_unrecorded", "task %s: the refused reply_to was not recorded", id);
+    }
+}
+
 /* The outcome of tasks the scheduler killed (deadline, no_progress), to
  * their reply_to queues: the same JSON a worker sends (docs/task-contract.md),
  * best effort (the outcome is in the row either way).  Columns: id,
@@ -329,7 +345,12 @@ static void send_outcomes(sched_t *s, const PGresult *res) {
                                atol(lr_pg_get(res, i, 3)), atol(lr_pg_get(res, i, 4)), atol(lr_pg_get(res, i, 5)),
                                atof(lr_pg_get(res, i, 6)));
         if (body != NULL) {
-            lr_amqp_publish_reply(s->amqp, reply_to, lr_pg_get(res, i, 8), lr_pg_get(res, i, 0), body);
+            const char *id = lr_pg_get(res, i, 0);
+            char why[512];
+            if (lr_amqp_publish_reply(s->amqp, s->cfg.reply_to_prefix, reply_to, lr_pg_get(res, i, 8), id, body, why,
+                                      sizeof(why)) == LR_EPERM) {
+                record_reply_refused(s, id, reply_to, why);
+            }
         }
         free(body);
     }

@@ -157,7 +157,12 @@ static void send_outcome(lr_run_t *r) {
         lr_callback_send(r->w->loop, &r->w->http, r->id, r->callback_url, body);
     }
     if (reply) {
-        lr_amqp_publish_reply(r->w->amqp, r->reply_to, r->correlation_id, r->id, body);
+        char why[512];
+        if (lr_amqp_publish_reply(r->w->amqp, r->w->cfg.reply_to_prefix, r->reply_to, r->correlation_id, r->id,
+                                  body, why, sizeof(why)) == LR_EPERM &&
+            lr_store_reply_refused(r->w->pg, r->id, r->w->id, r->reply_to, why) != 0) {
+            lr_warn("task.reply_refused_unrecorded", "task %s: the refused reply_to was not recorded", r->id);
+        }
     }
     free(body);
 }

@@ -629,6 +629,28 @@ int lr_store_heartbeat(lr_pg_pool_t *pg, const lr_store_heartbeat_args_t *a) {
     return req_start(q);
 }
 
+static void reply_refused_decode(req_t *q, int err, const PGresult *res) {
+    if (err != 0) {
+        lr_warn("task.reply_refused_unrecorded", "the refused reply_to of a task was not recorded: %s",
+                errmsg_of(err, res));
+    }
+    req_free(q);
+}
+
+int lr_store_reply_refused(lr_pg_pool_t *pg, const char *id, const char *actor, const char *reply_to,
+                           const char *why) {
+    req_t *q = req_new(pg, LR_SQL_REPLY_REFUSED, 4, reply_refused_decode, NULL, NULL);
+    if (q == NULL) {
+        return LR_ENOMEM;
+    }
+    q->params[0] = id;
+    q->params[1] = actor;
+    q->params[2] = reply_to;
+    q->params[3] = why;
+    q->timeout_ms = 10000;
+    return req_start(q);
+}
+
 static void flags_decode(req_t *q, int err, const PGresult *res) {
     lr_store_flags_res_t r;
     const char *entries[512];

@@ -260,6 +260,12 @@ typedef struct lr_store_heartbeat_args {
  * debug level). */
 int lr_store_heartbeat(lr_pg_pool_t *pg, const lr_store_heartbeat_args_t *a) LR_MUSTCHECK;
 
+/* The task_events row of an outcome refused for its reply_to
+ * (LR_SQL_REPLY_REFUSED); fire and forget: a failure is logged.  Strings are
+ * copied.  Returns 0 or the pool's error (nothing sent). */
+int lr_store_reply_refused(lr_pg_pool_t *pg, const char *id, const char *actor, const char *reply_to,
+                           const char *why) LR_MUSTCHECK;
+
 typedef struct lr_store_flags_res {
     int err;
     const char *errmsg;

@@ -1,7 +1,7 @@
 """Issue 3: results reach the producer without polling (AMQP reply_to).
 
 A producer (pika) publishes full task bodies with `reply_to` = its own
-exclusive queue and a `correlation_id`.  It must receive, for every task,
+exclusive queue (named reply.<hex>, an allowed reply queue) and a `correlation_id`.  It must receive, for every task,
 exactly one outcome message with the same correlation_id and message_id = the
 task id, whose body is exactly the documented outcome object:
 
@@ -39,7 +39,8 @@ def test():
 
         conn = env.amqp()
         ch = conn.channel()
-        q = ch.queue_declare("", exclusive=True).method.queue
+        # a reply queue: its name starts with LONGRUN_REPLY_TO_PREFIX (default "reply.")
+        q = ch.queue_declare("reply.%s" % uuid.uuid4().hex, exclusive=True).method.queue
 
         expect = {}  # id -> (correlation_id, expected status, steps, stop_reason, error substring, result)
         bodies, props = [], []

@@ -31,6 +31,11 @@
 6. k8s/set-image rewrites an overlay's image and the overlay still renders.
 7. docs/deploy.md and docs/runbooks/: links and anchors resolve, and the repository
    paths they name exist.
+   Security (issue 15): where an operator runs PostgreSQL or RabbitMQ (prod, canary), every
+   longrun Deployment and Job mounts the CloudNativePG CA and (with an AMQP URL) the broker's
+   CA as LONGRUN_AMQP_CACERT, projecting only ca.crt, without LONGRUN_ALLOW_PLAINTEXT, and the
+   RabbitmqCluster has TLS; no egress rule of a longrun NetworkPolicy lacks ports, and one
+   admits in-cluster model servers by the longrun.io/model-server label only.
 8. Self-test: deliberately broken copies of the prod worker (unknown field, wrong type,
    bad quantity, no readiness probe, root, no limits, short grace, writable root, no
    preStop, a drain longer than the grace) must each be caught.
@@ -288,6 +293,83 @@ def check_workload(where, obj, configmaps):
                              f"{CLOSE_AFTER_DRAIN} + {MIN_SLACK} slack")
 
 
+def operator_secrets(by_kind):
+    """Secrets the rendered operators' objects create: CloudNativePG's <cluster>-ca and the
+    certificate Secret a RabbitmqCluster names in spec.tls.secretName (cert-manager's)."""
+    names = {f"{n}-ca" for n in by_kind.get("Cluster", {})}
+    for r in by_kind.get("RabbitmqCluster", {}).values():
+        if r["spec"].get("tls", {}).get("secretName"):
+            names.add(r["spec"]["tls"]["secretName"])
+    return names
+
+
+def check_tls(target, by_kind):
+    """Issue 15: where the operators run the servers, every longrun pod verifies them: the
+    CloudNativePG CA and the broker's CA mounted (ca.crt only, never a key),
+    LONGRUN_AMQP_CACERT pointing into the broker's, and no LONGRUN_ALLOW_PLAINTEXT."""
+    clusters = list(by_kind.get("Cluster", {}))
+    rabbits = [r for r in by_kind.get("RabbitmqCluster", {}).values()]
+    if not clusters and not rabbits:
+        return
+    for r in rabbits:
+        if not r["spec"].get("tls", {}).get("secretName"):
+            fail(f"{target} RabbitmqCluster/{r['metadata']['name']}", "no spec.tls.secretName: AMQPS is off")
+    for kind in ("Deployment", "Job"):
+        for name, o in by_kind.get(kind, {}).items():
+            if not is_longrun(o):
+                continue
+            w = f"{target} {kind}/{name}"
+            spec = pod_spec(o)
+            vols = {v["name"]: v for v in spec.get("volumes", []) or []}
+            secret_vols = {v["secret"]["secretName"]: v for v in vols.values() if "secret" in v}
+            for v in secret_vols.values():
+                keys = [i["key"] for i in v["secret"].get("items", [])]
+                if keys != ["ca.crt"]:
+                    fail(w, f"volume {v['name']} projects {keys or 'every key'} of Secret "
+                            f"{v['secret']['secretName']}: only ca.crt (no private key in a longrun pod)")
+            c = spec["containers"][0]
+            mounts = {m["name"]: m["mountPath"] for m in c.get("volumeMounts", []) or []}
+            env = {e["name"]: e.get("value") for e in c.get("env", []) or []}
+            if env.get("LONGRUN_ALLOW_PLAINTEXT") not in (None, "0"):
+                fail(w, "LONGRUN_ALLOW_PLAINTEXT is set where the servers speak TLS")
+            for cl in clusters:
+                v = secret_vols.get(f"{cl}-ca")
+                if v is None or v["name"] not in mounts:
+                    fail(w, f"the CloudNativePG CA (Secret {cl}-ca) is not mounted (sslrootcert for verify-full)")
+            uses_amqp = any(e["name"] == "LONGRUN_AMQP_URL" for e in c.get("env", []) or [])
+            for r in rabbits if uses_amqp else []:
+                v = secret_vols.get(r["spec"].get("tls", {}).get("secretName"))
+                path = v is not None and mounts.get(v["name"])
+                if not path or env.get("LONGRUN_AMQP_CACERT") != path.rstrip("/") + "/ca.crt":
+                    fail(w, f"LONGRUN_AMQP_CACERT must be ca.crt of the broker's certificate Secret, mounted "
+                            f"(got {env.get('LONGRUN_AMQP_CACERT')!r})")
+
+
+def check_network(target, by_kind):
+    """Issue 15: egress from longrun pods is by port only (no rule opens every port), and
+    in-cluster model servers are reachable only by the longrun.io/model-server label."""
+    found = False
+    for name, np_ in by_kind.get("NetworkPolicy", {}).items():
+        sel = np_["spec"].get("podSelector", {}).get("matchLabels", {})
+        if sel.get("app.kubernetes.io/name") != "longrun":
+            continue
+        for rule in np_["spec"].get("egress", []) or []:
+            if not rule.get("ports"):
+                fail(f"{target} NetworkPolicy/{name}", f"an egress rule without ports opens everything: {rule}")
+            peers = rule.get("to", [])
+            labelled = [p for p in peers if p.get("podSelector", {}).get("matchLabels", {})
+                        .get("longrun.io/model-server") == "true"]
+            if labelled:
+                found = True
+                if len(labelled) != len(peers) or any(
+                        "namespaceSelector" in p and p["namespaceSelector"].get("matchLabels", {})
+                        .get("longrun.io/model-server") != "true" for p in peers):
+                    fail(f"{target} NetworkPolicy/{name}", "the model-server rule must select labelled pods "
+                         "(in labelled namespaces) only")
+    if not found:
+        fail(target, 'no egress rule for in-cluster model servers (pods labelled longrun.io/model-server: "true")')
+
+
 def check_references(target, objs):
     where = target
     by_kind = {}
@@ -306,7 +388,7 @@ def check_references(target, objs):
         for v in spec.get("volumes", []) or []:
             if "configMap" in v and v["configMap"]["name"] not in configmaps and v["configMap"]["name"] not in external_cm:
                 fail(w, f"volume {v['name']}: ConfigMap {v['configMap']['name']} does not exist")
-            if "secret" in v and v["secret"]["secretName"] not in EXTERNAL_SECRETS:
+            if "secret" in v and v["secret"]["secretName"] not in EXTERNAL_SECRETS | operator_secrets(by_kind):
                 fail(w, f"volume {v['name']}: Secret {v['secret']['secretName']} is not a documented Secret")
         for c in spec.get("containers", []) + spec.get("initContainers", []):
             for ef in c.get("envFrom", []) or []:
@@ -642,6 +724,8 @@ def main():
                         if c["image"].split(":")[0] == "longrun":
                             fail(where, "the overlay does not map image 'longrun' to a registry (images:)")
         by_kind = check_references(target, objs)
+        check_tls(target, by_kind)
+        check_network(target, by_kind)
         check_agents(target, by_kind)
         if target in ("prod", "canary"):
             check_monitoring(target, by_kind)

@@ -378,8 +378,13 @@ static void test_main(void) {
     T_EQ_INT(ms.prepared, 1);
     T_EQ_INT(ms.ran, 1);
     T_EQ_INT(ms.cleaned, 1);
-    T_EQ_INT(call_main(&ms, "--amqp-url", "amqp://u:p@h:1/", NULL), 7);
-    T_EQ_STR(ms.amqp_url, "amqp://u:p@h:1/");
+    T_EQ_INT(call_main(&ms, "--amqp-url", "amqps://u:p@h:1/", NULL), 7);
+    T_EQ_STR(ms.amqp_url, "amqps://u:p@h:1/");
+    /* plain text to another machine (common/transport.h): refused before prepare */
+    T_EQ_INT(call_main(&ms, "--amqp-url", "amqp://u:p@h:1/", NULL), 2);
+    T_EQ_INT(ms.prepared + ms.ran + ms.cleaned, 0);
+    T_EQ_INT(call_main(&ms, "--database-url", "postgresql://u@10.0.0.1/d?sslmode=disable", "--check-config"), 2);
+    T_EQ_INT(ms.prepared + ms.ran + ms.cleaned, 0);
 
     T_EQ_INT(call_main(&ms, "--check-config", NULL, NULL), 0); /* "configuration ok (test)" */
     T_EQ_INT(ms.prepared, 1);
