@@ -94,7 +94,7 @@ def phase_trips(env):
     env.wait_queue("longrun.q.default", consumers=1)
     conn = env.amqp()
     ch = conn.channel()
-    q = ch.queue_declare("", exclusive=True).method.queue
+    q = ch.queue_declare("reply.%s" % uuid.uuid4().hex, exclusive=True).method.queue
     bodies, props, ids = tasks(q, ["dead"] * TRIPS)
     env.publish(bodies, props=lambda i, b: props[i], conn=conn)
     got, dup = collect(conn, ch, q, len(ids), 60)
@@ -120,7 +120,7 @@ def phase_kills(env):
     env.wait_queue("longrun.q.default", consumers=2)
     conn = env.amqp()
     ch = conn.channel()
-    q = ch.queue_declare("", exclusive=True).method.queue
+    q = ch.queue_declare("reply.%s" % uuid.uuid4().hex, exclusive=True).method.queue
     bodies, props, ids = tasks(q, [("dead" if i % 4 == 3 else 1 + i % 4) for i in range(N)])
     stop, kills = threading.Event(), []
     t = threading.Thread(target=killer, args=(env, stop, kills), daemon=True)
