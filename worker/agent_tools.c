@@ -304,7 +304,9 @@ static void tool_response(const lr_http_response_t *resp, void *arg) {
     agent_state_t *st = tc->st;
     char idem[160];
     long ms = (long)(lr_agent_now() - tc->started);
-    bool retry = resp->err != 0 || resp->status >= 500 || resp->status == 408 || resp->status == 429;
+    /* (a connection refused by the egress check is configuration: no retry) */
+    bool retry = (resp->err != 0 && resp->err != LR_EPERM) || resp->status >= 500 || resp->status == 408 ||
+                 resp->status == 429;
     tc->req = NULL;
     snprintf(idem, sizeof(idem), "%s:%d:%d", lr_run_id(st->run), st->step_no, tc->index);
     if (retry && tc->tries <= tc->def->retries) {
@@ -339,7 +341,10 @@ static void tool_response(const lr_http_response_t *resp, void *arg) {
     } else {
         char msg[600];
         if (resp->err != 0) {
-            snprintf(msg, sizeof(msg), "error: tool %s failed: %s", tc->name, lr_strerror(resp->err));
+            /* (a refused connection says why: the address and its class) */
+            snprintf(msg, sizeof(msg), "error: tool %s failed: %s%s%.300s", tc->name, lr_strerror(resp->err),
+                     resp->err == LR_EPERM && resp->errmsg != NULL && resp->errmsg[0] != '\0' ? ": " : "",
+                     resp->err == LR_EPERM && resp->errmsg != NULL ? resp->errmsg : "");
         } else {
             bool cut;
             char *clean = lr_utf8_clean(resp->body, resp->body_len, 400, &cut);
@@ -375,6 +380,7 @@ static void tool_send(tool_call_t *tc) {
     o.body_len = strlen(o.body);
     o.timeout_ms = tc->def->timeout_ms;
     o.max_body = (size_t)tc->def->max_result_bytes + 1;
+    lr_worker_egress(st->w, &o);
     tc->tries++;
     tc->started = lr_agent_now();
     rc = lr_http_send(lr_worker_http(st->w), &o, tool_response, tc, &tc->req);

@@ -41,6 +41,7 @@
 #include "list.h"
 #include "log.h"
 #include "run_fsm.h"
+#include "urlguard.h"
 #include "worker.h"
 
 /* The task's status as the worker writes it (tasks.status). */
@@ -146,6 +147,7 @@ struct lr_worker {
     lr_pg_pool_t *pg;
     lr_amqp_t *amqp;
     lr_http_t *http;
+    lr_urlguard_t *egress;        /* LONGRUN_EGRESS_ALLOW (worker/egress.h), owned */
     uv_timer_t lease_timer;
     uv_timer_t drain_timer;
     lr_list_t runs;

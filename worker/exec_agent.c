@@ -703,6 +703,7 @@ static void model_send(agent_state_t *st, char *body) {
     o.body_len = strlen(body);
     st->req_bytes = (long)o.body_len;
     o.timeout_ms = m->timeout_ms;
+    lr_worker_egress(st->w, &o);
     agent_log_payload(st, "payload.model_request", m->endpoint_label, body, o.body_len);
     rc = lr_http_send(lr_worker_http(st->w), &o, model_response, st, &st->model_req);
     memset(auth, 0, sizeof(auth));
@@ -735,7 +736,10 @@ static void model_http_failed(agent_state_t *st, const lr_http_response_t *resp)
     int cls;
     if (resp->err != 0) {
         snprintf(detail, sizeof(detail), "%s: %s", lr_strerror(resp->err), resp->errmsg);
-        model_failed(st, LR_CALL_RETRY, resp->err == LR_ETIMEOUT ? "timeout" : "connection", detail, -1);
+        /* a refused address is configuration, not an outage: the next model */
+        model_failed(st, resp->err == LR_EPERM ? LR_CALL_NEXT_MODEL : LR_CALL_RETRY,
+                     resp->err == LR_ETIMEOUT ? "timeout" : resp->err == LR_EPERM ? "egress_refused" : "connection",
+                     detail, -1);
         return;
     }
     should = lr_http_header(resp, "x-should-retry", sr, sizeof(sr)) == 0 ? sr : NULL;

@@ -83,6 +83,7 @@ const lr_config_t *lr_worker_config(const lr_worker_t *w) { return &w->cfg; }
 const char *lr_worker_id(const lr_worker_t *w) { return w->id; }
 bool lr_worker_test_hooks(const lr_worker_t *w) { return w->test_hooks; }
 
+
 void lr_run_usage(const lr_run_t *r, lr_run_usage_t *u) {
     u->step = r->step;
     u->tokens_in = r->tokens_in;

@@ -50,4 +50,8 @@ void lr_wm_init(void) {
                                                 "callback_url deliveries refused by LONGRUN_CALLBACK_ALLOW or the "
                                                 "connect-time address check, by reason.",
                                                 "reason");
+    lr_wm.egress_refused = lr_metric_counter("longrun_egress_refused_total",
+                                             "Model and tool connections refused by the connect-time address "
+                                             "check (LONGRUN_EGRESS_ALLOW), by reason.",
+                                             "reason");
 }

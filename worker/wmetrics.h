@@ -33,6 +33,7 @@ typedef struct lr_wm {
     lr_metric_t *amqp_connected;     /* gauge */
     lr_metric_t *pg_connections;     /* gauge */
     lr_metric_t *callbacks_refused;  /* counter {reason} */
+    lr_metric_t *egress_refused;     /* counter {reason} */
 } lr_wm_t;
 
 extern lr_wm_t lr_wm;

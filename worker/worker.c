@@ -20,6 +20,7 @@
 #include "agents.h"
 #include "breaker.h"
 #include "callback.h"
+#include "egress.h"
 #include "health.h"
 #include "migrations.h"
 #include "state.h"
@@ -267,6 +268,10 @@ static int start(lr_worker_t *w) {
         lr_error("worker.config", "LONGRUN_CALLBACK_ALLOW: %s", err);
         return 2;
     }
+    if (lr_egress_parse(&w->egress, getenv("LONGRUN_EGRESS_ALLOW"), err, sizeof(err)) != 0) {
+        lr_error("worker.config", "LONGRUN_EGRESS_ALLOW: %s", err);
+        return 2;
+    }
     if (lr_http_init(&w->http, w->loop) != 0) {
         lr_error("worker.http_init", "cannot initialize the HTTP client");
         return 1;
@@ -300,6 +305,7 @@ static void setup_test_hooks(lr_worker_t *w) {
 }
 
 static void worker_free(lr_worker_t *w) {
+    lr_urlguard_free(w->egress);
     if (w->queue_names != NULL) {
         for (int i = 0; i < w->nqueues; i++) {
             free((void *)w->queue_names[i]);

@@ -111,6 +111,9 @@ lr_pg_pool_t *lr_worker_pg(lr_worker_t *w);
 const lr_config_t *lr_worker_config(const lr_worker_t *w);
 const char *lr_worker_id(const lr_worker_t *w);
 bool lr_worker_test_hooks(const lr_worker_t *w);
+/* The connect-time check model and tool requests set (lr_http_opts_t
+ * check_addr / check_arg): worker/egress.h. */
+void lr_worker_egress(lr_worker_t *w, lr_http_opts_t *o);
 
 /* Built-in executors. */
 extern const lr_executor_t lr_exec_http_steps;

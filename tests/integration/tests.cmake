@@ -42,6 +42,8 @@ lr_py_test(integration.secrets integration/test_secrets.py TIMEOUT 240 LABELS "i
 lr_py_test(integration.health_flood integration/test_health_flood.py TIMEOUT 180 LABELS "integration;asan")
 # Issue 15 item 1: callback_url allow rules and the connect-time address check (SSRF).
 lr_py_test(integration.callback_guard integration/test_callback_guard.py TIMEOUT 180 LABELS "integration;asan")
+# Issue 15 item 1: model and tool connections checked at connect time (LONGRUN_EGRESS_ALLOW).
+lr_py_test(integration.egress integration/test_egress.py TIMEOUT 120 LABELS "integration;asan")
 # Issue 15: plain text refused across a network (item 5); reply_to only to allowed queues (item 2).
 lr_py_test(integration.plaintext integration/test_plaintext.py TIMEOUT 180 LABELS "integration;asan")
 lr_py_test(integration.reply_policy integration/test_reply_policy.py TIMEOUT 180 LABELS "integration;asan")
