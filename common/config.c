@@ -75,6 +75,7 @@ static const struct cfg_entry entries[] = {
     I("LONGRUN_MODEL_CONCURRENCY", model_concurrency, "0", 0, 100000),
     I("LONGRUN_LONG_WAIT_SECONDS", long_wait_seconds, "30", 1, 86400),
     D("LONGRUN_LOG_PAYLOADS", log_payloads, "0", 0, 1),
+    I("LONGRUN_ALLOW_UNSAFE_DURABILITY", allow_unsafe_durability, "0", 0, 1),
 };
 
 static const struct cfg_entry *find(const char *env) {

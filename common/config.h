@@ -63,6 +63,7 @@ typedef struct lr_config {
     int model_concurrency;    /* in-process calls in flight per (provider, model); 0 = no gate */
     int long_wait_seconds;    /* a provider wait longer than this suspends the task */
     double log_payloads;      /* share of tasks whose payloads are logged (0 = never) */
+    int allow_unsafe_durability; /* 1: the worker runs on fsync=off / synchronous_commit=off */
 } lr_config_t;
 
 /* Fills cfg with defaults, then the environment.  Returns 0 or LR_ECONFIG

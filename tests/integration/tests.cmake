@@ -34,3 +34,5 @@ lr_py_test(integration.reliability integration/test_reliability.py TIMEOUT 400 L
 # Issue 15: secrets masked everywhere (item 3); the health server under a flood (item 4).
 lr_py_test(integration.secrets integration/test_secrets.py TIMEOUT 240 LABELS "integration;asan")
 lr_py_test(integration.health_flood integration/test_health_flood.py TIMEOUT 180 LABELS "integration;asan")
+# Issue 16: the durability self-check (item 9), the outbox under a backlog (item 2), backpressure (item 6).
+lr_py_test(integration.durability_check integration/test_durability_check.py TIMEOUT 120 LABELS "integration;asan")
