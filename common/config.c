@@ -76,6 +76,7 @@ static const struct cfg_entry entries[] = {
     I("LONGRUN_LONG_WAIT_SECONDS", long_wait_seconds, "30", 1, 86400),
     D("LONGRUN_LOG_PAYLOADS", log_payloads, "0", 0, 1),
     I("LONGRUN_ALLOW_UNSAFE_DURABILITY", allow_unsafe_durability, "0", 0, 1),
+    I("LONGRUN_QUEUE_MAX_LENGTH", queue_max_length, "100000", 0, 100000000),
 };
 
 static const struct cfg_entry *find(const char *env) {

@@ -64,6 +64,7 @@ typedef struct lr_config {
     int long_wait_seconds;    /* a provider wait longer than this suspends the task */
     double log_payloads;      /* share of tasks whose payloads are logged (0 = never) */
     int allow_unsafe_durability; /* 1: the worker runs on fsync=off / synchronous_commit=off */
+    int queue_max_length;     /* x-max-length of new task queues (reject-publish); 0 = unlimited */
 } lr_config_t;
 
 /* Fills cfg with defaults, then the environment.  Returns 0 or LR_ECONFIG

@@ -846,6 +846,7 @@ static int start(sched_t *s) {
     ao.declare = declare;
     ao.prefetch = 100;
     ao.delivery_limit = cfg->delivery_limit;
+    ao.max_length = cfg->queue_max_length;
     ao.on_delivery = on_dead;
     ao.on_state = on_amqp_state;
     ao.arg = s;

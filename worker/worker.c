@@ -354,6 +354,7 @@ static int start_amqp(lr_worker_t *w) {
     ao.declare = w->queue_short;
     ao.prefetch = cfg->max_in_flight;
     ao.delivery_limit = cfg->delivery_limit;
+    ao.max_length = cfg->queue_max_length;
     ao.on_delivery = lr_claim_delivery;
     ao.on_state = on_amqp_state;
     ao.arg = w;

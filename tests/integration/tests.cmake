@@ -37,3 +37,4 @@ lr_py_test(integration.health_flood integration/test_health_flood.py TIMEOUT 180
 # Issue 16: the durability self-check (item 9), the outbox under a backlog (item 2), backpressure (item 6).
 lr_py_test(integration.durability_check integration/test_durability_check.py TIMEOUT 120 LABELS "integration;asan")
 lr_py_test(integration.outbox_backlog integration/test_outbox_backlog.py TIMEOUT 300 LABELS "integration")
+lr_py_test(integration.backpressure integration/test_backpressure.py TIMEOUT 180 LABELS "integration;asan")
