@@ -12,10 +12,21 @@
  * written, the row stays queued with published_at NULL and the scheduler's
  * outbox sweep dispatches it after LONGRUN_OUTBOX_GRACE_SECONDS; the command
  * says so and exits 1.
+ *
+ * Backpressure: a task queue at its x-max-length (LONGRUN_QUEUE_MAX_LENGTH)
+ * nacks the publish (x-overflow=reject-publish; lr_amqp_sync_publish tries 4
+ * times for a transient nack, then returns LR_EBUSY).  The task is then not
+ * enqueued: its row is deleted again (it was never published, so nothing
+ * else can have seen it run), the command reports "queue full" and exits 75
+ * (EX_TEMPFAIL) when that was the only kind of failure.  --wait-for-room N
+ * retries the publish with a doubling pause (250 ms .. 5 s) for up to N
+ * seconds first.
  */
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <cjson/cJSON.h>
@@ -25,6 +36,9 @@
 #include "task.h"
 
 #define MAX_LINE (LR_TASK_MAX_BODY + 2)
+#define EXIT_TEMPFAIL 75 /* sysexits.h EX_TEMPFAIL: a queue was full, try again later */
+#define ROOM_PAUSE_MIN_MS 250
+#define ROOM_PAUSE_MAX_MS 5000
 
 static void enqueue_usage(FILE *f) {
     fprintf(f,
@@ -49,7 +63,12 @@ static void enqueue_usage(FILE *f) {
             "  --deadline RFC3339     dead-letter the task if not finished by then\n"
             "  --tenant T             tenant name (fair sharing)\n"
             "  --metadata JSON        free-form object, stored with the task\n"
-            "  --callback-url URL     receives the outcome as a POST when the task ends\n");
+            "  --callback-url URL     receives the outcome as a POST when the task ends\n"
+            "  --wait-for-room N      when the queue is full, retry for up to N seconds (0..86400)\n"
+            "\n"
+            "Exit codes: 0 ok; 1 failed; 2 usage or every line invalid; 3 some lines failed;\n"
+            "75 the queue was full (LONGRUN_QUEUE_MAX_LENGTH): those tasks were not enqueued,\n"
+            "try again later (or with --wait-for-room).\n");
 }
 
 enum {
@@ -61,7 +80,8 @@ enum {
     O_DEADLINE,
     O_TENANT,
     O_METADATA,
-    O_CALLBACK
+    O_CALLBACK,
+    O_WAIT_FOR_ROOM
 };
 
 typedef struct enq {
@@ -70,6 +90,8 @@ typedef struct enq {
     lr_amqp_sync_t *amqp;
     const char *queue;
     int ok, exists, failed;
+    int full;           /* of failed: refused because the queue was full */
+    long wait_room_ms;  /* --wait-for-room, in ms; 0: report a full queue at once */
     cJSON *out; /* --json array */
     bool quiet; /* producer sessions of other commands print nothing but errors */
 } enq_t;
@@ -155,12 +177,43 @@ out:
     return rc;
 }
 
+static uint64_t mono_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+static void pause_ms(long ms) {
+    struct timespec ts = {.tv_sec = ms / 1000, .tv_nsec = (ms % 1000) * 1000000L};
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
+    }
+}
+
+/* The publish of one task; with --wait-for-room, a full queue is tried again
+ * with a doubling pause until the wait is over.  Returns
+ * lr_amqp_sync_publish's code (LR_EBUSY: still full). */
+static int publish_with_room(enq_t *e, const lr_amqp_msg_t *msg, char *err, size_t errlen) {
+    uint64_t until = mono_ms() + (uint64_t)e->wait_room_ms;
+    long pause = ROOM_PAUSE_MIN_MS;
+    for (;;) {
+        int rc = lr_amqp_sync_publish(e->amqp, LR_AMQP_EXCHANGE, e->queue, msg, 10000, err, errlen);
+        uint64_t now = mono_ms();
+        if (rc != LR_EBUSY || now >= until) {
+            return rc;
+        }
+        pause_ms((long)(now + (uint64_t)pause < until ? (uint64_t)pause : until - now));
+        pause = pause * 2 > ROOM_PAUSE_MAX_MS ? ROOM_PAUSE_MAX_MS : pause * 2;
+    }
+}
+
 /* Publishes a recorded task (confirmed) and marks it published.  Returns 0,
- * or -1 when the publish failed (reported: the outbox sweep sends it later). */
+ * or -1 when the publish failed (reported: the outbox sweep sends it later,
+ * or, when the queue was full, the row is taken back: not enqueued). */
 static int publish_task(enq_t *e, const lr_task_msg_t *m, const char *body) {
     const char *id = m->id;
     char err[512];
     lr_amqp_msg_t msg;
+    int rc;
 
     memset(&msg, 0, sizeof(msg));
     msg.body = body;
@@ -169,7 +222,24 @@ static int publish_task(enq_t *e, const lr_task_msg_t *m, const char *body) {
     msg.content_type = "application/json";
     msg.persistent = true;
     msg.mandatory = true;
-    if (lr_amqp_sync_publish(e->amqp, LR_AMQP_EXCHANGE, e->queue, &msg, 10000, err, sizeof(err)) != 0) {
+    rc = publish_with_room(e, &msg, err, sizeof(err));
+    if (rc == LR_EBUSY) {
+        char why[768];
+        /* Never published, so never claimed: take the row back (its events
+         * go with it), so that "queue full" means "not enqueued". */
+        PQclear(cli_exec(e->c, e->db, "DELETE FROM tasks WHERE id = $1 AND status = 'queued' AND"
+                         " published_at IS NULL AND step = 0", 1, &id));
+        e->failed++;
+        e->full++;
+        snprintf(why, sizeof(why),
+                 "queue full: %s%s is at its maximum length (LONGRUN_QUEUE_MAX_LENGTH) and refused the task%s; "
+                 "not enqueued, try again later%s",
+                 LR_AMQP_QUEUE_PREFIX, e->queue, e->wait_room_ms > 0 ? " for the whole --wait-for-room" : "",
+                 e->wait_room_ms > 0 ? "" : " or use --wait-for-room SECONDS");
+        report(e, m->id, "queue_full", why);
+        return -1;
+    }
+    if (rc != 0) {
         char why[768];
         e->failed++;
         snprintf(why, sizeof(why),
@@ -238,7 +308,7 @@ static int connect_all(enq_t *e) {
                  e->c->cfg.amqp_url, err);
         return -1;
     }
-    if (lr_amqp_sync_declare(e->amqp, queues, e->c->cfg.delivery_limit, err, sizeof(err)) != 0) {
+    if (lr_amqp_sync_declare(e->amqp, queues, e->c->cfg.delivery_limit, e->c->cfg.queue_max_length, err, sizeof(err)) != 0) {
         cli_fail(e->c, LR_EXIT_FAIL, "cannot declare the queue topology: %s", err);
         return -1;
     }
@@ -354,6 +424,7 @@ static int enqueue_options(enq_t *e, enq_args_t *a, int argc, char **argv) {
                                          {"tenant", required_argument, NULL, O_TENANT},
                                          {"metadata", required_argument, NULL, O_METADATA},
                                          {"callback-url", required_argument, NULL, O_CALLBACK},
+                                         {"wait-for-room", required_argument, NULL, O_WAIT_FOR_ROOM},
                                          {NULL, 0, NULL, 0}};
     cli_t *c = e->c;
     int opt;
@@ -401,6 +472,12 @@ static int enqueue_options(enq_t *e, enq_args_t *a, int argc, char **argv) {
             }
             break;
         case O_CALLBACK: cJSON_AddStringToObject(a->task, "callback_url", optarg); break;
+        case O_WAIT_FOR_ROOM:
+            if (cli_parse_long(c, "--wait-for-room", optarg, 0, 86400, &v) != 0) {
+                return LR_EXIT_USAGE;
+            }
+            e->wait_room_ms = v * 1000;
+            break;
         default: enqueue_usage(stderr); return LR_EXIT_USAGE;
         }
     }
@@ -439,7 +516,7 @@ static int enqueue_single(enq_t *e, enq_args_t *a) {
     if (connect_all(e) != 0) {
         rc = LR_EXIT_FAIL;
     } else {
-        rc = enqueue_one(e, &m, body) == 0 ? LR_EXIT_OK : LR_EXIT_FAIL;
+        rc = enqueue_one(e, &m, body) == 0 ? LR_EXIT_OK : e->full > 0 ? EXIT_TEMPFAIL : LR_EXIT_FAIL;
         print_results(e);
     }
     free(body);
@@ -520,14 +597,16 @@ static int enqueue_stdin(enq_t *e, const enq_args_t *a) {
     free(line);
     if (invalid > 0 && e->ok == 0 && e->exists == 0 && e->failed == 0) {
         rc = LR_EXIT_USAGE;
+    } else if (invalid == 0 && e->full > 0 && e->full == e->failed) {
+        rc = EXIT_TEMPFAIL; /* only full queues: every refused task can be sent again as it is */
     } else if (invalid > 0 || e->failed > 0) {
         rc = LR_EXIT_PARTIAL;
     } else {
         rc = LR_EXIT_OK;
     }
     if (e->out == NULL) {
-        fprintf(stderr, "enqueued %d, already existing %d, failed %d, invalid %d\n", e->ok, e->exists, e->failed,
-                invalid);
+        fprintf(stderr, "enqueued %d, already existing %d, failed %d (queue full %d), invalid %d\n", e->ok,
+                e->exists, e->failed, e->full, invalid);
     }
     print_results(e);
     return rc;

@@ -70,6 +70,7 @@ int main(int argc, char **argv) {
 
     memset(&c, 0, sizeof(c));
     lr_log_init("cli", NULL, LR_LOG_WARN, 0);
+    lr_log_to_stderr();
     if (argc < 2) {
         usage(stderr);
         return LR_EXIT_USAGE;

@@ -258,7 +258,7 @@ int cli_publish_continuations(cli_t *c, PGconn *db, PGresult *ids, int col_id, i
         m.persistent = true;
         m.mandatory = true;
         if (i == 0 || strcmp(queue, PQgetvalue(ids, i - 1, col_queue)) != 0) {
-            if (lr_amqp_sync_declare(a, queues, c->cfg.delivery_limit, err, sizeof(err)) != 0) {
+            if (lr_amqp_sync_declare(a, queues, c->cfg.delivery_limit, c->cfg.queue_max_length, err, sizeof(err)) != 0) {
                 (void)cli_fail(c, 0, "%s", err);
             }
         }

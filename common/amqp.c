@@ -989,13 +989,89 @@ static int check_queue_names(const char *const *queues, char *errbuf, size_t err
     return 0;
 }
 
+/* One declare of a task queue: with x-max-length = max_length when it is
+ * above 0, without it when 0, passive (exists, whatever its arguments) when
+ * passive.  Returns rpc_check's code with e filled. */
+static int queue_declare_once(conn_t *c, const char *name, int delivery_limit, long max_length,
+                              bool passive, rpc_err_t *e) {
+    amqp_table_entry_t args[6];
+    amqp_table_t table = {.num_entries = 5, .entries = args};
+    set_str_entry(&args[0], "x-queue-type", "quorum");
+    args[1].key = amqp_cstring_bytes("x-delivery-limit");
+    args[1].value.kind = AMQP_FIELD_KIND_I32;
+    args[1].value.value.i32 = delivery_limit;
+    set_str_entry(&args[2], "x-dead-letter-exchange", LR_AMQP_DLX);
+    set_str_entry(&args[3], "x-dead-letter-strategy", "at-least-once");
+    set_str_entry(&args[4], "x-overflow", "reject-publish");
+    if (max_length > 0) {
+        args[5].key = amqp_cstring_bytes("x-max-length");
+        args[5].value.kind = AMQP_FIELD_KIND_I64;
+        args[5].value.value.i64 = max_length;
+        table.num_entries = 6;
+    }
+    if (passive) {
+        table = amqp_empty_table;
+    }
+    amqp_queue_declare(c->st, CHANNEL, amqp_cstring_bytes(name), passive ? 1 : 0, 1, 0, 0, table);
+    return rpc_check(c, e);
+}
+
+/* Declares task queue name.  The maximum length is a queue argument, which
+ * RabbitMQ compares on every declare: a queue created before
+ * LONGRUN_QUEUE_MAX_LENGTH existed (or with another value) answers
+ * PRECONDITION_FAILED on x-max-length.  That queue is then used as it is
+ * (declared again without the argument, which still checks every other
+ * one, or passively when it has another limit) and a warning says how to
+ * give it the limit without deleting it: a policy, which RabbitMQ applies to
+ * existing queues (the lower of policy and argument wins). */
+static int declare_task_queue(conn_t *c, const char *name, int delivery_limit, int max_length,
+                              char *errbuf, size_t errlen) {
+    char wanted[300], arg[128];
+    rpc_err_t e;
+    int rc = queue_declare_once(c, name, delivery_limit, max_length, false, &e);
+    if (rc == LR_EAMQP && e.code == AMQP_PRECONDITION_FAILED && max_length > 0) {
+        differing_arg(e.server, arg, sizeof(arg));
+        if (strcmp(arg, "x-max-length") == 0 && channel_recover(c) == 0) {
+            char first[DETAIL_MAX];
+            snprintf(first, sizeof(first), "%s", e.server);
+            rc = queue_declare_once(c, name, delivery_limit, 0, false, &e);
+            if (rc == LR_EAMQP && e.code == AMQP_PRECONDITION_FAILED) {
+                differing_arg(e.server, arg, sizeof(arg));
+                if (strcmp(arg, "x-max-length") == 0 && channel_recover(c) == 0) {
+                    rc = queue_declare_once(c, name, delivery_limit, 0, true, &e);
+                }
+            }
+            if (rc == 0) {
+                lr_warn("amqp.queue_max_length", "queue %s exists with another x-max-length than "
+                        "LONGRUN_QUEUE_MAX_LENGTH=%d (server said: %s); using it as it is. To apply the limit "
+                        "without recreating it: rabbitmqctl set_policy --apply-to queues longrun-max-length "
+                        "'^longrun\\.q\\.' '{\"max-length\":%d,\"overflow\":\"reject-publish\"}' "
+                        "(docs/configuration.md)", name, max_length, first, max_length);
+                return 0;
+            }
+        }
+    }
+    if (rc != 0) {
+        snprintf(wanted, sizeof(wanted),
+                 "a durable quorum queue with x-delivery-limit=%d, "
+                 "x-dead-letter-exchange=%s, x-dead-letter-strategy=at-least-once, "
+                 "x-overflow=reject-publish",
+                 delivery_limit, LR_AMQP_DLX);
+        return declare_error(c, rc, &e, "queue", name, wanted, errbuf, errlen);
+    }
+    return 0;
+}
+
 static int declare_topology(conn_t *c, const char *const *queues, int delivery_limit,
-                            char *errbuf, size_t errlen) {
+                            int max_length, char *errbuf, size_t errlen) {
     rpc_err_t e;
     int rc;
     if (delivery_limit < 0) {
         return lr_seterr(errbuf, errlen, LR_EINVAL, "delivery limit %d is negative",
                          delivery_limit);
+    }
+    if (max_length < 0) {
+        return lr_seterr(errbuf, errlen, LR_EINVAL, "queue max length %d is negative", max_length);
     }
     if (delivery_limit == 0) {
         delivery_limit = LR_AMQP_DEFAULT_DELIVERY_LIMIT;
@@ -1023,27 +1099,9 @@ static int declare_topology(conn_t *c, const char *const *queues, int delivery_l
 
     for (const char *const *q = queues; q != NULL && *q != NULL; q++) {
         char name[sizeof(LR_AMQP_QUEUE_PREFIX) + MAX_QUEUE_NAME];
-        char wanted[256];
-        amqp_table_entry_t args[5];
         snprintf(name, sizeof(name), "%s%s", LR_AMQP_QUEUE_PREFIX, *q);
-        set_str_entry(&args[0], "x-queue-type", "quorum");
-        args[1].key = amqp_cstring_bytes("x-delivery-limit");
-        args[1].value.kind = AMQP_FIELD_KIND_I32;
-        args[1].value.value.i32 = delivery_limit;
-        set_str_entry(&args[2], "x-dead-letter-exchange", LR_AMQP_DLX);
-        set_str_entry(&args[3], "x-dead-letter-strategy", "at-least-once");
-        set_str_entry(&args[4], "x-overflow", "reject-publish");
-        amqp_table_t table = {.num_entries = 5, .entries = args};
-        amqp_queue_declare(c->st, CHANNEL, amqp_cstring_bytes(name), 0, 1, 0, 0, table);
-        if ((rc = rpc_check(c, &e)) != 0) {
-            snprintf(wanted, sizeof(wanted),
-                     "a durable quorum queue with x-delivery-limit=%d, "
-                     "x-dead-letter-exchange=%s, x-dead-letter-strategy=at-least-once, "
-                     "x-overflow=reject-publish",
-                     delivery_limit, LR_AMQP_DLX);
-            return declare_error(c, rc, &e, "queue", name, wanted, errbuf, errlen);
-        }
-        if ((rc = bind_queue(c, name, LR_AMQP_EXCHANGE, *q, errbuf, errlen)) != 0) {
+        if ((rc = declare_task_queue(c, name, delivery_limit, max_length, errbuf, errlen)) != 0 ||
+            (rc = bind_queue(c, name, LR_AMQP_EXCHANGE, *q, errbuf, errlen)) != 0) {
             return rc;
         }
     }
@@ -1534,6 +1592,7 @@ struct lr_amqp {
     char **declare;          /* NULL-terminated short names */
     int prefetch;
     int delivery_limit;
+    int max_length;
     lr_amqp_delivery_cb on_delivery;
     lr_amqp_state_cb on_state;
     void *arg;
@@ -2092,7 +2151,7 @@ static int session_open(lr_amqp_t *a, char *detail, size_t dlen) {
         return rc;
     }
     set_kick_fd(a, amqp_get_sockfd(a->conn.st));
-    rc = declare_topology(&a->conn, (const char *const *)a->declare, a->delivery_limit, detail,
+    rc = declare_topology(&a->conn, (const char *const *)a->declare, a->delivery_limit, a->max_length, detail,
                           dlen);
     if (rc != 0) {
         return rc;
@@ -2434,6 +2493,7 @@ int lr_amqp_start(lr_amqp_t **out, uv_loop_t *loop, const lr_amqp_opts_t *opts, 
     }
     a->prefetch = opts->prefetch;
     a->delivery_limit = opts->delivery_limit;
+    a->max_length = opts->max_length;
     a->on_delivery = opts->on_delivery;
     a->on_state = opts->on_state;
     a->arg = opts->arg;
@@ -2651,7 +2711,7 @@ int lr_amqp_sync_connect(lr_amqp_sync_t **out, const char *url, long timeout_ms,
     return 0;
 }
 
-int lr_amqp_sync_declare(lr_amqp_sync_t *s, const char *const *queues, int delivery_limit,
+int lr_amqp_sync_declare(lr_amqp_sync_t *s, const char *const *queues, int delivery_limit, int max_length,
                          char *errbuf, size_t errlen) {
     if (s == NULL || s->c.st == NULL || s->c.broken) {
         return lr_seterr(errbuf, errlen, LR_ECONN, "not connected");
@@ -2659,7 +2719,7 @@ int lr_amqp_sync_declare(lr_amqp_sync_t *s, const char *const *queues, int deliv
     if (!s->c.channel_open && channel_recover(&s->c) != 0) {
         return lr_seterr(errbuf, errlen, LR_ECONN, "cannot reopen the AMQP channel");
     }
-    return declare_topology(&s->c, queues, delivery_limit, errbuf, errlen);
+    return declare_topology(&s->c, queues, delivery_limit, max_length, errbuf, errlen);
 }
 
 /* One publish and its confirm; *nacked tells a basic.nack apart from the
@@ -2789,12 +2849,13 @@ int lr_amqp_sync_publish(lr_amqp_sync_t *s, const char *exchange, const char *ro
         uint64_t now = now_ms();
         long left = now < deadline ? (long)(deadline - now) : 0;
         int rc = sync_publish_once(s, exchange, routing_key, msg, left, &nacked, errbuf, errlen);
-        if (rc == 0 || !nacked || attempt >= SYNC_NACK_ATTEMPTS) {
+        if (rc == 0 || !nacked) {
             return rc;
         }
         now = now_ms();
-        if (now + (uint64_t)pause_ms >= deadline) {
-            return rc;
+        if (attempt >= SYNC_NACK_ATTEMPTS || now + (uint64_t)pause_ms >= deadline) {
+            /* refused every time: the queue is full (x-overflow=reject-publish) */
+            return LR_EBUSY;
         }
         struct timespec ts = {.tv_sec = pause_ms / 1000, .tv_nsec = (pause_ms % 1000) * 1000000L};
         while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {

@@ -97,6 +97,7 @@ typedef struct lr_amqp_opts {
                                        (longrun.q.<name>), or NULL; DLX topology always declared */
     int prefetch;                   /* basic.qos prefetch count (max in flight) */
     int delivery_limit;             /* x-delivery-limit; 0 = default */
+    int max_length;                 /* x-max-length of task queues it creates; 0 = none */
     lr_amqp_delivery_cb on_delivery;
     lr_amqp_state_cb on_state;
     void *arg;
@@ -190,17 +191,23 @@ int lr_amqp_sync_connect(lr_amqp_sync_t **out, const char *url, long timeout_ms,
  * short name in queues (NULL-terminated) quorum queue longrun.q.<name> with
  * x-delivery-limit, x-dead-letter-exchange=longrun.dlx,
  * x-dead-letter-strategy=at-least-once, x-overflow=reject-publish, bound to
- * longrun.tasks with routing key <name>.  A PRECONDITION_FAILED (existing
- * queue with other arguments) returns LR_ECONFIG with a plain-words
- * explanation in errbuf naming the queue and what differs if known. */
-int lr_amqp_sync_declare(lr_amqp_sync_t *s, const char *const *queues, int delivery_limit,
+ * longrun.tasks with routing key <name>, and, when max_length > 0,
+ * x-max-length = max_length (with reject-publish: a full queue nacks
+ * publishes).  A PRECONDITION_FAILED (existing queue with other arguments)
+ * returns LR_ECONFIG with a plain-words explanation in errbuf naming the
+ * queue and what differs if known, except on x-max-length alone: an existing
+ * queue with another limit (or none) is used as it is, with a warning
+ * (amqp.queue_max_length) that names the policy that applies the limit. */
+int lr_amqp_sync_declare(lr_amqp_sync_t *s, const char *const *queues, int delivery_limit, int max_length,
                          char *errbuf, size_t errlen) LR_MUSTCHECK;
 
 /* Publishes and waits for the broker's confirm (up to timeout_ms).
  * A nacked publish is retried (4 tries, pauses doubling from 50 ms) while
  * the timeout allows.
- * Returns 0 (confirmed), LR_EAMQP (nacked / unroutable), LR_ETIMEOUT,
- * LR_ECONN. */
+ * Returns 0 (confirmed), LR_EBUSY (nacked on every try: the queue is at its
+ * x-max-length, or unavailable; the message was not stored: publish it
+ * later), LR_EAMQP (unroutable, or refused by a channel error), LR_ETIMEOUT
+ * (the message may or may not be stored), LR_ECONN. */
 int lr_amqp_sync_publish(lr_amqp_sync_t *s, const char *exchange, const char *routing_key,
                          const lr_amqp_msg_t *msg, long timeout_ms, char *errbuf,
                          size_t errlen) LR_MUSTCHECK;

@@ -77,6 +77,8 @@ static const struct cfg_entry entries[] = {
     D("LONGRUN_LOG_PAYLOADS", log_payloads, "0", 0, 1),
     S("LONGRUN_REPLY_TO_PREFIX", reply_to_prefix, "reply.", 0),
     I("LONGRUN_ALLOW_PLAINTEXT", allow_plaintext, "0", 0, 1),
+    I("LONGRUN_ALLOW_UNSAFE_DURABILITY", allow_unsafe_durability, "0", 0, 1),
+    I("LONGRUN_QUEUE_MAX_LENGTH", queue_max_length, "100000", 0, 100000000),
 };
 
 static const struct cfg_entry *find(const char *env) {

@@ -65,6 +65,8 @@ typedef struct lr_config {
     double log_payloads;      /* share of tasks whose payloads are logged (0 = never) */
     char reply_to_prefix[256]; /* comma-separated queue-name prefixes reply_to may name (common/amqp.h) */
     int allow_plaintext;      /* 1: plain-text PostgreSQL/AMQP to other hosts allowed (common/transport.h) */
+    int allow_unsafe_durability; /* 1: the worker runs on fsync=off / synchronous_commit=off */
+    int queue_max_length;     /* x-max-length of new task queues (reject-publish); 0 = unlimited */
 } lr_config_t;
 
 /* Fills cfg with defaults, then the environment.  Returns 0 or LR_ECONFIG

@@ -14,6 +14,7 @@ int lr_log_threshold = LR_LOG_INFO;
 static char log_component[32] = "longrun";
 static char log_instance[128];
 static int log_json = 1;
+static FILE *log_out; /* NULL: stdout */
 
 static const char *level_names[] = {"debug", "info", "warn", "error", "off"};
 
@@ -23,6 +24,8 @@ void lr_log_init(const char *component, const char *instance, int level, int jso
     lr_log_threshold = level;
     log_json = json;
 }
+
+void lr_log_to_stderr(void) { log_out = stderr; }
 
 int lr_log_level_parse(const char *s) {
     for (int i = 0; i <= LR_LOG_OFF; i++) {
@@ -131,6 +134,6 @@ void lr_log_emit(int level, const lr_log_ctx_t *ctx, const char *event, const ch
         n = sizeof(line) - 1;
         line[n - 1] = '\n';
     }
-    fwrite(line, 1, n, stdout);
-    fflush(stdout);
+    fwrite(line, 1, n, log_out != NULL ? log_out : stdout);
+    fflush(log_out != NULL ? log_out : stdout);
 }

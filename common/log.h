@@ -36,6 +36,9 @@ extern int lr_log_threshold;
 /* component: "worker", "scheduler", "cli"; instance: worker id or NULL.
  * Both strings are copied. */
 void lr_log_init(const char *component, const char *instance, int level, int json);
+/* Log lines go to stderr instead of stdout (the CLI, whose stdout is its
+ * output: --json must stay parseable when a library warns). */
+void lr_log_to_stderr(void);
 /* Parses "debug|info|warn|error|off"; returns -1 when unknown. */
 int lr_log_level_parse(const char *s);
 

@@ -16,6 +16,8 @@
  * returns them; each is then published (confirmed) and marked published.
  * A crash between the update and the publish leaves a queued, unpublished
  * task: the outbox sweep republishes it after LONGRUN_OUTBOX_GRACE_SECONDS.
+ * The outbox publishes at most one batch per sweep interval, and none while
+ * its previous batch still waits for confirms or marks (SQL_OUTBOX).
  *
  * Every instance (leader or not) consumes longrun.dead and records each
  * message in dead_letters before acking it.
@@ -71,13 +73,19 @@
     "  SELECT id, 'running', 'queued', 'lease_expired', $2 FROM u)"                            \
     " SELECT id, queue FROM u"
 
-/* Outbox: queued tasks never confirmed published (after a grace period), or
- * published long ago and still queued (the message may be lost).
+/* Outbox: queued tasks whose publish was never confirmed, after a grace
+ * period.  published_at is set only after a broker confirm (the CLI's
+ * enqueue, the worker's SQL_MARK_PUBLISHED, SQL_INSERT_CLAIMED, the
+ * scheduler's own marks) and cleared by every move to queued that is not
+ * followed by a confirmed publish yet, so NULL is the only state in which the
+ * task may be missing from the broker.  A task confirmed once is in a durable
+ * quorum queue until a consumer takes it (claims it, or drops it as not
+ * runnable) or the broker dead-letters it (ingested below): it is never
+ * republished, however long it waits, so a backlog is not multiplied.
  * $1 batch, $2 grace seconds. */
 #define SQL_OUTBOX                                                                             \
-    "SELECT id, queue FROM tasks WHERE status = 'queued' AND"                                  \
-    " ((published_at IS NULL AND updated_at < now() - make_interval(secs => $2::int)) OR"      \
-    "  published_at < now() - make_interval(secs => 10 * $2::int))"                            \
+    "SELECT id, queue FROM tasks WHERE status = 'queued' AND published_at IS NULL"             \
+    " AND updated_at < now() - make_interval(secs => $2::int)"                                 \
     " ORDER BY updated_at LIMIT $1"
 
 /* Outbox bookkeeping of one publish batch: $1 uuid[] of confirmed tasks. */
@@ -168,6 +176,7 @@ typedef struct sched {
     bool stopping;
     int sweeps_running;     /* statements in flight in this sweep round */
     bool sweep_again;       /* a wake-up arrived during a sweep */
+    bool outbox_busy;       /* an outbox batch waits for its confirms and marks */
     uint64_t last_retention_ms;
     uint64_t resumed, recovered, republished, deadlined, ingested;
     bool amqp_up;
@@ -208,6 +217,7 @@ typedef struct pub_batch {
     int pending;            /* publishes whose confirm has not arrived */
     int n;                  /* confirmed ids in ids */
     char *ids;              /* n * 37 bytes */
+    bool outbox;            /* the outbox's batch: clears s->outbox_busy when done */
 } pub_batch_t;
 
 typedef struct pub {
@@ -221,23 +231,32 @@ static void sweep(sched_t *s);
 
 /* ------------------------------------------------------------- publishing */
 
-static void marked_cb(int err, const PGresult *res, void *arg) {
-    pub_batch_t *b = arg;
-    if (err != 0) {
-        /* Harmless: the outbox sweep republishes them after the grace. */
-        lr_warn("scheduler.mark_failed", "cannot mark %d published task(s): %s", b->n,
-                res != NULL ? PQresultErrorMessage(res) : lr_strerror(err));
+/* Frees a batch; the outbox may send its next one. */
+static void batch_free(pub_batch_t *b) {
+    if (b->outbox) {
+        b->s->outbox_busy = false;
     }
     free(b->ids);
     free(b);
+}
+
+static void marked_cb(int err, const PGresult *res, void *arg) {
+    pub_batch_t *b = arg;
+    if (err != 0) {
+        /* The messages are in the broker but the rows say unpublished: the
+         * outbox sends them once more after the grace (a duplicate delivery,
+         * acked and dropped by the claim). */
+        lr_warn("scheduler.mark_failed", "cannot mark %d published task(s): %s", b->n,
+                res != NULL ? PQresultErrorMessage(res) : lr_strerror(err));
+    }
+    batch_free(b);
 }
 
 static void batch_flush(pub_batch_t *b) {
     size_t len = 0;
     char *arr;
     if (b->n == 0 || b->s->stopping || (arr = malloc((size_t)b->n * 38 + 3)) == NULL) {
-        free(b->ids);
-        free(b);
+        batch_free(b);
         return;
     }
     arr[len++] = '{';
@@ -247,8 +266,7 @@ static void batch_flush(pub_batch_t *b) {
     arr[len++] = '}';
     arr[len] = '\0';
     if (lr_pg_query(b->s->pg, SQL_MARK_PUBLISHED, 1, (const char *const[]){arr}, 0, marked_cb, b) != 0) {
-        free(b->ids);
-        free(b);
+        batch_free(b);
     }
     free(arr);
 }
@@ -269,7 +287,7 @@ static void published_cb(int err, void *arg) {
     }
 }
 
-static void publish_rows(sched_t *s, const PGresult *res, uint64_t *counter, const char *what) {
+static void publish_rows(sched_t *s, const PGresult *res, uint64_t *counter, const char *what, bool outbox) {
     int n = PQntuples(res);
     pub_batch_t *b = n > 0 ? calloc(1, sizeof(*b)) : NULL;
     if (b != NULL && (b->ids = calloc((size_t)n, 37)) == NULL) {
@@ -280,6 +298,10 @@ static void publish_rows(sched_t *s, const PGresult *res, uint64_t *counter, con
         return; /* nothing, or no memory: the outbox sweep publishes them */
     }
     b->s = s;
+    b->outbox = outbox;
+    if (outbox) {
+        s->outbox_busy = true;
+    }
     b->pending = 1; /* held until every publish below is sent */
     for (int i = 0; i < n; i++) {
         pub_t *p = calloc(1, sizeof(*p));
@@ -378,15 +400,15 @@ static void sweep_cb(int err, const PGresult *res, void *arg) {
         switch (kind) {
         case OP_RESUME:
             lr_metric_add(m_resumes, (const char *const[]){"resume"}, PQntuples(res));
-            publish_rows(s, res, &s->resumed, "resume");
+            publish_rows(s, res, &s->resumed, "resume", false);
             break;
         case OP_EXPIRED:
             lr_metric_add(m_resumes, (const char *const[]){"lease_expired"}, PQntuples(res));
-            publish_rows(s, res, &s->recovered, "lease expired");
+            publish_rows(s, res, &s->recovered, "lease expired", false);
             break;
         case OP_OUTBOX:
             lr_metric_add(m_resumes, (const char *const[]){"outbox"}, PQntuples(res));
-            publish_rows(s, res, &s->republished, "outbox");
+            publish_rows(s, res, &s->republished, "outbox", true);
             break;
         case OP_DEADLINE:
             if (PQntuples(res) > 0) {
@@ -413,8 +435,11 @@ static void sweep_cb(int err, const PGresult *res, void *arg) {
             break;
         }
         /* A full batch means more may be due: go again soon (bounded batches
-         * keep each transaction short so new work keeps flowing). */
-        if (kind != OP_RETENTION && PQntuples(res) >= s->cfg.sweep_batch) {
+         * keep each transaction short so new work keeps flowing).  Not for
+         * the outbox: its rate stays one batch per sweep interval, so that a
+         * burst of unconfirmed publishes (a broker outage) is redispatched
+         * at a pace the broker and the workers can take. */
+        if (kind != OP_RETENTION && kind != OP_OUTBOX && PQntuples(res) >= s->cfg.sweep_batch) {
             s->sweep_again = true;
         }
     }
@@ -453,7 +478,9 @@ static void sweep(sched_t *s) {
     snprintf(days, sizeof(days), "%d", s->cfg.retention_days);
     sweep_query(s, OP_RESUME, SQL_RESUME, 2, (const char *const[]){batch, s->id});
     sweep_query(s, OP_EXPIRED, SQL_EXPIRED, 2, (const char *const[]){batch, s->id});
-    sweep_query(s, OP_OUTBOX, SQL_OUTBOX, 2, (const char *const[]){batch, grace});
+    if (!s->outbox_busy) {
+        sweep_query(s, OP_OUTBOX, SQL_OUTBOX, 2, (const char *const[]){batch, grace});
+    }
     sweep_query(s, OP_DEADLINE, SQL_DEADLINE, 2, (const char *const[]){batch, s->id});
     {
         char limit[24];
@@ -840,6 +867,7 @@ static int start(sched_t *s) {
     ao.declare = declare;
     ao.prefetch = 100;
     ao.delivery_limit = cfg->delivery_limit;
+    ao.max_length = cfg->queue_max_length;
     ao.on_delivery = on_dead;
     ao.on_state = on_amqp_state;
     ao.arg = s;

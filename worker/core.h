@@ -161,6 +161,11 @@ struct lr_worker {
     uint64_t tasks_finished;
     int schema_state;            /* 0 unknown, 1 ok, -1 incompatible */
     char schema_msg[160];
+    /* The durability self-check (worker.c): 0 not answered yet, 1 passed
+     * (RabbitMQ is started only then), -1 refused (the worker exits 2). */
+    int durability_state;
+    bool durability_pending;     /* the check's statement is in flight */
+    int exit_code;               /* non-zero: lr_worker_run returns it */
     bool renew_failing;           /* the last lease renewal failed */
     uint64_t renew_ok_sent_ms;    /* when the last successful renewal was sent */
     /* Crash-loop attribution (claim.c): a task whose last suspect_claims()

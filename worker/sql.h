@@ -201,6 +201,12 @@
 /* The database's schema version (0 before the first migration). */
 #define SQL_SCHEMA_VERSION "SELECT coalesce(max(version), 0) FROM schema_migrations"
 
+/* The settings that make a commit durable, as this connection sees them
+ * (ALTER DATABASE / ALTER ROLE ... SET apply), and for whom. */
+#define SQL_DURABILITY                                                                         \
+    "SELECT current_setting('fsync'), current_setting('synchronous_commit'), current_user,"    \
+    " current_database()"
+
 /* ------------------------------------------- rate windows (worker/ratewin.c) */
 
 /* Reserves one request and the estimated tokens in this minute's window of

@@ -315,6 +315,41 @@ int lr_store_schema_version(lr_pg_pool_t *pg, lr_store_count_cb cb, void *arg) {
     return req_start(q);
 }
 
+static void durability_decode(req_t *q, int err, const PGresult *res) {
+    lr_store_durability_res_t r;
+    if (err == LR_ECONN && req_resend(q, STORE_RETRIES)) {
+        return;
+    }
+    memset(&r, 0, sizeof(r));
+    r.err = err;
+    if (err == 0 && (PQntuples(res) != 1 || PQnfields(res) != 4 || lr_pg_get(res, 0, 0) == NULL ||
+                     lr_pg_get(res, 0, 1) == NULL)) {
+        r.err = LR_EDB;
+    }
+    if (r.err != 0) {
+        r.errmsg = err != 0 ? errmsg_of(err, res) : "unexpected result";
+    } else {
+        r.fsync = lr_pg_get(res, 0, 0);
+        r.synchronous_commit = lr_pg_get(res, 0, 1);
+        r.user = lr_pg_get(res, 0, 2) != NULL ? lr_pg_get(res, 0, 2) : "?";
+        r.database = lr_pg_get(res, 0, 3) != NULL ? lr_pg_get(res, 0, 3) : "?";
+        /* "local", "remote_write", "remote_apply" and "on" all flush the
+         * local WAL before the commit returns; only "off" does not. */
+        r.unsafe = strcmp(r.fsync, "off") == 0 || strcmp(r.synchronous_commit, "off") == 0;
+    }
+    ((lr_store_durability_cb)q->cb)(&r, q->arg);
+    req_free(q);
+}
+
+int lr_store_durability(lr_pg_pool_t *pg, lr_store_durability_cb cb, void *arg) {
+    req_t *q = req_new(pg, SQL_DURABILITY, 0, durability_decode, (void (*)(void))cb, arg);
+    if (q == NULL) {
+        return LR_ENOMEM;
+    }
+    q->timeout_ms = 10000;
+    return req_start(q);
+}
+
 /* ------------------------------------------------------------------- writes */
 
 static void write_done(req_t *q, const lr_store_write_res_t *r) {

@@ -281,4 +281,21 @@ int lr_store_flags(lr_pg_pool_t *pg, lr_store_flags_cb cb, void *arg) LR_MUSTCHE
 /* The database's schema version (res.count). */
 int lr_store_schema_version(lr_pg_pool_t *pg, lr_store_count_cb cb, void *arg) LR_MUSTCHECK;
 
+/* ------------------------------------------------------- durability check */
+
+typedef struct lr_store_durability_res {
+    int err;                    /* 0, or LR_E* (the statement failed) */
+    const char *errmsg;         /* with err */
+    /* err == 0: the settings as the worker's connection sees them (role and
+     * database settings applied), and whose they are.  Borrowed. */
+    const char *fsync, *synchronous_commit, *user, *database;
+    bool unsafe;                /* fsync = off or synchronous_commit = off */
+} lr_store_durability_res_t;
+
+typedef void (*lr_store_durability_cb)(const lr_store_durability_res_t *res, void *arg);
+
+/* Reads fsync and synchronous_commit (SQL_DURABILITY).  A lost connection
+ * is read again (STORE_RETRIES times). */
+int lr_store_durability(lr_pg_pool_t *pg, lr_store_durability_cb cb, void *arg) LR_MUSTCHECK;
+
 #endif

@@ -90,6 +90,68 @@ static void schema_cb(const lr_store_count_res_t *res, void *arg) {
     }
 }
 
+static int start_amqp(lr_worker_t *w);
+
+/* The durability self-check, the first statement the worker sends: a
+ * checkpoint is only a checkpoint if its commit survives a crash of the
+ * database server, which fsync = off or synchronous_commit = off (for the
+ * server, the role or the database) give up.  Nothing is consumed until it
+ * passed: RabbitMQ is started here. */
+static void durability_cb(const lr_store_durability_res_t *res, void *arg) {
+    lr_worker_t *w = arg;
+    w->durability_pending = false;
+    if (w->stopping) {
+        return;
+    }
+    if (res->err != 0) {
+        /* asked again by the next tick */
+        lr_warn("worker.durability_check_failed", "cannot read the PostgreSQL durability settings: %s",
+                res->errmsg);
+        return;
+    }
+    if (res->unsafe && w->cfg.allow_unsafe_durability == 0) {
+        w->durability_state = -1;
+        w->exit_code = 2;
+        snprintf(w->schema_msg, sizeof(w->schema_msg), "PostgreSQL durability is off (fsync=%s, "
+                 "synchronous_commit=%s)", res->fsync, res->synchronous_commit);
+        lr_error("worker.unsafe_durability", "PostgreSQL runs with fsync=%s, synchronous_commit=%s for role %s "
+                 "on database %s: a committed checkpoint could be lost in a crash of the database server. "
+                 "Refusing to start (exit 2): turn both on (e.g. ALTER DATABASE %s RESET synchronous_commit) "
+                 "or set LONGRUN_ALLOW_UNSAFE_DURABILITY=1 to run anyway", res->fsync, res->synchronous_commit,
+                 res->user, res->database, res->database);
+        lr_daemon_shutdown(w->d);
+        return;
+    }
+    if (res->unsafe) {
+        lr_warn("worker.unsafe_durability", "PostgreSQL runs with fsync=%s, synchronous_commit=%s for role %s on "
+                "database %s: committed checkpoints can be lost in a crash of the database server; running anyway "
+                "(LONGRUN_ALLOW_UNSAFE_DURABILITY=1)", res->fsync, res->synchronous_commit, res->user,
+                res->database);
+    } else {
+        lr_info("worker.durability", "PostgreSQL durability: fsync=%s, synchronous_commit=%s for role %s on "
+                "database %s", res->fsync, res->synchronous_commit, res->user, res->database);
+    }
+    w->durability_state = 1;
+    if (w->draining) {
+        return; /* a SIGTERM came first: nothing to consume, the drain exits */
+    }
+    if (start_amqp(w) != 0) {
+        w->exit_code = 2;
+        lr_daemon_shutdown(w->d);
+    }
+}
+
+static void durability_check(lr_worker_t *w) {
+    if (w->durability_state != 0 || w->durability_pending || w->stopping) {
+        return;
+    }
+    if (lr_store_durability(w->pg, durability_cb, w) == 0) {
+        w->durability_pending = true;
+    } else {
+        lr_debug("worker.durability_check", "cannot queue the durability check");
+    }
+}
+
 /* The /health snapshot, built as a tree (any length, every string escaped)
  * and handed to the health server, which copies it. */
 static void health_snapshot(const lr_worker_t *w, lr_health_t *health) {
@@ -134,6 +196,9 @@ static void on_tick(lr_daemon_t *d, void *arg) {
     const char *why = NULL;
     static unsigned ticks;
     ticks++;
+    if (w->pg_usable > 0) {
+        durability_check(w);
+    }
     if ((w->schema_state <= 0 || ticks % 30 == 0) && w->pg_usable > 0) {
         if (lr_store_schema_version(w->pg, schema_cb, w) != 0) {
             lr_debug("worker.schema_check", "cannot queue the schema check");
@@ -141,6 +206,10 @@ static void on_tick(lr_daemon_t *d, void *arg) {
     }
     if (w->draining) {
         why = "draining";
+    } else if (w->durability_state < 0) {
+        why = w->schema_msg;
+    } else if (w->durability_state == 0) {
+        why = w->pg_usable == 0 ? "PostgreSQL not connected" : "checking the PostgreSQL durability settings";
     } else if (!w->amqp_up) {
         why = "RabbitMQ not connected";
     } else if (w->pg_usable == 0) {
@@ -244,7 +313,6 @@ static int setup_identity(lr_worker_t *w, const char *const *queues) {
 static int start(lr_worker_t *w) {
     const lr_config_t *cfg = &w->cfg;
     lr_pg_opts_t pgo;
-    lr_amqp_opts_t ao;
     char err[512];
 
     if (register_components(w) != 0) {
@@ -263,6 +331,8 @@ static int start(lr_worker_t *w) {
     if (lr_pg_listen(w->pg, "longrun_flags", on_flags_notify, w) != 0) {
         return 1;
     }
+    /* the first statement queued: RabbitMQ starts once it passed */
+    durability_check(w);
     on_flags_notify("longrun_flags", NULL, w);
     if (lr_callback_configure(getenv("LONGRUN_CALLBACK_ALLOW"), err, sizeof(err)) != 0) {
         lr_error("worker.config", "LONGRUN_CALLBACK_ALLOW: %s", err);
@@ -276,12 +346,24 @@ static int start(lr_worker_t *w) {
         lr_error("worker.http_init", "cannot initialize the HTTP client");
         return 1;
     }
+    uv_timer_start(&w->lease_timer, lr_lease_timer_cb, 200, lr_lease_every_ms(w));
+    return 0;
+}
+
+/* Starts RabbitMQ (declare, consume): after the durability check passed.
+ * Returns 0 or 2 (logged). */
+static int start_amqp(lr_worker_t *w) {
+    const lr_config_t *cfg = &w->cfg;
+    lr_amqp_opts_t ao;
+    char err[512];
+
     memset(&ao, 0, sizeof(ao));
     ao.url = cfg->amqp_url;
     ao.consume = w->queue_names;
     ao.declare = w->queue_short;
     ao.prefetch = cfg->max_in_flight;
     ao.delivery_limit = cfg->delivery_limit;
+    ao.max_length = cfg->queue_max_length;
     ao.on_delivery = lr_claim_delivery;
     ao.on_state = on_amqp_state;
     ao.arg = w;
@@ -289,7 +371,6 @@ static int start(lr_worker_t *w) {
         lr_error("worker.config", "LONGRUN_AMQP_URL: %s", err);
         return 2;
     }
-    uv_timer_start(&w->lease_timer, lr_lease_timer_cb, 200, lr_lease_every_ms(w));
     return 0;
 }
 
@@ -371,6 +452,9 @@ int lr_worker_run(const lr_config_t *cfg, const char *const *queues) {
     }
     if (lr_daemon_run(w->d) != 0 && rc == 0) {
         rc = 1;
+    }
+    if (rc == 0 && w->exit_code != 0) {
+        rc = w->exit_code;
     }
     if (rc == 0) {
         lr_info("worker.exit", "exiting: %llu steps, %llu tasks finished by this worker",

@@ -47,3 +47,7 @@ lr_py_test(integration.egress integration/test_egress.py TIMEOUT 120 LABELS "int
 # Issue 15: plain text refused across a network (item 5); reply_to only to allowed queues (item 2).
 lr_py_test(integration.plaintext integration/test_plaintext.py TIMEOUT 180 LABELS "integration;asan")
 lr_py_test(integration.reply_policy integration/test_reply_policy.py TIMEOUT 180 LABELS "integration;asan")
+# Issue 16: the durability self-check (item 9), the outbox under a backlog (item 2), backpressure (item 6).
+lr_py_test(integration.durability_check integration/test_durability_check.py TIMEOUT 120 LABELS "integration;asan")
+lr_py_test(integration.outbox_backlog integration/test_outbox_backlog.py TIMEOUT 300 LABELS "integration")
+lr_py_test(integration.backpressure integration/test_backpressure.py TIMEOUT 180 LABELS "integration;asan")

@@ -580,8 +580,8 @@ static void test_sync(lr_amqp_sync_t *s) {
     uint32_t msgs = 99, cons = 99;
 
     /* Declaring twice is a no-op the second time. */
-    T_EQ_INT(lr_amqp_sync_declare(s, queues, 0, err, sizeof(err)), 0);
-    T_EQ_INT(lr_amqp_sync_declare(s, queues, 0, err, sizeof(err)), 0);
+    T_EQ_INT(lr_amqp_sync_declare(s, queues, 0, 0, err, sizeof(err)), 0);
+    T_EQ_INT(lr_amqp_sync_declare(s, queues, 0, 0, err, sizeof(err)), 0);
     T_EQ_INT(lr_amqp_sync_queue_info(s, qfull, &msgs, &cons, err, sizeof(err)), 0);
     T_EQ_INT(msgs, 0);
     T_EQ_INT(cons, 0);
@@ -598,7 +598,7 @@ static void test_sync(lr_amqp_sync_t *s) {
     raw_check(&r, "declare classic queue");
     raw_close(&r);
     const char *const conflict[] = {cshort, NULL};
-    T_EQ_INT(lr_amqp_sync_declare(s, conflict, 0, err, sizeof(err)), LR_ECONFIG);
+    T_EQ_INT(lr_amqp_sync_declare(s, conflict, 0, 0, err, sizeof(err)), LR_ECONFIG);
     fprintf(stderr, "conflict message: %s\n", err);
     T_CONTAINS(err, cfull);
     T_CONTAINS(err, "already exists with different arguments");
@@ -608,7 +608,7 @@ static void test_sync(lr_amqp_sync_t *s) {
 
     /* Bad input. */
     const char *const bad[] = {"", NULL};
-    T_EQ_INT(lr_amqp_sync_declare(s, bad, 0, err, sizeof(err)), LR_EINVAL);
+    T_EQ_INT(lr_amqp_sync_declare(s, bad, 0, 0, err, sizeof(err)), LR_EINVAL);
 
     /* Unroutable mandatory -> LR_EAMQP; non-mandatory unroutable is dropped
        silently and confirmed; a missing exchange -> LR_EAMQP, channel reopened. */
