@@ -358,6 +358,15 @@ static void claim_cb(const lr_store_claim_res_t *res, void *arg) {
         run_insert(r);
         return;
     }
+    if (strcmp(cur, "queued") == 0 || (strcmp(cur, "running") == 0 && !res->cur_leased)) {
+        /* Runnable, yet not claimed: a suspect that this worker may not
+         * take now (its slot is busy while it drains).  The message is the
+         * task's dispatch: give it back rather than drop it, or the task
+         * would stay queued with nothing in the broker. */
+        LR_LOG(LR_LOG_DEBUG, &r->log, "task.suspect_returned", "suspect task given back to the broker");
+        lr_run_requeue(r);
+        return;
+    }
     if (strcmp(cur, "running") == 0 && res->cur_leased) {
         LR_LOG(LR_LOG_INFO, &r->log, "task.duplicate_delivery",
                "duplicate delivery: the task is leased by a live owner; dropped");
