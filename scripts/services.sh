@@ -62,6 +62,7 @@ DEPS_PACKAGES=(
   pkg-config
   git
   clang
+  clang-format
   libclang-rt-14-dev
   llvm
   librabbitmq-dev
