@@ -66,10 +66,10 @@ struct req {
     enum kind kind;
     char *body; /* the request body so far, NUL-terminated; owned */
     size_t len, cap;
-    bool too_big;   /* the body passed MAX_BODY: answered 413 */
-    bool answered;  /* status and out are set */
+    bool too_big;  /* the body passed MAX_BODY: answered 413 */
+    bool answered; /* status and out are set */
     unsigned int status;
-    char *out;      /* the response body; owned until handed to MHD */
+    char *out; /* the response body; owned until handed to MHD */
     struct MHD_Connection *conn;
     int64_t deadline_ns; /* CLOCK_MONOTONIC time at which a delayed answer is due */
     struct req *next;    /* in a delay queue */
@@ -211,22 +211,27 @@ static int openai(struct req *r, const char *method, const char *url) {
     messages = cJSON_GetObjectItemCaseSensitive(req, "messages");
     n = cJSON_IsString(model) ? steps_of(model->valuestring) : -1;
     if (!cJSON_IsObject(req)) {
-        answer(r, 400, openai_error("We could not parse the JSON body of your request.", "invalid_request_error",
-                                    NULL, NULL));
+        answer(r, 400,
+               openai_error("We could not parse the JSON body of your request.", "invalid_request_error", NULL, NULL));
     } else if (!cJSON_IsString(model) || model->valuestring[0] == '\0') {
         answer(r, 400, openai_error("you must provide a model parameter", "invalid_request_error", NULL, NULL));
     } else if (messages == NULL || cJSON_IsNull(messages)) {
-        answer(r, 400, openai_error("Missing required parameter: 'messages'.", "invalid_request_error", "messages",
-                                    "missing_required_parameter"));
+        answer(r, 400,
+               openai_error("Missing required parameter: 'messages'.", "invalid_request_error", "messages",
+                            "missing_required_parameter"));
     } else if (!cJSON_IsArray(messages)) {
-        answer(r, 400, openai_error("Invalid type for 'messages': expected an array.", "invalid_request_error",
-                                    "messages", "invalid_type"));
+        answer(r, 400,
+               openai_error("Invalid type for 'messages': expected an array.", "invalid_request_error", "messages",
+                            "invalid_type"));
     } else if (cJSON_GetArraySize(messages) == 0) {
-        answer(r, 400, openai_error("Invalid 'messages': empty array. Expected an array with minimum length 1, but "
-                                    "got an empty array instead.", "invalid_request_error", "messages", "empty_array"));
+        answer(r, 400,
+               openai_error("Invalid 'messages': empty array. Expected an array with minimum length 1, but "
+                            "got an empty array instead.",
+                            "invalid_request_error", "messages", "empty_array"));
     } else if (cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(req, "stream"))) {
-        answer(r, 400, openai_error("longrun-bench-fixture does not stream: use tests/fixtures/fixture_server.py",
-                                    "invalid_request_error", "stream", NULL));
+        answer(r, 400,
+               openai_error("longrun-bench-fixture does not stream: use tests/fixtures/fixture_server.py",
+                            "invalid_request_error", "stream", NULL));
     } else if (n < 0) {
         snprintf(text, sizeof(text), "The model `%s` does not exist or you do not have access to it.",
                  model->valuestring);
@@ -457,13 +462,9 @@ static int compute(struct req *r, const char *url, const char *method) {
         return 0;
     }
     switch (r->kind) {
-    case KIND_CONTROL:
-        control(r, method, url);
-        return 0;
-    case KIND_OPENAI:
-        return openai(r, method, url);
-    case KIND_TOOL:
-        return tool(r, url + strlen("/tools/"));
+    case KIND_CONTROL: control(r, method, url); return 0;
+    case KIND_OPENAI: return openai(r, method, url);
+    case KIND_TOOL: return tool(r, url + strlen("/tools/"));
     default:
         if (strncmp(url, "/v1/", 4) == 0 || strncmp(url, "/openai/", 8) == 0) {
             snprintf(text, sizeof(text), "Invalid URL (%s %s)", method, url);

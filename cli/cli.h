@@ -43,6 +43,7 @@ enum {
     OPT_MAX_SECONDS,
     OPT_FIRST_COMMAND_OPTION
 };
+/* clang-format off */
 #define CLI_COMMON_OPTIONS                                        \
     {"database-url", required_argument, NULL, OPT_DATABASE_URL}, \
         {"amqp-url", required_argument, NULL, OPT_AMQP_URL},     \
@@ -57,6 +58,7 @@ enum {
         {"max-tokens", required_argument, NULL, OPT_MAX_TOKENS},         \
         {"max-cost", required_argument, NULL, OPT_MAX_COST},             \
         {"max-seconds", required_argument, NULL, OPT_MAX_SECONDS}
+/* clang-format on */
 
 enum { CLI_OPT_INVALID = -2 };
 

@@ -119,15 +119,15 @@ static int dlq_list(cli_t *c, int argc, char **argv) {
                                          {"limit", required_argument, NULL, D_LIMIT},
                                          {NULL, 0, NULL, 0}};
     const char *params[4] = {NULL, NULL, NULL, "50"};
-    const rows_query_t q = {
-        "SELECT d.id, d.task_id::text, coalesce(d.agent, t.agent) AS agent, d.reason, d.error, d.source,"
-        " to_char(d.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS created_at,"
-        " to_char(d.requeued_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS requeued_at"
-        " FROM dead_letters d LEFT JOIN tasks t ON t.id = d.task_id"
-        " WHERE ($1::text IS NULL OR d.reason = $1) AND ($2::text IS NULL OR coalesce(d.agent, t.agent) = $2)"
-        " AND ($3::interval IS NULL OR d.created_at >= now() - $3::interval)"
-        " ORDER BY d.id DESC LIMIT $4::int",
-        4, params, print_dead_letters};
+    const rows_query_t q =
+        {"SELECT d.id, d.task_id::text, coalesce(d.agent, t.agent) AS agent, d.reason, d.error, d.source,"
+         " to_char(d.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS created_at,"
+         " to_char(d.requeued_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS requeued_at"
+         " FROM dead_letters d LEFT JOIN tasks t ON t.id = d.task_id"
+         " WHERE ($1::text IS NULL OR d.reason = $1) AND ($2::text IS NULL OR coalesce(d.agent, t.agent) = $2)"
+         " AND ($3::interval IS NULL OR d.created_at >= now() - $3::interval)"
+         " ORDER BY d.id DESC LIMIT $4::int",
+         4, params, print_dead_letters};
     char since[64], lim[16];
     long v;
     int opt;
@@ -194,10 +194,11 @@ static void read_dead_task(cli_t *c, PGconn *db, dead_view_t *v) {
         return;
     }
     tid = PQgetvalue(v->dead, 0, col);
-    v->task = cli_exec(c, db,
-                       "SELECT status, agent, step, attempt, max_attempts, claims_total, budgets, tokens_in, tokens_out,"
-                       " tool_calls, cost_usd, active_ms, stop_reason, error FROM tasks WHERE id = $1",
-                       1, &tid);
+    v->task =
+        cli_exec(c, db,
+                 "SELECT status, agent, step, attempt, max_attempts, claims_total, budgets, tokens_in, tokens_out,"
+                 " tool_calls, cost_usd, active_ms, stop_reason, error FROM tasks WHERE id = $1",
+                 1, &tid);
     v->steps = cli_exec(c, db,
                         "SELECT step_no, model, tokens_in, tokens_out, latency_ms, tool_calls FROM task_steps"
                         " WHERE task_id = $1 ORDER BY step_no DESC LIMIT 5",
@@ -303,7 +304,7 @@ typedef struct requeue {
     cJSON *ids;           /* the IDs given, as a JSON array */
     char *budgets;        /* b as JSON text */
     PGconn *db;
-    PGresult *sel;        /* the dead tasks selected: id, queue, step, agent, stop_reason */
+    PGresult *sel; /* the dead tasks selected: id, queue, step, agent, stop_reason */
     long total, done, published;
 } requeue_t;
 
@@ -401,13 +402,14 @@ static int select_dead(requeue_t *q) {
     char *idtxt = cJSON_PrintUnformatted(q->ids);
     const char *p[3] = {q->all ? "true" : "false", q->reason, idtxt};
     int nids = cJSON_GetArraySize(q->ids);
-    q->sel = cli_exec(q->c, q->db,
-                      "SELECT t.id::text, t.queue, t.step, t.agent, t.stop_reason FROM tasks t WHERE t.status = 'dead' AND"
-                      " ($1::bool OR ($2::text IS NOT NULL AND t.stop_reason = $2) OR t.id::text IN"
-                      "  (SELECT x FROM jsonb_array_elements_text($3::jsonb) x) OR t.id IN (SELECT task_id FROM"
-                      "  dead_letters WHERE id::text IN (SELECT x FROM jsonb_array_elements_text($3::jsonb) x)))"
-                      " ORDER BY t.id",
-                      3, p);
+    q->sel =
+        cli_exec(q->c, q->db,
+                 "SELECT t.id::text, t.queue, t.step, t.agent, t.stop_reason FROM tasks t WHERE t.status = 'dead' AND"
+                 " ($1::bool OR ($2::text IS NOT NULL AND t.stop_reason = $2) OR t.id::text IN"
+                 "  (SELECT x FROM jsonb_array_elements_text($3::jsonb) x) OR t.id IN (SELECT task_id FROM"
+                 "  dead_letters WHERE id::text IN (SELECT x FROM jsonb_array_elements_text($3::jsonb) x)))"
+                 " ORDER BY t.id",
+                 3, p);
     free(idtxt);
     if (q->sel == NULL) {
         return LR_EXIT_FAIL;
@@ -431,9 +433,9 @@ static void print_dry_run(const requeue_t *q) {
         return;
     }
     for (int i = 0; i < PQntuples(sel); i++) {
-        printf("would requeue %s (%s, dead for %s) from step %d%s%s\n", PQgetvalue(sel, i, 0),
-               PQgetvalue(sel, i, 3), PQgetvalue(sel, i, 4), atoi(PQgetvalue(sel, i, 2)) + 1,
-               overrides ? " with budgets " : "", overrides ? q->budgets : "");
+        printf("would requeue %s (%s, dead for %s) from step %d%s%s\n", PQgetvalue(sel, i, 0), PQgetvalue(sel, i, 3),
+               PQgetvalue(sel, i, 4), atoi(PQgetvalue(sel, i, 2)) + 1, overrides ? " with budgets " : "",
+               overrides ? q->budgets : "");
     }
     printf("dry run: %ld task(s) would be requeued; nothing was changed\n", q->total);
 }
@@ -453,23 +455,24 @@ static int requeue_batch(requeue_t *q, long start) {
     cJSON_Delete(batch);
     {
         const char *p[6] = {btxt, q->budgets, q->reset ? "true" : "false", q->deadline, q->model, cli_actor(q->c)};
-        u = cli_exec(q->c, q->db,
-                     "WITH u AS (UPDATE tasks t SET status = 'queued', budgets = t.budgets || $2::jsonb,"
-                     "  attempt = CASE WHEN $3::bool THEN 0 ELSE t.attempt END, claims = 0,"
-                     "  deadline = coalesce($4::timestamptz, t.deadline),"
-                     "  metadata = CASE WHEN $5::text IS NULL THEN t.metadata ELSE"
-                     "   coalesce(t.metadata, '{}'::jsonb) || jsonb_build_object('model_override', $5::text) END,"
-                     "  stop_reason = NULL, error = NULL, finished_at = NULL, lease_owner = NULL,"
-                     "  lease_expires_at = NULL, published_at = NULL, updated_at = now()"
-                     "  WHERE t.status = 'dead' AND t.id::text IN (SELECT x FROM jsonb_array_elements_text($1::jsonb) x)"
-                     "  RETURNING t.id, t.queue),"
-                     " d AS (UPDATE dead_letters SET requeued_at = now(), requeued_by = $6"
-                     "  WHERE task_id IN (SELECT id FROM u) AND requeued_at IS NULL),"
-                     " e AS (INSERT INTO task_events (task_id, from_status, to_status, reason, actor, detail)"
-                     "  SELECT id, 'dead', 'queued', 'requeued', $6, jsonb_build_object('budgets', $2::jsonb,"
-                     "  'reset_attempts', $3::bool, 'deadline', $4::text, 'model', $5::text) FROM u)"
-                     " SELECT id::text, queue FROM u ORDER BY queue",
-                     6, p);
+        u = cli_exec(
+            q->c, q->db,
+            "WITH u AS (UPDATE tasks t SET status = 'queued', budgets = t.budgets || $2::jsonb,"
+            "  attempt = CASE WHEN $3::bool THEN 0 ELSE t.attempt END, claims = 0,"
+            "  deadline = coalesce($4::timestamptz, t.deadline),"
+            "  metadata = CASE WHEN $5::text IS NULL THEN t.metadata ELSE"
+            "   coalesce(t.metadata, '{}'::jsonb) || jsonb_build_object('model_override', $5::text) END,"
+            "  stop_reason = NULL, error = NULL, finished_at = NULL, lease_owner = NULL,"
+            "  lease_expires_at = NULL, published_at = NULL, updated_at = now()"
+            "  WHERE t.status = 'dead' AND t.id::text IN (SELECT x FROM jsonb_array_elements_text($1::jsonb) x)"
+            "  RETURNING t.id, t.queue),"
+            " d AS (UPDATE dead_letters SET requeued_at = now(), requeued_by = $6"
+            "  WHERE task_id IN (SELECT id FROM u) AND requeued_at IS NULL),"
+            " e AS (INSERT INTO task_events (task_id, from_status, to_status, reason, actor, detail)"
+            "  SELECT id, 'dead', 'queued', 'requeued', $6, jsonb_build_object('budgets', $2::jsonb,"
+            "  'reset_attempts', $3::bool, 'deadline', $4::text, 'model', $5::text) FROM u)"
+            " SELECT id::text, queue FROM u ORDER BY queue",
+            6, p);
     }
     free(btxt);
     if (u == NULL) {
@@ -486,8 +489,8 @@ static int requeue_batch(requeue_t *q, long start) {
 static void print_progress(const requeue_t *q) {
     int width = 40;
     int filled = (int)(width * q->done / (q->total ? q->total : 1));
-    fprintf(stderr, "\r[%.*s%*s] %ld/%ld requeued", filled, "########################################",
-            width - filled, "", q->done, q->total);
+    fprintf(stderr, "\r[%.*s%*s] %ld/%ld requeued", filled, "########################################", width - filled,
+            "", q->done, q->total);
     if (q->done == q->total) {
         fputc('\n', stderr);
     }
@@ -671,8 +674,8 @@ static int stats_query(cli_t *c, PGconn *db, stats_rows_t *s) {
                        "SELECT count(*) FILTER (WHERE created_at > now() - interval '1 minute') / 60.0,"
                        " count(*) / 300.0 FROM task_steps WHERE created_at > now() - interval '5 minutes'",
                        0, NULL);
-    s->by_reason = cli_exec(c, db, "SELECT reason, count(*) FROM dead_letters GROUP BY reason ORDER BY 2 DESC", 0,
-                            NULL);
+    s->by_reason =
+        cli_exec(c, db, "SELECT reason, count(*) FROM dead_letters GROUP BY reason ORDER BY 2 DESC", 0, NULL);
     s->queues = cli_exec(c, db, "SELECT DISTINCT queue FROM tasks UNION SELECT 'default' ORDER BY 1", 0, NULL);
     return s->by_status != NULL && s->rate != NULL && s->by_reason != NULL && s->queues != NULL ? 0 : -1;
 }
@@ -798,12 +801,12 @@ static const char workers_usage[] =
     "queues, in-flight tasks, draining, last heartbeat.\n";
 
 int cmd_workers(cli_t *c, int argc, char **argv) {
-    static const rows_query_t q = {
-        "SELECT id, hostname, pid, version, array_to_string(queues, ',') AS queues, in_flight, max_in_flight,"
-        " draining, to_char(heartbeat_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS heartbeat_at,"
-        " round(extract(epoch FROM now() - heartbeat_at)::numeric, 1) AS seconds_ago"
-        " FROM workers WHERE heartbeat_at > now() - interval '30 seconds' ORDER BY id",
-        0, NULL, print_workers};
+    static const rows_query_t q =
+        {"SELECT id, hostname, pid, version, array_to_string(queues, ',') AS queues, in_flight, max_in_flight,"
+         " draining, to_char(heartbeat_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS heartbeat_at,"
+         " round(extract(epoch FROM now() - heartbeat_at)::numeric, 1) AS seconds_ago"
+         " FROM workers WHERE heartbeat_at > now() - interval '30 seconds' ORDER BY id",
+         0, NULL, print_workers};
     int rc = cli_no_options(c, argc, argv, workers_usage, CLI_UNKNOWN_SAY_SO);
     if (rc != 0) {
         return rc < 0 ? LR_EXIT_OK : rc;
@@ -830,7 +833,9 @@ static int flag_options(cli_t *c, int argc, char **argv, const char *kind, const
             printf("usage: longrun %ss disable|enable NAME [--reason TEXT] [--actor NAME]\n"
                    "       longrun %ss list\n"
                    "\nFleet-wide kill switch, effective within seconds (workers are notified).%s\n",
-                   kind, kind, strcmp(kind, "tool") == 0 ? "\nNAME '@writes' switches off every tool marked \"writes\": true." : "");
+                   kind, kind,
+                   strcmp(kind, "tool") == 0 ? "\nNAME '@writes' switches off every tool marked \"writes\": true."
+                                             : "");
             return -1;
         }
         if (opt != D_REASON) {
@@ -862,8 +867,8 @@ static int flag_set(cli_t *c, const flag_change_t *f) {
     PGconn *db = cli_db_connect(c);
     PGresult *r;
     bool writes = strcmp(f->kind, "tool") == 0 && strcmp(f->name, "@writes") == 0;
-    const char *p[5] = {writes ? "writes" : f->kind, writes ? "*" : f->name, f->disable ? "true" : "false",
-                        f->reason, cli_actor(c)};
+    const char *p[5] = {writes ? "writes" : f->kind, writes ? "*" : f->name, f->disable ? "true" : "false", f->reason,
+                        cli_actor(c)};
     if (db == NULL) {
         return LR_EXIT_FAIL;
     }
@@ -882,9 +887,9 @@ static int flag_set(cli_t *c, const flag_change_t *f) {
 }
 
 static int flag_cmd(cli_t *c, int argc, char **argv, const char *kind) {
-    static const rows_query_t list = {
-        "SELECT kind, name, disabled, reason, actor, updated_at::text FROM flags ORDER BY kind, name", 0, NULL,
-        print_flags};
+    static const rows_query_t list =
+        {"SELECT kind, name, disabled, reason, actor, updated_at::text FROM flags ORDER BY kind, name", 0, NULL,
+         print_flags};
     flag_change_t f = {kind, NULL, false, NULL};
     int rc = flag_options(c, argc, argv, kind, &f.reason);
     if (rc != 0) {

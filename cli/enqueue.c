@@ -41,34 +41,33 @@
 #define ROOM_PAUSE_MAX_MS 5000
 
 static void enqueue_usage(FILE *f) {
-    fprintf(f,
-            "usage: longrun enqueue --agent NAME --input JSON|@FILE [options]\n"
-            "       longrun enqueue [--queue Q] < tasks.jsonl\n"
-            "\n"
-            "Records tasks (status queued) and publishes them with publisher confirms.\n"
-            "Without --agent, reads one task body per line from stdin (the message format of\n"
-            "docs/task-contract.md).  Prints each task id (--json: one object per task).\n"
-            "The same id enqueued twice is reported as existing and never runs twice.\n"
-            "\n"
-            "  --agent NAME           agent to run (^[a-z0-9][a-z0-9_.-]{0,63}$)\n"
-            "  --input JSON|@FILE|-   task input (object, array or string)\n"
-            "  --id UUID              task id (default: a random UUID); also the idempotency key\n"
-            "  --queue Q              task queue (default 'default')\n"
-            "  --max-steps N          budget: steps (1..10000)\n"
-            "  --max-tool-calls N     budget: tool calls (0..100000)\n"
-            "  --max-tokens N         budget: input + output tokens\n"
-            "  --max-cost USD         budget: cost in US dollars\n"
-            "  --max-seconds N        budget: active seconds\n"
-            "  --max-attempts N       transient failures before dead-lettering (1..100)\n"
-            "  --deadline RFC3339     dead-letter the task if not finished by then\n"
-            "  --tenant T             tenant name (fair sharing)\n"
-            "  --metadata JSON        free-form object, stored with the task\n"
-            "  --callback-url URL     receives the outcome as a POST when the task ends\n"
-            "  --wait-for-room N      when the queue is full, retry for up to N seconds (0..86400)\n"
-            "\n"
-            "Exit codes: 0 ok; 1 failed; 2 usage or every line invalid; 3 some lines failed;\n"
-            "75 the queue was full (LONGRUN_QUEUE_MAX_LENGTH): those tasks were not enqueued,\n"
-            "try again later (or with --wait-for-room).\n");
+    fprintf(f, "usage: longrun enqueue --agent NAME --input JSON|@FILE [options]\n"
+               "       longrun enqueue [--queue Q] < tasks.jsonl\n"
+               "\n"
+               "Records tasks (status queued) and publishes them with publisher confirms.\n"
+               "Without --agent, reads one task body per line from stdin (the message format of\n"
+               "docs/task-contract.md).  Prints each task id (--json: one object per task).\n"
+               "The same id enqueued twice is reported as existing and never runs twice.\n"
+               "\n"
+               "  --agent NAME           agent to run (^[a-z0-9][a-z0-9_.-]{0,63}$)\n"
+               "  --input JSON|@FILE|-   task input (object, array or string)\n"
+               "  --id UUID              task id (default: a random UUID); also the idempotency key\n"
+               "  --queue Q              task queue (default 'default')\n"
+               "  --max-steps N          budget: steps (1..10000)\n"
+               "  --max-tool-calls N     budget: tool calls (0..100000)\n"
+               "  --max-tokens N         budget: input + output tokens\n"
+               "  --max-cost USD         budget: cost in US dollars\n"
+               "  --max-seconds N        budget: active seconds\n"
+               "  --max-attempts N       transient failures before dead-lettering (1..100)\n"
+               "  --deadline RFC3339     dead-letter the task if not finished by then\n"
+               "  --tenant T             tenant name (fair sharing)\n"
+               "  --metadata JSON        free-form object, stored with the task\n"
+               "  --callback-url URL     receives the outcome as a POST when the task ends\n"
+               "  --wait-for-room N      when the queue is full, retry for up to N seconds (0..86400)\n"
+               "\n"
+               "Exit codes: 0 ok; 1 failed; 2 usage or every line invalid; 3 some lines failed;\n"
+               "75 the queue was full (LONGRUN_QUEUE_MAX_LENGTH): those tasks were not enqueued,\n"
+               "try again later (or with --wait-for-room).\n");
 }
 
 enum {
@@ -90,10 +89,10 @@ typedef struct enq {
     lr_amqp_sync_t *amqp;
     const char *queue;
     int ok, exists, failed;
-    int full;           /* of failed: refused because the queue was full */
-    long wait_room_ms;  /* --wait-for-room, in ms; 0: report a full queue at once */
-    cJSON *out; /* --json array */
-    bool quiet; /* producer sessions of other commands print nothing but errors */
+    int full;          /* of failed: refused because the queue was full */
+    long wait_room_ms; /* --wait-for-room, in ms; 0: report a full queue at once */
+    cJSON *out;        /* --json array */
+    bool quiet;        /* producer sessions of other commands print nothing but errors */
 } enq_t;
 
 static void report(enq_t *e, const char *id, const char *state, const char *error) {
@@ -130,8 +129,7 @@ static int record_task(enq_t *e, const lr_task_msg_t *m) {
     PGresult *res = NULL;
     int rc = -1;
 
-    snprintf(attempts, sizeof(attempts), "%d",
-             m->max_attempts > 0 ? m->max_attempts : e->c->cfg.max_attempts);
+    snprintf(attempts, sizeof(attempts), "%d", m->max_attempts > 0 ? m->max_attempts : e->c->cfg.max_attempts);
     params[0] = m->id;
     params[1] = e->queue;
     params[2] = m->agent;
@@ -227,8 +225,10 @@ static int publish_task(enq_t *e, const lr_task_msg_t *m, const char *body) {
         char why[768];
         /* Never published, so never claimed: take the row back (its events
          * go with it), so that "queue full" means "not enqueued". */
-        PQclear(cli_exec(e->c, e->db, "DELETE FROM tasks WHERE id = $1 AND status = 'queued' AND"
-                         " published_at IS NULL AND step = 0", 1, &id));
+        PQclear(cli_exec(e->c, e->db,
+                         "DELETE FROM tasks WHERE id = $1 AND status = 'queued' AND"
+                         " published_at IS NULL AND step = 0",
+                         1, &id));
         e->failed++;
         e->full++;
         snprintf(why, sizeof(why),
@@ -249,8 +249,8 @@ static int publish_task(enq_t *e, const lr_task_msg_t *m, const char *body) {
         report(e, m->id, "unpublished", why);
         return -1;
     }
-    PQclear(cli_exec(e->c, e->db, "UPDATE tasks SET published_at = now() WHERE id = $1 AND published_at IS NULL",
-                     1, &id));
+    PQclear(
+        cli_exec(e->c, e->db, "UPDATE tasks SET published_at = now() WHERE id = $1 AND published_at IS NULL", 1, &id));
     e->ok++;
     report(e, m->id, "queued", NULL);
     return 0;
@@ -308,7 +308,8 @@ static int connect_all(enq_t *e) {
                  e->c->cfg.amqp_url, err);
         return -1;
     }
-    if (lr_amqp_sync_declare(e->amqp, queues, e->c->cfg.delivery_limit, e->c->cfg.queue_max_length, err, sizeof(err)) != 0) {
+    if (lr_amqp_sync_declare(e->amqp, queues, e->c->cfg.delivery_limit, e->c->cfg.queue_max_length, err, sizeof(err)) !=
+        0) {
         cli_fail(e->c, LR_EXIT_FAIL, "cannot declare the queue topology: %s", err);
         return -1;
     }
@@ -605,8 +606,8 @@ static int enqueue_stdin(enq_t *e, const enq_args_t *a) {
         rc = LR_EXIT_OK;
     }
     if (e->out == NULL) {
-        fprintf(stderr, "enqueued %d, already existing %d, failed %d (queue full %d), invalid %d\n", e->ok,
-                e->exists, e->failed, e->full, invalid);
+        fprintf(stderr, "enqueued %d, already existing %d, failed %d (queue full %d), invalid %d\n", e->ok, e->exists,
+                e->failed, e->full, invalid);
     }
     print_results(e);
     return rc;

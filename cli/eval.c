@@ -36,20 +36,19 @@ typedef struct run {
 } run_t;
 
 static void eval_usage(FILE *f) {
-    fprintf(f,
-            "usage: longrun eval SUITE.json [--queue Q] [--timeout S] [--max-p95-seconds X]\n"
-            "                   [--max-error-rate R] [--json]\n"
-            "\n"
-            "Runs every case of the suite through the fleet and checks the final answers.\n"
-            "SUITE.json: {\"cases\": [{\"name\": \"...\", \"agent\": \"...\", \"input\": ...,\n"
-            "             \"contains\": [\"...\"], \"not_contains\": [\"...\"], \"repeat\": N,\n"
-            "             \"budgets\": {...}}]}\n"
-            "  --queue Q              task queue to send to (default 'default')\n"
-            "  --timeout S            seconds to wait for every task (default 300)\n"
-            "  --max-p95-seconds X    fail when the p95 task latency is above X\n"
-            "  --max-error-rate R     fail when the share of tasks not succeeded is above R (0..1)\n"
-            "Exit 0: every case passed and the thresholds hold; 1: a case failed, a task did not\n"
-            "finish, or a threshold was missed; 2: bad usage or suite.\n");
+    fprintf(f, "usage: longrun eval SUITE.json [--queue Q] [--timeout S] [--max-p95-seconds X]\n"
+               "                   [--max-error-rate R] [--json]\n"
+               "\n"
+               "Runs every case of the suite through the fleet and checks the final answers.\n"
+               "SUITE.json: {\"cases\": [{\"name\": \"...\", \"agent\": \"...\", \"input\": ...,\n"
+               "             \"contains\": [\"...\"], \"not_contains\": [\"...\"], \"repeat\": N,\n"
+               "             \"budgets\": {...}}]}\n"
+               "  --queue Q              task queue to send to (default 'default')\n"
+               "  --timeout S            seconds to wait for every task (default 300)\n"
+               "  --max-p95-seconds X    fail when the p95 task latency is above X\n"
+               "  --max-error-rate R     fail when the share of tasks not succeeded is above R (0..1)\n"
+               "Exit 0: every case passed and the thresholds hold; 1: a case failed, a task did not\n"
+               "finish, or a threshold was missed; 2: bad usage or suite.\n");
 }
 
 static int cmp_double(const void *a, const void *b) {

@@ -22,9 +22,10 @@ static const char *const status_cols =
     " to_char(finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS finished_at";
 
 static bool numeric_col(const char *name) {
-    static const char *const nums[] = {"step", "attempt", "max_attempts", "claims_total", "lease_epoch",
-                                       "tokens_in", "tokens_out", "tokens_cached", "tool_calls",
-                                       "cost_usd", "active_ms", "count", NULL};
+    static const char *const nums[] = {"step",        "attempt",   "max_attempts", "claims_total",
+                                       "lease_epoch", "tokens_in", "tokens_out",   "tokens_cached",
+                                       "tool_calls",  "cost_usd",  "active_ms",    "count",
+                                       NULL};
     for (int i = 0; nums[i] != NULL; i++) {
         if (strcmp(name, nums[i]) == 0) {
             return true;
@@ -113,19 +114,18 @@ out:
 }
 
 static void list_usage(FILE *f) {
-    fprintf(f,
-            "usage: longrun list [--status S] [--queue Q] [--agent A] [--tenant T]\n"
-            "                    [--since DURATION|RFC3339] [--limit N] [--offset N] [--json]\n"
-            "\n"
-            "Lists tasks, newest first.\n"
-            "  --status S   queued, running, suspended, retry_wait, succeeded, failed, dead, cancelled\n"
-            "  --since D    created within D (e.g. 15m, 2h, 7d) or after an RFC 3339 time\n"
-            "  --limit N    rows to show (1..10000, default 50); --offset N skips rows (paging)\n");
+    fprintf(f, "usage: longrun list [--status S] [--queue Q] [--agent A] [--tenant T]\n"
+               "                    [--since DURATION|RFC3339] [--limit N] [--offset N] [--json]\n"
+               "\n"
+               "Lists tasks, newest first.\n"
+               "  --status S   queued, running, suspended, retry_wait, succeeded, failed, dead, cancelled\n"
+               "  --since D    created within D (e.g. 15m, 2h, 7d) or after an RFC 3339 time\n"
+               "  --limit N    rows to show (1..10000, default 50); --offset N skips rows (paging)\n");
 }
 
 static bool valid_status(const char *s) {
     static const char *const st[] = {"queued", "running", "suspended", "retry_wait", "succeeded",
-                                     "failed", "dead", "cancelled", NULL};
+                                     "failed", "dead",    "cancelled", NULL};
     for (int i = 0; st[i] != NULL; i++) {
         if (strcmp(s, st[i]) == 0) {
             return true;
@@ -179,7 +179,8 @@ static int list_options(cli_t *c, int argc, char **argv, list_query_t *q) {
             if (!valid_status(optarg)) {
                 return cli_fail(c, LR_EXIT_USAGE,
                                 "--status: '%s' is not a status (queued, running, suspended, retry_wait, "
-                                "succeeded, failed, dead, cancelled)", optarg);
+                                "succeeded, failed, dead, cancelled)",
+                                optarg);
             }
             q->params[0] = optarg;
             break;
@@ -189,8 +190,7 @@ static int list_options(cli_t *c, int argc, char **argv, list_query_t *q) {
         case L_SINCE:
             if (since_param(optarg, q->since, sizeof(q->since)) != 0) {
                 return cli_fail(c, LR_EXIT_USAGE,
-                                "--since: '%s' is neither a duration (30s, 15m, 2h, 7d) nor an RFC 3339 time",
-                                optarg);
+                                "--since: '%s' is neither a duration (30s, 15m, 2h, 7d) nor an RFC 3339 time", optarg);
             }
             break;
         case L_LIMIT:

@@ -39,12 +39,11 @@ static const struct command {
 };
 
 static void usage(FILE *out) {
-    fprintf(out,
-            "usage: longrun <command> [options]\n"
-            "\n"
-            "The producer and operator tool of the longrun durable agent runtime.\n"
-            "\n"
-            "Commands:\n");
+    fprintf(out, "usage: longrun <command> [options]\n"
+                 "\n"
+                 "The producer and operator tool of the longrun durable agent runtime.\n"
+                 "\n"
+                 "Commands:\n");
     for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++) {
         fprintf(out, "  %-10s %s\n", commands[i].name, commands[i].summary);
     }
@@ -75,8 +74,7 @@ int main(int argc, char **argv) {
         usage(stderr);
         return LR_EXIT_USAGE;
     }
-    if (strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "--help") == 0 ||
-        strcmp(argv[1], "help") == 0) {
+    if (strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "help") == 0) {
         usage(stdout);
         return LR_EXIT_OK;
     }

@@ -167,8 +167,8 @@ int cli_migrate_run(cli_t *c, PGconn *db, bool dry_run, bool status_only) {
                         " checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())") != 0) {
         goto out;
     }
-    res = cli_exec(c, db, "SELECT version, name, checksum, applied_at FROM schema_migrations ORDER BY version",
-                   0, NULL);
+    res =
+        cli_exec(c, db, "SELECT version, name, checksum, applied_at FROM schema_migrations ORDER BY version", 0, NULL);
     if (res == NULL || check_applied(&mr, res, &applied_max) != 0) {
         goto out;
     }
@@ -203,14 +203,13 @@ out:
 }
 
 static void migrate_usage(FILE *f) {
-    fprintf(f,
-            "usage: longrun migrate [--status] [--dry-run] [--json] [--database-url URL]\n"
-            "\n"
-            "Applies pending schema migrations in order, each in its own transaction, under\n"
-            "an advisory lock (concurrent runs wait for each other; running twice is a no-op).\n"
-            "\n"
-            "  --status    list every migration and whether it is applied; change nothing\n"
-            "  --dry-run   list what would be applied; change nothing\n");
+    fprintf(f, "usage: longrun migrate [--status] [--dry-run] [--json] [--database-url URL]\n"
+               "\n"
+               "Applies pending schema migrations in order, each in its own transaction, under\n"
+               "an advisory lock (concurrent runs wait for each other; running twice is a no-op).\n"
+               "\n"
+               "  --status    list every migration and whether it is applied; change nothing\n"
+               "  --dry-run   list what would be applied; change nothing\n");
 }
 
 int cmd_migrate(cli_t *c, int argc, char **argv) {

@@ -54,7 +54,8 @@ static int task_status(cli_t *c, PGconn *db, const char *id, char *status, size_
     if (!lr_uuid_valid(id)) {
         return cli_fail(c, LR_EXIT_USAGE, "'%s' is not a task id (a UUID)", id);
     }
-    r = cli_exec(c, db, lock ? "SELECT status FROM tasks WHERE id = $1 FOR UPDATE" : "SELECT status FROM tasks WHERE id = $1",
+    r = cli_exec(c, db,
+                 lock ? "SELECT status FROM tasks WHERE id = $1 FOR UPDATE" : "SELECT status FROM tasks WHERE id = $1",
                  1, &id);
     if (r == NULL) {
         return LR_EXIT_FAIL;
@@ -106,7 +107,6 @@ static void end_task_txn(task_txn_t *t, int rc) {
     }
     PQfinish(t->db);
 }
-
 
 /* Common option parsing for the simple task actions. */
 typedef struct act_opts {
@@ -259,8 +259,9 @@ static int cmd_approve_deny(cli_t *c, int argc, char **argv, bool approve) {
         return rc < 0 ? LR_EXIT_OK : rc;
     }
     if ((approve && o.reason != NULL) || (!approve && o.comment != NULL)) {
-        return cli_fail(c, LR_EXIT_USAGE, approve ? "--reason belongs to deny; use --comment" :
-                                                    "--comment belongs to approve; use --reason");
+        return cli_fail(c, LR_EXIT_USAGE,
+                        approve ? "--reason belongs to deny; use --comment"
+                                : "--comment belongs to approve; use --reason");
     }
     p = cJSON_CreateObject();
     cJSON_AddBoolToObject(p, "approved", approve);
@@ -407,8 +408,8 @@ int cmd_cancel(cli_t *c, int argc, char **argv) {
     /* A task cancelled here (not running) gets no outcome from a worker:
      * send it to its reply_to, as a worker would (best effort). */
     if (strcmp(PQgetvalue(r, 0, 0), "cancelled") == 0 && !PQgetisnull(r, 0, 1) && PQgetvalue(r, 0, 1)[0] != '\0') {
-        reply_sent = send_cancel_outcome(c, t.db, o.actor, t.id, r,
-                                         o.reason != NULL ? o.reason : "cancelled by operator") == 0;
+        reply_sent =
+            send_cancel_outcome(c, t.db, o.actor, t.id, r, o.reason != NULL ? o.reason : "cancelled by operator") == 0;
         reply_tried = true;
     }
     if (c->json) {
@@ -493,7 +494,6 @@ static void print_event_row(PGresult *r, int i, cJSON *arr) {
 
 #define TS "to_char(%s AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
 
-
 /* How far `log` has printed a task's audit log, and how it prints. */
 typedef struct log_cursor {
     const char *id;
@@ -518,14 +518,16 @@ static int read_log_page(cli_t *c, PGconn *db, const log_cursor_t *lc, log_page_
     snprintf(le, sizeof(le), "%ld", lc->last_event);
     PQclear(PQexec(db, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"));
     pg->steps = cli_exec(c, db,
-                         "SELECT " "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
+                         "SELECT "
+                         "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
                          ", step_no, coalesce(model, ''), tokens_in, tokens_out,"
                          " coalesce(tool_calls::text, '[]'), cost_usd, latency_ms, coalesce(worker, ''), epoch,"
                          " created_at FROM task_steps WHERE task_id = $1 AND step_no > $2::int ORDER BY step_no",
                          2, params);
     params[1] = le;
     pg->events = cli_exec(c, db,
-                          "SELECT " "to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
+                          "SELECT "
+                          "to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
                           ", id, coalesce(from_status, ''), coalesce(to_status, ''), coalesce(reason, ''), actor,"
                           " detail::text, at FROM task_events WHERE task_id = $1 AND id > $2::bigint ORDER BY id",
                           2, params);
@@ -565,11 +567,10 @@ static void print_log_page(cli_t *c, log_cursor_t *lc, const log_page_t *pg) {
 }
 
 int cmd_log(cli_t *c, int argc, char **argv) {
-    static const char *usage =
-        "usage: longrun log ID [--follow] [--json]\n"
-        "\nThe audit log of a task: every step (model that answered, tool calls, tokens, cost,\n"
-        "latency) and every status transition (who and why), in order.  --follow keeps\n"
-        "printing new entries as the task writes them, until it ends (Ctrl-C to stop).\n";
+    static const char *usage = "usage: longrun log ID [--follow] [--json]\n"
+                               "\nThe audit log of a task: every step (model that answered, tool calls, tokens, cost,\n"
+                               "latency) and every status transition (who and why), in order.  --follow keeps\n"
+                               "printing new entries as the task writes them, until it ends (Ctrl-C to stop).\n";
     act_opts_t o;
     log_cursor_t lc = {NULL, 0, 0, false};
     PGconn *db;
@@ -629,22 +630,23 @@ static PGresult *replay_fork(cli_t *c, const task_txn_t *t, const act_opts_t *o)
         cli_fail(c, LR_EXIT_FAIL, "cannot generate an id");
         return NULL;
     }
-    return cli_exec(c, t->db,
-                    "WITH t AS (INSERT INTO tasks (id, queue, agent, input, budgets, max_attempts, deadline, tenant,"
-                    "  metadata, step, status)"
-                    " SELECT $2::uuid, queue, agent, input, budgets, max_attempts, deadline, tenant,"
-                    "  coalesce(metadata, '{}'::jsonb) || jsonb_build_object('forked_from', $1::text,"
-                    "  'forked_at_step', $3::int), $3::int, 'queued' FROM tasks WHERE id = $1::uuid RETURNING id, queue),"
-                    " s AS (INSERT INTO task_steps (task_id, step_no, epoch, worker, state_version, kind, model,"
-                    "  messages, tool_calls, tokens_in, tokens_out, tokens_cached, cost_usd, latency_ms)"
-                    " SELECT $2::uuid, step_no, 0, worker, state_version, kind, model, messages, tool_calls,"
-                    "  tokens_in, tokens_out, tokens_cached, cost_usd, latency_ms FROM task_steps"
-                    "  WHERE task_id = $1::uuid AND step_no <= $3::int),"
-                    " e AS (INSERT INTO task_events (task_id, from_status, to_status, reason, actor, detail)"
-                    " SELECT $2::uuid, NULL, 'queued', 'forked', $4, jsonb_build_object('from', $1::text,"
-                    "  'from_step', $3::int + 1))"
-                    " SELECT id::text, queue FROM t",
-                    4, p);
+    return cli_exec(
+        c, t->db,
+        "WITH t AS (INSERT INTO tasks (id, queue, agent, input, budgets, max_attempts, deadline, tenant,"
+        "  metadata, step, status)"
+        " SELECT $2::uuid, queue, agent, input, budgets, max_attempts, deadline, tenant,"
+        "  coalesce(metadata, '{}'::jsonb) || jsonb_build_object('forked_from', $1::text,"
+        "  'forked_at_step', $3::int), $3::int, 'queued' FROM tasks WHERE id = $1::uuid RETURNING id, queue),"
+        " s AS (INSERT INTO task_steps (task_id, step_no, epoch, worker, state_version, kind, model,"
+        "  messages, tool_calls, tokens_in, tokens_out, tokens_cached, cost_usd, latency_ms)"
+        " SELECT $2::uuid, step_no, 0, worker, state_version, kind, model, messages, tool_calls,"
+        "  tokens_in, tokens_out, tokens_cached, cost_usd, latency_ms FROM task_steps"
+        "  WHERE task_id = $1::uuid AND step_no <= $3::int),"
+        " e AS (INSERT INTO task_events (task_id, from_status, to_status, reason, actor, detail)"
+        " SELECT $2::uuid, NULL, 'queued', 'forked', $4, jsonb_build_object('from', $1::text,"
+        "  'from_step', $3::int + 1))"
+        " SELECT id::text, queue FROM t",
+        4, p);
 }
 
 /* Replays task t in place from step o->from_step: the later steps deleted,

@@ -52,14 +52,9 @@ static int common_option(cli_t *c, int opt, const char *arg) {
             return -1;
         }
         return 1;
-    case OPT_JSON:
-        c->json = true;
-        return 1;
-    case OPT_ACTOR:
-        c->actor = arg;
-        return 1;
-    default:
-        return 0;
+    case OPT_JSON: c->json = true; return 1;
+    case OPT_ACTOR: c->actor = arg; return 1;
+    default: return 0;
     }
 }
 
@@ -99,6 +94,7 @@ int cli_no_options(cli_t *c, int argc, char **argv, const char *usage, cli_on_un
     return cli_fail(c, LR_EXIT_USAGE, "unknown option (see --help)");
 }
 
+/* clang-format off */
 static const cli_budget_flag_t budget_flags[] = {
     {OPT_MAX_STEPS, "--max-steps", "max_steps"},
     {OPT_MAX_TOOL_CALLS, "--max-tool-calls", "max_tool_calls"},
@@ -106,6 +102,7 @@ static const cli_budget_flag_t budget_flags[] = {
     {OPT_MAX_COST, "--max-cost", "max_cost_usd"},
     {OPT_MAX_SECONDS, "--max-seconds", "max_seconds"},
 };
+/* clang-format on */
 
 const cli_budget_flag_t *cli_budget_option(cli_t *c, int opt, const char *arg, double *value) {
     for (size_t i = 0; i < sizeof(budget_flags) / sizeof(budget_flags[0]); i++) {
@@ -239,8 +236,10 @@ int cli_publish_continuations(cli_t *c, PGconn *db, PGresult *ids, int col_id, i
         return 0;
     }
     if (lr_amqp_sync_connect(&a, c->cfg.amqp_url, 10000, err, sizeof(err)) != 0) {
-        (void)cli_fail(c, 0, "RabbitMQ unreachable (%s): the scheduler's outbox sweep will dispatch the "
-                             "requeued tasks once it is back", err);
+        (void)cli_fail(c, 0,
+                       "RabbitMQ unreachable (%s): the scheduler's outbox sweep will dispatch the "
+                       "requeued tasks once it is back",
+                       err);
         return -1;
     }
     for (int i = 0; i < PQntuples(ids); i++) {
@@ -258,7 +257,8 @@ int cli_publish_continuations(cli_t *c, PGconn *db, PGresult *ids, int col_id, i
         m.persistent = true;
         m.mandatory = true;
         if (i == 0 || strcmp(queue, PQgetvalue(ids, i - 1, col_queue)) != 0) {
-            if (lr_amqp_sync_declare(a, queues, c->cfg.delivery_limit, c->cfg.queue_max_length, err, sizeof(err)) != 0) {
+            if (lr_amqp_sync_declare(a, queues, c->cfg.delivery_limit, c->cfg.queue_max_length, err, sizeof(err)) !=
+                0) {
                 (void)cli_fail(c, 0, "%s", err);
             }
         }
@@ -272,7 +272,6 @@ int cli_publish_continuations(cli_t *c, PGconn *db, PGresult *ids, int col_id, i
     lr_amqp_sync_close(a);
     return 0;
 }
-
 
 static char actor_buf[160];
 
@@ -293,7 +292,6 @@ const char *cli_actor(const cli_t *c) {
     snprintf(actor_buf, sizeof(actor_buf), "%s", u);
     return actor_buf;
 }
-
 
 void cli_print_json(const cJSON *j) {
     /* Values are task data, printed as they are; a DSN or URL must be

@@ -93,27 +93,27 @@
 #define CHANNEL 1
 #define FRAME_MAX 131072
 #ifndef OWNER_HEARTBEAT_S
-#define OWNER_HEARTBEAT_S 30      /* owner connection; rabbitmq-c sends and checks them */
+#define OWNER_HEARTBEAT_S 30 /* owner connection; rabbitmq-c sends and checks them */
 #endif
-#define CONNECT_TIMEOUT_MS 10000  /* owner thread: TCP + TLS connect, then login */
-#define RPC_TIMEOUT_MS 30000      /* any synchronous AMQP method (declare, consume, ...) */
-#define CLOSE_TIMEOUT_MS 2000     /* graceful channel/connection close */
-#define CONTENT_TIMEOUT_MS 30000  /* between the frames of one message */
-#define IDLE_TICK_MS 1000         /* owner wakes at least this often (heartbeats) */
-#define STOP_GRACE_MS 3000        /* after stop's timeout, kick a stuck socket */
+#define CONNECT_TIMEOUT_MS 10000 /* owner thread: TCP + TLS connect, then login */
+#define RPC_TIMEOUT_MS 30000     /* any synchronous AMQP method (declare, consume, ...) */
+#define CLOSE_TIMEOUT_MS 2000    /* graceful channel/connection close */
+#define CONTENT_TIMEOUT_MS 30000 /* between the frames of one message */
+#define IDLE_TICK_MS 1000        /* owner wakes at least this often (heartbeats) */
+#define STOP_GRACE_MS 3000       /* after stop's timeout, kick a stuck socket */
 #define BACKOFF_MIN_MS 250
 #define BACKOFF_MAX_MS 10000
-#define MAX_INFLIGHT 65536        /* publishes accepted and not yet completed */
-#define CMD_BATCH 1024            /* commands executed before reading frames again */
-#define FRAME_BATCH 256           /* frames handled before executing commands again */
-#define MAX_MSG_HEADERS 64        /* header pairs per published message */
-#define MAX_SHORTSTR 255          /* AMQP short strings: names, ids, content type */
-#define MAX_HEADER_BYTES 32768    /* sum of header names and values per message */
-#define MAX_QUEUE_NAME 200        /* short task-queue name (longrun.q. prepended) */
+#define MAX_INFLIGHT 65536     /* publishes accepted and not yet completed */
+#define CMD_BATCH 1024         /* commands executed before reading frames again */
+#define FRAME_BATCH 256        /* frames handled before executing commands again */
+#define MAX_MSG_HEADERS 64     /* header pairs per published message */
+#define MAX_SHORTSTR 255       /* AMQP short strings: names, ids, content type */
+#define MAX_HEADER_BYTES 32768 /* sum of header names and values per message */
+#define MAX_QUEUE_NAME 200     /* short task-queue name (longrun.q. prepended) */
 #define HEADERS_JSON_MAX (1024 * 1024)
 #define JSON_MAX_DEPTH 16
 #define DETAIL_MAX 512
-#define SYNC_NACK_ATTEMPTS 4       /* blocking publish: tries when the broker nacks */
+#define SYNC_NACK_ATTEMPTS 4 /* blocking publish: tries when the broker nacks */
 #define SYSTEM_CA_BUNDLE "/etc/ssl/certs/ca-certificates.crt"
 
 /* ------------------------------------------------------------------------ */
@@ -153,10 +153,9 @@ static const char *status_text(int status, int saved_errno, char *buf, size_t le
     if (status == AMQP_STATUS_CONNECTION_CLOSED) {
         return "the connection was closed unexpectedly";
     }
-    if ((status == AMQP_STATUS_SOCKET_ERROR || status == AMQP_STATUS_TCP_ERROR) &&
-        saved_errno != 0 && saved_errno != EAGAIN && saved_errno != EINPROGRESS) {
-        snprintf(buf, len, "%s (%s)", amqp_error_string2(status),
-                 errno_text(saved_errno, ebuf, sizeof(ebuf)));
+    if ((status == AMQP_STATUS_SOCKET_ERROR || status == AMQP_STATUS_TCP_ERROR) && saved_errno != 0 &&
+        saved_errno != EAGAIN && saved_errno != EINPROGRESS) {
+        snprintf(buf, len, "%s (%s)", amqp_error_string2(status), errno_text(saved_errno, ebuf, sizeof(ebuf)));
         return buf;
     }
     return amqp_error_string2(status);
@@ -174,9 +173,7 @@ static char *dup_bytes(amqp_bytes_t b) {
     return s;
 }
 
-static char *dup_str(const char *s) {
-    return s != NULL ? strdup(s) : NULL;
-}
+static char *dup_str(const char *s) { return s != NULL ? strdup(s) : NULL; }
 
 static bool bytes_eq(amqp_bytes_t b, const char *s) {
     size_t n = strlen(s);
@@ -198,9 +195,9 @@ static uint64_t fnv1a(uint64_t h, const void *data, size_t len) {
 /* URLs                                                                      */
 
 typedef struct url {
-    char *buf;                       /* parsed copy; ci's strings point into it */
+    char *buf; /* parsed copy; ci's strings point into it */
     struct amqp_connection_info ci;
-    char redacted[320];              /* amqp://user@host:port/vhost, no password */
+    char redacted[320]; /* amqp://user@host:port/vhost, no password */
 } url_t;
 
 static void url_free(url_t *u) {
@@ -221,8 +218,7 @@ static int url_parse(url_t *u, const char *url, char *errbuf, size_t errlen) {
     } else {
         const char *colon = strstr(url, "://");
         int scheme_len = colon != NULL && colon - url < 16 ? (int)(colon - url) : 0;
-        return lr_seterr(errbuf, errlen, LR_EINVAL,
-                         "the AMQP URL must start with amqp:// or amqps:// (got %s%.*s)",
+        return lr_seterr(errbuf, errlen, LR_EINVAL, "the AMQP URL must start with amqp:// or amqps:// (got %s%.*s)",
                          scheme_len > 0 ? "scheme " : "no scheme", scheme_len, url);
     }
     if (strchr(rest, '?') != NULL || strchr(rest, '#') != NULL) {
@@ -246,8 +242,7 @@ static int url_parse(url_t *u, const char *url, char *errbuf, size_t errlen) {
     }
     if (u->ci.port <= 0 || u->ci.port > 65535) {
         url_free(u);
-        return lr_seterr(errbuf, errlen, LR_EINVAL, "the AMQP URL has an invalid port %d",
-                         u->ci.port);
+        return lr_seterr(errbuf, errlen, LR_EINVAL, "the AMQP URL has an invalid port %d", u->ci.port);
     }
     if (u->ci.host == NULL || u->ci.host[0] == '\0') {
         url_free(u);
@@ -256,9 +251,8 @@ static int url_parse(url_t *u, const char *url, char *errbuf, size_t errlen) {
     if (u->ci.vhost == NULL || u->ci.vhost[0] == '\0') {
         u->ci.vhost = "/";
     }
-    snprintf(u->redacted, sizeof(u->redacted), "%s://%s@%s:%d/%s", u->ci.ssl ? "amqps" : "amqp",
-             u->ci.user, u->ci.host, u->ci.port,
-             strcmp(u->ci.vhost, "/") == 0 ? "" : u->ci.vhost);
+    snprintf(u->redacted, sizeof(u->redacted), "%s://%s@%s:%d/%s", u->ci.ssl ? "amqps" : "amqp", u->ci.user, u->ci.host,
+             u->ci.port, strcmp(u->ci.vhost, "/") == 0 ? "" : u->ci.vhost);
     return 0;
 }
 
@@ -269,8 +263,7 @@ int lr_amqp_url_check(const char *url, char *errbuf, size_t errlen) {
     return rc;
 }
 
-int lr_amqp_url_host(const char *url, char *host, size_t hostlen, bool *tls, char *errbuf,
-                     size_t errlen) {
+int lr_amqp_url_host(const char *url, char *host, size_t hostlen, bool *tls, char *errbuf, size_t errlen) {
     url_t u;
     int rc = url_parse(&u, url, errbuf, errlen);
     if (rc != 0) {
@@ -293,19 +286,17 @@ int lr_amqp_url_host(const char *url, char *host, size_t hostlen, bool *tls, cha
 typedef struct conn {
     amqp_connection_state_t st;
     bool channel_open;
-    bool broken;        /* socket unusable: skip the polite close */
-    uint64_t next_seq;  /* confirm sequence number of the next publish */
+    bool broken;       /* socket unusable: skip the polite close */
+    uint64_t next_seq; /* confirm sequence number of the next publish */
 } conn_t;
 
 /* A failed synchronous method, translated. */
 typedef struct rpc_err {
-    int code;                 /* AMQP reply code (403, 404, 406, 320...) or 0 */
-    char server[DETAIL_MAX];  /* the broker's reply text, or the library's */
+    int code;                /* AMQP reply code (403, 404, 406, 320...) or 0 */
+    char server[DETAIL_MAX]; /* the broker's reply text, or the library's */
 } rpc_err_t;
 
-static int status_err(int status) {
-    return status == AMQP_STATUS_NO_MEMORY ? LR_ENOMEM : LR_ECONN;
-}
+static int status_err(int status) { return status == AMQP_STATUS_NO_MEMORY ? LR_ENOMEM : LR_ECONN; }
 
 static void send_channel_close_ok(conn_t *c) {
     amqp_channel_close_ok_t ok;
@@ -333,8 +324,7 @@ static int rpc_check(conn_t *c, rpc_err_t *e) {
     e->code = 0;
     e->server[0] = '\0';
     switch (r.reply_type) {
-    case AMQP_RESPONSE_NORMAL:
-        return 0;
+    case AMQP_RESPONSE_NORMAL: return 0;
     case AMQP_RESPONSE_NONE:
         snprintf(e->server, sizeof(e->server), "no reply from the broker");
         c->broken = true;
@@ -347,21 +337,18 @@ static int rpc_check(conn_t *c, rpc_err_t *e) {
         if (r.reply.id == AMQP_CHANNEL_CLOSE_METHOD) {
             const amqp_channel_close_t *m = r.reply.decoded;
             e->code = m->reply_code;
-            snprintf(e->server, sizeof(e->server), "%.*s", (int)m->reply_text.len,
-                     (const char *)m->reply_text.bytes);
+            snprintf(e->server, sizeof(e->server), "%.*s", (int)m->reply_text.len, (const char *)m->reply_text.bytes);
             send_channel_close_ok(c);
             return c->broken ? LR_ECONN : LR_EAMQP;
         }
         if (r.reply.id == AMQP_CONNECTION_CLOSE_METHOD) {
             const amqp_connection_close_t *m = r.reply.decoded;
             e->code = m->reply_code;
-            snprintf(e->server, sizeof(e->server), "%.*s", (int)m->reply_text.len,
-                     (const char *)m->reply_text.bytes);
+            snprintf(e->server, sizeof(e->server), "%.*s", (int)m->reply_text.len, (const char *)m->reply_text.bytes);
             send_connection_close_ok(c);
             return LR_ECONN;
         }
-        snprintf(e->server, sizeof(e->server), "unexpected method 0x%08x from the broker",
-                 (unsigned)r.reply.id);
+        snprintf(e->server, sizeof(e->server), "unexpected method 0x%08x from the broker", (unsigned)r.reply.id);
         c->broken = true;
         return LR_ECONN;
     }
@@ -377,16 +364,14 @@ static int channel_setup(conn_t *c, char *errbuf, size_t errlen) {
     rc = rpc_check(c, &e);
     if (rc != 0) {
         c->broken = true;
-        return lr_seterr(errbuf, errlen, LR_ECONN, "cannot open an AMQP channel: %s",
-                         e.server);
+        return lr_seterr(errbuf, errlen, LR_ECONN, "cannot open an AMQP channel: %s", e.server);
     }
     c->channel_open = true;
     amqp_confirm_select(c->st, CHANNEL);
     rc = rpc_check(c, &e);
     if (rc != 0) {
         c->broken = true;
-        return lr_seterr(errbuf, errlen, LR_ECONN,
-                         "cannot enable publisher confirms (confirm.select): %s", e.server);
+        return lr_seterr(errbuf, errlen, LR_ECONN, "cannot enable publisher confirms (confirm.select): %s", e.server);
     }
     c->next_seq = 1;
     return 0;
@@ -408,8 +393,7 @@ static void diagnose_connect(const char *host, int port, char *buf, size_t len) 
         snprintf(buf, len, "cannot resolve host %s", host);
         goto out;
     }
-    fd = socket(res->ai_family, res->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC,
-                res->ai_protocol);
+    fd = socket(res->ai_family, res->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, res->ai_protocol);
     if (fd < 0) {
         goto out;
     }
@@ -452,8 +436,7 @@ static int tls_setup(amqp_socket_t *sock, char *errbuf, size_t errlen) {
     const char *key = getenv("LONGRUN_AMQP_KEY");
     const char *verify = getenv("LONGRUN_AMQP_TLS_VERIFY");
     if (verify != NULL && strcmp(verify, "0") == 0) {
-        lr_warn("amqp.tls_insecure",
-                "LONGRUN_AMQP_TLS_VERIFY=0: the broker's TLS certificate is NOT verified");
+        lr_warn("amqp.tls_insecure", "LONGRUN_AMQP_TLS_VERIFY=0: the broker's TLS certificate is NOT verified");
         amqp_ssl_socket_set_verify_peer(sock, 0);
         amqp_ssl_socket_set_verify_hostname(sock, 0);
     } else {
@@ -468,13 +451,11 @@ static int tls_setup(amqp_socket_t *sock, char *errbuf, size_t errlen) {
                              "LONGRUN_AMQP_CACERT to a PEM file");
         }
         if (amqp_ssl_socket_set_cacert(sock, cacert) != AMQP_STATUS_OK) {
-            return lr_seterr(errbuf, errlen, LR_ECONN,
-                             "amqps: cannot load CA certificates from %s", cacert);
+            return lr_seterr(errbuf, errlen, LR_ECONN, "amqps: cannot load CA certificates from %s", cacert);
         }
     }
     if (cert != NULL && cert[0] != '\0') {
-        if (key == NULL || key[0] == '\0' ||
-            amqp_ssl_socket_set_key(sock, cert, key) != AMQP_STATUS_OK) {
+        if (key == NULL || key[0] == '\0' || amqp_ssl_socket_set_key(sock, cert, key) != AMQP_STATUS_OK) {
             return lr_seterr(errbuf, errlen, LR_ECONN,
                              "amqps: cannot load the client certificate %s with key %s "
                              "(LONGRUN_AMQP_CERT, LONGRUN_AMQP_KEY)",
@@ -486,8 +467,8 @@ static int tls_setup(amqp_socket_t *sock, char *errbuf, size_t errlen) {
 
 /* Connects, logs in, opens CHANNEL in confirm mode.  On failure c is torn
  * down by the caller with conn_close(). */
-static int conn_open(conn_t *c, const url_t *u, long timeout_ms, int heartbeat,
-                     const char *conn_name, char *errbuf, size_t errlen) {
+static int conn_open(conn_t *c, const url_t *u, long timeout_ms, int heartbeat, const char *conn_name, char *errbuf,
+                     size_t errlen) {
     amqp_socket_t *sock;
     struct timeval tv = ms_to_tv(timeout_ms);
     struct timeval rpc_tv = ms_to_tv(RPC_TIMEOUT_MS > timeout_ms ? RPC_TIMEOUT_MS : timeout_ms);
@@ -501,8 +482,8 @@ static int conn_open(conn_t *c, const url_t *u, long timeout_ms, int heartbeat,
     sock = u->ci.ssl ? amqp_ssl_socket_new(c->st) : amqp_tcp_socket_new(c->st);
     if (sock == NULL) {
         c->broken = true;
-        return lr_seterr(errbuf, errlen, u->ci.ssl ? LR_ECONN : LR_ENOMEM,
-                         "cannot create the %s socket", u->ci.ssl ? "TLS" : "TCP");
+        return lr_seterr(errbuf, errlen, u->ci.ssl ? LR_ECONN : LR_ENOMEM, "cannot create the %s socket",
+                         u->ci.ssl ? "TLS" : "TCP");
     }
     if (u->ci.ssl) {
         int rc = tls_setup(sock, errbuf, errlen);
@@ -522,16 +503,18 @@ static int conn_open(conn_t *c, const url_t *u, long timeout_ms, int heartbeat,
         } else if (status == AMQP_STATUS_HOSTNAME_RESOLUTION_FAILED) {
             snprintf(why, sizeof(why), "cannot resolve host %s", u->ci.host);
         } else if (status == AMQP_STATUS_SSL_PEER_VERIFY_FAILED) {
-            snprintf(why, sizeof(why), "the broker's TLS certificate is not signed by a trusted "
-                                       "CA (set LONGRUN_AMQP_CACERT to the CA's PEM file)");
+            snprintf(why, sizeof(why),
+                     "the broker's TLS certificate is not signed by a trusted "
+                     "CA (set LONGRUN_AMQP_CACERT to the CA's PEM file)");
         } else if (status == AMQP_STATUS_SSL_HOSTNAME_VERIFY_FAILED) {
-            snprintf(why, sizeof(why), "the broker's TLS certificate is not issued for host %s "
-                                       "(use the host name it names)", u->ci.host);
+            snprintf(why, sizeof(why),
+                     "the broker's TLS certificate is not issued for host %s "
+                     "(use the host name it names)",
+                     u->ci.host);
         } else {
             snprintf(why, sizeof(why), "%s", amqp_error_string2(status));
         }
-        return lr_seterr(errbuf, errlen, status_err(status), "%s:%d: %s", u->ci.host,
-                         u->ci.port, why);
+        return lr_seterr(errbuf, errlen, status_err(status), "%s:%d: %s", u->ci.host, u->ci.port, why);
     }
     amqp_set_handshake_timeout(c->st, &tv);
     amqp_set_rpc_timeout(c->st, &rpc_tv);
@@ -556,13 +539,11 @@ static int conn_open(conn_t *c, const url_t *u, long timeout_ms, int heartbeat,
     props[1].value.value.table.entries = caps;
     amqp_table_t props_table = {.num_entries = 2, .entries = props};
 
-    amqp_rpc_reply_t r =
-        amqp_login_with_properties(c->st, u->ci.vhost, 0, FRAME_MAX, heartbeat, &props_table,
-                                   AMQP_SASL_METHOD_PLAIN, u->ci.user, u->ci.password);
+    amqp_rpc_reply_t r = amqp_login_with_properties(c->st, u->ci.vhost, 0, FRAME_MAX, heartbeat, &props_table,
+                                                    AMQP_SASL_METHOD_PLAIN, u->ci.user, u->ci.password);
     if (r.reply_type != AMQP_RESPONSE_NORMAL) {
         c->broken = true;
-        if (r.reply_type == AMQP_RESPONSE_SERVER_EXCEPTION &&
-            r.reply.id == AMQP_CONNECTION_CLOSE_METHOD) {
+        if (r.reply_type == AMQP_RESPONSE_SERVER_EXCEPTION && r.reply.id == AMQP_CONNECTION_CLOSE_METHOD) {
             const amqp_connection_close_t *m = r.reply.decoded;
             send_connection_close_ok(c);
             if (m->reply_code == AMQP_ACCESS_REFUSED || m->reply_code == AMQP_NOT_ALLOWED) {
@@ -570,24 +551,21 @@ static int conn_open(conn_t *c, const url_t *u, long timeout_ms, int heartbeat,
                                  "%s:%d: login refused for user %s on vhost %s (server said: "
                                  "%.*s); check the user name, password and the vhost's "
                                  "permissions",
-                                 u->ci.host, u->ci.port, u->ci.user, u->ci.vhost,
-                                 (int)m->reply_text.len, (const char *)m->reply_text.bytes);
+                                 u->ci.host, u->ci.port, u->ci.user, u->ci.vhost, (int)m->reply_text.len,
+                                 (const char *)m->reply_text.bytes);
             }
-            return lr_seterr(errbuf, errlen, LR_ECONN, "%s:%d: the broker refused the connection: %u %.*s",
-                             u->ci.host, u->ci.port, m->reply_code, (int)m->reply_text.len,
-                             (const char *)m->reply_text.bytes);
+            return lr_seterr(errbuf, errlen, LR_ECONN, "%s:%d: the broker refused the connection: %u %.*s", u->ci.host,
+                             u->ci.port, m->reply_code, (int)m->reply_text.len, (const char *)m->reply_text.bytes);
         }
         if (r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION) {
-            return lr_seterr(errbuf, errlen, status_err(r.library_error),
-                             "%s:%d: login failed: %s%s", u->ci.host, u->ci.port,
-                             amqp_error_string2(r.library_error),
+            return lr_seterr(errbuf, errlen, status_err(r.library_error), "%s:%d: login failed: %s%s", u->ci.host,
+                             u->ci.port, amqp_error_string2(r.library_error),
                              r.library_error == AMQP_STATUS_CONNECTION_CLOSED ||
                                      r.library_error == AMQP_STATUS_SOCKET_CLOSED
                                  ? " (wrong credentials, or not an AMQP 0-9-1 port?)"
                                  : "");
         }
-        return lr_seterr(errbuf, errlen, LR_ECONN, "%s:%d: login failed", u->ci.host,
-                         u->ci.port);
+        return lr_seterr(errbuf, errlen, LR_ECONN, "%s:%d: login failed", u->ci.host, u->ci.port);
     }
     return channel_setup(c, errbuf, errlen);
 }
@@ -637,24 +615,20 @@ static int handle_channel0(conn_t *c, const amqp_frame_t *f, char *detail, size_
     switch (f->payload.method.id) {
     case AMQP_CONNECTION_CLOSE_METHOD: {
         const amqp_connection_close_t *m = f->payload.method.decoded;
-        snprintf(detail, dlen, "the broker closed the connection: %u %.*s", m->reply_code,
-                 (int)m->reply_text.len, (const char *)m->reply_text.bytes);
+        snprintf(detail, dlen, "the broker closed the connection: %u %.*s", m->reply_code, (int)m->reply_text.len,
+                 (const char *)m->reply_text.bytes);
         send_connection_close_ok(c);
         return LR_ECONN;
     }
     case AMQP_CONNECTION_BLOCKED_METHOD: {
         const amqp_connection_blocked_t *m = f->payload.method.decoded;
-        lr_warn("amqp.blocked",
-                "the broker blocked publishing on this connection (%.*s); publishes wait",
+        lr_warn("amqp.blocked", "the broker blocked publishing on this connection (%.*s); publishes wait",
                 (int)m->reason.len, (const char *)m->reason.bytes);
         return 0;
     }
-    case AMQP_CONNECTION_UNBLOCKED_METHOD:
-        lr_info("amqp.unblocked", "the broker unblocked publishing");
-        return 0;
+    case AMQP_CONNECTION_UNBLOCKED_METHOD: lr_info("amqp.unblocked", "the broker unblocked publishing"); return 0;
     default:
-        lr_debug("amqp.ignored_method", "ignoring method 0x%08x on channel 0",
-                 (unsigned)f->payload.method.id);
+        lr_debug("amqp.ignored_method", "ignoring method 0x%08x on channel 0", (unsigned)f->payload.method.id);
         return 0;
     }
 }
@@ -662,13 +636,13 @@ static int handle_channel0(conn_t *c, const amqp_frame_t *f, char *detail, size_
 /* One message's content (header frame + body frames), read after
  * basic.deliver or basic.return. */
 typedef struct content {
-    amqp_basic_properties_t *props;  /* in the connection's pool: valid until
-                                        amqp_maybe_release_buffers() */
-    char *body;                      /* malloc'd, NUL-terminated, or NULL if not kept */
-    size_t body_len;                 /* bytes kept in body */
-    uint64_t total_len;              /* body size announced by the broker */
-    bool truncated;                  /* total_len > the kept limit */
-    uint64_t hash;                   /* FNV-1a of the whole body */
+    amqp_basic_properties_t *props; /* in the connection's pool: valid until
+                                       amqp_maybe_release_buffers() */
+    char *body;                     /* malloc'd, NUL-terminated, or NULL if not kept */
+    size_t body_len;                /* bytes kept in body */
+    uint64_t total_len;             /* body size announced by the broker */
+    bool truncated;                 /* total_len > the kept limit */
+    uint64_t hash;                  /* FNV-1a of the whole body */
 } content_t;
 
 static int wait_frame(conn_t *c, amqp_frame_t *f, long timeout_ms, char *detail, size_t dlen) {
@@ -717,8 +691,7 @@ static int read_content(conn_t *c, size_t keep, content_t *ct, char *detail, siz
     }
     if (f.frame_type != AMQP_FRAME_HEADER || f.channel != CHANNEL) {
         c->broken = true;
-        snprintf(detail, dlen, "protocol error: expected a content header, got frame type %u",
-                 (unsigned)f.frame_type);
+        snprintf(detail, dlen, "protocol error: expected a content header, got frame type %u", (unsigned)f.frame_type);
         return LR_ECONN;
     }
     ct->props = f.payload.properties.decoded;
@@ -748,8 +721,7 @@ static int read_content(conn_t *c, size_t keep, content_t *ct, char *detail, siz
         }
         if (rc == 0 && (f.frame_type != AMQP_FRAME_BODY || f.channel != CHANNEL)) {
             c->broken = true;
-            snprintf(detail, dlen, "protocol error: expected a body frame, got frame type %u",
-                     (unsigned)f.frame_type);
+            snprintf(detail, dlen, "protocol error: expected a body frame, got frame type %u", (unsigned)f.frame_type);
             rc = LR_ECONN;
         }
         if (rc != 0) {
@@ -777,21 +749,20 @@ static int read_content(conn_t *c, size_t keep, content_t *ct, char *detail, siz
 
 static int check_shortstr(const char *what, const char *s, char *errbuf, size_t errlen) {
     if (s != NULL && strlen(s) > MAX_SHORTSTR) {
-        return lr_seterr(errbuf, errlen, LR_EINVAL, "%s is longer than %d bytes", what,
-                         MAX_SHORTSTR);
+        return lr_seterr(errbuf, errlen, LR_EINVAL, "%s is longer than %d bytes", what, MAX_SHORTSTR);
     }
     return 0;
 }
 
 /* Validates a publish up front: rabbitmq-c sends the method frame before it
  * encodes the properties, so an encoding failure would break the connection. */
-static int msg_validate(const char *exchange, const char *routing_key, const lr_amqp_msg_t *msg,
-                        char *errbuf, size_t errlen) {
+static int msg_validate(const char *exchange, const char *routing_key, const lr_amqp_msg_t *msg, char *errbuf,
+                        size_t errlen) {
     int rc;
-    if (exchange == NULL || routing_key == NULL || msg == NULL ||
-        (msg->body == NULL && msg->body_len > 0)) {
-        return lr_seterr(errbuf, errlen, LR_EINVAL, "publish: missing exchange, routing key, "
-                                                    "message or body");
+    if (exchange == NULL || routing_key == NULL || msg == NULL || (msg->body == NULL && msg->body_len > 0)) {
+        return lr_seterr(errbuf, errlen, LR_EINVAL,
+                         "publish: missing exchange, routing key, "
+                         "message or body");
     }
     if ((rc = check_shortstr("the exchange name", exchange, errbuf, errlen)) != 0 ||
         (rc = check_shortstr("the routing key", routing_key, errbuf, errlen)) != 0 ||
@@ -802,9 +773,8 @@ static int msg_validate(const char *exchange, const char *routing_key, const lr_
         return rc;
     }
     if (msg->body_len > LR_AMQP_MAX_BODY) {
-        return lr_seterr(errbuf, errlen, LR_ETOOBIG,
-                         "message body of %zu bytes exceeds the limit of %d bytes", msg->body_len,
-                         LR_AMQP_MAX_BODY);
+        return lr_seterr(errbuf, errlen, LR_ETOOBIG, "message body of %zu bytes exceeds the limit of %d bytes",
+                         msg->body_len, LR_AMQP_MAX_BODY);
     }
     if (msg->headers != NULL) {
         size_t n = 0, bytes = 0;
@@ -813,17 +783,14 @@ static int msg_validate(const char *exchange, const char *routing_key, const lr_
                 return lr_seterr(errbuf, errlen, LR_EINVAL, "header %s has no value", h[0]);
             }
             if (h[0][0] == '\0' || strlen(h[0]) > 127) {
-                return lr_seterr(errbuf, errlen, LR_EINVAL,
-                                 "header names must be 1..127 bytes long");
+                return lr_seterr(errbuf, errlen, LR_EINVAL, "header names must be 1..127 bytes long");
             }
             if (++n > MAX_MSG_HEADERS) {
-                return lr_seterr(errbuf, errlen, LR_ETOOBIG, "more than %d headers",
-                                 MAX_MSG_HEADERS);
+                return lr_seterr(errbuf, errlen, LR_ETOOBIG, "more than %d headers", MAX_MSG_HEADERS);
             }
             bytes += strlen(h[0]) + strlen(h[1]);
             if (bytes > MAX_HEADER_BYTES) {
-                return lr_seterr(errbuf, errlen, LR_ETOOBIG, "headers exceed %d bytes",
-                                 MAX_HEADER_BYTES);
+                return lr_seterr(errbuf, errlen, LR_ETOOBIG, "headers exceed %d bytes", MAX_HEADER_BYTES);
             }
         }
     }
@@ -832,16 +799,14 @@ static int msg_validate(const char *exchange, const char *routing_key, const lr_
 
 /* Sends one publish; returns the rabbitmq-c status.  The message must have
  * passed msg_validate(). */
-static int send_publish(conn_t *c, const char *exchange, const char *routing_key,
-                        const lr_amqp_msg_t *msg) {
+static int send_publish(conn_t *c, const char *exchange, const char *routing_key, const lr_amqp_msg_t *msg) {
     amqp_basic_properties_t props;
     amqp_table_entry_t entries[MAX_MSG_HEADERS];
     int n = 0;
 
     memset(&props, 0, sizeof(props));
     props._flags = AMQP_BASIC_CONTENT_TYPE_FLAG;
-    props.content_type = amqp_cstring_bytes(msg->content_type != NULL ? msg->content_type
-                                                                      : "application/json");
+    props.content_type = amqp_cstring_bytes(msg->content_type != NULL ? msg->content_type : "application/json");
     if (msg->persistent) {
         props._flags |= AMQP_BASIC_DELIVERY_MODE_FLAG;
         props.delivery_mode = AMQP_DELIVERY_PERSISTENT;
@@ -872,9 +837,8 @@ static int send_publish(conn_t *c, const char *exchange, const char *routing_key
         }
     }
     amqp_bytes_t body = {.len = msg->body_len, .bytes = (void *)msg->body};
-    return amqp_basic_publish(c->st, CHANNEL, amqp_cstring_bytes(exchange),
-                              amqp_cstring_bytes(routing_key), msg->mandatory ? 1 : 0, 0, &props,
-                              body);
+    return amqp_basic_publish(c->st, CHANNEL, amqp_cstring_bytes(exchange), amqp_cstring_bytes(routing_key),
+                              msg->mandatory ? 1 : 0, 0, &props, body);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -896,8 +860,8 @@ static void differing_arg(const char *server, char *out, size_t len) {
 
 /* Turns a failed declare into a plain-words error.  kind: "queue" or
  * "exchange"; wanted: what longrun needs. */
-static int declare_error(conn_t *c, int rc, const rpc_err_t *e, const char *kind,
-                         const char *name, const char *wanted, char *errbuf, size_t errlen) {
+static int declare_error(conn_t *c, int rc, const rpc_err_t *e, const char *kind, const char *name, const char *wanted,
+                         char *errbuf, size_t errlen) {
     if (rc == LR_EAMQP && e->code == AMQP_PRECONDITION_FAILED) {
         char arg[128];
         differing_arg(e->server, arg, sizeof(arg));
@@ -924,17 +888,15 @@ static int declare_error(conn_t *c, int rc, const rpc_err_t *e, const char *kind
     }
     if (rc == LR_EAMQP) {
         (void)channel_recover(c);
-        return lr_seterr(errbuf, errlen, LR_EAMQP, "declaring %s %s failed: %u %s", kind, name,
-                         e->code, e->server);
+        return lr_seterr(errbuf, errlen, LR_EAMQP, "declaring %s %s failed: %u %s", kind, name, e->code, e->server);
     }
     return lr_seterr(errbuf, errlen, rc, "declaring %s %s failed: %s", kind, name, e->server);
 }
 
-static int declare_exchange(conn_t *c, const char *name, const char *type, char *errbuf,
-                            size_t errlen) {
+static int declare_exchange(conn_t *c, const char *name, const char *type, char *errbuf, size_t errlen) {
     rpc_err_t e;
-    amqp_exchange_declare(c->st, CHANNEL, amqp_cstring_bytes(name), amqp_cstring_bytes(type), 0,
-                          1, 0, 0, amqp_empty_table);
+    amqp_exchange_declare(c->st, CHANNEL, amqp_cstring_bytes(name), amqp_cstring_bytes(type), 0, 1, 0, 0,
+                          amqp_empty_table);
     int rc = rpc_check(c, &e);
     if (rc != 0) {
         char wanted[64];
@@ -944,21 +906,18 @@ static int declare_exchange(conn_t *c, const char *name, const char *type, char 
     return 0;
 }
 
-static int bind_queue(conn_t *c, const char *queue, const char *exchange, const char *key,
-                      char *errbuf, size_t errlen) {
+static int bind_queue(conn_t *c, const char *queue, const char *exchange, const char *key, char *errbuf,
+                      size_t errlen) {
     rpc_err_t e;
-    amqp_queue_bind(c->st, CHANNEL, amqp_cstring_bytes(queue), amqp_cstring_bytes(exchange),
-                    amqp_cstring_bytes(key), amqp_empty_table);
+    amqp_queue_bind(c->st, CHANNEL, amqp_cstring_bytes(queue), amqp_cstring_bytes(exchange), amqp_cstring_bytes(key),
+                    amqp_empty_table);
     int rc = rpc_check(c, &e);
     if (rc != 0) {
         if (rc == LR_EAMQP) {
             (void)channel_recover(c);
         }
-        return lr_seterr(errbuf, errlen, rc == LR_EAMQP && e.code == AMQP_ACCESS_REFUSED
-                                              ? LR_ECONFIG
-                                              : rc,
-                         "binding queue %s to exchange %s failed: %s", queue, exchange,
-                         e.server);
+        return lr_seterr(errbuf, errlen, rc == LR_EAMQP && e.code == AMQP_ACCESS_REFUSED ? LR_ECONFIG : rc,
+                         "binding queue %s to exchange %s failed: %s", queue, exchange, e.server);
     }
     return 0;
 }
@@ -974,14 +933,12 @@ static int check_queue_names(const char *const *queues, char *errbuf, size_t err
         for (const char *const *q = queues; *q != NULL; q++) {
             size_t n = strlen(*q);
             if (n == 0 || n > MAX_QUEUE_NAME) {
-                return lr_seterr(errbuf, errlen, LR_EINVAL,
-                                 "task queue name \"%.64s\" must be 1..%d bytes", *q,
+                return lr_seterr(errbuf, errlen, LR_EINVAL, "task queue name \"%.64s\" must be 1..%d bytes", *q,
                                  MAX_QUEUE_NAME);
             }
             for (size_t i = 0; i < n; i++) {
                 if ((unsigned char)(*q)[i] < 0x20 || (*q)[i] == 0x7f) {
-                    return lr_seterr(errbuf, errlen, LR_EINVAL,
-                                     "task queue name contains a control character");
+                    return lr_seterr(errbuf, errlen, LR_EINVAL, "task queue name contains a control character");
                 }
             }
         }
@@ -992,8 +949,8 @@ static int check_queue_names(const char *const *queues, char *errbuf, size_t err
 /* One declare of a task queue: with x-max-length = max_length when it is
  * above 0, without it when 0, passive (exists, whatever its arguments) when
  * passive.  Returns rpc_check's code with e filled. */
-static int queue_declare_once(conn_t *c, const char *name, int delivery_limit, long max_length,
-                              bool passive, rpc_err_t *e) {
+static int queue_declare_once(conn_t *c, const char *name, int delivery_limit, long max_length, bool passive,
+                              rpc_err_t *e) {
     amqp_table_entry_t args[6];
     amqp_table_t table = {.num_entries = 5, .entries = args};
     set_str_entry(&args[0], "x-queue-type", "quorum");
@@ -1024,8 +981,8 @@ static int queue_declare_once(conn_t *c, const char *name, int delivery_limit, l
  * one, or passively when it has another limit) and a warning says how to
  * give it the limit without deleting it: a policy, which RabbitMQ applies to
  * existing queues (the lower of policy and argument wins). */
-static int declare_task_queue(conn_t *c, const char *name, int delivery_limit, int max_length,
-                              char *errbuf, size_t errlen) {
+static int declare_task_queue(conn_t *c, const char *name, int delivery_limit, int max_length, char *errbuf,
+                              size_t errlen) {
     char wanted[300], arg[128];
     rpc_err_t e;
     int rc = queue_declare_once(c, name, delivery_limit, max_length, false, &e);
@@ -1042,11 +999,13 @@ static int declare_task_queue(conn_t *c, const char *name, int delivery_limit, i
                 }
             }
             if (rc == 0) {
-                lr_warn("amqp.queue_max_length", "queue %s exists with another x-max-length than "
+                lr_warn("amqp.queue_max_length",
+                        "queue %s exists with another x-max-length than "
                         "LONGRUN_QUEUE_MAX_LENGTH=%d (server said: %s); using it as it is. To apply the limit "
                         "without recreating it: rabbitmqctl set_policy --apply-to queues longrun-max-length "
                         "'^longrun\\.q\\.' '{\"max-length\":%d,\"overflow\":\"reject-publish\"}' "
-                        "(docs/configuration.md)", name, max_length, first, max_length);
+                        "(docs/configuration.md)",
+                        name, max_length, first, max_length);
                 return 0;
             }
         }
@@ -1062,13 +1021,12 @@ static int declare_task_queue(conn_t *c, const char *name, int delivery_limit, i
     return 0;
 }
 
-static int declare_topology(conn_t *c, const char *const *queues, int delivery_limit,
-                            int max_length, char *errbuf, size_t errlen) {
+static int declare_topology(conn_t *c, const char *const *queues, int delivery_limit, int max_length, char *errbuf,
+                            size_t errlen) {
     rpc_err_t e;
     int rc;
     if (delivery_limit < 0) {
-        return lr_seterr(errbuf, errlen, LR_EINVAL, "delivery limit %d is negative",
-                         delivery_limit);
+        return lr_seterr(errbuf, errlen, LR_EINVAL, "delivery limit %d is negative", delivery_limit);
     }
     if (max_length < 0) {
         return lr_seterr(errbuf, errlen, LR_EINVAL, "queue max length %d is negative", max_length);
@@ -1087,11 +1045,10 @@ static int declare_topology(conn_t *c, const char *const *queues, int delivery_l
     amqp_table_entry_t dead_args[1];
     set_str_entry(&dead_args[0], "x-queue-type", "quorum");
     amqp_table_t dead_table = {.num_entries = 1, .entries = dead_args};
-    amqp_queue_declare(c->st, CHANNEL, amqp_cstring_bytes(LR_AMQP_DEAD_QUEUE), 0, 1, 0, 0,
-                       dead_table);
+    amqp_queue_declare(c->st, CHANNEL, amqp_cstring_bytes(LR_AMQP_DEAD_QUEUE), 0, 1, 0, 0, dead_table);
     if ((rc = rpc_check(c, &e)) != 0) {
-        return declare_error(c, rc, &e, "queue", LR_AMQP_DEAD_QUEUE,
-                             "a durable quorum queue (x-queue-type=quorum)", errbuf, errlen);
+        return declare_error(c, rc, &e, "queue", LR_AMQP_DEAD_QUEUE, "a durable quorum queue (x-queue-type=quorum)",
+                             errbuf, errlen);
     }
     if ((rc = bind_queue(c, LR_AMQP_DEAD_QUEUE, LR_AMQP_DLX, "", errbuf, errlen)) != 0) {
         return rc;
@@ -1114,7 +1071,7 @@ static int declare_topology(conn_t *c, const char *const *queues, int delivery_l
 typedef struct jbuf {
     char *p;
     size_t len, cap;
-    bool failed;  /* out of memory or over HEADERS_JSON_MAX */
+    bool failed; /* out of memory or over HEADERS_JSON_MAX */
 } jbuf_t;
 
 static void jb_put(jbuf_t *b, const char *s, size_t n) {
@@ -1143,9 +1100,7 @@ static void jb_put(jbuf_t *b, const char *s, size_t n) {
     b->p[b->len] = '\0';
 }
 
-static void jb_cstr(jbuf_t *b, const char *s) {
-    jb_put(b, s, strlen(s));
-}
+static void jb_cstr(jbuf_t *b, const char *s) { jb_put(b, s, strlen(s)); }
 
 /* Length of the valid UTF-8 sequence at p (at most n bytes), or 0. */
 static size_t utf8_seq(const unsigned char *p, size_t n) {
@@ -1158,7 +1113,7 @@ static size_t utf8_seq(const unsigned char *p, size_t n) {
         if (p[0] == 0xE0) {
             lo = 0xA0;
         } else if (p[0] == 0xED) {
-            hi = 0x9F;  /* no UTF-16 surrogates */
+            hi = 0x9F; /* no UTF-16 surrogates */
         }
     } else if (p[0] >= 0xF0 && p[0] <= 0xF4) {
         len = 4;
@@ -1337,8 +1292,7 @@ static char *headers_to_json(const amqp_table_t *t) {
     jbuf_t b = {0};
     jb_table(&b, t, 0);
     if (b.failed) {
-        lr_warn("amqp.headers_dropped", "message headers do not fit in %d bytes of JSON",
-                HEADERS_JSON_MAX);
+        lr_warn("amqp.headers_dropped", "message headers do not fit in %d bytes of JSON", HEADERS_JSON_MAX);
         free(b.p);
         return NULL;
     }
@@ -1359,8 +1313,7 @@ static int64_t header_int(const amqp_table_t *t, const char *key) {
         case AMQP_FIELD_KIND_I32: return v->value.i32;
         case AMQP_FIELD_KIND_U32: return v->value.u32;
         case AMQP_FIELD_KIND_I64: return v->value.i64;
-        case AMQP_FIELD_KIND_U64:
-            return v->value.u64 > INT64_MAX ? INT64_MAX : (int64_t)v->value.u64;
+        case AMQP_FIELD_KIND_U64: return v->value.u64 > INT64_MAX ? INT64_MAX : (int64_t)v->value.u64;
         default: return -1;
         }
     }
@@ -1389,14 +1342,14 @@ void lr_amqp_delivery_free(lr_amqp_delivery_t *d) {
 typedef struct item item_t;
 
 typedef struct pub {
-    item_t *ev;           /* the publish command's own item, reused as its outcome
-                             event so that reporting the outcome cannot fail */
+    item_t *ev; /* the publish command's own item, reused as its outcome
+                   event so that reporting the outcome cannot fail */
     lr_amqp_confirm_cb cb;
     void *arg;
-    int result;           /* outcome once completed */
-    uint64_t seq;         /* confirm sequence number once sent */
-    bool returned;        /* basic.return seen; the ack that follows means failure */
-    uint64_t hash;        /* body hash, to recognise a basic.return */
+    int result;    /* outcome once completed */
+    uint64_t seq;  /* confirm sequence number once sent */
+    bool returned; /* basic.return seen; the ack that follows means failure */
+    uint64_t hash; /* body hash, to recognise a basic.return */
     char *exchange, *routing_key;
     lr_amqp_msg_t msg;    /* points into strs / body */
     char *body;           /* freed once sent */
@@ -1416,12 +1369,11 @@ static void pub_free(pub_t *p) {
 }
 
 /* Deep copy of a publish (validated already). */
-static pub_t *pub_new(const char *exchange, const char *routing_key, const lr_amqp_msg_t *msg,
-                      lr_amqp_confirm_cb cb, void *arg) {
+static pub_t *pub_new(const char *exchange, const char *routing_key, const lr_amqp_msg_t *msg, lr_amqp_confirm_cb cb,
+                      void *arg) {
     pub_t *p = calloc(1, sizeof(*p));
     size_t nh = 0, bytes = 0;
-    const char *ids[4] = {msg->message_id, msg->correlation_id, msg->reply_to,
-                          msg->content_type};
+    const char *ids[4] = {msg->message_id, msg->correlation_id, msg->reply_to, msg->content_type};
     if (p == NULL) {
         return NULL;
     }
@@ -1518,9 +1470,7 @@ static int ring_push(ring_t *r, pub_t *p) {
     return 0;
 }
 
-static pub_t **ring_at(ring_t *r, size_t i) {
-    return &r->v[(r->head + i) % r->cap];
-}
+static pub_t **ring_at(ring_t *r, size_t i) { return &r->v[(r->head + i) % r->cap]; }
 
 static void ring_trim(ring_t *r) {
     while (r->n > 0 && r->v[r->head] == NULL) {
@@ -1544,16 +1494,16 @@ typedef enum {
 
 /* A command (loop -> owner) or an event (owner -> loop). */
 struct item {
-    lr_list_t link;       /* in one of the command or event lists below */
+    lr_list_t link; /* in one of the command or event lists below */
     item_type_t type;
-    uint64_t generation;  /* CMD_ACK/REJECT: of the delivery; EV_STATE: new one */
-    uint64_t tag;         /* CMD_ACK/REJECT */
-    bool requeue;         /* CMD_REJECT */
-    long timeout_ms;      /* CMD_STOP */
-    pub_t *pub;           /* CMD_PUBLISH, EV_CONFIRM */
-    lr_amqp_delivery_t *delivery;  /* EV_DELIVERY */
-    int connected;        /* EV_STATE */
-    char *detail;         /* EV_STATE */
+    uint64_t generation;          /* CMD_ACK/REJECT: of the delivery; EV_STATE: new one */
+    uint64_t tag;                 /* CMD_ACK/REJECT */
+    bool requeue;                 /* CMD_REJECT */
+    long timeout_ms;              /* CMD_STOP */
+    pub_t *pub;                   /* CMD_PUBLISH, EV_CONFIRM */
+    lr_amqp_delivery_t *delivery; /* EV_DELIVERY */
+    int connected;                /* EV_STATE */
+    char *detail;                 /* EV_STATE */
 };
 
 /* Removes and returns the oldest item of a FIFO list, or NULL. */
@@ -1580,16 +1530,15 @@ typedef enum {
     OWNER_CLOSED,       /* finished; the thread is exiting */
 } owner_state_t;
 
-static const char *const owner_state_names[] = {"disconnected", "connecting", "ready",
-                                                "draining", "closed"};
+static const char *const owner_state_names[] = {"disconnected", "connecting", "ready", "draining", "closed"};
 
 struct lr_amqp {
     /* Immutable after lr_amqp_start (read by both threads). */
     uv_loop_t *loop;
     url_t url;
-    char **consume;          /* NULL-terminated full queue names */
+    char **consume; /* NULL-terminated full queue names */
     size_t nconsume;
-    char **declare;          /* NULL-terminated short names */
+    char **declare; /* NULL-terminated short names */
     int prefetch;
     int delivery_limit;
     int max_length;
@@ -1604,24 +1553,24 @@ struct lr_amqp {
     int open_handles;
 
     pthread_t thread;
-    int wake_fd;             /* eventfd: commands are waiting */
+    int wake_fd; /* eventfd: commands are waiting */
 
     /* Shared, guarded by mu. */
     pthread_mutex_t mu;
-    lr_list_t cmds;          /* item_t, oldest first */
-    bool wake_armed;         /* wake_fd has been written and not yet read */
-    lr_list_t events;        /* item_t, oldest first */
-    int kick_fd;             /* current socket, for stop's last resort; -1 when none */
+    lr_list_t cmds;   /* item_t, oldest first */
+    bool wake_armed;  /* wake_fd has been written and not yet read */
+    lr_list_t events; /* item_t, oldest first */
+    int kick_fd;      /* current socket, for stop's last resort; -1 when none */
 
     /* Loop thread only. */
     bool stopping;
-    bool stopped;            /* EV_STOPPED seen; thread joined */
-    size_t inflight;         /* publishes accepted, outcome not yet delivered */
-    uint64_t generation;     /* generation announced by the last on_state(1) */
+    bool stopped;        /* EV_STOPPED seen; thread joined */
+    size_t inflight;     /* publishes accepted, outcome not yet delivered */
+    uint64_t generation; /* generation announced by the last on_state(1) */
     int connected;
     bool cancelled;
-    item_t *stop_item;       /* preallocated so that lr_amqp_stop cannot fail */
-    item_t *stopped_item;    /* preallocated EV_STOPPED (owner thread uses it last) */
+    item_t *stop_item;    /* preallocated so that lr_amqp_stop cannot fail */
+    item_t *stopped_item; /* preallocated EV_STOPPED (owner thread uses it last) */
     void (*done)(void *);
     void *done_arg;
 
@@ -1629,28 +1578,25 @@ struct lr_amqp {
     owner_state_t state;
     conn_t conn;
     uint64_t t_generation;
-    bool t_cancelled;        /* basic.cancel requested: do not consume again */
+    bool t_cancelled; /* basic.cancel requested: do not consume again */
     bool t_stop;
     uint64_t t_stop_deadline;
     ring_t unconfirmed;
-    lr_list_t t_cmds;        /* commands taken from cmds, not yet executed */
-    lr_list_t t_events;      /* events not yet handed to the loop */
+    lr_list_t t_cmds;   /* commands taken from cmds, not yet executed */
+    lr_list_t t_events; /* events not yet handed to the loop */
     uint64_t rng;
 };
 
 #define set_state(a, s) set_state_at((a), (s), __LINE__)
 static void set_state_at(lr_amqp_t *a, owner_state_t s, int line) {
     if (a->state != s) {
-        lr_debug("amqp.state", "%s -> %s (line %d)", owner_state_names[a->state],
-                 owner_state_names[s], line);
+        lr_debug("amqp.state", "%s -> %s (line %d)", owner_state_names[a->state], owner_state_names[s], line);
         a->state = s;
     }
 }
 
 /* Owner: queue an event for the next flush. */
-static void emit(lr_amqp_t *a, item_t *it) {
-    lr_list_push_back(&a->t_events, &it->link);
-}
+static void emit(lr_amqp_t *a, item_t *it) { lr_list_push_back(&a->t_events, &it->link); }
 
 /* Owner: hand queued events to the loop and wake it. */
 static void flush_events(lr_amqp_t *a) {
@@ -1735,11 +1681,9 @@ static void confirm(lr_amqp_t *a, uint64_t tag, bool multiple, int err) {
 static int handle_return(lr_amqp_t *a, const amqp_basic_return_t *m, char *detail, size_t dlen) {
     char exchange[MAX_SHORTSTR + 1], rk[MAX_SHORTSTR + 1], text[DETAIL_MAX];
     content_t ct;
-    snprintf(exchange, sizeof(exchange), "%.*s", (int)m->exchange.len,
-             (const char *)m->exchange.bytes);
+    snprintf(exchange, sizeof(exchange), "%.*s", (int)m->exchange.len, (const char *)m->exchange.bytes);
     snprintf(rk, sizeof(rk), "%.*s", (int)m->routing_key.len, (const char *)m->routing_key.bytes);
-    snprintf(text, sizeof(text), "%u %.*s", m->reply_code, (int)m->reply_text.len,
-             (const char *)m->reply_text.bytes);
+    snprintf(text, sizeof(text), "%u %.*s", m->reply_code, (int)m->reply_text.len, (const char *)m->reply_text.bytes);
     int rc = read_content(&a->conn, 0, &ct, detail, dlen);
     if (rc != 0) {
         return rc;
@@ -1747,9 +1691,8 @@ static int handle_return(lr_amqp_t *a, const amqp_basic_return_t *m, char *detai
     ring_t *r = &a->unconfirmed;
     for (size_t i = 0; i < r->n; i++) {
         pub_t *p = *ring_at(r, i);
-        if (p != NULL && p->msg.mandatory && !p->returned && p->hash == ct.hash &&
-            p->msg.body_len == ct.total_len && strcmp(p->exchange, exchange) == 0 &&
-            strcmp(p->routing_key, rk) == 0) {
+        if (p != NULL && p->msg.mandatory && !p->returned && p->hash == ct.hash && p->msg.body_len == ct.total_len &&
+            strcmp(p->exchange, exchange) == 0 && strcmp(p->routing_key, rk) == 0) {
             p->returned = true;
             lr_warn("amqp.returned",
                     "the broker returned a message published to exchange '%s' with routing "
@@ -1758,15 +1701,13 @@ static int handle_return(lr_amqp_t *a, const amqp_basic_return_t *m, char *detai
             return 0;
         }
     }
-    lr_warn("amqp.returned_unknown",
-            "basic.return (%s) for exchange '%s' routing key '%s' matches no pending publish",
+    lr_warn("amqp.returned_unknown", "basic.return (%s) for exchange '%s' routing key '%s' matches no pending publish",
             text, exchange, rk);
     return 0;
 }
 
 /* Owner: basic.deliver -> EV_DELIVERY. */
-static int handle_deliver(lr_amqp_t *a, const amqp_basic_deliver_t *m, char *detail,
-                          size_t dlen) {
+static int handle_deliver(lr_amqp_t *a, const amqp_basic_deliver_t *m, char *detail, size_t dlen) {
     content_t ct;
     int rc = read_content(&a->conn, a->t_stop ? 0 : LR_AMQP_MAX_BODY, &ct, detail, dlen);
     if (rc != 0) {
@@ -1828,10 +1769,8 @@ static int handle_deliver(lr_amqp_t *a, const amqp_basic_deliver_t *m, char *det
         return LR_ENOMEM;
     }
     if (ct.truncated) {
-        lr_warn("amqp.body_truncated",
-                "message %s on queue %s has a %" PRIu64 "-byte body; delivered truncated to %d",
-                d->message_id != NULL ? d->message_id : "(no id)", d->queue, ct.total_len,
-                LR_AMQP_MAX_BODY);
+        lr_warn("amqp.body_truncated", "message %s on queue %s has a %" PRIu64 "-byte body; delivered truncated to %d",
+                d->message_id != NULL ? d->message_id : "(no id)", d->queue, ct.total_len, LR_AMQP_MAX_BODY);
     }
     it->type = EV_DELIVERY;
     it->delivery = d;
@@ -1843,8 +1782,8 @@ static int handle_deliver(lr_amqp_t *a, const amqp_basic_deliver_t *m, char *det
  * the connection (detail says why). */
 static int handle_frame(lr_amqp_t *a, const amqp_frame_t *f, char *detail, size_t dlen) {
     if (f->frame_type != AMQP_FRAME_METHOD) {
-        lr_debug("amqp.stray_frame", "ignoring frame type %u on channel %u",
-                 (unsigned)f->frame_type, (unsigned)f->channel);
+        lr_debug("amqp.stray_frame", "ignoring frame type %u on channel %u", (unsigned)f->frame_type,
+                 (unsigned)f->channel);
         return 0;
     }
     if (f->channel == 0) {
@@ -1852,8 +1791,7 @@ static int handle_frame(lr_amqp_t *a, const amqp_frame_t *f, char *detail, size_
     }
     const void *m = f->payload.method.decoded;
     switch (f->payload.method.id) {
-    case AMQP_BASIC_DELIVER_METHOD:
-        return handle_deliver(a, m, detail, dlen);
+    case AMQP_BASIC_DELIVER_METHOD: return handle_deliver(a, m, detail, dlen);
     case AMQP_BASIC_ACK_METHOD: {
         const amqp_basic_ack_t *ack = m;
         confirm(a, ack->delivery_tag, ack->multiple != 0, 0);
@@ -1866,12 +1804,11 @@ static int handle_frame(lr_amqp_t *a, const amqp_frame_t *f, char *detail, size_
         confirm(a, nack->delivery_tag, nack->multiple != 0, LR_EAMQP);
         return 0;
     }
-    case AMQP_BASIC_RETURN_METHOD:
-        return handle_return(a, m, detail, dlen);
+    case AMQP_BASIC_RETURN_METHOD: return handle_return(a, m, detail, dlen);
     case AMQP_CHANNEL_CLOSE_METHOD: {
         const amqp_channel_close_t *cc = m;
-        snprintf(detail, dlen, "the broker closed the channel: %u %.*s", cc->reply_code,
-                 (int)cc->reply_text.len, (const char *)cc->reply_text.bytes);
+        snprintf(detail, dlen, "the broker closed the channel: %u %.*s", cc->reply_code, (int)cc->reply_text.len,
+                 (const char *)cc->reply_text.bytes);
         send_channel_close_ok(&a->conn);
         return LR_EAMQP;
     }
@@ -1883,10 +1820,7 @@ static int handle_frame(lr_amqp_t *a, const amqp_frame_t *f, char *detail, size_
                  (int)bc->consumer_tag.len, (const char *)bc->consumer_tag.bytes);
         return LR_EAMQP;
     }
-    default:
-        lr_debug("amqp.ignored_method", "ignoring method 0x%08x",
-                 (unsigned)f->payload.method.id);
-        return 0;
+    default: lr_debug("amqp.ignored_method", "ignoring method 0x%08x", (unsigned)f->payload.method.id); return 0;
     }
 }
 
@@ -1904,15 +1838,13 @@ static int start_consuming(lr_amqp_t *a, char *detail, size_t dlen) {
     for (size_t i = 0; i < a->nconsume; i++) {
         char tag[32];
         snprintf(tag, sizeof(tag), "lr.%zu", i);
-        amqp_basic_consume(a->conn.st, CHANNEL, amqp_cstring_bytes(a->consume[i]),
-                           amqp_cstring_bytes(tag), 0, 0, 0, amqp_empty_table);
+        amqp_basic_consume(a->conn.st, CHANNEL, amqp_cstring_bytes(a->consume[i]), amqp_cstring_bytes(tag), 0, 0, 0,
+                           amqp_empty_table);
         if ((rc = rpc_check(&a->conn, &e)) != 0) {
             if (e.code == AMQP_NOT_FOUND) {
-                return lr_seterr(detail, dlen, rc, "cannot consume from queue %s: it does not exist",
-                                 a->consume[i]);
+                return lr_seterr(detail, dlen, rc, "cannot consume from queue %s: it does not exist", a->consume[i]);
             }
-            return lr_seterr(detail, dlen, rc, "cannot consume from queue %s: %s", a->consume[i],
-                             e.server);
+            return lr_seterr(detail, dlen, rc, "cannot consume from queue %s: %s", a->consume[i], e.server);
         }
     }
     return 0;
@@ -1945,9 +1877,8 @@ static int run_command(lr_amqp_t *a, item_t *it, bool connected, char *detail, s
             break;
         }
         errno = 0;
-        rc = it->type == CMD_ACK
-                 ? amqp_basic_ack(a->conn.st, CHANNEL, it->tag, 0)
-                 : amqp_basic_reject(a->conn.st, CHANNEL, it->tag, it->requeue ? 1 : 0);
+        rc = it->type == CMD_ACK ? amqp_basic_ack(a->conn.st, CHANNEL, it->tag, 0)
+                                 : amqp_basic_reject(a->conn.st, CHANNEL, it->tag, it->requeue ? 1 : 0);
         if (rc != AMQP_STATUS_OK) {
             char buf[256];
             int saved = errno;
@@ -2009,8 +1940,7 @@ static int run_command(lr_amqp_t *a, item_t *it, bool connected, char *detail, s
             }
         }
         break;
-    default:
-        break;
+    default: break;
     }
     item_free(it);
     return rc;
@@ -2145,14 +2075,12 @@ static void set_kick_fd(lr_amqp_t *a, int fd) {
 
 /* Owner: connect, declare, consume. */
 static int session_open(lr_amqp_t *a, char *detail, size_t dlen) {
-    int rc = conn_open(&a->conn, &a->url, CONNECT_TIMEOUT_MS, OWNER_HEARTBEAT_S, a->conn_name,
-                       detail, dlen);
+    int rc = conn_open(&a->conn, &a->url, CONNECT_TIMEOUT_MS, OWNER_HEARTBEAT_S, a->conn_name, detail, dlen);
     if (rc != 0) {
         return rc;
     }
     set_kick_fd(a, amqp_get_sockfd(a->conn.st));
-    rc = declare_topology(&a->conn, (const char *const *)a->declare, a->delivery_limit, a->max_length, detail,
-                          dlen);
+    rc = declare_topology(&a->conn, (const char *const *)a->declare, a->delivery_limit, a->max_length, detail, dlen);
     if (rc != 0) {
         return rc;
     }
@@ -2245,8 +2173,7 @@ static void *owner_main(void *arg) {
         }
         long delay = backoff_ms(a, rc == LR_ECONFIG ? 100 : attempt);
         attempt++;
-        lr_warn("amqp.disconnected", "%s: %s; retrying in %ld ms", a->url.redacted, detail,
-                delay);
+        lr_warn("amqp.disconnected", "%s: %s; retrying in %ld ms", a->url.redacted, detail, delay);
         emit_state(a, 0, detail);
         disconnected_wait(a, delay);
     }
@@ -2267,7 +2194,7 @@ static void *owner_main(void *arg) {
         item_free(it);
     }
     set_state(a, OWNER_CLOSED);
-    item_t *it = a->stopped_item;  /* preallocated: this event must not fail */
+    item_t *it = a->stopped_item; /* preallocated: this event must not fail */
     a->stopped_item = NULL;
     it->type = EV_STOPPED;
     emit(a, it);
@@ -2377,11 +2304,8 @@ static void async_cb(uv_async_t *h) {
                 a->on_state(it->connected, it->detail, a->arg);
             }
             break;
-        case EV_STOPPED:
-            a->stopped = true;
-            break;
-        default:
-            break;
+        case EV_STOPPED: a->stopped = true; break;
+        default: break;
         }
         item_free(it);
     }
@@ -2432,8 +2356,7 @@ static char **copy_strv(const char *const *v, size_t *count) {
     return out;
 }
 
-int lr_amqp_start(lr_amqp_t **out, uv_loop_t *loop, const lr_amqp_opts_t *opts, char *errbuf,
-                  size_t errlen) {
+int lr_amqp_start(lr_amqp_t **out, uv_loop_t *loop, const lr_amqp_opts_t *opts, char *errbuf, size_t errlen) {
     lr_amqp_t *a = NULL;
     int rc;
     char host[64] = "";
@@ -2448,17 +2371,17 @@ int lr_amqp_start(lr_amqp_t **out, uv_loop_t *loop, const lr_amqp_opts_t *opts, 
         nconsume++;
     }
     if (nconsume > 0 && (opts->prefetch < 1 || opts->prefetch > 65535)) {
-        return lr_seterr(errbuf, errlen, LR_EINVAL, "prefetch %d must be 1..65535",
-                         opts->prefetch);
+        return lr_seterr(errbuf, errlen, LR_EINVAL, "prefetch %d must be 1..65535", opts->prefetch);
     }
     if (opts->delivery_limit < 0) {
-        return lr_seterr(errbuf, errlen, LR_EINVAL, "delivery limit %d is negative",
-                         opts->delivery_limit);
+        return lr_seterr(errbuf, errlen, LR_EINVAL, "delivery limit %d is negative", opts->delivery_limit);
     }
     for (size_t i = 0; i < nconsume; i++) {
         if (opts->consume[i][0] == '\0' || strlen(opts->consume[i]) > MAX_SHORTSTR) {
-            return lr_seterr(errbuf, errlen, LR_EINVAL, "queue name %zu to consume is empty or "
-                                                        "too long", i);
+            return lr_seterr(errbuf, errlen, LR_EINVAL,
+                             "queue name %zu to consume is empty or "
+                             "too long",
+                             i);
         }
     }
     /* Checked here: the owner thread would otherwise retry a bad name forever. */
@@ -2486,8 +2409,7 @@ int lr_amqp_start(lr_amqp_t **out, uv_loop_t *loop, const lr_amqp_opts_t *opts, 
     a->declare = copy_strv(opts->declare, NULL);
     a->stop_item = calloc(1, sizeof(*a->stop_item));
     a->stopped_item = calloc(1, sizeof(*a->stopped_item));
-    if (a->consume == NULL || a->declare == NULL || a->stop_item == NULL ||
-        a->stopped_item == NULL) {
+    if (a->consume == NULL || a->declare == NULL || a->stop_item == NULL || a->stopped_item == NULL) {
         rc = LR_ENOMEM;
         goto fail;
     }
@@ -2506,8 +2428,7 @@ int lr_amqp_start(lr_amqp_t **out, uv_loop_t *loop, const lr_amqp_opts_t *opts, 
              "longrun",
 #endif
              host, (long)getpid(), atomic_fetch_add(&instance_counter, 1) + 1);
-    a->rng = (now_ms() * 0x9E3779B97F4A7C15ull) ^ ((uint64_t)getpid() << 32) ^
-             (uint64_t)(uintptr_t)a;
+    a->rng = (now_ms() * 0x9E3779B97F4A7C15ull) ^ ((uint64_t)getpid() << 32) ^ (uint64_t)(uintptr_t)a;
     if (a->rng == 0) {
         a->rng = 1;
     }
@@ -2593,8 +2514,8 @@ int lr_amqp_reject(lr_amqp_t *a, const lr_amqp_delivery_t *d, bool requeue) {
     return 0;
 }
 
-int lr_amqp_publish(lr_amqp_t *a, const char *exchange, const char *routing_key,
-                    const lr_amqp_msg_t *msg, lr_amqp_confirm_cb cb, void *arg) {
+int lr_amqp_publish(lr_amqp_t *a, const char *exchange, const char *routing_key, const lr_amqp_msg_t *msg,
+                    lr_amqp_confirm_cb cb, void *arg) {
     char err[DETAIL_MAX];
     if (a == NULL) {
         return LR_EINVAL;
@@ -2640,9 +2561,7 @@ void lr_amqp_cancel_consume(lr_amqp_t *a) {
     push_command(a, it);
 }
 
-int lr_amqp_connected(const lr_amqp_t *a) {
-    return a != NULL && a->connected && !a->stopping ? 1 : 0;
-}
+int lr_amqp_connected(const lr_amqp_t *a) { return a != NULL && a->connected && !a->stopping ? 1 : 0; }
 
 void lr_amqp_stop(lr_amqp_t *a, long timeout_ms, void (*done)(void *arg), void *arg) {
     if (a == NULL) {
@@ -2674,8 +2593,7 @@ struct lr_amqp_sync {
     url_t url;
 };
 
-int lr_amqp_sync_connect(lr_amqp_sync_t **out, const char *url, long timeout_ms, char *errbuf,
-                         size_t errlen) {
+int lr_amqp_sync_connect(lr_amqp_sync_t **out, const char *url, long timeout_ms, char *errbuf, size_t errlen) {
     lr_amqp_sync_t *s;
     char name[128], host[64] = "";
     int rc;
@@ -2701,8 +2619,7 @@ int lr_amqp_sync_connect(lr_amqp_sync_t **out, const char *url, long timeout_ms,
 #endif
              host, (long)getpid());
     /* Heartbeats off: a blocking helper does not read while idle. */
-    rc = conn_open(&s->c, &s->url, timeout_ms > 0 ? timeout_ms : CONNECT_TIMEOUT_MS, 0, name,
-                   errbuf, errlen);
+    rc = conn_open(&s->c, &s->url, timeout_ms > 0 ? timeout_ms : CONNECT_TIMEOUT_MS, 0, name, errbuf, errlen);
     if (rc != 0) {
         lr_amqp_sync_close(s);
         return rc == LR_ENOMEM ? rc : LR_ECONN;
@@ -2711,8 +2628,8 @@ int lr_amqp_sync_connect(lr_amqp_sync_t **out, const char *url, long timeout_ms,
     return 0;
 }
 
-int lr_amqp_sync_declare(lr_amqp_sync_t *s, const char *const *queues, int delivery_limit, int max_length,
-                         char *errbuf, size_t errlen) {
+int lr_amqp_sync_declare(lr_amqp_sync_t *s, const char *const *queues, int delivery_limit, int max_length, char *errbuf,
+                         size_t errlen) {
     if (s == NULL || s->c.st == NULL || s->c.broken) {
         return lr_seterr(errbuf, errlen, LR_ECONN, "not connected");
     }
@@ -2724,9 +2641,8 @@ int lr_amqp_sync_declare(lr_amqp_sync_t *s, const char *const *queues, int deliv
 
 /* One publish and its confirm; *nacked tells a basic.nack apart from the
  * other failures. */
-static int sync_publish_once(lr_amqp_sync_t *s, const char *exchange, const char *routing_key,
-                             const lr_amqp_msg_t *msg, long timeout_ms, bool *nacked,
-                             char *errbuf, size_t errlen) {
+static int sync_publish_once(lr_amqp_sync_t *s, const char *exchange, const char *routing_key, const lr_amqp_msg_t *msg,
+                             long timeout_ms, bool *nacked, char *errbuf, size_t errlen) {
     char detail[DETAIL_MAX];
     char returned[DETAIL_MAX] = "";
     int rc;
@@ -2806,8 +2722,8 @@ static int sync_publish_once(lr_amqp_sync_t *s, const char *exchange, const char
         case AMQP_BASIC_RETURN_METHOD: {
             const amqp_basic_return_t *m = f.payload.method.decoded;
             content_t ct;
-            snprintf(returned, sizeof(returned), "%u %.*s", m->reply_code,
-                     (int)m->reply_text.len, (const char *)m->reply_text.bytes);
+            snprintf(returned, sizeof(returned), "%u %.*s", m->reply_code, (int)m->reply_text.len,
+                     (const char *)m->reply_text.bytes);
             rc = read_content(&s->c, 0, &ct, detail, sizeof(detail));
             amqp_maybe_release_buffers(s->c.st);
             if (rc != 0) {
@@ -2819,24 +2735,19 @@ static int sync_publish_once(lr_amqp_sync_t *s, const char *exchange, const char
             const amqp_channel_close_t *m = f.payload.method.decoded;
             char text[DETAIL_MAX];
             unsigned code = m->reply_code;
-            snprintf(text, sizeof(text), "%.*s", (int)m->reply_text.len,
-                     (const char *)m->reply_text.bytes);
+            snprintf(text, sizeof(text), "%.*s", (int)m->reply_text.len, (const char *)m->reply_text.bytes);
             send_channel_close_ok(&s->c);
             amqp_maybe_release_buffers(s->c.st);
             (void)channel_recover(&s->c);
-            return lr_seterr(errbuf, errlen, LR_EAMQP, "the broker rejected the publish: %u %s",
-                             code, text);
+            return lr_seterr(errbuf, errlen, LR_EAMQP, "the broker rejected the publish: %u %s", code, text);
         }
-        default:
-            amqp_maybe_release_buffers(s->c.st);
-            continue;
+        default: amqp_maybe_release_buffers(s->c.st); continue;
         }
     }
 }
 
-int lr_amqp_sync_publish(lr_amqp_sync_t *s, const char *exchange, const char *routing_key,
-                         const lr_amqp_msg_t *msg, long timeout_ms, char *errbuf,
-                         size_t errlen) {
+int lr_amqp_sync_publish(lr_amqp_sync_t *s, const char *exchange, const char *routing_key, const lr_amqp_msg_t *msg,
+                         long timeout_ms, char *errbuf, size_t errlen) {
     /* A basic.nack means the broker did not take the message: RabbitMQ sends
        one on an internal error of the queue process (a quorum queue between
        leaders, a full queue).  The first is transient, so the publish is
@@ -2864,8 +2775,8 @@ int lr_amqp_sync_publish(lr_amqp_sync_t *s, const char *exchange, const char *ro
     }
 }
 
-int lr_amqp_sync_queue_info(lr_amqp_sync_t *s, const char *queue, uint32_t *messages,
-                            uint32_t *consumers, char *errbuf, size_t errlen) {
+int lr_amqp_sync_queue_info(lr_amqp_sync_t *s, const char *queue, uint32_t *messages, uint32_t *consumers, char *errbuf,
+                            size_t errlen) {
     rpc_err_t e;
     if (s == NULL || s->c.st == NULL || s->c.broken) {
         return lr_seterr(errbuf, errlen, LR_ECONN, "not connected");
@@ -2877,8 +2788,7 @@ int lr_amqp_sync_queue_info(lr_amqp_sync_t *s, const char *queue, uint32_t *mess
         return lr_seterr(errbuf, errlen, LR_ECONN, "cannot reopen the AMQP channel");
     }
     amqp_queue_declare_ok_t *ok =
-        amqp_queue_declare(s->c.st, CHANNEL, amqp_cstring_bytes(queue), 1, 0, 0, 0,
-                           amqp_empty_table);
+        amqp_queue_declare(s->c.st, CHANNEL, amqp_cstring_bytes(queue), 1, 0, 0, 0, amqp_empty_table);
     int rc = rpc_check(&s->c, &e);
     if (rc != 0 || ok == NULL) {
         if (rc == LR_EAMQP) {
@@ -2887,8 +2797,7 @@ int lr_amqp_sync_queue_info(lr_amqp_sync_t *s, const char *queue, uint32_t *mess
                 return lr_seterr(errbuf, errlen, LR_ENOTFOUND, "queue %s does not exist", queue);
             }
         }
-        return lr_seterr(errbuf, errlen, rc != 0 ? rc : LR_EAMQP, "queue %s: %s", queue,
-                         e.server);
+        return lr_seterr(errbuf, errlen, rc != 0 ? rc : LR_EAMQP, "queue %s: %s", queue, e.server);
     }
     if (messages != NULL) {
         *messages = ok->message_count;
@@ -2958,8 +2867,7 @@ int lr_amqp_reply_allowed(const char *reply_to, const char *prefixes, char *errb
 static void reply_confirmed(int err, void *arg) {
     char *id = arg;
     if (err != 0) {
-        lr_warn("task.reply_failed",
-                "could not publish the outcome of task %s to reply_to: %s%s", id, lr_strerror(err),
+        lr_warn("task.reply_failed", "could not publish the outcome of task %s to reply_to: %s%s", id, lr_strerror(err),
                 err == LR_EAMQP ? " (nacked, or returned: the queue does not exist)" : "");
     }
     lr_metric_inc1(replies_metric(), err == 0 ? "sent" : "failed");

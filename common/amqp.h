@@ -47,33 +47,33 @@ typedef struct lr_amqp lr_amqp_t;
 
 /* A received message.  All strings NUL-terminated or NULL when absent. */
 typedef struct lr_amqp_delivery {
-    uint64_t generation;   /* connection generation it arrived on */
+    uint64_t generation; /* connection generation it arrived on */
     uint64_t delivery_tag;
-    char *queue;           /* queue it was consumed from */
+    char *queue; /* queue it was consumed from */
     char *exchange;
     char *routing_key;
     bool redelivered;
-    char *body;            /* NUL-terminated copy; body_len excludes the NUL */
+    char *body; /* NUL-terminated copy; body_len excludes the NUL */
     size_t body_len;
-    bool body_truncated;   /* the message was larger than LR_AMQP_MAX_BODY: body holds
-                              its first LR_AMQP_MAX_BODY bytes only */
+    bool body_truncated; /* the message was larger than LR_AMQP_MAX_BODY: body holds
+                            its first LR_AMQP_MAX_BODY bytes only */
     char *message_id;
     char *correlation_id;
     char *reply_to;
     char *content_type;
-    int64_t delivery_count;  /* x-delivery-count header (quorum queues), -1 absent */
-    char *headers_json;      /* all headers as a JSON object text (x-death included), or NULL */
+    int64_t delivery_count; /* x-delivery-count header (quorum queues), -1 absent */
+    char *headers_json;     /* all headers as a JSON object text (x-death included), or NULL */
 } lr_amqp_delivery_t;
 
 typedef struct lr_amqp_msg {
     const char *body;
     size_t body_len;
-    const char *message_id;      /* optional */
-    const char *correlation_id;  /* optional */
-    const char *reply_to;        /* optional */
-    const char *content_type;    /* default "application/json" */
-    bool persistent;             /* delivery_mode 2 */
-    bool mandatory;              /* unroutable -> confirm callback gets LR_EAMQP */
+    const char *message_id;     /* optional */
+    const char *correlation_id; /* optional */
+    const char *reply_to;       /* optional */
+    const char *content_type;   /* default "application/json" */
+    bool persistent;            /* delivery_mode 2 */
+    bool mandatory;             /* unroutable -> confirm callback gets LR_EAMQP */
     /* optional string headers, NULL-terminated name/value pairs:
        {"x-longrun-reason", "bad_json", NULL} */
     const char *const *headers;
@@ -91,13 +91,13 @@ typedef void (*lr_amqp_state_cb)(int connected, const char *detail, void *arg);
 typedef void (*lr_amqp_confirm_cb)(int err, void *arg);
 
 typedef struct lr_amqp_opts {
-    const char *url;                /* amqp:// or amqps:// URL */
-    const char *const *consume;     /* NULL-terminated full queue names to consume, or NULL */
-    const char *const *declare;     /* NULL-terminated task-queue short names to declare
-                                       (longrun.q.<name>), or NULL; DLX topology always declared */
-    int prefetch;                   /* basic.qos prefetch count (max in flight) */
-    int delivery_limit;             /* x-delivery-limit; 0 = default */
-    int max_length;                 /* x-max-length of task queues it creates; 0 = none */
+    const char *url;            /* amqp:// or amqps:// URL */
+    const char *const *consume; /* NULL-terminated full queue names to consume, or NULL */
+    const char *const *declare; /* NULL-terminated task-queue short names to declare
+                                   (longrun.q.<name>), or NULL; DLX topology always declared */
+    int prefetch;               /* basic.qos prefetch count (max in flight) */
+    int delivery_limit;         /* x-delivery-limit; 0 = default */
+    int max_length;             /* x-max-length of task queues it creates; 0 = none */
     lr_amqp_delivery_cb on_delivery;
     lr_amqp_state_cb on_state;
     void *arg;
@@ -122,8 +122,8 @@ int lr_amqp_reject(lr_amqp_t *a, const lr_amqp_delivery_t *d, bool requeue);
  * header), LR_ETOOBIG (body over LR_AMQP_MAX_BODY, more than 64 headers) and
  * LR_EBUSY (65536 publishes already in flight).  A publish made while the
  * connection is down is not queued: its cb gets LR_ECONN. */
-int lr_amqp_publish(lr_amqp_t *a, const char *exchange, const char *routing_key,
-                    const lr_amqp_msg_t *msg, lr_amqp_confirm_cb cb, void *arg) LR_MUSTCHECK;
+int lr_amqp_publish(lr_amqp_t *a, const char *exchange, const char *routing_key, const lr_amqp_msg_t *msg,
+                    lr_amqp_confirm_cb cb, void *arg) LR_MUSTCHECK;
 
 /* The queues a task's outcome may be published to: RabbitMQ's direct
  * reply-to (LR_AMQP_DIRECT_REPLY_TO itself, or the per-channel name
@@ -198,8 +198,8 @@ int lr_amqp_sync_connect(lr_amqp_sync_t **out, const char *url, long timeout_ms,
  * queue and what differs if known, except on x-max-length alone: an existing
  * queue with another limit (or none) is used as it is, with a warning
  * (amqp.queue_max_length) that names the policy that applies the limit. */
-int lr_amqp_sync_declare(lr_amqp_sync_t *s, const char *const *queues, int delivery_limit, int max_length,
-                         char *errbuf, size_t errlen) LR_MUSTCHECK;
+int lr_amqp_sync_declare(lr_amqp_sync_t *s, const char *const *queues, int delivery_limit, int max_length, char *errbuf,
+                         size_t errlen) LR_MUSTCHECK;
 
 /* Publishes and waits for the broker's confirm (up to timeout_ms).
  * A nacked publish is retried (4 tries, pauses doubling from 50 ms) while
@@ -208,14 +208,13 @@ int lr_amqp_sync_declare(lr_amqp_sync_t *s, const char *const *queues, int deliv
  * x-max-length, or unavailable; the message was not stored: publish it
  * later), LR_EAMQP (unroutable, or refused by a channel error), LR_ETIMEOUT
  * (the message may or may not be stored), LR_ECONN. */
-int lr_amqp_sync_publish(lr_amqp_sync_t *s, const char *exchange, const char *routing_key,
-                         const lr_amqp_msg_t *msg, long timeout_ms, char *errbuf,
-                         size_t errlen) LR_MUSTCHECK;
+int lr_amqp_sync_publish(lr_amqp_sync_t *s, const char *exchange, const char *routing_key, const lr_amqp_msg_t *msg,
+                         long timeout_ms, char *errbuf, size_t errlen) LR_MUSTCHECK;
 
 /* Passive declare: message and consumer counts of a queue. LR_ENOTFOUND when
  * the queue does not exist. */
-int lr_amqp_sync_queue_info(lr_amqp_sync_t *s, const char *queue, uint32_t *messages,
-                            uint32_t *consumers, char *errbuf, size_t errlen) LR_MUSTCHECK;
+int lr_amqp_sync_queue_info(lr_amqp_sync_t *s, const char *queue, uint32_t *messages, uint32_t *consumers, char *errbuf,
+                            size_t errlen) LR_MUSTCHECK;
 
 void lr_amqp_sync_close(lr_amqp_sync_t *s);
 
@@ -227,7 +226,6 @@ int lr_amqp_url_check(const char *url, char *errbuf, size_t errlen);
  * an IPv6 address without its brackets) copied into host, and whether the
  * URL is amqps:// into *tls.  Returns 0, LR_EINVAL (as lr_amqp_url_check),
  * LR_ETOOBIG (the host does not fit in hostlen), LR_ENOMEM. */
-int lr_amqp_url_host(const char *url, char *host, size_t hostlen, bool *tls, char *errbuf,
-                     size_t errlen) LR_MUSTCHECK;
+int lr_amqp_url_host(const char *url, char *host, size_t hostlen, bool *tls, char *errbuf, size_t errlen) LR_MUSTCHECK;
 
 #endif

@@ -26,9 +26,11 @@ struct cfg_entry {
     unsigned flags;
 };
 
+/* clang-format off */
 #define S(env, field, def, fl) {env, CFG_STR, offsetof(lr_config_t, field), sizeof(((lr_config_t *)0)->field), def, 0, 0, fl}
 #define I(env, field, def, lo, hi) {env, CFG_INT, offsetof(lr_config_t, field), 0, def, lo, hi, 0}
 #define D(env, field, def, lo, hi) {env, CFG_DOUBLE, offsetof(lr_config_t, field), 0, def, lo, hi, 0}
+/* clang-format on */
 
 /* Keep in sync with docs/configuration.md (a test checks that every name here
  * is documented there). */
@@ -90,16 +92,14 @@ static const struct cfg_entry *find(const char *env) {
     return NULL;
 }
 
-static int apply(lr_config_t *cfg, const struct cfg_entry *e, const char *value, char *errbuf,
-                 size_t errlen) {
+static int apply(lr_config_t *cfg, const struct cfg_entry *e, const char *value, char *errbuf, size_t errlen) {
     char *base = (char *)cfg + e->offset;
     char *end = NULL;
     const char *shown = (e->flags & CFG_SENSITIVE) ? "(hidden)" : value;
 
     if (e->type == CFG_STR) {
         if (strlen(value) >= e->size) {
-            return lr_seterr(errbuf, errlen, LR_ECONFIG, "%s: value is longer than %zu bytes",
-                             e->env, e->size - 1);
+            return lr_seterr(errbuf, errlen, LR_ECONFIG, "%s: value is longer than %zu bytes", e->env, e->size - 1);
         }
         memcpy(base, value, strlen(value) + 1);
         return 0;
@@ -111,8 +111,8 @@ static int apply(lr_config_t *cfg, const struct cfg_entry *e, const char *value,
             return lr_seterr(errbuf, errlen, LR_ECONFIG, "%s=%s: not an integer", e->env, shown);
         }
         if ((double)v < e->min || (double)v > e->max) {
-            return lr_seterr(errbuf, errlen, LR_ECONFIG, "%s=%s: out of range [%.0f, %.0f]", e->env,
-                             shown, e->min, e->max);
+            return lr_seterr(errbuf, errlen, LR_ECONFIG, "%s=%s: out of range [%.0f, %.0f]", e->env, shown, e->min,
+                             e->max);
         }
         *(int *)(void *)base = (int)v;
         return 0;
@@ -123,8 +123,7 @@ static int apply(lr_config_t *cfg, const struct cfg_entry *e, const char *value,
             return lr_seterr(errbuf, errlen, LR_ECONFIG, "%s=%s: not a number", e->env, shown);
         }
         if (v < e->min || v > e->max) {
-            return lr_seterr(errbuf, errlen, LR_ECONFIG, "%s=%s: out of range [%g, %g]", e->env,
-                             shown, e->min, e->max);
+            return lr_seterr(errbuf, errlen, LR_ECONFIG, "%s=%s: out of range [%g, %g]", e->env, shown, e->min, e->max);
         }
         *(double *)(void *)base = v;
     }
@@ -133,17 +132,15 @@ static int apply(lr_config_t *cfg, const struct cfg_entry *e, const char *value,
 
 static int validate(lr_config_t *cfg, char *errbuf, size_t errlen) {
     if (strcmp(cfg->log_format, "json") != 0 && strcmp(cfg->log_format, "text") != 0) {
-        return lr_seterr(errbuf, errlen, LR_ECONFIG, "LONGRUN_LOG_FORMAT=%s: must be json or text",
-                         cfg->log_format);
+        return lr_seterr(errbuf, errlen, LR_ECONFIG, "LONGRUN_LOG_FORMAT=%s: must be json or text", cfg->log_format);
     }
     if (strcmp(cfg->log_level, "debug") != 0 && strcmp(cfg->log_level, "info") != 0 &&
         strcmp(cfg->log_level, "warn") != 0 && strcmp(cfg->log_level, "error") != 0) {
-        return lr_seterr(errbuf, errlen, LR_ECONFIG,
-                         "LONGRUN_LOG_LEVEL=%s: must be debug, info, warn or error", cfg->log_level);
+        return lr_seterr(errbuf, errlen, LR_ECONFIG, "LONGRUN_LOG_LEVEL=%s: must be debug, info, warn or error",
+                         cfg->log_level);
     }
     if (strncmp(cfg->amqp_url, "amqp://", 7) != 0 && strncmp(cfg->amqp_url, "amqps://", 8) != 0) {
-        return lr_seterr(errbuf, errlen, LR_ECONFIG,
-                         "LONGRUN_AMQP_URL: must start with amqp:// or amqps://");
+        return lr_seterr(errbuf, errlen, LR_ECONFIG, "LONGRUN_AMQP_URL: must start with amqp:// or amqps://");
     }
     {
         /* A default budget above its ceiling is a contradiction, not a clamp. */
@@ -164,8 +161,8 @@ static int validate(lr_config_t *cfg, char *errbuf, size_t errlen) {
             int v = *(const int *)(const void *)((const char *)cfg + pairs[i].value);
             int c = *(const int *)(const void *)((const char *)cfg + pairs[i].max);
             if (c > 0 && v > c) {
-                return lr_seterr(errbuf, errlen, LR_ECONFIG, "%s=%d: above the operator's ceiling %s=%d",
-                                 pairs[i].name, v, pairs[i].ceiling, c);
+                return lr_seterr(errbuf, errlen, LR_ECONFIG, "%s=%d: above the operator's ceiling %s=%d", pairs[i].name,
+                                 v, pairs[i].ceiling, c);
             }
         }
         if (cfg->ceiling_max_cost_usd > 0 && cfg->max_cost_usd > cfg->ceiling_max_cost_usd) {
@@ -194,8 +191,7 @@ static int validate(lr_config_t *cfg, char *errbuf, size_t errlen) {
         }
     }
     if (cfg->retry_max_ms < cfg->retry_base_ms) {
-        return lr_seterr(errbuf, errlen, LR_ECONFIG,
-                         "LONGRUN_RETRY_MAX_MS=%d: must be >= LONGRUN_RETRY_BASE_MS (%d)",
+        return lr_seterr(errbuf, errlen, LR_ECONFIG, "LONGRUN_RETRY_MAX_MS=%d: must be >= LONGRUN_RETRY_BASE_MS (%d)",
                          cfg->retry_max_ms, cfg->retry_base_ms);
     }
     return 0;
@@ -221,20 +217,18 @@ int lr_config_load(lr_config_t *cfg, char *errbuf, size_t errlen) {
     }
     /* LONGRUN_DATABASE_URL unset: libpq's own PG* variables if any is set,
      * else the local embedded default. */
-    if (cfg->database_url[0] == '\0' && getenv("PGHOST") == NULL &&
-        getenv("PGSERVICE") == NULL && getenv("PGDATABASE") == NULL && getenv("PGPORT") == NULL) {
+    if (cfg->database_url[0] == '\0' && getenv("PGHOST") == NULL && getenv("PGSERVICE") == NULL &&
+        getenv("PGDATABASE") == NULL && getenv("PGPORT") == NULL) {
         snprintf(cfg->database_url, sizeof(cfg->database_url), "%s", LR_DEFAULT_DATABASE_URL);
     }
     return validate(cfg, errbuf, errlen);
 }
 
-int lr_config_set(lr_config_t *cfg, const char *env_name, const char *value, char *errbuf,
-                  size_t errlen) {
+int lr_config_set(lr_config_t *cfg, const char *env_name, const char *value, char *errbuf, size_t errlen) {
     const struct cfg_entry *e = find(env_name);
     int rc;
     if (e == NULL) {
-        return lr_seterr(errbuf, errlen, LR_ENOTFOUND, "%s: unknown configuration variable",
-                         env_name);
+        return lr_seterr(errbuf, errlen, LR_ENOTFOUND, "%s: unknown configuration variable", env_name);
     }
     rc = apply(cfg, e, value, errbuf, errlen);
     if (rc != 0) {
@@ -363,7 +357,10 @@ static const char *const secret_words[] = {"password", "passwd", "pwd",  "pass",
                                            "key",      "apikey", "auth", "sig",  "signature", "credential"};
 
 static int hexval(int c) {
-    return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+    return c >= '0' && c <= '9'   ? c - '0'
+           : c >= 'a' && c <= 'f' ? c - 'a' + 10
+           : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                                  : -1;
 }
 
 static bool secret_param(const char *name, size_t n) {
@@ -443,8 +440,7 @@ static void mask_curl_url(mask_out_t *o, const char *url) {
     char *part = NULL, *full = NULL, *masked = NULL;
     bool secret = false, changed = false;
 
-    if (u == NULL ||
-        curl_url_set(u, CURLUPART_URL, url, CURLU_NON_SUPPORT_SCHEME | CURLU_PATH_AS_IS) != CURLUE_OK) {
+    if (u == NULL || curl_url_set(u, CURLUPART_URL, url, CURLU_NON_SUPPORT_SCHEME | CURLU_PATH_AS_IS) != CURLUE_OK) {
         mask_unparsed_url(o, url);
         goto out;
     }
@@ -487,9 +483,7 @@ out:
     curl_url_cleanup(u);
 }
 
-static bool pg_uri(const char *s) {
-    return strncmp(s, "postgresql://", 13) == 0 || strncmp(s, "postgres://", 11) == 0;
-}
+static bool pg_uri(const char *s) { return strncmp(s, "postgresql://", 13) == 0 || strncmp(s, "postgres://", 11) == 0; }
 
 /* value in conninfo syntax: quoted when empty or holding a space, a quote or
  * a backslash (each escaped with a backslash). */

@@ -24,7 +24,7 @@ typedef struct lr_config {
     char amqp_url[1024];
     char log_level[16];
     char log_format[16];
-    char queues[1024];        /* comma-separated queue short names */
+    char queues[1024]; /* comma-separated queue short names */
     char worker_id[128];
     char agents_file[1024];
     int max_in_flight;
@@ -58,15 +58,15 @@ typedef struct lr_config {
     int ceiling_max_seconds;
     int ceiling_max_tokens;
     double ceiling_max_cost_usd;
-    int breaker_failures;     /* consecutive failures that open a circuit */
-    int breaker_open_seconds; /* how long an open circuit stays open before a trial */
-    int model_concurrency;    /* in-process calls in flight per (provider, model); 0 = no gate */
-    int long_wait_seconds;    /* a provider wait longer than this suspends the task */
-    double log_payloads;      /* share of tasks whose payloads are logged (0 = never) */
-    char reply_to_prefix[256]; /* comma-separated queue-name prefixes reply_to may name (common/amqp.h) */
-    int allow_plaintext;      /* 1: plain-text PostgreSQL/AMQP to other hosts allowed (common/transport.h) */
+    int breaker_failures;        /* consecutive failures that open a circuit */
+    int breaker_open_seconds;    /* how long an open circuit stays open before a trial */
+    int model_concurrency;       /* in-process calls in flight per (provider, model); 0 = no gate */
+    int long_wait_seconds;       /* a provider wait longer than this suspends the task */
+    double log_payloads;         /* share of tasks whose payloads are logged (0 = never) */
+    char reply_to_prefix[256];   /* comma-separated queue-name prefixes reply_to may name (common/amqp.h) */
+    int allow_plaintext;         /* 1: plain-text PostgreSQL/AMQP to other hosts allowed (common/transport.h) */
     int allow_unsafe_durability; /* 1: the worker runs on fsync=off / synchronous_commit=off */
-    int queue_max_length;     /* x-max-length of new task queues (reject-publish); 0 = unlimited */
+    int queue_max_length;        /* x-max-length of new task queues (reject-publish); 0 = unlimited */
 } lr_config_t;
 
 /* Fills cfg with defaults, then the environment.  Returns 0 or LR_ECONFIG
@@ -75,8 +75,7 @@ int lr_config_load(lr_config_t *cfg, char *errbuf, size_t errlen) LR_MUSTCHECK;
 
 /* Sets one entry by environment variable name (command-line override).
  * Returns 0, LR_ENOTFOUND (unknown name) or LR_ECONFIG. */
-int lr_config_set(lr_config_t *cfg, const char *env_name, const char *value, char *errbuf,
-                  size_t errlen) LR_MUSTCHECK;
+int lr_config_set(lr_config_t *cfg, const char *env_name, const char *value, char *errbuf, size_t errlen) LR_MUSTCHECK;
 
 /* Prints "NAME=value" lines, secrets masked (lr_config_mask_secrets). */
 void lr_config_print(const lr_config_t *cfg, FILE *out);

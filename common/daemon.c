@@ -68,24 +68,23 @@ struct lr_daemon {
     lr_daemon_opts_t opts;
     char name[NAME_MAX_LEN + 1];
     struct { /* event names: "<name>.<what>" */
-        char exit_now[48], sighup[48], stopping[48], shutdown[48], state[48], open_at_exit[48],
-            signals[48];
+        char exit_now[48], sighup[48], stopping[48], shutdown[48], state[48], open_at_exit[48], signals[48];
     } ev;
     enum daemon_state state;
     lr_health_t *health;
     component_t comps[LR_DAEMON_MAX_COMPONENTS];
     int ncomps;
-    int next_comp;          /* the next component close_next() takes */
-    component_t *waiting;   /* the component whose done callback is due, or NULL */
-    bool in_close_next;     /* close_next() is on the stack */
+    int next_comp;        /* the next component close_next() takes */
+    component_t *waiting; /* the component whose done callback is due, or NULL */
+    bool in_close_next;   /* close_next() is on the stack */
     uv_signal_t sig[NSIGNALS];
-    int nsig;               /* signal handles initialised (closed in closing_own) */
+    int nsig; /* signal handles initialised (closed in closing_own) */
     uv_timer_t tick;
     bool tick_init;
-    int own_open;           /* own handles whose close callback has not run */
-    bool ran;               /* lr_daemon_run was called */
-    bool in_run;            /* inside lr_daemon_run's uv_run: `closed` stops the loop */
-    bool run_done;          /* lr_daemon_run returned: nothing of ours is on the loop */
+    int own_open;  /* own handles whose close callback has not run */
+    bool ran;      /* lr_daemon_run was called */
+    bool in_run;   /* inside lr_daemon_run's uv_run: `closed` stops the loop */
+    bool run_done; /* lr_daemon_run returned: nothing of ours is on the loop */
 };
 
 static const int signums[NSIGNALS] = {SIGTERM, SIGINT, SIGQUIT, SIGHUP};
@@ -174,8 +173,8 @@ static void close_next(lr_daemon_t *d) {
     d->in_close_next = false;
 }
 
-static int add(lr_daemon_t *d, const char *name, lr_daemon_close_fn close, void *(*take)(void *),
-               void *slot, void *obj, long timeout_ms) {
+static int add(lr_daemon_t *d, const char *name, lr_daemon_close_fn close, void *(*take)(void *), void *slot, void *obj,
+               long timeout_ms) {
     component_t *c;
     if (d == NULL || name == NULL || close == NULL || (slot == NULL && obj == NULL)) {
         return LR_EINVAL;
@@ -236,9 +235,7 @@ static void *take_amqp(void *slot) {
     return a;
 }
 
-static void handle_closed(uv_handle_t *h) {
-    comp_done(h->data); /* close_handle put the component there */
-}
+static void handle_closed(uv_handle_t *h) { comp_done(h->data); /* close_handle put the component there */ }
 
 static void close_handle(void *obj, long timeout_ms, lr_daemon_done_cb done, void *arg) {
     uv_handle_t *h = obj;
@@ -336,8 +333,7 @@ static int start_own(lr_daemon_t *d) {
 
 /* ---- lifecycle ------------------------------------------------------------- */
 
-int lr_daemon_init(lr_daemon_t **out, uv_loop_t *loop, const lr_daemon_opts_t *opts, char *errbuf,
-                   size_t errlen) {
+int lr_daemon_init(lr_daemon_t **out, uv_loop_t *loop, const lr_daemon_opts_t *opts, char *errbuf, size_t errlen) {
     lr_daemon_t *d = NULL;
     size_t len;
     int rc;
@@ -368,8 +364,8 @@ int lr_daemon_init(lr_daemon_t **out, uv_loop_t *loop, const lr_daemon_opts_t *o
     snprintf(d->ev.state, sizeof(d->ev.state), "%s.daemon_state", d->name);
     snprintf(d->ev.open_at_exit, sizeof(d->ev.open_at_exit), "%s.open_at_exit", d->name);
     snprintf(d->ev.signals, sizeof(d->ev.signals), "%s.signals", d->name);
-    rc = lr_health_start(&d->health, opts->http_port, d->name,
-                         opts->stall_ms > 0 ? opts->stall_ms : DEFAULT_STALL_MS, errbuf, errlen);
+    rc = lr_health_start(&d->health, opts->http_port, d->name, opts->stall_ms > 0 ? opts->stall_ms : DEFAULT_STALL_MS,
+                         errbuf, errlen);
     if (rc != 0) {
         free(d);
         return rc;
@@ -408,8 +404,10 @@ static void close_leftover(uv_handle_t *h, void *arg) {
     if (uv_is_closing(h)) {
         return;
     }
-    lr_warn(d->ev.open_at_exit, "a %s handle was still open at exit (not registered with the daemon); "
-            "closing it", uv_handle_type_name(uv_handle_get_type(h)));
+    lr_warn(d->ev.open_at_exit,
+            "a %s handle was still open at exit (not registered with the daemon); "
+            "closing it",
+            uv_handle_type_name(uv_handle_get_type(h)));
     uv_close(h, NULL);
 }
 
@@ -482,8 +480,7 @@ static const shared_option_t shared_options[] = {
     {{"database-url", 0, "URL", "PostgreSQL (LONGRUN_DATABASE_URL)", "LONGRUN_DATABASE_URL", NULL}, OPT_VALUE},
     {{"amqp-url", 0, "URL", "RabbitMQ (LONGRUN_AMQP_URL)", "LONGRUN_AMQP_URL", NULL}, OPT_VALUE},
     {{"check-config", 0, NULL, "validate the configuration and exit (0 ok, 2 invalid)", NULL, NULL}, OPT_CHECK},
-    {{"print-config", 0, NULL, "print the effective configuration (secrets masked) and exit", NULL, NULL},
-     OPT_PRINT},
+    {{"print-config", 0, NULL, "print the effective configuration (secrets masked) and exit", NULL, NULL}, OPT_PRINT},
     {{"help", 'h', NULL, "this help", NULL, NULL}, OPT_HELP},
     {{"version", 0, NULL, "print the version", NULL, NULL}, OPT_VERSION},
 };
@@ -559,8 +556,7 @@ static void usage(const lr_daemon_main_t *m, const option_table_t *t, FILE *f) {
     }
 }
 
-static int set_option(const lr_daemon_main_t *m, const lr_daemon_option_t *o, lr_config_t *cfg,
-                      const char *value) {
+static int set_option(const lr_daemon_main_t *m, const lr_daemon_option_t *o, lr_config_t *cfg, const char *value) {
     char err[512];
     if (o->env != NULL) {
         if (lr_config_set(cfg, o->env, value, err, sizeof(err)) != 0) {

@@ -131,8 +131,7 @@ int lr_daemon_add_pg(lr_daemon_t *d, const char *name, lr_pg_pool_t **slot) LR_M
 int lr_daemon_add_http(lr_daemon_t *d, const char *name, lr_http_t **slot) LR_MUSTCHECK;
 int lr_daemon_add_amqp(lr_daemon_t *d, const char *name, lr_amqp_t **slot, long timeout_ms) LR_MUSTCHECK;
 int lr_daemon_add_handle(lr_daemon_t *d, const char *name, uv_handle_t *h) LR_MUSTCHECK;
-int lr_daemon_add(lr_daemon_t *d, const char *name, lr_daemon_close_fn close, void *obj,
-                  long timeout_ms) LR_MUSTCHECK;
+int lr_daemon_add(lr_daemon_t *d, const char *name, lr_daemon_close_fn close, void *obj, long timeout_ms) LR_MUSTCHECK;
 
 /* Starts signal handling and the tick (first tick at once, then every
  * second) and runs the loop until the shutdown is complete.  After a
@@ -172,11 +171,11 @@ void lr_daemon_free(lr_daemon_t *d);
  * configuration entry its value sets (lr_config_set; an invalid value prints
  * "<prog>: --<name>: <why>" and exits 2), or set handles it. */
 typedef struct lr_daemon_option {
-    const char *name;  /* long name without "--"; NULL ends the table */
-    int short_name;    /* e.g. 'q'; 0 = none */
-    const char *arg;   /* the value's name in --help ("NAME"); NULL = takes no value */
-    const char *help;  /* one line of --help */
-    const char *env;   /* LONGRUN_X, or NULL */
+    const char *name; /* long name without "--"; NULL ends the table */
+    int short_name;   /* e.g. 'q'; 0 = none */
+    const char *arg;  /* the value's name in --help ("NAME"); NULL = takes no value */
+    const char *help; /* one line of --help */
+    const char *env;  /* LONGRUN_X, or NULL */
     /* value: borrowed from argv (valid for the whole process), NULL when
      * the option takes none.  Returns 0, or the exit code after printing why
      * to stderr. */
@@ -184,10 +183,10 @@ typedef struct lr_daemon_option {
 } lr_daemon_option_t;
 
 typedef struct lr_daemon_main {
-    const char *prog;        /* "longrun-worker": messages, usage, --version */
-    const char *synopsis;    /* after "usage: <prog> ", e.g. "[options]" */
-    const char *about;       /* the paragraph(s) between the usage line and the options */
-    const char *epilog;      /* optional: printed after the options, after an empty line */
+    const char *prog;                  /* "longrun-worker": messages, usage, --version */
+    const char *synopsis;              /* after "usage: <prog> ", e.g. "[options]" */
+    const char *about;                 /* the paragraph(s) between the usage line and the options */
+    const char *epilog;                /* optional: printed after the options, after an empty line */
     const lr_daemon_option_t *options; /* own options, listed before the shared ones; may be NULL */
     /* After the options, for --check-config and --print-config too: the
      * daemon's own validation (e.g. loading its agents file).  Returns 0
@@ -195,7 +194,7 @@ typedef struct lr_daemon_main {
      * printing why to stderr.  Optional. */
     int (*prepare)(lr_config_t *cfg, char *note, size_t notelen, void *arg);
     int (*run)(const lr_config_t *cfg, void *arg); /* returns the exit code; required */
-    void (*cleanup)(void *arg); /* after prepare was called, on every path; optional */
+    void (*cleanup)(void *arg);                    /* after prepare was called, on every path; optional */
     void *arg;
 } lr_daemon_main_t;
 

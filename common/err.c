@@ -6,29 +6,23 @@
 
 const char *lr_strerror(int err) {
     switch (err) {
-    case LR_OK:
-        return "success";
+    case LR_OK: return "success";
 #define LR_ERR_TEXT(name, value, text) \
-    case LR_E##name:                   \
-        return text;
+    case LR_E##name: return text;
         LR_ERRNO_MAP(LR_ERR_TEXT)
 #undef LR_ERR_TEXT
-    default:
-        return "unknown error";
+    default: return "unknown error";
     }
 }
 
 const char *lr_err_name(int err) {
     switch (err) {
-    case LR_OK:
-        return "LR_OK";
+    case LR_OK: return "LR_OK";
 #define LR_ERR_NAME(name, value, text) \
-    case LR_E##name:                   \
-        return "LR_E" #name;
+    case LR_E##name: return "LR_E" #name;
         LR_ERRNO_MAP(LR_ERR_NAME)
 #undef LR_ERR_NAME
-    default:
-        return "LR_EUNKNOWN";
+    default: return "LR_EUNKNOWN";
     }
 }
 

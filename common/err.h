@@ -20,28 +20,28 @@
 #endif
 
 /* X(name, value, text).  Values are stable: they appear in metrics and logs. */
-#define LR_ERRNO_MAP(X)                                                         \
-    X(INVAL, -1, "invalid argument")                                            \
-    X(NOMEM, -2, "out of memory")                                               \
-    X(IO, -3, "input/output error")                                             \
-    X(PARSE, -4, "malformed input")                                             \
-    X(TOOBIG, -5, "value exceeds its limit")                                    \
-    X(NOTFOUND, -6, "not found")                                                \
-    X(EXISTS, -7, "already exists")                                             \
-    X(FENCED, -8, "fenced out by a newer lease epoch")                          \
-    X(TIMEOUT, -9, "timed out")                                                 \
-    X(CONN, -10, "connection failed")                                           \
-    X(DB, -11, "database error")                                                \
-    X(AMQP, -12, "message broker error")                                        \
-    X(HTTP, -13, "HTTP error")                                                  \
-    X(CANCELED, -14, "canceled")                                                \
-    X(SHUTDOWN, -15, "shutting down")                                           \
-    X(BUSY, -16, "resource busy")                                               \
-    X(CONFIG, -17, "invalid configuration")                                     \
-    X(SCHEMA, -18, "schema version mismatch")                                   \
-    X(RETRY, -19, "transient failure, retry later")                             \
-    X(PERM, -20, "permanent failure")                                           \
-    X(BUDGET, -21, "budget exhausted")                                          \
+#define LR_ERRNO_MAP(X)                                \
+    X(INVAL, -1, "invalid argument")                   \
+    X(NOMEM, -2, "out of memory")                      \
+    X(IO, -3, "input/output error")                    \
+    X(PARSE, -4, "malformed input")                    \
+    X(TOOBIG, -5, "value exceeds its limit")           \
+    X(NOTFOUND, -6, "not found")                       \
+    X(EXISTS, -7, "already exists")                    \
+    X(FENCED, -8, "fenced out by a newer lease epoch") \
+    X(TIMEOUT, -9, "timed out")                        \
+    X(CONN, -10, "connection failed")                  \
+    X(DB, -11, "database error")                       \
+    X(AMQP, -12, "message broker error")               \
+    X(HTTP, -13, "HTTP error")                         \
+    X(CANCELED, -14, "canceled")                       \
+    X(SHUTDOWN, -15, "shutting down")                  \
+    X(BUSY, -16, "resource busy")                      \
+    X(CONFIG, -17, "invalid configuration")            \
+    X(SCHEMA, -18, "schema version mismatch")          \
+    X(RETRY, -19, "transient failure, retry later")    \
+    X(PERM, -20, "permanent failure")                  \
+    X(BUDGET, -21, "budget exhausted")                 \
     X(STATE, -22, "invalid state")
 
 enum lr_errno {

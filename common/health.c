@@ -42,7 +42,7 @@
 
 /* Open connections of one client address. */
 struct peer {
-    int family;              /* AF_INET or AF_INET6; 0: slot free */
+    int family; /* AF_INET or AF_INET6; 0: slot free */
     unsigned char addr[16];
     int open;
 };
@@ -56,9 +56,9 @@ struct lr_health {
     struct timespec started;
     int ready;
     char reason[256];
-    char *snapshot;             /* one JSON object, or NULL */
-    char snapshot_error[200];   /* why the last snapshot was refused, or "" */
-    int snapshot_warned;        /* the error last warned about (0: none) */
+    char *snapshot;           /* one JSON object, or NULL */
+    char snapshot_error[200]; /* why the last snapshot was refused, or "" */
+    int snapshot_warned;      /* the error last warned about (0: none) */
     /* libmicrohttpd's thread only */
     struct peer peers[LR_HEALTH_MAX_CONNECTIONS];
     int open;
@@ -240,7 +240,9 @@ static char *health_body(lr_health_t *h) {
                "\"live\":%s,\"ready\":%s,\"not_ready_reason\":\"%s\",\"status\":%s}\n",
                h->component, LONGRUN_VERSION, since_ms(&h->started) / 1000.0, age,
                age <= (double)h->stall_ms ? "true" : "false", h->ready ? "true" : "false", reason,
-               h->snapshot != NULL ? h->snapshot : h->snapshot_error[0] != '\0' ? refused : "{}");
+               h->snapshot != NULL            ? h->snapshot
+               : h->snapshot_error[0] != '\0' ? refused
+                                              : "{}");
     pthread_mutex_unlock(&h->mu);
     return body;
 }
@@ -253,8 +255,7 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
     (void)upload_size;
     (void)ptr;
     if (strcmp(method, "GET") != 0 && strcmp(method, "HEAD") != 0) {
-        return reply_with(c, MHD_HTTP_METHOD_NOT_ALLOWED, "text/plain", strdup("method not allowed\n"),
-                          "GET, HEAD");
+        return reply_with(c, MHD_HTTP_METHOD_NOT_ALLOWED, "text/plain", strdup("method not allowed\n"), "GET, HEAD");
     }
     if (strcmp(url, "/healthz") == 0) {
         double age;
@@ -262,8 +263,7 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
         age = since_ms(&h->last_tick);
         pthread_mutex_unlock(&h->mu);
         if (age > (double)h->stall_ms) {
-            return reply(c, MHD_HTTP_SERVICE_UNAVAILABLE, "text/plain",
-                         fmt("event loop stalled for %.0f ms\n", age));
+            return reply(c, MHD_HTTP_SERVICE_UNAVAILABLE, "text/plain", fmt("event loop stalled for %.0f ms\n", age));
         }
         return reply(c, MHD_HTTP_OK, "text/plain", strdup("ok\n"));
     }
@@ -288,8 +288,7 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
 
 /* ---- public API ------------------------------------------------------- */
 
-int lr_health_start(lr_health_t **out, int port, const char *component, long stall_ms, char *errbuf,
-                    size_t errlen) {
+int lr_health_start(lr_health_t **out, int port, const char *component, long stall_ms, char *errbuf, size_t errlen) {
     lr_health_t *h;
     unsigned int flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ERROR_LOG;
     *out = NULL;
@@ -303,7 +302,8 @@ int lr_health_start(lr_health_t **out, int port, const char *component, long sta
     } else {
         return lr_seterr(errbuf, errlen, LR_EIO,
                          "LONGRUN_HTTP_PORT=%d: libmicrohttpd has neither epoll nor poll (select breaks above "
-                         "descriptor 1024)", port);
+                         "descriptor 1024)",
+                         port);
     }
     m_open = lr_metric_gauge("longrun_http_connections", "Open connections to the health and metrics server", NULL);
     m_refused = lr_metric_counter("longrun_http_connections_refused_total",
@@ -318,8 +318,8 @@ int lr_health_start(lr_health_t **out, int port, const char *component, long sta
     h->stall_ms = stall_ms;
     clock_gettime(CLOCK_MONOTONIC, &h->last_tick);
     h->started = h->last_tick;
-    h->mhd = MHD_start_daemon(flags, (uint16_t)port, accept_policy, h, handler, h, MHD_OPTION_EXTERNAL_LOGGER,
-                              mhd_log, h, MHD_OPTION_CONNECTION_LIMIT, (unsigned int)LR_HEALTH_MAX_CONNECTIONS,
+    h->mhd = MHD_start_daemon(flags, (uint16_t)port, accept_policy, h, handler, h, MHD_OPTION_EXTERNAL_LOGGER, mhd_log,
+                              h, MHD_OPTION_CONNECTION_LIMIT, (unsigned int)LR_HEALTH_MAX_CONNECTIONS,
                               MHD_OPTION_PER_IP_CONNECTION_LIMIT, (unsigned int)LR_HEALTH_PER_IP_CONNECTIONS,
                               MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)LR_HEALTH_TIMEOUT_SECONDS,
                               MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)LR_HEALTH_REQUEST_MEMORY,

@@ -74,23 +74,23 @@ static const char *const req_state_names[] = {"active", "callback"};
 
 struct lr_http_req {
     lr_http_t *h;
-    lr_list_t link;           /* in h->reqs while REQ_ACTIVE */
+    lr_list_t link; /* in h->reqs while REQ_ACTIVE */
     enum req_state state;
     CURL *easy;
     struct curl_slist *headers;
-    char *body;               /* our copy of opts->body; curl borrows it */
+    char *body; /* our copy of opts->body; curl borrows it */
     lr_http_cb cb;
     void *arg;
     size_t max_body;
     struct buf resp_body;
     struct buf resp_headers;
-    bool truncated;           /* set by body_cb when the body passed max_body */
-    int local_err;            /* our own reason for aborting from a curl callback */
-    bool sock_failed;         /* socket_cb could not watch its socket: fail it */
+    bool truncated;             /* set by body_cb when the body passed max_body */
+    int local_err;              /* our own reason for aborting from a curl callback */
+    bool sock_failed;           /* socket_cb could not watch its socket: fail it */
     lr_http_addr_cb check_addr; /* connect-time check, or NULL */
     void *check_arg;
-    int refused;              /* check_addr's code for the last address it refused, or 0 */
-    char local_msg[128];      /* text for local_err; curl overwrites errbuf */
+    int refused;         /* check_addr's code for the last address it refused, or 0 */
+    char local_msg[128]; /* text for local_err; curl overwrites errbuf */
     char errbuf[CURL_ERROR_SIZE];
     uint64_t start_ns;
 };
@@ -100,21 +100,21 @@ struct sock_ctx {
     uv_poll_t poll;
     lr_http_t *h;
     curl_socket_t fd;
-    int events;               /* UV_READABLE | UV_WRITABLE currently wanted */
-    bool closing;             /* uv_close called; freed in close_sock_cb */
-    lr_list_t link;           /* in h->socks until closing */
+    int events;     /* UV_READABLE | UV_WRITABLE currently wanted */
+    bool closing;   /* uv_close called; freed in close_sock_cb */
+    lr_list_t link; /* in h->socks until closing */
 };
 
 struct lr_http {
     uv_loop_t *loop;
-    CURLM *multi;             /* NULL once lr_http_close cleaned it up */
-    uv_timer_t timer;         /* curl's timeout; embedded, freed with h */
-    lr_list_t reqs;           /* requests in REQ_ACTIVE, newest first */
+    CURLM *multi;     /* NULL once lr_http_close cleaned it up */
+    uv_timer_t timer; /* curl's timeout; embedded, freed with h */
+    lr_list_t reqs;   /* requests in REQ_ACTIVE, newest first */
     size_t n_reqs;
-    lr_list_t socks;          /* polls not yet closing (struct sock_ctx), newest first */
-    size_t pending_closes;    /* uv_close calls whose callback has not run */
-    bool sweep_failed;        /* some request has sock_failed set */
-    bool closing;             /* lr_http_close was called */
+    lr_list_t socks;       /* polls not yet closing (struct sock_ctx), newest first */
+    size_t pending_closes; /* uv_close calls whose callback has not run */
+    bool sweep_failed;     /* some request has sock_failed set */
+    bool closing;          /* lr_http_close was called */
     void (*done)(void *arg);
     void *done_arg;
 };
@@ -128,8 +128,8 @@ static void maybe_finish_close(lr_http_t *h);
 
 /* The only place a request changes state; traces old -> new (line N). */
 static void set_state_at(struct lr_http_req *req, enum req_state st, int line) {
-    lr_debug("http.req.state", "req=%p %s -> %s (line %d)", (void *)req,
-             req_state_names[req->state], req_state_names[st], line);
+    lr_debug("http.req.state", "req=%p %s -> %s (line %d)", (void *)req, req_state_names[req->state],
+             req_state_names[st], line);
     req->state = st;
 }
 
@@ -189,15 +189,12 @@ static void req_free(struct lr_http_req *req) {
 /* Translates a finished transfer's CURLcode at the adapter boundary. */
 static int map_curl_code(const struct lr_http_req *req, CURLcode code) {
     switch (code) {
-    case CURLE_OK:
-        return 0;
-    case CURLE_OPERATION_TIMEDOUT:
-        return LR_ETIMEOUT;
+    case CURLE_OK: return 0;
+    case CURLE_OPERATION_TIMEDOUT: return LR_ETIMEOUT;
     case CURLE_COULDNT_CONNECT:
         /* Every address was refused by check_addr (or did not answer). */
         return req->refused != 0 ? req->refused : LR_ECONN;
-    case CURLE_OUT_OF_MEMORY:
-        return LR_ENOMEM;
+    case CURLE_OUT_OF_MEMORY: return LR_ENOMEM;
     case CURLE_WRITE_ERROR:
         /* We abort from body_cb/header_cb by returning a short count; the
          * reason is ours, not curl's.  A cut body is a success by contract. */
@@ -227,8 +224,7 @@ static size_t body_cb(char *ptr, size_t size, size_t nmemb, void *userdata) {
         int rc = buf_append(&req->resp_body, ptr, take, req->max_body);
         if (rc != 0) {
             req->local_err = rc;
-            snprintf(req->local_msg, sizeof(req->local_msg), "response body: %s",
-                     lr_strerror(rc));
+            snprintf(req->local_msg, sizeof(req->local_msg), "response body: %s", lr_strerror(rc));
             return CURL_WRITEFUNC_ERROR;
         }
     }
@@ -257,8 +253,8 @@ static size_t header_cb(char *ptr, size_t size, size_t nitems, void *userdata) {
     int rc = buf_append(&req->resp_headers, ptr, n, LR_HTTP_MAX_HEADERS_BYTES);
     if (rc != 0) {
         req->local_err = rc;
-        snprintf(req->local_msg, sizeof(req->local_msg), "response headers: %s (limit %d bytes)",
-                 lr_strerror(rc), LR_HTTP_MAX_HEADERS_BYTES);
+        snprintf(req->local_msg, sizeof(req->local_msg), "response headers: %s (limit %d bytes)", lr_strerror(rc),
+                 LR_HTTP_MAX_HEADERS_BYTES);
         return CURL_WRITEFUNC_ERROR;
     }
     return n;
@@ -367,8 +363,7 @@ static int socket_cb(CURL *easy, curl_socket_t s, int what, void *userp, void *s
         rc = uv_poll_init_socket(h->loop, &ctx->poll, s);
         if (rc != 0) {
             free(ctx); /* never initialized: no uv_close needed */
-            return socket_failed(h, easy, rc == UV_ENOMEM ? LR_ENOMEM : LR_ECONN,
-                                 "uv_poll_init_socket", rc);
+            return socket_failed(h, easy, rc == UV_ENOMEM ? LR_ENOMEM : LR_ECONN, "uv_poll_init_socket", rc);
         }
         ctx->poll.data = ctx;
         lr_list_push_front(&h->socks, &ctx->link);
@@ -440,8 +435,7 @@ static void poll_cb(uv_poll_t *handle, int status, int events) {
     }
     CURLMcode mc = curl_multi_socket_action(h->multi, ctx->fd, flags, &running);
     if (mc != CURLM_OK) {
-        lr_warn("http.multi", "curl_multi_socket_action(%d): %s", (int)ctx->fd,
-                curl_multi_strerror(mc));
+        lr_warn("http.multi", "curl_multi_socket_action(%d): %s", (int)ctx->fd, curl_multi_strerror(mc));
     }
     /* ctx stays allocated until its close callback, so these reads are safe
      * even when curl removed the socket during socket_action.  If curl still
@@ -484,8 +478,8 @@ static void finish_req(lr_http_t *h, struct lr_http_req *req, CURLcode code) {
         resp.errmsg = curl_easy_strerror(code);
     }
     if (resp.err != 0) {
-        lr_debug("http.failed", "err=%s curl=%d (%s) total_ms=%.1f", lr_err_name(resp.err),
-                 (int)code, resp.errmsg, resp.total_ms);
+        lr_debug("http.failed", "err=%s curl=%d (%s) total_ms=%.1f", lr_err_name(resp.err), (int)code, resp.errmsg,
+                 resp.total_ms);
     }
     req->cb(&resp, req->arg);
     req_free(req);
@@ -638,8 +632,7 @@ out:
     return ok;
 }
 
-int lr_http_send(lr_http_t *h, const lr_http_opts_t *opts, lr_http_cb cb, void *arg,
-                 lr_http_req_t **out_req) {
+int lr_http_send(lr_http_t *h, const lr_http_opts_t *opts, lr_http_cb cb, void *arg, lr_http_req_t **out_req) {
     struct lr_http_req *req = NULL;
     struct curl_slist *tmp;
     const char *method;
@@ -649,9 +642,8 @@ int lr_http_send(lr_http_t *h, const lr_http_opts_t *opts, lr_http_cb cb, void *
     if (out_req != NULL) {
         *out_req = NULL;
     }
-    if (h == NULL || opts == NULL || cb == NULL || opts->url == NULL ||
-        (opts->body == NULL && opts->body_len != 0) || opts->timeout_ms < 0 ||
-        opts->connect_timeout_ms < 0) {
+    if (h == NULL || opts == NULL || cb == NULL || opts->url == NULL || (opts->body == NULL && opts->body_len != 0) ||
+        opts->timeout_ms < 0 || opts->connect_timeout_ms < 0) {
         return LR_EINVAL;
     }
     if (h->closing) {
@@ -738,11 +730,9 @@ int lr_http_send(lr_http_t *h, const lr_http_opts_t *opts, lr_http_cb cb, void *
     curl_easy_setopt(e, CURLOPT_ACCEPT_ENCODING, "");
     curl_easy_setopt(e, CURLOPT_USERAGENT, "longrun");
     curl_easy_setopt(e, CURLOPT_HTTPHEADER, req->headers);
-    curl_easy_setopt(e, CURLOPT_TIMEOUT_MS,
-                     opts->timeout_ms != 0 ? opts->timeout_ms : DEFAULT_TIMEOUT_MS);
+    curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, opts->timeout_ms != 0 ? opts->timeout_ms : DEFAULT_TIMEOUT_MS);
     curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS,
-                     opts->connect_timeout_ms != 0 ? opts->connect_timeout_ms
-                                                   : DEFAULT_CONNECT_TIMEOUT_MS);
+                     opts->connect_timeout_ms != 0 ? opts->connect_timeout_ms : DEFAULT_CONNECT_TIMEOUT_MS);
     curl_easy_setopt(e, CURLOPT_ERRORBUFFER, req->errbuf);
     curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, body_cb);
     curl_easy_setopt(e, CURLOPT_WRITEDATA, req);
@@ -814,9 +804,7 @@ void lr_http_cancel(lr_http_req_t *req) {
     req_free(req);
 }
 
-size_t lr_http_in_flight(const lr_http_t *h) {
-    return h != NULL ? h->n_reqs : 0;
-}
+size_t lr_http_in_flight(const lr_http_t *h) { return h != NULL ? h->n_reqs : 0; }
 
 int lr_http_header(const lr_http_response_t *resp, const char *name, char *buf, size_t buflen) {
     if (resp == NULL || name == NULL || buf == NULL || buflen == 0 || resp->headers == NULL) {

@@ -39,34 +39,34 @@ typedef struct lr_http_req lr_http_req_t;
 typedef int (*lr_http_addr_cb)(const struct sockaddr *addr, size_t addrlen, void *arg, char *why, size_t whylen);
 
 typedef struct lr_http_opts {
-    const char *method;          /* "POST", "GET"; NULL means POST when body != NULL else GET */
-    const char *url;             /* required */
-    const char *const *headers;  /* NULL-terminated "Name: value" strings, or NULL */
-    const char *body;            /* request body or NULL; copied */
+    const char *method;         /* "POST", "GET"; NULL means POST when body != NULL else GET */
+    const char *url;            /* required */
+    const char *const *headers; /* NULL-terminated "Name: value" strings, or NULL */
+    const char *body;           /* request body or NULL; copied */
     size_t body_len;
-    long timeout_ms;             /* whole-request timeout; 0 = 60000 */
-    long connect_timeout_ms;     /* 0 = 10000 */
-    size_t max_body;             /* 0 = LR_HTTP_DEFAULT_MAX_BODY */
+    long timeout_ms;         /* whole-request timeout; 0 = 60000 */
+    long connect_timeout_ms; /* 0 = 10000 */
+    size_t max_body;         /* 0 = LR_HTTP_DEFAULT_MAX_BODY */
     /* Optional connect-time check of each address (see lr_http_addr_cb);
      * with it, no proxy is used (the check must see the destination).  A
      * pooled connection opened earlier is reused without a new check, so
      * requests that need their own check set fresh_connection too. */
     lr_http_addr_cb check_addr;
-    void *check_arg;             /* passed to check_addr; must outlive the request */
-    bool fresh_connection;       /* neither reuse a pooled connection nor leave this one in the pool */
+    void *check_arg;       /* passed to check_addr; must outlive the request */
+    bool fresh_connection; /* neither reuse a pooled connection nor leave this one in the pool */
 } lr_http_opts_t;
 
 typedef struct lr_http_response {
-    int err;              /* 0 when an HTTP response (any status) arrived; LR_ETIMEOUT,
-                             LR_ECONN (connect/read/DNS/TLS failure), LR_ECANCELED, LR_ENOMEM */
-    long status;          /* HTTP status code, 0 when no response */
-    const char *body;     /* NUL-terminated (body_len excludes the NUL); never NULL */
+    int err;          /* 0 when an HTTP response (any status) arrived; LR_ETIMEOUT,
+                         LR_ECONN (connect/read/DNS/TLS failure), LR_ECANCELED, LR_ENOMEM */
+    long status;      /* HTTP status code, 0 when no response */
+    const char *body; /* NUL-terminated (body_len excludes the NUL); never NULL */
     size_t body_len;
-    bool truncated;       /* body was cut at max_body */
-    const char *headers;  /* raw response header block of the final response, NUL-terminated */
+    bool truncated;      /* body was cut at max_body */
+    const char *headers; /* raw response header block of the final response, NUL-terminated */
     size_t headers_len;
-    double total_ms;      /* wall time of the request */
-    const char *errmsg;   /* curl's error text when err != 0, else "" */
+    double total_ms;    /* wall time of the request */
+    const char *errmsg; /* curl's error text when err != 0, else "" */
 } lr_http_response_t;
 
 /* Called exactly once per successfully started request (unless canceled with

@@ -36,10 +36,10 @@
 
 #include "text.h"
 
-#define PATH_CAP 160      /* bytes of a path in a message; longer ones end in "..." */
-#define NAME_SHOWN 64     /* bytes of a name, pattern or type shown in a message */
-#define SCRATCH 200       /* bytes of a branch's message inside anyOf/oneOf */
-#define PATTERN_COST 100  /* steps charged for compiling a pattern (its search costs more) */
+#define PATH_CAP 160     /* bytes of a path in a message; longer ones end in "..." */
+#define NAME_SHOWN 64    /* bytes of a name, pattern or type shown in a message */
+#define SCRATCH 200      /* bytes of a branch's message inside anyOf/oneOf */
+#define PATTERN_COST 100 /* steps charged for compiling a pattern (its search costs more) */
 
 /* ---- paths and messages ------------------------------------------------- */
 
@@ -280,8 +280,7 @@ static int translate_escape(ere_t *e, unsigned char x, bool in_class, char *msg,
         emit_str(e, x == 'b' ? "\\b" : "\\B"); /* word boundaries, a GNU extension of regcomp */
         no_atom(e);
         return 0;
-    default:
-        break;
+    default: break;
     }
     if (out == NULL && x >= '1' && x <= '9') {
         return pattern_err(msg, msglen, "back-references (\\%c) are not supported", x);
@@ -342,8 +341,7 @@ static int quantifier(ere_t *e, const char *p, size_t qlen, size_t mult, char *m
     if (e->quantified || e->atom == 0) {
         return pattern_err(msg, msglen, "nothing to repeat before \"%.*s\"", (int)qlen, p);
     }
-    if (e->atom > PATTERN_MAX_SIZE || mult > PATTERN_MAX_SIZE ||
-        e->size + e->atom * (mult - 1) > PATTERN_MAX_SIZE) {
+    if (e->atom > PATTERN_MAX_SIZE || mult > PATTERN_MAX_SIZE || e->size + e->atom * (mult - 1) > PATTERN_MAX_SIZE) {
         return pattern_err(msg, msglen,
                            "too complex: its repetitions expand to more than %d elements "
                            "(for a length limit, use minLength/maxLength)",
@@ -392,7 +390,8 @@ static int translate_pattern(const char *p, ere_t *e, char *msg, size_t msglen) 
                 i++;
             }
             if (p[i] == ']') {
-                return pattern_err(msg, msglen, "\"[]\" and \"[^]\" are not supported (ECMA and POSIX read them differently)");
+                return pattern_err(msg, msglen,
+                                   "\"[]\" and \"[^]\" are not supported (ECMA and POSIX read them differently)");
             }
         } else if (ch == '?' && e->quantified && !e->lazy) {
             e->lazy = true; /* the lazy "*?": the same strings match */
@@ -696,7 +695,8 @@ static int check_multiple(cctx_t *c, const cJSON *v, int level) {
 
 static int check_count(cctx_t *c, const cJSON *v, int level) {
     (void)level;
-    if (cJSON_IsNumber(v) && isfinite(v->valuedouble) && v->valuedouble >= 0 && v->valuedouble == floor(v->valuedouble)) {
+    if (cJSON_IsNumber(v) && isfinite(v->valuedouble) && v->valuedouble >= 0 &&
+        v->valuedouble == floor(v->valuedouble)) {
         return 0;
     }
     return cfail(c, "must be a non-negative integer");
@@ -1326,8 +1326,7 @@ static int apply_object(vctx_t *c, const cJSON *s, const cJSON *v) {
     int n = cJSON_GetArraySize(v), rc;
     char b[40], esc[NAME_SHOWN + 8];
     if (cJSON_IsNumber(minp) && n < minp->valuedouble) {
-        return vfail(c, "property count %d is less than minProperties %s", n,
-                     fmt_num(minp->valuedouble, b, sizeof(b)));
+        return vfail(c, "property count %d is less than minProperties %s", n, fmt_num(minp->valuedouble, b, sizeof(b)));
     }
     if (cJSON_IsNumber(maxp) && n > maxp->valuedouble) {
         return vfail(c, "property count %d is greater than maxProperties %s", n,
@@ -1422,10 +1421,12 @@ static int apply(vctx_t *c, const cJSON *s, const cJSON *v) {
         return vfail(c, "no value is allowed here (schema false)");
     }
     if (!cJSON_IsObject(s)) {
-        return vhard(c, LR_ECONFIG, "schema error: a schema must be an object or a boolean (lr_schema_check was skipped)");
+        return vhard(c, LR_ECONFIG,
+                     "schema error: a schema must be an object or a boolean (lr_schema_check was skipped)");
     }
     if (c->depth >= LR_SCHEMA_MAX_APPLY) {
-        return vhard(c, LR_EINVAL, "nesting too deep (more than %d nested subschemas; a $ref loop?)", LR_SCHEMA_MAX_APPLY);
+        return vhard(c, LR_EINVAL, "nesting too deep (more than %d nested subschemas; a $ref loop?)",
+                     LR_SCHEMA_MAX_APPLY);
     }
     c->depth++;
     rc = apply_type(c, s, v);
@@ -1464,7 +1465,7 @@ static int check_value_depth(vctx_t *c, const cJSON *v, int level) {
     }
     cJSON_ArrayForEach(e, v) {
         size_t mark = cJSON_IsObject(v) ? path_push_name(&c->path, e->string != NULL ? e->string : "")
-                                         : path_push_index(&c->path, i);
+                                        : path_push_index(&c->path, i);
         int rc = check_value_depth(c, e, level + 1);
         path_pop(&c->path, mark);
         if (rc != V_OK) {

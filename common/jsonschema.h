@@ -66,10 +66,10 @@
 
 #include "err.h"
 
-#define LR_SCHEMA_MAX_DEPTH 32        /* subschema nesting; value nesting */
-#define LR_SCHEMA_MAX_APPLY 128       /* nested subschema applications per validation */
-#define LR_SCHEMA_MAX_STEPS 1000000L  /* units of work per validation */
-#define LR_SCHEMA_MAX_PATTERN 1024    /* bytes of one "pattern" */
+#define LR_SCHEMA_MAX_DEPTH 32       /* subschema nesting; value nesting */
+#define LR_SCHEMA_MAX_APPLY 128      /* nested subschema applications per validation */
+#define LR_SCHEMA_MAX_STEPS 1000000L /* units of work per validation */
+#define LR_SCHEMA_MAX_PATTERN 1024   /* bytes of one "pattern" */
 
 /* Checks a schema once, when it is loaded (agents file, built-in tools).
  * Returns 0, or LR_ECONFIG with errbuf naming the problem and the JSON path

@@ -38,7 +38,7 @@ typedef struct lr_list {
 #define lr_list_foreach(it, head) for (lr_list_t *it = (head)->next; it != (head); it = it->next)
 
 /* Iterates over the nodes of `head`; the body may remove (and free) `it`. */
-#define lr_list_foreach_safe(it, nx, head)                                                     \
+#define lr_list_foreach_safe(it, nx, head) \
     for (lr_list_t *it = (head)->next, *nx = it->next; it != (head); it = nx, nx = it->next)
 
 /* Makes `l` an empty list (or an unlinked node). */

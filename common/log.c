@@ -47,6 +47,7 @@ size_t lr_json_escape(char *buf, size_t len, size_t cap, const char *s) {
     for (const unsigned char *p = (const unsigned char *)s; *p != '\0'; p++) {
         char esc[7];
         size_t n = 0;
+        /* clang-format off */
         switch (*p) {
         case '"': esc[0] = '\\'; esc[1] = '"'; n = 2; break;
         case '\\': esc[0] = '\\'; esc[1] = '\\'; n = 2; break;
@@ -61,6 +62,7 @@ size_t lr_json_escape(char *buf, size_t len, size_t cap, const char *s) {
                 esc[0] = (char)*p; n = 1;
             }
         }
+        /* clang-format on */
         if (len + n >= cap) {
             break;
         }
@@ -96,8 +98,8 @@ void lr_log_emit(int level, const lr_log_ctx_t *ctx, const char *event, const ch
         n = (size_t)snprintf(line, sizeof(line),
                              "{\"ts\":\"%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ\",\"level\":\"%s\","
                              "\"component\":\"%s\"",
-                             tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min,
-                             tm.tm_sec, (long)(tv.tv_usec / 1000), level_names[level], log_component);
+                             tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec,
+                             (long)(tv.tv_usec / 1000), level_names[level], log_component);
         if (log_instance[0] != '\0') {
             n += (size_t)snprintf(line + n, sizeof(line) - n, ",\"worker\":\"");
             n = lr_json_escape(line, n, sizeof(line), log_instance);
@@ -119,9 +121,9 @@ void lr_log_emit(int level, const lr_log_ctx_t *ctx, const char *event, const ch
         n = lr_json_escape(line, n, sizeof(line) - 3, msg);
         n += (size_t)snprintf(line + n, sizeof(line) - n, "\"}\n");
     } else {
-        n = (size_t)snprintf(line, sizeof(line), "%02d:%02d:%02d.%03ld %-5s %s%s%s", tm.tm_hour,
-                             tm.tm_min, tm.tm_sec, (long)(tv.tv_usec / 1000), level_names[level],
-                             event, ctx != NULL && ctx->task_id != NULL ? " task=" : "",
+        n = (size_t)snprintf(line, sizeof(line), "%02d:%02d:%02d.%03ld %-5s %s%s%s", tm.tm_hour, tm.tm_min, tm.tm_sec,
+                             (long)(tv.tv_usec / 1000), level_names[level], event,
+                             ctx != NULL && ctx->task_id != NULL ? " task=" : "",
                              ctx != NULL && ctx->task_id != NULL ? ctx->task_id : "");
         if (n < sizeof(line) && ctx != NULL && ctx->step >= 0) {
             n += (size_t)snprintf(line + n, sizeof(line) - n, " step=%lld", (long long)ctx->step);

@@ -42,14 +42,13 @@ void lr_log_to_stderr(void);
 /* Parses "debug|info|warn|error|off"; returns -1 when unknown. */
 int lr_log_level_parse(const char *s);
 
-void lr_log_emit(int level, const lr_log_ctx_t *ctx, const char *event, const char *fmt, ...)
-    LR_PRINTF(4, 5);
+void lr_log_emit(int level, const lr_log_ctx_t *ctx, const char *event, const char *fmt, ...) LR_PRINTF(4, 5);
 
-#define LR_LOG(level, ctx, event, ...)                        \
-    do {                                                      \
-        if ((level) >= lr_log_threshold) {                    \
+#define LR_LOG(level, ctx, event, ...)                         \
+    do {                                                       \
+        if ((level) >= lr_log_threshold) {                     \
             lr_log_emit((level), (ctx), (event), __VA_ARGS__); \
-        }                                                     \
+        }                                                      \
     } while (0)
 
 #define lr_debug(event, ...) LR_LOG(LR_LOG_DEBUG, NULL, event, __VA_ARGS__)

@@ -17,14 +17,14 @@ enum kind { K_COUNTER, K_GAUGE, K_HISTOGRAM };
 
 typedef struct series {
     char *values[LR_METRIC_MAX_LABELS];
-    double value;          /* counter / gauge */
-    double sum;            /* histogram */
+    double value; /* counter / gauge */
+    double sum;   /* histogram */
     unsigned long long count;
     unsigned long long *buckets;
 } series_t;
 
 struct lr_metric {
-    lr_list_t link;        /* in families, newest first */
+    lr_list_t link; /* in families, newest first */
     enum kind kind;
     char *name;
     char *help;
@@ -37,7 +37,8 @@ struct lr_metric {
     pthread_mutex_t mu;
 };
 
-const double lr_latency_buckets[] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120};
+const double lr_latency_buckets[] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                                     0.5,   1,      2.5,   5,    10,    30,   60,  120};
 const int lr_latency_nbuckets = (int)(sizeof(lr_latency_buckets) / sizeof(lr_latency_buckets[0]));
 
 static lr_list_t families = {&families, &families}; /* lr_metric_t; guarded by reg_mu */
@@ -303,14 +304,17 @@ static void process_metrics(buf_t *b) {
         }
         fclose(f);
     }
-    bput(b, "# HELP longrun_process_resident_memory_bytes Resident memory of this process.\n"
-            "# TYPE longrun_process_resident_memory_bytes gauge\nlongrun_process_resident_memory_bytes %ld\n",
+    bput(b,
+         "# HELP longrun_process_resident_memory_bytes Resident memory of this process.\n"
+         "# TYPE longrun_process_resident_memory_bytes gauge\nlongrun_process_resident_memory_bytes %ld\n",
          rss_pages * sysconf(_SC_PAGESIZE));
-    bput(b, "# HELP longrun_process_cpu_seconds_total CPU time (user + system) of this process.\n"
-            "# TYPE longrun_process_cpu_seconds_total counter\nlongrun_process_cpu_seconds_total %.2f\n",
+    bput(b,
+         "# HELP longrun_process_cpu_seconds_total CPU time (user + system) of this process.\n"
+         "# TYPE longrun_process_cpu_seconds_total counter\nlongrun_process_cpu_seconds_total %.2f\n",
          ticks > 0 ? (double)(utime + stime) / (double)ticks : 0.0);
-    bput(b, "# HELP longrun_process_start_time_seconds Start time of this process (Unix time).\n"
-            "# TYPE longrun_process_start_time_seconds gauge\nlongrun_process_start_time_seconds %ld\n",
+    bput(b,
+         "# HELP longrun_process_start_time_seconds Start time of this process (Unix time).\n"
+         "# TYPE longrun_process_start_time_seconds gauge\nlongrun_process_start_time_seconds %ld\n",
          (long)start_time);
 }
 

@@ -4,9 +4,9 @@
 #define LR_MIGRATIONS_H
 
 typedef struct lr_migration {
-    int version;          /* NNNN */
-    const char *name;     /* "0001_init" */
-    const char *sha256;   /* hex checksum of the file */
+    int version;        /* NNNN */
+    const char *name;   /* "0001_init" */
+    const char *sha256; /* hex checksum of the file */
     const char *sql;
 } lr_migration_t;
 

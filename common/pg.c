@@ -295,8 +295,8 @@ static void set_state_at(pgconn_t *c, enum conn_state s, int line) {
     if (c->state == s) {
         return;
     }
-    lr_debug("pg.conn_state", "%s %d: %s -> %s (line %d)", conn_kind(c), c->id,
-             conn_state_names[c->state], conn_state_names[s], line);
+    lr_debug("pg.conn_state", "%s %d: %s -> %s (line %d)", conn_kind(c), c->id, conn_state_names[c->state],
+             conn_state_names[s], line);
     c->state = s;
 }
 
@@ -454,8 +454,7 @@ static int conn_watch(pgconn_t *c, int events) {
         if (rc < 0) {
             /* init failed: the handle was never registered, plain free */
             free(w);
-            lr_warn("pg.poll_failed", "%s %d: uv_poll_init: %s", conn_kind(c), c->id,
-                    uv_strerror(rc));
+            lr_warn("pg.poll_failed", "%s %d: uv_poll_init: %s", conn_kind(c), c->id, uv_strerror(rc));
             return LR_ECONN;
         }
         w->poll.data = w;
@@ -469,8 +468,7 @@ static int conn_watch(pgconn_t *c, int events) {
     if (w->events != events) {
         rc = uv_poll_start(&w->poll, events, on_poll);
         if (rc < 0) {
-            lr_warn("pg.poll_failed", "%s %d: uv_poll_start: %s", conn_kind(c), c->id,
-                    uv_strerror(rc));
+            lr_warn("pg.poll_failed", "%s %d: uv_poll_start: %s", conn_kind(c), c->id, uv_strerror(rc));
             return LR_ECONN;
         }
         w->events = events;
@@ -634,12 +632,11 @@ static void conn_fail(pgconn_t *c, const char *why) {
     p->any_failure = true;
     if (!p->closing && !c->warned) {
         c->warned = true;
-        lr_warn("pg.conn_failed", "%s %d (%s): %s%s%s; %zu in flight failed; reconnecting",
-                conn_kind(c), c->id, conn_state_names[c->state], why, msg[0] != '\0' ? ": " : "",
-                msg, committed ? (size_t)0 : lost.n);
+        lr_warn("pg.conn_failed", "%s %d (%s): %s%s%s; %zu in flight failed; reconnecting", conn_kind(c), c->id,
+                conn_state_names[c->state], why, msg[0] != '\0' ? ": " : "", msg, committed ? (size_t)0 : lost.n);
     } else {
-        lr_debug("pg.conn_failed", "%s %d (%s): %s%s%s", conn_kind(c), c->id,
-                 conn_state_names[c->state], why, msg[0] != '\0' ? ": " : "", msg);
+        lr_debug("pg.conn_failed", "%s %d (%s): %s%s%s", conn_kind(c), c->id, conn_state_names[c->state], why,
+                 msg[0] != '\0' ? ": " : "", msg);
     }
     conn_unwatch(c);
     if (c->pg != NULL) {
@@ -683,8 +680,7 @@ static void send_single(pgconn_t *c, pgq_t *q) {
     qlist_push_back(&c->inflight, q);
     p->inflight++;
     set_state(c, CONN_BUSY);
-    if (!PQsendQueryParams(c->pg, q->sql, q->nparams, NULL, (const char *const *)q->params, NULL,
-                           NULL, 0)) {
+    if (!PQsendQueryParams(c->pg, q->sql, q->nparams, NULL, (const char *const *)q->params, NULL, NULL, 0)) {
         /* Not sent (its Sync never left): safe to run elsewhere. */
         qlist_t back;
         qlist_take(&back, &c->inflight);
@@ -701,14 +697,12 @@ static void send_single(pgconn_t *c, pgq_t *q) {
 /* Queues BEGIN and the batch's statements in pipeline mode; false when
  * libpq refused (the connection is broken). */
 static bool pipeline_begin(pgconn_t *c) {
-    if (!PQenterPipelineMode(c->pg) ||
-        !PQsendQueryParams(c->pg, "BEGIN", 0, NULL, NULL, NULL, NULL, 0)) {
+    if (!PQenterPipelineMode(c->pg) || !PQsendQueryParams(c->pg, "BEGIN", 0, NULL, NULL, NULL, NULL, 0)) {
         return false;
     }
     lr_list_foreach(it, &c->inflight.head) {
         const pgq_t *q = lr_list_entry(it, pgq_t, link);
-        if (!PQsendQueryParams(c->pg, q->sql, q->nparams, NULL, (const char *const *)q->params,
-                               NULL, NULL, 0)) {
+        if (!PQsendQueryParams(c->pg, q->sql, q->nparams, NULL, (const char *const *)q->params, NULL, NULL, 0)) {
             return false;
         }
     }
@@ -748,8 +742,8 @@ static void send_batch(pgconn_t *c) {
         return;
     }
     /* From here on COMMIT may reach the server: failures are LR_ECONN. */
-    if (!PQsendQueryParams(c->pg, "COMMIT", 0, NULL, NULL, NULL, NULL, 0) ||
-        !PQpipelineSync(c->pg) || conn_flush(c) < 0) {
+    if (!PQsendQueryParams(c->pg, "COMMIT", 0, NULL, NULL, NULL, NULL, 0) || !PQpipelineSync(c->pg) ||
+        conn_flush(c) < 0) {
         conn_fail(c, "send failed");
     }
 }
@@ -825,8 +819,7 @@ static void conn_read_single(pgconn_t *c) {
         }
         if (result_is_copy(res)) {
             PQclear(res);
-            lr_warn("pg.copy_unsupported",
-                    "conn %d: COPY is not supported; dropping the connection", c->id);
+            lr_warn("pg.copy_unsupported", "conn %d: COPY is not supported; dropping the connection", c->id);
             conn_fail(c, "COPY is not supported");
             return;
         }
@@ -925,8 +918,7 @@ static void conn_read_batch(pgconn_t *c) {
     /* Rolled back: nothing of it happened.  Re-run each statement alone so
      * that only a bad one fails. */
     p->stats.batch_retries++;
-    lr_debug("pg.batch_retry", "conn %d: group commit of %zu rolled back; re-running alone", c->id,
-             done.n);
+    lr_debug("pg.batch_retry", "conn %d: group commit of %zu rolled back; re-running alone", c->id, done.n);
     lr_list_foreach(it, &done.head) {
         pgq_t *q = lr_list_entry(it, pgq_t, link);
         PQclear(q->res);
@@ -1146,8 +1138,8 @@ static void on_poll(uv_poll_t *h, int status, int events) {
         if (c->poll_errors >= PG_MAX_POLL_ERRORS) {
             conn_fail(c, "socket error");
         } else if (w->events == 0) {
-            lr_debug("pg.poll_rearm", "%s %d (%s): still connected after a poll error",
-                     conn_kind(c), c->id, conn_state_names[c->state]);
+            lr_debug("pg.poll_rearm", "%s %d (%s): still connected after a poll error", conn_kind(c), c->id,
+                     conn_state_names[c->state]);
             if (conn_watch(c, c->want) < 0) {
                 conn_fail(c, "cannot watch the socket");
             }
@@ -1187,10 +1179,8 @@ static void on_tick(uv_timer_t *t) {
     /* One line per PG_WARN_EVERY_MS at most: an outage expires a few
      * queries on every tick. */
     p->timeouts_unlogged += expired.n;
-    if (p->timeouts_unlogged > 0 &&
-        (p->timeout_logged_at == 0 || now - p->timeout_logged_at >= PG_WARN_EVERY_MS)) {
-        lr_warn("pg.queue_timeout",
-                "%zu queries waited longer than their timeout (%d of %d connections usable)",
+    if (p->timeouts_unlogged > 0 && (p->timeout_logged_at == 0 || now - p->timeout_logged_at >= PG_WARN_EVERY_MS)) {
+        lr_warn("pg.queue_timeout", "%zu queries waited longer than their timeout (%d of %d connections usable)",
                 p->timeouts_unlogged, lr_pg_pool_usable(p), p->size);
         p->timeouts_unlogged = 0;
         p->timeout_logged_at = now;
@@ -1237,8 +1227,7 @@ static void conn_setup(lr_pg_pool_t *p, pgconn_t *c, int id) {
     p->open_handles++;
 }
 
-int lr_pg_pool_init(lr_pg_pool_t **out, uv_loop_t *loop, const lr_pg_opts_t *opts, char *errbuf,
-                    size_t errlen) {
+int lr_pg_pool_init(lr_pg_pool_t **out, uv_loop_t *loop, const lr_pg_opts_t *opts, char *errbuf, size_t errlen) {
     lr_pg_pool_t *p = NULL;
     PQconninfoOption *parsed = NULL;
     char *perr = NULL;
@@ -1250,13 +1239,11 @@ int lr_pg_pool_init(lr_pg_pool_t **out, uv_loop_t *loop, const lr_pg_opts_t *opt
     }
     *out = NULL;
     if (opts->size < 0 || opts->size > PG_MAX_SIZE) {
-        return lr_seterr(errbuf, errlen, LR_EINVAL,
-                         "pg: size %d is out of range (0 = default %d, or 1..%d)", opts->size,
-                         PG_DEFAULT_SIZE, PG_MAX_SIZE);
+        return lr_seterr(errbuf, errlen, LR_EINVAL, "pg: size %d is out of range (0 = default %d, or 1..%d)",
+                         opts->size, PG_DEFAULT_SIZE, PG_MAX_SIZE);
     }
     if (opts->max_batch < 0 || opts->max_batch > PG_MAX_BATCH) {
-        return lr_seterr(errbuf, errlen, LR_EINVAL,
-                         "pg: max_batch %d is out of range (0 = default %d, or 1..%d)",
+        return lr_seterr(errbuf, errlen, LR_EINVAL, "pg: max_batch %d is out of range (0 = default %d, or 1..%d)",
                          opts->max_batch, PG_DEFAULT_BATCH, PG_MAX_BATCH);
     }
     conninfo = opts->conninfo != NULL ? opts->conninfo : "";
@@ -1264,8 +1251,7 @@ int lr_pg_pool_init(lr_pg_pool_t **out, uv_loop_t *loop, const lr_pg_opts_t *opt
     if (parsed == NULL) {
         char msg[256];
         mask_quoted(msg, sizeof(msg), perr != NULL ? perr : "out of memory");
-        rc = lr_seterr(errbuf, errlen, perr != NULL ? LR_EINVAL : LR_ENOMEM,
-                       "pg: invalid conninfo: %s", msg);
+        rc = lr_seterr(errbuf, errlen, perr != NULL ? LR_EINVAL : LR_ENOMEM, "pg: invalid conninfo: %s", msg);
         goto out;
     }
     p = calloc(1, sizeof(*p));
@@ -1287,8 +1273,7 @@ int lr_pg_pool_init(lr_pg_pool_t **out, uv_loop_t *loop, const lr_pg_opts_t *opt
     p->conninfo = strdup(conninfo);
     p->appname = opts->application_name != NULL ? strdup(opts->application_name) : NULL;
     p->conns = calloc((size_t)p->size, sizeof(*p->conns));
-    if (p->conninfo == NULL || p->conns == NULL ||
-        (opts->application_name != NULL && p->appname == NULL)) {
+    if (p->conninfo == NULL || p->conns == NULL || (opts->application_name != NULL && p->appname == NULL)) {
         rc = lr_seterr(errbuf, errlen, LR_ENOMEM, "pg: out of memory");
         goto out;
     }
@@ -1320,8 +1305,8 @@ out:
     return rc;
 }
 
-static int enqueue(lr_pg_pool_t *p, const char *sql, int nparams, const char *const *params,
-                   long timeout_ms, lr_pg_cb cb, void *arg, bool batched) {
+static int enqueue(lr_pg_pool_t *p, const char *sql, int nparams, const char *const *params, long timeout_ms,
+                   lr_pg_cb cb, void *arg, bool batched) {
     size_t need, sqllen;
     pgq_t *q;
     char *s;
@@ -1383,13 +1368,13 @@ static int enqueue(lr_pg_pool_t *p, const char *sql, int nparams, const char *co
     return 0;
 }
 
-int lr_pg_query(lr_pg_pool_t *p, const char *sql, int nparams, const char *const *params,
-                long timeout_ms, lr_pg_cb cb, void *arg) {
+int lr_pg_query(lr_pg_pool_t *p, const char *sql, int nparams, const char *const *params, long timeout_ms, lr_pg_cb cb,
+                void *arg) {
     return enqueue(p, sql, nparams, params, timeout_ms, cb, arg, false);
 }
 
-int lr_pg_query_batched(lr_pg_pool_t *p, const char *sql, int nparams, const char *const *params,
-                        long timeout_ms, lr_pg_cb cb, void *arg) {
+int lr_pg_query_batched(lr_pg_pool_t *p, const char *sql, int nparams, const char *const *params, long timeout_ms,
+                        lr_pg_cb cb, void *arg) {
     return enqueue(p, sql, nparams, params, timeout_ms, cb, arg, true);
 }
 
@@ -1433,9 +1418,7 @@ int lr_pg_pool_usable(const lr_pg_pool_t *p) {
     return n;
 }
 
-size_t lr_pg_pool_pending(const lr_pg_pool_t *p) {
-    return p == NULL ? 0 : p->plain.n + p->batch.n + p->inflight;
-}
+size_t lr_pg_pool_pending(const lr_pg_pool_t *p) { return p == NULL ? 0 : p->plain.n + p->batch.n + p->inflight; }
 
 void lr_pg_pool_stats(const lr_pg_pool_t *p, lr_pg_stats_t *out) {
     if (out == NULL) {
@@ -1463,8 +1446,7 @@ void lr_pg_pool_close(lr_pg_pool_t *p, void (*done)(void *arg), void *arg) {
     p->closing = true;
     p->done = done;
     p->done_arg = arg;
-    lr_debug("pg.closing", "closing: %zu queued fail, %zu in flight finish",
-             p->plain.n + p->batch.n, p->inflight);
+    lr_debug("pg.closing", "closing: %zu queued fail, %zu in flight finish", p->plain.n + p->batch.n, p->inflight);
     uv_close((uv_handle_t *)&p->tick, on_pool_handle_close);
     uv_close((uv_handle_t *)&p->kick, on_pool_handle_close);
     /* Connections without a query in flight go now; busy ones when their

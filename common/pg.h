@@ -64,12 +64,12 @@ typedef void (*lr_pg_notify_cb)(const char *channel, const char *payload, void *
 typedef void (*lr_pg_state_cb)(int usable_connections, void *arg);
 
 typedef struct lr_pg_opts {
-    const char *conninfo;      /* libpq conninfo or URI; "" = libpq's PG* defaults */
-    int size;                  /* connections, 1..64; default 4 */
-    int max_batch;             /* max statements per group commit, default 64 */
-    size_t max_queue;          /* max queued queries, default 100000 */
+    const char *conninfo;         /* libpq conninfo or URI; "" = libpq's PG* defaults */
+    int size;                     /* connections, 1..64; default 4 */
+    int max_batch;                /* max statements per group commit, default 64 */
+    size_t max_queue;             /* max queued queries, default 100000 */
     const char *application_name; /* e.g. "longrun-worker" */
-    lr_pg_state_cb on_state;   /* optional */
+    lr_pg_state_cb on_state;      /* optional */
     void *state_arg;
 } lr_pg_opts_t;
 
@@ -84,12 +84,12 @@ int lr_pg_pool_init(lr_pg_pool_t **out, uv_loop_t *loop, const lr_pg_opts_t *opt
  * (0 = forever).  Returns 0 (cb will run later, never inside this call),
  * LR_EINVAL, LR_ENOMEM, LR_EBUSY (queue full), LR_ESHUTDOWN; on error cb never
  * runs. */
-int lr_pg_query(lr_pg_pool_t *p, const char *sql, int nparams, const char *const *params,
-                long timeout_ms, lr_pg_cb cb, void *arg) LR_MUSTCHECK;
+int lr_pg_query(lr_pg_pool_t *p, const char *sql, int nparams, const char *const *params, long timeout_ms, lr_pg_cb cb,
+                void *arg) LR_MUSTCHECK;
 
 /* Same, but may be group-committed with other batched statements (above). */
-int lr_pg_query_batched(lr_pg_pool_t *p, const char *sql, int nparams, const char *const *params,
-                        long timeout_ms, lr_pg_cb cb, void *arg) LR_MUSTCHECK;
+int lr_pg_query_batched(lr_pg_pool_t *p, const char *sql, int nparams, const char *const *params, long timeout_ms,
+                        lr_pg_cb cb, void *arg) LR_MUSTCHECK;
 
 /* LISTENs on channel on a dedicated connection (re-LISTENed after every
  * reconnect; after a reconnect cb is called once with payload NULL so that
@@ -107,17 +107,17 @@ size_t lr_pg_pool_pending(const lr_pg_pool_t *p);
 
 /* Counters since lr_pg_pool_init (for tests and health output). */
 typedef struct lr_pg_stats {
-    uint64_t ok;             /* callbacks run with err == 0 */
-    uint64_t err_db;         /* ... with LR_EDB */
-    uint64_t err_conn;       /* ... with LR_ECONN */
-    uint64_t err_timeout;    /* ... with LR_ETIMEOUT */
-    uint64_t err_shutdown;   /* ... with LR_ESHUTDOWN */
-    uint64_t batches;        /* group commits sent (>= 2 statements in one transaction) */
-    uint64_t batched_stmts;  /* statements sent inside those group commits */
-    uint64_t batch_max;      /* largest group commit sent */
-    uint64_t batch_retries;  /* group commits rolled back and re-run statement by statement */
-    uint64_t connects;       /* connections established (pool and LISTEN) */
-    uint64_t conn_failures;  /* connection attempts or live connections that failed */
+    uint64_t ok;            /* callbacks run with err == 0 */
+    uint64_t err_db;        /* ... with LR_EDB */
+    uint64_t err_conn;      /* ... with LR_ECONN */
+    uint64_t err_timeout;   /* ... with LR_ETIMEOUT */
+    uint64_t err_shutdown;  /* ... with LR_ESHUTDOWN */
+    uint64_t batches;       /* group commits sent (>= 2 statements in one transaction) */
+    uint64_t batched_stmts; /* statements sent inside those group commits */
+    uint64_t batch_max;     /* largest group commit sent */
+    uint64_t batch_retries; /* group commits rolled back and re-run statement by statement */
+    uint64_t connects;      /* connections established (pool and LISTEN) */
+    uint64_t conn_failures; /* connection attempts or live connections that failed */
 } lr_pg_stats_t;
 
 /* Copies the counters into *out.  Loop thread only. */

@@ -14,11 +14,8 @@ static const struct budget_def {
     double min, max;
     bool integer;
 } budget_defs[] = {
-    {"max_steps", 1, 10000, true},
-    {"max_tool_calls", 0, 100000, true},
-    {"max_tokens", 1, 1e9, true},
-    {"max_cost_usd", 0, 100000, false},
-    {"max_seconds", 1, 2592000, true},
+    {"max_steps", 1, 10000, true},      {"max_tool_calls", 0, 100000, true}, {"max_tokens", 1, 1e9, true},
+    {"max_cost_usd", 0, 100000, false}, {"max_seconds", 1, 2592000, true},
 };
 
 void lr_budgets_init(lr_budgets_t *b) {
@@ -36,12 +33,11 @@ int lr_budget_set(lr_budgets_t *b, const char *name, double v, char *errbuf, siz
             continue;
         }
         if (!isfinite(v) || v < d->min || v > d->max) {
-            return lr_seterr(errbuf, errlen, LR_EINVAL, "budgets.%s: %g is out of range [%g, %g]",
-                             name, v, d->min, d->max);
+            return lr_seterr(errbuf, errlen, LR_EINVAL, "budgets.%s: %g is out of range [%g, %g]", name, v, d->min,
+                             d->max);
         }
         if (d->integer && v != floor(v)) {
-            return lr_seterr(errbuf, errlen, LR_EINVAL, "budgets.%s: must be an integer, got %g",
-                             name, v);
+            return lr_seterr(errbuf, errlen, LR_EINVAL, "budgets.%s: must be an integer, got %g", name, v);
         }
         switch (i) {
         case 0: b->max_steps = (long)v; break;
@@ -107,10 +103,8 @@ int lr_uuid_v4(char out[LR_UUID_LEN + 1]) {
     }
     b[6] = (unsigned char)((b[6] & 0x0f) | 0x40);
     b[8] = (unsigned char)((b[8] & 0x3f) | 0x80);
-    snprintf(out, LR_UUID_LEN + 1,
-             "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", b[0], b[1],
-             b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14],
-             b[15]);
+    snprintf(out, LR_UUID_LEN + 1, "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", b[0], b[1],
+             b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]);
     return 0;
 }
 
@@ -147,8 +141,8 @@ bool lr_rfc3339_valid(const char *s) {
         return false;
     }
     if (!digits(s, 4) || s[4] != '-' || !digits(s + 5, 2) || s[7] != '-' || !digits(s + 8, 2) ||
-        (s[10] != 'T' && s[10] != 't' && s[10] != ' ') || !digits(s + 11, 2) || s[13] != ':' ||
-        !digits(s + 14, 2) || s[16] != ':' || !digits(s + 17, 2)) {
+        (s[10] != 'T' && s[10] != 't' && s[10] != ' ') || !digits(s + 11, 2) || s[13] != ':' || !digits(s + 14, 2) ||
+        s[16] != ':' || !digits(s + 17, 2)) {
         return false;
     }
     p = s + 19;
@@ -164,8 +158,7 @@ bool lr_rfc3339_valid(const char *s) {
     if ((*p == 'Z' || *p == 'z') && p[1] == '\0') {
         return true;
     }
-    return (*p == '+' || *p == '-') && digits(p + 1, 2) && p[3] == ':' && digits(p + 4, 2) &&
-           p[6] == '\0';
+    return (*p == '+' || *p == '-') && digits(p + 1, 2) && p[3] == ':' && digits(p + 4, 2) && p[6] == '\0';
 }
 
 static int json_depth(const cJSON *j) {
@@ -193,8 +186,7 @@ typedef struct parse {
  * empty, and no \u0000.  Returns 0 or the error (errbuf set). */
 static int check_bytes(const parse_t *p, const char *body, size_t len) {
     if (len > LR_TASK_MAX_BODY) {
-        return lr_seterr(p->errbuf, p->errlen, LR_ETOOBIG,
-                         "message body is %zu bytes, over the limit of %d bytes", len,
+        return lr_seterr(p->errbuf, p->errlen, LR_ETOOBIG, "message body is %zu bytes, over the limit of %d bytes", len,
                          LR_TASK_MAX_BODY);
     }
     if (len == 0) {
@@ -286,8 +278,7 @@ static int check_budgets(const parse_t *p, const cJSON *f) {
 }
 
 static int check_max_attempts(const parse_t *p, const cJSON *f) {
-    if (!cJSON_IsNumber(f) || f->valuedouble != floor(f->valuedouble) || f->valuedouble < 1 ||
-        f->valuedouble > 100) {
+    if (!cJSON_IsNumber(f) || f->valuedouble != floor(f->valuedouble) || f->valuedouble < 1 || f->valuedouble > 100) {
         return lr_seterr(p->errbuf, p->errlen, LR_EINVAL, "max_attempts: must be an integer in [1, 100]");
     }
     p->out->max_attempts = (int)f->valuedouble;
@@ -351,14 +342,10 @@ static int check_callback_url(const parse_t *p, const cJSON *f) {
 }
 
 static const task_field_t task_fields[] = {
-    {"agent", true, check_agent},
-    {"input", true, check_input},
-    {"budgets", false, check_budgets},
-    {"max_attempts", false, check_max_attempts},
-    {"deadline", false, check_deadline},
-    {"tenant", false, check_tenant},
-    {"metadata", false, check_metadata},
-    {"callback_url", false, check_callback_url},
+    {"agent", true, check_agent},        {"input", true, check_input},
+    {"budgets", false, check_budgets},   {"max_attempts", false, check_max_attempts},
+    {"deadline", false, check_deadline}, {"tenant", false, check_tenant},
+    {"metadata", false, check_metadata}, {"callback_url", false, check_callback_url},
 };
 static const size_t task_fields_count = sizeof(task_fields) / sizeof(task_fields[0]);
 
@@ -409,13 +396,12 @@ int lr_task_parse(const char *body, size_t len, lr_task_msg_t *out, char *errbuf
     root = cJSON_ParseWithLengthOpts(body, len, &end, false);
     if (root == NULL) {
         size_t off = (end != NULL && end >= body) ? (size_t)(end - body) : 0;
-        return lr_seterr(errbuf, errlen, LR_EPARSE, "message body is not valid JSON (error near byte %zu)",
-                         off);
+        return lr_seterr(errbuf, errlen, LR_EPARSE, "message body is not valid JSON (error near byte %zu)", off);
     }
     used = end != NULL ? value_end(body, len, end) : len;
     if (used < len) { /* a NUL byte is trailing data too */
-        rc = lr_seterr(errbuf, errlen, LR_EPARSE,
-                       "message body has trailing data after the JSON value (byte %zu)", used);
+        rc = lr_seterr(errbuf, errlen, LR_EPARSE, "message body has trailing data after the JSON value (byte %zu)",
+                       used);
         goto out;
     }
     rc = check_tree(&p, root);

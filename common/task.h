@@ -18,9 +18,9 @@
 
 #include "err.h"
 
-#define LR_TASK_MAX_BODY (256 * 1024)   /* bytes of one message body */
-#define LR_TASK_MAX_METADATA 16384      /* bytes of serialized metadata */
-#define LR_TASK_MAX_DEPTH 32            /* JSON nesting depth */
+#define LR_TASK_MAX_BODY (256 * 1024) /* bytes of one message body */
+#define LR_TASK_MAX_METADATA 16384    /* bytes of serialized metadata */
+#define LR_TASK_MAX_DEPTH 32          /* JSON nesting depth */
 #define LR_TASK_MAX_AGENT 64
 #define LR_TASK_MAX_TENANT 64
 #define LR_TASK_MAX_URL 2048
@@ -28,26 +28,26 @@
 
 /* Budget limits of one task; -1 means "not set, use the agent's/operator's". */
 typedef struct lr_budgets {
-    long max_steps;       /* 1 .. 10000 */
-    long max_tool_calls;  /* 0 .. 100000 */
-    long max_tokens;      /* 1 .. 1e9 (input + output) */
-    double max_cost_usd;  /* 0 .. 100000 */
-    long max_seconds;     /* 1 .. 2592000 (30 days) of active time */
+    long max_steps;      /* 1 .. 10000 */
+    long max_tool_calls; /* 0 .. 100000 */
+    long max_tokens;     /* 1 .. 1e9 (input + output) */
+    double max_cost_usd; /* 0 .. 100000 */
+    long max_seconds;    /* 1 .. 2592000 (30 days) of active time */
 } lr_budgets_t;
 
 typedef struct lr_task_msg {
-    bool continuation;             /* body held only an id */
+    bool continuation; /* body held only an id */
     bool has_id;
-    char id[LR_UUID_LEN + 1];      /* lowercase canonical uuid when has_id */
-    const char *agent;             /* borrowed from root */
-    const cJSON *input;            /* borrowed from root; NULL for continuations */
+    char id[LR_UUID_LEN + 1]; /* lowercase canonical uuid when has_id */
+    const char *agent;        /* borrowed from root */
+    const cJSON *input;       /* borrowed from root; NULL for continuations */
     lr_budgets_t budgets;
-    int max_attempts;              /* -1 when absent */
-    const char *deadline;          /* borrowed; RFC 3339 text or NULL */
-    const char *tenant;            /* borrowed or NULL */
-    const cJSON *metadata;         /* borrowed or NULL */
-    const char *callback_url;      /* borrowed or NULL */
-    cJSON *root;                   /* owned: free with lr_task_msg_free */
+    int max_attempts;         /* -1 when absent */
+    const char *deadline;     /* borrowed; RFC 3339 text or NULL */
+    const char *tenant;       /* borrowed or NULL */
+    const cJSON *metadata;    /* borrowed or NULL */
+    const char *callback_url; /* borrowed or NULL */
+    cJSON *root;              /* owned: free with lr_task_msg_free */
 } lr_task_msg_t;
 
 /* Parses and validates a message body.  On success returns 0 and out owns the
@@ -55,8 +55,7 @@ typedef struct lr_task_msg {
  * JSON), LR_ETOOBIG (body, metadata or depth over its limit) or LR_EINVAL
  * (schema violation), with a precise message in errbuf naming the field, and
  * out holds nothing to free. */
-int lr_task_parse(const char *body, size_t len, lr_task_msg_t *out, char *errbuf,
-                  size_t errlen) LR_MUSTCHECK;
+int lr_task_parse(const char *body, size_t len, lr_task_msg_t *out, char *errbuf, size_t errlen) LR_MUSTCHECK;
 void lr_task_msg_free(lr_task_msg_t *m);
 
 /* The outcome message of a task that ended (docs/task-contract.md,
@@ -75,9 +74,9 @@ char *lr_outcome_json(const char *id, const char *status, const char *result_jso
  * reason reply_to_refused, the task's status as from and to, detail
  * {"reply_to", "error"}.  $1 task id, $2 actor, $3 reply_to, $4 the reason.
  * Written by the worker, the scheduler and `longrun cancel`. */
-#define LR_SQL_REPLY_REFUSED                                                                     \
-    "INSERT INTO task_events (task_id, from_status, to_status, reason, actor, detail)"          \
-    " SELECT id, status, status, 'reply_to_refused', $2,"                                       \
+#define LR_SQL_REPLY_REFUSED                                                           \
+    "INSERT INTO task_events (task_id, from_status, to_status, reason, actor, detail)" \
+    " SELECT id, status, status, 'reply_to_refused', $2,"                              \
     "  jsonb_build_object('reply_to', $3::text, 'error', $4::text) FROM tasks WHERE id = $1::uuid"
 
 /* The budgets object as JSON text with only the fields that are set

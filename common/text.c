@@ -36,7 +36,6 @@ char *lr_utf8_clean(const char *s, size_t n, size_t max, bool *cut) {
     return out;
 }
 
-
 size_t lr_utf8_seq_len(const unsigned char *s, size_t n) {
     size_t k;
     if (n == 0) {

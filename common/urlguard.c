@@ -44,7 +44,7 @@ typedef struct rule {
     bool sub;                /* "*.host": any subdomain of host, not host itself */
     bool ip;                 /* host is an IP literal (nets[0] is that address) */
     long port;
-    char *path;              /* normalised prefix ("/" = any) */
+    char *path; /* normalised prefix ("/" = any) */
     net_t nets[LR_URLGUARD_MAX_NETS];
     int nnets;
 } rule_t;
@@ -54,7 +54,7 @@ struct lr_urlguard {
     int nrules;
     net_t nets[MAX_EGRESS_NETS]; /* the egress list */
     int nnets;
-    unsigned allowed;            /* classes allowed unlisted (1u << reason) */
+    unsigned allowed; /* classes allowed unlisted (1u << reason) */
 };
 
 /* A parsed URL, normalised. */
@@ -84,8 +84,10 @@ typedef struct range {
     enum lr_urlguard_reason cls;
 } range_t;
 
-#define V4(b0, b1, b2, b3, n, c) {{4, {b0, b1, b2, b3}, n}, c}
-#define V6(n, c, ...) {{6, {__VA_ARGS__}, n}, c}
+#define V4(b0, b1, b2, b3, n, c) \
+    { {4, {b0, b1, b2, b3}, n}, c }
+#define V6(n, c, ...) \
+    { {6, {__VA_ARGS__}, n}, c }
 
 /* First match wins: the single metadata addresses come before the ranges
  * that hold them. */
@@ -100,22 +102,22 @@ static const range_t ranges[] = {
     V4(169, 254, 170, 2, 32, LR_UG_METADATA),   /* AWS ECS task metadata */
     V4(169, 254, 0, 0, 16, LR_UG_LINK_LOCAL),
     V4(172, 16, 0, 0, 12, LR_UG_PRIVATE),
-    V4(192, 0, 0, 192, 32, LR_UG_METADATA),     /* Oracle Cloud */
+    V4(192, 0, 0, 192, 32, LR_UG_METADATA), /* Oracle Cloud */
     V4(192, 0, 0, 0, 24, LR_UG_RESERVED),
     V4(192, 168, 0, 0, 16, LR_UG_PRIVATE),
     V4(198, 18, 0, 0, 15, LR_UG_RESERVED),
-    V4(224, 0, 0, 0, 4, LR_UG_RESERVED),        /* multicast */
-    V4(240, 0, 0, 0, 4, LR_UG_RESERVED),        /* and 255.255.255.255 */
+    V4(224, 0, 0, 0, 4, LR_UG_RESERVED), /* multicast */
+    V4(240, 0, 0, 0, 4, LR_UG_RESERVED), /* and 255.255.255.255 */
     V6(128, LR_UG_UNSPECIFIED, 0),
     V6(128, LR_UG_LOOPBACK, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1),
-    V6(96, LR_UG_RESERVED, 0),                  /* IPv4-compatible (deprecated) */
+    V6(96, LR_UG_RESERVED, 0),                                  /* IPv4-compatible (deprecated) */
     V6(48, LR_UG_RESERVED, 0x00, 0x64, 0xff, 0x9b, 0x00, 0x01), /* local-use NAT64 */
-    V6(64, LR_UG_RESERVED, 0x01, 0x00),         /* discard */
+    V6(64, LR_UG_RESERVED, 0x01, 0x00),                         /* discard */
     V6(128, LR_UG_METADATA, 0xfd, 0x00, 0x0e, 0xc2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x02, 0x54), /* AWS */
     V6(7, LR_UG_UNIQUE_LOCAL, 0xfc),
     V6(10, LR_UG_LINK_LOCAL, 0xfe, 0x80),
-    V6(10, LR_UG_PRIVATE, 0xfe, 0xc0),          /* site-local (deprecated) */
-    V6(8, LR_UG_RESERVED, 0xff),                /* multicast */
+    V6(10, LR_UG_PRIVATE, 0xfe, 0xc0), /* site-local (deprecated) */
+    V6(8, LR_UG_RESERVED, 0xff),       /* multicast */
 };
 
 /* The first 12 bytes of an IPv4-mapped IPv6 address (::ffff:a.b.c.d). */
@@ -502,8 +504,7 @@ out:
 static bool host_matches(const rule_t *r, const parsed_t *c) {
     size_t hl, rl;
     if (r->ip || c->ip) {
-        return r->ip && c->ip && c->addr.family == r->nets[0].family &&
-               net_has(&r->nets[0], c->addr.family, c->addr.a);
+        return r->ip && c->ip && c->addr.family == r->nets[0].family && net_has(&r->nets[0], c->addr.family, c->addr.a);
     }
     if (!r->sub) {
         return strcmp(c->host, r->host) == 0;
@@ -583,9 +584,7 @@ void lr_urlguard_loggable(const char *url, char *buf, size_t buflen) {
 
 /* ---- parsing the rules -------------------------------------------------- */
 
-static bool is_space(char c) {
-    return c == ' ' || c == '\t' || c == '\n' || c == '\r';
-}
+static bool is_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
 
 /* One rule: text[0..len), trimmed, not empty. */
 static int parse_rule(rule_t *r, const char *text, size_t len, char *errbuf, size_t errlen) {
@@ -599,8 +598,7 @@ static int parse_rule(rule_t *r, const char *text, size_t len, char *errbuf, siz
         ulen++;
     }
     if (ulen > LR_URLGUARD_MAX_URL) {
-        return lr_seterr(errbuf, errlen, LR_ECONFIG, "rule %.40s...: longer than %d bytes", text,
-                         LR_URLGUARD_MAX_URL);
+        return lr_seterr(errbuf, errlen, LR_ECONFIG, "rule %.40s...: longer than %d bytes", text, LR_URLGUARD_MAX_URL);
     }
     memcpy(url, text, ulen);
     url[ulen] = '\0';
@@ -646,9 +644,8 @@ static int parse_rule(rule_t *r, const char *text, size_t len, char *errbuf, siz
                              LR_URLGUARD_MAX_NETS);
         }
         if (!parse_net(text + s, i - s, &r->nets[r->nnets])) {
-            return lr_seterr(errbuf, errlen, LR_ECONFIG,
-                             "rule \"%.*s\": \"%.*s\" is not an IP address or CIDR range", (int)ulen, text,
-                             (int)(i - s < 64 ? i - s : 64), text + s);
+            return lr_seterr(errbuf, errlen, LR_ECONFIG, "rule \"%.*s\": \"%.*s\" is not an IP address or CIDR range",
+                             (int)ulen, text, (int)(i - s < 64 ? i - s : 64), text + s);
         }
         r->nnets++;
     }
@@ -704,8 +701,7 @@ static int add_net(lr_urlguard_t *g, const char *s, size_t n, char *errbuf, size
 }
 
 static int parse_with(lr_urlguard_t **out, const char *text, const char *seps, unsigned allowed,
-                      int (*each)(lr_urlguard_t *, const char *, size_t, char *, size_t), char *errbuf,
-                      size_t errlen) {
+                      int (*each)(lr_urlguard_t *, const char *, size_t, char *, size_t), char *errbuf, size_t errlen) {
     lr_urlguard_t *g;
     int rc = 0;
 

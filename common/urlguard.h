@@ -52,27 +52,27 @@
 #define LR_URLGUARD_MAX_URL 8192
 
 /* Why a URL or an address was refused; names are metric labels. */
-#define LR_URLGUARD_REASONS(X)                                                             \
-    X(OK, "ok")                        /* allowed */                                       \
-    X(BAD_URL, "bad_url")              /* not an http(s) URL libcurl parses, or too long */ \
-    X(USERINFO, "userinfo")            /* user[:password]@ in the authority */             \
-    X(ZONE_ID, "zone_id")              /* an IPv6 zone id (%25eth0) */                     \
-    X(AMBIGUOUS_PATH, "ambiguous_path") /* %2F, %5C, %00 or a backslash in the path */     \
-    X(NOT_ALLOWED, "not_allowed")      /* no rule matches */                               \
-    X(LOOPBACK, "loopback")            /* 127.0.0.0/8, ::1 */                              \
-    X(PRIVATE, "private")              /* 10/8, 172.16/12, 192.168/16, 100.64/10, fec0::/10 */ \
-    X(LINK_LOCAL, "link_local")        /* 169.254/16, fe80::/10 */                         \
-    X(METADATA, "metadata")            /* cloud metadata endpoints */                      \
-    X(UNIQUE_LOCAL, "unique_local")    /* fc00::/7 */                                      \
-    X(UNSPECIFIED, "unspecified")      /* 0.0.0.0/8, :: */                                 \
-    X(RESERVED, "reserved")            /* multicast, 240/4, IPv4-compatible IPv6, ... */   \
-    X(BAD_ADDRESS, "bad_address")      /* not an IPv4 or IPv6 socket address */
+#define LR_URLGUARD_REASONS(X)                                                                  \
+    X(OK, "ok")                         /* allowed */                                           \
+    X(BAD_URL, "bad_url")               /* not an http(s) URL libcurl parses, or too long */    \
+    X(USERINFO, "userinfo")             /* user[:password]@ in the authority */                 \
+    X(ZONE_ID, "zone_id")               /* an IPv6 zone id (%25eth0) */                         \
+    X(AMBIGUOUS_PATH, "ambiguous_path") /* %2F, %5C, %00 or a backslash in the path */          \
+    X(NOT_ALLOWED, "not_allowed")       /* no rule matches */                                   \
+    X(LOOPBACK, "loopback")             /* 127.0.0.0/8, ::1 */                                  \
+    X(PRIVATE, "private")               /* 10/8, 172.16/12, 192.168/16, 100.64/10, fec0::/10 */ \
+    X(LINK_LOCAL, "link_local")         /* 169.254/16, fe80::/10 */                             \
+    X(METADATA, "metadata")             /* cloud metadata endpoints */                          \
+    X(UNIQUE_LOCAL, "unique_local")     /* fc00::/7 */                                          \
+    X(UNSPECIFIED, "unspecified")       /* 0.0.0.0/8, :: */                                     \
+    X(RESERVED, "reserved")             /* multicast, 240/4, IPv4-compatible IPv6, ... */       \
+    X(BAD_ADDRESS, "bad_address")       /* not an IPv4 or IPv6 socket address */
 
 enum lr_urlguard_reason {
 #define LR_UG_ENUM(name, text) LR_UG_##name,
     LR_URLGUARD_REASONS(LR_UG_ENUM)
 #undef LR_UG_ENUM
-    LR_UG_COUNT
+        LR_UG_COUNT
 };
 
 /* The static label of a reason ("loopback"); never NULL. */
@@ -89,8 +89,7 @@ int lr_urlguard_parse(lr_urlguard_t **out, const char *text, char *errbuf, size_
  * white space, which connections may reach although internal.  allowed is
  * a bit mask (1u << LR_UG_LOOPBACK | ...) of classes allowed without being
  * listed.  Returns as lr_urlguard_parse. */
-int lr_urlguard_nets(lr_urlguard_t **out, const char *text, unsigned allowed, char *errbuf,
-                     size_t errlen) LR_MUSTCHECK;
+int lr_urlguard_nets(lr_urlguard_t **out, const char *text, unsigned allowed, char *errbuf, size_t errlen) LR_MUSTCHECK;
 
 void lr_urlguard_free(lr_urlguard_t *g);
 

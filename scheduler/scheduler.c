@@ -51,26 +51,26 @@
 #define LEADER_LOCK_KEY "7283947202"
 
 /* Resume due suspended / retry_wait tasks. $1 batch. */
-#define SQL_RESUME                                                                             \
-    "WITH due AS (SELECT id, status FROM tasks WHERE status IN ('suspended', 'retry_wait')"   \
-    "  AND resume_at <= now() ORDER BY resume_at LIMIT $1 FOR UPDATE SKIP LOCKED),"            \
-    " u AS (UPDATE tasks t SET status = 'queued', resume_at = NULL, published_at = NULL,"      \
-    "  updated_at = now() FROM due WHERE t.id = due.id RETURNING t.id, t.queue, due.status AS old,"\
-    "  t.suspend_reason),"                                                                     \
-    " ev AS (INSERT INTO task_events (task_id, from_status, to_status, reason, actor)"         \
-    "  SELECT id, old, 'queued', CASE WHEN old = 'retry_wait' THEN 'retry_due'"                \
-    "   ELSE 'resumed:' || coalesce(suspend_reason, '?') END, $2 FROM u)"                      \
+#define SQL_RESUME                                                                                  \
+    "WITH due AS (SELECT id, status FROM tasks WHERE status IN ('suspended', 'retry_wait')"         \
+    "  AND resume_at <= now() ORDER BY resume_at LIMIT $1 FOR UPDATE SKIP LOCKED),"                 \
+    " u AS (UPDATE tasks t SET status = 'queued', resume_at = NULL, published_at = NULL,"           \
+    "  updated_at = now() FROM due WHERE t.id = due.id RETURNING t.id, t.queue, due.status AS old," \
+    "  t.suspend_reason),"                                                                          \
+    " ev AS (INSERT INTO task_events (task_id, from_status, to_status, reason, actor)"              \
+    "  SELECT id, old, 'queued', CASE WHEN old = 'retry_wait' THEN 'retry_due'"                     \
+    "   ELSE 'resumed:' || coalesce(suspend_reason, '?') END, $2 FROM u)"                           \
     " SELECT id, queue FROM u"
 
 /* Running tasks whose lease expired: their worker is gone. $1 batch. */
-#define SQL_EXPIRED                                                                            \
-    "WITH due AS (SELECT id FROM tasks WHERE status = 'running' AND lease_expires_at < now()"  \
-    "  ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED),"                            \
+#define SQL_EXPIRED                                                                             \
+    "WITH due AS (SELECT id FROM tasks WHERE status = 'running' AND lease_expires_at < now()"   \
+    "  ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED),"                             \
     " u AS (UPDATE tasks t SET status = 'queued', lease_owner = NULL, lease_expires_at = NULL," \
-    "  published_at = NULL, updated_at = now() FROM due WHERE t.id = due.id"                   \
-    "  RETURNING t.id, t.queue),"                                                              \
-    " ev AS (INSERT INTO task_events (task_id, from_status, to_status, reason, actor)"         \
-    "  SELECT id, 'running', 'queued', 'lease_expired', $2 FROM u)"                            \
+    "  published_at = NULL, updated_at = now() FROM due WHERE t.id = due.id"                    \
+    "  RETURNING t.id, t.queue),"                                                               \
+    " ev AS (INSERT INTO task_events (task_id, from_status, to_status, reason, actor)"          \
+    "  SELECT id, 'running', 'queued', 'lease_expired', $2 FROM u)"                             \
     " SELECT id, queue FROM u"
 
 /* Outbox: queued tasks whose publish was never confirmed, after a grace
@@ -83,14 +83,13 @@
  * runnable) or the broker dead-letters it (ingested below): it is never
  * republished, however long it waits, so a backlog is not multiplied.
  * $1 batch, $2 grace seconds. */
-#define SQL_OUTBOX                                                                             \
-    "SELECT id, queue FROM tasks WHERE status = 'queued' AND published_at IS NULL"             \
-    " AND updated_at < now() - make_interval(secs => $2::int)"                                 \
+#define SQL_OUTBOX                                                                 \
+    "SELECT id, queue FROM tasks WHERE status = 'queued' AND published_at IS NULL" \
+    " AND updated_at < now() - make_interval(secs => $2::int)"                     \
     " ORDER BY updated_at LIMIT $1"
 
 /* Outbox bookkeeping of one publish batch: $1 uuid[] of confirmed tasks. */
-#define SQL_MARK_PUBLISHED                                                                     \
-    "UPDATE tasks SET published_at = now() WHERE id = ANY($1::uuid[]) AND status = 'queued'"
+#define SQL_MARK_PUBLISHED "UPDATE tasks SET published_at = now() WHERE id = ANY($1::uuid[]) AND status = 'queued'"
 
 /* Deadlines of live tasks. $1 batch. */
 #define SQL_DEADLINE                                                                           \
@@ -103,47 +102,47 @@
     "  RETURNING t.*, due.status AS old),"                                                     \
     " ev AS (INSERT INTO task_events (task_id, from_status, to_status, reason, actor)"         \
     "  SELECT id, old, 'dead', 'deadline', $2 FROM u),"                                        \
-    " dl AS (INSERT INTO dead_letters (dedupe_key, task_id, message_id, queue, agent, reason,"  \
+    " dl AS (INSERT INTO dead_letters (dedupe_key, task_id, message_id, queue, agent, reason," \
     "  error, body, source) SELECT 'task:' || id || ':deadline', id, id::text, queue, agent,"  \
     "  'deadline', error, jsonb_build_object('id', id, 'agent', agent, 'input', input),"       \
     "  'scheduler' FROM u ON CONFLICT (dedupe_key) DO NOTHING)"                                \
-    " SELECT id, stop_reason, error, step, tokens_in, tokens_out, cost_usd::float8, reply_to,"  \
+    " SELECT id, stop_reason, error, step, tokens_in, tokens_out, cost_usd::float8, reply_to," \
     "  correlation_id FROM u"
 
 /* Progress-based liveness: a running task whose lease keeps being renewed
  * but that wrote no checkpoint for twice the step timeout is looping or
  * stuck: dead-letter it (no_progress); its worker's next write is fenced out.
  * $1 batch, $2 seconds, $3 actor. */
-#define SQL_NO_PROGRESS                                                                        \
-    "WITH due AS (SELECT id FROM tasks WHERE status = 'running' AND"                           \
+#define SQL_NO_PROGRESS                                                                             \
+    "WITH due AS (SELECT id FROM tasks WHERE status = 'running' AND"                                \
     "  coalesce(last_progress_at, started_at, updated_at) < now() - make_interval(secs => $2::int)" \
-    "  LIMIT $1 FOR UPDATE SKIP LOCKED),"                                                      \
-    " u AS (UPDATE tasks t SET status = 'dead', stop_reason = 'no_progress',"                  \
-    "  error = 'no checkpoint for ' || $2 || ' s while its lease was renewed',"                \
-    "  lease_owner = NULL, lease_expires_at = NULL, finished_at = now(), updated_at = now()"   \
-    "  FROM due WHERE t.id = due.id RETURNING t.*),"                                           \
-    " ev AS (INSERT INTO task_events (task_id, from_status, to_status, reason, actor)"         \
-    "  SELECT id, 'running', 'dead', 'no_progress', $3 FROM u),"                               \
-    " dl AS (INSERT INTO dead_letters (dedupe_key, task_id, message_id, queue, agent, reason,"  \
-    "  error, body, source) SELECT 'task:' || id || ':no_progress:' || lease_epoch, id, id::text," \
-    "  queue, agent, 'no_progress', error, jsonb_build_object('id', id, 'agent', agent,"       \
-    "  'input', input), 'scheduler' FROM u ON CONFLICT (dedupe_key) DO NOTHING)"               \
-    " SELECT id, stop_reason, error, step, tokens_in, tokens_out, cost_usd::float8, reply_to,"  \
+    "  LIMIT $1 FOR UPDATE SKIP LOCKED),"                                                           \
+    " u AS (UPDATE tasks t SET status = 'dead', stop_reason = 'no_progress',"                       \
+    "  error = 'no checkpoint for ' || $2 || ' s while its lease was renewed',"                     \
+    "  lease_owner = NULL, lease_expires_at = NULL, finished_at = now(), updated_at = now()"        \
+    "  FROM due WHERE t.id = due.id RETURNING t.*),"                                                \
+    " ev AS (INSERT INTO task_events (task_id, from_status, to_status, reason, actor)"              \
+    "  SELECT id, 'running', 'dead', 'no_progress', $3 FROM u),"                                    \
+    " dl AS (INSERT INTO dead_letters (dedupe_key, task_id, message_id, queue, agent, reason,"      \
+    "  error, body, source) SELECT 'task:' || id || ':no_progress:' || lease_epoch, id, id::text,"  \
+    "  queue, agent, 'no_progress', error, jsonb_build_object('id', id, 'agent', agent,"            \
+    "  'input', input), 'scheduler' FROM u ON CONFLICT (dedupe_key) DO NOTHING)"                    \
+    " SELECT id, stop_reason, error, step, tokens_in, tokens_out, cost_usd::float8, reply_to,"      \
     "  correlation_id FROM u"
 
 /* Retention: finished tasks (and, by cascade, their steps and events).
  * $1 batch, $2 days. */
-#define SQL_RETENTION                                                                          \
-    "WITH rw AS (DELETE FROM rate_windows WHERE window_start < now() - interval '1 hour'),"    \
-    " dlr AS (DELETE FROM dead_letters WHERE id IN (SELECT id FROM dead_letters WHERE"          \
-    "  created_at < now() - make_interval(days => $2::int) LIMIT $1))"                         \
-    " DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE finished_at <"                 \
+#define SQL_RETENTION                                                                       \
+    "WITH rw AS (DELETE FROM rate_windows WHERE window_start < now() - interval '1 hour')," \
+    " dlr AS (DELETE FROM dead_letters WHERE id IN (SELECT id FROM dead_letters WHERE"      \
+    "  created_at < now() - make_interval(days => $2::int) LIMIT $1))"                      \
+    " DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE finished_at <"              \
     " now() - make_interval(days => $2::int) LIMIT $1)"
 
 /* Dead-letter ingest: one row per message, idempotent on the key.
  * $1 key, $2 message_id, $3 queue, $4 reason, $5 raw hex, $6 headers json,
  * $7 death count, $8 body is json, $9 task id. */
-#define SQL_INGEST                                                                             \
+#define SQL_INGEST \
     "WITH dl AS (INSERT INTO dead_letters (dedupe_key, message_id, queue, reason, error,"      \
     "  raw_body, body, x_death, death_count, source, task_id)"                                 \
     " VALUES ($1, $2, $3, $4, NULL, $5::bytea,"                                                \
@@ -167,16 +166,16 @@ typedef struct sched {
     char id[160];
     /* Components, NULL once the shutdown reached them (lr_daemon_add_*). */
     lr_pg_pool_t *pg;
-    lr_pg_pool_t *lock;     /* one connection: the leader lock's session */
+    lr_pg_pool_t *lock; /* one connection: the leader lock's session */
     lr_amqp_t *amqp;
     uv_timer_t tick;
     uv_timer_t lock_timer;
     bool leader;
     bool lock_pending;
     bool stopping;
-    int sweeps_running;     /* statements in flight in this sweep round */
-    bool sweep_again;       /* a wake-up arrived during a sweep */
-    bool outbox_busy;       /* an outbox batch waits for its confirms and marks */
+    int sweeps_running; /* statements in flight in this sweep round */
+    bool sweep_again;   /* a wake-up arrived during a sweep */
+    bool outbox_busy;   /* an outbox batch waits for its confirms and marks */
     uint64_t last_retention_ms;
     uint64_t resumed, recovered, republished, deadlined, ingested;
     bool amqp_up;
@@ -187,8 +186,8 @@ typedef struct sched {
 } sched_t;
 
 /* Metric families (docs/metrics.md). */
-static lr_metric_t *m_resumes, *m_leader, *m_ingested, *m_deadline, *m_depth, *m_consumers, *m_tasks,
-    *m_suspended, *m_ready, *m_no_progress, *m_stalled;
+static lr_metric_t *m_resumes, *m_leader, *m_ingested, *m_deadline, *m_depth, *m_consumers, *m_tasks, *m_suspended,
+    *m_ready, *m_no_progress, *m_stalled;
 
 static void metrics_init(void) {
     m_resumes = lr_metric_counter("longrun_resumes_total",
@@ -206,7 +205,8 @@ static void metrics_init(void) {
                                       "Running tasks dead-lettered for writing no checkpoint (no_progress).", NULL);
     m_stalled = lr_metric_gauge("longrun_tasks_without_progress",
                                 "Running tasks with no checkpoint for longer than LONGRUN_STEP_TIMEOUT_SECONDS "
-                                "(leader, every 10 s).", NULL);
+                                "(leader, every 10 s).",
+                                NULL);
 }
 
 /* The publishes of one sweep statement's rows.  Their outbox marks are
@@ -214,10 +214,10 @@ static void metrics_init(void) {
  * not per task: this is what bounds the resume rate of a burst). */
 typedef struct pub_batch {
     sched_t *s;
-    int pending;            /* publishes whose confirm has not arrived */
-    int n;                  /* confirmed ids in ids */
-    char *ids;              /* n * 37 bytes */
-    bool outbox;            /* the outbox's batch: clears s->outbox_busy when done */
+    int pending; /* publishes whose confirm has not arrived */
+    int n;       /* confirmed ids in ids */
+    char *ids;   /* n * 37 bytes */
+    bool outbox; /* the outbox's batch: clears s->outbox_busy when done */
 } pub_batch_t;
 
 typedef struct pub {
@@ -420,9 +420,10 @@ static void sweep_cb(int err, const PGresult *res, void *arg) {
             break;
         case OP_NO_PROGRESS:
             if (PQntuples(res) > 0) {
-                lr_warn("scheduler.no_progress", "%d running task(s) wrote no checkpoint for %d s although their "
-                        "leases were renewed: dead-lettered with reason no_progress", PQntuples(res),
-                        2 * s->cfg.step_timeout_seconds);
+                lr_warn("scheduler.no_progress",
+                        "%d running task(s) wrote no checkpoint for %d s although their "
+                        "leases were renewed: dead-lettered with reason no_progress",
+                        PQntuples(res), 2 * s->cfg.step_timeout_seconds);
                 lr_metric_add(m_no_progress, NULL, PQntuples(res));
                 send_outcomes(s, res);
             }
@@ -495,9 +496,7 @@ static void sweep(sched_t *s) {
     }
 }
 
-static void tick_cb(uv_timer_t *t) {
-    sweep(t->data);
-}
+static void tick_cb(uv_timer_t *t) { sweep(t->data); }
 
 static void on_notify(const char *channel, const char *payload, void *arg) {
     (void)channel;
@@ -528,8 +527,7 @@ static void lock_timer_cb(uv_timer_t *t) {
         return;
     }
     s->lock_pending = true;
-    if (lr_pg_query(s->lock, "SELECT pg_try_advisory_lock(" LEADER_LOCK_KEY ")", 0, NULL, 900,
-                    lock_cb, s) != 0) {
+    if (lr_pg_query(s->lock, "SELECT pg_try_advisory_lock(" LEADER_LOCK_KEY ")", 0, NULL, 900, lock_cb, s) != 0) {
         s->lock_pending = false;
     }
 }
@@ -548,7 +546,7 @@ static void on_lock_state(int usable, void *arg) {
 typedef struct ingest {
     sched_t *s;
     lr_amqp_delivery_t *d;
-    bool safe;              /* record only what PostgreSQL surely accepts */
+    bool safe; /* record only what PostgreSQL surely accepts */
 } ingest_t;
 
 static void ingest_send(ingest_t *in);
@@ -582,8 +580,8 @@ static void ingest_cb(int err, const PGresult *res, void *arg) {
 }
 
 /* Reads x-death[0].reason/queue/count and our own x-longrun-* headers. */
-static void dead_info(const lr_amqp_delivery_t *d, char *key, size_t keylen, char *reason,
-                      size_t reasonlen, char *queue, size_t queuelen, long *count) {
+static void dead_info(const lr_amqp_delivery_t *d, char *key, size_t keylen, char *reason, size_t reasonlen,
+                      char *queue, size_t queuelen, long *count) {
     cJSON *h = d->headers_json != NULL ? cJSON_Parse(d->headers_json) : NULL;
     const cJSON *k = cJSON_GetObjectItemCaseSensitive(h, "x-longrun-dead-letter-key");
     const cJSON *r = cJSON_GetObjectItemCaseSensitive(h, "x-longrun-reason");
@@ -596,16 +594,16 @@ static void dead_info(const lr_amqp_delivery_t *d, char *key, size_t keylen, cha
 
     *count = cJSON_IsNumber(xc) ? (long)xc->valuedouble : -1;
     snprintf(reason, reasonlen, "%s",
-             cJSON_IsString(r) ? r->valuestring : cJSON_IsString(xr) ? xr->valuestring : "unknown");
-    snprintf(queue, queuelen, "%s",
-             cJSON_IsString(q) ? q->valuestring : cJSON_IsString(xq) ? xq->valuestring : "");
+             cJSON_IsString(r)    ? r->valuestring
+             : cJSON_IsString(xr) ? xr->valuestring
+                                  : "unknown");
+    snprintf(queue, queuelen, "%s", cJSON_IsString(q) ? q->valuestring : cJSON_IsString(xq) ? xq->valuestring : "");
     if (cJSON_IsString(k)) {
         snprintf(key, keylen, "%s", k->valuestring);
     } else {
         /* A broker-made dead letter (delivery limit, rejection by a foreign
          * consumer, expiry): one row per message and death count. */
-        snprintf(key, keylen, "broker:%s:%s:%ld", d->message_id != NULL ? d->message_id : "none",
-                 reason, *count);
+        snprintf(key, keylen, "broker:%s:%s:%ld", d->message_id != NULL ? d->message_id : "none", reason, *count);
     }
     cJSON_Delete(h);
 }
@@ -685,7 +683,8 @@ static void depth_thread(void *arg) {
         lr_amqp_sync_t *a = NULL;
         if (lr_amqp_sync_connect(&a, s->cfg.amqp_url, 5000, err, sizeof(err)) == 0) {
             char *copy = strdup(queues), *save = NULL;
-            for (char *q = copy != NULL ? strtok_r(copy, ",", &save) : NULL; q != NULL; q = strtok_r(NULL, ",", &save)) {
+            for (char *q = copy != NULL ? strtok_r(copy, ",", &save) : NULL; q != NULL;
+                 q = strtok_r(NULL, ",", &save)) {
                 char name[200];
                 uint32_t msgs = 0, cons = 0;
                 snprintf(name, sizeof(name), "%s%s", LR_AMQP_QUEUE_PREFIX, q);
@@ -803,8 +802,10 @@ static void on_pg_state(int usable, void *arg) {
 static void on_drain(lr_daemon_t *d, const char *why, void *arg) {
     sched_t *s = arg;
     s->stopping = true;
-    lr_info("scheduler.stopping", "%s: stopping (leader lock released with the session); the same signal "
-            "again exits at once", why);
+    lr_info("scheduler.stopping",
+            "%s: stopping (leader lock released with the session); the same signal "
+            "again exits at once",
+            why);
     lr_daemon_shutdown(d);
 }
 
@@ -835,8 +836,7 @@ static int start(sched_t *s) {
     if (lr_daemon_add_handle(s->d, "sweep timer", (uv_handle_t *)&s->tick) != 0 ||
         lr_daemon_add_handle(s->d, "lock timer", (uv_handle_t *)&s->lock_timer) != 0 ||
         lr_daemon_add_pg(s->d, "leader lock", &s->lock) != 0 ||
-        lr_daemon_add_amqp(s->d, "rabbitmq", &s->amqp, 3000) != 0 ||
-        lr_daemon_add_pg(s->d, "postgres", &s->pg) != 0) {
+        lr_daemon_add_amqp(s->d, "rabbitmq", &s->amqp, 3000) != 0 || lr_daemon_add_pg(s->d, "postgres", &s->pg) != 0) {
         lr_error("scheduler.start", "cannot register the components");
         return 1;
     }
@@ -916,9 +916,11 @@ int lr_scheduler_run(const lr_config_t *cfg) {
     }
     rc = start(s);
     if (rc == 0) {
-        lr_info("scheduler.started", "longrun-scheduler %s: sweep every %d ms, batch %d, outbox grace %d s, "
-                "retention %d days", LONGRUN_VERSION, cfg->sweep_interval_ms, cfg->sweep_batch,
-                cfg->outbox_grace_seconds, cfg->retention_days);
+        lr_info("scheduler.started",
+                "longrun-scheduler %s: sweep every %d ms, batch %d, outbox grace %d s, "
+                "retention %d days",
+                LONGRUN_VERSION, cfg->sweep_interval_ms, cfg->sweep_batch, cfg->outbox_grace_seconds,
+                cfg->retention_days);
     } else {
         s->stopping = true;
         lr_daemon_shutdown(s->d); /* close what start() created */
@@ -927,10 +929,11 @@ int lr_scheduler_run(const lr_config_t *cfg) {
         rc = 1;
     }
     if (rc == 0) {
-        lr_info("scheduler.exit", "exiting: resumed %llu, recovered %llu, republished %llu, deadline %llu, "
-                "dead letters ingested %llu", (unsigned long long)s->resumed, (unsigned long long)s->recovered,
-                (unsigned long long)s->republished, (unsigned long long)s->deadlined,
-                (unsigned long long)s->ingested);
+        lr_info("scheduler.exit",
+                "exiting: resumed %llu, recovered %llu, republished %llu, deadline %llu, "
+                "dead letters ingested %llu",
+                (unsigned long long)s->resumed, (unsigned long long)s->recovered, (unsigned long long)s->republished,
+                (unsigned long long)s->deadlined, (unsigned long long)s->ingested);
     }
     if (s->depth_started) {
         atomic_store(&s->depth_stop, 1);

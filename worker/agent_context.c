@@ -58,7 +58,8 @@ static cJSON *apply_window(const cJSON *conv, int n) {
         return cJSON_Duplicate(conv, true);
     }
     while (start < total) {
-        const char *role = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(cJSON_GetArrayItem(conv, start), "role"));
+        const char *role =
+            cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(cJSON_GetArrayItem(conv, start), "role"));
         if (role != NULL && strcmp(role, "tool") != 0) {
             break;
         }
@@ -80,9 +81,7 @@ const char lr_agent_summary_system[] =
     "count), decisions made, and what remains open.  Plain text, at most 400 words.";
 #define SUMMARY_PIECE_MAX 4000
 
-static const char *role_of(const cJSON *m) {
-    return cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(m, "role"));
-}
+static const char *role_of(const cJSON *m) { return cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(m, "role")); }
 
 /* The last summary message of conv (NULL if none) and where it applies. */
 static const cJSON *last_summary(const cJSON *conv, int *covers, int *turns) {
@@ -251,7 +250,8 @@ cJSON *lr_agent_summary_request(const agent_state_t *st) {
             char head[160];
             snprintf(head, sizeof(head), "tool %s returned: ",
                      cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(m, "name")) != NULL
-                         ? cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(m, "name")) : "?");
+                         ? cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(m, "name"))
+                         : "?");
             append_piece(&buf, &len, &cap, head, cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(m, "content")));
             continue;
         }
@@ -263,8 +263,10 @@ cJSON *lr_agent_summary_request(const agent_state_t *st) {
             char head[160];
             snprintf(head, sizeof(head), "assistant called %s with ",
                      cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(c, "name")) != NULL
-                         ? cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(c, "name")) : "?");
-            append_piece(&buf, &len, &cap, head, cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(c, "arguments")));
+                         ? cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(c, "name"))
+                         : "?");
+            append_piece(&buf, &len, &cap, head,
+                         cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(c, "arguments")));
         }
     }
     if (buf == NULL) {

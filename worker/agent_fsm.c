@@ -17,8 +17,8 @@
 #define TO(s) (1u << (s))
 
 static const unsigned moves[LR_AGENT_NSTATES] = {
-    [LR_AGENT_IDLE] = TO(LR_AGENT_PREPARING)   /* a step starts */
-                      | TO(LR_AGENT_RELEASED), /* the run is freed */
+    [LR_AGENT_IDLE] = TO(LR_AGENT_PREPARING)        /* a step starts */
+                      | TO(LR_AGENT_RELEASED),      /* the run is freed */
     [LR_AGENT_PREPARING] = TO(LR_AGENT_RESERVING)   /* the model or tenant has a rate limit */
                            | TO(LR_AGENT_GATE_WAIT) /* the endpoint's gate is full */
                            | TO(LR_AGENT_CALLING)   /* a slot at once, or no gate */
@@ -29,19 +29,19 @@ static const unsigned moves[LR_AGENT_NSTATES] = {
                            | TO(LR_AGENT_RATE_WAIT) /* over the limit: wait for the next minute */
                            | TO(LR_AGENT_IDLE),     /* over the limit and the wait is long:
                                                        suspend; or cancelled */
-    [LR_AGENT_RATE_WAIT] = TO(LR_AGENT_PREPARING) /* the next window opened */
-                           | TO(LR_AGENT_IDLE),   /* cancelled */
-    [LR_AGENT_GATE_WAIT] = TO(LR_AGENT_CALLING) /* a slot was granted */
-                           | TO(LR_AGENT_IDLE), /* no slot in time: suspend; or cancelled */
-    [LR_AGENT_CALLING] = TO(LR_AGENT_PREPARING) /* failed over to the next model */
-                         | TO(LR_AGENT_BACKOFF) /* a retryable failure: try again later */
-                         | TO(LR_AGENT_TOOLS)   /* the model asked for tools */
-                         | TO(LR_AGENT_IDLE),   /* answered, summarized, failed for good,
-                                                   suspended, or cancelled */
-    [LR_AGENT_BACKOFF] = TO(LR_AGENT_PREPARING) /* the backoff is over */
-                         | TO(LR_AGENT_IDLE),   /* cancelled */
-    [LR_AGENT_TOOLS] = TO(LR_AGENT_IDLE), /* every call answered (step done), or cancelled */
-    [LR_AGENT_RELEASED] = 0,              /* final */
+    [LR_AGENT_RATE_WAIT] = TO(LR_AGENT_PREPARING)   /* the next window opened */
+                           | TO(LR_AGENT_IDLE),     /* cancelled */
+    [LR_AGENT_GATE_WAIT] = TO(LR_AGENT_CALLING)     /* a slot was granted */
+                           | TO(LR_AGENT_IDLE),     /* no slot in time: suspend; or cancelled */
+    [LR_AGENT_CALLING] = TO(LR_AGENT_PREPARING)     /* failed over to the next model */
+                         | TO(LR_AGENT_BACKOFF)     /* a retryable failure: try again later */
+                         | TO(LR_AGENT_TOOLS)       /* the model asked for tools */
+                         | TO(LR_AGENT_IDLE),       /* answered, summarized, failed for good,
+                                                       suspended, or cancelled */
+    [LR_AGENT_BACKOFF] = TO(LR_AGENT_PREPARING)     /* the backoff is over */
+                         | TO(LR_AGENT_IDLE),       /* cancelled */
+    [LR_AGENT_TOOLS] = TO(LR_AGENT_IDLE),           /* every call answered (step done), or cancelled */
+    [LR_AGENT_RELEASED] = 0,                        /* final */
 };
 
 static const char *const names[LR_AGENT_NSTATES] = {

@@ -55,7 +55,7 @@ typedef struct agent_ops {
  * in st->conv, valid until the step ends). */
 typedef struct tool_call {
     agent_state_t *st;
-    int index;       /* position in the step: part of the Idempotency-Key */
+    int index; /* position in the step: part of the Idempotency-Key */
     const char *id;
     const char *name;
     const char *args;

@@ -404,15 +404,16 @@ static bool tool_check(agent_state_t *st, tool_call_t *tc, cJSON **parsed) {
     char msg[200], vmsg[512], bmsg[160], verr[300];
     const cJSON *schema;
     int vrc;
-    if (tc->def != NULL && (lr_flag_disabled("tool", tc->def->name) ||
-                            (tc->def->writes && lr_flag_disabled("writes", tc->def->name)))) {
+    if (tc->def != NULL &&
+        (lr_flag_disabled("tool", tc->def->name) || (tc->def->writes && lr_flag_disabled("writes", tc->def->name)))) {
         snprintf(msg, sizeof(msg), "error: tool \"%s\" is disabled by an operator (kill switch)", tc->name);
         tool_result(tc, msg, true);
         log_call(st, tc->id, tc->name, "disabled", 0, 0, NULL);
         return false;
     }
     if (tc->def == NULL) {
-        snprintf(msg, sizeof(msg), "error: tool \"%s\" is unknown or not allowed for this agent", tc->name ? tc->name : "");
+        snprintf(msg, sizeof(msg), "error: tool \"%s\" is unknown or not allowed for this agent",
+                 tc->name ? tc->name : "");
         tool_result(tc, msg, true);
         log_call(st, tc->id, tc->name, "unknown_tool", 0, 0, NULL);
         return false;
@@ -420,8 +421,7 @@ static bool tool_check(agent_state_t *st, tool_call_t *tc, cJSON **parsed) {
     *parsed = tc->args != NULL ? cJSON_Parse(tc->args) : NULL;
     if (!cJSON_IsObject(*parsed)) {
         /* Never run a tool on arguments that do not parse. */
-        tool_result(tc, "error: the arguments are not a valid JSON object; call the tool again with valid JSON",
-                    true);
+        tool_result(tc, "error: the arguments are not a valid JSON object; call the tool again with valid JSON", true);
         log_call(st, tc->id, tc->name, "invalid_arguments", 0, 0, NULL);
         return false;
     }
@@ -430,9 +430,10 @@ static bool tool_check(agent_state_t *st, tool_call_t *tc, cJSON **parsed) {
     schema = tc->def->builtin == LR_TOOL_HTTP ? tc->def->parameters : lr_builtin_parameters(tc->def->builtin);
     vrc = schema != NULL ? lr_schema_validate(schema, *parsed, verr, sizeof(verr)) : 0;
     if (vrc != 0) {
-        snprintf(vmsg, sizeof(vmsg), "error: the arguments do not match the parameters of tool \"%s\": %s; "
-                 "call it again with arguments that do", tc->name,
-                 vrc == LR_EINVAL ? verr : lr_strerror(vrc));
+        snprintf(vmsg, sizeof(vmsg),
+                 "error: the arguments do not match the parameters of tool \"%s\": %s; "
+                 "call it again with arguments that do",
+                 tc->name, vrc == LR_EINVAL ? verr : lr_strerror(vrc));
         tool_result(tc, vmsg, true);
         log_call(st, tc->id, tc->name, "invalid_arguments", 0, 0, NULL);
         return false;
@@ -446,8 +447,10 @@ static bool tool_check(agent_state_t *st, tool_call_t *tc, cJSON **parsed) {
     }
     if (tc->def->builtin == LR_TOOL_HTTP && !(tc->def->requires_approval && !tc->approved) &&
         !lr_breaker_allows(tool_breaker(tc->def), lr_agent_now())) {
-        snprintf(msg, sizeof(msg), "error: tool \"%s\" is unavailable (circuit open after repeated failures); "
-                 "try again later or do without it", tc->name);
+        snprintf(msg, sizeof(msg),
+                 "error: tool \"%s\" is unavailable (circuit open after repeated failures); "
+                 "try again later or do without it",
+                 tc->name);
         tool_result(tc, msg, true);
         log_call(st, tc->id, tc->name, "circuit_open", 0, 0, NULL);
         return false;
@@ -500,8 +503,10 @@ void lr_agent_tools_start(agent_state_t *st) {
         /* paused past the lease: the task may be another worker's now, so
          * none of these calls may run (their side effects would be a
          * zombie's) */
-        LR_LOG(LR_LOG_WARN, &st->log, "lease.expired_locally", "the lease ran out by this worker's clock: "
-               "%d tool call(s) not started", st->ncalls);
+        LR_LOG(LR_LOG_WARN, &st->log, "lease.expired_locally",
+               "the lease ran out by this worker's clock: "
+               "%d tool call(s) not started",
+               st->ncalls);
         snprintf(st->out->error, sizeof(st->out->error), "the lease ran out before the tool calls");
         st->ops->finish(st, LR_STEP_ABANDONED);
         return;
@@ -516,7 +521,8 @@ void lr_agent_tools_start(agent_state_t *st) {
         cJSON_Delete(parsed);
     }
     if (st->out->stop_reason[0] != '\0' && started == 0) {
-        snprintf(st->out->error, sizeof(st->out->error), "budget exhausted: %ld tool calls", st->budgets.max_tool_calls);
+        snprintf(st->out->error, sizeof(st->out->error), "budget exhausted: %ld tool calls",
+                 st->budgets.max_tool_calls);
         st->ops->finish(st, LR_STEP_STOP);
         return;
     }

@@ -22,12 +22,12 @@ typedef struct registry {
 static registry_t reg;
 
 static const lr_tool_def_t builtin_defs[] = {
-    {"sleep", "Pause this task durably for the given number of seconds (no worker is held).", NULL,
-     NULL, 0, 0, false, false, 0, LR_TOOL_SLEEP},
-    {"wait_for_event", "Pause this task until the named external event is signalled.", NULL, NULL, 0,
-     0, false, false, 0, LR_TOOL_WAIT_EVENT},
-    {"request_approval", "Pause this task until a human approves or denies; give the reason.", NULL,
-     NULL, 0, 0, false, false, 0, LR_TOOL_APPROVAL},
+    {"sleep", "Pause this task durably for the given number of seconds (no worker is held).", NULL, NULL, 0, 0, false,
+     false, 0, LR_TOOL_SLEEP},
+    {"wait_for_event", "Pause this task until the named external event is signalled.", NULL, NULL, 0, 0, false, false,
+     0, LR_TOOL_WAIT_EVENT},
+    {"request_approval", "Pause this task until a human approves or denies; give the reason.", NULL, NULL, 0, 0, false,
+     false, 0, LR_TOOL_APPROVAL},
 };
 static cJSON *builtin_params[3];
 
@@ -103,8 +103,8 @@ static bool tool_name_ok(const char *s) {
     return true;
 }
 
-static int get_num(const cJSON *o, const char *key, const char *where, double min, double max,
-                   bool integer, double def, double *out, char *errbuf, size_t errlen) {
+static int get_num(const cJSON *o, const char *key, const char *where, double min, double max, bool integer, double def,
+                   double *out, char *errbuf, size_t errlen) {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
     if (v == NULL) {
         *out = def;
@@ -112,8 +112,8 @@ static int get_num(const cJSON *o, const char *key, const char *where, double mi
     }
     if (!cJSON_IsNumber(v) || !isfinite(v->valuedouble) || v->valuedouble < min || v->valuedouble > max ||
         (integer && v->valuedouble != floor(v->valuedouble))) {
-        return fail(errbuf, errlen, "%s.%s: must be %s in [%g, %g]", where, key,
-                    integer ? "an integer" : "a number", min, max);
+        return fail(errbuf, errlen, "%s.%s: must be %s in [%g, %g]", where, key, integer ? "an integer" : "a number",
+                    min, max);
     }
     *out = v->valuedouble;
     return 0;
@@ -172,8 +172,9 @@ static void free_registry(registry_t *r) {
 }
 
 static int load_tools(registry_t *r, const cJSON *tools, char *errbuf, size_t errlen) {
-    static const char *const known[] = {"description", "parameters", "url", "timeout_ms", "retries",
-                                        "requires_approval", "writes", "max_result_bytes", NULL};
+    static const char *const known[] = {"description", "parameters",       "url",
+                                        "timeout_ms",  "retries",          "requires_approval",
+                                        "writes",      "max_result_bytes", NULL};
     int n = cJSON_GetArraySize(tools);
     int i = 0;
     r->tools = calloc((size_t)n + 1, sizeof(lr_tool_def_t));
@@ -193,8 +194,7 @@ static int load_tools(registry_t *r, const cJSON *tools, char *errbuf, size_t er
         }
         for (size_t b = 0; b < 3; b++) {
             if (strcmp(t->string, builtin_defs[b].name) == 0) {
-                return fail(errbuf, errlen, "%s: \"%s\" is a built-in tool and cannot be redefined", where,
-                            t->string);
+                return fail(errbuf, errlen, "%s: \"%s\" is a built-in tool and cannot be redefined", where, t->string);
             }
         }
         if (!cJSON_IsObject(t)) {
@@ -264,10 +264,11 @@ static const lr_tool_def_t *find_tool(const registry_t *r, const char *name) {
 
 static int load_model(registry_t *r, const cJSON *prices, const cJSON *m, const char *where, lr_model_ref_t *out,
                       char *errbuf, size_t errlen) {
-    static const char *const known[] = {"provider", "base_url", "model", "api_key_env", "max_tokens",
-                                        "max_tokens_field", "temperature", "tool_choice",
-                                        "parallel_tool_calls", "timeout_ms", "retries", "rpm", "tpm",
-                                        "max_concurrency", NULL};
+    static const char *const known[] = {"provider",    "base_url",        "model",
+                                        "api_key_env", "max_tokens",      "max_tokens_field",
+                                        "temperature", "tool_choice",     "parallel_tool_calls",
+                                        "timeout_ms",  "retries",         "rpm",
+                                        "tpm",         "max_concurrency", NULL};
     const char *prov = get_str(m, "provider");
     const char *s;
     const cJSON *price;
@@ -308,13 +309,13 @@ static int load_model(registry_t *r, const cJSON *prices, const cJSON *m, const 
         return fail(errbuf, errlen, "%s.max_tokens_field: must be \"max_tokens\" or \"max_completion_tokens\"", where);
     }
     out->max_tokens_field = (char *)(s != NULL ? s : "max_completion_tokens");
-    if ((rc = get_num(m, "max_tokens", where, 1, 1000000, true,
-                      out->provider == LR_PROVIDER_ANTHROPIC ? 1024 : 0, &v, errbuf, errlen)) != 0) {
+    if ((rc = get_num(m, "max_tokens", where, 1, 1000000, true, out->provider == LR_PROVIDER_ANTHROPIC ? 1024 : 0, &v,
+                      errbuf, errlen)) != 0) {
         return rc;
     }
     out->max_tokens = (long)v;
-    if ((rc = get_num(m, "temperature", where, 0, out->provider == LR_PROVIDER_ANTHROPIC ? 1 : 2, false, -1,
-                      &v, errbuf, errlen)) != 0) {
+    if ((rc = get_num(m, "temperature", where, 0, out->provider == LR_PROVIDER_ANTHROPIC ? 1 : 2, false, -1, &v, errbuf,
+                      errlen)) != 0) {
         return rc;
     }
     out->temperature = v;
@@ -379,8 +380,8 @@ static int load_model(registry_t *r, const cJSON *prices, const cJSON *m, const 
 }
 
 static int load_agents(registry_t *r, const cJSON *prices, const cJSON *agents, char *errbuf, size_t errlen) {
-    static const char *const known[] = {"name", "system", "models", "tools", "budgets", "context",
-                                        "description", "slice", NULL};
+    static const char *const known[] = {"name",    "system",      "models", "tools", "budgets",
+                                        "context", "description", "slice",  NULL};
     int n = cJSON_GetArraySize(agents);
     int i = 0;
     r->agents = calloc((size_t)n + 1, sizeof(lr_agent_t));
@@ -443,10 +444,11 @@ static int load_agents(registry_t *r, const cJSON *prices, const cJSON *agents, 
         for (const cJSON *t = tools != NULL ? tools->child : NULL; t != NULL; t = t->next, ti++) {
             const lr_tool_def_t *d = cJSON_IsString(t) ? find_tool(r, t->valuestring) : NULL;
             if (d == NULL) {
-                return fail(errbuf, errlen, "%s.tools[%d]: %s%s%s is not defined in \"tools\" nor built in "
-                            "(sleep, wait_for_event, request_approval)", where, ti,
-                            cJSON_IsString(t) ? "\"" : "", cJSON_IsString(t) ? t->valuestring : "a non-string",
-                            cJSON_IsString(t) ? "\"" : "");
+                return fail(errbuf, errlen,
+                            "%s.tools[%d]: %s%s%s is not defined in \"tools\" nor built in "
+                            "(sleep, wait_for_event, request_approval)",
+                            where, ti, cJSON_IsString(t) ? "\"" : "",
+                            cJSON_IsString(t) ? t->valuestring : "a non-string", cJSON_IsString(t) ? "\"" : "");
             }
             ag->tools[ti] = d;
             ag->ntools = ti + 1;
@@ -458,8 +460,10 @@ static int load_agents(registry_t *r, const cJSON *prices, const cJSON *agents, 
             }
             for (const cJSON *b = budgets->child; b != NULL; b = b->next) {
                 char berr[256];
-                if (!cJSON_IsNumber(b) || lr_budget_set(&ag->budgets, b->string, b->valuedouble, berr, sizeof(berr)) != 0) {
-                    return fail(errbuf, errlen, "%s.%s", where, cJSON_IsNumber(b) ? berr : "budgets: values must be numbers");
+                if (!cJSON_IsNumber(b) ||
+                    lr_budget_set(&ag->budgets, b->string, b->valuedouble, berr, sizeof(berr)) != 0) {
+                    return fail(errbuf, errlen, "%s.%s", where,
+                                cJSON_IsNumber(b) ? berr : "budgets: values must be numbers");
                 }
             }
         }
@@ -469,8 +473,7 @@ static int load_agents(registry_t *r, const cJSON *prices, const cJSON *agents, 
             const char *st = get_str(ctx, "strategy");
             char cw[128];
             snprintf(cw, sizeof(cw), "%s.context", where);
-            if (st == NULL ||
-                (strcmp(st, "full") != 0 && strcmp(st, "window") != 0 && strcmp(st, "summarize") != 0)) {
+            if (st == NULL || (strcmp(st, "full") != 0 && strcmp(st, "window") != 0 && strcmp(st, "summarize") != 0)) {
                 return fail(errbuf, errlen, "%s.strategy: must be \"full\", \"window\" or \"summarize\"", cw);
             }
             if (strcmp(st, "window") == 0) {
@@ -489,8 +492,10 @@ static int load_agents(registry_t *r, const cJSON *prices, const cJSON *agents, 
                     return rc;
                 }
                 if (v == 0) {
-                    return fail(errbuf, errlen, "%s.threshold_tokens: required with \"summarize\" (estimated "
-                                "tokens of the conversation that trigger a summary)", cw);
+                    return fail(errbuf, errlen,
+                                "%s.threshold_tokens: required with \"summarize\" (estimated "
+                                "tokens of the conversation that trigger a summary)",
+                                cw);
                 }
                 ag->summarize_tokens = (long)v;
             }

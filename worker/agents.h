@@ -42,7 +42,7 @@ enum lr_context { LR_CONTEXT_FULL = 0, LR_CONTEXT_WINDOW, LR_CONTEXT_SUMMARIZE }
 
 typedef struct lr_model_ref {
     enum lr_provider provider;
-    char *base_url;          /* without the trailing /chat/completions or /messages */
+    char *base_url; /* without the trailing /chat/completions or /messages */
     char *model;
     char *api_key_env;       /* name of the environment variable, or NULL */
     char *max_tokens_field;  /* openai: "max_tokens" or "max_completion_tokens" */
@@ -51,21 +51,21 @@ typedef struct lr_model_ref {
     char *tool_choice;       /* NULL = omit */
     int parallel_tool_calls; /* -1 omit, 0 false, 1 true */
     long timeout_ms;
-    int retries;             /* in-process retries of one call (default 2) */
-    long rpm, tpm;           /* fleet-wide requests / tokens per minute; 0 = unlimited */
-    int max_concurrency;     /* in-process calls in flight; 0 = LONGRUN_MODEL_CONCURRENCY */
-    char *endpoint_key;      /* "<provider> <base_url> <model>": breaker and gate key */
-    char *endpoint_label;    /* "<provider>/<model>": metrics and logs */
+    int retries;          /* in-process retries of one call (default 2) */
+    long rpm, tpm;        /* fleet-wide requests / tokens per minute; 0 = unlimited */
+    int max_concurrency;  /* in-process calls in flight; 0 = LONGRUN_MODEL_CONCURRENCY */
+    char *endpoint_key;   /* "<provider> <base_url> <model>": breaker and gate key */
+    char *endpoint_label; /* "<provider>/<model>": metrics and logs */
     /* from the price table */
     double price_in, price_out, price_cached; /* USD per million tokens */
-    long context_tokens;     /* 0 = unknown */
+    long context_tokens;                      /* 0 = unknown */
 } lr_model_ref_t;
 
 typedef struct lr_tool_def {
     char *name;
     char *description;
-    cJSON *parameters;       /* JSON Schema object or NULL */
-    char *url;               /* HTTP tools */
+    cJSON *parameters; /* JSON Schema object or NULL */
+    char *url;         /* HTTP tools */
     long timeout_ms;
     int retries;
     bool requires_approval;
@@ -83,10 +83,10 @@ typedef struct lr_agent {
     int ntools;
     lr_budgets_t budgets;
     enum lr_context context;
-    int context_messages;    /* window: messages kept; summarize: recent messages kept verbatim */
-    long summarize_tokens;   /* summarize: estimated tokens that trigger a summary */
-    int slice_steps;         /* 0 = LONGRUN_SLICE_STEPS */
-    int slice_seconds;       /* 0 = LONGRUN_SLICE_SECONDS */
+    int context_messages;  /* window: messages kept; summarize: recent messages kept verbatim */
+    long summarize_tokens; /* summarize: estimated tokens that trigger a summary */
+    int slice_steps;       /* 0 = LONGRUN_SLICE_STEPS */
+    int slice_seconds;     /* 0 = LONGRUN_SLICE_SECONDS */
 } lr_agent_t;
 
 /* Loads and validates path (replacing any loaded registry on success).

@@ -130,7 +130,7 @@ struct lr_gate {
     int limit;
     int in_flight;
     int waiting;
-    lr_list_t waiters;  /* lr_gate_waiter_t.link, oldest first */
+    lr_list_t waiters; /* lr_gate_waiter_t.link, oldest first */
 };
 
 static lr_gate_t gates[LR_BREAKERS_MAX];

@@ -51,8 +51,8 @@ struct cJSON *lr_breakers_cjson(void);
 /* A waiter: embed one in the object that waits; the gate calls
  * ready(waiter) on the loop thread when a slot is granted to it. */
 typedef struct lr_gate_waiter {
-    lr_list_t link;        /* in the gate's queue while gate != NULL */
-    struct lr_gate *gate;  /* the gate queued at, or NULL */
+    lr_list_t link;       /* in the gate's queue while gate != NULL */
+    struct lr_gate *gate; /* the gate queued at, or NULL */
     void (*ready)(struct lr_gate_waiter *wt);
     uint64_t since_ms;
 } lr_gate_waiter_t;

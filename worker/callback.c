@@ -36,15 +36,15 @@
 #include "wmetrics.h"
 
 typedef struct callback {
-    lr_list_t link;              /* in pending */
-    lr_http_t *const *http;      /* the worker's client slot */
+    lr_list_t link;         /* in pending */
+    lr_http_t *const *http; /* the worker's client slot */
     uv_timer_t timer;
-    lr_http_req_t *req;          /* the attempt in flight, or NULL */
+    lr_http_req_t *req; /* the attempt in flight, or NULL */
     char id[LR_UUID_LEN + 1];
-    char *url;                   /* the normalised URL that matched */
+    char *url; /* the normalised URL that matched */
     char *body;
     int tries;
-    uint64_t rules;              /* the rules it matched (for the connect-time check) */
+    uint64_t rules;                  /* the rules it matched (for the connect-time check) */
     enum lr_urlguard_reason refused; /* why the last attempt's connect was refused, or LR_UG_OK */
 } callback_t;
 
@@ -84,9 +84,7 @@ static void cb_closed(uv_handle_t *h) {
 
 static void cb_send(callback_t *c);
 
-static void cb_timer(uv_timer_t *t) {
-    cb_send(t->data);
-}
+static void cb_timer(uv_timer_t *t) { cb_send(t->data); }
 
 static void cb_finish(callback_t *c) {
     lr_list_remove(&c->link);
@@ -154,8 +152,7 @@ int lr_callback_configure(const char *rules, char *errbuf, size_t errlen) {
     return 0;
 }
 
-void lr_callback_send(uv_loop_t *loop, lr_http_t *const *http, const char *task_id, const char *url,
-                      const char *body) {
+void lr_callback_send(uv_loop_t *loop, lr_http_t *const *http, const char *task_id, const char *url, const char *body) {
     callback_t *c;
     char *norm = NULL;
     uint64_t rules = 0;
@@ -189,8 +186,10 @@ void lr_callback_send(uv_loop_t *loop, lr_http_t *const *http, const char *task_
 void lr_callback_abandon_all(void) {
     while (!lr_list_empty(&pending)) {
         callback_t *c = lr_list_entry(lr_list_first(&pending), callback_t, link);
-        lr_warn("task.callback_abandoned", "worker stopping: outcome of task %s not delivered to its callback "
-                "after %d attempt(s) (it is in PostgreSQL)", c->id, c->tries);
+        lr_warn("task.callback_abandoned",
+                "worker stopping: outcome of task %s not delivered to its callback "
+                "after %d attempt(s) (it is in PostgreSQL)",
+                c->id, c->tries);
         if (c->req != NULL) {
             lr_http_cancel(c->req);
             c->req = NULL;

@@ -25,8 +25,7 @@ int lr_callback_configure(const char *rules, char *errbuf, size_t errlen) LR_MUS
  * counted in longrun_callbacks_refused_total) unless url matches a rule,
  * and at connect time unless every address it reaches is public or named
  * by the rule.  Strings are copied.  *http is read at each attempt. */
-void lr_callback_send(uv_loop_t *loop, lr_http_t *const *http, const char *task_id, const char *url,
-                      const char *body);
+void lr_callback_send(uv_loop_t *loop, lr_http_t *const *http, const char *task_id, const char *url, const char *body);
 
 /* Cancels and frees every delivery still pending and the rules (the
  * worker stops). */

@@ -26,7 +26,6 @@ static void tenant_bounce(lr_run_t *r, int running);
 static void tenant_cb(const lr_store_count_res_t *res, void *arg);
 static void suspect_next(lr_worker_t *w);
 
-
 static void history_cb(const lr_store_history_res_t *res, void *arg) {
     lr_run_t *r = arg;
     lr_run_io_end(r, LR_IO_DB);
@@ -46,8 +45,10 @@ static void history_cb(const lr_store_history_res_t *res, void *arg) {
         if (m != NULL && lr_state_decode(version, m) != 0) {
             /* (the claim checked tasks.state_version; a step newer than the
              * task row would be a bug, so refuse rather than misread) */
-            LR_LOG(LR_LOG_WARN, &r->log, "task.state_too_new", "step state version %d is newer than this worker "
-                   "reads (%d)", version, lr_state_version());
+            LR_LOG(LR_LOG_WARN, &r->log, "task.state_too_new",
+                   "step state version %d is newer than this worker "
+                   "reads (%d)",
+                   version, lr_state_version());
             cJSON_Delete(m);
             lr_step_transition(r, LR_ST_QUEUED, "state_version_too_new", NULL, NULL, -1, 0);
             return;
@@ -103,8 +104,8 @@ static void run_claimed(lr_run_t *r, const lr_store_task_t *t) {
     }
     if (t->claims > w->cfg.max_claims) {
         char why[160];
-        snprintf(why, sizeof(why), "claimed %d times without progress (limit %d): its worker keeps dying",
-                 t->claims, w->cfg.max_claims);
+        snprintf(why, sizeof(why), "claimed %d times without progress (limit %d): its worker keeps dying", t->claims,
+                 w->cfg.max_claims);
         lr_step_transition(r, LR_ST_DEAD, "crash_loop", why, "crash_loop", -1, 0);
         return;
     }
@@ -185,9 +186,7 @@ static void claim_cb(const lr_store_claim_res_t *res, void *arg);
 
 /* Claims without progress that make a task a suspect: 2, or the crash-loop
  * limit if lower (then a bystander still stays within the limit). */
-static int suspect_claims(const lr_worker_t *w) {
-    return w->cfg.max_claims < 2 ? w->cfg.max_claims : 2;
-}
+static int suspect_claims(const lr_worker_t *w) { return w->cfg.max_claims < 2 ? w->cfg.max_claims : 2; }
 
 /* Sends the claim.  It may take a suspect task only when this worker's
  * suspect slot is free and no other such claim is in flight. */
@@ -324,8 +323,10 @@ static void claim_cb(const lr_store_claim_res_t *res, void *arg) {
     if (res->claimed) {
         if (may_suspect && res->task.claims > suspect_claims(w)) {
             w->suspect = r;
-            LR_LOG(LR_LOG_INFO, &r->log, "task.suspect", "claimed %d times without progress: running it as "
-                   "this worker's only suspect until it checkpoints", res->task.claims);
+            LR_LOG(LR_LOG_INFO, &r->log, "task.suspect",
+                   "claimed %d times without progress: running it as "
+                   "this worker's only suspect until it checkpoints",
+                   res->task.claims);
         }
         suspect_next(w);
         run_claimed(r, &res->task);
@@ -336,7 +337,8 @@ static void claim_cb(const lr_store_claim_res_t *res, void *arg) {
         if (strcmp(cur, "queued") == 0 || (strcmp(cur, "running") == 0 && !res->cur_leased)) {
             /* A suspect, and another suspect holds this worker's slot: wait,
              * unclaimed, holding the delivery. */
-            LR_LOG(LR_LOG_DEBUG, &r->log, "task.suspect_deferred", "suspect task waits for this worker's "
+            LR_LOG(LR_LOG_DEBUG, &r->log, "task.suspect_deferred",
+                   "suspect task waits for this worker's "
                    "suspect slot");
             lr_run_set_state(r, LR_RUN_DEFERRED);
             lr_list_push_back(&w->deferred, &r->defer_link);
@@ -403,7 +405,6 @@ static void insert_cb(const lr_store_claim_res_t *res, void *arg) {
     run_claimed(r, &res->task);
 }
 
-
 static const char *queue_short_name(const char *full) {
     size_t n = strlen(LR_AMQP_QUEUE_PREFIX);
     if (full != NULL && strncmp(full, LR_AMQP_QUEUE_PREFIX, n) == 0) {
@@ -441,9 +442,10 @@ void lr_claim_delivery(lr_amqp_delivery_t *d, void *arg) {
     if (rc != 0 || !r->msg.has_id) {
         const char *reason = rc == LR_ETOOBIG ? "oversized" : rc == LR_EPARSE ? "bad_json" : "invalid";
         if (rc == 0) {
-            snprintf(err, sizeof(err), "id: required on messages consumed by workers, in the body or "
-                                       "as a UUID message_id (the worker cannot make retries "
-                                       "idempotent without it)");
+            snprintf(err, sizeof(err),
+                     "id: required on messages consumed by workers, in the body or "
+                     "as a UUID message_id (the worker cannot make retries "
+                     "idempotent without it)");
             lr_task_msg_free(&r->msg);
         }
         r->d = NULL;
@@ -451,10 +453,9 @@ void lr_claim_delivery(lr_amqp_delivery_t *d, void *arg) {
         lr_run_drop(r, LR_RUN_OUT_REJECTED);
         return;
     }
-    if (d->message_id != NULL && strcmp(d->message_id, r->msg.id) != 0 &&
-        lr_uuid_valid(d->message_id)) {
-        lr_warn("message.id_mismatch", "message_id %s differs from the body's id %s; using the body's",
-                d->message_id, r->msg.id);
+    if (d->message_id != NULL && strcmp(d->message_id, r->msg.id) != 0 && lr_uuid_valid(d->message_id)) {
+        lr_warn("message.id_mismatch", "message_id %s differs from the body's id %s; using the body's", d->message_id,
+                r->msg.id);
     }
     snprintf(r->id, sizeof(r->id), "%s", r->msg.id);
     snprintf(r->queue, sizeof(r->queue), "%s", queue_short_name(d->queue));
@@ -463,7 +464,6 @@ void lr_claim_delivery(lr_amqp_delivery_t *d, void *arg) {
      * insert, so that the dead letter points at a recorded task. */
     run_claim(r);
 }
-
 
 void lr_claim_release_deferred(lr_worker_t *w) {
     while (!lr_list_empty(&w->deferred)) {

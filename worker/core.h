@@ -88,13 +88,13 @@ struct lr_run {
     enum lr_run_state state;     /* written only by lr_run_set_state */
     enum lr_run_outcome outcome; /* set with the move to DONE */
     enum lr_followup follow;
-    unsigned io;                 /* LR_IO_* outstanding */
+    unsigned io; /* LR_IO_* outstanding */
     bool fenced;
-    bool abandon;                /* stop at the next boundary (drain deadline) */
-    bool claim_may_suspect;      /* its claim in flight may take a suspect task */
-    bool reclaim;                /* our claim may have committed: take our own live lease back */
-    bool handing_back;           /* given back undecided through a continuation (REQUEUED) */
-    int db_retries;              /* claims sent again after a lost connection */
+    bool abandon;           /* stop at the next boundary (drain deadline) */
+    bool claim_may_suspect; /* its claim in flight may take a suspect task */
+    bool reclaim;           /* our claim may have committed: take our own live lease back */
+    bool handing_back;      /* given back undecided through a continuation (REQUEUED) */
+    int db_retries;         /* claims sent again after a lost connection */
     char id[LR_UUID_LEN + 1];
     char queue[LR_TASK_MAX_AGENT + 1];
     char agent[LR_TASK_MAX_AGENT + 1];
@@ -103,33 +103,33 @@ struct lr_run {
     char *callback_url;
     char *tenant;
     int64_t epoch;
-    int step;                    /* last checkpointed step */
+    int step; /* last checkpointed step */
     int attempt, max_attempts;
     long tokens_in, tokens_out;
     double cost_usd;
-    int slice_steps;             /* steps done in this delivery */
+    int slice_steps; /* steps done in this delivery */
     uint64_t slice_start_ms;
     uint64_t step_start_ms;
     uint64_t ckpt_sent_ms;
-    uint64_t lease_from_ms;      /* the last committed checkpoint that extended the lease was sent then */
-    uint64_t claim_sent_ms;      /* the claim (or insert) statement was sent then */
-    uint64_t lease_until_ms;     /* the lease surely holds until then (loop clock; 0 = none) */
-    cJSON *input;                /* owned */
-    char *budgets_json;          /* owned: the task's budgets object as stored */
-    long tool_calls_total;       /* usage before this delivery (from the claim) */
+    uint64_t lease_from_ms;  /* the last committed checkpoint that extended the lease was sent then */
+    uint64_t claim_sent_ms;  /* the claim (or insert) statement was sent then */
+    uint64_t lease_until_ms; /* the lease surely holds until then (loop clock; 0 = none) */
+    cJSON *input;            /* owned */
+    char *budgets_json;      /* owned: the task's budgets object as stored */
+    long tool_calls_total;   /* usage before this delivery (from the claim) */
     long active_ms;
-    cJSON *history;              /* owned: array of per-step message arrays */
+    cJSON *history; /* owned: array of per-step message arrays */
     const lr_executor_t *exec;
     void *exec_state;
-    lr_step_t out;               /* the current step's output */
-    enum lr_status status;       /* status written by the last checkpoint / transition */
+    lr_step_t out;         /* the current step's output */
+    enum lr_status status; /* status written by the last checkpoint / transition */
     char reason[32];
     char error[512];
     char tr_reason[40], tr_stop[40]; /* the last transition's arguments (the store reads them
                                         again on a resend) */
     int publish_tries;
-    uv_timer_t retry_timer;      /* publish backoff */
-    bool timer_init;             /* retry_timer initialised (on first use) */
+    uv_timer_t retry_timer; /* publish backoff */
+    bool timer_init;        /* retry_timer initialised (on first use) */
     lr_log_ctx_t log;
 };
 
@@ -140,14 +140,14 @@ struct lr_worker {
     char id[128];
     char hostname[128];
     char queues_csv[1024];
-    const char **queue_names;    /* full names longrun.q.<name> */
+    const char **queue_names; /* full names longrun.q.<name> */
     const char **queue_short;
     int nqueues;
     /* Components, NULL once the shutdown reached them (lr_daemon_add_*). */
     lr_pg_pool_t *pg;
     lr_amqp_t *amqp;
     lr_http_t *http;
-    lr_urlguard_t *egress;        /* LONGRUN_EGRESS_ALLOW (worker/egress.h), owned */
+    lr_urlguard_t *egress; /* LONGRUN_EGRESS_ALLOW (worker/egress.h), owned */
     uv_timer_t lease_timer;
     uv_timer_t drain_timer;
     lr_list_t runs;
@@ -159,15 +159,15 @@ struct lr_worker {
     bool test_hooks;
     uint64_t steps_done;
     uint64_t tasks_finished;
-    int schema_state;            /* 0 unknown, 1 ok, -1 incompatible */
+    int schema_state; /* 0 unknown, 1 ok, -1 incompatible */
     char schema_msg[160];
     /* The durability self-check (worker.c): 0 not answered yet, 1 passed
      * (RabbitMQ is started only then), -1 refused (the worker exits 2). */
     int durability_state;
-    bool durability_pending;     /* the check's statement is in flight */
-    int exit_code;               /* non-zero: lr_worker_run returns it */
-    bool renew_failing;           /* the last lease renewal failed */
-    uint64_t renew_ok_sent_ms;    /* when the last successful renewal was sent */
+    bool durability_pending;   /* the check's statement is in flight */
+    int exit_code;             /* non-zero: lr_worker_run returns it */
+    bool renew_failing;        /* the last lease renewal failed */
+    uint64_t renew_ok_sent_ms; /* when the last successful renewal was sent */
     /* Crash-loop attribution (claim.c): a task whose last suspect_claims()
      * claims made no progress is a suspect.  At most one suspect runs per
      * worker until its first checkpoint; the others wait unclaimed, so a
@@ -175,12 +175,12 @@ struct lr_worker {
      * tasks that share its worker up to crash_loop with it.  A single crash
      * makes no suspect, so the recovery of a dead worker's tasks is not
      * serialized. */
-    lr_run_t *suspect;            /* the suspect claimed and not yet checkpointed */
-    bool suspect_claiming;        /* a claim that may take a suspect is in flight */
-    lr_list_t deferred;           /* suspects waiting for the slot, oldest first */
+    lr_run_t *suspect;     /* the suspect claimed and not yet checkpointed */
+    bool suspect_claiming; /* a claim that may take a suspect is in flight */
+    lr_list_t deferred;    /* suspects waiting for the slot, oldest first */
     /* Hooks into the files above run.c (set by worker.c), so that the lower
      * files need not call upward: */
-    void (*on_progress)(lr_run_t *r); /* the run checkpointed or ended: frees the suspect slot */
+    void (*on_progress)(lr_run_t *r);     /* the run checkpointed or ended: frees the suspect slot */
     void (*on_run_freed)(lr_worker_t *w); /* a run was freed: the drain may be complete */
     void (*hand_back)(lr_run_t *r);       /* gives a claimed run back through a continuation */
     const lr_executor_t *(*find_executor)(const char *agent);

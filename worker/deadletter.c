@@ -32,7 +32,7 @@ typedef struct dead_msg {
     char reason[32];
     char error[512];
     char key[256];
-    bool safe;                   /* record only what PostgreSQL surely accepts */
+    bool safe; /* record only what PostgreSQL surely accepts */
 } dead_msg_t;
 
 /* Replaces every byte that is not part of valid UTF-8 with '?' (in place). */
@@ -58,8 +58,8 @@ static void dead_msg_published(int err, void *arg) {
     if (err != 0) {
         /* The record is committed; the DLX copy is for AMQP-side tooling.
          * Ack anyway: the dead letter is never lost, it is in PostgreSQL. */
-        lr_warn("dead_letter.publish_failed", "could not publish dead letter %s to %s: %s", m->key,
-                LR_AMQP_DLX, lr_strerror(err));
+        lr_warn("dead_letter.publish_failed", "could not publish dead letter %s to %s: %s", m->key, LR_AMQP_DLX,
+                lr_strerror(err));
     }
     (void)lr_amqp_ack(m->amqp, m->d);
     dead_msg_free(m);
@@ -91,8 +91,7 @@ static void dead_msg_record(dead_msg_t *m) {
     a.task_id = (mid_ok && lr_uuid_valid(d->message_id)) ? d->message_id : NULL;
     rc = lr_store_dead_message(m->pg, &a, dead_msg_recorded, m);
     if (rc != 0) {
-        lr_error("dead_letter.query_failed", "cannot queue the dead-letter record: %s; requeueing",
-                 lr_strerror(rc));
+        lr_error("dead_letter.query_failed", "cannot queue the dead-letter record: %s; requeueing", lr_strerror(rc));
         (void)lr_amqp_reject(m->amqp, d, true);
         dead_msg_free(m);
     }
@@ -106,14 +105,15 @@ static void dead_msg_recorded(const lr_store_dead_message_res_t *res, void *arg)
 
     if (res->err != 0) {
         if (res->err == LR_EDB && !m->safe) {
-            lr_warn("dead_letter.safe_mode", "dead letter (%s) refused by PostgreSQL (%s); recording the "
-                    "raw bytes only", m->reason, res->errmsg);
+            lr_warn("dead_letter.safe_mode",
+                    "dead letter (%s) refused by PostgreSQL (%s); recording the "
+                    "raw bytes only",
+                    m->reason, res->errmsg);
             m->safe = true;
             dead_msg_record(m);
             return;
         }
-        lr_error("dead_letter.record_failed", "cannot record dead letter (%s): %s; requeueing",
-                 m->reason, res->errmsg);
+        lr_error("dead_letter.record_failed", "cannot record dead letter (%s): %s; requeueing", m->reason, res->errmsg);
         (void)lr_amqp_reject(m->amqp, m->d, true);
         dead_msg_free(m);
         return;
@@ -121,8 +121,8 @@ static void dead_msg_recorded(const lr_store_dead_message_res_t *res, void *arg)
     snprintf(m->key, sizeof(m->key), "%s", res->key);
     lr_metric_inc1(lr_wm.dead_letters, m->reason);
     lr_warn("message.dead_lettered", "message %s from %s dead-lettered: %s: %s",
-            m->d->message_id != NULL ? m->d->message_id : "(no message_id)",
-            m->d->queue != NULL ? m->d->queue : "?", m->reason, m->error);
+            m->d->message_id != NULL ? m->d->message_id : "(no message_id)", m->d->queue != NULL ? m->d->queue : "?",
+            m->reason, m->error);
     headers[0] = "x-longrun-dead-letter-key";
     headers[1] = m->key;
     headers[2] = "x-longrun-reason";
@@ -161,4 +161,3 @@ void lr_deadletter_message(lr_pg_pool_t *pg, lr_amqp_t *amqp, lr_amqp_delivery_t
     utf8_scrub(m->error); /* it may quote (or cut) bytes of the body */
     dead_msg_record(m);
 }
-

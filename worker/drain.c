@@ -24,8 +24,10 @@ static void drain_close_cb(uv_timer_t *t) { lr_daemon_shutdown(((lr_worker_t *)t
  * their leases are released so that another worker can take them now. */
 static void drain_deadline_cb(uv_timer_t *t) {
     lr_worker_t *w = t->data;
-    lr_warn("worker.drain_deadline", "drain deadline reached with %d tasks in flight; abandoning their "
-            "running steps (they run again elsewhere)", w->nruns);
+    lr_warn("worker.drain_deadline",
+            "drain deadline reached with %d tasks in flight; abandoning their "
+            "running steps (they run again elsewhere)",
+            w->nruns);
     lr_list_foreach_safe(it, nx, &w->runs) {
         lr_run_t *r = lr_list_entry(it, lr_run_t, link);
         if (r->state == LR_RUN_STEPPING && (r->io & LR_IO_STEP)) {
@@ -52,8 +54,10 @@ void lr_drain_start(lr_daemon_t *d, const char *why, void *arg) {
         return;
     }
     w->draining = true;
-    lr_info("worker.draining", "%s: stop consuming, finish and checkpoint in-flight steps (%d), "
-            "hand the rest back, exit within %d s", why, w->nruns, w->cfg.drain_seconds);
+    lr_info("worker.draining",
+            "%s: stop consuming, finish and checkpoint in-flight steps (%d), "
+            "hand the rest back, exit within %d s",
+            why, w->nruns, w->cfg.drain_seconds);
     lr_amqp_cancel_consume(w->amqp);
     uv_timer_start(&w->drain_timer, drain_deadline_cb, (uint64_t)w->cfg.drain_seconds * 1000u, 0);
     lr_claim_release_deferred(w);
@@ -62,6 +66,5 @@ void lr_drain_start(lr_daemon_t *d, const char *why, void *arg) {
 
 void lr_drain_exit_note(char *buf, size_t len, void *arg) {
     const lr_worker_t *w = arg;
-    snprintf(buf, len, "without draining (%d tasks in flight run again elsewhere after their leases expire)",
-             w->nruns);
+    snprintf(buf, len, "without draining (%d tasks in flight run again elsewhere after their leases expire)", w->nruns);
 }

@@ -186,9 +186,7 @@ static void agent_finish(agent_state_t *st, int outcome) {
 
 /* ---------------------------------------------------------------- budgets */
 
-static long budget_of(long task, long agent, long dflt) {
-    return task >= 0 ? task : agent >= 0 ? agent : dflt;
-}
+static long budget_of(long task, long agent, long dflt) { return task >= 0 ? task : agent >= 0 ? agent : dflt; }
 
 /* Budget checks that need no new step: returns a reason or NULL. */
 static const char *budget_exceeded(agent_state_t *st, char *why, size_t whylen) {
@@ -262,7 +260,7 @@ static void resolve_budgets(agent_state_t *st) {
     st->budgets.max_tool_calls = budget_of(task.max_tool_calls, st->agent->budgets.max_tool_calls, cfg->max_tool_calls);
     st->budgets.max_tokens = budget_of(task.max_tokens, st->agent->budgets.max_tokens, cfg->max_tokens);
     st->budgets.max_seconds = budget_of(task.max_seconds, st->agent->budgets.max_seconds, cfg->max_seconds);
-    st->budgets.max_cost_usd = task.max_cost_usd >= 0 ? task.max_cost_usd
+    st->budgets.max_cost_usd = task.max_cost_usd >= 0                 ? task.max_cost_usd
                                : st->agent->budgets.max_cost_usd >= 0 ? st->agent->budgets.max_cost_usd
                                                                       : cfg->max_cost_usd;
     clamp_budgets(st, cfg);
@@ -337,13 +335,9 @@ static void gate_timeout(agent_state_t *st) {
 static void timer_cb(uv_timer_t *t) {
     agent_state_t *st = t->data;
     switch (st->state) {
-    case LR_AGENT_GATE_WAIT:
-        gate_timeout(st);
-        break;
+    case LR_AGENT_GATE_WAIT: gate_timeout(st); break;
     case LR_AGENT_RATE_WAIT: /* the next window is open */
-    case LR_AGENT_BACKOFF:   /* time for the next try */
-        model_call(st);
-        break;
+    case LR_AGENT_BACKOFF: /* time for the next try */ model_call(st); break;
     default:
         LR_LOG(LR_LOG_ERROR, &st->log, "agent.stray_timer", "timer fired in state %s",
                lr_agent_state_name((int)st->state));
@@ -375,8 +369,8 @@ static void model_failed(agent_state_t *st, int cls, const char *reason, const c
     snprintf(st->last_reason, sizeof(st->last_reason), "%s", reason);
     snprintf(st->last_error, sizeof(st->last_error), "%s (%s): %s", m->model, reason, detail);
     lr_breaker_result(model_breaker(m), cls == LR_CALL_PERMANENT, lr_agent_now());
-    LR_LOG(LR_LOG_WARN, &st->log, "model.call_failed", "model %s attempt %d failed: %s: %s", m->model,
-           st->attempt + 1, reason, detail);
+    LR_LOG(LR_LOG_WARN, &st->log, "model.call_failed", "model %s attempt %d failed: %s: %s", m->model, st->attempt + 1,
+           reason, detail);
     if (cls == LR_CALL_PERMANENT) {
         snprintf(st->out->error, sizeof(st->out->error), "%s", st->last_error);
         if (strcmp(reason, "context_length") == 0) {
@@ -483,8 +477,7 @@ static void rate_over(agent_state_t *st) {
         agent_finish(st, LR_STEP_SUSPEND);
         return;
     }
-    LR_LOG(LR_LOG_DEBUG, &st->log, "ratelimit.wait", "fleet-wide limit of %s reached; waiting %ld ms", m->model,
-           wait);
+    LR_LOG(LR_LOG_DEBUG, &st->log, "ratelimit.wait", "fleet-wide limit of %s reached; waiting %ld ms", m->model, wait);
     agent_set_state(st, LR_AGENT_RATE_WAIT);
     uv_timer_start(&st->timer, timer_cb, (uint64_t)wait, 0);
 }
@@ -616,7 +609,8 @@ static void model_call(agent_state_t *st) {
     agent_set_state(st, LR_AGENT_PREPARING);
     if (!lr_run_lease_ok(st->run)) {
         /* paused past the lease: the task may be another worker's now */
-        LR_LOG(LR_LOG_WARN, &st->log, "lease.expired_locally", "the lease ran out by this worker's clock: "
+        LR_LOG(LR_LOG_WARN, &st->log, "lease.expired_locally",
+               "the lease ran out by this worker's clock: "
                "the model is not called");
         snprintf(st->out->error, sizeof(st->out->error), "the lease ran out before the model call");
         agent_finish(st, LR_STEP_ABANDONED);
@@ -641,8 +635,8 @@ static void model_call(agent_state_t *st) {
     if (body != NULL && m->context_tokens > 0 && (long)strlen(body) / 4 > m->context_tokens) {
         /* Never sent blindly over the context limit. */
         snprintf(st->last_reason, sizeof(st->last_reason), "context_length");
-        snprintf(st->last_error, sizeof(st->last_error), "%s: about %ld tokens, over its context of %ld",
-                 m->model, (long)strlen(body) / 4, m->context_tokens);
+        snprintf(st->last_error, sizeof(st->last_error), "%s: about %ld tokens, over its context of %ld", m->model,
+                 (long)strlen(body) / 4, m->context_tokens);
         free(body);
         model_next(st);
         return;
@@ -738,7 +732,9 @@ static void model_http_failed(agent_state_t *st, const lr_http_response_t *resp)
         snprintf(detail, sizeof(detail), "%s: %s", lr_strerror(resp->err), resp->errmsg);
         /* a refused address is configuration, not an outage: the next model */
         model_failed(st, resp->err == LR_EPERM ? LR_CALL_NEXT_MODEL : LR_CALL_RETRY,
-                     resp->err == LR_ETIMEOUT ? "timeout" : resp->err == LR_EPERM ? "egress_refused" : "connection",
+                     resp->err == LR_ETIMEOUT ? "timeout"
+                     : resp->err == LR_EPERM  ? "egress_refused"
+                                              : "connection",
                      detail, -1);
         return;
     }
@@ -984,9 +980,7 @@ static void agent_cancel(lr_run_t *r) {
         }
         gate_done(st);
         break;
-    case LR_AGENT_TOOLS:
-        lr_agent_tools_cancel(st);
-        break;
+    case LR_AGENT_TOOLS: lr_agent_tools_cancel(st); break;
     default:
         /* RESERVING: the query keeps its reference; its answer finds the
          * step gone.  The timer of a wait is stopped above. */

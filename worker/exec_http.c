@@ -45,8 +45,7 @@ static void step_response(const lr_http_response_t *resp, void *arg) {
     out->tool_calls_count = 1;
     if (resp->err != 0) {
         out->outcome = LR_STEP_FAIL_TRANSIENT;
-        snprintf(out->error, sizeof(out->error), "step %d: %s: %s", s->step, lr_strerror(resp->err),
-                 resp->errmsg);
+        snprintf(out->error, sizeof(out->error), "step %d: %s: %s", s->step, lr_strerror(resp->err), resp->errmsg);
     } else if (resp->status >= 200 && resp->status < 300) {
         if (s->step >= s->total) {
             char result[64];
@@ -102,8 +101,8 @@ static int http_start(lr_run_t *r, lr_step_t *out, lr_step_done_cb done) {
         goto fail_now;
     }
     if (lr_worker_test_hooks(w) && cJSON_IsNumber(crash) && (int)crash->valuedouble == lr_run_step_no(r) + 1) {
-        lr_error("test.crash", "LONGRUN_TEST_HOOKS: crashing at step %d of task %s as asked",
-                 lr_run_step_no(r) + 1, lr_run_id(r));
+        lr_error("test.crash", "LONGRUN_TEST_HOOKS: crashing at step %d of task %s as asked", lr_run_step_no(r) + 1,
+                 lr_run_id(r));
         fflush(stdout);
         abort();
     }

@@ -37,18 +37,12 @@ static enum lr_run_outcome outcome_of(const lr_run_t *r) {
         return LR_RUN_OUT_REQUEUED;
     }
     switch (r->status) {
-    case LR_ST_SUCCEEDED:
-        return LR_RUN_OUT_SUCCEEDED;
-    case LR_ST_CANCELLED:
-        return LR_RUN_OUT_CANCELLED;
-    case LR_ST_SUSPENDED:
-        return LR_RUN_OUT_SUSPENDED;
-    case LR_ST_RETRY_WAIT:
-        return LR_RUN_OUT_RETRY_WAIT;
-    case LR_ST_QUEUED:
-        return LR_RUN_OUT_HANDED_BACK;
-    default:
-        return LR_RUN_OUT_DEAD;
+    case LR_ST_SUCCEEDED: return LR_RUN_OUT_SUCCEEDED;
+    case LR_ST_CANCELLED: return LR_RUN_OUT_CANCELLED;
+    case LR_ST_SUSPENDED: return LR_RUN_OUT_SUSPENDED;
+    case LR_ST_RETRY_WAIT: return LR_RUN_OUT_RETRY_WAIT;
+    case LR_ST_QUEUED: return LR_RUN_OUT_HANDED_BACK;
+    default: return LR_RUN_OUT_DEAD;
     }
 }
 
@@ -148,8 +142,8 @@ static void send_outcome(lr_run_t *r) {
     if (!reply && !callback) {
         return;
     }
-    body = lr_outcome_json(r->id, lr_status_name(r->status), ok ? r->out.result : NULL, r->error,
-                           ok ? NULL : r->reason, r->step, r->tokens_in, r->tokens_out, r->cost_usd);
+    body = lr_outcome_json(r->id, lr_status_name(r->status), ok ? r->out.result : NULL, r->error, ok ? NULL : r->reason,
+                           r->step, r->tokens_in, r->tokens_out, r->cost_usd);
     if (body == NULL) {
         return;
     }
@@ -158,8 +152,8 @@ static void send_outcome(lr_run_t *r) {
     }
     if (reply) {
         char why[512];
-        if (lr_amqp_publish_reply(r->w->amqp, r->w->cfg.reply_to_prefix, r->reply_to, r->correlation_id, r->id,
-                                  body, why, sizeof(why)) == LR_EPERM &&
+        if (lr_amqp_publish_reply(r->w->amqp, r->w->cfg.reply_to_prefix, r->reply_to, r->correlation_id, r->id, body,
+                                  why, sizeof(why)) == LR_EPERM &&
             lr_store_reply_refused(r->w->pg, r->id, r->w->id, r->reply_to, why) != 0) {
             lr_warn("task.reply_refused_unrecorded", "task %s: the refused reply_to was not recorded", r->id);
         }
@@ -208,7 +202,8 @@ static void published(int err, void *arg) {
 }
 
 void lr_followup_hand_back(lr_run_t *r) {
-    LR_LOG(LR_LOG_INFO, &r->log, "task.handed_back", "giving the task back through a continuation (its lease "
+    LR_LOG(LR_LOG_INFO, &r->log, "task.handed_back",
+           "giving the task back through a continuation (its lease "
            "expires or is released; not counted as a delivery)");
     r->handing_back = true;
     r->follow = LR_FOLLOW_CONTINUATION;

@@ -20,7 +20,6 @@
 
 #include "store.h"
 
-
 /* One batch renewal: when it was sent and the leases it asked for. */
 typedef struct renew_item {
     char id[LR_UUID_LEN + 1];
@@ -136,9 +135,10 @@ static void lease_check_lost(lr_worker_t *w) {
         }
     }
     if (stopped > 0) {
-        lr_warn("lease.lost", "no lease renewal for more than %d s (database unreachable): stopped %d "
-                "running step(s); their tasks resume from the last checkpoint", w->cfg.lease_seconds,
-                stopped);
+        lr_warn("lease.lost",
+                "no lease renewal for more than %d s (database unreachable): stopped %d "
+                "running step(s); their tasks resume from the last checkpoint",
+                w->cfg.lease_seconds, stopped);
     }
 }
 
@@ -154,8 +154,10 @@ static void lease_check_expired(lr_worker_t *w) {
         lr_run_t *r = lr_list_entry(it, lr_run_t, link);
         if (r->state == LR_RUN_STEPPING && (r->io & LR_IO_STEP) && !r->fenced && r->lease_until_ms != 0 &&
             now >= r->lease_until_ms) {
-            LR_LOG(LR_LOG_WARN, &r->log, "lease.expired_locally", "the lease ran out %llu ms ago by this "
-                   "worker's clock (paused or starved?): stopping the step", (unsigned long long)(now - r->lease_until_ms));
+            LR_LOG(LR_LOG_WARN, &r->log, "lease.expired_locally",
+                   "the lease ran out %llu ms ago by this "
+                   "worker's clock (paused or starved?): stopping the step",
+                   (unsigned long long)(now - r->lease_until_ms));
             lr_step_cancel(r);
             r->abandon = true;
             stopped++;
@@ -200,8 +202,8 @@ static void lease_renew(lr_worker_t *w) {
         w->renew_failing = false; /* no lease held, none to lose */
         w->renew_ok_sent_ms = lr_worker_now(w);
         free(rn);
-    } else if (lr_store_renew(w->pg, leases, n, w->cfg.lease_seconds, (long)w->cfg.lease_seconds * 500, renew_cb,
-                              rn) != 0) {
+    } else if (lr_store_renew(w->pg, leases, n, w->cfg.lease_seconds, (long)w->cfg.lease_seconds * 500, renew_cb, rn) !=
+               0) {
         lr_warn("lease.renew_failed", "cannot queue the lease renewal");
         free(rn);
     }
@@ -227,4 +229,3 @@ void lr_lease_timer_cb(uv_timer_t *t) {
         lr_debug("worker.heartbeat_failed", "cannot queue the heartbeat");
     }
 }
-

@@ -16,7 +16,7 @@
 typedef struct worker_main {
     const char *queues[MAX_QUEUES + 1]; /* --queue values (argv) or pieces of qcopy */
     int nq;
-    char *qcopy;                        /* LONGRUN_QUEUES, cut at the commas */
+    char *qcopy; /* LONGRUN_QUEUES, cut at the commas */
 } worker_main_t;
 
 static int set_queue(lr_config_t *cfg, const char *value, void *arg) {
@@ -48,8 +48,7 @@ static int prepare(lr_config_t *cfg, char *note, size_t notelen, void *arg) {
         }
         for (char *t = strtok_r(wm->qcopy, ",", &save); t != NULL; t = strtok_r(NULL, ",", &save)) {
             if (!lr_name_valid(t) || wm->nq == MAX_QUEUES) {
-                fprintf(stderr, "longrun-worker: LONGRUN_QUEUES=%s: '%s' is not a valid queue name\n",
-                        cfg->queues, t);
+                fprintf(stderr, "longrun-worker: LONGRUN_QUEUES=%s: '%s' is not a valid queue name\n", cfg->queues, t);
                 return 2;
             }
             wm->queues[wm->nq++] = t;

@@ -206,8 +206,7 @@ char *lr_provider_request(const lr_model_ref_t *m, const char *system, const cJS
             }
             if (m->tool_choice != NULL) {
                 cJSON *tc = cJSON_CreateObject();
-                cJSON_AddStringToObject(tc, "type", strcmp(m->tool_choice, "required") == 0 ? "any"
-                                                    : m->tool_choice);
+                cJSON_AddStringToObject(tc, "type", strcmp(m->tool_choice, "required") == 0 ? "any" : m->tool_choice);
                 if (m->parallel_tool_calls == 0) {
                     cJSON_AddTrueToObject(tc, "disable_parallel_tool_use");
                 }
@@ -432,7 +431,8 @@ enum lr_call_class lr_provider_classify(long status, const char *body, const cha
     snprintf(detail, detaillen, "HTTP %ld%s%s", status, msg != NULL ? ": " : "", msg != NULL ? msg : "");
 #define R(s) snprintf(reason, reasonlen, "%s", s)
     if (status == 429) {
-        if ((code != NULL && (strcmp(code, "insufficient_quota") == 0 || strcmp(code, "credit_balance_exhausted") == 0)) ||
+        if ((code != NULL &&
+             (strcmp(code, "insufficient_quota") == 0 || strcmp(code, "credit_balance_exhausted") == 0)) ||
             (type != NULL && strcmp(type, "insufficient_quota") == 0) ||
             (ecode != NULL && strcmp(ecode, "enforced_spend_limit_reached") == 0)) {
             R("quota");

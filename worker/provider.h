@@ -29,35 +29,35 @@ char *lr_provider_request(const lr_model_ref_t *m, const char *system, const cJS
 char *lr_provider_url(const lr_model_ref_t *m);
 
 typedef struct lr_model_reply {
-    cJSON *assistant;     /* owned: the neutral assistant message */
+    cJSON *assistant; /* owned: the neutral assistant message */
     int ntool_calls;
-    char finish[32];      /* finish_reason / stop_reason as received */
-    long tokens_in;       /* total input tokens (cached included) */
+    char finish[32]; /* finish_reason / stop_reason as received */
+    long tokens_in;  /* total input tokens (cached included) */
     long tokens_out;
     long tokens_cached;
-    bool usage_missing;   /* estimated instead */
-    char *text;           /* owned: the text content, or NULL */
+    bool usage_missing; /* estimated instead */
+    char *text;         /* owned: the text content, or NULL */
 } lr_model_reply_t;
 
 /* Parses a 2xx response body.  step_no is used to synthesize missing tool
  * call ids.  Returns 0, LR_EPARSE (not JSON / not the expected shape; detail
  * in errbuf). */
-int lr_provider_parse(const lr_model_ref_t *m, const char *body, size_t len, int step_no,
-                      lr_model_reply_t *out, char *errbuf, size_t errlen) LR_MUSTCHECK;
+int lr_provider_parse(const lr_model_ref_t *m, const char *body, size_t len, int step_no, lr_model_reply_t *out,
+                      char *errbuf, size_t errlen) LR_MUSTCHECK;
 void lr_model_reply_free(lr_model_reply_t *r);
 
 enum lr_call_class {
-    LR_CALL_RETRY = 1,     /* transient: retry (backoff / Retry-After) */
-    LR_CALL_NEXT_MODEL,    /* this model cannot serve it (404, auth, quota): fall back */
-    LR_CALL_PERMANENT,     /* the request itself is wrong: no retry anywhere */
+    LR_CALL_RETRY = 1,  /* transient: retry (backoff / Retry-After) */
+    LR_CALL_NEXT_MODEL, /* this model cannot serve it (404, auth, quota): fall back */
+    LR_CALL_PERMANENT,  /* the request itself is wrong: no retry anywhere */
 };
 
 /* Classifies a non-2xx response (status, body, x-should-retry header value
  * or NULL).  reason receives a short stable name (rate_limited, quota,
  * request_too_large, server_error, overloaded, not_found, auth,
  * context_length, bad_request, ...). */
-enum lr_call_class lr_provider_classify(long status, const char *body, const char *should_retry,
-                                        char *reason, size_t reasonlen, char *detail, size_t detaillen);
+enum lr_call_class lr_provider_classify(long status, const char *body, const char *should_retry, char *reason,
+                                        size_t reasonlen, char *detail, size_t detaillen);
 
 /* Parses Retry-After style headers: retry-after-ms (ms), retry-after
  * (seconds, or an HTTP date).  Returns milliseconds, or -1 when absent/bad. */

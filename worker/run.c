@@ -19,10 +19,9 @@
 #include <string.h>
 #include <sys/random.h>
 
-
 static const char *const status_names[LR_ST_COUNT] = {
-    [LR_ST_RUNNING] = "running",     [LR_ST_QUEUED] = "queued",       [LR_ST_SUCCEEDED] = "succeeded",
-    [LR_ST_FAILED] = "failed",       [LR_ST_DEAD] = "dead",           [LR_ST_SUSPENDED] = "suspended",
+    [LR_ST_RUNNING] = "running",       [LR_ST_QUEUED] = "queued",       [LR_ST_SUCCEEDED] = "succeeded",
+    [LR_ST_FAILED] = "failed",         [LR_ST_DEAD] = "dead",           [LR_ST_SUSPENDED] = "suspended",
     [LR_ST_RETRY_WAIT] = "retry_wait", [LR_ST_CANCELLED] = "cancelled",
 };
 
@@ -82,7 +81,6 @@ lr_pg_pool_t *lr_worker_pg(lr_worker_t *w) { return w->pg; }
 const lr_config_t *lr_worker_config(const lr_worker_t *w) { return &w->cfg; }
 const char *lr_worker_id(const lr_worker_t *w) { return w->id; }
 bool lr_worker_test_hooks(const lr_worker_t *w) { return w->test_hooks; }
-
 
 void lr_run_usage(const lr_run_t *r, lr_run_usage_t *u) {
     u->step = r->step;

@@ -23,8 +23,9 @@ static const lr_run_move_t moves[] = {
     {S(CLAIMING), S(ADMITTING), "claimed; the tenant is capped: count again"},
     {S(CLAIMING), S(LOADING), "claimed; the executor needs the step log"},
     {S(CLAIMING), S(STEPPING), "claimed: the next step starts"},
-    {S(CLAIMING), S(TRANSITION), "claimed but not to run: too new, crash loop, deadline, unknown agent, tenant "
-                                 "cap, draining"},
+    {S(CLAIMING), S(TRANSITION),
+     "claimed but not to run: too new, crash loop, deadline, unknown agent, tenant "
+     "cap, draining"},
     {S(CLAIMING), S(DONE), "not runnable, a duplicate, an unknown continuation, or the claim failed"},
     {S(DEFERRED), S(CLAIMING), "the suspect slot is free"},
     {S(DEFERRED), S(DONE), "draining: given back unclaimed"},
@@ -48,11 +49,13 @@ static const lr_run_move_t moves[] = {
     {S(STEPPING), S(PUBLISHING), "no lease renewal for a lease period: handed back through a continuation"},
     {S(STEPPING), S(DONE), "the lease was lost (renewal fenced, or none for a lease period)"},
     {S(CHECKPOINTING), S(STEPPING), "committed, and the task goes on in this slice"},
-    {S(CHECKPOINTING), S(PUBLISHING), "committed with an end (slice, finish, suspend, stop, cancel), or "
-                                      "failed: handed back through a continuation"},
+    {S(CHECKPOINTING), S(PUBLISHING),
+     "committed with an end (slice, finish, suspend, stop, cancel), or "
+     "failed: handed back through a continuation"},
     {S(CHECKPOINTING), S(DONE), "fenced, or the checkpoint failed: given back"},
-    {S(TRANSITION), S(PUBLISHING), "committed (or found committed after a lost connection): send what the new "
-                                   "status calls for; or failed: handed back through a continuation"},
+    {S(TRANSITION), S(PUBLISHING),
+     "committed (or found committed after a lost connection): send what the new "
+     "status calls for; or failed: handed back through a continuation"},
     {S(TRANSITION), S(DONE), "fenced, ambiguous, or failed before any claim"},
     {S(PUBLISHING), S(BACKOFF), "the publish failed: try again later"},
     {S(PUBLISHING), S(MARKING), "the continuation is confirmed"},
@@ -74,9 +77,8 @@ static const unsigned outcome_from[LR_RUN_NOUTCOMES] = {
     [LR_RUN_OUT_SUSPENDED] = IN(PUBLISHING) | IN(BACKOFF),
     [LR_RUN_OUT_RETRY_WAIT] = IN(PUBLISHING) | IN(BACKOFF),
     [LR_RUN_OUT_HANDED_BACK] = IN(PUBLISHING) | IN(BACKOFF) | IN(MARKING),
-    [LR_RUN_OUT_REQUEUED] = IN(CLAIMING) | IN(DEFERRED) | IN(INSERTING) | IN(ADMITTING) | IN(LOADING) |
-                            IN(STEPPING) | IN(CHECKPOINTING) | IN(TRANSITION) | IN(PUBLISHING) | IN(BACKOFF) |
-                            IN(MARKING),
+    [LR_RUN_OUT_REQUEUED] = IN(CLAIMING) | IN(DEFERRED) | IN(INSERTING) | IN(ADMITTING) | IN(LOADING) | IN(STEPPING) |
+                            IN(CHECKPOINTING) | IN(TRANSITION) | IN(PUBLISHING) | IN(BACKOFF) | IN(MARKING),
     [LR_RUN_OUT_FENCED] = IN(STEPPING) | IN(CHECKPOINTING) | IN(TRANSITION),
     [LR_RUN_OUT_DROPPED] = IN(CLAIMING) | IN(TRANSITION),
     [LR_RUN_OUT_REJECTED] = IN(NEW) | IN(CLAIMING) | IN(INSERTING),
@@ -130,13 +132,9 @@ bool lr_run_outcome_ok(int from, int o) {
     return (outcome_from[o] & (1u << from)) != 0 && lr_run_move_ok(from, LR_RUN_DONE);
 }
 
-const char *lr_run_state_name(int s) {
-    return s >= 0 && s < LR_RUN_NSTATES ? state_names[s] : "?";
-}
+const char *lr_run_state_name(int s) { return s >= 0 && s < LR_RUN_NSTATES ? state_names[s] : "?"; }
 
-const char *lr_run_outcome_name(int o) {
-    return o >= 0 && o < LR_RUN_NOUTCOMES ? outcome_names[o] : "?";
-}
+const char *lr_run_outcome_name(int o) { return o >= 0 && o < LR_RUN_NOUTCOMES ? outcome_names[o] : "?"; }
 
 typedef struct out {
     char *buf;

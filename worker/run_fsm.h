@@ -15,19 +15,19 @@
 #include <stdbool.h>
 #include <stddef.h>
 
-#define LR_RUN_STATES(X)                                                                            \
-    X(NEW, "new", "the delivery arrived; its body is being parsed")                                 \
-    X(CLAIMING, "claiming", "the claim statement is in flight")                                     \
-    X(DEFERRED, "deferred", "a suspect waits, unclaimed, for this worker's suspect slot")           \
-    X(INSERTING, "inserting", "creating the row of a task first seen on the broker, claimed")      \
-    X(ADMITTING, "admitting", "counting the tenant's running tasks again after the claim")          \
-    X(LOADING, "loading", "loading the step log (executors that need history)")                     \
-    X(STEPPING, "stepping", "a step is running in the executor")                                    \
-    X(CHECKPOINTING, "checkpointing", "the step's checkpoint is in flight")                         \
-    X(TRANSITION, "transition", "a status change without a step is in flight")                      \
-    X(PUBLISHING, "publishing", "the follow-up (continuation or dead letter) is being published")  \
-    X(BACKOFF, "backoff", "the follow-up's publish failed; waiting to try again")                   \
-    X(MARKING, "marking", "recording that the continuation was published (outbox)")                 \
+#define LR_RUN_STATES(X)                                                                          \
+    X(NEW, "new", "the delivery arrived; its body is being parsed")                               \
+    X(CLAIMING, "claiming", "the claim statement is in flight")                                   \
+    X(DEFERRED, "deferred", "a suspect waits, unclaimed, for this worker's suspect slot")         \
+    X(INSERTING, "inserting", "creating the row of a task first seen on the broker, claimed")     \
+    X(ADMITTING, "admitting", "counting the tenant's running tasks again after the claim")        \
+    X(LOADING, "loading", "loading the step log (executors that need history)")                   \
+    X(STEPPING, "stepping", "a step is running in the executor")                                  \
+    X(CHECKPOINTING, "checkpointing", "the step's checkpoint is in flight")                       \
+    X(TRANSITION, "transition", "a status change without a step is in flight")                    \
+    X(PUBLISHING, "publishing", "the follow-up (continuation or dead letter) is being published") \
+    X(BACKOFF, "backoff", "the follow-up's publish failed; waiting to try again")                 \
+    X(MARKING, "marking", "recording that the continuation was published (outbox)")               \
     X(DONE, "done", "acked or given back; freed once no I/O refers to the run")
 
 enum lr_run_state {
@@ -38,17 +38,18 @@ enum lr_run_state {
 };
 
 /* How a run ended (set with the move to DONE). */
-#define LR_RUN_OUTCOMES(X)                                                                          \
-    X(NONE, "none", "not ended")                                                                   \
-    X(SUCCEEDED, "succeeded", "the task succeeded; its outcome was sent")                           \
-    X(CANCELLED, "cancelled", "an operator cancelled the task; its outcome was sent")              \
-    X(DEAD, "dead", "the task was dead-lettered (budget, exhausted, permanent error, ...)")        \
-    X(SUSPENDED, "suspended", "the task waits (sleep, approval, event, rate window, tenant cap)")  \
-    X(RETRY_WAIT, "retry_wait", "a transient failure: the task retries later (attempt + 1)")       \
-    X(HANDED_BACK, "handed_back", "the task is queued again (slice end, drain) for any worker")    \
-    X(REQUEUED, "requeued", "given back undecided (database trouble, lost lease): a continuation, or the delivery itself before a claim") \
-    X(FENCED, "fenced", "a newer owner holds the task: abandoned locally")                          \
-    X(DROPPED, "dropped", "nothing to do: a duplicate delivery, or the task is not runnable")      \
+#define LR_RUN_OUTCOMES(X)                                                                                          \
+    X(NONE, "none", "not ended")                                                                                    \
+    X(SUCCEEDED, "succeeded", "the task succeeded; its outcome was sent")                                           \
+    X(CANCELLED, "cancelled", "an operator cancelled the task; its outcome was sent")                               \
+    X(DEAD, "dead", "the task was dead-lettered (budget, exhausted, permanent error, ...)")                         \
+    X(SUSPENDED, "suspended", "the task waits (sleep, approval, event, rate window, tenant cap)")                   \
+    X(RETRY_WAIT, "retry_wait", "a transient failure: the task retries later (attempt + 1)")                        \
+    X(HANDED_BACK, "handed_back", "the task is queued again (slice end, drain) for any worker")                     \
+    X(REQUEUED, "requeued",                                                                                         \
+      "given back undecided (database trouble, lost lease): a continuation, or the delivery itself before a claim") \
+    X(FENCED, "fenced", "a newer owner holds the task: abandoned locally")                                          \
+    X(DROPPED, "dropped", "nothing to do: a duplicate delivery, or the task is not runnable")                       \
     X(REJECTED, "rejected", "a malformed message: recorded as a dead letter with its reason")
 
 enum lr_run_outcome {
@@ -74,8 +75,8 @@ bool lr_run_move_ok(int from, int to);
 /* May a run in state `from` end (move to DONE) with outcome o? */
 bool lr_run_outcome_ok(int from, int o);
 
-const char *lr_run_state_name(int s);     /* "claiming", ... or "?" */
-const char *lr_run_outcome_name(int o);   /* "succeeded", ... or "?" */
+const char *lr_run_state_name(int s);   /* "claiming", ... or "?" */
+const char *lr_run_outcome_name(int o); /* "succeeded", ... or "?" */
 
 /* The state diagram as Markdown (states, moves with their reasons, the
  * outcomes and the states they end from), as docs/architecture.md carries it

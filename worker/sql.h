@@ -12,50 +12,50 @@
  * progress so far) is below this (how the worker defers suspects), $5 may
  * take back a live lease this worker holds (a retry after a connection loss
  * hid whether the first claim committed; it does not count as a claim). */
-#define SQL_CLAIM                                                                              \
-    "WITH o AS (SELECT id, status, ($5::bool AND status = 'running' AND lease_owner = $2"      \
-    "   AND lease_expires_at >= now()) AS own FROM tasks WHERE id = $1 FOR UPDATE),"          \
-    " c AS (UPDATE tasks t SET status = 'running', lease_epoch = t.lease_epoch + 1,"           \
-    "   lease_owner = $2, lease_expires_at = now() + make_interval(secs => $3::int),"          \
-    "   claims = t.claims + CASE WHEN o.own THEN 0 ELSE 1 END,"                                \
-    "   claims_total = t.claims_total + CASE WHEN o.own THEN 0 ELSE 1 END,"                    \
-    "   started_at = coalesce(t.started_at, now()), updated_at = now(),"                       \
-    "   suspend_reason = NULL, wait_event = NULL, resume_at = NULL"                            \
-    "  FROM o WHERE t.id = o.id AND (o.own OR (t.claims < $4::int AND (t.status = 'queued' OR" \
+#define SQL_CLAIM                                                                                 \
+    "WITH o AS (SELECT id, status, ($5::bool AND status = 'running' AND lease_owner = $2"         \
+    "   AND lease_expires_at >= now()) AS own FROM tasks WHERE id = $1 FOR UPDATE),"              \
+    " c AS (UPDATE tasks t SET status = 'running', lease_epoch = t.lease_epoch + 1,"              \
+    "   lease_owner = $2, lease_expires_at = now() + make_interval(secs => $3::int),"             \
+    "   claims = t.claims + CASE WHEN o.own THEN 0 ELSE 1 END,"                                   \
+    "   claims_total = t.claims_total + CASE WHEN o.own THEN 0 ELSE 1 END,"                       \
+    "   started_at = coalesce(t.started_at, now()), updated_at = now(),"                          \
+    "   suspend_reason = NULL, wait_event = NULL, resume_at = NULL"                               \
+    "  FROM o WHERE t.id = o.id AND (o.own OR (t.claims < $4::int AND (t.status = 'queued' OR"    \
     "   (t.status = 'running' AND (t.lease_expires_at IS NULL OR t.lease_expires_at < now())))))" \
-    "  RETURNING t.*, o.status AS old_status, o.own),"                                         \
-    " ev AS (INSERT INTO task_events (task_id, from_status, to_status, reason, actor)"         \
-    "  SELECT id, old_status, 'running', CASE WHEN own THEN 'reclaimed'"                       \
-    "   WHEN old_status = 'running' THEN 'lease_expired' ELSE 'claimed' END, $2 FROM c)"       \
-    " SELECT c.lease_epoch, c.step, c.claims, c.attempt, c.max_attempts, c.agent, c.queue,"    \
-    "  c.input::text, c.budgets::text, c.tokens_in, c.tokens_out, c.cost_usd, c.tool_calls,"   \
-    "  c.active_ms, (c.deadline IS NOT NULL AND c.deadline < now()) AS past_deadline,"         \
-    "  c.reply_to, c.correlation_id, c.callback_url, c.state_version, c.tenant,"              \
-    "  (SELECT count(*) FROM tasks x WHERE x.tenant = c.tenant AND x.status = 'running'"       \
-    "   AND x.id <> c.id) AS tenant_running,"                                                  \
-    "  cur.status AS cur_status, cur.claims AS cur_claims,"                                    \
-    "  (cur.lease_expires_at IS NOT NULL AND cur.lease_expires_at >= now()) AS cur_leased"    \
-    " FROM (SELECT 1) one LEFT JOIN c ON true"                                                 \
+    "  RETURNING t.*, o.status AS old_status, o.own),"                                            \
+    " ev AS (INSERT INTO task_events (task_id, from_status, to_status, reason, actor)"            \
+    "  SELECT id, old_status, 'running', CASE WHEN own THEN 'reclaimed'"                          \
+    "   WHEN old_status = 'running' THEN 'lease_expired' ELSE 'claimed' END, $2 FROM c)"          \
+    " SELECT c.lease_epoch, c.step, c.claims, c.attempt, c.max_attempts, c.agent, c.queue,"       \
+    "  c.input::text, c.budgets::text, c.tokens_in, c.tokens_out, c.cost_usd, c.tool_calls,"      \
+    "  c.active_ms, (c.deadline IS NOT NULL AND c.deadline < now()) AS past_deadline,"            \
+    "  c.reply_to, c.correlation_id, c.callback_url, c.state_version, c.tenant,"                  \
+    "  (SELECT count(*) FROM tasks x WHERE x.tenant = c.tenant AND x.status = 'running'"          \
+    "   AND x.id <> c.id) AS tenant_running,"                                                     \
+    "  cur.status AS cur_status, cur.claims AS cur_claims,"                                       \
+    "  (cur.lease_expires_at IS NOT NULL AND cur.lease_expires_at >= now()) AS cur_leased"        \
+    " FROM (SELECT 1) one LEFT JOIN c ON true"                                                    \
     " LEFT JOIN tasks cur ON cur.id = $1"
 
 /* A task that arrives as a full message and has no row yet: create it
  * already claimed.  $1 id, $2 queue, $3 agent, $4 input, $5 budgets,
  * $6 max_attempts, $7 deadline, $8 tenant, $9 metadata, $10 callback_url,
  * $11 reply_to, $12 correlation_id, $13 worker, $14 lease seconds. */
-#define SQL_INSERT_CLAIMED                                                                     \
-    "WITH c AS (INSERT INTO tasks (id, queue, agent, input, budgets, max_attempts, deadline,"  \
-    "  tenant, metadata, callback_url, reply_to, correlation_id, status, lease_epoch,"         \
-    "  lease_owner, lease_expires_at, claims, claims_total, started_at, published_at)"         \
-    " VALUES ($1, $2, $3, $4::jsonb, $5::jsonb, $6::int, $7::timestamptz, $8, $9::jsonb, $10," \
+#define SQL_INSERT_CLAIMED                                                                        \
+    "WITH c AS (INSERT INTO tasks (id, queue, agent, input, budgets, max_attempts, deadline,"     \
+    "  tenant, metadata, callback_url, reply_to, correlation_id, status, lease_epoch,"            \
+    "  lease_owner, lease_expires_at, claims, claims_total, started_at, published_at)"            \
+    " VALUES ($1, $2, $3, $4::jsonb, $5::jsonb, $6::int, $7::timestamptz, $8, $9::jsonb, $10,"    \
     "  $11, $12, 'running', 1, $13, now() + make_interval(secs => $14::int), 1, 1, now(), now())" \
-    " ON CONFLICT (id) DO NOTHING RETURNING *),"                                               \
-    " ev AS (INSERT INTO task_events (task_id, from_status, to_status, reason, actor)"         \
-    "  SELECT id, NULL, 'running', 'received', $13 FROM c)"                                    \
-    " SELECT lease_epoch, step, claims, attempt, max_attempts, agent, queue, input::text,"     \
-    "  budgets::text, tokens_in, tokens_out, cost_usd, tool_calls, active_ms,"                 \
-    "  (deadline IS NOT NULL AND deadline < now()) AS past_deadline, reply_to, correlation_id," \
-    "  callback_url, state_version, tenant,"                                                   \
-    "  (SELECT count(*) FROM tasks x WHERE x.tenant = c.tenant AND x.status = 'running')"      \
+    " ON CONFLICT (id) DO NOTHING RETURNING *),"                                                  \
+    " ev AS (INSERT INTO task_events (task_id, from_status, to_status, reason, actor)"            \
+    "  SELECT id, NULL, 'running', 'received', $13 FROM c)"                                       \
+    " SELECT lease_epoch, step, claims, attempt, max_attempts, agent, queue, input::text,"        \
+    "  budgets::text, tokens_in, tokens_out, cost_usd, tool_calls, active_ms,"                    \
+    "  (deadline IS NOT NULL AND deadline < now()) AS past_deadline, reply_to, correlation_id,"   \
+    "  callback_url, state_version, tenant,"                                                      \
+    "  (SELECT count(*) FROM tasks x WHERE x.tenant = c.tenant AND x.status = 'running')"         \
     "   AS tenant_running FROM c"
 
 /* Checkpoint one step: append the step row and advance the task row, in one
@@ -67,41 +67,41 @@
  * $16 error, $17 stop_reason, $18 suspend_reason, $19 resume_in_ms,
  * $20 wait_event, $21 event reason, $22 tool call count, $23 active_ms,
  * $24 lease seconds, $25 state version of the step (worker/state.h) */
-#define SQL_CHECKPOINT                                                                         \
-    "WITH t AS (UPDATE tasks SET step = $3,"                                                   \
-    "   status = CASE WHEN cancel_requested THEN 'cancelled' ELSE $4 END, claims = 0,"         \
-    "   tokens_in = tokens_in + $9, tokens_out = tokens_out + $10,"                            \
-    "   tokens_cached = tokens_cached + $11, cost_usd = cost_usd + $12::numeric,"              \
-    "   tool_calls = tool_calls + $22, active_ms = active_ms + $23,"                           \
-    "   lease_owner = CASE WHEN $14::bool OR cancel_requested THEN NULL ELSE lease_owner END," \
-    "   lease_expires_at = CASE WHEN $14::bool OR cancel_requested THEN NULL"                  \
-    "     ELSE now() + make_interval(secs => $24::int) END,"                                   \
-    "   result = coalesce($15::jsonb, result), error = $16,"                                   \
-    "   stop_reason = CASE WHEN cancel_requested THEN 'cancelled'"                             \
-    "     ELSE coalesce($17, stop_reason) END, suspend_reason = $18,"                          \
-    "   resume_at = CASE WHEN $19::bigint IS NULL THEN NULL"                                   \
-    "     ELSE now() + make_interval(secs => $19::bigint / 1000.0) END,"                       \
-    "   wait_event = $20,"                                                                     \
-    "   published_at = CASE WHEN $4 = 'running' AND NOT cancel_requested THEN published_at END,"  \
+#define SQL_CHECKPOINT                                                                                  \
+    "WITH t AS (UPDATE tasks SET step = $3,"                                                            \
+    "   status = CASE WHEN cancel_requested THEN 'cancelled' ELSE $4 END, claims = 0,"                  \
+    "   tokens_in = tokens_in + $9, tokens_out = tokens_out + $10,"                                     \
+    "   tokens_cached = tokens_cached + $11, cost_usd = cost_usd + $12::numeric,"                       \
+    "   tool_calls = tool_calls + $22, active_ms = active_ms + $23,"                                    \
+    "   lease_owner = CASE WHEN $14::bool OR cancel_requested THEN NULL ELSE lease_owner END,"          \
+    "   lease_expires_at = CASE WHEN $14::bool OR cancel_requested THEN NULL"                           \
+    "     ELSE now() + make_interval(secs => $24::int) END,"                                            \
+    "   result = coalesce($15::jsonb, result), error = $16,"                                            \
+    "   stop_reason = CASE WHEN cancel_requested THEN 'cancelled'"                                      \
+    "     ELSE coalesce($17, stop_reason) END, suspend_reason = $18,"                                   \
+    "   resume_at = CASE WHEN $19::bigint IS NULL THEN NULL"                                            \
+    "     ELSE now() + make_interval(secs => $19::bigint / 1000.0) END,"                                \
+    "   wait_event = $20,"                                                                              \
+    "   published_at = CASE WHEN $4 = 'running' AND NOT cancel_requested THEN published_at END,"        \
     "   finished_at = CASE WHEN cancel_requested OR $4 IN ('succeeded', 'failed', 'dead', 'cancelled')" \
-    "     THEN now() ELSE finished_at END,"                                                    \
-    "   updated_at = CASE WHEN $4 <> 'running' OR cancel_requested THEN now() ELSE updated_at END," \
-    "   last_progress_at = now(),"                                                             \
-    "   state_version = greatest(state_version, $25::int)"                                     \
-    "  WHERE id = $1 AND lease_epoch = $2 AND step = $3 - 1 AND status = 'running'"            \
-    "  RETURNING id, queue, agent, input, budgets, tokens_in, tokens_out, cost_usd, step, status)," \
-    " s AS (INSERT INTO task_steps (task_id, step_no, epoch, worker, model, messages,"         \
-    "  tool_calls, tokens_in, tokens_out, tokens_cached, cost_usd, latency_ms, state_version)" \
-    "  SELECT id, $3, $2, $5, $8, coalesce($6::jsonb, '[]'::jsonb), $7::jsonb, $9, $10, $11,"  \
-    "   $12::numeric, $13, $25::int FROM t RETURNING step_no),"                                \
-    " ev AS (INSERT INTO task_events (task_id, from_status, to_status, reason, actor)"         \
-    "  SELECT id, 'running', status, CASE WHEN status = 'cancelled' AND $4 <> 'cancelled'"    \
-    "   THEN 'cancel_requested' ELSE $21 END, $5 FROM t WHERE status <> 'running'),"           \
-    " dl AS (INSERT INTO dead_letters (dedupe_key, task_id, message_id, queue, agent, reason,"  \
-    "   error, body, source)"                                                                  \
-    "  SELECT 'task:' || id || ':' || $2, id, id::text, queue, agent, coalesce($17, 'failed'),"\
-    "   $16, jsonb_build_object('id', id, 'agent', agent, 'input', input, 'budgets', budgets),"\
-    "   'worker' FROM t WHERE status = 'dead' ON CONFLICT (dedupe_key) DO NOTHING)"            \
+    "     THEN now() ELSE finished_at END,"                                                             \
+    "   updated_at = CASE WHEN $4 <> 'running' OR cancel_requested THEN now() ELSE updated_at END,"     \
+    "   last_progress_at = now(),"                                                                      \
+    "   state_version = greatest(state_version, $25::int)"                                              \
+    "  WHERE id = $1 AND lease_epoch = $2 AND step = $3 - 1 AND status = 'running'"                     \
+    "  RETURNING id, queue, agent, input, budgets, tokens_in, tokens_out, cost_usd, step, status),"     \
+    " s AS (INSERT INTO task_steps (task_id, step_no, epoch, worker, model, messages,"                  \
+    "  tool_calls, tokens_in, tokens_out, tokens_cached, cost_usd, latency_ms, state_version)"          \
+    "  SELECT id, $3, $2, $5, $8, coalesce($6::jsonb, '[]'::jsonb), $7::jsonb, $9, $10, $11,"           \
+    "   $12::numeric, $13, $25::int FROM t RETURNING step_no),"                                         \
+    " ev AS (INSERT INTO task_events (task_id, from_status, to_status, reason, actor)"                  \
+    "  SELECT id, 'running', status, CASE WHEN status = 'cancelled' AND $4 <> 'cancelled'"              \
+    "   THEN 'cancel_requested' ELSE $21 END, $5 FROM t WHERE status <> 'running'),"                    \
+    " dl AS (INSERT INTO dead_letters (dedupe_key, task_id, message_id, queue, agent, reason,"          \
+    "   error, body, source)"                                                                           \
+    "  SELECT 'task:' || id || ':' || $2, id, id::text, queue, agent, coalesce($17, 'failed'),"         \
+    "   $16, jsonb_build_object('id', id, 'agent', agent, 'input', input, 'budgets', budgets),"         \
+    "   'worker' FROM t WHERE status = 'dead' ON CONFLICT (dedupe_key) DO NOTHING)"                     \
     " SELECT s.step_no, t.tokens_in, t.tokens_out, t.cost_usd, t.status FROM s, t"
 
 /* Did step $2 of task $1 commit under epoch $3?  (After an ambiguous
@@ -114,27 +114,27 @@
  * $8 resume_in_ms, $9 attempt increment, $10 suspend_reason.  A hand-back to
  * `queued` (drain, abandoned at the drain deadline) takes back its claim:
  * the worker did not crash, so it must not count towards crash_loop. */
-#define SQL_TRANSITION                                                                         \
-    "WITH t AS (UPDATE tasks SET status = $3, attempt = attempt + $9::int,"                   \
-    "   claims = CASE WHEN $3 IN ('queued', 'suspended', 'retry_wait') THEN greatest(claims - 1, 0) ELSE claims END,"        \
-    "   error = coalesce($6, error), stop_reason = coalesce($7, stop_reason),"                 \
-    "   resume_at = CASE WHEN $8::bigint IS NULL THEN NULL"                                    \
-    "     ELSE now() + make_interval(secs => $8::bigint / 1000.0) END,"                        \
-    "   suspend_reason = $10, lease_owner = NULL, lease_expires_at = NULL,"                    \
-    "   published_at = NULL,"                                                                  \
-    "   finished_at = CASE WHEN $3 IN ('succeeded', 'failed', 'dead', 'cancelled')"            \
-    "     THEN now() ELSE finished_at END, updated_at = now()"                                 \
-    "  WHERE id = $1 AND lease_epoch = $2 AND status = 'running'"                              \
-    "  RETURNING id, queue, agent, input, budgets, step, attempt),"                            \
-    " ev AS (INSERT INTO task_events (task_id, from_status, to_status, reason, actor, detail)" \
-    "  SELECT id, 'running', $3, $5, $4,"                                                      \
-    "   CASE WHEN $6::text IS NULL THEN NULL ELSE jsonb_build_object('error', $6::text) END"   \
-    "  FROM t),"                                                                               \
-    " dl AS (INSERT INTO dead_letters (dedupe_key, task_id, message_id, queue, agent, reason,"  \
-    "   error, body, source)"                                                                  \
-    "  SELECT 'task:' || id || ':' || $2, id, id::text, queue, agent, coalesce($7, $5), $6,"   \
-    "   jsonb_build_object('id', id, 'agent', agent, 'input', input, 'budgets', budgets),"     \
-    "   'worker' FROM t WHERE $3 = 'dead' ON CONFLICT (dedupe_key) DO NOTHING)"                \
+#define SQL_TRANSITION                                                                                                \
+    "WITH t AS (UPDATE tasks SET status = $3, attempt = attempt + $9::int,"                                           \
+    "   claims = CASE WHEN $3 IN ('queued', 'suspended', 'retry_wait') THEN greatest(claims - 1, 0) ELSE claims END," \
+    "   error = coalesce($6, error), stop_reason = coalesce($7, stop_reason),"                                        \
+    "   resume_at = CASE WHEN $8::bigint IS NULL THEN NULL"                                                           \
+    "     ELSE now() + make_interval(secs => $8::bigint / 1000.0) END,"                                               \
+    "   suspend_reason = $10, lease_owner = NULL, lease_expires_at = NULL,"                                           \
+    "   published_at = NULL,"                                                                                         \
+    "   finished_at = CASE WHEN $3 IN ('succeeded', 'failed', 'dead', 'cancelled')"                                   \
+    "     THEN now() ELSE finished_at END, updated_at = now()"                                                        \
+    "  WHERE id = $1 AND lease_epoch = $2 AND status = 'running'"                                                     \
+    "  RETURNING id, queue, agent, input, budgets, step, attempt),"                                                   \
+    " ev AS (INSERT INTO task_events (task_id, from_status, to_status, reason, actor, detail)"                        \
+    "  SELECT id, 'running', $3, $5, $4,"                                                                             \
+    "   CASE WHEN $6::text IS NULL THEN NULL ELSE jsonb_build_object('error', $6::text) END"                          \
+    "  FROM t),"                                                                                                      \
+    " dl AS (INSERT INTO dead_letters (dedupe_key, task_id, message_id, queue, agent, reason,"                        \
+    "   error, body, source)"                                                                                         \
+    "  SELECT 'task:' || id || ':' || $2, id, id::text, queue, agent, coalesce($7, $5), $6,"                          \
+    "   jsonb_build_object('id', id, 'agent', agent, 'input', input, 'budgets', budgets),"                            \
+    "   'worker' FROM t WHERE $3 = 'dead' ON CONFLICT (dedupe_key) DO NOTHING)"                                       \
     " SELECT id, step, attempt FROM t"
 
 /* After a transition's resend changed nothing: the task's status and epoch
@@ -145,13 +145,13 @@
  * $1 raw body, $2 message_id, $3 queue, $4 reason, $5 error, $6 headers json,
  * $7 delivery count, $8 body is JSON (bool), $9 task id if known.  Returns the
  * dedupe key for the DLX publish. */
-#define SQL_DEAD_MESSAGE                                                                       \
-    "INSERT INTO dead_letters (dedupe_key, message_id, queue, reason, error, raw_body, body,"  \
-    "  x_death, death_count, source, task_id)"                                                 \
+#define SQL_DEAD_MESSAGE                                                                            \
+    "INSERT INTO dead_letters (dedupe_key, message_id, queue, reason, error, raw_body, body,"       \
+    "  x_death, death_count, source, task_id)"                                                      \
     " VALUES ('msg:' || coalesce($2, encode(sha256($1::bytea), 'hex')), $2, $3, $4, $5, $1::bytea," \
-    "  CASE WHEN $8::bool THEN convert_from($1::bytea, 'UTF8')::jsonb END, $6::jsonb, $7::int," \
-    "  'worker', $9::uuid)"                                                                    \
-    " ON CONFLICT (dedupe_key) DO UPDATE SET updated_at = now()"                               \
+    "  CASE WHEN $8::bool THEN convert_from($1::bytea, 'UTF8')::jsonb END, $6::jsonb, $7::int,"     \
+    "  'worker', $9::uuid)"                                                                         \
+    " ON CONFLICT (dedupe_key) DO UPDATE SET updated_at = now()"                                    \
     " RETURNING dedupe_key"
 
 /* Renew the leases of every task this worker holds, each fenced on its own
@@ -162,25 +162,25 @@
  * the same rows in another order.  Returns (id, epoch, renewed): renewed
  * pairs, and pairs positively fenced out (another epoch, no longer running,
  * or gone) with renewed = false; skipped pairs are not returned. */
-#define SQL_RENEW                                                                              \
-    "WITH u AS (SELECT * FROM unnest($1::uuid[], $2::bigint[]) AS u(id, epoch)),"              \
-    " l AS (SELECT t.id FROM tasks t JOIN u ON t.id = u.id AND t.lease_epoch = u.epoch"        \
-    "  AND t.status = 'running' ORDER BY t.id FOR UPDATE OF t SKIP LOCKED),"                   \
-    " r AS (UPDATE tasks t SET lease_expires_at = now() + make_interval(secs => $3::int)"      \
-    "  FROM l WHERE t.id = l.id RETURNING t.id, t.lease_epoch)"                                \
-    " SELECT id::text, lease_epoch, true AS renewed FROM r"                                    \
-    " UNION ALL SELECT u.id::text, u.epoch, false FROM u LEFT JOIN tasks t ON t.id = u.id"     \
+#define SQL_RENEW                                                                          \
+    "WITH u AS (SELECT * FROM unnest($1::uuid[], $2::bigint[]) AS u(id, epoch)),"          \
+    " l AS (SELECT t.id FROM tasks t JOIN u ON t.id = u.id AND t.lease_epoch = u.epoch"    \
+    "  AND t.status = 'running' ORDER BY t.id FOR UPDATE OF t SKIP LOCKED),"               \
+    " r AS (UPDATE tasks t SET lease_expires_at = now() + make_interval(secs => $3::int)"  \
+    "  FROM l WHERE t.id = l.id RETURNING t.id, t.lease_epoch)"                            \
+    " SELECT id::text, lease_epoch, true AS renewed FROM r"                                \
+    " UNION ALL SELECT u.id::text, u.epoch, false FROM u LEFT JOIN tasks t ON t.id = u.id" \
     "  WHERE t.id IS NULL OR t.lease_epoch <> u.epoch OR t.status <> 'running'"
 
-#define SQL_HEARTBEAT                                                                          \
-    "INSERT INTO workers (id, hostname, pid, version, queues, in_flight, max_in_flight,"       \
-    "  draining, heartbeat_at)"                                                                \
+#define SQL_HEARTBEAT                                                                            \
+    "INSERT INTO workers (id, hostname, pid, version, queues, in_flight, max_in_flight,"         \
+    "  draining, heartbeat_at)"                                                                  \
     " VALUES ($1, $2, $3::int, $4, string_to_array($5, ','), $6::int, $7::int, $8::bool, now())" \
-    " ON CONFLICT (id) DO UPDATE SET in_flight = EXCLUDED.in_flight,"                          \
+    " ON CONFLICT (id) DO UPDATE SET in_flight = EXCLUDED.in_flight,"                            \
     "  draining = EXCLUDED.draining, heartbeat_at = now()"
 
-#define SQL_MARK_PUBLISHED                                                                     \
-    "UPDATE tasks SET published_at = now() WHERE id = $1 AND status = 'queued'"                \
+#define SQL_MARK_PUBLISHED                                                      \
+    "UPDATE tasks SET published_at = now() WHERE id = $1 AND status = 'queued'" \
     " AND published_at IS NULL"
 
 /* A tenant's running tasks, counted after a claim committed (the claim's own
@@ -188,10 +188,10 @@
 #define SQL_TENANT_RUNNING "SELECT count(*) FROM tasks WHERE tenant = $1 AND status = 'running'"
 
 /* The step log and then the task's signals (approval decisions, events). */
-#define SQL_HISTORY                                                                            \
-    "SELECT kind, n, body, v FROM ("                                                           \
-    " SELECT 0 AS kind, step_no::bigint AS n, messages::text AS body, state_version AS v"      \
-    "  FROM task_steps WHERE task_id = $1"                                                     \
+#define SQL_HISTORY                                                                                     \
+    "SELECT kind, n, body, v FROM ("                                                                    \
+    " SELECT 0 AS kind, step_no::bigint AS n, messages::text AS body, state_version AS v"               \
+    "  FROM task_steps WHERE task_id = $1"                                                              \
     " UNION ALL SELECT 1, id, json_build_object('signal', name, 'payload', payload, 'id', id)::text, 1" \
     "  FROM task_signals WHERE task_id = $1) x ORDER BY kind, n"
 
@@ -203,8 +203,8 @@
 
 /* The settings that make a commit durable, as this connection sees them
  * (ALTER DATABASE / ALTER ROLE ... SET apply), and for whom. */
-#define SQL_DURABILITY                                                                         \
-    "SELECT current_setting('fsync'), current_setting('synchronous_commit'), current_user,"    \
+#define SQL_DURABILITY                                                                      \
+    "SELECT current_setting('fsync'), current_setting('synchronous_commit'), current_user," \
     " current_database()"
 
 /* ------------------------------------------- rate windows (worker/ratewin.c) */
@@ -215,24 +215,24 @@
  * $3 tpm (0 = no limit), $4 estimate, $5 tenant key or NULL, $6 tenant tpm.
  * One row: the model window's start (NULL: over the limit) and how many
  * tenant rows were counted (1, or 0: over the tenant's limit or no tenant). */
-#define SQL_RATE_RESERVE                                                                       \
-    "WITH m AS (INSERT INTO rate_windows AS w (key, window_start, requests, tokens)"           \
-    " VALUES ($1, date_trunc('minute', now()), 1, $4::bigint)"                                 \
-    " ON CONFLICT (key, window_start) DO UPDATE SET requests = w.requests + 1,"                \
-    "  tokens = w.tokens + $4::bigint"                                                         \
+#define SQL_RATE_RESERVE                                                                                       \
+    "WITH m AS (INSERT INTO rate_windows AS w (key, window_start, requests, tokens)"                           \
+    " VALUES ($1, date_trunc('minute', now()), 1, $4::bigint)"                                                 \
+    " ON CONFLICT (key, window_start) DO UPDATE SET requests = w.requests + 1,"                                \
+    "  tokens = w.tokens + $4::bigint"                                                                         \
     " WHERE ($2::int = 0 OR w.requests < $2::int) AND ($3::bigint = 0 OR w.tokens + $4::bigint <= $3::bigint)" \
-    " RETURNING window_start::text AS ws),"                                                    \
-    " t AS (INSERT INTO rate_windows AS w (key, window_start, requests, tokens)"               \
-    " SELECT $5, date_trunc('minute', now()), 1, $4::bigint WHERE $5::text IS NOT NULL"        \
-    " ON CONFLICT (key, window_start) DO UPDATE SET requests = w.requests + 1,"                \
-    "  tokens = w.tokens + $4::bigint WHERE w.tokens + $4::bigint <= $6::bigint RETURNING 1)"  \
+    " RETURNING window_start::text AS ws),"                                                                    \
+    " t AS (INSERT INTO rate_windows AS w (key, window_start, requests, tokens)"                               \
+    " SELECT $5, date_trunc('minute', now()), 1, $4::bigint WHERE $5::text IS NOT NULL"                        \
+    " ON CONFLICT (key, window_start) DO UPDATE SET requests = w.requests + 1,"                                \
+    "  tokens = w.tokens + $4::bigint WHERE w.tokens + $4::bigint <= $6::bigint RETURNING 1)"                  \
     " SELECT (SELECT ws FROM m), (SELECT count(*) FROM t)"
 
 /* After the call: corrects the reserved tokens by the actual count.
  * $1 model key, $2 window_start, $3 delta (actual - estimate), $4 tenant key
  * or "" (matches no row). */
-#define SQL_RATE_SETTLE                                                                        \
-    "UPDATE rate_windows SET tokens = greatest(0, tokens + $3::bigint)"                        \
+#define SQL_RATE_SETTLE                                                 \
+    "UPDATE rate_windows SET tokens = greatest(0, tokens + $3::bigint)" \
     " WHERE key IN ($1, $4) AND window_start = $2::timestamptz"
 
 #endif

@@ -21,8 +21,8 @@
 
 #include <cjson/cJSON.h>
 
-#define LR_STATE_VERSION 1      /* what this build writes */
-#define LR_STATE_VERSION_MAX 2  /* the highest shape this build has a codec for */
+#define LR_STATE_VERSION 1     /* what this build writes */
+#define LR_STATE_VERSION_MAX 2 /* the highest shape this build has a codec for */
 
 /* The version this process writes (and the highest it reads). */
 int lr_state_version(void);

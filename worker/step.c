@@ -20,7 +20,6 @@
 #include "store.h"
 #include "wmetrics.h"
 
-
 static void step_done(lr_run_t *r);
 static void checkpoint(lr_run_t *r);
 
@@ -58,17 +57,12 @@ static void checkpoint_cb(const lr_store_write_res_t *res, void *arg);
 static enum lr_status status_after_step(lr_run_t *r, bool *release, const char **reason) {
     *release = true;
     switch (r->out.outcome) {
-    case LR_STEP_FINISHED:
-        *reason = "succeeded";
-        return LR_ST_SUCCEEDED;
+    case LR_STEP_FINISHED: *reason = "succeeded"; return LR_ST_SUCCEEDED;
     case LR_STEP_SUSPEND:
         *reason = r->out.suspend_reason[0] ? r->out.suspend_reason : "suspended";
         return LR_ST_SUSPENDED;
-    case LR_STEP_STOP:
-        *reason = r->out.stop_reason[0] ? r->out.stop_reason : "stopped";
-        return LR_ST_DEAD;
-    default:
-        break;
+    case LR_STEP_STOP: *reason = r->out.stop_reason[0] ? r->out.stop_reason : "stopped"; return LR_ST_DEAD;
+    default: break;
     }
     if (r->w->draining || r->abandon) {
         *reason = "drain";
@@ -129,8 +123,7 @@ static void checkpoint(lr_run_t *r) {
     rc = lr_store_checkpoint(w->pg, &a, checkpoint_cb, r);
     if (rc != 0) {
         lr_run_io_end(r, LR_IO_DB);
-        lr_error("task.checkpoint_queue_failed", "cannot queue checkpoint of task %s: %s", r->id,
-                 lr_strerror(rc));
+        lr_error("task.checkpoint_queue_failed", "cannot queue checkpoint of task %s: %s", r->id, lr_strerror(rc));
         r->abandon = true;
         lr_run_requeue(r);
     }
@@ -161,12 +154,8 @@ static void checkpoint_committed(lr_run_t *r) {
     w->steps_done++;
     r->log.step = r->step;
     switch (r->status) {
-    case LR_ST_RUNNING:
-        start_step(r);
-        return;
-    case LR_ST_QUEUED:
-        r->follow = LR_FOLLOW_CONTINUATION;
-        break;
+    case LR_ST_RUNNING: start_step(r); return;
+    case LR_ST_QUEUED: r->follow = LR_FOLLOW_CONTINUATION; break;
     case LR_ST_DEAD:
         r->follow = LR_FOLLOW_DEAD;
         w->tasks_finished++;
@@ -180,8 +169,7 @@ static void checkpoint_committed(lr_run_t *r) {
     default: /* succeeded, cancelled */
         r->follow = LR_FOLLOW_OUTCOME;
         w->tasks_finished++;
-        LR_LOG(LR_LOG_INFO, &r->log, "task.finished", "task %s after %d steps", lr_status_name(r->status),
-               r->step);
+        LR_LOG(LR_LOG_INFO, &r->log, "task.finished", "task %s after %d steps", lr_status_name(r->status), r->step);
         break;
     }
     lr_followup_publish(r);
@@ -191,8 +179,8 @@ void lr_step_fenced(lr_run_t *r, const char *what) {
     r->fenced = true;
     lr_metric_add(lr_wm.fencing_rejections, NULL, 1);
     LR_LOG(LR_LOG_WARN, &r->log, "task.fenced",
-           "%s rejected: a newer owner holds the task (epoch %lld is stale); abandoning locally",
-           what, (long long)r->epoch);
+           "%s rejected: a newer owner holds the task (epoch %lld is stale); abandoning locally", what,
+           (long long)r->epoch);
     lr_run_finish(r, LR_RUN_OUT_FENCED, true);
 }
 
@@ -250,13 +238,11 @@ static void step_done(lr_run_t *r) {
     case LR_STEP_CONTINUE:
     case LR_STEP_FINISHED:
     case LR_STEP_SUSPEND:
-    case LR_STEP_STOP:
-        checkpoint(r);
-        return;
+    case LR_STEP_STOP: checkpoint(r); return;
     case LR_STEP_FAIL_PERMANENT:
         LR_LOG(LR_LOG_WARN, &r->log, "task.step_failed", "permanent failure: %s", r->out.error);
         lr_step_transition(r, LR_ST_DEAD, r->out.stop_reason[0] ? r->out.stop_reason : "permanent_error", r->out.error,
-                       r->out.stop_reason[0] ? r->out.stop_reason : "permanent_error", -1, 0);
+                           r->out.stop_reason[0] ? r->out.stop_reason : "permanent_error", -1, 0);
         return;
     case LR_STEP_ABANDONED:
         r->abandon = true; /* handed back with a continuation (if it is still ours) */
@@ -265,15 +251,14 @@ static void step_done(lr_run_t *r) {
     default: {
         long delay;
         if (r->attempt + 1 >= r->max_attempts) {
-            LR_LOG(LR_LOG_WARN, &r->log, "task.exhausted", "attempt %d of %d failed: %s",
-                   r->attempt + 1, r->max_attempts, r->out.error);
+            LR_LOG(LR_LOG_WARN, &r->log, "task.exhausted", "attempt %d of %d failed: %s", r->attempt + 1,
+                   r->max_attempts, r->out.error);
             lr_step_transition(r, LR_ST_DEAD, "exhausted", r->out.error, "exhausted", -1, 1);
             return;
         }
         delay = lr_backoff_ms(w->cfg.retry_base_ms, w->cfg.retry_max_ms, r->attempt);
-        LR_LOG(LR_LOG_INFO, &r->log, "task.retry_wait",
-               "attempt %d of %d failed (%s); retrying in %ld ms", r->attempt + 1, r->max_attempts,
-               r->out.error, delay);
+        LR_LOG(LR_LOG_INFO, &r->log, "task.retry_wait", "attempt %d of %d failed (%s); retrying in %ld ms",
+               r->attempt + 1, r->max_attempts, r->out.error, delay);
         lr_metric_add(lr_wm.retries, NULL, 1);
         lr_step_transition(r, LR_ST_RETRY_WAIT, "transient_error", r->out.error, NULL, delay, 1);
         return;
@@ -297,8 +282,10 @@ static void transition_cb(const lr_store_write_res_t *res, void *arg) {
         return;
     }
     if (res->ambiguous) {
-        LR_LOG(LR_LOG_WARN, &r->log, "task.transition_ambiguous", "the transition to %s committed before the "
-               "connection broke, or a newer owner holds the task; ending here", lr_status_name(r->status));
+        LR_LOG(LR_LOG_WARN, &r->log, "task.transition_ambiguous",
+               "the transition to %s committed before the "
+               "connection broke, or a newer owner holds the task; ending here",
+               lr_status_name(r->status));
         lr_run_finish(r, LR_RUN_OUT_DROPPED, true);
         return;
     }
@@ -307,8 +294,10 @@ static void transition_cb(const lr_store_write_res_t *res, void *arg) {
         return;
     }
     if (res->recovered) {
-        LR_LOG(LR_LOG_INFO, &r->log, "task.transition_recovered", "the transition to %s had committed before "
-               "the connection broke; sending its follow-ups", lr_status_name(r->status));
+        LR_LOG(LR_LOG_INFO, &r->log, "task.transition_recovered",
+               "the transition to %s had committed before "
+               "the connection broke; sending its follow-ups",
+               lr_status_name(r->status));
     }
     if (r->status == LR_ST_DEAD) {
         r->w->tasks_finished++;
@@ -358,7 +347,6 @@ void lr_step_transition(lr_run_t *r, enum lr_status status, const char *reason, 
         lr_run_requeue(r);
     }
 }
-
 
 void lr_step_next(lr_run_t *r) {
     if (r->w->draining) {

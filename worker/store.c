@@ -19,8 +19,8 @@
 #include "task.h"
 #include "text.h"
 
-#define STORE_RETRIES 5          /* resends after a lost connection */
-#define STORE_VERIFY_RETRIES 20  /* checkpoint: step-row checks after losses */
+#define STORE_RETRIES 5         /* resends after a lost connection */
+#define STORE_VERIFY_RETRIES 20 /* checkpoint: step-row checks after losses */
 #define MAX_PARAMS 25
 #define NUM_LEN 32
 
@@ -35,7 +35,7 @@ struct req {
     long timeout_ms;
     int tries;
     decode_fn decode;
-    void (*cb)(void);            /* the caller's callback, cast back by decode */
+    void (*cb)(void); /* the caller's callback, cast back by decode */
     void *arg;
     const char *params[MAX_PARAMS];
     char num[MAX_PARAMS][NUM_LEN]; /* text of numeric parameters */
@@ -45,7 +45,7 @@ struct req {
     const char *vsql;
     int vnparams;
     const char *vparams[3];
-    char *owned;                  /* a parameter this request allocated */
+    char *owned; /* a parameter this request allocated */
 };
 
 static void req_pg_cb(int err, const PGresult *res, void *arg) {
@@ -58,8 +58,7 @@ static void req_free(req_t *q) {
     free(q);
 }
 
-static req_t *req_new(lr_pg_pool_t *pg, const char *sql, int nparams, decode_fn decode, void (*cb)(void),
-                      void *arg) {
+static req_t *req_new(lr_pg_pool_t *pg, const char *sql, int nparams, decode_fn decode, void (*cb)(void), void *arg) {
     req_t *q = calloc(1, sizeof(*q));
     if (q == NULL) {
         return NULL;
@@ -188,9 +187,9 @@ int lr_store_claim(lr_pg_pool_t *pg, const lr_store_claim_args_t *a, lr_store_cl
  * but impossible deadline, ...): SQLSTATE class 22 (data exception) or 23
  * (integrity).  Retrying cannot help: the message is malformed. */
 static bool insert_refused(int err, const PGresult *res, char *why, size_t len) {
-    static const char *const fields[] = {NULL,       "id",         "queue",          "agent",  "input",
-                                         "budgets",  "max_attempts", "deadline",     "tenant", "metadata",
-                                         "callback_url", "reply_to", "correlation_id"};
+    static const char *const fields[] = {NULL,           "id",           "queue",         "agent",  "input",
+                                         "budgets",      "max_attempts", "deadline",      "tenant", "metadata",
+                                         "callback_url", "reply_to",     "correlation_id"};
     const char *state = res != NULL ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
     const char *msg = res != NULL ? PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY) : NULL;
     const char *ctx = res != NULL ? PQresultErrorField(res, PG_DIAG_CONTEXT) : NULL;
@@ -322,8 +321,8 @@ static void durability_decode(req_t *q, int err, const PGresult *res) {
     }
     memset(&r, 0, sizeof(r));
     r.err = err;
-    if (err == 0 && (PQntuples(res) != 1 || PQnfields(res) != 4 || lr_pg_get(res, 0, 0) == NULL ||
-                     lr_pg_get(res, 0, 1) == NULL)) {
+    if (err == 0 &&
+        (PQntuples(res) != 1 || PQnfields(res) != 4 || lr_pg_get(res, 0, 0) == NULL || lr_pg_get(res, 0, 1) == NULL)) {
         r.err = LR_EDB;
     }
     if (r.err != 0) {
@@ -400,8 +399,7 @@ static void checkpoint_decode(req_t *q, int err, const PGresult *res) {
     write_done(q, &r);
 }
 
-int lr_store_checkpoint(lr_pg_pool_t *pg, const lr_store_checkpoint_args_t *a, lr_store_write_cb cb,
-                        void *arg) {
+int lr_store_checkpoint(lr_pg_pool_t *pg, const lr_store_checkpoint_args_t *a, lr_store_write_cb cb, void *arg) {
     req_t *q = req_new(pg, SQL_CHECKPOINT, 25, checkpoint_decode, (void (*)(void))cb, arg);
     if (q == NULL) {
         return LR_ENOMEM;
@@ -480,8 +478,7 @@ static void transition_decode(req_t *q, int err, const PGresult *res) {
     write_done(q, &r);
 }
 
-int lr_store_transition(lr_pg_pool_t *pg, const lr_store_transition_args_t *a, lr_store_write_cb cb,
-                        void *arg) {
+int lr_store_transition(lr_pg_pool_t *pg, const lr_store_transition_args_t *a, lr_store_write_cb cb, void *arg) {
     req_t *q = req_new(pg, SQL_TRANSITION, 10, transition_decode, (void (*)(void))cb, arg);
     if (q == NULL) {
         return LR_ENOMEM;
@@ -540,8 +537,8 @@ static void dead_message_decode(req_t *q, int err, const PGresult *res) {
     req_free(q);
 }
 
-int lr_store_dead_message(lr_pg_pool_t *pg, const lr_store_dead_message_args_t *a,
-                          lr_store_dead_message_cb cb, void *arg) {
+int lr_store_dead_message(lr_pg_pool_t *pg, const lr_store_dead_message_args_t *a, lr_store_dead_message_cb cb,
+                          void *arg) {
     req_t *q = req_new(pg, SQL_DEAD_MESSAGE, 9, dead_message_decode, (void (*)(void))cb, arg);
     if (q == NULL) {
         return LR_ENOMEM;
@@ -672,8 +669,7 @@ static void reply_refused_decode(req_t *q, int err, const PGresult *res) {
     req_free(q);
 }
 
-int lr_store_reply_refused(lr_pg_pool_t *pg, const char *id, const char *actor, const char *reply_to,
-                           const char *why) {
+int lr_store_reply_refused(lr_pg_pool_t *pg, const char *id, const char *actor, const char *reply_to, const char *why) {
     req_t *q = req_new(pg, LR_SQL_REPLY_REFUSED, 4, reply_refused_decode, NULL, NULL);
     if (q == NULL) {
         return LR_ENOMEM;

@@ -55,8 +55,8 @@ typedef struct lr_store_claim_args {
     const char *id;
     const char *worker;
     int lease_seconds;
-    int claims_below;   /* claim only if claims without progress < this */
-    bool reclaim;       /* may take back a live lease of this worker */
+    int claims_below; /* claim only if claims without progress < this */
+    bool reclaim;     /* may take back a live lease of this worker */
 } lr_store_claim_args_t;
 
 /* The claimed task row. */
@@ -66,22 +66,22 @@ typedef struct lr_store_task {
     long tokens_in, tokens_out, tool_calls, active_ms;
     double cost_usd;
     bool past_deadline;
-    int tenant_running;  /* running tasks of the tenant (others), -1 unknown */
-    const char *agent, *queue, *input, *budgets;          /* input, budgets: JSON text */
+    int tenant_running;                          /* running tasks of the tenant (others), -1 unknown */
+    const char *agent, *queue, *input, *budgets; /* input, budgets: JSON text */
     const char *reply_to, *correlation_id, *callback_url, *tenant; /* NULL when unset */
 } lr_store_task_t;
 
 typedef struct lr_store_claim_res {
-    int err;             /* 0, or LR_E* (the statement failed) */
-    const char *errmsg;  /* with err: the server's message or lr_strerror(err) */
-    bool lost;           /* err == LR_ECONN: it may have committed */
-    bool claimed;        /* err == 0: task holds the row */
+    int err;            /* 0, or LR_E* (the statement failed) */
+    const char *errmsg; /* with err: the server's message or lr_strerror(err) */
+    bool lost;          /* err == LR_ECONN: it may have committed */
+    bool claimed;       /* err == 0: task holds the row */
     lr_store_task_t task;
     /* err == 0 && !claimed: why (claim only; an insert that lost the race
      * to another creator has no row and cur_status NULL) */
-    const char *cur_status;  /* NULL: no such task */
+    const char *cur_status; /* NULL: no such task */
     int cur_claims;
-    bool cur_leased;         /* a live lease */
+    bool cur_leased; /* a live lease */
     /* insert only: PostgreSQL refused a value of the message (SQLSTATE
      * class 22 or 23); why names the field.  Retrying cannot help. */
     bool refused;
@@ -90,8 +90,7 @@ typedef struct lr_store_claim_res {
 
 typedef void (*lr_store_claim_cb)(const lr_store_claim_res_t *res, void *arg);
 
-int lr_store_claim(lr_pg_pool_t *pg, const lr_store_claim_args_t *a, lr_store_claim_cb cb,
-                   void *arg) LR_MUSTCHECK;
+int lr_store_claim(lr_pg_pool_t *pg, const lr_store_claim_args_t *a, lr_store_claim_cb cb, void *arg) LR_MUSTCHECK;
 
 /* A task first seen on the broker: create its row, already claimed. */
 typedef struct lr_store_insert_args {
@@ -103,16 +102,15 @@ typedef struct lr_store_insert_args {
     int lease_seconds;
 } lr_store_insert_args_t;
 
-int lr_store_insert(lr_pg_pool_t *pg, const lr_store_insert_args_t *a, lr_store_claim_cb cb,
-                    void *arg) LR_MUSTCHECK;
+int lr_store_insert(lr_pg_pool_t *pg, const lr_store_insert_args_t *a, lr_store_claim_cb cb, void *arg) LR_MUSTCHECK;
 
 /* ---------------------------------------------------------- reads of a task */
 
 typedef struct lr_store_history_res {
     int err;
     const char *errmsg;
-    int n;               /* entries: steps in order, then signals */
-    const void *rows;    /* opaque: read with lr_store_history_row */
+    int n;            /* entries: steps in order, then signals */
+    const void *rows; /* opaque: read with lr_store_history_row */
 } lr_store_history_res_t;
 
 typedef void (*lr_store_history_cb)(const lr_store_history_res_t *res, void *arg);
@@ -130,50 +128,49 @@ typedef struct lr_store_count_res {
 typedef void (*lr_store_count_cb)(const lr_store_count_res_t *res, void *arg);
 
 /* Running tasks of a tenant (the caller's own included once committed). */
-int lr_store_tenant_running(lr_pg_pool_t *pg, const char *tenant, lr_store_count_cb cb,
-                            void *arg) LR_MUSTCHECK;
+int lr_store_tenant_running(lr_pg_pool_t *pg, const char *tenant, lr_store_count_cb cb, void *arg) LR_MUSTCHECK;
 
 /* ------------------------------------------------------------------- writes */
 
 typedef struct lr_store_checkpoint_args {
     const char *id;
     int64_t epoch;
-    int step_no;               /* the step being written (last + 1) */
-    const char *status;        /* the task's status after it */
+    int step_no;        /* the step being written (last + 1) */
+    const char *status; /* the task's status after it */
     const char *worker;
-    const char *messages;      /* JSON array text, or NULL */
-    const char *tool_calls;    /* JSON text, or NULL */
-    const char *model;         /* or NULL */
+    const char *messages;   /* JSON array text, or NULL */
+    const char *tool_calls; /* JSON text, or NULL */
+    const char *model;      /* or NULL */
     long tokens_in, tokens_out, tokens_cached, tool_calls_count;
     double cost_usd;
     long latency_ms, active_ms;
-    bool release;              /* give up the lease (any status but running) */
-    const char *result;        /* JSON text, succeeded only */
-    const char *error;         /* dead on a budget: the error, or NULL */
-    const char *stop_reason;   /* dead on a budget, or NULL */
+    bool release;               /* give up the lease (any status but running) */
+    const char *result;         /* JSON text, succeeded only */
+    const char *error;          /* dead on a budget: the error, or NULL */
+    const char *stop_reason;    /* dead on a budget, or NULL */
     const char *suspend_reason; /* suspended, or NULL */
-    long resume_in_ms;         /* suspended: -1 = no timer */
-    const char *wait_event;    /* suspended on an event, or NULL */
-    const char *event_reason;  /* the task_events reason, or NULL */
+    long resume_in_ms;          /* suspended: -1 = no timer */
+    const char *wait_event;     /* suspended on an event, or NULL */
+    const char *event_reason;   /* the task_events reason, or NULL */
     int lease_seconds;
     int state_version;
 } lr_store_checkpoint_args_t;
 
 typedef struct lr_store_write_res {
-    int err;             /* 0, or LR_E*: not committed (or unknown after the
-                            retries: LR_ECONN) */
+    int err; /* 0, or LR_E*: not committed (or unknown after the
+                retries: LR_ECONN) */
     const char *errmsg;
-    bool fenced;         /* err == 0, nothing written: a newer owner holds
-                            the task (or it left running) */
-    bool ambiguous;      /* transition: zero rows after a resend, and the
-                            task's row does not show our status under our
-                            epoch: fenced, or changed since; not told apart */
-    bool recovered;      /* transition: zero rows after a resend, and the
-                            row shows our status under our epoch: the first
-                            attempt committed (treat as committed) */
-    const char *status;  /* checkpoint committed: the task's status as
-                            written (an operator's cancel shows here); NULL
-                            when the commit was found by the step-row check */
+    bool fenced;        /* err == 0, nothing written: a newer owner holds
+                           the task (or it left running) */
+    bool ambiguous;     /* transition: zero rows after a resend, and the
+                           task's row does not show our status under our
+                           epoch: fenced, or changed since; not told apart */
+    bool recovered;     /* transition: zero rows after a resend, and the
+                           row shows our status under our epoch: the first
+                           attempt committed (treat as committed) */
+    const char *status; /* checkpoint committed: the task's status as
+                           written (an operator's cancel shows here); NULL
+                           when the commit was found by the step-row check */
 } lr_store_write_res_t;
 
 typedef void (*lr_store_write_cb)(const lr_store_write_res_t *res, void *arg);
@@ -186,12 +183,12 @@ int lr_store_checkpoint(lr_pg_pool_t *pg, const lr_store_checkpoint_args_t *a, l
 typedef struct lr_store_transition_args {
     const char *id;
     int64_t epoch;
-    const char *status;        /* new status */
+    const char *status; /* new status */
     const char *worker;
-    const char *reason;        /* the task_events reason */
-    const char *error;         /* or NULL */
-    const char *stop_reason;   /* or NULL (dead: the dead letter's reason) */
-    long resume_in_ms;         /* -1 = none */
+    const char *reason;      /* the task_events reason */
+    const char *error;       /* or NULL */
+    const char *stop_reason; /* or NULL (dead: the dead letter's reason) */
+    long resume_in_ms;       /* -1 = none */
     int attempt_inc;
     const char *suspend_reason; /* or NULL */
 } lr_store_transition_args_t;
@@ -209,26 +206,26 @@ int lr_store_mark_published(lr_pg_pool_t *pg, const char *id, lr_store_done_cb c
 
 typedef struct lr_store_dead_message_args {
     const void *body;
-    size_t body_len;           /* stored raw (bytea) */
-    const char *message_id;    /* or NULL */
+    size_t body_len;        /* stored raw (bytea) */
+    const char *message_id; /* or NULL */
     const char *queue;
     const char *reason, *error;
-    const char *headers_json;  /* or NULL */
-    long long delivery_count;  /* -1 = unknown */
-    bool body_is_json;         /* store the body parsed too */
-    const char *task_id;       /* a valid UUID, or NULL */
+    const char *headers_json; /* or NULL */
+    long long delivery_count; /* -1 = unknown */
+    bool body_is_json;        /* store the body parsed too */
+    const char *task_id;      /* a valid UUID, or NULL */
 } lr_store_dead_message_args_t;
 
 typedef struct lr_store_dead_message_res {
     int err;
     const char *errmsg;
-    const char *key;     /* err == 0: the dead letter's dedupe key */
+    const char *key; /* err == 0: the dead letter's dedupe key */
 } lr_store_dead_message_res_t;
 
 typedef void (*lr_store_dead_message_cb)(const lr_store_dead_message_res_t *res, void *arg);
 
-int lr_store_dead_message(lr_pg_pool_t *pg, const lr_store_dead_message_args_t *a,
-                          lr_store_dead_message_cb cb, void *arg) LR_MUSTCHECK;
+int lr_store_dead_message(lr_pg_pool_t *pg, const lr_store_dead_message_args_t *a, lr_store_dead_message_cb cb,
+                          void *arg) LR_MUSTCHECK;
 
 /* ------------------------------------------------------ leases and worker */
 
@@ -240,15 +237,15 @@ typedef struct lr_store_lease {
 typedef struct lr_store_renew_res {
     int err;
     const char *errmsg;
-    int nfenced;                     /* leases positively lost */
-    const lr_store_lease_t *fenced;  /* borrowed for the callback */
+    int nfenced;                    /* leases positively lost */
+    const lr_store_lease_t *fenced; /* borrowed for the callback */
 } lr_store_renew_res_t;
 
 typedef void (*lr_store_renew_cb)(const lr_store_renew_res_t *res, void *arg);
 
 /* Renews n leases (each fenced on its epoch) in one statement. */
-int lr_store_renew(lr_pg_pool_t *pg, const lr_store_lease_t *leases, int n, int lease_seconds,
-                   long timeout_ms, lr_store_renew_cb cb, void *arg) LR_MUSTCHECK;
+int lr_store_renew(lr_pg_pool_t *pg, const lr_store_lease_t *leases, int n, int lease_seconds, long timeout_ms,
+                   lr_store_renew_cb cb, void *arg) LR_MUSTCHECK;
 
 typedef struct lr_store_heartbeat_args {
     const char *worker, *hostname, *version, *queues_csv;
@@ -270,7 +267,7 @@ typedef struct lr_store_flags_res {
     int err;
     const char *errmsg;
     int n;
-    const char *const *entries;  /* "kind:name" of each disabled flag */
+    const char *const *entries; /* "kind:name" of each disabled flag */
 } lr_store_flags_res_t;
 
 typedef void (*lr_store_flags_cb)(const lr_store_flags_res_t *res, void *arg);
@@ -284,12 +281,12 @@ int lr_store_schema_version(lr_pg_pool_t *pg, lr_store_count_cb cb, void *arg) L
 /* ------------------------------------------------------- durability check */
 
 typedef struct lr_store_durability_res {
-    int err;                    /* 0, or LR_E* (the statement failed) */
-    const char *errmsg;         /* with err */
+    int err;            /* 0, or LR_E* (the statement failed) */
+    const char *errmsg; /* with err */
     /* err == 0: the settings as the worker's connection sees them (role and
      * database settings applied), and whose they are.  Borrowed. */
     const char *fsync, *synchronous_commit, *user, *database;
-    bool unsafe;                /* fsync = off or synchronous_commit = off */
+    bool unsafe; /* fsync = off or synchronous_commit = off */
 } lr_store_durability_res_t;
 
 typedef void (*lr_store_durability_cb)(const lr_store_durability_res_t *res, void *arg);

@@ -15,10 +15,9 @@ void lr_wm_init(void) {
                                                    "Time from sending a checkpoint to its commit.", NULL, ckpt,
                                                    (int)(sizeof(ckpt) / sizeof(ckpt[0])));
     lr_wm.in_flight = lr_metric_gauge("longrun_in_flight", "Tasks in flight in this worker.", NULL);
-    lr_wm.dead_letters = lr_metric_counter("longrun_dead_letters_total", "Dead letters recorded, by reason.",
-                                           "reason");
-    lr_wm.retries = lr_metric_counter("longrun_retries_total", "Tasks parked in retry_wait after a transient failure.",
-                                      NULL);
+    lr_wm.dead_letters = lr_metric_counter("longrun_dead_letters_total", "Dead letters recorded, by reason.", "reason");
+    lr_wm.retries =
+        lr_metric_counter("longrun_retries_total", "Tasks parked in retry_wait after a transient failure.", NULL);
     lr_wm.suspensions = lr_metric_counter("longrun_suspensions_total", "Tasks suspended, by reason.", "reason");
     lr_wm.lease_renewals = lr_metric_counter("longrun_lease_renewals_total", "Leases renewed.", NULL);
     lr_wm.fencing_rejections = lr_metric_counter("longrun_fencing_rejections_total",
@@ -34,9 +33,9 @@ void lr_wm_init(void) {
     lr_wm.tool_calls = lr_metric_counter("longrun_tool_calls_total", "Tool calls by tool and outcome.", "tool,outcome");
     lr_wm.tool_seconds = lr_metric_histogram("longrun_tool_duration_seconds", "Tool call latency.", "tool",
                                              lr_latency_buckets, lr_latency_nbuckets);
-    lr_wm.circuit_state = lr_metric_gauge("longrun_circuit_state",
-                                          "Circuit breaker per model endpoint and per tool: 0 closed, 1 half-open, 2 open.",
-                                          "endpoint");
+    lr_wm.circuit_state =
+        lr_metric_gauge("longrun_circuit_state",
+                        "Circuit breaker per model endpoint and per tool: 0 closed, 1 half-open, 2 open.", "endpoint");
     lr_wm.rate_limit_waits = lr_metric_counter("longrun_rate_limit_waits_total",
                                                "Rate-limit answers (429) that made a call wait or suspend.", "model");
     lr_wm.gate_waiting = lr_metric_gauge("longrun_model_gate_waiting",

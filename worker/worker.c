@@ -37,15 +37,16 @@ static const lr_executor_t *find_executor(const char *agent) {
     return NULL;
 }
 
-
 static void on_amqp_state(int connected, const char *detail, void *arg) {
     lr_worker_t *w = arg;
     w->amqp_up = connected != 0;
     if (connected) {
         lr_info("amqp.connected", "RabbitMQ connected; consuming %s", w->queues_csv);
     } else {
-        lr_warn("amqp.disconnected", "RabbitMQ unavailable: %s; in-flight tasks continue, "
-                "reconnecting", detail != NULL ? detail : "");
+        lr_warn("amqp.disconnected",
+                "RabbitMQ unavailable: %s; in-flight tasks continue, "
+                "reconnecting",
+                detail != NULL ? detail : "");
     }
 }
 
@@ -105,31 +106,36 @@ static void durability_cb(const lr_store_durability_res_t *res, void *arg) {
     }
     if (res->err != 0) {
         /* asked again by the next tick */
-        lr_warn("worker.durability_check_failed", "cannot read the PostgreSQL durability settings: %s",
-                res->errmsg);
+        lr_warn("worker.durability_check_failed", "cannot read the PostgreSQL durability settings: %s", res->errmsg);
         return;
     }
     if (res->unsafe && w->cfg.allow_unsafe_durability == 0) {
         w->durability_state = -1;
         w->exit_code = 2;
-        snprintf(w->schema_msg, sizeof(w->schema_msg), "PostgreSQL durability is off (fsync=%s, "
-                 "synchronous_commit=%s)", res->fsync, res->synchronous_commit);
-        lr_error("worker.unsafe_durability", "PostgreSQL runs with fsync=%s, synchronous_commit=%s for role %s "
+        snprintf(w->schema_msg, sizeof(w->schema_msg),
+                 "PostgreSQL durability is off (fsync=%s, "
+                 "synchronous_commit=%s)",
+                 res->fsync, res->synchronous_commit);
+        lr_error("worker.unsafe_durability",
+                 "PostgreSQL runs with fsync=%s, synchronous_commit=%s for role %s "
                  "on database %s: a committed checkpoint could be lost in a crash of the database server. "
                  "Refusing to start (exit 2): turn both on (e.g. ALTER DATABASE %s RESET synchronous_commit) "
-                 "or set LONGRUN_ALLOW_UNSAFE_DURABILITY=1 to run anyway", res->fsync, res->synchronous_commit,
-                 res->user, res->database, res->database);
+                 "or set LONGRUN_ALLOW_UNSAFE_DURABILITY=1 to run anyway",
+                 res->fsync, res->synchronous_commit, res->user, res->database, res->database);
         lr_daemon_shutdown(w->d);
         return;
     }
     if (res->unsafe) {
-        lr_warn("worker.unsafe_durability", "PostgreSQL runs with fsync=%s, synchronous_commit=%s for role %s on "
+        lr_warn("worker.unsafe_durability",
+                "PostgreSQL runs with fsync=%s, synchronous_commit=%s for role %s on "
                 "database %s: committed checkpoints can be lost in a crash of the database server; running anyway "
-                "(LONGRUN_ALLOW_UNSAFE_DURABILITY=1)", res->fsync, res->synchronous_commit, res->user,
-                res->database);
+                "(LONGRUN_ALLOW_UNSAFE_DURABILITY=1)",
+                res->fsync, res->synchronous_commit, res->user, res->database);
     } else {
-        lr_info("worker.durability", "PostgreSQL durability: fsync=%s, synchronous_commit=%s for role %s on "
-                "database %s", res->fsync, res->synchronous_commit, res->user, res->database);
+        lr_info("worker.durability",
+                "PostgreSQL durability: fsync=%s, synchronous_commit=%s for role %s on "
+                "database %s",
+                res->fsync, res->synchronous_commit, res->user, res->database);
     }
     w->durability_state = 1;
     if (w->draining) {
@@ -170,7 +176,9 @@ static void health_snapshot(const lr_worker_t *w, lr_health_t *health) {
     cJSON_AddNumberToObject(dep, "pending_queries", w->pg != NULL ? (double)lr_pg_pool_pending(w->pg) : 0);
     dep = cJSON_AddObjectToObject(deps, "schema");
     cJSON_AddStringToObject(dep, "status",
-                            w->schema_state > 0 ? "ok" : w->schema_state < 0 ? "incompatible" : "unknown");
+                            w->schema_state > 0   ? "ok"
+                            : w->schema_state < 0 ? "incompatible"
+                                                  : "unknown");
     cJSON_AddNumberToObject(dep, "binary_version", lr_schema_version_known());
     cJSON_AddNumberToObject(o, "in_flight", w->nruns);
     cJSON_AddNumberToObject(o, "max_in_flight", w->cfg.max_in_flight);
@@ -226,10 +234,12 @@ static void on_tick(lr_daemon_t *d, void *arg) {
     lr_metric_set(lr_wm.pg_connections, NULL, w->pg_usable);
     health_snapshot(w, health);
     if (ticks % 60 == 0) {
-        lr_info("worker.stats", "in flight %d, steps %llu, tasks finished %llu, postgres %d connection(s) with %zu "
-                "pending, rabbitmq %s%s", w->nruns, (unsigned long long)w->steps_done,
-                (unsigned long long)w->tasks_finished, w->pg_usable, w->pg != NULL ? lr_pg_pool_pending(w->pg) : (size_t)0,
-                w->amqp_up ? "up" : "down", w->draining ? ", draining" : "");
+        lr_info("worker.stats",
+                "in flight %d, steps %llu, tasks finished %llu, postgres %d connection(s) with %zu "
+                "pending, rabbitmq %s%s",
+                w->nruns, (unsigned long long)w->steps_done, (unsigned long long)w->tasks_finished, w->pg_usable,
+                w->pg != NULL ? lr_pg_pool_pending(w->pg) : (size_t)0, w->amqp_up ? "up" : "down",
+                w->draining ? ", draining" : "");
     }
 }
 
@@ -301,8 +311,7 @@ static int setup_identity(lr_worker_t *w, const char *const *queues) {
         sprintf(full, "%s%s", LR_AMQP_QUEUE_PREFIX, queues[i]);
         w->queue_names[i] = full;
         w->queue_short[i] = queues[i];
-        off += (size_t)snprintf(w->queues_csv + off, sizeof(w->queues_csv) - off, "%s%s", i ? "," : "",
-                                queues[i]);
+        off += (size_t)snprintf(w->queues_csv + off, sizeof(w->queues_csv) - off, "%s%s", i ? "," : "", queues[i]);
     }
     return 0;
 }
@@ -443,9 +452,11 @@ int lr_worker_run(const lr_config_t *cfg, const char *const *queues) {
     }
     rc = start(w);
     if (rc == 0) {
-        lr_info("worker.started", "longrun-worker %s: queues %s, max in flight %d, lease %d s, slice %d steps / %d s, "
-                "schema v%d", LONGRUN_VERSION, w->queues_csv, cfg->max_in_flight, cfg->lease_seconds,
-                cfg->slice_steps, cfg->slice_seconds, lr_schema_version_known());
+        lr_info("worker.started",
+                "longrun-worker %s: queues %s, max in flight %d, lease %d s, slice %d steps / %d s, "
+                "schema v%d",
+                LONGRUN_VERSION, w->queues_csv, cfg->max_in_flight, cfg->lease_seconds, cfg->slice_steps,
+                cfg->slice_seconds, lr_schema_version_known());
     } else {
         w->stopping = true;
         lr_daemon_shutdown(w->d); /* close what start() created */

@@ -38,15 +38,15 @@ enum lr_step_outcome {
  * (freed by lr_step_reset). */
 typedef struct lr_step {
     int outcome;
-    char *messages;     /* JSON array text: the messages this step added */
-    char *tool_calls;   /* JSON text or NULL */
-    char *result;       /* JSON text when FINISHED */
-    char *model;        /* model that answered, or NULL */
+    char *messages;   /* JSON array text: the messages this step added */
+    char *tool_calls; /* JSON text or NULL */
+    char *result;     /* JSON text when FINISHED */
+    char *model;      /* model that answered, or NULL */
     char error[512];
     char stop_reason[32];
     char suspend_reason[32];
     char wait_event[128];
-    long resume_in_ms;  /* -1 = none */
+    long resume_in_ms; /* -1 = none */
     long tokens_in, tokens_out, tokens_cached, tool_calls_count;
     double cost_usd;
 } lr_step_t;
@@ -75,7 +75,7 @@ typedef struct lr_executor {
 
 /* Accessors for executors (borrowed values valid while the run lives). */
 const char *lr_run_id(const lr_run_t *r);
-int lr_run_step_no(const lr_run_t *r);      /* last checkpointed step */
+int lr_run_step_no(const lr_run_t *r); /* last checkpointed step */
 int64_t lr_run_epoch(const lr_run_t *r);
 const cJSON *lr_run_input(const lr_run_t *r);
 const char *lr_run_agent(const lr_run_t *r);
@@ -89,7 +89,7 @@ const char *lr_run_budgets_json(const lr_run_t *r);
 /* The task's tenant, or NULL. */
 const char *lr_run_tenant(const lr_run_t *r);
 typedef struct lr_run_usage {
-    int step;            /* steps checkpointed */
+    int step; /* steps checkpointed */
     long tokens_in, tokens_out, tool_calls, active_ms;
     double cost_usd;
 } lr_run_usage_t;

@@ -39,8 +39,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     memset(reason, 'X', sizeof(reason));
     memset(detail, 'X', sizeof(detail));
     cls = lr_provider_classify(status, body, should, reason, sizeof(reason), detail, sizeof(detail));
-    FUZZ_CHECK(cls == LR_CALL_RETRY || cls == LR_CALL_NEXT_MODEL || cls == LR_CALL_PERMANENT,
-               "a known class");
+    FUZZ_CHECK(cls == LR_CALL_RETRY || cls == LR_CALL_NEXT_MODEL || cls == LR_CALL_PERMANENT, "a known class");
     FUZZ_CHECK(fuzz_terminated(reason, sizeof(reason)) && reason[0] != '\0', "reason is a non-empty C string");
     FUZZ_CHECK(fuzz_terminated(detail, sizeof(detail)) && strncmp(detail, "HTTP ", 5) == 0,
                "detail starts with the status");

@@ -41,8 +41,9 @@ static lr_model_ref_t model_ref(enum lr_provider p) {
     return m;
 }
 
-static const lr_tool_def_t lookup = {(char *)"lookup", (char *)"Look something up", NULL, (char *)"http://x/tools/lookup",
-                                     1000, 0, false, false, 16384, LR_TOOL_HTTP};
+static const lr_tool_def_t lookup =
+    {(char *)"lookup", (char *)"Look something up", NULL, (char *)"http://x/tools/lookup", 1000, 0, false, false, 16384,
+     LR_TOOL_HTTP};
 
 static void next_request(const lr_model_reply_t *r) {
     const lr_tool_def_t *tools[] = {&lookup};

@@ -45,8 +45,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         char *b;
         FUZZ_CHECK(m.agent != NULL && lr_name_valid(m.agent), "agent is a valid name");
         FUZZ_CHECK(m.input != NULL, "input is present");
-        FUZZ_CHECK(m.max_attempts == -1 || (m.max_attempts >= 1 && m.max_attempts <= 100),
-                   "max_attempts in range");
+        FUZZ_CHECK(m.max_attempts == -1 || (m.max_attempts >= 1 && m.max_attempts <= 100), "max_attempts in range");
         FUZZ_CHECK(m.budgets.max_steps == -1 || (m.budgets.max_steps >= 1 && m.budgets.max_steps <= 10000),
                    "max_steps in range");
         FUZZ_CHECK(m.deadline == NULL || lr_rfc3339_valid(m.deadline), "deadline is RFC 3339");

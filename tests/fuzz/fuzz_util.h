@@ -20,13 +20,12 @@
 #include <string.h>
 
 /* Aborts with the property that failed (libFuzzer records the input). */
-#define FUZZ_CHECK(cond, what)                                                               \
-    do {                                                                                     \
-        if (!(cond)) {                                                                       \
-            fprintf(stderr, "FUZZ_CHECK failed at %s:%d: %s (%s)\n", __FILE__, __LINE__, what, \
-                    #cond);                                                                  \
-            abort();                                                                         \
-        }                                                                                    \
+#define FUZZ_CHECK(cond, what)                                                                         \
+    do {                                                                                               \
+        if (!(cond)) {                                                                                 \
+            fprintf(stderr, "FUZZ_CHECK failed at %s:%d: %s (%s)\n", __FILE__, __LINE__, what, #cond); \
+            abort();                                                                                   \
+        }                                                                                              \
     } while (0)
 
 /* A malloc'd NUL-terminated copy of data[0..n) (embedded NULs kept). */
@@ -43,9 +42,7 @@ static inline char *fuzz_strndup(const uint8_t *data, size_t n) {
 }
 
 /* Whether errbuf holds a NUL within its size (error messages are C strings). */
-static inline bool fuzz_terminated(const char *buf, size_t size) {
-    return memchr(buf, '\0', size) != NULL;
-}
+static inline bool fuzz_terminated(const char *buf, size_t size) { return memchr(buf, '\0', size) != NULL; }
 
 /* Length of the valid UTF-8 sequence at s (1-4), or 0 when it is not one.
  * Used to check that what the worker will store in jsonb is storable. */
@@ -62,8 +59,7 @@ static inline size_t fuzz_utf8_len(const unsigned char *s, size_t n) {
     }
     if (s[0] >= 0xf0 && s[0] <= 0xf4 && n >= 4 && (s[1] & 0xc0) == 0x80 && (s[2] & 0xc0) == 0x80 &&
         (s[3] & 0xc0) == 0x80) {
-        unsigned cp = ((s[0] & 0x07u) << 18) | ((s[1] & 0x3fu) << 12) | ((s[2] & 0x3fu) << 6) |
-                      (s[3] & 0x3fu);
+        unsigned cp = ((s[0] & 0x07u) << 18) | ((s[1] & 0x3fu) << 12) | ((s[2] & 0x3fu) << 6) | (s[3] & 0x3fu);
         return (cp >= 0x10000 && cp <= 0x10ffff) ? 4 : 0;
     }
     return 0;

@@ -39,13 +39,12 @@
 #include "log.h"
 #include "testutil.h"
 
-#define T_CONTAINS(hay, needle)                                                       \
-    do {                                                                              \
-        const char *_h = (hay), *_n = (needle);                                       \
-        if (_h == NULL || strstr(_h, _n) == NULL) {                                   \
-            T_FAIL("%s contains %s: \"%s\" lacks \"%s\"", #hay, #needle,              \
-                   _h ? _h : "(null)", _n);                                           \
-        }                                                                             \
+#define T_CONTAINS(hay, needle)                                                                   \
+    do {                                                                                          \
+        const char *_h = (hay), *_n = (needle);                                                   \
+        if (_h == NULL || strstr(_h, _n) == NULL) {                                               \
+            T_FAIL("%s contains %s: \"%s\" lacks \"%s\"", #hay, #needle, _h ? _h : "(null)", _n); \
+        }                                                                                         \
     } while (0)
 
 static uv_loop_t loop;
@@ -60,9 +59,7 @@ static uint64_t mono_ms(void) {
     return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
 }
 
-static void tick_cb(uv_timer_t *t) {
-    (void)t;
-}
+static void tick_cb(uv_timer_t *t) { (void)t; }
 
 /* Runs the loop until cond(arg) or timeout_ms (scaled) pass. */
 static bool run_until(bool (*cond)(void *), void *arg, long timeout_ms) {
@@ -86,15 +83,15 @@ static void run_for(long ms) {
 typedef struct obs {
     lr_amqp_t *a;
     const char *name;
-    int connected;           /* last on_state */
+    int connected; /* last on_state */
     int n_up, n_down;
-    char detail[512];        /* last on_state detail */
-    char down_detail[512];   /* last on_state(0) detail */
-    bool auto_ack;           /* ack (and count) every delivery at once */
+    char detail[512];      /* last on_state detail */
+    char down_detail[512]; /* last on_state(0) detail */
+    bool auto_ack;         /* ack (and count) every delivery at once */
     size_t acked;
-    lr_amqp_delivery_t *held[MAXD];  /* deliveries kept for inspection */
+    lr_amqp_delivery_t *held[MAXD]; /* deliveries kept for inspection */
     size_t nheld;
-    size_t total;            /* deliveries seen */
+    size_t total; /* deliveries seen */
     bool stopped;
 } obs_t;
 
@@ -165,20 +162,13 @@ static lr_amqp_delivery_t *wait_delivery(obs_t *o, const char *queue, long ms) {
     return take(o, queue);
 }
 
-static bool is_up(void *arg) {
-    return ((obs_t *)arg)->connected == 1;
-}
+static bool is_up(void *arg) { return ((obs_t *)arg)->connected == 1; }
 
-static bool is_stopped(void *arg) {
-    return ((obs_t *)arg)->stopped;
-}
+static bool is_stopped(void *arg) { return ((obs_t *)arg)->stopped; }
 
-static void stopped_cb(void *arg) {
-    ((obs_t *)arg)->stopped = true;
-}
+static void stopped_cb(void *arg) { ((obs_t *)arg)->stopped = true; }
 
-static void start(obs_t *o, const char *name, const char *u, const char *const *consume,
-                  const char *const *declare) {
+static void start(obs_t *o, const char *name, const char *u, const char *const *consume, const char *const *declare) {
     char err[512] = "";
     lr_amqp_opts_t opts = {
         .url = u,
@@ -265,8 +255,7 @@ static void raw_open(raw_t *r) {
         T_EQ_INT(amqp_ssl_socket_set_cacert(s, getenv("LONGRUN_AMQP_CACERT")), AMQP_STATUS_OK);
     }
     T_EQ_INT(amqp_socket_open(s, ci.host, ci.port), AMQP_STATUS_OK);
-    amqp_rpc_reply_t rep = amqp_login(r->st, ci.vhost, 0, 131072, 0, AMQP_SASL_METHOD_PLAIN,
-                                      ci.user, ci.password);
+    amqp_rpc_reply_t rep = amqp_login(r->st, ci.vhost, 0, 131072, 0, AMQP_SASL_METHOD_PLAIN, ci.user, ci.password);
     T_EQ_INT(rep.reply_type, AMQP_RESPONSE_NORMAL);
     amqp_channel_open(r->st, 1);
     raw_check(r, "channel.open");
@@ -279,11 +268,9 @@ static void raw_close(raw_t *r) {
     amqp_destroy_connection(r->st);
 }
 
-static void raw_publish(raw_t *r, const char *rk, const amqp_basic_properties_t *props,
-                        const void *body, size_t len) {
+static void raw_publish(raw_t *r, const char *rk, const amqp_basic_properties_t *props, const void *body, size_t len) {
     amqp_bytes_t b = {.len = len, .bytes = (void *)body};
-    T_EQ_INT(amqp_basic_publish(r->st, 1, amqp_cstring_bytes(LR_AMQP_EXCHANGE),
-                                amqp_cstring_bytes(rk), 0, 0, props, b),
+    T_EQ_INT(amqp_basic_publish(r->st, 1, amqp_cstring_bytes(LR_AMQP_EXCHANGE), amqp_cstring_bytes(rk), 0, 0, props, b),
              AMQP_STATUS_OK);
 }
 
@@ -307,7 +294,7 @@ static void cleanup_queues(void) {
 /* ---- a TCP proxy whose connections the test can cut ---- */
 
 typedef struct proxy {
-    bool frozen;  /* proxy thread only: stop forwarding (a silent broker) */
+    bool frozen; /* proxy thread only: stop forwarding (a silent broker) */
     int lfd, port;
     struct sockaddr_in up;
     int ctl[2];
@@ -359,8 +346,7 @@ static void *proxy_main(void *arg) {
         if (pf[0].revents) {
             int c = accept(p->lfd, NULL, NULL);
             int u = socket(AF_INET, SOCK_STREAM, 0);
-            if (c >= 0 && u >= 0 && p->n < 64 &&
-                connect(u, (struct sockaddr *)&p->up, sizeof(p->up)) == 0) {
+            if (c >= 0 && u >= 0 && p->n < 64 && connect(u, (struct sockaddr *)&p->up, sizeof(p->up)) == 0) {
                 p->fds[p->n][0] = c;
                 p->fds[p->n][1] = u;
                 p->n++;
@@ -392,7 +378,7 @@ static void *proxy_main(void *arg) {
                 }
                 if (dead) {
                     proxy_drop(p, i);
-                    goto next_round;  /* indices shifted */
+                    goto next_round; /* indices shifted */
                 }
             }
         }
@@ -406,9 +392,7 @@ static void proxy_start(proxy_t *p, const char *host, int port) {
     memset(p, 0, sizeof(*p));
     p->up.sin_family = AF_INET;
     p->up.sin_port = htons((uint16_t)port);
-    T_EQ_INT(inet_pton(AF_INET, strcmp(host, "localhost") == 0 ? "127.0.0.1" : host,
-                       &p->up.sin_addr),
-             1);
+    T_EQ_INT(inet_pton(AF_INET, strcmp(host, "localhost") == 0 ? "127.0.0.1" : host, &p->up.sin_addr), 1);
     p->lfd = socket(AF_INET, SOCK_STREAM, 0);
     a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     T_EQ_INT(bind(p->lfd, (struct sockaddr *)&a, sizeof(a)), 0);
@@ -419,9 +403,7 @@ static void proxy_start(proxy_t *p, const char *host, int port) {
     T_EQ_INT(pthread_create(&p->th, NULL, proxy_main, p), 0);
 }
 
-static void proxy_cmd(proxy_t *p, char c) {
-    T_EQ_INT(write(p->ctl[1], &c, 1), 1);
-}
+static void proxy_cmd(proxy_t *p, char c) { T_EQ_INT(write(p->ctl[1], &c, 1), 1); }
 
 static void proxy_stop(proxy_t *p) {
     proxy_cmd(p, 'q');
@@ -435,8 +417,8 @@ static void pct(char *out, size_t len, const char *s) {
     size_t o = 0;
     for (; *s != '\0' && o + 4 < len; s++) {
         unsigned char c = (unsigned char)*s;
-        if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-            c == '-' || c == '.' || c == '_' || c == '~') {
+        if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' || c == '.' ||
+            c == '_' || c == '~') {
             out[o++] = (char)c;
         } else {
             o += (size_t)snprintf(out + o, len - o, "%%%02X", c);
@@ -480,8 +462,7 @@ static double owner_cpu_seconds(void) {
             char *p = strrchr(buf, ')');
             unsigned long ut = 0, st = 0;
             /* fields after ")": state(3) ... utime(14) stime(15) */
-            if (p != NULL && sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu",
-                                    &ut, &st) == 2) {
+            if (p != NULL && sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &ut, &st) == 2) {
                 total += (double)(ut + st) / (double)hz;
             }
         }
@@ -494,8 +475,8 @@ static double owner_cpu_seconds(void) {
 static double process_cpu_seconds(void) {
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
-    return (double)ru.ru_utime.tv_sec + (double)ru.ru_utime.tv_usec / 1e6 +
-           (double)ru.ru_stime.tv_sec + (double)ru.ru_stime.tv_usec / 1e6;
+    return (double)ru.ru_utime.tv_sec + (double)ru.ru_utime.tv_usec / 1e6 + (double)ru.ru_stime.tv_sec +
+           (double)ru.ru_stime.tv_usec / 1e6;
 }
 
 /* ---- tests ---- */
@@ -549,8 +530,7 @@ static void test_url_check(void) {
 static void test_refused(void) {
     char err[512];
     lr_amqp_sync_t *s = NULL;
-    T_EQ_INT(lr_amqp_sync_connect(&s, "amqp://guest:guest@127.0.0.1:1/", 2000, err, sizeof(err)),
-             LR_ECONN);
+    T_EQ_INT(lr_amqp_sync_connect(&s, "amqp://guest:guest@127.0.0.1:1/", 2000, err, sizeof(err)), LR_ECONN);
     T_ASSERT(s == NULL);
     T_CONTAINS(err, "refused");
 
@@ -586,8 +566,7 @@ static void test_sync(lr_amqp_sync_t *s) {
     T_EQ_INT(msgs, 0);
     T_EQ_INT(cons, 0);
     T_EQ_INT(lr_amqp_sync_queue_info(s, LR_AMQP_DEAD_QUEUE, NULL, NULL, err, sizeof(err)), 0);
-    T_EQ_INT(lr_amqp_sync_queue_info(s, "longrun.no-such-queue", &msgs, &cons, err, sizeof(err)),
-             LR_ENOTFOUND);
+    T_EQ_INT(lr_amqp_sync_queue_info(s, "longrun.no-such-queue", &msgs, &cons, err, sizeof(err)), LR_ENOTFOUND);
     T_CONTAINS(err, "does not exist");
 
     /* A queue that exists with other arguments: LR_ECONFIG in plain words,
@@ -613,14 +592,11 @@ static void test_sync(lr_amqp_sync_t *s) {
     /* Unroutable mandatory -> LR_EAMQP; non-mandatory unroutable is dropped
        silently and confirmed; a missing exchange -> LR_EAMQP, channel reopened. */
     lr_amqp_msg_t m = {.body = "{\"x\":1}", .body_len = 7, .persistent = true, .mandatory = true};
-    T_EQ_INT(lr_amqp_sync_publish(s, LR_AMQP_EXCHANGE, "no-such-route", &m, 5000, err, sizeof(err)),
-             LR_EAMQP);
+    T_EQ_INT(lr_amqp_sync_publish(s, LR_AMQP_EXCHANGE, "no-such-route", &m, 5000, err, sizeof(err)), LR_EAMQP);
     T_CONTAINS(err, "could not be routed");
     m.mandatory = false;
-    T_EQ_INT(lr_amqp_sync_publish(s, LR_AMQP_EXCHANGE, "no-such-route", &m, 5000, err, sizeof(err)),
-             0);
-    T_EQ_INT(lr_amqp_sync_publish(s, "longrun.no-such-exchange", "x", &m, 5000, err, sizeof(err)),
-             LR_EAMQP);
+    T_EQ_INT(lr_amqp_sync_publish(s, LR_AMQP_EXCHANGE, "no-such-route", &m, 5000, err, sizeof(err)), 0);
+    T_EQ_INT(lr_amqp_sync_publish(s, "longrun.no-such-exchange", "x", &m, 5000, err, sizeof(err)), LR_EAMQP);
     T_CONTAINS(err, "404");
     T_EQ_INT(lr_amqp_sync_queue_info(s, qfull, &msgs, NULL, err, sizeof(err)), 0);
     T_EQ_INT(msgs, 0);
@@ -630,26 +606,24 @@ static void test_sync(lr_amqp_sync_t *s) {
     T_ASSERT(big != NULL);
     memset(big, 'a', LR_AMQP_MAX_BODY + 1);
     lr_amqp_msg_t mb = {.body = big, .body_len = LR_AMQP_MAX_BODY + 1};
-    T_EQ_INT(lr_amqp_sync_publish(s, LR_AMQP_EXCHANGE, qshort, &mb, 5000, err, sizeof(err)),
-             LR_ETOOBIG);
+    T_EQ_INT(lr_amqp_sync_publish(s, LR_AMQP_EXCHANGE, qshort, &mb, 5000, err, sizeof(err)), LR_ETOOBIG);
     free(big);
     fprintf(stderr, "sync ok\n");
 }
 
-static const char rich_json[] =
-    "{\"s\":\"hello \\\"w\\\"\\n\",\"i32\":-42,\"i64\":1234567890123,\"u8\":200,"
-    "\"bool\":true,\"f64\":1.5,\"f32\":0.25,\"dec\":123.45,\"dec2\":0.005,"
-    "\"ts\":1700000000,\"void\":null,\"bytes\":\"a\\ufffdb\",\"bad\":\"\\ufffdok\","
-    "\"nested\":{\"k\":\"v\",\"arr\":[1,\"x\",false]},\"x-test\":\"hello\"}";
+static const char rich_json[] = "{\"s\":\"hello \\\"w\\\"\\n\",\"i32\":-42,\"i64\":1234567890123,\"u8\":200,"
+                                "\"bool\":true,\"f64\":1.5,\"f32\":0.25,\"dec\":123.45,\"dec2\":0.005,"
+                                "\"ts\":1700000000,\"void\":null,\"bytes\":\"a\\ufffdb\",\"bad\":\"\\ufffdok\","
+                                "\"nested\":{\"k\":\"v\",\"arr\":[1,\"x\",false]},\"x-test\":\"hello\"}";
 
 static void publish_rich(void) {
     raw_t r;
     amqp_table_entry_t e[15], ne[2];
     amqp_field_value_t arr[3];
     int n = 0;
-#define STR(k, v)                                                \
-    e[n].key = amqp_cstring_bytes(k);                            \
-    e[n].value.kind = AMQP_FIELD_KIND_UTF8;                      \
+#define STR(k, v)                                                        \
+    e[n].key = amqp_cstring_bytes(k);                                    \
+    e[n].value.kind = AMQP_FIELD_KIND_UTF8;                              \
     e[n].value.value.bytes = (amqp_bytes_t){sizeof(v) - 1, (void *)(v)}; \
     n++
     STR("s", "hello \"w\"\n");
@@ -833,8 +807,8 @@ static void test_threaded(lr_amqp_sync_t *s, obs_t *o) {
     run_for(3000);
     double wall = (double)(mono_ms() - w0) / 1000.0;
     double t1 = owner_cpu_seconds(), p1 = process_cpu_seconds();
-    fprintf(stderr, "idle: owner thread CPU %.3f%%, whole process %.3f%% over %.1f s\n",
-            100.0 * (t1 - t0) / wall, 100.0 * (p1 - p0) / wall, wall);
+    fprintf(stderr, "idle: owner thread CPU %.3f%%, whole process %.3f%% over %.1f s\n", 100.0 * (t1 - t0) / wall,
+            100.0 * (p1 - p0) / wall, wall);
     T_ASSERT(t1 - t0 < 0.05 * wall);
 
     /* 1000 confirmed publishes, consumed and acked as they arrive. */
@@ -852,8 +826,7 @@ static void test_threaded(lr_amqp_sync_t *s, obs_t *o) {
     count_want_t w = {&c.total, 1000};
     T_ASSERT(run_until(count_reached, &w, 30000));
     double secs = (double)(mono_ms() - start_ms) / 1000.0;
-    fprintf(stderr, "1000 confirmed publishes in %.3f s (%.0f msgs/s)\n", secs,
-            1000.0 / (secs > 0 ? secs : 0.001));
+    fprintf(stderr, "1000 confirmed publishes in %.3f s (%.0f msgs/s)\n", secs, 1000.0 / (secs > 0 ? secs : 0.001));
     T_EQ_INT(c.ok, 1000);
     count_want_t wa = {&o->acked, 1000};
     T_ASSERT(run_until(count_reached, &wa, 30000));
@@ -896,7 +869,10 @@ static void test_threaded(lr_amqp_sync_t *s, obs_t *o) {
     lr_amqp_cancel_consume(o->a);
     run_for(300);
     size_t before = o->total;
-    lr_amqp_msg_t cm = {.body = "{\"after\":\"cancel\"}", .body_len = 18, .message_id = "after-cancel", .persistent = true};
+    lr_amqp_msg_t cm = {.body = "{\"after\":\"cancel\"}",
+                        .body_len = 18,
+                        .message_id = "after-cancel",
+                        .persistent = true};
     T_EQ_INT(lr_amqp_sync_publish(s, LR_AMQP_EXCHANGE, qshort, &cm, 5000, err, sizeof(err)), 0);
     run_for(500);
     T_EQ_INT(o->total, before);
@@ -959,7 +935,7 @@ static void test_proxy_reconnect(lr_amqp_sync_t *s) {
     T_EQ_INT(o.n_up, 2);
     count_want_t w = {&c.total, 1};
     T_ASSERT(run_until(count_reached, &w, 5000));
-    T_EQ_INT(c.total, 1);  /* exactly once: confirmed, or LR_ECONN if cut first */
+    T_EQ_INT(c.total, 1); /* exactly once: confirmed, or LR_ECONN if cut first */
     T_ASSERT(c.ok + c.econn == 1);
 
     /* The old delivery's tag means nothing on the new channel. */
@@ -1025,8 +1001,10 @@ static void test_proxy_reconnect(lr_amqp_sync_t *s) {
     lr_amqp_stop(o2.a, 200, stopped_cb, &o2);
     T_ASSERT(run_until(is_stopped, &o2, 30000));
     took = mono_ms() - t0;
-    fprintf(stderr, "stop while blocked in a write took %llu ms; outcomes: %zu shutdown, %zu conn, "
-            "%zu ok\n", (unsigned long long)took, cb.eshutdown, cb.econn, cb.ok);
+    fprintf(stderr,
+            "stop while blocked in a write took %llu ms; outcomes: %zu shutdown, %zu conn, "
+            "%zu ok\n",
+            (unsigned long long)took, cb.eshutdown, cb.econn, cb.ok);
     T_EQ_INT(cb.total, 40);
     T_EQ_INT(cb.eshutdown + cb.econn, 40);
     T_ASSERT(took < 8000u * (uint64_t)mult);
@@ -1045,8 +1023,7 @@ static const char *rabbitmqctl(void) {
     if (ctl != NULL && ctl[0] != '\0') {
         return ctl;
     }
-    if (services != NULL && services[0] != '\0' && strchr(services, '\'') == NULL &&
-        access(services, X_OK) == 0) {
+    if (services != NULL && services[0] != '\0' && strchr(services, '\'') == NULL && access(services, X_OK) == 0) {
         snprintf(buf, sizeof(buf), "'%.900s' rabbitmqctl", services);
         return buf;
     }
@@ -1066,8 +1043,7 @@ static void test_ctl_reconnect(lr_amqp_sync_t *s, obs_t *o, uint32_t want_consum
     gethostname(host, sizeof(host) - 1);
     /* Our owner connections are named "<prog>@<host>:<pid>/<n>". */
     snprintf(mark, sizeof(mark), "@%s:%ld/", host, (long)getpid());
-    snprintf(cmd, sizeof(cmd), "%.700s -q list_connections --no-table-headers pid client_properties",
-             ctl);
+    snprintf(cmd, sizeof(cmd), "%.700s -q list_connections --no-table-headers pid client_properties", ctl);
     FILE *f = popen(cmd, "r");
     T_ASSERT(f != NULL);
     while (fgets(line, sizeof(line), f) != NULL) {
@@ -1081,14 +1057,16 @@ static void test_ctl_reconnect(lr_amqp_sync_t *s, obs_t *o, uint32_t want_consum
     }
     pclose(f);
     if (npids == 0) {
-        fprintf(stderr, "SKIP rabbitmqctl reconnect test (no connection named *%s* on that "
-                        "node: another broker?)\n", mark);
+        fprintf(stderr,
+                "SKIP rabbitmqctl reconnect test (no connection named *%s* on that "
+                "node: another broker?)\n",
+                mark);
         return;
     }
     int downs = o->n_down, ups = o->n_up;
     for (int i = 0; i < npids; i++) {
-        snprintf(cmd, sizeof(cmd), "%.700s -q close_connection '%.127s' 'test_amqp forced close' >/dev/null",
-                 ctl, pids[i]);
+        snprintf(cmd, sizeof(cmd), "%.700s -q close_connection '%.127s' 'test_amqp forced close' >/dev/null", ctl,
+                 pids[i]);
         T_EQ_INT(system(cmd), 0);
     }
     for (uint64_t dl = mono_ms() + 10000u * (uint64_t)mult; o->n_down == downs && mono_ms() < dl;) {
@@ -1124,7 +1102,7 @@ static void test_ctl_reconnect_consumer(lr_amqp_sync_t *s) {
     start(&o, "C", url, consume, NULL);
     T_ASSERT(run_until(is_up, &o, 10000));
     o.auto_ack = true;
-    run_for(500);  /* drain leftovers */
+    run_for(500); /* drain leftovers */
     test_ctl_reconnect(s, &o, 1);
     size_t before = o.acked;
     lr_amqp_msg_t m = {.body = "{}", .body_len = 2, .message_id = "after-forced-close"};
@@ -1173,13 +1151,13 @@ int main(void) {
         e[0].key = amqp_cstring_bytes("x-expires");
         e[0].value.kind = AMQP_FIELD_KIND_I32;
         e[0].value.value.i32 = 600000;
-        amqp_exchange_declare(r.st, 1, amqp_cstring_bytes(LR_AMQP_DLX), amqp_cstring_bytes("fanout"),
-                              0, 1, 0, 0, amqp_empty_table);
+        amqp_exchange_declare(r.st, 1, amqp_cstring_bytes(LR_AMQP_DLX), amqp_cstring_bytes("fanout"), 0, 1, 0, 0,
+                              amqp_empty_table);
         raw_check(&r, "declare dlx");
         amqp_queue_declare(r.st, 1, amqp_cstring_bytes(tapq), 0, 0, 0, 0, (amqp_table_t){1, e});
         raw_check(&r, "declare tap");
-        amqp_queue_bind(r.st, 1, amqp_cstring_bytes(tapq), amqp_cstring_bytes(LR_AMQP_DLX),
-                        amqp_cstring_bytes(""), amqp_empty_table);
+        amqp_queue_bind(r.st, 1, amqp_cstring_bytes(tapq), amqp_cstring_bytes(LR_AMQP_DLX), amqp_cstring_bytes(""),
+                        amqp_empty_table);
         raw_check(&r, "bind tap");
         raw_close(&r);
     }

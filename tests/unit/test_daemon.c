@@ -29,8 +29,8 @@
 
 typedef struct fake {
     struct world *w;
-    char tag;                 /* lower case at close start, upper case at done */
-    bool async;               /* done from a timer's close callback, else inside close */
+    char tag;   /* lower case at close start, upper case at done */
+    bool async; /* done from a timer's close callback, else inside close */
     uv_timer_t timer;
     lr_daemon_done_cb done;
     void *done_arg;
@@ -66,9 +66,7 @@ static void fake_timer_closed(uv_handle_t *h) {
     f->done(f->done_arg);
 }
 
-static void fake_fire(uv_timer_t *t) {
-    uv_close((uv_handle_t *)t, fake_timer_closed);
-}
+static void fake_fire(uv_timer_t *t) { uv_close((uv_handle_t *)t, fake_timer_closed); }
 
 static void fake_close(void *obj, long timeout_ms, lr_daemon_done_cb done, void *done_arg) {
     fake_t *f = obj;
@@ -257,9 +255,7 @@ static void raise_sigint(lr_daemon_t *d, void *arg) {
     }
 }
 
-static void idle_cb(uv_idle_t *h) {
-    (void)h;
-}
+static void idle_cb(uv_idle_t *h) { (void)h; }
 
 static void test_leftover_handle(void) {
     world_t *w = world_new(NULL, NULL, raise_sigint);
@@ -344,9 +340,7 @@ static int run(const lr_config_t *cfg, void *arg) {
     return 7;
 }
 
-static void cleanup(void *arg) {
-    ((main_state_t *)arg)->cleaned++;
-}
+static void cleanup(void *arg) { ((main_state_t *)arg)->cleaned++; }
 
 static int call_main(main_state_t *ms, const char *a1, const char *a2, const char *a3) {
     static const lr_daemon_option_t own[] = {

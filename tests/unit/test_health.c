@@ -84,8 +84,8 @@ static bool closed_by_server(int fd, int ms) {
 }
 
 typedef struct reply {
-    int status;  /* 0: no answer */
-    char *body;  /* malloc'd, NUL-terminated */
+    int status; /* 0: no answer */
+    char *body; /* malloc'd, NUL-terminated */
     size_t len;
     char head[2048];
     double ms;
@@ -189,7 +189,8 @@ static int loris[N_LORIS];
 static volatile int loris_stop;
 
 static void *loris_main(void *arg) {
-    static const char req[] = "GET /healthz HTTP/1.1\r\nHost: test\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    static const char req[] =
+        "GET /healthz HTTP/1.1\r\nHost: test\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
     size_t pos = 0;
     (void)arg;
     while (!loris_stop) {

@@ -90,9 +90,7 @@ static void srv_conn_close(struct srv_conn *c) {
     uv_close((uv_handle_t *)&c->tcp, srv_conn_closed);
 }
 
-static void srv_write_done(uv_write_t *req, int status) {
-    free(req);
-}
+static void srv_write_done(uv_write_t *req, int status) { free(req); }
 
 static void srv_send(struct srv_conn *c, const char *data, size_t len) {
     struct srv_write *w = malloc(sizeof(*w) + len);
@@ -107,11 +105,10 @@ static void srv_send(struct srv_conn *c, const char *data, size_t len) {
     }
 }
 
-static void srv_respond(struct srv_conn *c, int status, const char *reason, const char *extra,
-                        const char *body, size_t body_len) {
+static void srv_respond(struct srv_conn *c, int status, const char *reason, const char *extra, const char *body,
+                        size_t body_len) {
     char head[1024];
-    int n = snprintf(head, sizeof(head),
-                     "HTTP/1.1 %d %s\r\nContent-Length: %zu\r\nConnection: keep-alive\r\n%s\r\n",
+    int n = snprintf(head, sizeof(head), "HTTP/1.1 %d %s\r\nContent-Length: %zu\r\nConnection: keep-alive\r\n%s\r\n",
                      status, reason, body_len, extra);
     T_ASSERT(n > 0 && (size_t)n < sizeof(head));
     char *msg = malloc((size_t)n + body_len);
@@ -128,8 +125,7 @@ static void srv_respond(struct srv_conn *c, int status, const char *reason, cons
 static void srv_header(const char *head, const char *name, char *out, size_t outlen) {
     size_t nlen = strlen(name);
     out[0] = '\0';
-    for (const char *p = strstr(head, "\r\n"); p != NULL && p[2] != '\0';
-         p = strstr(p + 2, "\r\n")) {
+    for (const char *p = strstr(head, "\r\n"); p != NULL && p[2] != '\0'; p = strstr(p + 2, "\r\n")) {
         const char *line = p + 2;
         if (strncasecmp(line, name, nlen) == 0 && line[nlen] == ':') {
             const char *v = line + nlen + 1;
@@ -148,8 +144,7 @@ static void srv_header(const char *head, const char *name, char *out, size_t out
     }
 }
 
-static void srv_handle_one(struct srv_conn *c, const char *head, const char *body,
-                           size_t body_len) {
+static void srv_handle_one(struct srv_conn *c, const char *head, const char *body, size_t body_len) {
     char method[32] = "", path[256] = "", custom[128], expect[64], extra[512];
 
     T_ASSERT(sscanf(head, "%31s %255s", method, path) == 2);
@@ -161,8 +156,7 @@ static void srv_handle_one(struct srv_conn *c, const char *head, const char *bod
     if (strcmp(path, "/echo") == 0) {
         srv_header(head, "X-Custom", custom, sizeof(custom));
         snprintf(extra, sizeof(extra), "X-Test: yes\r\nX-Method: %s\r\n%s%s%s", method,
-                 custom[0] != '\0' ? "X-Echo-Custom:   " : "", custom,
-                 custom[0] != '\0' ? "  \r\n" : "");
+                 custom[0] != '\0' ? "X-Echo-Custom:   " : "", custom, custom[0] != '\0' ? "  \r\n" : "");
         srv_respond(c, 200, "OK", extra, body, body_len);
     } else if (strcmp(path, "/status/429") == 0) {
         srv_respond(c, 429, "Too Many Requests", "Retry-After: 2\r\n", "slow down", 9);
@@ -276,8 +270,7 @@ static int bound_port(uv_tcp_t *t) {
     return ntohs(sa.sin_port);
 }
 
-static void noop_close(uv_handle_t *handle) {
-}
+static void noop_close(uv_handle_t *handle) {}
 
 static void server_start(void) {
     struct sockaddr_in addr;
@@ -301,15 +294,13 @@ static void server_start(void) {
 
 /* ---- client helpers ------------------------------------------------------ */
 
-static void on_watchdog(uv_timer_t *t) {
-    T_FAIL("watchdog: test did not finish in time");
-}
+static void on_watchdog(uv_timer_t *t) { T_FAIL("watchdog: test did not finish in time"); }
 
-#define RUN_UNTIL(cond)                        \
-    do {                                       \
-        while (!(cond)) {                      \
-            uv_run(&loop, UV_RUN_ONCE);        \
-        }                                      \
+#define RUN_UNTIL(cond)                 \
+    do {                                \
+        while (!(cond)) {               \
+            uv_run(&loop, UV_RUN_ONCE); \
+        }                               \
     } while (0)
 
 static void url(char *buf, size_t len, int port, const char *path) {

@@ -73,8 +73,8 @@ static void bad_at(int line, const char *schema_text, const char *value_text, co
     char err[512];
     int rc = run_at(line, schema_text, value_text, err, sizeof(err));
     if (rc != LR_EINVAL) {
-        T_FAIL("line %d: %s against %s: want LR_EINVAL, got %s \"%s\"", line, value_text, schema_text,
-               lr_err_name(rc), err);
+        T_FAIL("line %d: %s against %s: want LR_EINVAL, got %s \"%s\"", line, value_text, schema_text, lr_err_name(rc),
+               err);
     }
     if (strcmp(err, want) != 0) {
         T_FAIL("line %d: message\n  got:  %s\n  want: %s", line, err, want);
@@ -105,8 +105,8 @@ static void sbad_prefix_at(int line, const char *schema_text, const char *want) 
     cJSON_Delete(schema);
     ncases++;
     if (rc != LR_ECONFIG || strncmp(err, want, strlen(want)) != 0) {
-        T_FAIL("line %d: schema %s: %s \"%s\", want LR_ECONFIG \"%s...\"", line, schema_text, lr_err_name(rc),
-               err, want);
+        T_FAIL("line %d: schema %s: %s \"%s\", want LR_ECONFIG \"%s...\"", line, schema_text, lr_err_name(rc), err,
+               want);
     }
     assert_clean_msg(line, err);
 }
@@ -153,12 +153,11 @@ static void test_nullable(void) {
     BAD("{\"type\":\"string\",\"nullable\":true,\"enum\":[\"a\"]}", "null", "$: value not in enum [\"a\"]");
 }
 
-static const char *const weather =
-    "{\"type\":\"object\",\"properties\":{"
-    "\"location\":{\"type\":\"string\",\"description\":\"City and country\"},"
-    "\"unit\":{\"type\":\"string\",\"enum\":[\"celsius\",\"fahrenheit\"]},"
-    "\"days\":{\"type\":\"integer\",\"minimum\":1,\"maximum\":14}},"
-    "\"required\":[\"location\",\"unit\"],\"additionalProperties\":false}";
+static const char *const weather = "{\"type\":\"object\",\"properties\":{"
+                                   "\"location\":{\"type\":\"string\",\"description\":\"City and country\"},"
+                                   "\"unit\":{\"type\":\"string\",\"enum\":[\"celsius\",\"fahrenheit\"]},"
+                                   "\"days\":{\"type\":\"integer\",\"minimum\":1,\"maximum\":14}},"
+                                   "\"required\":[\"location\",\"unit\"],\"additionalProperties\":false}";
 
 static void test_objects(void) {
     OK(weather, "{\"location\":\"Oslo\",\"unit\":\"celsius\"}");
@@ -191,15 +190,16 @@ static void test_objects(void) {
     BAD("{\"additionalProperties\":false}", "{\"x\\\"y\":1}", "$: unexpected property \"x\\\"y\"");
     BAD("{\"additionalProperties\":false}", "{\"a\\nb\":1}", "$: unexpected property \"a\\u000ab\"");
     BAD("{\"additionalProperties\":false}", "{\"\xff\":1}", "$: unexpected property \"\\xff\"");
-    BAD("{\"additionalProperties\":false}", "{\"\xc3\xa9t\xc3\xa9\":1}", "$: unexpected property \"\xc3\xa9t\xc3\xa9\"");
+    BAD("{\"additionalProperties\":false}", "{\"\xc3\xa9t\xc3\xa9\":1}",
+        "$: unexpected property \"\xc3\xa9t\xc3\xa9\"");
     /* patternProperties */
     OK("{\"patternProperties\":{\"^x-\":{\"type\":\"string\"}},\"additionalProperties\":false}", "{\"x-a\":\"s\"}");
     BAD("{\"patternProperties\":{\"^x-\":{\"type\":\"string\"}},\"additionalProperties\":false}", "{\"x-a\":1}",
         "$[\"x-a\"]: expected string, got number");
     BAD("{\"patternProperties\":{\"^x-\":{\"type\":\"string\"}},\"additionalProperties\":false}", "{\"y\":1}",
         "$: unexpected property \"y\"");
-    BAD("{\"properties\":{\"n1\":{\"minimum\":0}},\"patternProperties\":{\"^n\\\\d$\":{\"maximum\":5}}}",
-        "{\"n1\":6}", "$.n1: 6 is greater than maximum 5");
+    BAD("{\"properties\":{\"n1\":{\"minimum\":0}},\"patternProperties\":{\"^n\\\\d$\":{\"maximum\":5}}}", "{\"n1\":6}",
+        "$.n1: 6 is greater than maximum 5");
     /* minProperties, maxProperties */
     OK("{\"minProperties\":1,\"maxProperties\":2}", "{\"a\":1}");
     BAD("{\"minProperties\":1}", "{}", "$: property count 0 is less than minProperties 1");
@@ -294,7 +294,8 @@ static void test_strings(void) {
     OK("{\"minLength\":0}", "\"\"");
     /* lengths are code points, not bytes */
     OK("{\"maxLength\":3}", "\"\xe6\x97\xa5\xe6\x9c\xac\xe8\xaa\x9e\"");
-    BAD("{\"maxLength\":3}", "\"\xe6\x97\xa5\xe6\x9c\xac\xe8\xaa\x9ex\"", "$: string length 4 is greater than maxLength 3");
+    BAD("{\"maxLength\":3}", "\"\xe6\x97\xa5\xe6\x9c\xac\xe8\xaa\x9ex\"",
+        "$: string length 4 is greater than maxLength 3");
     BAD("{\"minLength\":2}", "\"\xc3\xa9\"", "$: string length 1 is less than minLength 2");
     OK("{\"minLength\":1,\"maxLength\":1}", "\"\xf0\x9f\x98\x80\"");
     OK("{\"minLength\":2,\"maxLength\":2}", "\"\\u00e9\\ud83d\\ude00\"");
@@ -357,7 +358,8 @@ static void test_patterns(void) {
     OK("{\"pattern\":\"^[\xc3\xa9\xc3\xa0]$\"}", "\"\xc3\xa0\"");
     OK("{\"pattern\":\"^[^\xc3\xa9]$\"}", "\"\xc3\xa0\"");
     BAD("{\"pattern\":\"^[^\xc3\xa9]$\"}", "\"\xc3\xa9\"", "$: string does not match pattern \"^[^\xc3\xa9]$\"");
-    OK("{\"pattern\":\"^\\\\w\\\\W\\\\w$\"}", "\"a\xc3\xa9" "b\"");
+    OK("{\"pattern\":\"^\\\\w\\\\W\\\\w$\"}", "\"a\xc3\xa9"
+                                              "b\"");
     OK("{\"pattern\":\"^[[:alpha:]]+$\"}", "\"\xc3\xa9t\xc3\xa9\"");
     T_EQ_STR(setlocale(LC_CTYPE, NULL), "C"); /* the process's locale is left alone */
     /* the empty pattern matches everything */
@@ -379,7 +381,8 @@ static void test_combinators(void) {
     OK(one, "1.5");
     BAD(one, "1", "$: value matches both oneOf[0] and oneOf[1], expected exactly one");
     BAD(one, "\"x\"", "$: value matches no schema of oneOf (oneOf[0]: expected integer, got string)");
-    const char *all = "{\"allOf\":[{\"type\":\"object\"},{\"required\":[\"a\"]},{\"properties\":{\"a\":{\"minimum\":2}}}]}";
+    const char *all =
+        "{\"allOf\":[{\"type\":\"object\"},{\"required\":[\"a\"]},{\"properties\":{\"a\":{\"minimum\":2}}}]}";
     OK(all, "{\"a\":3}");
     BAD(all, "{}", "$: missing required property \"a\"");
     BAD(all, "{\"a\":1}", "$.a: 1 is less than minimum 2");
@@ -410,14 +413,16 @@ static void test_refs(void) {
                        "\"children\":{\"type\":\"array\",\"items\":{\"$ref\":\"#/$defs/node\"}}},"
                        "\"additionalProperties\":false}},\"$ref\":\"#/$defs/node\"}";
     OK(tree, "{\"name\":\"r\",\"children\":[{\"name\":\"a\",\"children\":[{\"name\":\"b\"}]},{\"children\":[]}]}");
-    BAD(tree, "{\"children\":[{\"children\":[{\"name\":1}]}]}", "$.children[0].children[0].name: expected string, got number");
+    BAD(tree, "{\"children\":[{\"children\":[{\"name\":1}]}]}",
+        "$.children[0].children[0].name: expected string, got number");
     BAD(tree, "{\"children\":[{\"x\":1}]}", "$.children[0]: unexpected property \"x\"");
     /* "#" is the root */
     const char *list = "{\"type\":\"object\",\"properties\":{\"v\":{\"type\":\"integer\"},\"next\":{\"$ref\":\"#\"}}}";
     OK(list, "{\"v\":1,\"next\":{\"v\":2,\"next\":{\"v\":3}}}");
     BAD(list, "{\"v\":1,\"next\":{\"v\":2,\"next\":{\"v\":\"3\"}}}", "$.next.next.v: expected integer, got string");
     /* JSON-pointer escapes in the name: ~1 is /, ~0 is ~ */
-    BAD("{\"$defs\":{\"a/b~c\":{\"type\":\"string\"}},\"$ref\":\"#/$defs/a~1b~0c\"}", "1", "$: expected string, got number");
+    BAD("{\"$defs\":{\"a/b~c\":{\"type\":\"string\"}},\"$ref\":\"#/$defs/a~1b~0c\"}", "1",
+        "$: expected string, got number");
     /* $ref with siblings: both apply (2020-12) */
     BAD("{\"$defs\":{\"s\":{\"type\":\"string\"}},\"$ref\":\"#/$defs/s\",\"maxLength\":2}", "\"abc\"",
         "$: string length 3 is greater than maxLength 2");
@@ -478,8 +483,10 @@ static void test_schema_check(void) {
     SBAD("{\"pattern\":\"\\\\x41\"}", "pattern: the escape \\x is not supported (write the character itself)");
     SBAD("{\"pattern\":\"\\\\p{L}\"}", "pattern: the escape \\p is not supported (write the character itself)");
     SBAD("{\"pattern\":\"[\\\\D]\"}", "pattern: \\D inside [...] is not supported");
-    SBAD("{\"pattern\":\"[]a]\"}", "pattern: \"[]\" and \"[^]\" are not supported (ECMA and POSIX read them differently)");
-    SBAD("{\"pattern\":\"[^]\"}", "pattern: \"[]\" and \"[^]\" are not supported (ECMA and POSIX read them differently)");
+    SBAD("{\"pattern\":\"[]a]\"}",
+         "pattern: \"[]\" and \"[^]\" are not supported (ECMA and POSIX read them differently)");
+    SBAD("{\"pattern\":\"[^]\"}",
+         "pattern: \"[]\" and \"[^]\" are not supported (ECMA and POSIX read them differently)");
     SBAD("{\"pattern\":\"[[:alpha]\"}", "pattern: unterminated \"[:\" inside [...]");
     SBAD("{\"pattern\":\"[abc\"}", "pattern: unterminated \"[\"");
     SBAD("{\"pattern\":\"(a\"}", "pattern: unmatched \"(\"");
@@ -621,8 +628,7 @@ static void test_depth(void) {
     /* a reference loop that consumes nothing passes the check (it goes
      * through allOf) but ends in "nesting too deep", and "not" does not turn
      * that hard error into a success */
-    BAD("{\"allOf\":[{\"$ref\":\"#\"}]}", "1",
-        "$: nesting too deep (more than 128 nested subschemas; a $ref loop?)");
+    BAD("{\"allOf\":[{\"$ref\":\"#\"}]}", "1", "$: nesting too deep (more than 128 nested subschemas; a $ref loop?)");
     BAD("{\"not\":{\"$ref\":\"#\"}}", "1", "$: nesting too deep (more than 128 nested subschemas; a $ref loop?)");
     BAD("{\"anyOf\":[{\"$ref\":\"#\"},true]}", "1",
         "$: nesting too deep (more than 128 nested subschemas; a $ref loop?)");

@@ -38,17 +38,17 @@ static void on_wake(uv_timer_t *t) { (void)t; }
 
 /* Runs the loop until cond holds; fails after ms (times the multiplier).
  * cond must not itself wait (it would stop the shared wake timer). */
-#define WAIT_FOR(cond, ms)                                                                         \
-    do {                                                                                           \
-        uint64_t _end = uv_now(loop) + (uint64_t)(ms) * (uint64_t)timeout_mult;                    \
-        uv_timer_start(&wake, on_wake, 5, 5);                                                      \
-        while (!(cond)) {                                                                          \
-            if (uv_now(loop) > _end) {                                                             \
-                T_FAIL("timed out after %d ms waiting for %s", (int)(ms), #cond);                  \
-            }                                                                                      \
-            uv_run(loop, UV_RUN_ONCE);                                                             \
-        }                                                                                          \
-        uv_timer_stop(&wake);                                                                      \
+#define WAIT_FOR(cond, ms)                                                        \
+    do {                                                                          \
+        uint64_t _end = uv_now(loop) + (uint64_t)(ms) * (uint64_t)timeout_mult;   \
+        uv_timer_start(&wake, on_wake, 5, 5);                                     \
+        while (!(cond)) {                                                         \
+            if (uv_now(loop) > _end) {                                            \
+                T_FAIL("timed out after %d ms waiting for %s", (int)(ms), #cond); \
+            }                                                                     \
+            uv_run(loop, UV_RUN_ONCE);                                            \
+        }                                                                         \
+        uv_timer_stop(&wake);                                                     \
     } while (0)
 
 static void run_for(uint64_t ms) {
@@ -85,9 +85,7 @@ static void on_outcome(int err, const PGresult *res, void *arg) {
     if (err == LR_EDB) {
         T_ASSERT(res != NULL);
         snprintf(o->sqlstate, sizeof(o->sqlstate), "%s",
-                 PQresultErrorField(res, PG_DIAG_SQLSTATE)
-                     ? PQresultErrorField(res, PG_DIAG_SQLSTATE)
-                     : "");
+                 PQresultErrorField(res, PG_DIAG_SQLSTATE) ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : "");
     } else if (err == 0) {
         T_ASSERT(res != NULL);
         o->ntuples = PQntuples(res);
@@ -139,8 +137,7 @@ static void on_state(int usable, void *arg) {
     s->last = usable;
 }
 
-static lr_pg_pool_t *pool_open(const char *conninfo, int size, const char *app, statelog_t *sl,
-                               size_t max_queue) {
+static lr_pg_pool_t *pool_open(const char *conninfo, int size, const char *app, statelog_t *sl, size_t max_queue) {
     lr_pg_pool_t *p = NULL;
     char err[256] = "";
     lr_pg_opts_t o = {0};
@@ -199,8 +196,7 @@ static void test_simple(lr_pg_pool_t *p, statelog_t *sl) {
     WAIT_FOR(lr_pg_pool_usable(p) == 2 && sl->last == 2, 10000);
     T_EQ_INT(sl->zero, 0);
 
-    o = sql_ok(p, "SELECT $1::int + 1 AS n, $2::text IS NULL AS isnull, $2::text AS nul, $3 AS s",
-               3, params);
+    o = sql_ok(p, "SELECT $1::int + 1 AS n, $2::text IS NULL AS isnull, $2::text AS nul, $3 AS s", 3, params);
     T_EQ_STR(o.v0, "42");
     T_EQ_INT(o.ntuples, 1);
     T_EQ_INT(lr_pg_pool_pending(p), 0);
@@ -241,9 +237,8 @@ static void on_getn(int err, const PGresult *res, void *arg) {
 static void test_getn(lr_pg_pool_t *p) {
     const char *params[3] = {"41", NULL, "x"};
     getn_check_t g = {0};
-    T_EQ_INT(lr_pg_query(
-                 p, "SELECT $1::int + 1 AS n, $2::text IS NULL AS isnull, $2::text AS nul, $3 AS s",
-                 3, params, 0, on_getn, &g),
+    T_EQ_INT(lr_pg_query(p, "SELECT $1::int + 1 AS n, $2::text IS NULL AS isnull, $2::text AS nul, $3 AS s", 3, params,
+                         0, on_getn, &g),
              0);
     WAIT_FOR(g.done, 10000);
 }
@@ -292,16 +287,14 @@ static void on_count(int err, const PGresult *res, void *arg) {
     } else if (err == LR_EDB) {
         s->c->db++;
         s->c->bad_index = s->index;
-        snprintf(s->c->sqlstate, sizeof(s->c->sqlstate), "%s",
-                 PQresultErrorField(res, PG_DIAG_SQLSTATE));
+        snprintf(s->c->sqlstate, sizeof(s->c->sqlstate), "%s", PQresultErrorField(res, PG_DIAG_SQLSTATE));
     } else {
         s->c->other++;
     }
 }
 
 /* Issues n inserts (ids from first) at once; returns rows/s. */
-static double insert_many(lr_pg_pool_t *p, int n, long first, bool batched, long dup_at,
-                          counter_t *c) {
+static double insert_many(lr_pg_pool_t *p, int n, long first, bool batched, long dup_at, counter_t *c) {
     char q[128];
     slot_t *slots = calloc((size_t)n, sizeof(*slots));
     double t0 = now_s(), dt;
@@ -341,15 +334,14 @@ static void test_batched(lr_pg_pool_t *p) {
     T_ASSERT(st1.batches > st0.batches);
     T_ASSERT(st1.batch_max > 1);
     T_EQ_INT(st1.batch_retries, st0.batch_retries);
-    printf("  2000 batched inserts, pool 4: %.0f rows/s (%llu group commits, largest %llu)\n",
-           rps_batched, (unsigned long long)(st1.batches - st0.batches),
-           (unsigned long long)st1.batch_max);
+    printf("  2000 batched inserts, pool 4: %.0f rows/s (%llu group commits, largest %llu)\n", rps_batched,
+           (unsigned long long)(st1.batches - st0.batches), (unsigned long long)st1.batch_max);
 
     rps_plain = insert_many(p, 2000, 100001, false, -1, &c);
     T_EQ_INT(c.ok, 2000);
     T_EQ_INT(count_rows(p, "id BETWEEN 100001 AND 102000"), 2000);
-    printf("  2000 plain inserts (lr_pg_query), pool 4: %.0f rows/s (batched/plain = %.1fx)\n",
-           rps_plain, rps_batched / rps_plain);
+    printf("  2000 plain inserts (lr_pg_query), pool 4: %.0f rows/s (batched/plain = %.1fx)\n", rps_plain,
+           rps_batched / rps_plain);
     T_EQ_INT(lr_pg_pool_pending(p), 0);
 }
 
@@ -434,8 +426,7 @@ static void test_refused_timeout(void) {
     lr_pg_pool_t *p;
     double t0;
 
-    snprintf(ci, sizeof(ci), "host=127.0.0.1 port=%d dbname=x user=x password=hunter2",
-             closed_port());
+    snprintf(ci, sizeof(ci), "host=127.0.0.1 port=%d dbname=x user=x password=hunter2", closed_port());
     p = pool_open(ci, 2, "lr_test_refused", &sl, 5);
     t0 = now_s();
     T_EQ_INT(lr_pg_query(p, "SELECT 1", 0, NULL, 300, on_outcome, &o[0]), 0);
@@ -551,9 +542,9 @@ static void test_multihost(void) {
         return;
     }
     closed = closed_port();
-    snprintf(ci, sizeof(ci), "host=%s,%s port=%d,%s%s%s%s%s%s%s", host, host, closed, port,
-             user ? " user=" : "", user ? user : "", dbname ? " dbname=" : "", dbname ? dbname : "",
-             password ? " password=" : "", password ? password : "");
+    snprintf(ci, sizeof(ci), "host=%s,%s port=%d,%s%s%s%s%s%s%s", host, host, closed, port, user ? " user=" : "",
+             user ? user : "", dbname ? " dbname=" : "", dbname ? dbname : "", password ? " password=" : "",
+             password ? password : "");
     PQconninfoFree(opts);
     p = pool_open(ci, 2, "lr_test_multihost", NULL, 0);
     T_EQ_STR(sql_ok(p, "SELECT 'second host'", 0, NULL).v0, "second host");
@@ -603,10 +594,8 @@ static void test_kill_under_load(lr_pg_pool_t *admin) {
     }
     run_for(100);
     params[0] = app;
-    sql_ok(
-        admin,
-        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
-        1, params);
+    sql_ok(admin, "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1", 1,
+           params);
     for (int tries = 0; done < N; tries++) {
         done = 0;
         for (int i = 0; i < N; i++) {
@@ -703,8 +692,7 @@ static void test_kill_rst(lr_pg_pool_t *admin) {
             break;
         }
         if (tries >= 1000 * timeout_mult) {
-            T_FAIL("RST kill: only %d of %d callbacks; pending %zu", done, NQ + 1,
-                   lr_pg_pool_pending(p));
+            T_FAIL("RST kill: only %d of %d callbacks; pending %zu", done, NQ + 1, lr_pg_pool_pending(p));
         }
         run_for(10);
     }
@@ -830,8 +818,7 @@ static void test_fatal_with_reset(void) {
     T_EQ_INT(uv_tcp_bind(&fake_srv, (struct sockaddr *)&a, 0), 0);
     T_EQ_INT(uv_listen((uv_stream_t *)&fake_srv, 8, fake_accept), 0);
     T_EQ_INT(uv_tcp_getsockname(&fake_srv, (struct sockaddr *)&a, &len), 0);
-    snprintf(ci, sizeof(ci),
-             "host=127.0.0.1 port=%d user=x dbname=x sslmode=disable gssencmode=disable",
+    snprintf(ci, sizeof(ci), "host=127.0.0.1 port=%d user=x dbname=x sslmode=disable gssencmode=disable",
              ntohs(a.sin_port));
     p = pool_open(ci, 1, "lr_test_fake", NULL, 0);
     WAIT_FOR(lr_pg_pool_usable(p) == 1, 5000);
@@ -889,8 +876,7 @@ static void on_close_from_cb(int err, const PGresult *res, void *arg) {
         lr_pg_pool_close(c->p, on_closed, &c->closed);
         T_EQ_INT(c->closed, 0);
         T_EQ_INT(lr_pg_query(c->p, "SELECT 1", 0, NULL, 0, on_outcome, &dummy), LR_ESHUTDOWN);
-        T_EQ_INT(lr_pg_query_batched(c->p, "SELECT 1", 0, NULL, 0, on_outcome, &dummy),
-                 LR_ESHUTDOWN);
+        T_EQ_INT(lr_pg_query_batched(c->p, "SELECT 1", 0, NULL, 0, on_outcome, &dummy), LR_ESHUTDOWN);
         lr_pg_pool_close(c->p, on_closed, &c->closed); /* second call: ignored */
     }
 }
@@ -941,8 +927,7 @@ static void test_latency(void) {
     t0 = now_s();
     T_EQ_INT(lr_pg_query(c.p, "SELECT 1", 0, NULL, 0, on_chain, &c), 0);
     WAIT_FOR(c.done, 60000);
-    printf("  round trip, 1 connection, SELECT 1 x %d sequential: %.1f us mean\n", n,
-           (now_s() - t0) * 1e6 / n);
+    printf("  round trip, 1 connection, SELECT 1 x %d sequential: %.1f us mean\n", n, (now_s() - t0) * 1e6 / n);
     pool_close_wait(c.p);
 }
 

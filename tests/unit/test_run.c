@@ -110,7 +110,7 @@ int main(void) {
     T_EQ_INT(w->nruns, 1);
     T_ASSERT(!lr_run_set_state(r, LR_RUN_STEPPING)); /* DONE is final */
     lr_run_io_end(r, LR_IO_DB);
-    T_EQ_INT(freed, 0); /* ending the I/O alone frees nothing... */
+    T_EQ_INT(freed, 0);   /* ending the I/O alone frees nothing... */
     lr_run_maybe_free(r); /* ...the I/O's completion path asks */
     T_EQ_INT(freed, 1);
     T_EQ_INT(w->nruns, 0);

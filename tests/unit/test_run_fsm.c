@@ -32,8 +32,7 @@
 #endif
 
 #define DOC_PATH LR_SOURCE_DIR "/docs/architecture.md"
-#define DOC_BEGIN                                                                                  \
-    "<!-- run-fsm:begin (generated from worker/run_fsm.c by tests/unit/test_run_fsm.c; do not edit) -->"
+#define DOC_BEGIN "<!-- run-fsm:begin (generated from worker/run_fsm.c by tests/unit/test_run_fsm.c; do not edit) -->"
 #define DOC_END "<!-- run-fsm:end -->"
 
 enum { N = LR_RUN_NSTATES, NO = LR_RUN_NOUTCOMES, END = -1 };
@@ -129,8 +128,9 @@ static const struct ending {
     {SUSPENDED, {PUBLISHING, BACKOFF, END}},
     {RETRY_WAIT, {PUBLISHING, BACKOFF, END}},
     {HANDED_BACK, {PUBLISHING, BACKOFF, MARKING, END}},
-    {REQUEUED, {CLAIMING, DEFERRED, INSERTING, ADMITTING, LOADING, STEPPING, CHECKPOINTING, TRANSITION, PUBLISHING,
-                BACKOFF, MARKING, END}},
+    {REQUEUED,
+     {CLAIMING, DEFERRED, INSERTING, ADMITTING, LOADING, STEPPING, CHECKPOINTING, TRANSITION, PUBLISHING, BACKOFF,
+      MARKING, END}},
     {FENCED, {STEPPING, CHECKPOINTING, TRANSITION, END}},
     {DROPPED, {CLAIMING, TRANSITION, END}},
     {REJECTED, {NEW, CLAIMING, INSERTING, END}},
@@ -140,20 +140,20 @@ static const struct ending {
 static unsigned long checks;
 
 /* testutil's macros, counted. */
-#define CHECK(c)                                                                                   \
-    do {                                                                                           \
-        checks++;                                                                                  \
-        T_ASSERT(c);                                                                               \
+#define CHECK(c)     \
+    do {             \
+        checks++;    \
+        T_ASSERT(c); \
     } while (0)
-#define CHECK_STR(a, b)                                                                            \
-    do {                                                                                           \
-        checks++;                                                                                  \
-        T_EQ_STR(a, b);                                                                            \
+#define CHECK_STR(a, b) \
+    do {                \
+        checks++;       \
+        T_EQ_STR(a, b); \
     } while (0)
-#define CHECK_INT(a, b)                                                                            \
-    do {                                                                                           \
-        checks++;                                                                                  \
-        T_EQ_INT(a, b);                                                                            \
+#define CHECK_INT(a, b) \
+    do {                \
+        checks++;       \
+        T_EQ_INT(a, b); \
     } while (0)
 
 static bool expected_move(int from, int to) {

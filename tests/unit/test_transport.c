@@ -50,10 +50,10 @@ static void test_hosts(void) {
     REMOTE("localhost.example.com");
     REMOTE("localhostx");
     REMOTE("127.0.0.1.nip.io");
-    REMOTE("2130706433");    /* 127.0.0.1 in decimal: a name to inet_pton, resolved by the libraries */
-    REMOTE("0177.0.0.1");    /* octal: not a dotted quad for inet_pton */
-    REMOTE("127.1");         /* short form: likewise */
-    REMOTE("[::1]");         /* brackets are URL syntax, removed by the parsers before this */
+    REMOTE("2130706433"); /* 127.0.0.1 in decimal: a name to inet_pton, resolved by the libraries */
+    REMOTE("0177.0.0.1"); /* octal: not a dotted quad for inet_pton */
+    REMOTE("127.1");      /* short form: likewise */
+    REMOTE("[::1]");      /* brackets are URL syntax, removed by the parsers before this */
     REMOTE(" 127.0.0.1");
 }
 

@@ -11,8 +11,8 @@
 #include "testutil.h"
 #include "urlguard.h"
 
-#define RULES                                                                                 \
-    "https://hooks.example.com/longrun, https://*.svc.example.com/cb 10.0.0.0/8,"             \
+#define RULES                                                                     \
+    "https://hooks.example.com/longrun, https://*.svc.example.com/cb 10.0.0.0/8," \
     "http://127.0.0.1:8080/cb, https://[2001:db8::1]/v6"
 
 typedef struct {
@@ -222,15 +222,25 @@ static void test_matcher(void) {
     T_EQ_INT(lr_urlguard_match(NULL, "https://hooks.example.com/", &rules, NULL, &why), LR_EPERM);
     T_EQ_INT(lr_urlguard_match(NULL, NULL, &rules, NULL, &why), LR_EPERM);
     T_EQ_INT(why, LR_UG_BAD_URL);
-    printf("matcher: %zu bypass forms refused, %zu legitimate URLs accepted\n", n,
-           sizeof(legit) / sizeof(legit[0]));
+    printf("matcher: %zu bypass forms refused, %zu legitimate URLs accepted\n", n, sizeof(legit) / sizeof(legit[0]));
 }
 
 static void test_bad_rules(void) {
     static const char *const bad[] = {
-        "ftp://x/", "https://u@x/", "https://u:p@x/", "https://x/?q=1", "https://x/#f", "https://*.1.2.3.4/",
-        "https://x/ 10.0.0.0/33", "https://x/ notanip", "https://x/ 10.0.0.0/", "not a url",
-        "https://[fe80::1%25eth0]/", "https://x/a%2fb", "https://*./", "https://*.x.com*./",
+        "ftp://x/",
+        "https://u@x/",
+        "https://u:p@x/",
+        "https://x/?q=1",
+        "https://x/#f",
+        "https://*.1.2.3.4/",
+        "https://x/ 10.0.0.0/33",
+        "https://x/ notanip",
+        "https://x/ 10.0.0.0/",
+        "not a url",
+        "https://[fe80::1%25eth0]/",
+        "https://x/a%2fb",
+        "https://*./",
+        "https://*.x.com*./",
     };
     lr_urlguard_t *g = (lr_urlguard_t *)&g;
     char err[256];
@@ -261,8 +271,7 @@ static void test_classifier(void) {
         struct sockaddr_storage ss = sa_of(addrs[i].addr, &len);
         enum lr_urlguard_reason c = lr_urlguard_classify((struct sockaddr *)&ss, len);
         if (c != addrs[i].cls) {
-            T_FAIL("%s: %s, want %s", addrs[i].addr, lr_urlguard_reason_name(c),
-                   lr_urlguard_reason_name(addrs[i].cls));
+            T_FAIL("%s: %s, want %s", addrs[i].addr, lr_urlguard_reason_name(c), lr_urlguard_reason_name(addrs[i].cls));
         }
     }
     /* a short or foreign socket address */
@@ -322,8 +331,7 @@ static void test_check_addr(void) {
     T_EQ_INT(why, LR_UG_METADATA);
     T_EQ_INT(check(g, 0, "fe80::1", &why), LR_EPERM);
     lr_urlguard_free(g);
-    T_EQ_INT(lr_urlguard_nets(&g, "127.0.0.1 10.0.0.0/8,[fd00::]/8 ::ffff:192.168.0.0/112", 0, err, sizeof(err)),
-             0);
+    T_EQ_INT(lr_urlguard_nets(&g, "127.0.0.1 10.0.0.0/8,[fd00::]/8 ::ffff:192.168.0.0/112", 0, err, sizeof(err)), 0);
     T_EQ_INT(check(g, 0, "127.0.0.1", &why), 0);
     T_EQ_INT(check(g, 0, "127.0.0.2", &why), LR_EPERM);
     T_EQ_INT(check(g, 0, "10.255.0.1", &why), 0);
