@@ -2471,7 +2471,8 @@ fail:
     return rc;
 }
 
-int lr_amqp_ack(lr_amqp_t *a, const lr_amqp_delivery_t *d) {
+/* Queues the ack or reject of d for the owner thread. */
+static int settle(lr_amqp_t *a, const lr_amqp_delivery_t *d, int type, bool requeue) {
     if (a == NULL || d == NULL) {
         return LR_EINVAL;
     }
@@ -2485,33 +2486,18 @@ int lr_amqp_ack(lr_amqp_t *a, const lr_amqp_delivery_t *d) {
     if (it == NULL) {
         return LR_ENOMEM;
     }
-    it->type = CMD_ACK;
-    it->generation = d->generation;
-    it->tag = d->delivery_tag;
-    push_command(a, it);
-    return 0;
-}
-
-int lr_amqp_reject(lr_amqp_t *a, const lr_amqp_delivery_t *d, bool requeue) {
-    if (a == NULL || d == NULL) {
-        return LR_EINVAL;
-    }
-    if (a->stopping) {
-        return LR_ESHUTDOWN;
-    }
-    if (!a->connected || d->generation != a->generation) {
-        return LR_ESTATE;
-    }
-    item_t *it = calloc(1, sizeof(*it));
-    if (it == NULL) {
-        return LR_ENOMEM;
-    }
-    it->type = CMD_REJECT;
+    it->type = type;
     it->generation = d->generation;
     it->tag = d->delivery_tag;
     it->requeue = requeue;
     push_command(a, it);
     return 0;
+}
+
+int lr_amqp_ack(lr_amqp_t *a, const lr_amqp_delivery_t *d) { return settle(a, d, CMD_ACK, false); }
+
+int lr_amqp_reject(lr_amqp_t *a, const lr_amqp_delivery_t *d, bool requeue) {
+    return settle(a, d, CMD_REJECT, requeue);
 }
 
 int lr_amqp_publish(lr_amqp_t *a, const char *exchange, const char *routing_key, const lr_amqp_msg_t *msg,

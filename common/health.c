@@ -404,3 +404,12 @@ void lr_health_stop(lr_health_t *h) {
     free(h->snapshot);
     free(h);
 }
+
+void lr_health_set_snapshot_tree(lr_health_t *h, cJSON *o) {
+    char *txt = o != NULL ? cJSON_PrintUnformatted(o) : NULL;
+    cJSON_Delete(o);
+    if (txt != NULL) {
+        (void)lr_health_set_snapshot(h, txt);
+    }
+    free(txt);
+}

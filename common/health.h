@@ -61,6 +61,12 @@ void lr_health_set_ready(lr_health_t *h, int ready, const char *reason);
  * good one, and a warning is logged (once per kind of error until a good
  * one), so a snapshot is never cut silently.  h NULL: 0. */
 int lr_health_set_snapshot(lr_health_t *h, const char *json);
+
+/* The same from a cJSON object, which it takes over (deletes) whatever
+ * happens; an error (over LR_HEALTH_SNAPSHOT_MAX, no memory) is logged and
+ * shows in /health, as with lr_health_set_snapshot. */
+struct cJSON;
+void lr_health_set_snapshot_tree(lr_health_t *h, struct cJSON *o);
 void lr_health_stop(lr_health_t *h);
 
 #endif

@@ -895,3 +895,12 @@ void lr_http_close(lr_http_t *h, void (*done)(void *arg), void *arg) {
     h->pending_closes++;
     uv_close((uv_handle_t *)&h->timer, close_timer_cb);
 }
+
+void lr_http_opts_post(lr_http_opts_t *o, const char *url, const char *const *headers, const char *body) {
+    memset(o, 0, sizeof(*o));
+    o->method = "POST";
+    o->url = url;
+    o->headers = headers;
+    o->body = body;
+    o->body_len = strlen(body);
+}

@@ -56,6 +56,10 @@ typedef struct lr_http_opts {
     bool fresh_connection; /* neither reuse a pooled connection nor leave this one in the pool */
 } lr_http_opts_t;
 
+/* Fills o for a POST of body (NUL-terminated, borrowed) to url with headers
+ * ("Name: value", NULL-terminated); every other option zero. */
+void lr_http_opts_post(lr_http_opts_t *o, const char *url, const char *const *headers, const char *body);
+
 typedef struct lr_http_response {
     int err;          /* 0 when an HTTP response (any status) arrived; LR_ETIMEOUT,
                          LR_ECONN (connect/read/DNS/TLS failure), LR_ECANCELED, LR_ENOMEM */

@@ -732,7 +732,6 @@ static void counts_cb(int err, const PGresult *res, void *arg) {
  * and handed to the health server, which copies it. */
 static void snapshot(const sched_t *s, lr_health_t *health) {
     cJSON *o = cJSON_CreateObject(), *deps, *dep;
-    char *txt = NULL;
     if (o == NULL) {
         return;
     }
@@ -748,13 +747,7 @@ static void snapshot(const sched_t *s, lr_health_t *health) {
     cJSON_AddNumberToObject(o, "recovered", (double)s->recovered);
     cJSON_AddNumberToObject(o, "republished", (double)s->republished);
     cJSON_AddNumberToObject(o, "dead_letters_ingested", (double)s->ingested);
-    txt = cJSON_PrintUnformatted(o);
-    cJSON_Delete(o);
-    if (txt != NULL) {
-        /* an error here (over LR_HEALTH_SNAPSHOT_MAX) shows in /health */
-        (void)lr_health_set_snapshot(health, txt);
-    }
-    free(txt);
+    lr_health_set_snapshot_tree(health, o);
 }
 
 /* Every second (the daemon ticks liveness): readiness, gauges, the

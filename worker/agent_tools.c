@@ -372,12 +372,7 @@ static void tool_send(tool_call_t *tc) {
     headers[2] = h_task;
     headers[3] = h_epoch;
     headers[4] = NULL;
-    memset(&o, 0, sizeof(o));
-    o.method = "POST";
-    o.url = tc->def->url;
-    o.headers = headers;
-    o.body = tc->args != NULL && tc->args[0] != '\0' ? tc->args : "{}";
-    o.body_len = strlen(o.body);
+    lr_http_opts_post(&o, tc->def->url, headers, tc->args != NULL && tc->args[0] != '\0' ? tc->args : "{}");
     o.timeout_ms = tc->def->timeout_ms;
     o.max_body = (size_t)tc->def->max_result_bytes + 1;
     lr_worker_egress(st->w, &o);

@@ -121,12 +121,7 @@ static void cb_send(callback_t *c) {
     headers[1] = idem;
     headers[2] = task;
     headers[3] = NULL;
-    memset(&o, 0, sizeof(o));
-    o.method = "POST";
-    o.url = c->url;
-    o.headers = headers;
-    o.body = c->body;
-    o.body_len = strlen(c->body);
+    lr_http_opts_post(&o, c->url, headers, c->body);
     o.timeout_ms = 10000;
     o.max_body = 4096;
     o.check_addr = cb_check_addr;

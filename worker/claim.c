@@ -69,11 +69,11 @@ static void run_claimed(lr_run_t *r, const lr_store_task_t *t) {
     r->step = t->step;
     r->attempt = t->attempt;
     r->max_attempts = t->max_attempts;
-    r->tokens_in = t->tokens_in;
-    r->tokens_out = t->tokens_out;
-    r->cost_usd = t->cost_usd;
-    r->tool_calls_total = t->tool_calls;
-    r->active_ms = t->active_ms;
+    r->used.tokens_in = t->tokens_in;
+    r->used.tokens_out = t->tokens_out;
+    r->used.cost_usd = t->cost_usd;
+    r->used.tool_calls = t->tool_calls;
+    r->used.active_ms = t->active_ms;
     free(r->budgets_json);
     r->budgets_json = dup_or_null(t->budgets);
     snprintf(r->agent, sizeof(r->agent), "%s", t->agent != NULL ? t->agent : "");

@@ -105,9 +105,8 @@ struct lr_run {
     int64_t epoch;
     int step; /* last checkpointed step */
     int attempt, max_attempts;
-    long tokens_in, tokens_out;
-    double cost_usd;
-    int slice_steps; /* steps done in this delivery */
+    lr_run_usage_t used; /* usage so far, before the step in flight (its .step unused: r->step) */
+    int slice_steps;     /* steps done in this delivery */
     uint64_t slice_start_ms;
     uint64_t step_start_ms;
     uint64_t ckpt_sent_ms;
@@ -116,9 +115,7 @@ struct lr_run {
     uint64_t lease_until_ms; /* the lease surely holds until then (loop clock; 0 = none) */
     cJSON *input;            /* owned */
     char *budgets_json;      /* owned: the task's budgets object as stored */
-    long tool_calls_total;   /* usage before this delivery (from the claim) */
-    long active_ms;
-    cJSON *history; /* owned: array of per-step message arrays */
+    cJSON *history;          /* owned: array of per-step message arrays */
     const lr_executor_t *exec;
     void *exec_state;
     lr_step_t out;         /* the current step's output */

@@ -689,12 +689,7 @@ static void model_send(agent_state_t *st, char *body) {
     snprintf(idem, sizeof(idem), "X-Longrun-Task-Id: %s", lr_run_id(st->run));
     headers[nh++] = idem;
     headers[nh] = NULL;
-    memset(&o, 0, sizeof(o));
-    o.method = "POST";
-    o.url = url;
-    o.headers = headers;
-    o.body = body;
-    o.body_len = strlen(body);
+    lr_http_opts_post(&o, url, headers, body);
     st->req_bytes = (long)o.body_len;
     o.timeout_ms = m->timeout_ms;
     lr_worker_egress(st->w, &o);

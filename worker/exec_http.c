@@ -130,12 +130,7 @@ static int http_start(lr_run_t *r, lr_step_t *out, lr_step_done_cb done) {
     headers[3] = h_epoch;
     headers[4] = h_step;
     headers[5] = NULL;
-    memset(&o, 0, sizeof(o));
-    o.method = "POST";
-    o.url = url;
-    o.headers = headers;
-    o.body = body;
-    o.body_len = strlen(body);
+    lr_http_opts_post(&o, url, headers, body);
     o.timeout_ms = 30000;
     o.max_body = 65536;
     rc = lr_http_send(lr_worker_http(w), &o, step_response, s, &s->req);

@@ -143,7 +143,7 @@ static void send_outcome(lr_run_t *r) {
         return;
     }
     body = lr_outcome_json(r->id, lr_status_name(r->status), ok ? r->out.result : NULL, r->error, ok ? NULL : r->reason,
-                           r->step, r->tokens_in, r->tokens_out, r->cost_usd);
+                           r->step, r->used.tokens_in, r->used.tokens_out, r->used.cost_usd);
     if (body == NULL) {
         return;
     }

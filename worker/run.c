@@ -83,17 +83,13 @@ const char *lr_worker_id(const lr_worker_t *w) { return w->id; }
 bool lr_worker_test_hooks(const lr_worker_t *w) { return w->test_hooks; }
 
 void lr_run_usage(const lr_run_t *r, lr_run_usage_t *u) {
+    *u = r->used;
     u->step = r->step;
-    u->tokens_in = r->tokens_in;
-    u->tokens_out = r->tokens_out;
-    u->cost_usd = r->cost_usd;
-    u->tool_calls = r->tool_calls_total;
-    u->active_ms = r->active_ms;
 }
 
 void lr_run_add_usage(lr_run_t *r, long tool_calls, long active_ms) {
-    r->tool_calls_total += tool_calls;
-    r->active_ms += active_ms;
+    r->used.tool_calls += tool_calls;
+    r->used.active_ms += active_ms;
 }
 
 /* ---------------------------------------------------------------- lifecycle */

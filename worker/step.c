@@ -134,9 +134,9 @@ static void checkpoint_committed(lr_run_t *r) {
     w->on_progress(r); /* claims is 0 again: the suspect slot is free */
     r->step++;
     r->slice_steps++;
-    r->tokens_in += r->out.tokens_in;
-    r->tokens_out += r->out.tokens_out;
-    r->cost_usd += r->out.cost_usd;
+    r->used.tokens_in += r->out.tokens_in;
+    r->used.tokens_out += r->out.tokens_out;
+    r->used.cost_usd += r->out.cost_usd;
     lr_run_add_usage(r, r->out.tool_calls_count, (long)(lr_worker_now(w) - r->step_start_ms));
     lr_metric_add(lr_wm.steps, NULL, 1);
     lr_metric_observe(lr_wm.step_seconds, NULL, (double)(lr_worker_now(w) - r->step_start_ms) / 1000.0);

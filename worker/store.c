@@ -150,38 +150,6 @@ static void task_from_row(const PGresult *res, lr_store_task_t *t) {
     t->tenant = lr_pg_getn(res, 0, "tenant");
 }
 
-static void claim_decode(req_t *q, int err, const PGresult *res) {
-    lr_store_claim_res_t r;
-    memset(&r, 0, sizeof(r));
-    r.err = err;
-    if (err != 0) {
-        r.errmsg = errmsg_of(err, res);
-        r.lost = err == LR_ECONN;
-    } else if (lr_pg_getn(res, 0, "lease_epoch") != NULL) {
-        r.claimed = true;
-        task_from_row(res, &r.task);
-    } else {
-        r.cur_status = lr_pg_getn(res, 0, "cur_status");
-        r.cur_claims = (int)get_ll(res, "cur_claims");
-        r.cur_leased = get_bool(res, "cur_leased");
-    }
-    ((lr_store_claim_cb)q->cb)(&r, q->arg);
-    req_free(q);
-}
-
-int lr_store_claim(lr_pg_pool_t *pg, const lr_store_claim_args_t *a, lr_store_claim_cb cb, void *arg) {
-    req_t *q = req_new(pg, SQL_CLAIM, 5, claim_decode, (void (*)(void))cb, arg);
-    if (q == NULL) {
-        return LR_ENOMEM;
-    }
-    q->params[0] = a->id;
-    q->params[1] = a->worker;
-    req_num(q, 2, a->lease_seconds);
-    req_num(q, 3, a->claims_below);
-    req_bool(q, 4, a->reclaim);
-    return req_start(q);
-}
-
 /* The server refused the new task's row for what the message holds (a value
  * PostgreSQL cannot store: invalid UTF-8, \u0000 in JSON, an RFC 3339-shaped
  * but impossible deadline, ...): SQLSTATE class 22 (data exception) or 23
@@ -204,21 +172,43 @@ static bool insert_refused(int err, const PGresult *res, char *why, size_t len) 
     return true;
 }
 
-static void insert_decode(req_t *q, int err, const PGresult *res) {
+/* The answer to a claim or (insert) an insert. */
+static void claimed_decode(req_t *q, int err, const PGresult *res, bool insert) {
     lr_store_claim_res_t r;
     memset(&r, 0, sizeof(r));
     r.err = err;
     if (err != 0) {
         r.errmsg = errmsg_of(err, res);
         r.lost = err == LR_ECONN;
-        r.refused = insert_refused(err, res, r.why, sizeof(r.why));
-    } else if (PQntuples(res) > 0) {
+        r.refused = insert && insert_refused(err, res, r.why, sizeof(r.why));
+    } else if (insert ? PQntuples(res) > 0 : lr_pg_getn(res, 0, "lease_epoch") != NULL) {
         r.claimed = true;
         task_from_row(res, &r.task);
+    } else if (!insert) {
+        r.cur_status = lr_pg_getn(res, 0, "cur_status");
+        r.cur_claims = (int)get_ll(res, "cur_claims");
+        r.cur_leased = get_bool(res, "cur_leased");
     }
     ((lr_store_claim_cb)q->cb)(&r, q->arg);
     req_free(q);
 }
+
+static void claim_decode(req_t *q, int err, const PGresult *res) { claimed_decode(q, err, res, false); }
+
+int lr_store_claim(lr_pg_pool_t *pg, const lr_store_claim_args_t *a, lr_store_claim_cb cb, void *arg) {
+    req_t *q = req_new(pg, SQL_CLAIM, 5, claim_decode, (void (*)(void))cb, arg);
+    if (q == NULL) {
+        return LR_ENOMEM;
+    }
+    q->params[0] = a->id;
+    q->params[1] = a->worker;
+    req_num(q, 2, a->lease_seconds);
+    req_num(q, 3, a->claims_below);
+    req_bool(q, 4, a->reclaim);
+    return req_start(q);
+}
+
+static void insert_decode(req_t *q, int err, const PGresult *res) { claimed_decode(q, err, res, true); }
 
 int lr_store_insert(lr_pg_pool_t *pg, const lr_store_insert_args_t *a, lr_store_claim_cb cb, void *arg) {
     req_t *q = req_new(pg, SQL_INSERT_CLAIMED, 14, insert_decode, (void (*)(void))cb, arg);

@@ -162,7 +162,6 @@ static void durability_check(lr_worker_t *w) {
  * and handed to the health server, which copies it. */
 static void health_snapshot(const lr_worker_t *w, lr_health_t *health) {
     cJSON *o = cJSON_CreateObject(), *deps, *dep, *circuits;
-    char *txt;
     if (o == NULL) {
         return;
     }
@@ -187,13 +186,7 @@ static void health_snapshot(const lr_worker_t *w, lr_health_t *health) {
     cJSON_AddNumberToObject(o, "tasks_finished", (double)w->tasks_finished);
     circuits = lr_breakers_cjson();
     cJSON_AddItemToObject(o, "circuits", circuits != NULL ? circuits : cJSON_CreateArray());
-    txt = cJSON_PrintUnformatted(o);
-    cJSON_Delete(o);
-    if (txt != NULL) {
-        /* an error here (over LR_HEALTH_SNAPSHOT_MAX) shows in /health */
-        (void)lr_health_set_snapshot(health, txt);
-    }
-    free(txt);
+    lr_health_set_snapshot_tree(health, o);
 }
 
 /* Every second (the daemon ticks liveness): readiness, gauges, the /health
