@@ -58,12 +58,11 @@ static void history_cb(const lr_store_history_res_t *res, void *arg) {
     lr_step_next(r);
 }
 
-/* After a successful claim: decide whether to run. */
 static char *dup_or_null(const char *s) { return s != NULL ? strdup(s) : NULL; }
 
-static void run_claimed(lr_run_t *r, const lr_store_task_t *t) {
+/* Copies the claimed row into the run. */
+static void take_row(lr_run_t *r, const lr_store_task_t *t) {
     lr_worker_t *w = r->w;
-
     r->epoch = t->epoch;
     r->lease_until_ms = r->claim_sent_ms + (uint64_t)w->cfg.lease_seconds * 1000u;
     r->step = t->step;
@@ -94,30 +93,45 @@ static void run_claimed(lr_run_t *r, const lr_store_task_t *t) {
     r->slice_steps = 0;
     LR_LOG(LR_LOG_DEBUG, &r->log, "task.claimed", "claimed (claims without progress: %d)", t->claims);
     lr_metric_add(lr_wm.tasks_started, NULL, 1);
+}
 
+/* Whether the claimed task may run here: false when it was handed back or
+ * dead-lettered instead (state version, crash loop, deadline, agent). */
+static bool may_run(lr_run_t *r, const lr_store_task_t *t) {
+    lr_worker_t *w = r->w;
     if (t->state_version > lr_state_version()) {
         /* Written by a newer worker: hand it back rather than misread it. */
         LR_LOG(LR_LOG_WARN, &r->log, "task.state_too_new", "state version %d is newer than this worker reads (%d)",
                t->state_version, lr_state_version());
         lr_step_transition(r, LR_ST_QUEUED, "state_version_too_new", NULL, NULL, -1, 0);
-        return;
+        return false;
     }
     if (t->claims > w->cfg.max_claims) {
         char why[160];
         snprintf(why, sizeof(why), "claimed %d times without progress (limit %d): its worker keeps dying", t->claims,
                  w->cfg.max_claims);
         lr_step_transition(r, LR_ST_DEAD, "crash_loop", why, "crash_loop", -1, 0);
-        return;
+        return false;
     }
     if (t->past_deadline) {
         lr_step_transition(r, LR_ST_DEAD, "deadline", "the task's deadline passed", "deadline", -1, 0);
-        return;
+        return false;
     }
     r->exec = w->find_executor(r->agent);
     if (r->exec == NULL) {
         char why[160];
         snprintf(why, sizeof(why), "unknown agent '%s'", r->agent);
         lr_step_transition(r, LR_ST_DEAD, "unknown_agent", why, "unknown_agent", -1, 0);
+        return false;
+    }
+    return true;
+}
+
+/* After a successful claim: decide whether to run, then the tenant cap. */
+static void run_claimed(lr_run_t *r, const lr_store_task_t *t) {
+    lr_worker_t *w = r->w;
+    take_row(r, t);
+    if (!may_run(r, t)) {
         return;
     }
     if (r->tenant != NULL && w->cfg.tenant_max_running > 0) {
@@ -299,40 +313,12 @@ static void run_insert(lr_run_t *r) {
     }
 }
 
-static void claim_cb(const lr_store_claim_res_t *res, void *arg) {
-    lr_run_t *r = arg;
+/* The claim took nothing: why decides (claim_cb).  A suspect waits for the
+ * slot; a task without a row is created (or its stray continuation
+ * dead-lettered); a runnable one not taken goes back; the rest is dropped. */
+static void not_claimed(lr_run_t *r, const lr_store_claim_res_t *res, bool may_suspect) {
     lr_worker_t *w = r->w;
-    const char *cur;
-    bool may_suspect = r->claim_may_suspect;
-
-    lr_run_io_end(r, LR_IO_DB);
-    if (may_suspect) {
-        r->claim_may_suspect = false;
-        w->suspect_claiming = false;
-    }
-    if (res->lost && run_retry_claim(r)) {
-        suspect_next(w);
-        return;
-    }
-    if (res->err != 0) {
-        LR_LOG(LR_LOG_WARN, &r->log, "task.claim_failed", "claim failed: %s; giving the message back", res->errmsg);
-        lr_run_requeue(r);
-        suspect_next(w);
-        return;
-    }
-    if (res->claimed) {
-        if (may_suspect && res->task.claims > suspect_claims(w)) {
-            w->suspect = r;
-            LR_LOG(LR_LOG_INFO, &r->log, "task.suspect",
-                   "claimed %d times without progress: running it as "
-                   "this worker's only suspect until it checkpoints",
-                   res->task.claims);
-        }
-        suspect_next(w);
-        run_claimed(r, &res->task);
-        return;
-    }
-    cur = res->cur_status;
+    const char *cur = res->cur_status;
     if (cur != NULL && !may_suspect && res->cur_claims >= suspect_claims(w) && !w->draining) {
         if (strcmp(cur, "queued") == 0 || (strcmp(cur, "running") == 0 && !res->cur_leased)) {
             /* A suspect, and another suspect holds this worker's slot: wait,
@@ -376,6 +362,41 @@ static void claim_cb(const lr_store_claim_res_t *res, void *arg) {
         LR_LOG(LR_LOG_DEBUG, &r->log, "task.not_runnable", "task is %s; message dropped", cur);
     }
     lr_run_drop(r, LR_RUN_OUT_DROPPED);
+}
+
+static void claim_cb(const lr_store_claim_res_t *res, void *arg) {
+    lr_run_t *r = arg;
+    lr_worker_t *w = r->w;
+    bool may_suspect = r->claim_may_suspect;
+
+    lr_run_io_end(r, LR_IO_DB);
+    if (may_suspect) {
+        r->claim_may_suspect = false;
+        w->suspect_claiming = false;
+    }
+    if (res->lost && run_retry_claim(r)) {
+        suspect_next(w);
+        return;
+    }
+    if (res->err != 0) {
+        LR_LOG(LR_LOG_WARN, &r->log, "task.claim_failed", "claim failed: %s; giving the message back", res->errmsg);
+        lr_run_requeue(r);
+        suspect_next(w);
+        return;
+    }
+    if (res->claimed) {
+        if (may_suspect && res->task.claims > suspect_claims(w)) {
+            w->suspect = r;
+            LR_LOG(LR_LOG_INFO, &r->log, "task.suspect",
+                   "claimed %d times without progress: running it as "
+                   "this worker's only suspect until it checkpoints",
+                   res->task.claims);
+        }
+        suspect_next(w);
+        run_claimed(r, &res->task);
+        return;
+    }
+    not_claimed(r, res, may_suspect);
 }
 
 static void insert_cb(const lr_store_claim_res_t *res, void *arg) {
