@@ -133,8 +133,7 @@ bool lr_callstats_auth_storm(uint64_t now_ms, long min_calls, char *why, size_t 
         const entry_t *e = &tables[LR_CALLSTATS_MODEL][i];
         totals_t t = sum(e, now_ms, LR_CALLSTATS_WINDOW_BUCKETS);
         if (t.calls > 0) {
-            off += (size_t)snprintf(why + off, len - off, "%s%s %ld/%ld calls 401/403", sep, e->name, t.auth,
-                                    t.calls);
+            off += (size_t)snprintf(why + off, len - off, "%s%s %ld/%ld calls 401/403", sep, e->name, t.auth, t.calls);
             sep = ", ";
         }
     }

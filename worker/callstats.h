@@ -22,7 +22,7 @@
 #include <stdint.h>
 
 #define LR_CALLSTATS_MAX 256
-#define LR_CALLSTATS_BUCKETS 30     /* 5 windows of 6 buckets */
+#define LR_CALLSTATS_BUCKETS 30 /* 5 windows of 6 buckets */
 #define LR_CALLSTATS_WINDOW_BUCKETS 6
 
 enum lr_callstats_kind { LR_CALLSTATS_MODEL = 0, LR_CALLSTATS_TOOL = 1 };
