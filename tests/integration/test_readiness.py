@@ -114,11 +114,14 @@ def test():
         h.check(w1.wait(30) is not None, "w1 exits")
 
         # -- every model circuit open: not ready until the open time is over
-        port2 = h.free_port()
-        env.start_worker("w2", LONGRUN_HTTP_PORT=port2, LONGRUN_AGENTS_FILE=agents, FIXTURE_KEY=SECRET,
-                         LONGRUN_BREAKER_FAILURES=2, LONGRUN_BREAKER_OPEN_SECONDS=4, LONGRUN_RETRY_BASE_MS=100,
-                         LONGRUN_RETRY_MAX_MS=200)
-        h.wait_for(lambda: get(port2, "/readyz")[0] == 200, 30, "w2 ready")
+        for attempt in range(3):  # another test on this host may take the free port first
+            port2 = h.free_port()
+            w2 = env.start_worker("w2", LONGRUN_HTTP_PORT=port2, LONGRUN_AGENTS_FILE=agents, FIXTURE_KEY=SECRET,
+                                  LONGRUN_BREAKER_FAILURES=2, LONGRUN_BREAKER_OPEN_SECONDS=4,
+                                  LONGRUN_RETRY_BASE_MS=100, LONGRUN_RETRY_MAX_MS=200)
+            h.wait_for(lambda: not w2.alive() or get(port2, "/readyz")[0] == 200, 30, "w2 ready")
+            if w2.alive():
+                break
         env.enqueue_many([{"agent": "down", "input": "go", "max_attempts": 1}])
         h.wait_for(lambda: get(port2, "/readyz")[0] == 503, 20, "not ready with every model circuit open")
         st, body = get(port2, "/readyz")
