@@ -74,6 +74,8 @@ static const struct cfg_entry entries[] = {
     D("LONGRUN_CEILING_MAX_COST_USD", ceiling_max_cost_usd, "0", 0, 100000),
     I("LONGRUN_BREAKER_FAILURES", breaker_failures, "5", 1, 1000),
     I("LONGRUN_BREAKER_OPEN_SECONDS", breaker_open_seconds, "30", 1, 3600),
+    I("LONGRUN_READY_WINDOW_SECONDS", ready_window_seconds, "60", 1, 3600),
+    I("LONGRUN_READY_AUTH_MIN_CALLS", ready_auth_min_calls, "3", 1, 100000),
     I("LONGRUN_MODEL_CONCURRENCY", model_concurrency, "0", 0, 100000),
     I("LONGRUN_LONG_WAIT_SECONDS", long_wait_seconds, "30", 1, 86400),
     D("LONGRUN_LOG_PAYLOADS", log_payloads, "0", 0, 1),

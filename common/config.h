@@ -60,6 +60,8 @@ typedef struct lr_config {
     double ceiling_max_cost_usd;
     int breaker_failures;        /* consecutive failures that open a circuit */
     int breaker_open_seconds;    /* how long an open circuit stays open before a trial */
+    int ready_window_seconds;    /* the call-statistics window of readiness and /health (worker/callstats.h) */
+    int ready_auth_min_calls;    /* 401/403 answers in that window, on every model call, that make it not ready */
     int model_concurrency;       /* in-process calls in flight per (provider, model); 0 = no gate */
     int long_wait_seconds;       /* a provider wait longer than this suspends the task */
     double log_payloads;         /* share of tasks whose payloads are logged (0 = never) */

@@ -24,6 +24,7 @@
 #include <string.h>
 
 #include "agent_state.h"
+#include "callstats.h"
 #include "jsonschema.h"
 #include "text.h"
 #include "wmetrics.h"
@@ -308,6 +309,7 @@ static void tool_response(const lr_http_response_t *resp, void *arg) {
     bool retry = (resp->err != 0 && resp->err != LR_EPERM) || resp->status >= 500 || resp->status == 408 ||
                  resp->status == 429;
     tc->req = NULL;
+    lr_callstats_add(LR_CALLSTATS_TOOL, tc->def->name, resp->err != 0 ? 0L : resp->status, lr_agent_now());
     snprintf(idem, sizeof(idem), "%s:%d:%d", lr_run_id(st->run), st->step_no, tc->index);
     if (retry && tc->tries <= tc->def->retries) {
         tool_send(tc);

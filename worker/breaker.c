@@ -122,6 +122,22 @@ cJSON *lr_breakers_cjson(void) {
     return arr;
 }
 
+int lr_breakers_models_open(uint64_t now_ms, int *nmodels) {
+    int n = 0, open = 0;
+    for (int i = 0; i < nbreakers; i++) {
+        const lr_breaker_t *b = &breakers[i];
+        if (strncmp(b->key, "model:", 6) != 0) {
+            continue;
+        }
+        n++;
+        if (b->state == LR_CB_OPEN && now_ms < b->open_until) {
+            open++;
+        }
+    }
+    *nmodels = n;
+    return open;
+}
+
 /* ------------------------------------------------------ concurrency gate */
 
 struct lr_gate {

@@ -46,6 +46,12 @@ void lr_breaker_abandon(lr_breaker_t *b, uint64_t now_ms);
  * owns (cJSON_Delete), or NULL without memory. */
 struct cJSON *lr_breakers_cjson(void);
 
+/* Readiness: how many model endpoints have a breaker (they were called or
+ * picked), and how many of them refuse calls now (open, their open time
+ * not yet over: past it the next call is a trial, so it counts as not
+ * open).  Returns the number open; *nmodels gets the number known. */
+int lr_breakers_models_open(uint64_t now_ms, int *nmodels);
+
 /* ------------------------------------------------------ concurrency gate */
 
 /* A waiter: embed one in the object that waits; the gate calls

@@ -50,6 +50,7 @@
 #include <time.h>
 
 #include "agent_state.h"
+#include "callstats.h"
 #include "ratewin.h"
 #include "text.h"
 #include "wmetrics.h"
@@ -711,6 +712,7 @@ static void count_request(const lr_model_ref_t *m, const lr_http_response_t *res
     const char *lv[3] = {m->provider == LR_PROVIDER_OPENAI ? "openai" : "anthropic", m->model, status};
     snprintf(status, sizeof(status), "%ld", resp->err != 0 ? 0L : resp->status);
     lr_metric_add(lr_wm.model_requests, lv, 1);
+    lr_callstats_add(LR_CALLSTATS_MODEL, m->endpoint_label, resp->err != 0 ? 0L : resp->status, lr_agent_now());
     lr_metric_observe(lr_wm.model_seconds, lv, resp->total_ms / 1000.0);
     if (resp->status == 429) {
         lr_metric_inc1(lr_wm.rate_limit_waits, m->model);

@@ -20,6 +20,7 @@
 #include "agents.h"
 #include "breaker.h"
 #include "callback.h"
+#include "callstats.h"
 #include "egress.h"
 #include "health.h"
 #include "migrations.h"
@@ -160,8 +161,8 @@ static void durability_check(lr_worker_t *w) {
 
 /* The /health snapshot, built as a tree (any length, every string escaped)
  * and handed to the health server, which copies it. */
-static void health_snapshot(const lr_worker_t *w, lr_health_t *health) {
-    cJSON *o = cJSON_CreateObject(), *deps, *dep, *circuits;
+static void health_snapshot(const lr_worker_t *w, lr_health_t *health, uint64_t now_ms) {
+    cJSON *o = cJSON_CreateObject(), *deps, *dep, *circuits, *calls;
     if (o == NULL) {
         return;
     }
@@ -186,7 +187,29 @@ static void health_snapshot(const lr_worker_t *w, lr_health_t *health) {
     cJSON_AddNumberToObject(o, "tasks_finished", (double)w->tasks_finished);
     circuits = lr_breakers_cjson();
     cJSON_AddItemToObject(o, "circuits", circuits != NULL ? circuits : cJSON_CreateArray());
+    cJSON_AddNumberToObject(o, "calls_window_seconds", w->cfg.ready_window_seconds);
+    calls = lr_callstats_cjson(LR_CALLSTATS_MODEL, now_ms);
+    cJSON_AddItemToObject(o, "providers", calls != NULL ? calls : cJSON_CreateArray());
+    calls = lr_callstats_cjson(LR_CALLSTATS_TOOL, now_ms);
+    cJSON_AddItemToObject(o, "tools", calls != NULL ? calls : cJSON_CreateArray());
     lr_health_set_snapshot_tree(health, o);
+}
+
+/* The model providers' part of readiness (docs/architecture.md, "Health
+ * and metrics"): every call of every model endpoint called over the last
+ * window answered 401/403 (at least LONGRUN_READY_AUTH_MIN_CALLS), or every
+ * model endpoint known has its circuit open.  NULL when neither, else the
+ * reason, written into buf. */
+static const char *providers_why(const lr_worker_t *w, uint64_t now_ms, char *buf, size_t len) {
+    int nmodels = 0, open = lr_breakers_models_open(now_ms, &nmodels);
+    if (lr_callstats_auth_storm(now_ms, w->cfg.ready_auth_min_calls, buf, len)) {
+        return buf;
+    }
+    if (nmodels > 0 && open == nmodels) {
+        snprintf(buf, len, "every model endpoint's circuit is open (%d)", nmodels);
+        return buf;
+    }
+    return NULL;
 }
 
 /* Every second (the daemon ticks liveness): readiness, gauges, the /health
@@ -195,7 +218,10 @@ static void on_tick(lr_daemon_t *d, void *arg) {
     lr_worker_t *w = arg;
     lr_health_t *health = lr_daemon_health(d);
     const char *why = NULL;
+    uint64_t now_ms = uv_hrtime() / 1000000u; /* the clock of lr_agent_now() */
+    char provider_msg[512];
     static unsigned ticks;
+    static bool was_ready;
     ticks++;
     if (w->pg_usable > 0) {
         durability_check(w);
@@ -219,13 +245,24 @@ static void on_tick(lr_daemon_t *d, void *arg) {
         why = w->schema_msg;
     } else if (w->schema_state == 0) {
         why = "checking the schema version";
+    } else {
+        why = providers_why(w, now_ms, provider_msg, sizeof(provider_msg));
+    }
+    if ((why == NULL) != was_ready) {
+        /* one line per change: the probe's answer, in the log too */
+        if (why == NULL) {
+            lr_info("worker.ready", "ready");
+        } else {
+            lr_warn("worker.not_ready", "not ready: %s", why);
+        }
+        was_ready = why == NULL;
     }
     lr_health_set_ready(health, why == NULL, why);
     lr_metric_set(lr_wm.ready, NULL, why == NULL ? 1 : 0);
     lr_metric_set(lr_wm.in_flight, NULL, w->nruns);
     lr_metric_set(lr_wm.amqp_connected, NULL, w->amqp_up ? 1 : 0);
     lr_metric_set(lr_wm.pg_connections, NULL, w->pg_usable);
-    health_snapshot(w, health);
+    health_snapshot(w, health, now_ms);
     if (ticks % 60 == 0) {
         lr_info("worker.stats",
                 "in flight %d, steps %llu, tasks finished %llu, postgres %d connection(s) with %zu "
@@ -420,6 +457,7 @@ int lr_worker_run(const lr_config_t *cfg, const char *const *queues) {
     w->find_executor = find_executor;
     lr_wm_init();
     lr_breakers_configure(cfg->breaker_failures, (long)cfg->breaker_open_seconds * 1000);
+    lr_callstats_configure((long)cfg->ready_window_seconds * 1000);
     setup_test_hooks(w);
     if (setup_identity(w, queues) != 0) {
         (void)uv_loop_close(&loop);

@@ -51,3 +51,5 @@ lr_py_test(integration.reply_policy integration/test_reply_policy.py TIMEOUT 180
 lr_py_test(integration.durability_check integration/test_durability_check.py TIMEOUT 120 LABELS "integration;asan")
 lr_py_test(integration.outbox_backlog integration/test_outbox_backlog.py TIMEOUT 300 LABELS "integration")
 lr_py_test(integration.backpressure integration/test_backpressure.py TIMEOUT 180 LABELS "integration;asan")
+# Issue 16 item 8: readiness that means ready (auth storms, every model circuit open).
+lr_py_test(integration.readiness integration/test_readiness.py TIMEOUT 180 LABELS "integration;asan")
