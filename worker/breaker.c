@@ -72,6 +72,8 @@ bool lr_breaker_allows(lr_breaker_t *b, uint64_t now_ms) {
     return false;
 }
 
+enum lr_cb_state lr_breaker_state(const lr_breaker_t *b) { return b != NULL ? b->state : LR_CB_CLOSED; }
+
 void lr_breaker_result(lr_breaker_t *b, bool ok, uint64_t now_ms) {
     if (b == NULL) {
         return;

@@ -35,6 +35,10 @@ lr_breaker_t *lr_breaker_get(const char *key, const char *label);
  * lets exactly one trial call through. */
 bool lr_breaker_allows(lr_breaker_t *b, uint64_t now_ms);
 
+/* The state now (NULL: an unprotected key, always closed).  An open circuit
+ * past its time still reads open until lr_breaker_allows lets a trial out. */
+enum lr_cb_state lr_breaker_state(const lr_breaker_t *b);
+
 /* The outcome of a call that went out (after its retries). */
 void lr_breaker_result(lr_breaker_t *b, bool ok, uint64_t now_ms);
 

@@ -74,6 +74,7 @@ static void run_claimed(lr_run_t *r, const lr_store_task_t *t) {
     r->cost_usd = t->cost_usd;
     r->tool_calls_total = t->tool_calls;
     r->active_ms = t->active_ms;
+    r->outage_ms = t->outage_ms;
     free(r->budgets_json);
     r->budgets_json = dup_or_null(t->budgets);
     snprintf(r->agent, sizeof(r->agent), "%s", t->agent != NULL ? t->agent : "");

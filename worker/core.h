@@ -118,6 +118,7 @@ struct lr_run {
     char *budgets_json;      /* owned: the task's budgets object as stored */
     long tool_calls_total;   /* usage before this delivery (from the claim) */
     long active_ms;
+    long outage_ms; /* from the claim: parked for provider_unavailable that long, -1: not */
     cJSON *history; /* owned: array of per-step message arrays */
     const lr_executor_t *exec;
     void *exec_state;

@@ -89,6 +89,7 @@ void lr_run_usage(const lr_run_t *r, lr_run_usage_t *u) {
     u->cost_usd = r->cost_usd;
     u->tool_calls = r->tool_calls_total;
     u->active_ms = r->active_ms;
+    u->outage_ms = r->outage_ms < 0 ? -1 : r->outage_ms + (long)(lr_worker_now(r->w) - r->claim_sent_ms);
 }
 
 void lr_run_add_usage(lr_run_t *r, long tool_calls, long active_ms) {
@@ -110,6 +111,7 @@ lr_run_t *lr_run_new(lr_worker_t *w, lr_amqp_delivery_t *d) {
     r->log.step = -1;
     r->log.epoch = -1;
     r->out.resume_in_ms = -1;
+    r->outage_ms = -1;
     lr_list_init(&r->defer_link);
     lr_list_push_front(&w->runs, &r->link);
     w->nruns++;

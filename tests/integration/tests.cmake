@@ -51,3 +51,5 @@ lr_py_test(integration.reply_policy integration/test_reply_policy.py TIMEOUT 180
 lr_py_test(integration.durability_check integration/test_durability_check.py TIMEOUT 120 LABELS "integration;asan")
 lr_py_test(integration.outbox_backlog integration/test_outbox_backlog.py TIMEOUT 300 LABELS "integration")
 lr_py_test(integration.backpressure integration/test_backpressure.py TIMEOUT 180 LABELS "integration;asan")
+# Issue 16 (7): a provider outage parks tasks (provider_unavailable) instead of burning attempts.
+lr_py_test(integration.provider_outage integration/test_provider_outage.py TIMEOUT 240 LABELS "integration;asan")
