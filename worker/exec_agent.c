@@ -355,8 +355,21 @@ static void timer_cb(uv_timer_t *t) {
  * been parked so far (doubling), at most PARK_MAX_MS apart. */
 #define PARK_MAX_MS (5L * 60 * 1000)
 
+/* The failure reasons that say the endpoint is unavailable (a provider
+ * outage), as opposed to answering wrongly: provider.c and model_response. */
+static bool unavailable_reason(const char *reason) {
+    static const char *const r[] = {"connection",          "timeout",      "overloaded", "server_error",
+                                    "conflict_or_timeout", "rate_limited", NULL};
+    for (int i = 0; r[i] != NULL; i++) {
+        if (strcmp(reason, r[i]) == 0) {
+            return true;
+        }
+    }
+    return false;
+}
+
 /* The chain is exhausted.  When every model of it sits behind a circuit
- * that is not closed, the provider is out, not this task: park it
+ * opened by availability failures (unavailable_reason), the provider is out, not this task: park it
  * (suspended, provider_unavailable, no attempt) and let its resume be the
  * next trial, or dead-letter it (stop_reason provider_unavailable) once it
  * has been parked longer than the agent's max_outage_seconds.  Returns
@@ -367,7 +380,7 @@ static bool provider_park(agent_state_t *st) {
     lr_run_usage_t u;
     long parked, max_ms = ag->max_outage_seconds * 1000, wait;
     for (int i = 0; i < ag->nmodels; i++) {
-        if (lr_breaker_state(model_breaker(&ag->models[i])) == LR_CB_CLOSED) {
+        if (!lr_breaker_outage(model_breaker(&ag->models[i]))) {
             return false;
         }
     }
@@ -433,6 +446,9 @@ static void model_failed(agent_state_t *st, int cls, const char *reason, const c
     snprintf(st->last_reason, sizeof(st->last_reason), "%s", reason);
     snprintf(st->last_error, sizeof(st->last_error), "%s (%s): %s", m->model, reason, detail);
     lr_breaker_result(model_breaker(m), cls == LR_CALL_PERMANENT, lr_agent_now());
+    if (cls != LR_CALL_PERMANENT && !unavailable_reason(reason)) {
+        lr_breaker_not_outage(model_breaker(m));
+    }
     LR_LOG(LR_LOG_WARN, &st->log, "model.call_failed", "model %s attempt %d failed: %s: %s", m->model, st->attempt + 1,
            reason, detail);
     if (cls == LR_CALL_PERMANENT) {
