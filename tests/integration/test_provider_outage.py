@@ -11,7 +11,6 @@
 LONGRUN_TEST_OUTAGE_TASKS (default 120) and LONGRUN_TEST_OUTAGE_SECONDS
 (default 15) size the run (the issue's figures: 300 tasks, 120 s).
 """
-import json
 import os
 import sys
 import time
@@ -30,10 +29,7 @@ def agents_file(env):
         {"name": "outage_short", "max_outage_seconds": 2,
          "models": [dict(model, model="fixture-outage-100000-1")]},
     ]}
-    path = os.path.join(env.dir, "agents.json")
-    with open(path, "w") as f:
-        json.dump(doc, f)
-    return path
+    return env.write_json("agents.json", doc)
 
 
 def test():
