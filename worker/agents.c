@@ -380,8 +380,10 @@ static int load_model(registry_t *r, const cJSON *prices, const cJSON *m, const 
 }
 
 static int load_agents(registry_t *r, const cJSON *prices, const cJSON *agents, char *errbuf, size_t errlen) {
-    static const char *const known[] = {"name",    "system",      "models", "tools", "budgets",
-                                        "context", "description", "slice",  NULL};
+    static const char *const known[] = {"name",        "system",  "models",
+                                        "tools",       "budgets", "context",
+                                        "description", "slice",   "max_outage_seconds",
+                                        NULL};
     int n = cJSON_GetArraySize(agents);
     int i = 0;
     r->agents = calloc((size_t)n + 1, sizeof(lr_agent_t));
@@ -417,6 +419,11 @@ static int load_agents(registry_t *r, const cJSON *prices, const cJSON *agents, 
         }
         snprintf(where, sizeof(where), "agents[%d] (%s)", i, ag->name);
         ag->system = (char *)get_str(a, "system");
+        if ((rc = get_num(a, "max_outage_seconds", where, 1, 7 * 86400, true, LR_AGENT_MAX_OUTAGE_DEFAULT, &v, errbuf,
+                          errlen)) != 0) {
+            return rc;
+        }
+        ag->max_outage_seconds = (long)v;
         models = cJSON_GetObjectItemCaseSensitive(a, "models");
         if (!cJSON_IsArray(models) || cJSON_GetArraySize(models) < 1 || cJSON_GetArraySize(models) > 8) {
             return fail(errbuf, errlen, "%s.models: an array of 1 to 8 models (the fallback chain)", where);

@@ -87,7 +87,13 @@ typedef struct lr_agent {
     long summarize_tokens; /* summarize: estimated tokens that trigger a summary */
     int slice_steps;       /* 0 = LONGRUN_SLICE_STEPS */
     int slice_seconds;     /* 0 = LONGRUN_SLICE_SECONDS */
+    /* How long a task may stay parked (suspended, provider_unavailable)
+     * while every model of the chain is unavailable, counted from its first
+     * park of this outage; beyond it the task is dead-lettered. */
+    long max_outage_seconds;
 } lr_agent_t;
+
+#define LR_AGENT_MAX_OUTAGE_DEFAULT (6 * 3600)
 
 /* Loads and validates path (replacing any loaded registry on success).
  * Returns 0, LR_EIO (unreadable), LR_EPARSE (not JSON), LR_ECONFIG (invalid;

@@ -19,6 +19,7 @@ struct lr_breaker {
     enum lr_cb_state state;
     int failures;
     uint64_t open_until;
+    bool not_outage; /* a failure since the last success was not the endpoint being unavailable */
 };
 
 static lr_breaker_t breakers[LR_BREAKERS_MAX];
@@ -72,6 +73,14 @@ bool lr_breaker_allows(lr_breaker_t *b, uint64_t now_ms) {
     return false;
 }
 
+bool lr_breaker_outage(const lr_breaker_t *b) { return b != NULL && b->state != LR_CB_CLOSED && !b->not_outage; }
+
+void lr_breaker_not_outage(lr_breaker_t *b) {
+    if (b != NULL) {
+        b->not_outage = true;
+    }
+}
+
 void lr_breaker_result(lr_breaker_t *b, bool ok, uint64_t now_ms) {
     if (b == NULL) {
         return;
@@ -82,6 +91,7 @@ void lr_breaker_result(lr_breaker_t *b, bool ok, uint64_t now_ms) {
         }
         b->state = LR_CB_CLOSED;
         b->failures = 0;
+        b->not_outage = false;
         gauge(b);
         return;
     }

@@ -35,6 +35,16 @@ lr_breaker_t *lr_breaker_get(const char *key, const char *label);
  * lets exactly one trial call through. */
 bool lr_breaker_allows(lr_breaker_t *b, uint64_t now_ms);
 
+/* Is the circuit open or half-open because the endpoint is unavailable?
+ * True when it is not closed and no failure since it was last closed was
+ * marked lr_breaker_not_outage.  NULL (unprotected key): false. */
+bool lr_breaker_outage(const lr_breaker_t *b);
+
+/* The failure just reported to lr_breaker_result was not an availability
+ * failure (a malformed answer, a rejected key): until the next success the
+ * circuit does not count as an outage. */
+void lr_breaker_not_outage(lr_breaker_t *b);
+
 /* The outcome of a call that went out (after its retries). */
 void lr_breaker_result(lr_breaker_t *b, bool ok, uint64_t now_ms);
 

@@ -115,6 +115,7 @@ struct lr_run {
     uint64_t lease_until_ms; /* the lease surely holds until then (loop clock; 0 = none) */
     cJSON *input;            /* owned */
     char *budgets_json;      /* owned: the task's budgets object as stored */
+    long outage_ms;          /* from the claim: parked for provider_unavailable that long, -1: not */
     cJSON *history;          /* owned: array of per-step message arrays */
     const lr_executor_t *exec;
     void *exec_state;

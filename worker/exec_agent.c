@@ -37,6 +37,11 @@
  * long_wait_seconds suspends the task (rate_limited, resume_at) without
  * counting an attempt.  Circuit breakers are per model endpoint: 5
  * consecutive failures open it for 30 s, then one trial call (half-open).
+ * A chain exhausted while every model's circuit is open or half-open parks
+ * the task (provider_park: suspended, provider_unavailable, no attempt);
+ * the scheduler resumes it after a growing backoff and its first model call
+ * is the next trial; past the agent's max_outage_seconds it is
+ * dead-lettered (stop_reason provider_unavailable).
  *
  * Nothing here logs prompts, tool arguments or results (privacy): only
  * names, sizes, statuses and timings.
@@ -346,12 +351,84 @@ static void timer_cb(uv_timer_t *t) {
     }
 }
 
+/* Park backoff bounds: the first resume comes after the circuit's open time
+ * (the worker's breaker), later ones after as long again as the task has
+ * been parked so far (doubling), at most PARK_MAX_MS apart. */
+#define PARK_MAX_MS (5L * 60 * 1000)
+
+/* The failure reasons that say the endpoint is unavailable (a provider
+ * outage), as opposed to answering wrongly: provider.c and model_response. */
+static bool unavailable_reason(const char *reason) {
+    static const char *const r[] = {"connection",          "timeout",      "overloaded", "server_error",
+                                    "conflict_or_timeout", "rate_limited", NULL};
+    for (int i = 0; r[i] != NULL; i++) {
+        if (strcmp(reason, r[i]) == 0) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* The chain is exhausted.  When every model of it sits behind a circuit
+ * opened by availability failures (unavailable_reason), the provider is out, not this task: park it
+ * (suspended, provider_unavailable, no attempt) and let its resume be the
+ * next trial, or dead-letter it (stop_reason provider_unavailable) once it
+ * has been parked longer than the agent's max_outage_seconds.  Returns
+ * false when some circuit is closed (the old path: retry_wait, attempt + 1). */
+static bool provider_park(agent_state_t *st) {
+    const lr_agent_t *ag = st->agent;
+    const lr_config_t *cfg = lr_worker_config(st->w);
+    lr_run_usage_t u;
+    long parked, max_ms = ag->max_outage_seconds * 1000, wait;
+    for (int i = 0; i < ag->nmodels; i++) {
+        if (!lr_breaker_outage(model_breaker(&ag->models[i]))) {
+            return false;
+        }
+    }
+    lr_run_usage(st->run, &u);
+    parked = u.outage_ms > 0 ? u.outage_ms : 0;
+    st->answered = NULL;
+    lr_metric_inc1(lr_wm.provider_parks, ag->name);
+    if (parked >= max_ms) {
+        snprintf(st->out->stop_reason, sizeof(st->out->stop_reason), "provider_unavailable");
+        snprintf(st->out->error, sizeof(st->out->error),
+                 "every model unavailable for %ld s (max_outage_seconds %ld); last: %s", parked / 1000,
+                 ag->max_outage_seconds, st->last_error);
+        LR_LOG(LR_LOG_WARN, &st->log, "model.outage_exceeded",
+               "every model of %s unavailable for %ld s, over max_outage_seconds %ld: dead-lettering", ag->name,
+               parked / 1000, ag->max_outage_seconds);
+        agent_finish(st, LR_STEP_STOP);
+        return true;
+    }
+    wait = (long)cfg->breaker_open_seconds * 1000;
+    if (parked > wait) {
+        wait = parked;
+    }
+    if (wait > PARK_MAX_MS) {
+        wait = PARK_MAX_MS;
+    }
+    wait = wait / 2 + (long)(jitter() * (double)wait); /* [0.5, 1.5) x: the parked tasks do not wake together */
+    if (parked + wait > max_ms) {
+        wait = max_ms - parked + 100; /* wake just past the bound, to end it */
+    }
+    snprintf(st->out->suspend_reason, sizeof(st->out->suspend_reason), "provider_unavailable");
+    st->out->resume_in_ms = wait;
+    LR_LOG(LR_LOG_INFO, &st->log, "model.provider_park",
+           "every model of %s unavailable (last: %s); parked %ld s so far: suspending for %ld ms", ag->name,
+           st->last_error, parked / 1000, wait);
+    agent_finish(st, LR_STEP_SUSPEND);
+    return true;
+}
+
 /* Moves to the next model of the chain, or ends the step. */
 static void model_next(agent_state_t *st) {
     st->model_idx++;
     st->attempt = 0;
     if (st->model_idx < st->agent->nmodels) {
         model_call(st);
+        return;
+    }
+    if (st->any_transient && provider_park(st)) {
         return;
     }
     snprintf(st->out->error, sizeof(st->out->error), "every model failed; last: %s", st->last_error);
@@ -370,6 +447,9 @@ static void model_failed(agent_state_t *st, int cls, const char *reason, const c
     snprintf(st->last_reason, sizeof(st->last_reason), "%s", reason);
     snprintf(st->last_error, sizeof(st->last_error), "%s (%s): %s", m->model, reason, detail);
     lr_breaker_result(model_breaker(m), cls == LR_CALL_PERMANENT, lr_agent_now());
+    if (cls != LR_CALL_PERMANENT && !unavailable_reason(reason)) {
+        lr_breaker_not_outage(model_breaker(m));
+    }
     LR_LOG(LR_LOG_WARN, &st->log, "model.call_failed", "model %s attempt %d failed: %s: %s", m->model, st->attempt + 1,
            reason, detail);
     if (cls == LR_CALL_PERMANENT) {

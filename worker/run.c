@@ -85,6 +85,7 @@ bool lr_worker_test_hooks(const lr_worker_t *w) { return w->test_hooks; }
 void lr_run_usage(const lr_run_t *r, lr_run_usage_t *u) {
     *u = r->used;
     u->step = r->step;
+    u->outage_ms = r->outage_ms < 0 ? -1 : r->outage_ms + (long)(lr_worker_now(r->w) - r->claim_sent_ms);
 }
 
 void lr_run_add_usage(lr_run_t *r, long tool_calls, long active_ms) {
@@ -106,6 +107,7 @@ lr_run_t *lr_run_new(lr_worker_t *w, lr_amqp_delivery_t *d) {
     r->log.step = -1;
     r->log.epoch = -1;
     r->out.resume_in_ms = -1;
+    r->outage_ms = -1;
     lr_list_init(&r->defer_link);
     lr_list_push_front(&w->runs, &r->link);
     w->nruns++;

@@ -34,7 +34,8 @@
     "  (SELECT count(*) FROM tasks x WHERE x.tenant = c.tenant AND x.status = 'running'"          \
     "   AND x.id <> c.id) AS tenant_running,"                                                     \
     "  cur.status AS cur_status, cur.claims AS cur_claims,"                                       \
-    "  (cur.lease_expires_at IS NOT NULL AND cur.lease_expires_at >= now()) AS cur_leased"        \
+    "  (cur.lease_expires_at IS NOT NULL AND cur.lease_expires_at >= now()) AS cur_leased,"       \
+    "  (extract(epoch FROM now() - c.outage_since) * 1000)::bigint AS outage_ms"                  \
     " FROM (SELECT 1) one LEFT JOIN c ON true"                                                    \
     " LEFT JOIN tasks cur ON cur.id = $1"
 
@@ -66,7 +67,9 @@
  * $12 cost, $13 latency_ms, $14 release lease (bool), $15 result,
  * $16 error, $17 stop_reason, $18 suspend_reason, $19 resume_in_ms,
  * $20 wait_event, $21 event reason, $22 tool call count, $23 active_ms,
- * $24 lease seconds, $25 state version of the step (worker/state.h) */
+ * $24 lease seconds, $25 state version of the step (worker/state.h).
+ * outage_since (0006): set by the first provider_unavailable park, kept by
+ * the next ones, cleared by a step a model answered ($8). */
 #define SQL_CHECKPOINT                                                                                  \
     "WITH t AS (UPDATE tasks SET step = $3,"                                                            \
     "   status = CASE WHEN cancel_requested THEN 'cancelled' ELSE $4 END, claims = 0,"                  \
@@ -82,6 +85,8 @@
     "   resume_at = CASE WHEN $19::bigint IS NULL THEN NULL"                                            \
     "     ELSE now() + make_interval(secs => $19::bigint / 1000.0) END,"                                \
     "   wait_event = $20,"                                                                              \
+    "   outage_since = CASE WHEN $18 = 'provider_unavailable' THEN coalesce(outage_since, now())"       \
+    "     WHEN $8::text IS NOT NULL THEN NULL ELSE outage_since END,"                                   \
     "   published_at = CASE WHEN $4 = 'running' AND NOT cancel_requested THEN published_at END,"        \
     "   finished_at = CASE WHEN cancel_requested OR $4 IN ('succeeded', 'failed', 'dead', 'cancelled')" \
     "     THEN now() ELSE finished_at END,"                                                             \
@@ -113,7 +118,9 @@
  * $5 event reason, $6 error, $7 stop_reason (also the dead-letter reason),
  * $8 resume_in_ms, $9 attempt increment, $10 suspend_reason.  A hand-back to
  * `queued` (drain, abandoned at the drain deadline) takes back its claim:
- * the worker did not crash, so it must not count towards crash_loop. */
+ * the worker did not crash, so it must not count towards crash_loop.
+ * A provider_unavailable park comes this way (no step row, no budget used)
+ * and sets outage_since on the first one. */
 #define SQL_TRANSITION                                                                                                \
     "WITH t AS (UPDATE tasks SET status = $3, attempt = attempt + $9::int,"                                           \
     "   claims = CASE WHEN $3 IN ('queued', 'suspended', 'retry_wait') THEN greatest(claims - 1, 0) ELSE claims END," \
@@ -121,6 +128,8 @@
     "   resume_at = CASE WHEN $8::bigint IS NULL THEN NULL"                                                           \
     "     ELSE now() + make_interval(secs => $8::bigint / 1000.0) END,"                                               \
     "   suspend_reason = $10, lease_owner = NULL, lease_expires_at = NULL,"                                           \
+    "   outage_since = CASE WHEN $10 = 'provider_unavailable' THEN coalesce(outage_since, now())"                     \
+    "     ELSE outage_since END,"                                                                                     \
     "   published_at = NULL,"                                                                                         \
     "   finished_at = CASE WHEN $3 IN ('succeeded', 'failed', 'dead', 'cancelled')"                                   \
     "     THEN now() ELSE finished_at END, updated_at = now()"                                                        \

@@ -138,6 +138,9 @@ static void checkpoint_committed(lr_run_t *r) {
     r->used.tokens_out += r->out.tokens_out;
     r->used.cost_usd += r->out.cost_usd;
     lr_run_add_usage(r, r->out.tool_calls_count, (long)(lr_worker_now(w) - r->step_start_ms));
+    if (r->out.model != NULL) {
+        r->outage_ms = -1; /* a model answered: the checkpoint cleared outage_since */
+    }
     lr_metric_add(lr_wm.steps, NULL, 1);
     lr_metric_observe(lr_wm.step_seconds, NULL, (double)(lr_worker_now(w) - r->step_start_ms) / 1000.0);
     if (r->exec->needs_history && !r->exec->keeps_conversation && r->out.messages != NULL) {
@@ -233,6 +236,13 @@ static void step_done(lr_run_t *r) {
             free(r->out.messages);
             r->out.messages = enc;
         }
+    }
+    if (r->out.outcome == LR_STEP_SUSPEND && strcmp(r->out.suspend_reason, "provider_unavailable") == 0 &&
+        (r->out.messages == NULL || strcmp(r->out.messages, "[]") == 0)) {
+        /* A park in a provider outage added nothing: no step row, so that
+         * parking again and again does not use up max_steps. */
+        lr_step_transition(r, LR_ST_SUSPENDED, "provider_unavailable", NULL, NULL, r->out.resume_in_ms, 0);
+        return;
     }
     switch (r->out.outcome) {
     case LR_STEP_CONTINUE:

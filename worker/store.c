@@ -140,6 +140,7 @@ static void task_from_row(const PGresult *res, lr_store_task_t *t) {
     t->cost_usd = lr_pg_getn(res, 0, "cost_usd") != NULL ? atof(lr_pg_getn(res, 0, "cost_usd")) : 0.0;
     t->past_deadline = get_bool(res, "past_deadline");
     t->tenant_running = tr != NULL ? atoi(tr) : -1;
+    t->outage_ms = lr_pg_getn(res, 0, "outage_ms") != NULL ? (long)get_ll(res, "outage_ms") : -1;
     t->agent = lr_pg_getn(res, 0, "agent");
     t->queue = lr_pg_getn(res, 0, "queue");
     t->input = lr_pg_getn(res, 0, "input");

@@ -66,8 +66,9 @@ typedef struct lr_store_task {
     long tokens_in, tokens_out, tool_calls, active_ms;
     double cost_usd;
     bool past_deadline;
-    int tenant_running;                          /* running tasks of the tenant (others), -1 unknown */
-    const char *agent, *queue, *input, *budgets; /* input, budgets: JSON text */
+    int tenant_running; /* running tasks of the tenant (others), -1 unknown */
+    long outage_ms;     /* parked for provider_unavailable since then (ms before the claim), -1: not */
+    const char *agent, *queue, *input, *budgets;                   /* input, budgets: JSON text */
     const char *reply_to, *correlation_id, *callback_url, *tenant; /* NULL when unset */
 } lr_store_task_t;
 

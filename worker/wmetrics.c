@@ -38,6 +38,11 @@ void lr_wm_init(void) {
                         "Circuit breaker per model endpoint and per tool: 0 closed, 1 half-open, 2 open.", "endpoint");
     lr_wm.rate_limit_waits = lr_metric_counter("longrun_rate_limit_waits_total",
                                                "Rate-limit answers (429) that made a call wait or suspend.", "model");
+    lr_wm.provider_parks = lr_metric_counter(
+        "longrun_provider_parks_total",
+        "Steps that ended with every model's circuit open: the task parked (provider_unavailable) or, past "
+        "max_outage_seconds, dead-lettered.",
+        "agent");
     lr_wm.gate_waiting = lr_metric_gauge("longrun_model_gate_waiting",
                                          "Model calls waiting for the in-process concurrency gate.", "endpoint");
     lr_wm.payloads_logged = lr_metric_counter("longrun_payloads_logged_total",

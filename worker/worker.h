@@ -92,6 +92,7 @@ typedef struct lr_run_usage {
     int step; /* steps checkpointed */
     long tokens_in, tokens_out, tool_calls, active_ms;
     double cost_usd;
+    long outage_ms; /* parked for provider_unavailable since that long ago (ms), -1: not in an outage */
 } lr_run_usage_t;
 /* Usage recorded so far (before the step in flight). */
 void lr_run_usage(const lr_run_t *r, lr_run_usage_t *u);

@@ -320,6 +320,13 @@ class Env:
             env[k] = str(v)
         return env
 
+    def write_json(self, name, doc):
+        """Writes doc as JSON to a file of this test's directory (an agents file, ...); returns its path."""
+        path = os.path.join(self.dir, name)
+        with open(path, "w") as f:
+            json.dump(doc, f)
+        return path
+
     def cli(self, *args, input=None, env=None, timeout=60):
         e = self.base_env(**(env or {}))
         return subprocess.run([os.path.join(BUILD, "longrun")] + list(args), input=input, env=e,

@@ -44,6 +44,8 @@ CASES = [
     ("unknown context strategy", agents({"context": {"strategy": "compress"}}), "context.strategy"),
     ("slice of 0 steps", agents({"slice": {"steps": 0}}), "slice.steps"),
     ("unknown slice key", agents({"slice": {"stepz": 2}}), "stepz"),
+    ("max_outage_seconds of 0", agents({"max_outage_seconds": 0}), "max_outage_seconds"),
+    ("max_outage_seconds not an integer", agents({"max_outage_seconds": 1.5}), "max_outage_seconds"),
     ("negative max_concurrency", agents({"models": [dict(MODEL, max_concurrency=-1)]}), "max_concurrency"),
     ("budget out of range", agents({"budgets": {"max_steps": 0}}), "max_steps"),
 ]
@@ -63,7 +65,7 @@ def check_config(text):
 
 def test():
     ok = check_config(agents({"context": {"strategy": "summarize", "threshold_tokens": 4000, "messages": 6},
-                              "slice": {"steps": 5, "seconds": 30},
+                              "slice": {"steps": 5, "seconds": 30}, "max_outage_seconds": 600,
                               "models": [dict(MODEL, max_concurrency=4)]}))
     h.eq(ok.returncode, 0, "a valid file passes: %s" % ok.stderr)
     h.check("configuration ok" in ok.stdout, ok.stdout)

@@ -53,3 +53,5 @@ lr_py_test(integration.outbox_backlog integration/test_outbox_backlog.py TIMEOUT
 lr_py_test(integration.backpressure integration/test_backpressure.py TIMEOUT 180 LABELS "integration;asan")
 # Issue 16 item 8: readiness that means ready (auth storms, every model circuit open).
 lr_py_test(integration.readiness integration/test_readiness.py TIMEOUT 180 LABELS "integration;asan")
+# Issue 16 (7): a provider outage parks tasks (provider_unavailable) instead of burning attempts.
+lr_py_test(integration.provider_outage integration/test_provider_outage.py TIMEOUT 240 LABELS "integration;asan")
