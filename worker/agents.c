@@ -379,6 +379,146 @@ static int load_model(registry_t *r, const cJSON *prices, const cJSON *m, const 
     return 0;
 }
 
+/* agents[i].models: the fallback chain (1 to 8). */
+static int agent_models(registry_t *r, const cJSON *prices, const cJSON *a, lr_agent_t *ag, const char *where,
+                        char *errbuf, size_t errlen) {
+    const cJSON *models;
+    int rc, mi = 0;
+    models = cJSON_GetObjectItemCaseSensitive(a, "models");
+    if (!cJSON_IsArray(models) || cJSON_GetArraySize(models) < 1 || cJSON_GetArraySize(models) > 8) {
+        return fail(errbuf, errlen, "%s.models: an array of 1 to 8 models (the fallback chain)", where);
+    }
+    ag->models = calloc((size_t)cJSON_GetArraySize(models), sizeof(lr_model_ref_t));
+    if (ag->models == NULL) {
+        return LR_ENOMEM;
+    }
+    for (const cJSON *m = models->child; m != NULL; m = m->next, mi++) {
+        char mw[160];
+        snprintf(mw, sizeof(mw), "%s.models[%d]", where, mi);
+        ag->nmodels = mi + 1;
+        if ((rc = load_model(r, prices, m, mw, &ag->models[mi], errbuf, errlen)) != 0) {
+            return rc;
+        }
+    }
+    return 0;
+}
+
+/* agents[i].tools: names of tools defined in "tools" or built in. */
+static int agent_tools(registry_t *r, const cJSON *a, lr_agent_t *ag, const char *where, char *errbuf, size_t errlen) {
+    const cJSON *tools;
+    int ti = 0;
+    tools = cJSON_GetObjectItemCaseSensitive(a, "tools");
+    if (tools != NULL && !cJSON_IsArray(tools)) {
+        return fail(errbuf, errlen, "%s.tools: must be an array of tool names", where);
+    }
+    ag->tools = calloc((size_t)cJSON_GetArraySize(tools) + 1, sizeof(lr_tool_def_t *));
+    if (ag->tools == NULL) {
+        return LR_ENOMEM;
+    }
+    for (const cJSON *t = tools != NULL ? tools->child : NULL; t != NULL; t = t->next, ti++) {
+        const lr_tool_def_t *d = cJSON_IsString(t) ? find_tool(r, t->valuestring) : NULL;
+        if (d == NULL) {
+            return fail(errbuf, errlen,
+                        "%s.tools[%d]: %s%s%s is not defined in \"tools\" nor built in "
+                        "(sleep, wait_for_event, request_approval)",
+                        where, ti, cJSON_IsString(t) ? "\"" : "", cJSON_IsString(t) ? t->valuestring : "a non-string",
+                        cJSON_IsString(t) ? "\"" : "");
+        }
+        ag->tools[ti] = d;
+        ag->ntools = ti + 1;
+    }
+    return 0;
+}
+
+/* agents[i].budgets: numbers, checked by lr_budget_set. */
+static int agent_budgets(const cJSON *a, lr_agent_t *ag, const char *where, char *errbuf, size_t errlen) {
+    const cJSON *budgets;
+    budgets = cJSON_GetObjectItemCaseSensitive(a, "budgets");
+    if (budgets != NULL) {
+        if (!cJSON_IsObject(budgets)) {
+            return fail(errbuf, errlen, "%s.budgets: must be an object", where);
+        }
+        for (const cJSON *b = budgets->child; b != NULL; b = b->next) {
+            char berr[256];
+            if (!cJSON_IsNumber(b) || lr_budget_set(&ag->budgets, b->string, b->valuedouble, berr, sizeof(berr)) != 0) {
+                return fail(errbuf, errlen, "%s.%s", where,
+                            cJSON_IsNumber(b) ? berr : "budgets: values must be numbers");
+            }
+        }
+    }
+    return 0;
+}
+
+/* agents[i].context: the strategy (full, window, summarize) and its numbers. */
+static int agent_context(const cJSON *a, lr_agent_t *ag, const char *where, char *errbuf, size_t errlen) {
+    const cJSON *ctx;
+    double v = 0;
+    int rc;
+    ctx = cJSON_GetObjectItemCaseSensitive(a, "context");
+    ag->context = LR_CONTEXT_FULL;
+    if (ctx != NULL) {
+        const char *st = get_str(ctx, "strategy");
+        char cw[128];
+        snprintf(cw, sizeof(cw), "%s.context", where);
+        if (st == NULL || (strcmp(st, "full") != 0 && strcmp(st, "window") != 0 && strcmp(st, "summarize") != 0)) {
+            return fail(errbuf, errlen, "%s.strategy: must be \"full\", \"window\" or \"summarize\"", cw);
+        }
+        if (strcmp(st, "window") == 0) {
+            ag->context = LR_CONTEXT_WINDOW;
+            if ((rc = get_num(ctx, "messages", cw, 2, 10000, true, 40, &v, errbuf, errlen)) != 0) {
+                return rc;
+            }
+            ag->context_messages = (int)v;
+        } else if (strcmp(st, "summarize") == 0) {
+            ag->context = LR_CONTEXT_SUMMARIZE;
+            if ((rc = get_num(ctx, "messages", cw, 2, 10000, true, 6, &v, errbuf, errlen)) != 0) {
+                return rc;
+            }
+            ag->context_messages = (int)v;
+            if ((rc = get_num(ctx, "threshold_tokens", cw, 100, 1e8, true, 0, &v, errbuf, errlen)) != 0) {
+                return rc;
+            }
+            if (v == 0) {
+                return fail(errbuf, errlen,
+                            "%s.threshold_tokens: required with \"summarize\" (estimated "
+                            "tokens of the conversation that trigger a summary)",
+                            cw);
+            }
+            ag->summarize_tokens = (long)v;
+        }
+    }
+    return 0;
+}
+
+/* agents[i].slice: {"steps": N, "seconds": N}, the agent's own slice. */
+static int agent_slice(const cJSON *a, lr_agent_t *ag, const char *where, char *errbuf, size_t errlen) {
+    double v = 0;
+    int rc;
+    {
+        const cJSON *sl = cJSON_GetObjectItemCaseSensitive(a, "slice");
+        static const char *const slice_known[] = {"steps", "seconds", NULL};
+        char sw[128];
+        snprintf(sw, sizeof(sw), "%s.slice", where);
+        if (sl != NULL) {
+            if (!cJSON_IsObject(sl)) {
+                return fail(errbuf, errlen, "%s: must be an object {\"steps\": N, \"seconds\": N}", sw);
+            }
+            if ((rc = check_keys(sl, sw, slice_known, errbuf, errlen)) != 0) {
+                return rc;
+            }
+            if ((rc = get_num(sl, "steps", sw, 1, 10000, true, 0, &v, errbuf, errlen)) != 0) {
+                return rc;
+            }
+            ag->slice_steps = (int)v;
+            if ((rc = get_num(sl, "seconds", sw, 1, 3600, true, 0, &v, errbuf, errlen)) != 0) {
+                return rc;
+            }
+            ag->slice_seconds = (int)v;
+        }
+    }
+    return 0;
+}
+
 static int load_agents(registry_t *r, const cJSON *prices, const cJSON *agents, char *errbuf, size_t errlen) {
     static const char *const known[] = {"name",        "system",  "models",
                                         "tools",       "budgets", "context",
@@ -393,9 +533,8 @@ static int load_agents(registry_t *r, const cJSON *prices, const cJSON *agents, 
     for (const cJSON *a = agents->child; a != NULL; a = a->next, i++) {
         lr_agent_t *ag = &r->agents[i];
         char where[96];
-        const cJSON *models, *tools, *budgets, *ctx;
         double v = 0;
-        int rc, mi = 0, ti = 0;
+        int rc;
         snprintf(where, sizeof(where), "agents[%d]", i);
         r->nagents = i + 1;
         lr_budgets_init(&ag->budgets);
@@ -424,110 +563,12 @@ static int load_agents(registry_t *r, const cJSON *prices, const cJSON *agents, 
             return rc;
         }
         ag->max_outage_seconds = (long)v;
-        models = cJSON_GetObjectItemCaseSensitive(a, "models");
-        if (!cJSON_IsArray(models) || cJSON_GetArraySize(models) < 1 || cJSON_GetArraySize(models) > 8) {
-            return fail(errbuf, errlen, "%s.models: an array of 1 to 8 models (the fallback chain)", where);
-        }
-        ag->models = calloc((size_t)cJSON_GetArraySize(models), sizeof(lr_model_ref_t));
-        if (ag->models == NULL) {
-            return LR_ENOMEM;
-        }
-        for (const cJSON *m = models->child; m != NULL; m = m->next, mi++) {
-            char mw[160];
-            snprintf(mw, sizeof(mw), "%s.models[%d]", where, mi);
-            ag->nmodels = mi + 1;
-            if ((rc = load_model(r, prices, m, mw, &ag->models[mi], errbuf, errlen)) != 0) {
-                return rc;
-            }
-        }
-        tools = cJSON_GetObjectItemCaseSensitive(a, "tools");
-        if (tools != NULL && !cJSON_IsArray(tools)) {
-            return fail(errbuf, errlen, "%s.tools: must be an array of tool names", where);
-        }
-        ag->tools = calloc((size_t)cJSON_GetArraySize(tools) + 1, sizeof(lr_tool_def_t *));
-        if (ag->tools == NULL) {
-            return LR_ENOMEM;
-        }
-        for (const cJSON *t = tools != NULL ? tools->child : NULL; t != NULL; t = t->next, ti++) {
-            const lr_tool_def_t *d = cJSON_IsString(t) ? find_tool(r, t->valuestring) : NULL;
-            if (d == NULL) {
-                return fail(errbuf, errlen,
-                            "%s.tools[%d]: %s%s%s is not defined in \"tools\" nor built in "
-                            "(sleep, wait_for_event, request_approval)",
-                            where, ti, cJSON_IsString(t) ? "\"" : "",
-                            cJSON_IsString(t) ? t->valuestring : "a non-string", cJSON_IsString(t) ? "\"" : "");
-            }
-            ag->tools[ti] = d;
-            ag->ntools = ti + 1;
-        }
-        budgets = cJSON_GetObjectItemCaseSensitive(a, "budgets");
-        if (budgets != NULL) {
-            if (!cJSON_IsObject(budgets)) {
-                return fail(errbuf, errlen, "%s.budgets: must be an object", where);
-            }
-            for (const cJSON *b = budgets->child; b != NULL; b = b->next) {
-                char berr[256];
-                if (!cJSON_IsNumber(b) ||
-                    lr_budget_set(&ag->budgets, b->string, b->valuedouble, berr, sizeof(berr)) != 0) {
-                    return fail(errbuf, errlen, "%s.%s", where,
-                                cJSON_IsNumber(b) ? berr : "budgets: values must be numbers");
-                }
-            }
-        }
-        ctx = cJSON_GetObjectItemCaseSensitive(a, "context");
-        ag->context = LR_CONTEXT_FULL;
-        if (ctx != NULL) {
-            const char *st = get_str(ctx, "strategy");
-            char cw[128];
-            snprintf(cw, sizeof(cw), "%s.context", where);
-            if (st == NULL || (strcmp(st, "full") != 0 && strcmp(st, "window") != 0 && strcmp(st, "summarize") != 0)) {
-                return fail(errbuf, errlen, "%s.strategy: must be \"full\", \"window\" or \"summarize\"", cw);
-            }
-            if (strcmp(st, "window") == 0) {
-                ag->context = LR_CONTEXT_WINDOW;
-                if ((rc = get_num(ctx, "messages", cw, 2, 10000, true, 40, &v, errbuf, errlen)) != 0) {
-                    return rc;
-                }
-                ag->context_messages = (int)v;
-            } else if (strcmp(st, "summarize") == 0) {
-                ag->context = LR_CONTEXT_SUMMARIZE;
-                if ((rc = get_num(ctx, "messages", cw, 2, 10000, true, 6, &v, errbuf, errlen)) != 0) {
-                    return rc;
-                }
-                ag->context_messages = (int)v;
-                if ((rc = get_num(ctx, "threshold_tokens", cw, 100, 1e8, true, 0, &v, errbuf, errlen)) != 0) {
-                    return rc;
-                }
-                if (v == 0) {
-                    return fail(errbuf, errlen,
-                                "%s.threshold_tokens: required with \"summarize\" (estimated "
-                                "tokens of the conversation that trigger a summary)",
-                                cw);
-                }
-                ag->summarize_tokens = (long)v;
-            }
-        }
-        {
-            const cJSON *sl = cJSON_GetObjectItemCaseSensitive(a, "slice");
-            static const char *const slice_known[] = {"steps", "seconds", NULL};
-            char sw[128];
-            snprintf(sw, sizeof(sw), "%s.slice", where);
-            if (sl != NULL) {
-                if (!cJSON_IsObject(sl)) {
-                    return fail(errbuf, errlen, "%s: must be an object {\"steps\": N, \"seconds\": N}", sw);
-                }
-                if ((rc = check_keys(sl, sw, slice_known, errbuf, errlen)) != 0) {
-                    return rc;
-                }
-                if ((rc = get_num(sl, "steps", sw, 1, 10000, true, 0, &v, errbuf, errlen)) != 0) {
-                    return rc;
-                }
-                ag->slice_steps = (int)v;
-                if ((rc = get_num(sl, "seconds", sw, 1, 3600, true, 0, &v, errbuf, errlen)) != 0) {
-                    return rc;
-                }
-                ag->slice_seconds = (int)v;
-            }
+        if ((rc = agent_models(r, prices, a, ag, where, errbuf, errlen)) != 0 ||
+            (rc = agent_tools(r, a, ag, where, errbuf, errlen)) != 0 ||
+            (rc = agent_budgets(a, ag, where, errbuf, errlen)) != 0 ||
+            (rc = agent_context(a, ag, where, errbuf, errlen)) != 0 ||
+            (rc = agent_slice(a, ag, where, errbuf, errlen)) != 0) {
+            return rc;
         }
     }
     return 0;

@@ -341,6 +341,21 @@ class Env:
         env.setdefault("LONGRUN_WORKER_ID", name)
         return self.start(name, [os.path.join(BUILD, "longrun-worker")] + list(args), **env)
 
+    def start_worker_http(self, name="worker", timeout=30, **env):
+        """Starts a worker with its health server on a free port and waits for
+        /readyz to answer 200.  Another test on this host may take the port
+        between free_port() and the worker's bind (the worker then exits 2):
+        such a worker is started again on another port, three tries in all.
+        Returns (proc, port)."""
+        for attempt in range(3):
+            port = free_port()
+            w = self.start_worker(name if attempt == 0 else "%s-%d" % (name, attempt), LONGRUN_HTTP_PORT=port,
+                                  LONGRUN_WORKER_ID=name, **env)
+            wait_for(lambda: not w.alive() or http_get(port, "/readyz")[0] == 200, timeout, "%s ready" % name)
+            if w.alive():
+                return w, port
+        raise TestFailure("%s did not start with a health port in 3 tries:\n%s" % (name, w.tail()))
+
     def start_scheduler(self, name="scheduler", **env):
         env.setdefault("LONGRUN_SWEEP_INTERVAL_MS", "200")
         return self.start(name, [os.path.join(BUILD, "longrun-scheduler")], **env)

@@ -74,9 +74,7 @@ def steps(env, tid):
 
 def test():
     with h.Env("resilience") as env:
-        agents = os.path.join(env.dir, "agents.json")
-        with open(agents, "w") as f:
-            json.dump(AGENTS, f)
+        agents = env.write_json("agents.json", AGENTS)
         env.start_fixture("--require-auth", SECRET)
         env.start_scheduler()
         port = free_port()

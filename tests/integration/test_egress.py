@@ -29,10 +29,7 @@ def agents_file(env):
         {"provider": "openai", "base_url": METADATA + "/v1", "model": "fixture-steps-2"},
         {"provider": "openai", "base_url": "${LONGRUN_FIXTURE_URL}/v1", "model": "fixture-steps-2"}],
         "tools": ["lookup"]})
-    path = os.path.join(env.dir, "agents.json")
-    with open(path, "w") as f:
-        json.dump(d, f)
-    return path
+    return env.write_json("agents.json", d)
 
 
 def test():
@@ -42,8 +39,7 @@ def test():
         bad = env.start_worker("bad", LONGRUN_AGENTS_FILE=agents, LONGRUN_EGRESS_ALLOW="not-an-address")
         h.eq(bad.wait(20), 2, "an invalid LONGRUN_EGRESS_ALLOW stops the worker")
         h.check("LONGRUN_EGRESS_ALLOW" in bad.log_text(), "and says which setting")
-        port = h.free_port()
-        w = env.start_worker("w1", LONGRUN_AGENTS_FILE=agents, LONGRUN_HTTP_PORT=port)
+        w, port = env.start_worker_http("w1", LONGRUN_AGENTS_FILE=agents)
         ids = env.enqueue_many([{"agent": "metatool", "input": "go"}, {"agent": "metamodel", "input": "go"}])
         env.wait_all_terminal(2, 60)
         rows = {r["agent"]: r for r in env.sql("select agent, status, attempt from tasks where id = any(%s::uuid[])",

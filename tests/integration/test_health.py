@@ -57,8 +57,7 @@ def test():
         p = urllib.parse.urlparse(env.amqp_url)
         proxy = h.Proxy(p.hostname, p.port)
         proxied = env.amqp_url.replace(":%d/" % p.port, ":%d/" % proxy.port)
-        port = free_port()
-        env.start_worker("w1", LONGRUN_AGENTS_FILE=AGENTS, LONGRUN_HTTP_PORT=port, LONGRUN_AMQP_URL=proxied)
+        w1, port = env.start_worker_http("w1", LONGRUN_AGENTS_FILE=AGENTS, LONGRUN_AMQP_URL=proxied)
         h.wait_for(lambda: get(port, "/readyz")[0] == 200, 30, "worker ready")
         st, body = get(port, "/healthz")
         h.eq(st, 200, "/healthz")
@@ -145,10 +144,8 @@ def test():
         h.wait_for(lambda: env.scalar("select status from tasks where id = %s", (slow,)) == "succeeded", 60,
                    "slow task finished")
         # readiness goes false while draining
-        for pr in env.procs:
-            if pr.name == "w1":
-                pr.signal(__import__("signal").SIGTERM)
-                break
+        pr = w1
+        pr.signal(__import__("signal").SIGTERM)
         h.wait_for(lambda: get(port, "/readyz")[0] in (503, None), 10, "not ready while draining")
         # and, with nothing in flight, it exits 0 on its own (a second SIGTERM
         # from the teardown while it closes would mean "exit now")

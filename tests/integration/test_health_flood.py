@@ -131,9 +131,7 @@ def test():
     raise_nofile(N_IDLE + N_LORIS + 1024)
     with h.Env("health-flood") as env:
         env.start_fixture()
-        port = h.free_port()
-        w = env.start_worker("w1", LONGRUN_AGENTS_FILE=AGENTS, LONGRUN_HTTP_PORT=port)
-        h.wait_for(lambda: h.http_get(port, "/readyz")[0] == 200, 30, "worker ready")
+        w, port = env.start_worker_http("w1", LONGRUN_AGENTS_FILE=AGENTS)
         quiet = [timed_get(port, "/healthz")[1] for _ in range(20)]
 
         flood = Flood(port)

@@ -55,16 +55,12 @@ def run(env, agent, n=1, **extra):
 
 def test():
     with h.Env("readiness") as env:
-        agents = os.path.join(env.dir, "agents.json")
-        with open(agents, "w") as f:
-            json.dump(AGENTS, f)
+        agents = env.write_json("agents.json", AGENTS)
         env.start_fixture("--require-auth", SECRET)
         env.start_scheduler()
-        port = h.free_port()
-        w1 = env.start_worker("w1", LONGRUN_HTTP_PORT=port, LONGRUN_AGENTS_FILE=agents, FIXTURE_KEY=SECRET,
-                              WRONG_KEY="sk-test-rotated-away", LONGRUN_READY_WINDOW_SECONDS=WINDOW,
-                              LONGRUN_READY_AUTH_MIN_CALLS=3, LONGRUN_BREAKER_FAILURES=100)
-        h.wait_for(lambda: get(port, "/readyz")[0] == 200, 30, "worker ready")
+        w1, port = env.start_worker_http("w1", LONGRUN_AGENTS_FILE=agents, FIXTURE_KEY=SECRET,
+                                         WRONG_KEY="sk-test-rotated-away", LONGRUN_READY_WINDOW_SECONDS=WINDOW,
+                                         LONGRUN_READY_AUTH_MIN_CALLS=3, LONGRUN_BREAKER_FAILURES=100)
 
         # -- a good task: per-provider and per-tool counts with a zero error rate
         run(env, "good")
@@ -114,14 +110,9 @@ def test():
         h.check(w1.wait(30) is not None, "w1 exits")
 
         # -- every model circuit open: not ready until the open time is over
-        for attempt in range(3):  # another test on this host may take the free port first
-            port2 = h.free_port()
-            w2 = env.start_worker("w2", LONGRUN_HTTP_PORT=port2, LONGRUN_AGENTS_FILE=agents, FIXTURE_KEY=SECRET,
-                                  LONGRUN_BREAKER_FAILURES=2, LONGRUN_BREAKER_OPEN_SECONDS=4,
-                                  LONGRUN_RETRY_BASE_MS=100, LONGRUN_RETRY_MAX_MS=200)
-            h.wait_for(lambda: not w2.alive() or get(port2, "/readyz")[0] == 200, 30, "w2 ready")
-            if w2.alive():
-                break
+        w2, port2 = env.start_worker_http("w2", LONGRUN_AGENTS_FILE=agents, FIXTURE_KEY=SECRET,
+                                          LONGRUN_BREAKER_FAILURES=2, LONGRUN_BREAKER_OPEN_SECONDS=4,
+                                          LONGRUN_RETRY_BASE_MS=100, LONGRUN_RETRY_MAX_MS=200)
         env.enqueue_many([{"agent": "down", "input": "go", "max_attempts": 1}])
         h.wait_for(lambda: get(port2, "/readyz")[0] == 503, 20, "not ready with every model circuit open")
         st, body = get(port2, "/readyz")

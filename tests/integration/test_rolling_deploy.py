@@ -15,7 +15,6 @@ both.  With real RabbitMQ, PostgreSQL and the fixture model:
    migration tests/fixtures/state_v2_migration.sql rewrites their steps into
    version 2, and N+1 finishes them.
 """
-import json
 import os
 import sys
 
@@ -69,9 +68,7 @@ def run_part_way(env, name, n, min_step, **wenv):
 
 def test():
     with h.Env("rolling") as env:
-        agents = os.path.join(env.dir, "agents.json")
-        with open(agents, "w") as f:
-            json.dump(AGENTS, f)
+        agents = env.write_json("agents.json", AGENTS)
         env.start_fixture()
         env.start_scheduler(LONGRUN_OUTBOX_GRACE_SECONDS=2)
         common = dict(LONGRUN_AGENTS_FILE=agents, LONGRUN_DRAIN_SECONDS=10)

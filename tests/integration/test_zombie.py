@@ -28,10 +28,7 @@ def agents_file(env):
     d["agents"].append({"name": "zombie", "models": [{"provider": "openai", "base_url": "${LONGRUN_FIXTURE_URL}/v1",
                                                       "model": "fixture-slow-3000-4", "timeout_ms": 30000}],
                         "tools": ["lookup"]})
-    path = os.path.join(env.dir, "agents.json")
-    with open(path, "w") as f:
-        json.dump(d, f)
-    return path
+    return env.write_json("agents.json", d)
 
 
 def stale_tool_calls(env, tid, after):
