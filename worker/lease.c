@@ -20,17 +20,14 @@
 
 #include "store.h"
 
-/* One batch renewal: when it was sent and the leases it asked for. */
-typedef struct renew_item {
-    char id[LR_UUID_LEN + 1];
-    int64_t epoch;
-} renew_item_t;
-
+/* One batch renewal: when it was sent and the leases it asked for, sorted
+ * (lease_cmp), their ids copied into ids (one allocation with the struct). */
 typedef struct renew {
     lr_worker_t *w;
     uint64_t sent_ms;
     int n;
-    renew_item_t items[]; /* sorted (lease_cmp) */
+    char (*ids)[LR_UUID_LEN + 1];
+    lr_store_lease_t items[];
 } renew_t;
 
 static int lease_cmp(const void *a, const void *b) {
@@ -39,33 +36,12 @@ static int lease_cmp(const void *a, const void *b) {
     return c != 0 ? c : (x->epoch > y->epoch) - (x->epoch < y->epoch);
 }
 
-/* Compares a lease key with a renew item (for bsearch). */
-static int item_cmp(const void *a, const void *b) {
-    const lr_store_lease_t *x = a;
-    const renew_item_t *y = b;
-    int c = strcmp(x->id, y->id);
-    return c != 0 ? c : (x->epoch > y->epoch) - (x->epoch < y->epoch);
-}
-
-static int items_cmp(const void *a, const void *b) {
-    const renew_item_t *y = b;
-    lr_store_lease_t x = {((const renew_item_t *)a)->id, ((const renew_item_t *)a)->epoch};
-    return item_cmp(&x, y);
-}
-
-static bool lost_has(const lr_store_renew_res_t *res, const lr_store_lease_t *key) {
-    for (int i = 0; i < res->nfenced; i++) {
-        if (res->fenced[i].epoch == key->epoch && strcmp(res->fenced[i].id, key->id) == 0) {
-            return true;
-        }
-    }
-    return false;
-}
-
 static void renew_cb(const lr_store_renew_res_t *res, void *arg) {
     renew_t *rn = arg;
     lr_worker_t *w = rn->w;
+    uint64_t until = rn->sent_ms + (uint64_t)w->cfg.lease_seconds * 1000u;
     lr_store_lease_t *lost = NULL;
+    size_t nlost = 0;
     if (res->err != 0) {
         lr_warn("lease.renew_failed", "lease renewal failed: %s", res->errmsg);
         w->renew_failing = true;
@@ -74,34 +50,31 @@ static void renew_cb(const lr_store_renew_res_t *res, void *arg) {
     }
     w->renew_failing = false;
     w->renew_ok_sent_ms = rn->sent_ms;
-    /* The leases asked for and not lost hold a lease from when it was sent. */
-    lr_list_foreach(it, &w->runs) {
-        lr_run_t *r = lr_list_entry(it, lr_run_t, link);
-        lr_store_lease_t key = {r->id, r->epoch};
-        uint64_t until = rn->sent_ms + (uint64_t)w->cfg.lease_seconds * 1000u;
-        if (r->epoch > 0 && until > r->lease_until_ms &&
-            bsearch(&key, rn->items, (size_t)rn->n, sizeof(rn->items[0]), item_cmp) != NULL &&
-            (res->nfenced == 0 || !lost_has(res, &key))) {
-            r->lease_until_ms = until;
-        }
-    }
     if (res->nfenced > 0 && (lost = malloc((size_t)res->nfenced * sizeof(*lost))) != NULL) {
-        memcpy(lost, res->fenced, (size_t)res->nfenced * sizeof(*lost));
-        qsort(lost, (size_t)res->nfenced, sizeof(*lost), lease_cmp);
+        nlost = (size_t)res->nfenced;
+        memcpy(lost, res->fenced, nlost * sizeof(*lost));
+        qsort(lost, nlost, sizeof(*lost), lease_cmp);
     }
-    /* A lease that a newer owner holds (or whose task left `running`): a
-     * step in flight stops now rather than run to its end for nothing;
-     * other states learn it from their next fenced statement. */
+    if (res->nfenced > 0 && lost == NULL) {
+        free(rn); /* out of memory: extend nothing; the fenced learn it at their next statement */
+        return;
+    }
     lr_list_foreach_safe(it, nx, &w->runs) {
         lr_run_t *r = lr_list_entry(it, lr_run_t, link);
         lr_store_lease_t key = {r->id, r->epoch};
-        if (lost == NULL || w->stopping) {
-            break;
-        }
-        if (r->state != LR_RUN_STEPPING || !(r->io & LR_IO_STEP) || r->fenced) {
+        bool is_lost = lost != NULL && bsearch(&key, lost, nlost, sizeof(key), lease_cmp) != NULL;
+        if (r->epoch <= 0) {
             continue;
         }
-        if (bsearch(&key, lost, (size_t)res->nfenced, sizeof(key), lease_cmp) != NULL) {
+        if (!is_lost && until > r->lease_until_ms &&
+            bsearch(&key, rn->items, (size_t)rn->n, sizeof(key), lease_cmp) != NULL) {
+            /* asked for and not lost: it holds a lease from when it was sent */
+            r->lease_until_ms = until;
+        }
+        /* A lease that a newer owner holds (or whose task left `running`): a
+         * step in flight stops now rather than run to its end for nothing;
+         * other states learn it from their next fenced statement. */
+        if (is_lost && !w->stopping && r->state == LR_RUN_STEPPING && (r->io & LR_IO_STEP) && !r->fenced) {
             lr_step_cancel(r);
             lr_step_fenced(r, "lease renewal");
         }
@@ -172,14 +145,13 @@ static void lease_check_expired(lr_worker_t *w) {
 /* Renews, in one statement, the leases whose last checkpoint did not
  * already extend them this period. */
 static void lease_renew(lr_worker_t *w) {
-    lr_store_lease_t *leases = malloc(((size_t)w->nruns + 1) * sizeof(*leases));
-    renew_t *rn = malloc(sizeof(*rn) + ((size_t)w->nruns + 1) * sizeof(renew_item_t));
+    size_t cap = (size_t)w->nruns + 1;
+    renew_t *rn = malloc(sizeof(*rn) + cap * (sizeof(lr_store_lease_t) + LR_UUID_LEN + 1));
     int n = 0;
-    if (leases == NULL || rn == NULL) {
-        free(leases);
-        free(rn);
+    if (rn == NULL) {
         return;
     }
+    rn->ids = (char(*)[LR_UUID_LEN + 1])(void *)(rn->items + cap);
     lr_list_foreach(it, &w->runs) {
         lr_run_t *r = lr_list_entry(it, lr_run_t, link);
         if (r->epoch <= 0 || r->state == LR_RUN_DONE || r->fenced) {
@@ -188,26 +160,24 @@ static void lease_renew(lr_worker_t *w) {
         if (r->lease_from_ms != 0 && lr_worker_now(w) - r->lease_from_ms < lr_lease_every_ms(w)) {
             continue; /* renewing it again would only cost a row update */
         }
-        leases[n].id = r->id;
-        leases[n].epoch = r->epoch;
-        snprintf(rn->items[n].id, sizeof(rn->items[n].id), "%s", r->id);
+        snprintf(rn->ids[n], sizeof(rn->ids[n]), "%s", r->id);
+        rn->items[n].id = rn->ids[n];
         rn->items[n].epoch = r->epoch;
         n++;
     }
     rn->w = w;
     rn->n = n;
     rn->sent_ms = lr_worker_now(w);
-    qsort(rn->items, (size_t)n, sizeof(rn->items[0]), items_cmp);
+    qsort(rn->items, (size_t)n, sizeof(rn->items[0]), lease_cmp);
     if (n == 0) {
         w->renew_failing = false; /* no lease held, none to lose */
         w->renew_ok_sent_ms = lr_worker_now(w);
         free(rn);
-    } else if (lr_store_renew(w->pg, leases, n, w->cfg.lease_seconds, (long)w->cfg.lease_seconds * 500, renew_cb, rn) !=
-               0) {
+    } else if (lr_store_renew(w->pg, rn->items, n, w->cfg.lease_seconds, (long)w->cfg.lease_seconds * 500, renew_cb,
+                              rn) != 0) {
         lr_warn("lease.renew_failed", "cannot queue the lease renewal");
         free(rn);
     }
-    free(leases);
 }
 
 void lr_lease_timer_cb(uv_timer_t *t) {

@@ -590,15 +590,18 @@ static void renew_decode(req_t *q, int err, const PGresult *res) {
 int lr_store_renew(lr_pg_pool_t *pg, const lr_store_lease_t *leases, int n, int lease_seconds, long timeout_ms,
                    lr_store_renew_cb cb, void *arg) {
     req_t *q = req_new(pg, SQL_RENEW, 3, renew_decode, (void (*)(void))cb, arg);
-    char *ids = malloc((size_t)n * (LR_UUID_LEN + 1) + 3);
-    char *epochs = malloc((size_t)n * 21 + 3);
+    size_t idcap = (size_t)n * (LR_UUID_LEN + 1) + 3; /* "{id,id}" */
+    char *ids, *epochs;
     size_t ni = 0, ne = 0;
-    if (q == NULL || ids == NULL || epochs == NULL) {
-        free(q);
-        free(ids);
-        free(epochs);
+    /* one buffer owned by the request: the ids' array text, then the epochs' */
+    if (q == NULL || (q->owned = malloc(idcap + (size_t)n * 21 + 3)) == NULL) {
+        if (q != NULL) {
+            req_free(q);
+        }
         return LR_ENOMEM;
     }
+    ids = q->owned;
+    epochs = q->owned + idcap;
     ids[ni++] = '{';
     epochs[ne++] = '{';
     for (int i = 0; i < n; i++) {
@@ -609,20 +612,8 @@ int lr_store_renew(lr_pg_pool_t *pg, const lr_store_lease_t *leases, int n, int 
     ids[ni] = '\0';
     epochs[ne++] = '}';
     epochs[ne] = '\0';
-    /* one buffer owned by the request: ids, then epochs */
-    q->owned = malloc(ni + ne + 2);
-    if (q->owned == NULL) {
-        free(ids);
-        free(epochs);
-        req_free(q);
-        return LR_ENOMEM;
-    }
-    memcpy(q->owned, ids, ni + 1);
-    memcpy(q->owned + ni + 1, epochs, ne + 1);
-    free(ids);
-    free(epochs);
-    q->params[0] = q->owned;
-    q->params[1] = q->owned + ni + 1;
+    q->params[0] = ids;
+    q->params[1] = epochs;
     req_num(q, 2, lease_seconds);
     q->timeout_ms = timeout_ms;
     return req_start(q);
