@@ -83,6 +83,8 @@ static const struct cfg_entry entries[] = {
     I("LONGRUN_ALLOW_PLAINTEXT", allow_plaintext, "0", 0, 1),
     I("LONGRUN_ALLOW_UNSAFE_DURABILITY", allow_unsafe_durability, "0", 0, 1),
     I("LONGRUN_QUEUE_MAX_LENGTH", queue_max_length, "100000", 0, 100000000),
+    I("LONGRUN_MEMORY_BUDGET_MB", memory_budget_mb, "-1", -1, 1048576),
+    I("LONGRUN_MAX_RESPONSE_BYTES", max_response_bytes, "8388608", 1024, 1073741824),
 };
 
 static const struct cfg_entry *find(const char *env) {

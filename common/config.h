@@ -69,6 +69,8 @@ typedef struct lr_config {
     int allow_plaintext;         /* 1: plain-text PostgreSQL/AMQP to other hosts allowed (common/transport.h) */
     int allow_unsafe_durability; /* 1: the worker runs on fsync=off / synchronous_commit=off */
     int queue_max_length;        /* x-max-length of new task queues (reject-publish); 0 = unlimited */
+    int memory_budget_mb;        /* worker memory budget; -1 = half the cgroup/RLIMIT_AS limit, 0 = none */
+    int max_response_bytes;      /* largest model response body kept; a bigger one fails the step */
 } lr_config_t;
 
 /* Fills cfg with defaults, then the environment.  Returns 0 or LR_ECONFIG

@@ -84,9 +84,12 @@ struct lr_http_req {
     size_t max_body;
     struct buf resp_body;
     struct buf resp_headers;
-    bool truncated;             /* set by body_cb when the body passed max_body */
-    int local_err;              /* our own reason for aborting from a curl callback */
-    bool sock_failed;           /* socket_cb could not watch its socket: fail it */
+    bool truncated;         /* set by body_cb when the body passed max_body */
+    int local_err;          /* our own reason for aborting from a curl callback */
+    bool sock_failed;       /* socket_cb could not watch its socket: fail it */
+    lr_http_admit_cb admit; /* admission of body bytes, or NULL */
+    void *admit_arg;
+    bool paused;                /* admit said no: the transfer is paused */
     lr_http_addr_cb check_addr; /* connect-time check, or NULL */
     void *check_arg;
     int refused;         /* check_addr's code for the last address it refused, or 0 */
@@ -220,6 +223,11 @@ static size_t body_cb(char *ptr, size_t size, size_t nmemb, void *userdata) {
     size_t room = req->max_body - req->resp_body.len;
     size_t take = n < room ? n : room;
 
+    if (take > 0 && req->admit != NULL && !req->admit(req->resp_body.len + take, req->admit_arg)) {
+        /* curl hands the same bytes again once resumed. */
+        req->paused = true;
+        return CURL_WRITEFUNC_PAUSE;
+    }
     if (take > 0) {
         int rc = buf_append(&req->resp_body, ptr, take, req->max_body);
         if (rc != 0) {
@@ -669,6 +677,8 @@ int lr_http_send(lr_http_t *h, const lr_http_opts_t *opts, lr_http_cb cb, void *
     req->max_body = opts->max_body != 0 ? opts->max_body : LR_HTTP_DEFAULT_MAX_BODY;
     req->check_addr = opts->check_addr;
     req->check_arg = opts->check_arg;
+    req->admit = opts->admit;
+    req->admit_arg = opts->admit_arg;
     if (req->max_body > MAX_BODY_CAP) {
         req->max_body = MAX_BODY_CAP;
     }
@@ -802,6 +812,19 @@ void lr_http_cancel(lr_http_req_t *req) {
     curl_multi_remove_handle(h->multi, req->easy);
     list_del_req(h, req);
     req_free(req);
+}
+
+void lr_http_resume(lr_http_req_t *req) {
+    if (req == NULL || req->state != REQ_ACTIVE || !req->paused) {
+        return;
+    }
+    req->paused = false;
+    /* May call body_cb at once with the held bytes (which may pause again);
+     * curl then expires the handle's timer, and the loop drives it on. */
+    CURLcode cc = curl_easy_pause(req->easy, CURLPAUSE_CONT);
+    if (cc != CURLE_OK) {
+        lr_warn("http.resume", "curl_easy_pause: %s", curl_easy_strerror(cc));
+    }
 }
 
 size_t lr_http_in_flight(const lr_http_t *h) { return h != NULL ? h->n_reqs : 0; }

@@ -38,6 +38,13 @@ typedef struct lr_http_req lr_http_req_t;
  * fails with that code and reason (resp.err, resp.errmsg). */
 typedef int (*lr_http_addr_cb)(const struct sockaddr *addr, size_t addrlen, void *arg, char *why, size_t whylen);
 
+/* An admission check of response bytes (opts.admit): called on the loop
+ * thread, from inside the transfer, before the body grows to total bytes.
+ * Returns true to keep them, or false to pause the transfer: no more of its
+ * body is read (TCP holds the peer back) until lr_http_resume().  It must
+ * not call lr_http_* itself. */
+typedef bool (*lr_http_admit_cb)(size_t total, void *arg);
+
 typedef struct lr_http_opts {
     const char *method;         /* "POST", "GET"; NULL means POST when body != NULL else GET */
     const char *url;            /* required */
@@ -52,8 +59,10 @@ typedef struct lr_http_opts {
      * pooled connection opened earlier is reused without a new check, so
      * requests that need their own check set fresh_connection too. */
     lr_http_addr_cb check_addr;
-    void *check_arg;       /* passed to check_addr; must outlive the request */
-    bool fresh_connection; /* neither reuse a pooled connection nor leave this one in the pool */
+    void *check_arg;        /* passed to check_addr; must outlive the request */
+    bool fresh_connection;  /* neither reuse a pooled connection nor leave this one in the pool */
+    lr_http_admit_cb admit; /* optional: may pause the body (see lr_http_admit_cb) */
+    void *admit_arg;        /* passed to admit; must outlive the request */
 } lr_http_opts_t;
 
 /* Fills o for a POST of body (NUL-terminated, borrowed) to url with headers
@@ -92,6 +101,11 @@ int lr_http_send(lr_http_t *h, const lr_http_opts_t *opts, lr_http_cb cb, void *
 /* Aborts an in-flight request; its callback will not run.  req must be a
  * handle whose callback has not run yet. */
 void lr_http_cancel(lr_http_req_t *req);
+
+/* Resumes a transfer its admit check paused; no-op otherwise.  Never call
+ * it from inside a curl callback (any lr_http callback or admit check):
+ * from a timer or another loop callback. */
+void lr_http_resume(lr_http_req_t *req);
 
 /* Number of requests in flight. */
 size_t lr_http_in_flight(const lr_http_t *h);

@@ -36,6 +36,18 @@ char *lr_utf8_clean(const char *s, size_t n, size_t max, bool *cut) {
     return out;
 }
 
+bool lr_utf8_is_clean(const char *s, size_t n) {
+    size_t i = 0;
+    while (i < n) {
+        size_t len = s[i] == '\0' ? 0 : lr_utf8_seq_len((const unsigned char *)s + i, n - i);
+        if (len == 0) {
+            return false;
+        }
+        i += len;
+    }
+    return true;
+}
+
 size_t lr_utf8_seq_len(const unsigned char *s, size_t n) {
     size_t k;
     if (n == 0) {

@@ -15,6 +15,9 @@ char *lr_utf8_clean(const char *s, size_t n, size_t max, bool *cut);
 /* Length of the valid UTF-8 sequence at s (n bytes available): 1-4, or 0
  * when it is not valid UTF-8 (overlong, surrogate, beyond U+10FFFF, cut). */
 size_t lr_utf8_seq_len(const unsigned char *s, size_t n);
+/* Whether the n bytes at s are valid UTF-8 without NUL (lr_utf8_clean would
+ * return them unchanged): lets callers skip the copy. */
+bool lr_utf8_is_clean(const char *s, size_t n);
 
 /* Valid UTF-8 without NUL bytes: PostgreSQL accepts it as text. */
 bool lr_pg_text_ok(const char *s, size_t n);

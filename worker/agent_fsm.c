@@ -21,6 +21,7 @@ static const unsigned moves[LR_AGENT_NSTATES] = {
                       | TO(LR_AGENT_RELEASED),      /* the run is freed */
     [LR_AGENT_PREPARING] = TO(LR_AGENT_RESERVING)   /* the model or tenant has a rate limit */
                            | TO(LR_AGENT_GATE_WAIT) /* the endpoint's gate is full */
+                           | TO(LR_AGENT_MEM_WAIT)  /* no room in the memory budget */
                            | TO(LR_AGENT_CALLING)   /* a slot at once, or no gate */
                            | TO(LR_AGENT_TOOLS)     /* approved calls of a resume run first */
                            | TO(LR_AGENT_IDLE),     /* ended before any wait: budget, suspend,
@@ -32,7 +33,10 @@ static const unsigned moves[LR_AGENT_NSTATES] = {
     [LR_AGENT_RATE_WAIT] = TO(LR_AGENT_PREPARING)   /* the next window opened */
                            | TO(LR_AGENT_IDLE),     /* cancelled */
     [LR_AGENT_GATE_WAIT] = TO(LR_AGENT_CALLING)     /* a slot was granted */
+                           | TO(LR_AGENT_MEM_WAIT)  /* a slot, but no room in the memory budget */
                            | TO(LR_AGENT_IDLE),     /* no slot in time: suspend; or cancelled */
+    [LR_AGENT_MEM_WAIT] = TO(LR_AGENT_CALLING)      /* room was granted */
+                          | TO(LR_AGENT_IDLE),      /* cancelled */
     [LR_AGENT_CALLING] = TO(LR_AGENT_PREPARING)     /* failed over to the next model */
                          | TO(LR_AGENT_BACKOFF)     /* a retryable failure: try again later */
                          | TO(LR_AGENT_TOOLS)       /* the model asked for tools */
@@ -46,8 +50,9 @@ static const unsigned moves[LR_AGENT_NSTATES] = {
 
 static const char *const names[LR_AGENT_NSTATES] = {
     [LR_AGENT_IDLE] = "idle",           [LR_AGENT_PREPARING] = "preparing", [LR_AGENT_RESERVING] = "reserving",
-    [LR_AGENT_RATE_WAIT] = "rate_wait", [LR_AGENT_GATE_WAIT] = "gate_wait", [LR_AGENT_CALLING] = "calling",
-    [LR_AGENT_BACKOFF] = "backoff",     [LR_AGENT_TOOLS] = "tools",         [LR_AGENT_RELEASED] = "released",
+    [LR_AGENT_RATE_WAIT] = "rate_wait", [LR_AGENT_GATE_WAIT] = "gate_wait", [LR_AGENT_MEM_WAIT] = "mem_wait",
+    [LR_AGENT_CALLING] = "calling",     [LR_AGENT_BACKOFF] = "backoff",     [LR_AGENT_TOOLS] = "tools",
+    [LR_AGENT_RELEASED] = "released",
 };
 
 bool lr_agent_transition_ok(int from, int to) {

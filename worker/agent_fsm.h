@@ -24,6 +24,8 @@ enum lr_agent_state {
     LR_AGENT_GATE_WAIT, /* queued at the endpoint's concurrency gate with the
                            request body; the timer bounds the wait
                            (long_wait_seconds, then the task suspends) */
+    LR_AGENT_MEM_WAIT,  /* the request body waits for room in the worker's
+                           memory budget (membudget.h) */
     LR_AGENT_CALLING,   /* the model request is in flight, holding a slot of
                            the endpoint's gate when it has one */
     LR_AGENT_BACKOFF,   /* the timer waits before the next try of the same

@@ -30,6 +30,7 @@
 #include "agents.h"
 #include "breaker.h"
 #include "log.h"
+#include "membudget.h"
 #include "provider.h"
 #include "worker.h"
 
@@ -116,10 +117,11 @@ struct agent_state {
     char window[48];   /* window_start of the reservation */
     /* in-process concurrency gate of the current model endpoint */
     lr_gate_waiter_t gate_wait;
-    lr_gate_t *gate;    /* GATE_WAIT: the gate queued at; CALLING: the gate whose slot
-                           is ours until the response; NULL otherwise */
-    char *pending_send; /* GATE_WAIT: the request body waiting for its slot */
-    bool log_payloads;  /* this task is sampled (LONGRUN_LOG_PAYLOADS) */
+    lr_gate_t *gate;        /* GATE_WAIT: the gate queued at; CALLING: the gate whose slot
+                               is ours until the response; NULL otherwise */
+    char *pending_send;     /* GATE_WAIT, MEM_WAIT: the request body waiting for its slot / room */
+    lr_mem_call_t mem_call; /* the model call's charge to the memory budget (membudget.h) */
+    bool log_payloads;      /* this task is sampled (LONGRUN_LOG_PAYLOADS) */
     /* context "summarize" */
     bool summarizing;  /* this step writes a summary */
     int summary_cut;   /* it summarizes conv[0 .. cut) */

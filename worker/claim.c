@@ -28,6 +28,7 @@ static void suspect_next(lr_worker_t *w);
 
 static void history_cb(const lr_store_history_res_t *res, void *arg) {
     lr_run_t *r = arg;
+    size_t held_bytes = 0;
     lr_run_io_end(r, LR_IO_DB);
     if (res->err != 0) {
         LR_LOG(LR_LOG_WARN, &r->log, "task.history_failed", "cannot load the step log: %s", res->errmsg);
@@ -41,6 +42,7 @@ static void history_cb(const lr_store_history_res_t *res, void *arg) {
         int version;
         cJSON *m;
         lr_store_history_row(res, i, &body, &version);
+        held_bytes += LR_MEM_STATE_FACTOR * strlen(body);
         m = cJSON_Parse(body);
         if (m != NULL && lr_state_decode(version, m) != 0) {
             /* (the claim checked tasks.state_version; a step newer than the
@@ -54,6 +56,9 @@ static void history_cb(const lr_store_history_res_t *res, void *arg) {
             return;
         }
         cJSON_AddItemToArray(r->history, m != NULL ? m : cJSON_CreateArray());
+    }
+    if (held_bytes > r->mem_charged) {
+        lr_run_mem_set(r, held_bytes); /* (replaces the claim's provisional charge) */
     }
     lr_step_next(r);
 }
@@ -427,6 +432,14 @@ static void insert_cb(const lr_store_claim_res_t *res, void *arg) {
     run_claimed(r, &res->task);
 }
 
+/* Claims r with a provisional charge for the state it will load, so that
+ * room does not admit more claims than it can hold (the load sets the real
+ * charge). */
+static void held_claim(lr_run_t *r) {
+    lr_run_mem_set(r, LR_MEM_MIN_RESERVE);
+    run_claim(r);
+}
+
 static const char *queue_short_name(const char *full) {
     size_t n = strlen(LR_AMQP_QUEUE_PREFIX);
     if (full != NULL && strncmp(full, LR_AMQP_QUEUE_PREFIX, n) == 0) {
@@ -482,12 +495,38 @@ void lr_claim_delivery(lr_amqp_delivery_t *d, void *arg) {
     snprintf(r->id, sizeof(r->id), "%s", r->msg.id);
     snprintf(r->queue, sizeof(r->queue), "%s", queue_short_name(d->queue));
     r->log.task_id = r->id;
+    if (!lr_list_empty(&w->held) || !lr_mem_room(&w->mem)) {
+        /* Over the memory budget: wait unclaimed (the broker keeps the
+         * message ours, unacked) until a release makes room. */
+        lr_run_set_state(r, LR_RUN_HELD);
+        lr_list_push_back(&w->held, &r->defer_link);
+        lr_metric_add(lr_wm.memory_holds, NULL, 1);
+        return;
+    }
     /* An unknown agent is a permanent error, found after the claim or the
      * insert, so that the dead letter points at a recorded task. */
-    run_claim(r);
+    held_claim(r);
+}
+
+void lr_claim_room(void *arg) {
+    lr_worker_t *w = arg;
+    while (!lr_list_empty(&w->held) && !w->stopping && lr_mem_room(&w->mem)) {
+        lr_run_t *r = lr_list_entry(lr_list_pop_front(&w->held), lr_run_t, defer_link);
+        lr_list_init(&r->defer_link);
+        if (w->draining) {
+            lr_run_requeue(r); /* never claimed: the broker gives it to another worker */
+            continue;
+        }
+        held_claim(r);
+    }
 }
 
 void lr_claim_release_deferred(lr_worker_t *w) {
+    while (!lr_list_empty(&w->held)) {
+        lr_run_t *r = lr_list_entry(lr_list_pop_front(&w->held), lr_run_t, defer_link);
+        lr_list_init(&r->defer_link);
+        lr_run_requeue(r); /* never claimed: back to the broker */
+    }
     while (!lr_list_empty(&w->deferred)) {
         lr_run_t *r = lr_list_entry(lr_list_pop_front(&w->deferred), lr_run_t, defer_link);
         lr_list_init(&r->defer_link);

@@ -40,6 +40,7 @@
 #include "daemon.h"
 #include "list.h"
 #include "log.h"
+#include "membudget.h"
 #include "run_fsm.h"
 #include "urlguard.h"
 #include "worker.h"
@@ -82,7 +83,7 @@ enum {
 struct lr_run {
     lr_worker_t *w;
     lr_list_t link;              /* in w->runs */
-    lr_list_t defer_link;        /* in w->deferred while DEFERRED */
+    lr_list_t defer_link;        /* in w->deferred while DEFERRED, in w->held while HELD */
     lr_amqp_delivery_t *d;       /* owned until acked or given back */
     lr_task_msg_t msg;           /* parsed body (owned) */
     enum lr_run_state state;     /* written only by lr_run_set_state */
@@ -117,6 +118,8 @@ struct lr_run {
     char *budgets_json;      /* owned: the task's budgets object as stored */
     long outage_ms;          /* from the claim: parked for provider_unavailable that long, -1: not */
     cJSON *history;          /* owned: array of per-step message arrays */
+    size_t mem_charged;      /* bytes charged to w->mem for it (membudget.h), in all */
+    size_t mem_step;         /* of which the last step's answer, until its checkpoint */
     const lr_executor_t *exec;
     void *exec_state;
     lr_step_t out;         /* the current step's output */
@@ -176,6 +179,11 @@ struct lr_worker {
     lr_run_t *suspect;     /* the suspect claimed and not yet checkpointed */
     bool suspect_claiming; /* a claim that may take a suspect is in flight */
     lr_list_t deferred;    /* suspects waiting for the slot, oldest first */
+    /* The memory budget (membudget.h); deliveries held unclaimed while it
+     * has no room (HELD), oldest first. */
+    lr_mem_t mem;
+    lr_list_t held;
+    int nheld; /* its length at the last tick (metrics) */
     /* Hooks into the files above run.c (set by worker.c), so that the lower
      * files need not call upward: */
     void (*on_progress)(lr_run_t *r);     /* the run checkpointed or ended: frees the suspect slot */
@@ -209,6 +217,11 @@ void lr_run_finish(lr_run_t *r, enum lr_run_outcome o, bool ack);
  * so infrastructure trouble never counts against the queue's delivery limit
  * (the poison budget); one that never claimed gives the delivery back. */
 void lr_run_requeue(lr_run_t *r);
+/* Sets the bytes the run is charged to the memory budget (0 at its end). */
+void lr_run_mem_set(lr_run_t *r, size_t n);
+/* The step's answer is checkpointed (or given up): its adopted charge is
+ * replaced by state_bytes of resident state. */
+void lr_run_mem_step_done(lr_run_t *r, size_t state_bytes);
 /* Ends a run whose delivery was handed over elsewhere (dead letter). */
 void lr_run_drop(lr_run_t *r, enum lr_run_outcome o);
 /* Frees r if it is DONE with no I/O left (called after each I/O ends). */
@@ -248,8 +261,12 @@ void lr_step_fenced(lr_run_t *r, const char *what);
 void lr_claim_delivery(lr_amqp_delivery_t *d, void *arg);
 /* Frees the suspect slot if r holds it (lr_worker_t.on_progress). */
 void lr_claim_progress(lr_run_t *r);
-/* Gives every deferred suspect back to the broker (drain). */
+/* Gives every deferred suspect and every held delivery back to the broker
+ * (drain). */
 void lr_claim_release_deferred(lr_worker_t *w);
+/* The memory budget has room again: claims held deliveries while it does
+ * (lr_mem_t.on_room). */
+void lr_claim_room(void *arg);
 
 /* ---- lease.c --------------------------------------------------------- */
 

@@ -15,6 +15,7 @@
  *        -> RESERVING  the fleet-wide rate window (ratewin.h), if limited
  *           -> RATE_WAIT  over the limit: the timer, then PREPARING again
  *        -> GATE_WAIT  the endpoint's concurrency gate is full
+ *        -> MEM_WAIT   no room in the worker's memory budget (membudget.h)
  *        -> CALLING    the request in flight
  *           -> BACKOFF    retryable failure: the timer, then PREPARING
  *           -> PREPARING  failed for good: the next model of the chain
@@ -184,6 +185,8 @@ static void agent_finish(agent_state_t *st, int outcome) {
     st->added = st->calls_log = NULL;
     lr_model_reply_free(&st->reply);
     st->ncalls = 0;
+    /* What the answer costs stays charged until the checkpoint is written. */
+    lr_run_mem_adopt(st->run, lr_mem_call_detach(lr_worker_mem(st->w), &st->mem_call));
     agent_set_state(st, LR_AGENT_IDLE);
     if (done != NULL) {
         done(st->run); /* may release the run: st is not touched after this */
@@ -735,9 +738,40 @@ static void model_call(agent_state_t *st) {
 
 static void model_response(const lr_http_response_t *resp, void *arg);
 
+/* Reading the answer: each chunk must fit the memory budget, else the
+ * transfer pauses until mem_ready. */
+static bool model_admit_bytes(size_t total, void *arg) {
+    agent_state_t *st = arg;
+    return lr_mem_call_grow(lr_worker_mem(st->w), &st->mem_call, total * LR_MEM_RESPONSE_FACTOR);
+}
+
+static void model_post(agent_state_t *st, char *body);
+
+/* MEM_WAIT: room for the call; CALLING: room for more of its answer. */
+static void mem_ready(lr_mem_call_t *c) {
+    agent_state_t *st = (agent_state_t *)(void *)((char *)c - offsetof(agent_state_t, mem_call));
+    if (st->state == LR_AGENT_MEM_WAIT) {
+        char *body = st->pending_send;
+        st->pending_send = NULL;
+        model_post(st, body);
+    } else if (st->state == LR_AGENT_CALLING) {
+        lr_http_resume(st->model_req);
+    }
+}
+
+/* Sends body (owned) once the memory budget has room for the call. */
+static void model_send(agent_state_t *st, char *body) {
+    if (st->mem_call.state == LR_MEM_CALL_IDLE && !lr_mem_call_begin(lr_worker_mem(st->w), &st->mem_call, mem_ready)) {
+        st->pending_send = body;
+        agent_set_state(st, LR_AGENT_MEM_WAIT);
+        return;
+    }
+    model_post(st, body);
+}
+
 /* Sends body (owned) to the current model: CALLING, with the gate's slot
  * (if the endpoint has a gate) ours until the response. */
-static void model_send(agent_state_t *st, char *body) {
+static void model_post(agent_state_t *st, char *body) {
     const lr_model_ref_t *m = &st->agent->models[st->model_idx];
     const char *key = m->api_key_env != NULL ? getenv(m->api_key_env) : NULL;
     char *url;
@@ -773,6 +807,9 @@ static void model_send(agent_state_t *st, char *body) {
     lr_http_opts_post(&o, url, headers, body);
     st->req_bytes = (long)o.body_len;
     o.timeout_ms = m->timeout_ms;
+    o.max_body = (size_t)lr_worker_config(st->w)->max_response_bytes;
+    o.admit = model_admit_bytes;
+    o.admit_arg = st;
     lr_worker_egress(st->w, &o);
     agent_log_payload(st, "payload.model_request", m->endpoint_label, body, o.body_len);
     rc = lr_http_send(lr_worker_http(st->w), &o, model_response, st, &st->model_req);
@@ -869,17 +906,22 @@ static void model_answered(agent_state_t *st, const lr_model_ref_t *m) {
         model_failed(st, LR_CALL_RETRY, "truncated_tool_call", "tool call cut by the token limit", -1);
         return;
     }
-    cJSON_AddItemToArray(st->added, cJSON_Duplicate(st->reply.assistant, true));
-    cJSON_AddItemToArray(st->conv, cJSON_Duplicate(st->reply.assistant, true));
     if (st->reply.ntool_calls > 0) {
-        /* Run the requested tools. */
+        /* Run the requested tools; the conversation goes on from here. */
+        cJSON_AddItemToArray(st->added, cJSON_Duplicate(st->reply.assistant, true));
+        cJSON_AddItemToArray(st->conv, cJSON_Duplicate(st->reply.assistant, true));
         lr_agent_tools_collect(st);
         agent_set_state(st, LR_AGENT_TOOLS);
         lr_agent_tools_start(st);
         return;
     }
+    /* The final answer (it may be megabytes: no copies the step does not
+     * need): the message moves into the step's delta, and the conversation,
+     * which ends here, does not get it. */
+    cJSON_AddItemToArray(st->added, st->reply.assistant);
+    st->reply.assistant = NULL;
     res = cJSON_CreateObject();
-    cJSON_AddStringToObject(res, "answer", st->reply.text != NULL ? st->reply.text : "");
+    cJSON_AddItemToObject(res, "answer", cJSON_CreateStringReference(st->reply.text != NULL ? st->reply.text : ""));
     cJSON_AddStringToObject(res, "model", m->model);
     cJSON_AddStringToObject(res, "finish_reason", st->reply.finish);
     if (finish_is_length(st->reply.finish)) {
@@ -901,11 +943,21 @@ static void model_response(const lr_http_response_t *resp, void *arg) {
     gate_done(st);
     agent_log_payload(st, "payload.model_response", m->endpoint_label, resp->body, resp->body_len);
     if (!ok) {
-        rate_settle(st, m, 0); /* a 2xx is settled once its usage is parsed */
+        rate_settle(st, m, 0);                                /* a 2xx is settled once its usage is parsed */
+        lr_mem_call_end(lr_worker_mem(st->w), &st->mem_call); /* nothing of it is kept */
     }
     count_request(m, resp);
     if (!ok) {
         model_http_failed(st, resp);
+        return;
+    }
+    if (resp->truncated) {
+        /* Not retried: the same question gets the same too-long answer. */
+        rate_settle(st, m, 0);
+        lr_mem_call_end(lr_worker_mem(st->w), &st->mem_call);
+        snprintf(err, sizeof(err), "the answer is over LONGRUN_MAX_RESPONSE_BYTES (%d bytes); not read further",
+                 lr_worker_config(st->w)->max_response_bytes);
+        model_failed(st, LR_CALL_PERMANENT, "response_too_large", err, -1);
         return;
     }
     if (lr_provider_parse(m, resp->body, resp->body_len, st->step_no, &st->reply, err, sizeof(err)) != 0) {
@@ -1048,6 +1100,11 @@ static void agent_cancel(lr_run_t *r) {
         free(st->pending_send);
         st->pending_send = NULL;
         break;
+    case LR_AGENT_MEM_WAIT:
+        free(st->pending_send);
+        st->pending_send = NULL;
+        gate_done(st);
+        break;
     case LR_AGENT_CALLING:
         if (st->model_req != NULL) {
             lr_http_cancel(st->model_req);
@@ -1063,6 +1120,7 @@ static void agent_cancel(lr_run_t *r) {
          * step gone.  The timer of a wait is stopped above. */
         break;
     }
+    lr_mem_call_end(lr_worker_mem(st->w), &st->mem_call);
     step_drop(st);
     lr_model_reply_free(&st->reply);
     agent_set_state(st, LR_AGENT_IDLE);

@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include <curl/curl.h>
+#include <malloc.h>
 
 #include "agents.h"
 #include "daemon.h"
@@ -70,6 +71,12 @@ static int prepare(lr_config_t *cfg, char *note, size_t notelen, void *arg) {
 static int run(const lr_config_t *cfg, void *arg) {
     worker_main_t *wm = arg;
     int rc;
+    /* Buffers of 1 MiB and more (model answers, their texts, libpq's
+     * copies) are mapped for themselves and unmapped when freed.  glibc's
+     * default raises this threshold after each such free, after which
+     * megabyte buffers come from the heap and stay in the process once
+     * freed: the RSS then drifts far above what the memory budget counts. */
+    (void)mallopt(M_MMAP_THRESHOLD, 1024 * 1024);
     curl_global_init(CURL_GLOBAL_DEFAULT);
     rc = lr_worker_run(cfg, wm->queues);
     curl_global_cleanup();

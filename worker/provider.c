@@ -385,12 +385,17 @@ int lr_provider_parse(const lr_model_ref_t *m, const char *body, size_t len, int
     char *clean;
     memset(out, 0, sizeof(*out));
     /* Outside input: everything parsed from it must be storable as jsonb. */
-    clean = lr_utf8_clean(body, len, len * 3 + 4, &cut);
-    if (clean == NULL) {
-        return LR_ENOMEM;
+    if (lr_utf8_is_clean(body, len)) {
+        /* the usual case: no copy of a body that may be megabytes */
+        root = cJSON_ParseWithLength(body, len);
+    } else {
+        clean = lr_utf8_clean(body, len, len * 3 + 4, &cut);
+        if (clean == NULL) {
+            return lr_seterr(errbuf, errlen, LR_ENOMEM, "out of memory cleaning the model response (%zu bytes)", len);
+        }
+        root = cJSON_ParseWithLength(clean, strlen(clean));
+        free(clean);
     }
-    root = cJSON_ParseWithLength(clean, strlen(clean));
-    free(clean);
     if (root == NULL) {
         return lr_seterr(errbuf, errlen, LR_EPARSE, "model response is not valid JSON (%zu bytes)", len);
     }

@@ -76,6 +76,9 @@ const char *lr_run_tenant(const lr_run_t *r) { return r->tenant; }
 lr_worker_t *lr_run_worker(lr_run_t *r) { return r->w; }
 bool lr_run_lease_ok(lr_run_t *r) { return r->lease_until_ms != 0 && lr_worker_now(r->w) < r->lease_until_ms; }
 lr_http_t *lr_worker_http(lr_worker_t *w) { return w->http; }
+struct lr_mem *lr_worker_mem(lr_worker_t *w) {
+    return &w->mem;
+}
 uv_loop_t *lr_worker_loop(lr_worker_t *w) { return w->loop; }
 lr_pg_pool_t *lr_worker_pg(lr_worker_t *w) { return w->pg; }
 const lr_config_t *lr_worker_config(const lr_worker_t *w) { return &w->cfg; }
@@ -138,6 +141,27 @@ void lr_run_io_begin(lr_run_t *r, unsigned io) {
 
 void lr_run_io_end(lr_run_t *r, unsigned io) { r->io &= ~io; }
 
+void lr_run_mem_set(lr_run_t *r, size_t n) {
+    if (n > r->mem_charged) {
+        lr_mem_charge(&r->w->mem, n - r->mem_charged);
+    } else if (n < r->mem_charged) {
+        lr_mem_release(&r->w->mem, r->mem_charged - n);
+    }
+    r->mem_charged = n;
+}
+
+void lr_run_mem_adopt(lr_run_t *r, size_t n) {
+    r->mem_charged += n;
+    r->mem_step += n;
+}
+
+void lr_run_mem_step_done(lr_run_t *r, size_t state_bytes) {
+    size_t step = r->mem_step;
+    r->mem_step = 0;
+    lr_mem_settled(&r->w->mem, step);
+    lr_run_mem_set(r, r->mem_charged - step + state_bytes);
+}
+
 static void run_timer_closed(uv_handle_t *h) { free(h->data); }
 
 /* Frees what the run owns (not the run itself). */
@@ -145,6 +169,8 @@ static void run_release(lr_run_t *r) {
     if (r->exec != NULL && r->exec->release != NULL) {
         r->exec->release(r);
     }
+    lr_run_mem_step_done(r, 0);
+    lr_run_mem_set(r, 0);
     lr_amqp_delivery_free(r->d);
     r->d = NULL;
     lr_task_msg_free(&r->msg);

@@ -15,7 +15,10 @@
 #define S(x) LR_RUN_##x
 
 static const lr_run_move_t moves[] = {
+    {S(NEW), S(HELD), "over the worker's memory budget: held unclaimed"},
     {S(NEW), S(CLAIMING), "a well-formed task message: claim it"},
+    {S(HELD), S(CLAIMING), "room in the memory budget"},
+    {S(HELD), S(DONE), "draining: given back unclaimed"},
     {S(NEW), S(DONE), "malformed, oversized or without an id: dead-lettered"},
     {S(CLAIMING), S(CLAIMING), "the connection was lost: claim again (reclaim)"},
     {S(CLAIMING), S(DEFERRED), "a suspect while another suspect holds the slot"},
@@ -77,8 +80,9 @@ static const unsigned outcome_from[LR_RUN_NOUTCOMES] = {
     [LR_RUN_OUT_SUSPENDED] = IN(PUBLISHING) | IN(BACKOFF),
     [LR_RUN_OUT_RETRY_WAIT] = IN(PUBLISHING) | IN(BACKOFF),
     [LR_RUN_OUT_HANDED_BACK] = IN(PUBLISHING) | IN(BACKOFF) | IN(MARKING),
-    [LR_RUN_OUT_REQUEUED] = IN(CLAIMING) | IN(DEFERRED) | IN(INSERTING) | IN(ADMITTING) | IN(LOADING) | IN(STEPPING) |
-                            IN(CHECKPOINTING) | IN(TRANSITION) | IN(PUBLISHING) | IN(BACKOFF) | IN(MARKING),
+    [LR_RUN_OUT_REQUEUED] = IN(HELD) | IN(CLAIMING) | IN(DEFERRED) | IN(INSERTING) | IN(ADMITTING) | IN(LOADING) |
+                            IN(STEPPING) | IN(CHECKPOINTING) | IN(TRANSITION) | IN(PUBLISHING) | IN(BACKOFF) |
+                            IN(MARKING),
     [LR_RUN_OUT_FENCED] = IN(STEPPING) | IN(CHECKPOINTING) | IN(TRANSITION),
     [LR_RUN_OUT_DROPPED] = IN(CLAIMING) | IN(TRANSITION),
     [LR_RUN_OUT_REJECTED] = IN(NEW) | IN(CLAIMING) | IN(INSERTING),

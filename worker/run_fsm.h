@@ -17,6 +17,7 @@
 
 #define LR_RUN_STATES(X)                                                                          \
     X(NEW, "new", "the delivery arrived; its body is being parsed")                               \
+    X(HELD, "held", "over the memory budget: the delivery waits, unclaimed, for room")            \
     X(CLAIMING, "claiming", "the claim statement is in flight")                                   \
     X(DEFERRED, "deferred", "a suspect waits, unclaimed, for this worker's suspect slot")         \
     X(INSERTING, "inserting", "creating the row of a task first seen on the broker, claimed")     \

@@ -154,6 +154,8 @@ static void checkpoint_committed(lr_run_t *r) {
         }
         cJSON_AddItemToArray(r->history, m != NULL ? m : cJSON_CreateArray());
     }
+    /* the conversation or the step log holds the step's messages now */
+    lr_run_mem_step_done(r, r->out.messages != NULL ? LR_MEM_STATE_FACTOR * strlen(r->out.messages) : 0);
     w->steps_done++;
     r->log.step = r->step;
     switch (r->status) {

@@ -58,4 +58,18 @@ void lr_wm_init(void) {
                                              "Model and tool connections refused by the connect-time address "
                                              "check (LONGRUN_EGRESS_ALLOW), by reason.",
                                              "reason");
+    lr_wm.memory_budget = lr_metric_gauge("longrun_memory_budget_bytes",
+                                          "The worker's memory budget (LONGRUN_MEMORY_BUDGET_MB); 0: none.", NULL);
+    lr_wm.memory_charged = lr_metric_gauge("longrun_memory_charged_bytes",
+                                           "Bytes charged to the memory budget: conversations and model responses.",
+                                           NULL);
+    lr_wm.memory_charged_peak = lr_metric_gauge("longrun_memory_charged_peak_bytes",
+                                                "The highest charge to the memory budget since the start.", NULL);
+    lr_wm.memory_holds = lr_metric_counter("longrun_memory_holds_total",
+                                           "Deliveries held unclaimed because the memory budget was reached.", NULL);
+    lr_wm.memory_waits = lr_metric_counter(
+        "longrun_memory_waits_total",
+        "Model calls that waited for room in the memory budget (to start, or to read more of their answer).", NULL);
+    lr_wm.memory_held =
+        lr_metric_gauge("longrun_memory_held", "Deliveries held unclaimed now (memory budget reached).", NULL);
 }

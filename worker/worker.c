@@ -185,6 +185,11 @@ static void health_snapshot(const lr_worker_t *w, lr_health_t *health, uint64_t 
     cJSON_AddBoolToObject(o, "draining", w->draining);
     cJSON_AddNumberToObject(o, "steps", (double)w->steps_done);
     cJSON_AddNumberToObject(o, "tasks_finished", (double)w->tasks_finished);
+    dep = cJSON_AddObjectToObject(o, "memory");
+    cJSON_AddNumberToObject(dep, "budget_bytes", (double)w->mem.budget);
+    cJSON_AddNumberToObject(dep, "charged_bytes", (double)w->mem.used);
+    cJSON_AddNumberToObject(dep, "peak_bytes", (double)w->mem.peak);
+    cJSON_AddNumberToObject(dep, "held", (double)w->nheld);
     circuits = lr_breakers_cjson();
     cJSON_AddItemToObject(o, "circuits", circuits != NULL ? circuits : cJSON_CreateArray());
     cJSON_AddNumberToObject(o, "calls_window_seconds", w->cfg.ready_window_seconds);
@@ -214,6 +219,21 @@ static const char *providers_why(const lr_worker_t *w, uint64_t now_ms, char *bu
 
 /* Every second (the daemon ticks liveness): readiness, gauges, the /health
  * snapshot. */
+static void mem_metrics(lr_worker_t *w) {
+    static unsigned long long waits_seen;
+    int held = 0;
+    lr_list_foreach(it, &w->held) {
+        held++;
+    }
+    w->nheld = held;
+    lr_metric_set(lr_wm.memory_budget, NULL, (double)w->mem.budget);
+    lr_metric_set(lr_wm.memory_charged, NULL, (double)w->mem.used);
+    lr_metric_set(lr_wm.memory_charged_peak, NULL, (double)w->mem.peak);
+    lr_metric_set(lr_wm.memory_held, NULL, held);
+    lr_metric_add(lr_wm.memory_waits, NULL, (double)(w->mem.waits - waits_seen));
+    waits_seen = w->mem.waits;
+}
+
 static void on_tick(lr_daemon_t *d, void *arg) {
     lr_worker_t *w = arg;
     lr_health_t *health = lr_daemon_health(d);
@@ -262,6 +282,7 @@ static void on_tick(lr_daemon_t *d, void *arg) {
     lr_metric_set(lr_wm.in_flight, NULL, w->nruns);
     lr_metric_set(lr_wm.amqp_connected, NULL, w->amqp_up ? 1 : 0);
     lr_metric_set(lr_wm.pg_connections, NULL, w->pg_usable);
+    mem_metrics(w);
     health_snapshot(w, health, now_ms);
     if (ticks % 60 == 0) {
         lr_info("worker.stats",
@@ -300,13 +321,31 @@ static void abandon_callbacks(void *obj, long timeout_ms, lr_daemon_done_cb done
     done(done_arg);
 }
 
+/* The memory budget: configured, or derived from the process's limits. */
+static void setup_memory(lr_worker_t *w) {
+    const char *source = "LONGRUN_MEMORY_BUDGET_MB";
+    size_t budget = w->cfg.memory_budget_mb >= 0 ? (size_t)w->cfg.memory_budget_mb * 1024u * 1024u
+                                                 : lr_mem_default_budget(&source);
+    lr_mem_init(&w->mem, w->loop, budget, lr_claim_room, w);
+    if (budget == 0) {
+        lr_info("worker.memory_budget", "no memory budget (%s); responses up to %d bytes",
+                w->cfg.memory_budget_mb == 0 ? "LONGRUN_MEMORY_BUDGET_MB=0" : "no cgroup or RLIMIT_AS limit",
+                w->cfg.max_response_bytes);
+    } else {
+        lr_info("worker.memory_budget", "memory budget %zu MiB (from %s); responses up to %d bytes",
+                budget / (1024u * 1024u), source, w->cfg.max_response_bytes);
+    }
+}
+
 /* Registers the components in their shutdown order (above). */
 static int register_components(lr_worker_t *w) {
+    setup_memory(w);
     uv_timer_init(w->loop, &w->lease_timer);
     uv_timer_init(w->loop, &w->drain_timer);
     w->lease_timer.data = w->drain_timer.data = w;
     if (lr_daemon_add(w->d, "runs", stop_runs, w, 0) != 0 ||
         lr_daemon_add_handle(w->d, "lease timer", (uv_handle_t *)&w->lease_timer) != 0 ||
+        lr_daemon_add_handle(w->d, "memory timer", (uv_handle_t *)&w->mem.wake) != 0 ||
         lr_daemon_add_handle(w->d, "drain timer", (uv_handle_t *)&w->drain_timer) != 0 ||
         lr_daemon_add(w->d, "callbacks", abandon_callbacks, w, 0) != 0 ||
         lr_daemon_add_http(w->d, "http", &w->http) != 0 || lr_daemon_add_pg(w->d, "postgres", &w->pg) != 0 ||
@@ -451,6 +490,7 @@ int lr_worker_run(const lr_config_t *cfg, const char *const *queues) {
     w->cfg = *cfg;
     lr_list_init(&w->runs);
     lr_list_init(&w->deferred);
+    lr_list_init(&w->held);
     w->on_progress = lr_claim_progress;
     w->on_run_freed = lr_drain_maybe_exit;
     w->hand_back = lr_followup_hand_back;

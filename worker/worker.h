@@ -106,7 +106,12 @@ lr_worker_t *lr_run_worker(lr_run_t *r);
  * process was paused or starved past its lease); end the step as
  * LR_STEP_ABANDONED without calling anything. */
 bool lr_run_lease_ok(lr_run_t *r);
+/* The run takes over n bytes already charged to the memory budget (a step's
+ * answer): they stay charged until its checkpoint is written or it ends. */
+void lr_run_mem_adopt(lr_run_t *r, size_t n);
 lr_http_t *lr_worker_http(lr_worker_t *w);
+/* The worker's memory budget (membudget.h). */
+struct lr_mem *lr_worker_mem(lr_worker_t *w);
 uv_loop_t *lr_worker_loop(lr_worker_t *w);
 lr_pg_pool_t *lr_worker_pg(lr_worker_t *w);
 const lr_config_t *lr_worker_config(const lr_worker_t *w);

@@ -39,6 +39,7 @@ enum { N = LR_RUN_NSTATES, NO = LR_RUN_NOUTCOMES, END = -1 };
 
 enum {
     NEW = LR_RUN_NEW,
+    HELD = LR_RUN_HELD,
     CLAIMING = LR_RUN_CLAIMING,
     DEFERRED = LR_RUN_DEFERRED,
     INSERTING = LR_RUN_INSERTING,
@@ -74,6 +75,9 @@ static const struct move {
 } legal[] = {
     {NEW, CLAIMING, "delivery parsed"},
     {NEW, DONE, "malformed: dead message"},
+    {NEW, HELD, "over the memory budget"},
+    {HELD, CLAIMING, "room again"},
+    {HELD, DONE, "drain"},
     {CLAIMING, CLAIMING, "connection lost: reclaim"},
     {CLAIMING, DEFERRED, "suspect, slot taken"},
     {CLAIMING, INSERTING, "no row"},
@@ -129,7 +133,7 @@ static const struct ending {
     {RETRY_WAIT, {PUBLISHING, BACKOFF, END}},
     {HANDED_BACK, {PUBLISHING, BACKOFF, MARKING, END}},
     {REQUEUED,
-     {CLAIMING, DEFERRED, INSERTING, ADMITTING, LOADING, STEPPING, CHECKPOINTING, TRANSITION, PUBLISHING, BACKOFF,
+     {HELD, CLAIMING, DEFERRED, INSERTING, ADMITTING, LOADING, STEPPING, CHECKPOINTING, TRANSITION, PUBLISHING, BACKOFF,
       MARKING, END}},
     {FENCED, {STEPPING, CHECKPOINTING, TRANSITION, END}},
     {DROPPED, {CLAIMING, TRANSITION, END}},
