@@ -123,7 +123,9 @@ size_t lr_mem_default_budget(const char **source) {
     return 0;
 }
 
-static bool fits(const lr_mem_t *m, size_t n) { return m->budget == 0 || (m->used <= m->budget && n <= m->budget - m->used); }
+static bool fits(const lr_mem_t *m, size_t n) {
+    return m->budget == 0 || (m->used <= m->budget && n <= m->budget - m->used);
+}
 
 static void add(lr_mem_t *m, size_t n) {
     m->used += n;
@@ -145,8 +147,9 @@ bool lr_mem_room(lr_mem_t *m) {
     if (room == m->over) {
         m->over = !room;
         if (!room) {
-            lr_info("memory.over_budget", "memory budget reached (%zu of %zu bytes charged): holding new tasks unclaimed",
-                    m->used, m->budget);
+            lr_info("memory.over_budget",
+                    "memory budget reached (%zu of %zu bytes charged): holding new tasks unclaimed", m->used,
+                    m->budget);
         } else {
             lr_info("memory.room", "memory below the budget again (%zu of %zu bytes): claiming", m->used, m->budget);
         }

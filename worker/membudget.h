@@ -60,11 +60,11 @@ enum lr_mem_call_state {
 
 /* One model call's account: embed it in the object that makes the call. */
 typedef struct lr_mem_call {
-    lr_list_t link;   /* in the active list, or in a waiting list */
-    lr_list_t active; /* in the active list (oldest first) while admitted */
-    int state;        /* enum lr_mem_call_state */
-    size_t charged;   /* bytes charged now */
-    size_t want;      /* STARTING, PAUSED: the bytes asked for in all */
+    lr_list_t link;                       /* in the active list, or in a waiting list */
+    lr_list_t active;                     /* in the active list (oldest first) while admitted */
+    int state;                            /* enum lr_mem_call_state */
+    size_t charged;                       /* bytes charged now */
+    size_t want;                          /* STARTING, PAUSED: the bytes asked for in all */
     void (*ready)(struct lr_mem_call *c); /* the wait is over (from the loop) */
 } lr_mem_call_t;
 
@@ -73,13 +73,13 @@ typedef struct lr_mem {
     size_t budget;   /* 0 = none */
     size_t used;
     size_t peak;
-    size_t settling;         /* bytes detached from calls whose checkpoints are not written yet */
-    size_t estimate;         /* a new call's reservation: a decaying maximum of calls' peaks */
-    lr_list_t active;        /* admitted calls, oldest first (lr_mem_call_t.active) */
-    lr_list_t starting;      /* calls waiting to be admitted, FIFO (link) */
-    lr_list_t paused;        /* calls waiting to grow, FIFO (link) */
-    unsigned long long waits; /* calls that had to wait (start or grow) */
-    bool over;               /* the last lr_mem_room() answer was no (for the log) */
+    size_t settling;            /* bytes detached from calls whose checkpoints are not written yet */
+    size_t estimate;            /* a new call's reservation: a decaying maximum of calls' peaks */
+    lr_list_t active;           /* admitted calls, oldest first (lr_mem_call_t.active) */
+    lr_list_t starting;         /* calls waiting to be admitted, FIFO (link) */
+    lr_list_t paused;           /* calls waiting to grow, FIFO (link) */
+    unsigned long long waits;   /* calls that had to wait (start or grow) */
+    bool over;                  /* the last lr_mem_room() answer was no (for the log) */
     void (*on_room)(void *arg); /* after a release, when there is room (claims held) */
     void *arg;
 } lr_mem_t;
