@@ -4,10 +4,12 @@
  * worker.h):
  *
  *   exec_agent.c     the step's state machine, the executor entry points,
- *                    budgets, the model call (fallback chain, retries,
+ *                    the model call (fallback chain, retries,
  *                    circuit breakers, concurrency gate, rate windows)
  *   agent_context.c  the conversation: built from the step log, the context
  *                    strategies (window, summarize) and the summary step
+ *   agent_budget.c   the budgets: which apply, and whether the next model
+ *                    or tool call may start
  *   agent_tools.c    tool calls: answering pending calls from signals,
  *                    checking and running the calls the model asked for
  *   agent_fsm.c      the states and their legal moves (agent_fsm.h)
@@ -127,6 +129,7 @@ struct agent_state {
     int summary_cut;   /* it summarizes conv[0 .. cut) */
     int summary_turns; /* assistant messages in conv[0 .. cut) */
     bool clamp_logged;
+    uint64_t step_started; /* lr_agent_now() when the step began (max_seconds) */
 };
 
 /* The loop's monotonic clock in ms (breakers, the gate, tool timings). */
@@ -156,6 +159,34 @@ cJSON *lr_agent_summary_request(const agent_state_t *st);
 
 /* Adds the summary text to the step and the conversation. */
 void lr_agent_summary_add(agent_state_t *st, const char *text);
+
+/* ---------------------------------------------------------- agent_budget.c */
+
+/* Resolves st->budgets (task > agent > worker default, then the operator's
+ * ceilings; logs a clamp once per task). */
+void lr_agent_budgets_resolve(agent_state_t *st);
+
+/* A budget that st->usage (the checkpointed steps, plus the step just made
+ * when called after it) has used up: its stop reason ("max_tokens",
+ * "max_cost", "max_seconds", "max_steps") with why, or NULL. */
+const char *lr_agent_budget_spent(const agent_state_t *st, char *why, size_t whylen);
+
+/* May model m be called now with a request of body_len bytes?  NULL, or the
+ * stop reason ("max_seconds", or "max_cost" when the call's worst case does
+ * not fit what is left of the budget) with why. */
+const char *lr_agent_budget_before_model(const agent_state_t *st, const lr_model_ref_t *m, size_t body_len, char *why,
+                                         size_t whylen);
+
+/* May the step's tool calls start now?  NULL, or "max_seconds" with why. */
+const char *lr_agent_budget_before_tools(const agent_state_t *st, char *why, size_t whylen);
+
+/* What a call of m costs in USD (price table, per million tokens). */
+double lr_agent_cost_of(const lr_model_ref_t *m, long in, long cached, long out);
+
+/* max_seconds' clock: active time (checkpointed steps plus the step in
+ * flight) or, with the agent's budget_clock "wall", the time since the task
+ * first started. */
+long lr_agent_elapsed_ms(const agent_state_t *st);
 
 /* ----------------------------------------------------------- agent_tools.c */
 

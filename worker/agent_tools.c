@@ -392,13 +392,14 @@ static void tool_send(tool_call_t *tc) {
     }
 }
 
-/* Checks call tc before it runs.  Returns false when it must not (answered
+/* Checks call tc before it runs (time_up: why the time budget is used up,
+ * or NULL).  Returns false when it must not (answered
  * with an error result that says why, and logged in the tool_calls column);
  * else true, with its parsed arguments in *parsed.  Either way *parsed, if
  * set, is the caller's to free. */
-static bool tool_check(agent_state_t *st, tool_call_t *tc, cJSON **parsed) {
+static bool tool_check(agent_state_t *st, tool_call_t *tc, const char *time_up, cJSON **parsed) {
     /* The sizes of these messages bound what a model-chosen name adds. */
-    char msg[200], vmsg[512], bmsg[160], verr[300];
+    char msg[200], vmsg[512], bmsg[256], verr[300];
     const cJSON *schema;
     int vrc;
     if (tc->def != NULL &&
@@ -440,6 +441,13 @@ static bool tool_check(agent_state_t *st, tool_call_t *tc, cJSON **parsed) {
         tool_result(tc, bmsg, true);
         log_call(st, tc->id, tc->name, "budget", 0, 0, NULL);
         snprintf(st->out->stop_reason, sizeof(st->out->stop_reason), "max_tool_calls");
+        return false;
+    }
+    if (time_up != NULL) {
+        snprintf(bmsg, sizeof(bmsg), "error: the task's time budget is used up (%s)", time_up);
+        tool_result(tc, bmsg, true);
+        log_call(st, tc->id, tc->name, "budget", 0, 0, NULL);
+        snprintf(st->out->stop_reason, sizeof(st->out->stop_reason), "max_seconds");
         return false;
     }
     if (tc->def->builtin == LR_TOOL_HTTP && !(tc->def->requires_approval && !tc->approved) &&
@@ -496,6 +504,8 @@ static bool tool_begin(agent_state_t *st, tool_call_t *tc, const cJSON *parsed) 
 
 void lr_agent_tools_start(agent_state_t *st) {
     int started = 0;
+    char why[160];
+    const char *time_up;
     if (!lr_run_lease_ok(st->run)) {
         /* paused past the lease: the task may be another worker's now, so
          * none of these calls may run (their side effects would be a
@@ -509,17 +519,24 @@ void lr_agent_tools_start(agent_state_t *st) {
         return;
     }
     st->calls_running = 0;
+    time_up = lr_agent_budget_before_tools(st, why, sizeof(why));
     for (int i = 0; i < st->ncalls; i++) {
         tool_call_t *tc = &st->calls[i];
         cJSON *parsed = NULL;
-        if (tool_check(st, tc, &parsed) && tool_begin(st, tc, parsed)) {
+        if (tool_check(st, tc, time_up != NULL ? why : NULL, &parsed) && tool_begin(st, tc, parsed)) {
             started++;
         }
         cJSON_Delete(parsed);
     }
     if (st->out->stop_reason[0] != '\0' && started == 0) {
-        snprintf(st->out->error, sizeof(st->out->error), "budget exhausted: %ld tool calls",
-                 st->budgets.max_tool_calls);
+        if (time_up != NULL) {
+            snprintf(st->out->error, sizeof(st->out->error), "budget exhausted before the tool calls: %s", why);
+            LR_LOG(LR_LOG_INFO, &st->log, "budget.stop", "max_seconds: %s; %d tool call(s) not started", why,
+                   st->ncalls);
+        } else {
+            snprintf(st->out->error, sizeof(st->out->error), "budget exhausted: %ld tool calls",
+                     st->budgets.max_tool_calls);
+        }
         st->ops->finish(st, LR_STEP_STOP);
         return;
     }

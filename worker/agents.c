@@ -520,10 +520,10 @@ static int agent_slice(const cJSON *a, lr_agent_t *ag, const char *where, char *
 }
 
 static int load_agents(registry_t *r, const cJSON *prices, const cJSON *agents, char *errbuf, size_t errlen) {
-    static const char *const known[] = {"name",        "system",  "models",
-                                        "tools",       "budgets", "context",
-                                        "description", "slice",   "max_outage_seconds",
-                                        NULL};
+    static const char *const known[] = {"name",         "system",  "models",
+                                        "tools",        "budgets", "context",
+                                        "description",  "slice",   "max_outage_seconds",
+                                        "budget_clock", NULL};
     int n = cJSON_GetArraySize(agents);
     int i = 0;
     r->agents = calloc((size_t)n + 1, sizeof(lr_agent_t));
@@ -563,6 +563,17 @@ static int load_agents(registry_t *r, const cJSON *prices, const cJSON *agents, 
             return rc;
         }
         ag->max_outage_seconds = (long)v;
+        {
+            const cJSON *clock = cJSON_GetObjectItemCaseSensitive(a, "budget_clock");
+            const char *cs = cJSON_GetStringValue(clock);
+            if (clock != NULL && (cs == NULL || (strcmp(cs, "active") != 0 && strcmp(cs, "wall") != 0))) {
+                return fail(errbuf, errlen,
+                            "%s.budget_clock: must be \"active\" (max_seconds counts the task's steps) or "
+                            "\"wall\" (the time since it started, waits included)",
+                            where);
+            }
+            ag->budget_wall = cs != NULL && strcmp(cs, "wall") == 0;
+        }
         if ((rc = agent_models(r, prices, a, ag, where, errbuf, errlen)) != 0 ||
             (rc = agent_tools(r, a, ag, where, errbuf, errlen)) != 0 ||
             (rc = agent_budgets(a, ag, where, errbuf, errlen)) != 0 ||

@@ -91,6 +91,9 @@ typedef struct lr_agent {
      * while every model of the chain is unavailable, counted from its first
      * park of this outage; beyond it the task is dead-lettered. */
     long max_outage_seconds;
+    /* "budget_clock": "wall": max_seconds counts the time since the task
+     * first started, waits included; default "active": only its steps. */
+    bool budget_wall;
 } lr_agent_t;
 
 #define LR_AGENT_MAX_OUTAGE_DEFAULT (6 * 3600)

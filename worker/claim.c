@@ -78,6 +78,7 @@ static void take_row(lr_run_t *r, const lr_store_task_t *t) {
     r->used.cost_usd = t->cost_usd;
     r->used.tool_calls = t->tool_calls;
     r->used.active_ms = t->active_ms;
+    r->used.wall_ms = t->wall_ms; /* (at the claim: lr_run_usage adds the time since) */
     r->outage_ms = t->outage_ms;
     free(r->budgets_json);
     r->budgets_json = dup_or_null(t->budgets);

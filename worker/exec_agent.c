@@ -32,8 +32,9 @@
  * reservation query in flight; HTTP requests never outlive a step (cancel
  * aborts them, their callbacks do not run).
  *
- * Budgets are checked before the model call and before every tool call; a
- * step that reaches a budget ends the task with its stop_reason (the worker
+ * Budgets (agent_budget.c) are checked before the step, before every model
+ * call (time, and the call's worst-case cost) and before the tool calls; a
+ * step that reaches one ends the task with its stop_reason (the worker
  * dead-letters it for the operator).  A rate-limit wait longer than
  * long_wait_seconds suspends the task (rate_limited, resume_at) without
  * counting an attempt.  Circuit breakers are per model endpoint: 5
@@ -193,88 +194,6 @@ static void agent_finish(agent_state_t *st, int outcome) {
     }
 }
 
-/* ---------------------------------------------------------------- budgets */
-
-static long budget_of(long task, long agent, long dflt) { return task >= 0 ? task : agent >= 0 ? agent : dflt; }
-
-/* Budget checks that need no new step: returns a reason or NULL. */
-static const char *budget_exceeded(agent_state_t *st, char *why, size_t whylen) {
-    const lr_budgets_t *b = &st->budgets;
-    long tokens = st->usage.tokens_in + st->usage.tokens_out;
-    if (b->max_tokens >= 0 && tokens >= b->max_tokens) {
-        snprintf(why, whylen, "used %ld tokens, budget %ld", tokens, b->max_tokens);
-        return "max_tokens";
-    }
-    if (b->max_cost_usd >= 0 && st->usage.cost_usd >= b->max_cost_usd) {
-        snprintf(why, whylen, "cost $%.4f, budget $%.4f", st->usage.cost_usd, b->max_cost_usd);
-        return "max_cost";
-    }
-    if (b->max_seconds >= 0 && st->usage.active_ms >= b->max_seconds * 1000) {
-        snprintf(why, whylen, "active %ld s, budget %ld s", st->usage.active_ms / 1000, b->max_seconds);
-        return "max_seconds";
-    }
-    if (b->max_steps >= 0 && st->usage.step >= b->max_steps) {
-        snprintf(why, whylen, "ran %d steps, budget %ld", st->usage.step, b->max_steps);
-        return "max_steps";
-    }
-    return NULL;
-}
-
-/* The operator's ceilings bind every budget, whoever set it. */
-static void clamp_budgets(agent_state_t *st, const lr_config_t *cfg) {
-    struct {
-        const char *name;
-        long *value;
-        long ceiling;
-    } cl[] = {
-        {"max_steps", &st->budgets.max_steps, cfg->ceiling_max_steps},
-        {"max_tool_calls", &st->budgets.max_tool_calls, cfg->ceiling_max_tool_calls},
-        {"max_tokens", &st->budgets.max_tokens, cfg->ceiling_max_tokens},
-        {"max_seconds", &st->budgets.max_seconds, cfg->ceiling_max_seconds},
-    };
-    for (size_t i = 0; i < sizeof(cl) / sizeof(cl[0]); i++) {
-        if (cl[i].ceiling > 0 && (*cl[i].value < 0 || *cl[i].value > cl[i].ceiling)) {
-            if (!st->clamp_logged) {
-                LR_LOG(LR_LOG_INFO, &st->log, "budget.clamped", "%s %ld lowered to the operator's ceiling %ld",
-                       cl[i].name, *cl[i].value, cl[i].ceiling);
-            }
-            *cl[i].value = cl[i].ceiling;
-        }
-    }
-    if (cfg->ceiling_max_cost_usd > 0 &&
-        (st->budgets.max_cost_usd < 0 || st->budgets.max_cost_usd > cfg->ceiling_max_cost_usd)) {
-        if (!st->clamp_logged) {
-            LR_LOG(LR_LOG_INFO, &st->log, "budget.clamped", "max_cost_usd %.4f lowered to the operator's ceiling %.4f",
-                   st->budgets.max_cost_usd, cfg->ceiling_max_cost_usd);
-        }
-        st->budgets.max_cost_usd = cfg->ceiling_max_cost_usd;
-    }
-    st->clamp_logged = true;
-}
-
-static void resolve_budgets(agent_state_t *st) {
-    const lr_config_t *cfg = lr_worker_config(st->w);
-    lr_budgets_t task;
-    const char *bj = lr_run_budgets_json(st->run);
-    cJSON *b = bj != NULL ? cJSON_Parse(bj) : NULL;
-    const cJSON *c;
-    lr_budgets_init(&task);
-    cJSON_ArrayForEach(c, b) {
-        if (cJSON_IsNumber(c)) {
-            (void)lr_budget_set(&task, c->string, c->valuedouble, NULL, 0);
-        }
-    }
-    cJSON_Delete(b);
-    st->budgets.max_steps = budget_of(task.max_steps, st->agent->budgets.max_steps, cfg->max_steps);
-    st->budgets.max_tool_calls = budget_of(task.max_tool_calls, st->agent->budgets.max_tool_calls, cfg->max_tool_calls);
-    st->budgets.max_tokens = budget_of(task.max_tokens, st->agent->budgets.max_tokens, cfg->max_tokens);
-    st->budgets.max_seconds = budget_of(task.max_seconds, st->agent->budgets.max_seconds, cfg->max_seconds);
-    st->budgets.max_cost_usd = task.max_cost_usd >= 0                 ? task.max_cost_usd
-                               : st->agent->budgets.max_cost_usd >= 0 ? st->agent->budgets.max_cost_usd
-                                                                      : cfg->max_cost_usd;
-    clamp_budgets(st, cfg);
-}
-
 static void agent_step_complete(agent_state_t *st) {
     char why[160];
     const char *reason;
@@ -292,7 +211,7 @@ static void agent_step_complete(agent_state_t *st) {
     st->usage.tokens_in += st->out->tokens_in;
     st->usage.tokens_out += st->out->tokens_out;
     st->usage.cost_usd += st->out->cost_usd;
-    reason = budget_exceeded(st, why, sizeof(why));
+    reason = lr_agent_budget_spent(st, why, sizeof(why));
     if (reason != NULL) {
         snprintf(st->out->stop_reason, sizeof(st->out->stop_reason), "%s", reason);
         snprintf(st->out->error, sizeof(st->out->error), "budget exhausted: %s", why);
@@ -485,11 +404,6 @@ static void model_failed(agent_state_t *st, int cls, const char *reason, const c
         }
     }
     model_next(st);
-}
-
-static double cost_of(const lr_model_ref_t *m, long in, long cached, long out) {
-    double uncached = (double)(in - cached > 0 ? in - cached : 0);
-    return (uncached * m->price_in + (double)cached * m->price_cached + (double)out * m->price_out) / 1e6;
 }
 
 /* ------------------------------------------------------ fleet rate limits */
@@ -687,8 +601,8 @@ static void model_admit(agent_state_t *st, char *body) {
  * can be called), through its rate window and gate. */
 static void model_call(agent_state_t *st) {
     const lr_model_ref_t *m;
-    const char *key;
-    char *body;
+    const char *key, *budget;
+    char *body, why[256];
 
     agent_set_state(st, LR_AGENT_PREPARING);
     if (!lr_run_lease_ok(st->run)) {
@@ -723,6 +637,16 @@ static void model_call(agent_state_t *st) {
                  (long)strlen(body) / 4, m->context_tokens);
         free(body);
         model_next(st);
+        return;
+    }
+    if (body != NULL && (budget = lr_agent_budget_before_model(st, m, strlen(body), why, sizeof(why))) != NULL) {
+        /* The call would (or could) go over a budget: stop before it. */
+        free(body);
+        st->reserved = false;
+        snprintf(st->out->stop_reason, sizeof(st->out->stop_reason), "%s", budget);
+        snprintf(st->out->error, sizeof(st->out->error), "budget exhausted before calling the model: %s", why);
+        LR_LOG(LR_LOG_INFO, &st->log, "budget.stop", "%s: %s", budget, why);
+        agent_finish(st, LR_STEP_STOP);
         return;
     }
     if (body != NULL && !st->reserved && rate_limited(st, m)) {
@@ -870,12 +794,12 @@ static void account_usage(agent_state_t *st, const lr_model_ref_t *m, const lr_h
     st->out->tokens_in += st->reply.tokens_in;
     st->out->tokens_out += st->reply.tokens_out;
     st->out->tokens_cached += st->reply.tokens_cached;
-    st->out->cost_usd += cost_of(m, st->reply.tokens_in, st->reply.tokens_cached, st->reply.tokens_out);
+    st->out->cost_usd += lr_agent_cost_of(m, st->reply.tokens_in, st->reply.tokens_cached, st->reply.tokens_out);
     lr_metric_add(lr_wm.tokens, in, (double)st->reply.tokens_in);
     lr_metric_add(lr_wm.tokens, outv, (double)st->reply.tokens_out);
     lr_metric_add(lr_wm.tokens, ca, (double)st->reply.tokens_cached);
     lr_metric_add(lr_wm.cost, (const char *const[]){m->model},
-                  cost_of(m, st->reply.tokens_in, st->reply.tokens_cached, st->reply.tokens_out));
+                  lr_agent_cost_of(m, st->reply.tokens_in, st->reply.tokens_cached, st->reply.tokens_out));
 }
 
 static bool finish_is_length(const char *finish) {
@@ -1009,6 +933,7 @@ static void step_begin(agent_state_t *st, lr_run_t *r, lr_step_t *out) {
     st->ncalls = 0;
     st->calls_running = 0;
     st->summarizing = false;
+    st->step_started = lr_agent_now();
 }
 
 /* PREPARING: budgets, the conversation, and the answers to the calls a
@@ -1021,8 +946,8 @@ static int step_prepare(agent_state_t *st) {
 
     st->log_payloads = payload_sampled(lr_run_id(st->run), lr_worker_config(st->w)->log_payloads);
     lr_run_usage(st->run, &st->usage);
-    resolve_budgets(st);
-    reason = budget_exceeded(st, why, sizeof(why));
+    lr_agent_budgets_resolve(st);
+    reason = lr_agent_budget_spent(st, why, sizeof(why));
     if (reason != NULL) {
         out->outcome = LR_STEP_FAIL_PERMANENT;
         snprintf(out->stop_reason, sizeof(out->stop_reason), "%s", reason);

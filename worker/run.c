@@ -89,6 +89,7 @@ void lr_run_usage(const lr_run_t *r, lr_run_usage_t *u) {
     *u = r->used;
     u->step = r->step;
     u->outage_ms = r->outage_ms < 0 ? -1 : r->outage_ms + (long)(lr_worker_now(r->w) - r->claim_sent_ms);
+    u->wall_ms = r->used.wall_ms + (long)(lr_worker_now(r->w) - r->claim_sent_ms);
 }
 
 void lr_run_add_usage(lr_run_t *r, long tool_calls, long active_ms) {

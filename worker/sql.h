@@ -35,7 +35,8 @@
     "   AND x.id <> c.id) AS tenant_running,"                                                     \
     "  cur.status AS cur_status, cur.claims AS cur_claims,"                                       \
     "  (cur.lease_expires_at IS NOT NULL AND cur.lease_expires_at >= now()) AS cur_leased,"       \
-    "  (extract(epoch FROM now() - c.outage_since) * 1000)::bigint AS outage_ms"                  \
+    "  (extract(epoch FROM now() - c.outage_since) * 1000)::bigint AS outage_ms,"                 \
+    "  (extract(epoch FROM now() - c.started_at) * 1000)::bigint AS wall_ms"                      \
     " FROM (SELECT 1) one LEFT JOIN c ON true"                                                    \
     " LEFT JOIN tasks cur ON cur.id = $1"
 

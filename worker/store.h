@@ -64,6 +64,7 @@ typedef struct lr_store_task {
     int64_t epoch;
     int step, claims, attempt, max_attempts, state_version;
     long tokens_in, tokens_out, tool_calls, active_ms;
+    long wall_ms; /* since started_at (0 for a task inserted by this claim) */
     double cost_usd;
     bool past_deadline;
     int tenant_running; /* running tasks of the tenant (others), -1 unknown */

@@ -93,6 +93,7 @@ typedef struct lr_run_usage {
     long tokens_in, tokens_out, tool_calls, active_ms;
     double cost_usd;
     long outage_ms; /* parked for provider_unavailable since that long ago (ms), -1: not in an outage */
+    long wall_ms;   /* since the task's first claim (started_at), waits included (ms) */
 } lr_run_usage_t;
 /* Usage recorded so far (before the step in flight). */
 void lr_run_usage(const lr_run_t *r, lr_run_usage_t *u);

@@ -46,6 +46,8 @@ CASES = [
     ("unknown slice key", agents({"slice": {"stepz": 2}}), "stepz"),
     ("max_outage_seconds of 0", agents({"max_outage_seconds": 0}), "max_outage_seconds"),
     ("max_outage_seconds not an integer", agents({"max_outage_seconds": 1.5}), "max_outage_seconds"),
+    ("unknown budget_clock", agents({"budget_clock": "cpu"}), "budget_clock"),
+    ("budget_clock not a string", agents({"budget_clock": True}), "budget_clock"),
     ("negative max_concurrency", agents({"models": [dict(MODEL, max_concurrency=-1)]}), "max_concurrency"),
     ("budget out of range", agents({"budgets": {"max_steps": 0}}), "max_steps"),
 ]
@@ -65,7 +67,7 @@ def check_config(text):
 
 def test():
     ok = check_config(agents({"context": {"strategy": "summarize", "threshold_tokens": 4000, "messages": 6},
-                              "slice": {"steps": 5, "seconds": 30}, "max_outage_seconds": 600,
+                              "slice": {"steps": 5, "seconds": 30}, "max_outage_seconds": 600, "budget_clock": "wall",
                               "models": [dict(MODEL, max_concurrency=4)]}))
     h.eq(ok.returncode, 0, "a valid file passes: %s" % ok.stderr)
     h.check("configuration ok" in ok.stdout, ok.stdout)
