@@ -5,7 +5,7 @@
 #                                                .clang-format (--diff: show how); CI runs it
 #   scripts/format.sh fix [FILE...]              format those files in place
 #
-# Without FILEs: every tracked *.c and *.h (git ls-files) but the EXCLUDE paths below.
+# Without FILEs: every tracked or new (not ignored) *.c and *.h but the EXCLUDE paths below.
 # The binary is Debian's /usr/bin/clang-format (package clang-format, installed by
 # scripts/dev deps); another major version formats differently, so it is refused.
 # CLANG_FORMAT=/path/to/clang-format-14 overrides the binary.
@@ -41,7 +41,7 @@ files() {
   elif git -C "$ROOT" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
     local ex=() p
     for p in "${EXCLUDE[@]}"; do ex+=(":(exclude)$p"); done
-    git -C "$ROOT" ls-files -z -- '*.c' '*.h' "${ex[@]}"
+    git -C "$ROOT" ls-files -z --cached --others --exclude-standard -- '*.c' '*.h' "${ex[@]}"
   else
     die "not a git checkout: name the files"
   fi

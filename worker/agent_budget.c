@@ -131,8 +131,8 @@ const char *lr_agent_budget_spent(const agent_state_t *st, char *why, size_t why
     return NULL;
 }
 
-const char *lr_agent_budget_before_model(const agent_state_t *st, const lr_model_ref_t *m, size_t body_len,
-                                         char *why, size_t whylen) {
+const char *lr_agent_budget_before_model(const agent_state_t *st, const lr_model_ref_t *m, size_t body_len, char *why,
+                                         size_t whylen) {
     const char *r = time_up(st, why, whylen);
     if (r != NULL) {
         return r;
