@@ -93,6 +93,7 @@ struct agent_state {
     int conv_step;    /* conv is the whole conversation through this step (-1: rebuild) */
     cJSON *added;     /* messages this step added */
     cJSON *calls_log; /* tool_calls column */
+    cJSON *fallback;  /* fallback column: the model calls that did not answer (NULL: none yet) */
     lr_budgets_t budgets;
     lr_run_usage_t usage;
     /* the model call: model_idx of the chain, attempt of that model */

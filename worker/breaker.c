@@ -19,7 +19,8 @@ struct lr_breaker {
     enum lr_cb_state state;
     int failures;
     uint64_t open_until;
-    bool not_outage; /* a failure since the last success was not the endpoint being unavailable */
+    bool not_outage;     /* a failure since the last success was not the endpoint being unavailable */
+    uint64_t cool_until; /* a rate limit asked to wait until then (lr_breaker_cool) */
 };
 
 static lr_breaker_t breakers[LR_BREAKERS_MAX];
@@ -113,6 +114,16 @@ void lr_breaker_abandon(lr_breaker_t *b, uint64_t now_ms) {
         b->open_until = now_ms;
         gauge(b);
     }
+}
+
+void lr_breaker_cool(lr_breaker_t *b, uint64_t until_ms) {
+    if (b != NULL && until_ms > b->cool_until) {
+        b->cool_until = until_ms;
+    }
+}
+
+long lr_breaker_cooling(const lr_breaker_t *b, uint64_t now_ms) {
+    return b != NULL && b->cool_until > now_ms ? (long)(b->cool_until - now_ms) : 0;
 }
 
 cJSON *lr_breakers_cjson(void) {

@@ -48,6 +48,13 @@ void lr_breaker_not_outage(lr_breaker_t *b);
 /* The outcome of a call that went out (after its retries). */
 void lr_breaker_result(lr_breaker_t *b, bool ok, uint64_t now_ms);
 
+/* The endpoint answered 429 asking to wait until until_ms (a long
+ * Retry-After): a fallback chain skips it meanwhile.  Not a failure: the
+ * circuit is untouched. */
+void lr_breaker_cool(lr_breaker_t *b, uint64_t until_ms);
+/* How long (ms) the endpoint still asks callers to wait; 0: not cooling. */
+long lr_breaker_cooling(const lr_breaker_t *b, uint64_t now_ms);
+
 /* A trial call was cancelled before it finished: allow another trial. */
 void lr_breaker_abandon(lr_breaker_t *b, uint64_t now_ms);
 

@@ -154,7 +154,8 @@ static void step_drop(agent_state_t *st) {
     cJSON_Delete(st->conv);
     cJSON_Delete(st->added);
     cJSON_Delete(st->calls_log);
-    st->conv = st->added = st->calls_log = NULL;
+    cJSON_Delete(st->fallback);
+    st->conv = st->added = st->calls_log = st->fallback = NULL;
 }
 
 static void agent_finish(agent_state_t *st, int outcome) {
@@ -167,6 +168,11 @@ static void agent_finish(agent_state_t *st, int outcome) {
     }
     if (cJSON_GetArraySize(st->calls_log) > 0) {
         out->tool_calls = cJSON_PrintUnformatted(st->calls_log);
+    }
+    if (st->fallback != NULL) {
+        out->fallback = cJSON_PrintUnformatted(st->fallback);
+        cJSON_Delete(st->fallback);
+        st->fallback = NULL;
     }
     if (st->answered != NULL && out->model == NULL) {
         out->model = strdup(st->answered->model);
@@ -291,6 +297,23 @@ static bool unavailable_reason(const char *reason) {
     return false;
 }
 
+/* Records in the step (task_steps.fallback) and in
+ * longrun_model_fallbacks_total that a call of model (or the model itself,
+ * skipped) did not answer, why, and what followed. */
+static void fallback_note(agent_state_t *st, const char *model, const char *reason, const char *action) {
+    cJSON *o;
+    if (st->fallback == NULL && (st->fallback = cJSON_CreateArray()) == NULL) {
+        return;
+    }
+    o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "model", model);
+    cJSON_AddStringToObject(o, "reason", reason);
+    cJSON_AddStringToObject(o, "action", action);
+    cJSON_AddNumberToObject(o, "attempt", st->attempt + 1);
+    cJSON_AddItemToArray(st->fallback, o);
+    lr_metric_add(lr_wm.model_fallbacks, (const char *const[]){model, reason, action}, 1);
+}
+
 /* The chain is exhausted.  When every model of it sits behind a circuit
  * opened by availability failures (unavailable_reason), the provider is out, not this task: park it
  * (suspended, provider_unavailable, no attempt) and let its resume be the
@@ -354,8 +377,9 @@ static void model_next(agent_state_t *st) {
         return;
     }
     snprintf(st->out->error, sizeof(st->out->error), "every model failed; last: %s", st->last_error);
-    if (strcmp(st->last_reason, "context_length") == 0 && !st->any_transient) {
-        snprintf(st->out->stop_reason, sizeof(st->out->stop_reason), "context_length");
+    if ((strcmp(st->last_reason, "context_length") == 0 || strcmp(st->last_reason, "content_filter") == 0) &&
+        !st->any_transient) {
+        snprintf(st->out->stop_reason, sizeof(st->out->stop_reason), "%s", st->last_reason);
     }
     agent_finish(st, st->any_transient ? LR_STEP_FAIL_TRANSIENT : LR_STEP_FAIL_PERMANENT);
 }
@@ -366,15 +390,18 @@ static void model_failed(agent_state_t *st, int cls, const char *reason, const c
     const lr_model_ref_t *m = &st->agent->models[st->model_idx];
     const lr_config_t *cfg = lr_worker_config(st->w);
     long suspend_after = (long)cfg->long_wait_seconds * 1000;
+    /* a bad request or a refusal: the endpoint itself works */
+    bool endpoint_ok = cls == LR_CALL_PERMANENT || strcmp(reason, "content_filter") == 0;
     snprintf(st->last_reason, sizeof(st->last_reason), "%s", reason);
     snprintf(st->last_error, sizeof(st->last_error), "%s (%s): %s", m->model, reason, detail);
-    lr_breaker_result(model_breaker(m), cls == LR_CALL_PERMANENT, lr_agent_now());
+    lr_breaker_result(model_breaker(m), endpoint_ok, lr_agent_now());
     if (cls != LR_CALL_PERMANENT && !unavailable_reason(reason)) {
         lr_breaker_not_outage(model_breaker(m));
     }
     LR_LOG(LR_LOG_WARN, &st->log, "model.call_failed", "model %s attempt %d failed: %s: %s", m->model, st->attempt + 1,
            reason, detail);
     if (cls == LR_CALL_PERMANENT) {
+        fallback_note(st, m->model, reason, "stop");
         snprintf(st->out->error, sizeof(st->out->error), "%s", st->last_error);
         if (strcmp(reason, "context_length") == 0) {
             snprintf(st->out->stop_reason, sizeof(st->out->stop_reason), "context_length");
@@ -384,8 +411,20 @@ static void model_failed(agent_state_t *st, int cls, const char *reason, const c
     }
     if (cls == LR_CALL_RETRY) {
         st->any_transient = true;
+        if (wait_ms > suspend_after && st->model_idx + 1 < st->agent->nmodels) {
+            /* A long wait, and a later model may answer now: skip this one
+             * until then (every step of every task on this worker). */
+            lr_breaker_cool(model_breaker(m), lr_agent_now() + (uint64_t)wait_ms);
+            LR_LOG(LR_LOG_INFO, &st->log, "model.rate_limited", "model %s asks to wait %ld ms: falling back", m->model,
+                   wait_ms);
+            fallback_note(st, m->model, reason, "next_model");
+            model_next(st);
+            return;
+        }
         if (wait_ms > suspend_after) {
-            /* A long wait: free the slot, come back at resume_at. */
+            /* A long wait and no model after this one: free the slot, come
+             * back at resume_at. */
+            fallback_note(st, m->model, reason, "suspend");
             snprintf(st->out->suspend_reason, sizeof(st->out->suspend_reason), "rate_limited");
             st->out->resume_in_ms = wait_ms;
             LR_LOG(LR_LOG_INFO, &st->log, "model.rate_limited", "model %s asks to wait %ld ms: suspending the task",
@@ -397,12 +436,14 @@ static void model_failed(agent_state_t *st, int cls, const char *reason, const c
         if (st->attempt < m->retries) {
             long base = (long)(fmin(500.0 * pow(2.0, st->attempt), 8000.0) * jitter());
             long delay = wait_ms > 0 ? (wait_ms > base ? wait_ms : base) : base;
+            fallback_note(st, m->model, reason, "retry");
             st->attempt++;
             agent_set_state(st, LR_AGENT_BACKOFF);
             uv_timer_start(&st->timer, timer_cb, (uint64_t)delay + 1, 0);
             return;
         }
     }
+    fallback_note(st, m->model, reason, st->model_idx + 1 < st->agent->nmodels ? "next_model" : "give_up");
     model_next(st);
 }
 
@@ -537,10 +578,20 @@ static const lr_model_ref_t *model_pick(agent_state_t *st) {
             snprintf(st->last_reason, sizeof(st->last_reason), "model_disabled");
             snprintf(st->last_error, sizeof(st->last_error), "%s: disabled by an operator (kill switch)", mm->model);
             st->any_transient = true;
+            fallback_note(st, mm->model, "model_disabled", "next_model");
+        } else if (st->model_idx + 1 < st->agent->nmodels &&
+                   lr_breaker_cooling(model_breaker(mm), lr_agent_now()) > 0) {
+            /* it asked for a long wait (429 Retry-After) and a later model may answer now */
+            snprintf(st->last_reason, sizeof(st->last_reason), "rate_limited");
+            snprintf(st->last_error, sizeof(st->last_error), "%s: rate limited for another %ld ms", mm->model,
+                     lr_breaker_cooling(model_breaker(mm), lr_agent_now()));
+            st->any_transient = true;
+            fallback_note(st, mm->model, "rate_limited", "next_model");
         } else if (!lr_breaker_allows(model_breaker(mm), lr_agent_now())) {
             snprintf(st->last_reason, sizeof(st->last_reason), "circuit_open");
             snprintf(st->last_error, sizeof(st->last_error), "%s: circuit open", mm->model);
             st->any_transient = true;
+            fallback_note(st, mm->model, "circuit_open", "next_model");
         } else {
             return mm;
         }
@@ -625,6 +676,7 @@ static void model_call(agent_state_t *st) {
             snprintf(st->last_reason, sizeof(st->last_reason), "no_api_key");
             snprintf(st->last_error, sizeof(st->last_error), "%s: environment variable %s is not set", m->model,
                      m->api_key_env);
+            fallback_note(st, m->model, "no_api_key", "next_model");
             model_next(st);
             return;
         }
@@ -636,6 +688,7 @@ static void model_call(agent_state_t *st) {
         snprintf(st->last_error, sizeof(st->last_error), "%s: about %ld tokens, over its context of %ld", m->model,
                  (long)strlen(body) / 4, m->context_tokens);
         free(body);
+        fallback_note(st, m->model, "context_length", "next_model");
         model_next(st);
         return;
     }
@@ -892,6 +945,15 @@ static void model_response(const lr_http_response_t *resp, void *arg) {
     st->answered = m;
     rate_settle(st, m, st->reply.tokens_in + st->reply.tokens_out);
     account_usage(st, m, resp);
+    if (st->reply.refused) {
+        /* Declined (content filter, refusal): paid for, not an answer; the
+         * next model of the chain may answer it. */
+        snprintf(err, sizeof(err), "the model declined to answer (finish reason %s)", st->reply.finish);
+        st->answered = NULL;
+        lr_model_reply_free(&st->reply);
+        model_failed(st, LR_CALL_NEXT_MODEL, "content_filter", err, -1);
+        return;
+    }
     LR_LOG(LR_LOG_DEBUG, &st->log, "model.answered", "model %s: %d tool calls, finish %s, tokens %ld/%ld, %.0f ms",
            m->model, st->reply.ntool_calls, st->reply.finish, st->reply.tokens_in, st->reply.tokens_out,
            resp->total_ms);

@@ -254,6 +254,10 @@ static int parse_openai(const cJSON *root, int step_no, lr_model_reply_t *out, c
     }
     fin = jstr(choice, "finish_reason");
     snprintf(out->finish, sizeof(out->finish), "%s", fin != NULL ? fin : "");
+    {
+        const char *refusal = jstr(msg, "refusal");
+        out->refused = strcmp(out->finish, "content_filter") == 0 || (refusal != NULL && refusal[0] != '\0');
+    }
     calls = cJSON_GetObjectItemCaseSensitive(msg, "tool_calls");
     cJSON_ArrayForEach(c, calls) {
         const cJSON *fn = cJSON_GetObjectItemCaseSensitive(c, "function");
@@ -365,6 +369,7 @@ static int parse_anthropic(const cJSON *root, int step_no, lr_model_reply_t *out
     out->assistant = a;
     stop = jstr(root, "stop_reason");
     snprintf(out->finish, sizeof(out->finish), "%s", stop != NULL ? stop : "");
+    out->refused = strcmp(out->finish, "refusal") == 0;
     usage = cJSON_GetObjectItemCaseSensitive(root, "usage");
     if (cJSON_IsObject(usage)) {
         long cached = jlong(usage, "cache_read_input_tokens");

@@ -37,6 +37,8 @@ typedef struct lr_model_reply {
     long tokens_cached;
     bool usage_missing; /* estimated instead */
     char *text;         /* owned: the text content, or NULL */
+    bool refused;       /* the model declined (OpenAI finish_reason content_filter
+                           or a refusal; Anthropic stop_reason refusal) */
 } lr_model_reply_t;
 
 /* Parses a 2xx response body.  step_no is used to synthesize missing tool

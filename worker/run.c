@@ -60,6 +60,7 @@ void lr_step_reset(lr_step_t *s) {
     free(s->tool_calls);
     free(s->result);
     free(s->model);
+    free(s->fallback);
     memset(s, 0, sizeof(*s));
     s->resume_in_ms = -1;
 }

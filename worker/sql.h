@@ -68,7 +68,8 @@
  * $12 cost, $13 latency_ms, $14 release lease (bool), $15 result,
  * $16 error, $17 stop_reason, $18 suspend_reason, $19 resume_in_ms,
  * $20 wait_event, $21 event reason, $22 tool call count, $23 active_ms,
- * $24 lease seconds, $25 state version of the step (worker/state.h).
+ * $24 lease seconds, $25 state version of the step (worker/state.h),
+ * $26 fallback (the model calls that did not answer, JSON or NULL; 0008).
  * outage_since (0006): set by the first provider_unavailable park, kept by
  * the next ones, cleared by a step a model answered ($8). */
 #define SQL_CHECKPOINT                                                                                  \
@@ -97,9 +98,10 @@
     "  WHERE id = $1 AND lease_epoch = $2 AND step = $3 - 1 AND status = 'running'"                     \
     "  RETURNING id, queue, agent, input, budgets, tokens_in, tokens_out, cost_usd, step, status),"     \
     " s AS (INSERT INTO task_steps (task_id, step_no, epoch, worker, model, messages,"                  \
-    "  tool_calls, tokens_in, tokens_out, tokens_cached, cost_usd, latency_ms, state_version)"          \
+    "  tool_calls, tokens_in, tokens_out, tokens_cached, cost_usd, latency_ms, state_version,"          \
+    "  fallback)"                                                                                       \
     "  SELECT id, $3, $2, $5, $8, coalesce($6::jsonb, '[]'::jsonb), $7::jsonb, $9, $10, $11,"           \
-    "   $12::numeric, $13, $25::int FROM t RETURNING step_no),"                                         \
+    "   $12::numeric, $13, $25::int, $26::jsonb FROM t RETURNING step_no),"                             \
     " ev AS (INSERT INTO task_events (task_id, from_status, to_status, reason, actor)"                  \
     "  SELECT id, 'running', status, CASE WHEN status = 'cancelled' AND $4 <> 'cancelled'"              \
     "   THEN 'cancel_requested' ELSE $21 END, $5 FROM t WHERE status <> 'running'),"                    \

@@ -97,6 +97,7 @@ static void checkpoint(lr_run_t *r) {
     a.messages = r->out.messages;
     a.tool_calls = r->out.tool_calls;
     a.model = r->out.model;
+    a.fallback = r->out.fallback;
     a.tokens_in = r->out.tokens_in;
     a.tokens_out = r->out.tokens_out;
     a.tokens_cached = r->out.tokens_cached;

@@ -21,7 +21,7 @@
 
 #define STORE_RETRIES 5         /* resends after a lost connection */
 #define STORE_VERIFY_RETRIES 20 /* checkpoint: step-row checks after losses */
-#define MAX_PARAMS 25
+#define MAX_PARAMS 26
 #define NUM_LEN 32
 
 typedef struct req req_t;
@@ -392,7 +392,7 @@ static void checkpoint_decode(req_t *q, int err, const PGresult *res) {
 }
 
 int lr_store_checkpoint(lr_pg_pool_t *pg, const lr_store_checkpoint_args_t *a, lr_store_write_cb cb, void *arg) {
-    req_t *q = req_new(pg, SQL_CHECKPOINT, 25, checkpoint_decode, (void (*)(void))cb, arg);
+    req_t *q = req_new(pg, SQL_CHECKPOINT, 26, checkpoint_decode, (void (*)(void))cb, arg);
     if (q == NULL) {
         return LR_ENOMEM;
     }
@@ -425,6 +425,7 @@ int lr_store_checkpoint(lr_pg_pool_t *pg, const lr_store_checkpoint_args_t *a, l
     req_num(q, 22, a->active_ms);
     req_num(q, 23, a->lease_seconds);
     req_num(q, 24, a->state_version);
+    q->params[25] = a->fallback;
     q->vsql = SQL_STEP_EXISTS;
     q->vnparams = 3;
     q->vparams[0] = q->params[0];

@@ -143,6 +143,7 @@ typedef struct lr_store_checkpoint_args {
     const char *messages;   /* JSON array text, or NULL */
     const char *tool_calls; /* JSON text, or NULL */
     const char *model;      /* or NULL */
+    const char *fallback;   /* JSON array of the calls that did not answer, or NULL */
     long tokens_in, tokens_out, tokens_cached, tool_calls_count;
     double cost_usd;
     long latency_ms, active_ms;

@@ -38,6 +38,11 @@ void lr_wm_init(void) {
                         "Circuit breaker per model endpoint and per tool: 0 closed, 1 half-open, 2 open.", "endpoint");
     lr_wm.rate_limit_waits = lr_metric_counter("longrun_rate_limit_waits_total",
                                                "Rate-limit answers (429) that made a call wait or suspend.", "model");
+    lr_wm.model_fallbacks = lr_metric_counter(
+        "longrun_model_fallbacks_total",
+        "Model calls of a step that did not answer it, by model, failure reason and what followed (retry, give_up, "
+        "next_model, suspend, stop).",
+        "model,reason,action");
     lr_wm.provider_parks = lr_metric_counter(
         "longrun_provider_parks_total",
         "Steps that ended with every model's circuit open: the task parked (provider_unavailable) or, past "

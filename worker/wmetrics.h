@@ -28,6 +28,7 @@ typedef struct lr_wm {
     lr_metric_t *circuit_state;       /* gauge {endpoint}: 0 closed, 1 half-open, 2 open */
     lr_metric_t *rate_limit_waits;    /* counter {model} */
     lr_metric_t *provider_parks;      /* counter {agent} */
+    lr_metric_t *model_fallbacks;     /* counter {model, reason, action} */
     lr_metric_t *gate_waiting;        /* gauge {endpoint} */
     lr_metric_t *payloads_logged;     /* counter */
     lr_metric_t *ready;               /* gauge */

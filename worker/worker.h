@@ -42,6 +42,7 @@ typedef struct lr_step {
     char *tool_calls; /* JSON text or NULL */
     char *result;     /* JSON text when FINISHED */
     char *model;      /* model that answered, or NULL */
+    char *fallback;   /* JSON array text: the calls that did not answer (task_steps.fallback), or NULL */
     char error[512];
     char stop_reason[32];
     char suspend_reason[32];

@@ -64,7 +64,27 @@ def eq(a, b, msg=""):
 
 
 def free_port():
-    """A TCP port free on 127.0.0.1 right now (for LONGRUN_HTTP_PORT and the like)."""
+    """A TCP port free on 127.0.0.1 right now (for LONGRUN_HTTP_PORT and the like), chosen at random
+    below the kernel's ephemeral range: a port that bind(0) handed out could be taken, before the
+    server binds it, by any outgoing connection on the host (PostgreSQL, RabbitMQ and HTTP clients of
+    other tests), which made tests fail with "port in use"."""
+    import random
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    top = min(low, 32768) - 1
+    for _ in range(200):
+        p = random.randint(max(1024, top - 12000), top)
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        finally:
+            s.close()
+        return p
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     p = s.getsockname()[1]

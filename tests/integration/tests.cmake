@@ -58,3 +58,4 @@ lr_py_test(integration.provider_outage integration/test_provider_outage.py TIMEO
 # Issue 16 (4): a memory budget under 500 x 4 MiB answers in half the address space; response_too_large.
 lr_py_test(integration.memory integration/test_memory.py TIMEOUT 900 LABELS "integration;asan")
 lr_py_test(integration.budgets integration/test_budgets.py TIMEOUT 300 LABELS "integration;asan")
+lr_py_test(integration.fallback integration/test_fallback.py TIMEOUT 300 LABELS "integration;asan")

@@ -1,0 +1,12 @@
+-- 0008: which models of the chain failed before the one that answered, and why
+-- (issue 17 item 6).
+--
+-- task_steps.fallback is a JSON array, one object per model call that did
+-- not answer the step and per model skipped without a call, in order:
+-- {"model": M, "reason": R, "action": A, "attempt": K}, where reason is the
+-- worker's failure class (server_error, timeout, rate_limited,
+-- content_filter, malformed_response, circuit_open, ...) and action what
+-- followed (retry, next_model, give_up at the end of the chain, suspend,
+-- stop).  NULL when the first call of
+-- the first model answered.  Written once with the step row (append-only).
+ALTER TABLE task_steps ADD COLUMN IF NOT EXISTS fallback jsonb;
