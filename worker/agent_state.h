@@ -50,6 +50,8 @@ typedef struct agent_ops {
     /* Every call of the step has its answer: suspends if one asked to, ends
      * the task on a budget, or continues (through finish). */
     void (*step_complete)(agent_state_t *st);
+    /* The state's timer callback (st->timer; the state says what is due). */
+    void (*timer_cb)(uv_timer_t *t);
     /* Logs a payload when the task is sampled (LONGRUN_LOG_PAYLOADS). */
     void (*log_payload)(agent_state_t *st, const char *event, const char *what, const char *text, size_t len);
 } agent_ops_t;
@@ -65,10 +67,12 @@ typedef struct tool_call {
     const lr_tool_def_t *def; /* NULL: unknown or not allowed for the agent */
     lr_http_req_t *req;       /* in flight, or NULL */
     int tries;
-    bool running;  /* sent (or being retried), no result yet */
-    bool suspends; /* a sleep, wait_event or approval: the step suspends */
-    bool approved; /* requires_approval and approved: run it */
-    double sig_id; /* the approval signal it consumes (0: none) */
+    uint64_t retry_at; /* a retry is due then (lr_agent_now(); 0: none pending) */
+    long park_ms;      /* > 0: the tool asked to wait this long: the task parks, the call runs on resume */
+    bool running;      /* sent (or being retried), no result yet */
+    bool suspends;     /* a sleep, wait_event or approval: the step suspends */
+    bool approved;     /* requires_approval and approved: run it */
+    double sig_id;     /* the approval signal it consumes (0: none) */
     uint64_t started;
 } tool_call_t;
 
@@ -132,6 +136,9 @@ struct agent_state {
     bool clamp_logged;
     uint64_t step_started; /* lr_agent_now() when the step began (max_seconds) */
 };
+
+/* A uniform random number in [0, 1] (backoff jitter; exec_agent.c). */
+double lr_agent_jitter(void);
 
 /* The loop's monotonic clock in ms (breakers, the gate, tool timings). */
 static inline uint64_t lr_agent_now(void) { return uv_hrtime() / 1000000u; }
@@ -203,6 +210,9 @@ void lr_agent_tools_collect(agent_state_t *st);
 /* Checks and runs st->calls (state TOOLS); the step ends when every call has
  * its answer (possibly before this returns). */
 void lr_agent_tools_start(agent_state_t *st);
+
+/* TOOLS, the state's timer: sends the retries that are due. */
+void lr_agent_tools_timer(agent_state_t *st);
 
 /* Cancels the tool requests in flight (their callbacks will not run). */
 void lr_agent_tools_cancel(agent_state_t *st);

@@ -11,14 +11,20 @@
  * (sleep, wait_event, approval, and tools that require approval) do not run
  * here: they suspend the step, and the resume answers them through
  * lr_agent_answer_pending().  HTTP tools run in parallel through curl multi,
- * each retried at once up to its retries on a transport error, 5xx, 408 or
- * 429, with an Idempotency-Key of task:step:index so that the tool can
- * recognise the retries (and the re-runs of a step).  When the last call has
+ * each retried up to its retries on a transport error, 5xx, 408 or 429
+ * (unless it answers x-should-retry: false) after max(Retry-After, full
+ * jitter in [0, min(250 ms 2^k, 8 s)]), every retry ending within the step
+ * timeout (its own timeout cut to what is left), with an Idempotency-Key of task:step:index so that the tool can
+ * recognise the retries (and the re-runs of a step).  A Retry-After over
+ * long_wait_seconds parks the call: no result, and once the other calls
+ * have theirs the step suspends (rate_limited) and the resume runs it.  The
+ * retries share the state's one timer (free while the state is TOOLS).  When the last call has
  * its result the step completes (step_complete).
  *
  * Nothing here logs tool arguments or results (privacy) unless the task's
  * payloads are sampled.
  */
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -28,6 +34,15 @@
 #include "jsonschema.h"
 #include "text.h"
 #include "wmetrics.h"
+
+/* Tool retries: full jitter in [0, min(base 2^k, max)] ms before try k+1. */
+#define TOOL_BACKOFF_BASE_MS 250.0
+#define TOOL_BACKOFF_MAX_MS 8000.0
+/* Room left for the checkpoint at the end of the step timeout: a tenth of
+ * it, at most this. */
+#define TOOL_TIMEOUT_MARGIN_MS 5000L
+/* The shortest retry worth making (ms of the step timeout left). */
+#define TOOL_MIN_TRY_MS 1000L
 
 static lr_breaker_t *tool_breaker(const lr_tool_def_t *d) {
     char key[100];
@@ -300,10 +315,89 @@ static void tools_maybe_done(agent_state_t *st) {
     st->ops->step_complete(st);
 }
 
+/* What is left of the step timeout for tool calls (ms). */
+static long tool_time_left(const agent_state_t *st) {
+    long total = (long)lr_worker_config(st->w)->step_timeout_seconds * 1000;
+    long margin = total / 10 < TOOL_TIMEOUT_MARGIN_MS ? total / 10 : TOOL_TIMEOUT_MARGIN_MS;
+    return total - margin - (long)(lr_agent_now() - st->step_started);
+}
+
+/* Arms the state's timer for the earliest retry due, if any. */
+static void arm_retries(agent_state_t *st) {
+    uint64_t next = 0, now = lr_agent_now();
+    for (int i = 0; i < st->ncalls; i++) {
+        if (st->calls[i].retry_at != 0 && (next == 0 || st->calls[i].retry_at < next)) {
+            next = st->calls[i].retry_at;
+        }
+    }
+    if (next != 0) {
+        uv_timer_start(&st->timer, st->ops->timer_cb, next > now ? next - now : 0, 0);
+    }
+}
+
+void lr_agent_tools_timer(agent_state_t *st) {
+    uint64_t now = lr_agent_now();
+    for (int i = 0; i < st->ncalls && st->state == LR_AGENT_TOOLS; i++) {
+        tool_call_t *tc = &st->calls[i];
+        if (tc->retry_at != 0 && tc->retry_at <= now) {
+            tc->retry_at = 0;
+            tool_send(tc); /* may answer the call (and end the step) at once */
+        }
+    }
+    if (st->state == LR_AGENT_TOOLS) {
+        arm_retries(st);
+    }
+}
+
+/* A retryable failure of tc (resp): schedules the next try after
+ * max(Retry-After, full jitter in [0, min(base 2^k, cap)]), or parks it
+ * (park_ms) when the tool asks for a wait over long_wait_seconds.  Returns
+ * false when no retry is left: the call fails now.  *why says why not. */
+static bool tool_retry(tool_call_t *tc, const lr_http_response_t *resp, char *why, size_t whylen) {
+    agent_state_t *st = tc->st;
+    const lr_config_t *cfg = lr_worker_config(st->w);
+    char ra[64], ram[32], sr[16];
+    long wait, delay, left;
+    why[0] = '\0';
+    if (resp->err == 0 && lr_http_header(resp, "x-should-retry", sr, sizeof(sr)) == 0 && strcmp(sr, "false") == 0) {
+        snprintf(why, whylen, " (not retried: the tool said x-should-retry: false)");
+        return false;
+    }
+    if (tc->tries > tc->def->retries) {
+        if (tc->def->retries > 0) {
+            snprintf(why, whylen, " (after %d tries)", tc->tries);
+        }
+        return false;
+    }
+    wait = resp->err != 0
+               ? -1
+               : lr_retry_after_ms(lr_http_header(resp, "retry-after-ms", ram, sizeof(ram)) == 0 ? ram : NULL,
+                                   lr_http_header(resp, "retry-after", ra, sizeof(ra)) == 0 ? ra : NULL);
+    if (wait > (long)cfg->long_wait_seconds * 1000) {
+        tc->park_ms = wait;
+        return true;
+    }
+    delay = (long)(lr_agent_jitter() * fmin(TOOL_BACKOFF_BASE_MS * pow(2.0, tc->tries - 1), TOOL_BACKOFF_MAX_MS));
+    if (wait > delay) {
+        delay = wait;
+    }
+    /* every try of the step ends within the step timeout (no_progress),
+     * less a margin for the checkpoint: a retry starts only with at least
+     * TOOL_MIN_TRY_MS of it left, and its timeout is cut to what is left */
+    left = tool_time_left(st) - delay;
+    if (left < TOOL_MIN_TRY_MS) {
+        snprintf(why, whylen, " (not retried: the next try would end past the step timeout)");
+        return false;
+    }
+    tc->retry_at = lr_agent_now() + (uint64_t)delay;
+    arm_retries(st);
+    return true;
+}
+
 static void tool_response(const lr_http_response_t *resp, void *arg) {
     tool_call_t *tc = arg;
     agent_state_t *st = tc->st;
-    char idem[160];
+    char idem[160], why[96];
     long ms = (long)(lr_agent_now() - tc->started);
     /* (a connection refused by the egress check is configuration: no retry) */
     bool retry = (resp->err != 0 && resp->err != LR_EPERM) || resp->status >= 500 || resp->status == 408 ||
@@ -311,8 +405,17 @@ static void tool_response(const lr_http_response_t *resp, void *arg) {
     tc->req = NULL;
     lr_callstats_add(LR_CALLSTATS_TOOL, tc->def->name, resp->err != 0 ? 0L : resp->status, lr_agent_now());
     snprintf(idem, sizeof(idem), "%s:%d:%d", lr_run_id(st->run), st->step_no, tc->index);
-    if (retry && tc->tries <= tc->def->retries) {
-        tool_send(tc);
+    why[0] = '\0';
+    if (retry && tool_retry(tc, resp, why, sizeof(why))) {
+        if (tc->park_ms > 0) {
+            /* no result: the call runs again when the task resumes */
+            tc->running = false;
+            st->calls_running--;
+            LR_LOG(LR_LOG_INFO, &st->log, "tool.rate_limited",
+                   "tool %s asks to wait %ld ms: the task parks and calls it again on resume", tc->name, tc->park_ms);
+            log_call(st, tc->id, tc->name, "parked", resp->status, ms, idem);
+            tools_maybe_done(st);
+        }
         return;
     }
     tc->running = false;
@@ -344,13 +447,13 @@ static void tool_response(const lr_http_response_t *resp, void *arg) {
         char msg[600];
         if (resp->err != 0) {
             /* (a refused connection says why: the address and its class) */
-            snprintf(msg, sizeof(msg), "error: tool %s failed: %s%s%.300s", tc->name, lr_strerror(resp->err),
+            snprintf(msg, sizeof(msg), "error: tool %s failed%s: %s%s%.300s", tc->name, why, lr_strerror(resp->err),
                      resp->err == LR_EPERM && resp->errmsg != NULL && resp->errmsg[0] != '\0' ? ": " : "",
                      resp->err == LR_EPERM && resp->errmsg != NULL ? resp->errmsg : "");
         } else {
             bool cut;
             char *clean = lr_utf8_clean(resp->body, resp->body_len, 400, &cut);
-            snprintf(msg, sizeof(msg), "error: tool %s answered HTTP %ld: %s", tc->name, resp->status,
+            snprintf(msg, sizeof(msg), "error: tool %s answered HTTP %ld%s: %s", tc->name, resp->status, why,
                      clean != NULL ? clean : "");
             free(clean);
         }
@@ -376,6 +479,9 @@ static void tool_send(tool_call_t *tc) {
     headers[4] = NULL;
     lr_http_opts_post(&o, tc->def->url, headers, tc->args != NULL && tc->args[0] != '\0' ? tc->args : "{}");
     o.timeout_ms = tc->def->timeout_ms;
+    if (tc->tries > 0 && tool_time_left(st) < o.timeout_ms) {
+        o.timeout_ms = tool_time_left(st) > TOOL_MIN_TRY_MS ? tool_time_left(st) : TOOL_MIN_TRY_MS; /* a retry */
+    }
     o.max_body = (size_t)tc->def->max_result_bytes + 1;
     lr_worker_egress(st->w, &o);
     tc->tries++;

@@ -71,8 +71,10 @@ static void agent_step_complete(agent_state_t *st);
 static void agent_log_payload(agent_state_t *st, const char *event, const char *what, const char *text, size_t len);
 
 /* What agent_tools.c and agent_context.c call back (agent_state.h). */
+static void timer_cb(uv_timer_t *t);
 static const agent_ops_t agent_ops = {
     .finish = agent_finish,
+    .timer_cb = timer_cb,
     .step_complete = agent_step_complete,
     .log_payload = agent_log_payload,
 };
@@ -115,13 +117,14 @@ static void agent_unref(agent_state_t *st) {
 
 static void agent_timer_closed(uv_handle_t *h) { agent_unref(h->data); }
 
-static double jitter(void) {
+double lr_agent_jitter(void) {
     unsigned int r = 0;
     if (getrandom(&r, sizeof(r), 0) != (ssize_t)sizeof(r)) {
         r = (unsigned int)rand();
     }
     return (double)r / (double)UINT32_MAX;
 }
+#define jitter lr_agent_jitter
 
 /* Sampled payload logging: the whole task or nothing, by a hash of its id. */
 static bool payload_sampled(const char *id, double rate) {
@@ -203,6 +206,18 @@ static void agent_finish(agent_state_t *st, int outcome) {
 static void agent_step_complete(agent_state_t *st) {
     char why[160];
     const char *reason;
+    long park = 0;
+    for (int i = 0; i < st->ncalls; i++) {
+        park = st->calls[i].park_ms > park ? st->calls[i].park_ms : park;
+    }
+    if (park > 0) {
+        /* A tool asked for a long wait: free the slot; the resume runs the
+         * calls that have no result yet (lr_agent_answer_pending). */
+        snprintf(st->out->suspend_reason, sizeof(st->out->suspend_reason), "rate_limited");
+        st->out->resume_in_ms = park;
+        agent_finish(st, LR_STEP_SUSPEND);
+        return;
+    }
     for (int i = 0; i < st->ncalls; i++) {
         if (st->calls[i].suspends) {
             snprintf(st->out->suspend_reason, sizeof(st->out->suspend_reason), "%s", st->suspend_reason);
@@ -272,6 +287,7 @@ static void timer_cb(uv_timer_t *t) {
     case LR_AGENT_GATE_WAIT: gate_timeout(st); break;
     case LR_AGENT_RATE_WAIT: /* the next window is open */
     case LR_AGENT_BACKOFF: /* time for the next try */ model_call(st); break;
+    case LR_AGENT_TOOLS: /* tool retries due */ lr_agent_tools_timer(st); break;
     default:
         LR_LOG(LR_LOG_ERROR, &st->log, "agent.stray_timer", "timer fired in state %s",
                lr_agent_state_name((int)st->state));

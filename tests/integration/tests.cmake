@@ -59,3 +59,4 @@ lr_py_test(integration.provider_outage integration/test_provider_outage.py TIMEO
 lr_py_test(integration.memory integration/test_memory.py TIMEOUT 900 LABELS "integration;asan")
 lr_py_test(integration.budgets integration/test_budgets.py TIMEOUT 300 LABELS "integration;asan")
 lr_py_test(integration.fallback integration/test_fallback.py TIMEOUT 300 LABELS "integration;asan")
+lr_py_test(integration.tool_retries integration/test_tool_retries.py TIMEOUT 300 LABELS "integration;asan")
