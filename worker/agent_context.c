@@ -13,6 +13,8 @@
  * call that asked for it; "summarize" sends the latest summary folded into
  * the first message plus everything after the part it covers, and asks for a
  * new summary (a step of its own) once that grows over summarize_tokens.
+ * With both, the messages a pin rule matches are sent too, with the call or
+ * the results they are paired with (a "group").
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -46,10 +48,80 @@ static cJSON *user_message(const cJSON *input) {
     return m;
 }
 
-/* Window context: keep the first user message and the last N messages,
- * starting the window at a user or assistant message so that no tool result
- * is separated from the call that asked for it. */
-static cJSON *apply_window(const cJSON *conv, int n) {
+static const char *role_of(const cJSON *m) { return cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(m, "role")); }
+static const char *str_of(const cJSON *m, const char *k) {
+    return cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(m, k));
+}
+
+/* ------------------------------------------------------------------ pins */
+
+/* Does message m match pin rule p (every field it gives)? */
+static bool pin_match(const lr_pin_t *p, const cJSON *m) {
+    const char *role = role_of(m), *text = str_of(m, "content");
+    if (role == NULL || strcmp(role, "summary") == 0 || (p->role != NULL && strcmp(p->role, role) != 0)) {
+        return false;
+    }
+    if (p->contains != NULL && (text == NULL || strstr(text, p->contains) == NULL)) {
+        return false;
+    }
+    if (p->tool != NULL) {
+        const cJSON *c;
+        bool calls = false;
+        if (strcmp(role, "tool") == 0) {
+            const char *name = str_of(m, "name");
+            return name != NULL && strcmp(name, p->tool) == 0;
+        }
+        cJSON_ArrayForEach(c, cJSON_GetObjectItemCaseSensitive(m, "tool_calls")) {
+            const char *name = str_of(c, "name");
+            calls = calls || (name != NULL && strcmp(name, p->tool) == 0);
+        }
+        return calls;
+    }
+    return true;
+}
+
+/* Messages go in groups that are sent whole or not at all: an assistant
+ * message with tool calls and the tool results after it; any other message
+ * alone.  The index past the group that starts at i. */
+static int group_end(const cJSON *conv, int i) {
+    int n = cJSON_GetArraySize(conv);
+    const cJSON *m = cJSON_GetArrayItem(conv, i);
+    const char *role = role_of(m);
+    if (role == NULL || strcmp(role, "assistant") != 0 ||
+        cJSON_GetArraySize(cJSON_GetObjectItemCaseSensitive(m, "tool_calls")) == 0) {
+        return i + 1;
+    }
+    for (i++; i < n; i++) {
+        const char *r = role_of(cJSON_GetArrayItem(conv, i));
+        if (r == NULL || strcmp(r, "tool") != 0) {
+            break;
+        }
+    }
+    return i;
+}
+
+/* Appends to out the pinned groups of conv[from .. to). */
+static void add_pinned(cJSON *out, const lr_agent_t *ag, const cJSON *conv, int from, int to) {
+    for (int i = from; i < to && ag->npins > 0;) {
+        int end = group_end(conv, i);
+        bool pinned = false;
+        for (int j = i; j < end && !pinned; j++) {
+            for (int k = 0; k < ag->npins && !pinned; k++) {
+                pinned = pin_match(&ag->pins[k], cJSON_GetArrayItem(conv, j));
+            }
+        }
+        for (int j = i; pinned && j < end && j < to; j++) {
+            cJSON_AddItemToArray(out, cJSON_Duplicate(cJSON_GetArrayItem(conv, j), true));
+        }
+        i = end;
+    }
+}
+
+/* Window context: keep the first user message, the pinned messages before
+ * the window and the last N messages, starting the window at a user or
+ * assistant message so that no tool result is separated from the call that
+ * asked for it. */
+static cJSON *apply_window(const lr_agent_t *ag, const cJSON *conv, int n) {
     int total = cJSON_GetArraySize(conv);
     int start = total - n;
     cJSON *out = cJSON_CreateArray();
@@ -58,14 +130,14 @@ static cJSON *apply_window(const cJSON *conv, int n) {
         return cJSON_Duplicate(conv, true);
     }
     while (start < total) {
-        const char *role =
-            cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(cJSON_GetArrayItem(conv, start), "role"));
+        const char *role = role_of(cJSON_GetArrayItem(conv, start));
         if (role != NULL && strcmp(role, "tool") != 0) {
             break;
         }
         start++;
     }
     cJSON_AddItemToArray(out, cJSON_Duplicate(cJSON_GetArrayItem(conv, 0), true));
+    add_pinned(out, ag, conv, 1, start);
     for (int i = start; i < total; i++) {
         cJSON_AddItemToArray(out, cJSON_Duplicate(cJSON_GetArrayItem(conv, i), true));
     }
@@ -80,8 +152,6 @@ const char lr_agent_summary_system[] =
     "and found (with the tool results that still matter, quoted exactly where exact values "
     "count), decisions made, and what remains open.  Plain text, at most 400 words.";
 #define SUMMARY_PIECE_MAX 4000
-
-static const char *role_of(const cJSON *m) { return cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(m, "role")); }
 
 /* The last summary message of conv (NULL if none) and where it applies. */
 static const cJSON *last_summary(const cJSON *conv, int *covers, int *turns) {
@@ -106,8 +176,9 @@ static const cJSON *last_summary(const cJSON *conv, int *covers, int *turns) {
 }
 
 /* Summarize context: the first (user) message carries the latest summary,
- * followed by every message after the part it covers. */
-static cJSON *apply_summary(const cJSON *conv) {
+ * followed by the pinned messages of the part it covers and every message
+ * after that part. */
+static cJSON *apply_summary(const lr_agent_t *ag, const cJSON *conv) {
     int covers, turns, n = cJSON_GetArraySize(conv);
     const cJSON *sum = last_summary(conv, &covers, &turns);
     cJSON *out, *first;
@@ -130,6 +201,7 @@ static cJSON *apply_summary(const cJSON *conv) {
         free(merged);
     }
     cJSON_AddItemToArray(out, first);
+    add_pinned(out, ag, conv, 1, covers);
     for (int i = covers; i < n; i++) {
         const cJSON *m = cJSON_GetArrayItem(conv, i);
         const char *role = role_of(m);
@@ -147,10 +219,10 @@ cJSON *lr_agent_context_of(const agent_state_t *st, bool *owned) {
     int covers, turns;
     *owned = true;
     if (st->agent->context == LR_CONTEXT_WINDOW) {
-        return apply_window(st->conv, st->agent->context_messages);
+        return apply_window(st->agent, st->conv, st->agent->context_messages);
     }
     if (last_summary(st->conv, &covers, &turns) != NULL) {
-        return apply_summary(st->conv);
+        return apply_summary(st->agent, st->conv);
     }
     *owned = false;
     return st->conv;
@@ -167,7 +239,7 @@ bool lr_agent_summary_needed(agent_state_t *st) {
     if (st->agent->context != LR_CONTEXT_SUMMARIZE) {
         return false;
     }
-    ctx = apply_summary(st->conv);
+    ctx = apply_summary(st->agent, st->conv);
     txt = ctx != NULL ? cJSON_PrintUnformatted(ctx) : NULL;
     est = txt != NULL ? (long)strlen(txt) / 4 : 0;
     free(txt);

@@ -450,6 +450,50 @@ static int agent_budgets(const cJSON *a, lr_agent_t *ag, const char *where, char
 }
 
 /* agents[i].context: the strategy (full, window, summarize) and its numbers. */
+/* context.pin: rules of messages always sent (window, summarize). */
+static int agent_pins(const cJSON *ctx, lr_agent_t *ag, const char *where, char *errbuf, size_t errlen) {
+    static const char *const known[] = {"role", "contains", "tool", NULL};
+    const cJSON *pins = cJSON_GetObjectItemCaseSensitive(ctx, "pin");
+    const cJSON *p;
+    int i = 0;
+    if (pins == NULL) {
+        return 0;
+    }
+    if (!cJSON_IsArray(pins) || cJSON_GetArraySize(pins) > LR_AGENT_MAX_PINS) {
+        return fail(errbuf, errlen, "%s.pin: must be an array of at most %d rules", where, LR_AGENT_MAX_PINS);
+    }
+    if (ag->context == LR_CONTEXT_FULL) {
+        return fail(errbuf, errlen, "%s.pin: only with \"window\" or \"summarize\" (\"full\" sends everything)", where);
+    }
+    cJSON_ArrayForEach(p, pins) {
+        char pw[160];
+        lr_pin_t *pin = &ag->pins[i];
+        int rc;
+        snprintf(pw, sizeof(pw), "%s.pin[%d]", where, i);
+        if (!cJSON_IsObject(p) || p->child == NULL) {
+            return fail(errbuf, errlen, "%s: must be an object with role, contains and/or tool", pw);
+        }
+        if ((rc = check_keys(p, pw, known, errbuf, errlen)) != 0) {
+            return rc;
+        }
+        for (const cJSON *f = p->child; f != NULL; f = f->next) {
+            if (!cJSON_IsString(f) || f->valuestring[0] == '\0') {
+                return fail(errbuf, errlen, "%s.%s: must be a non-empty string", pw, f->string);
+            }
+        }
+        pin->role = get_str(p, "role");
+        pin->contains = get_str(p, "contains");
+        pin->tool = get_str(p, "tool");
+        if (pin->role != NULL && strcmp(pin->role, "user") != 0 && strcmp(pin->role, "assistant") != 0 &&
+            strcmp(pin->role, "tool") != 0) {
+            return fail(errbuf, errlen, "%s.role: must be \"user\", \"assistant\" or \"tool\"", pw);
+        }
+        i++;
+    }
+    ag->npins = i;
+    return 0;
+}
+
 static int agent_context(const cJSON *a, lr_agent_t *ag, const char *where, char *errbuf, size_t errlen) {
     const cJSON *ctx;
     double v = 0;
@@ -479,12 +523,28 @@ static int agent_context(const cJSON *a, lr_agent_t *ag, const char *where, char
                 return rc;
             }
             if (v == 0) {
-                return fail(errbuf, errlen,
-                            "%s.threshold_tokens: required with \"summarize\" (estimated "
-                            "tokens of the conversation that trigger a summary)",
-                            cw);
+                /* by default, when the conversation nears the smallest
+                 * context of the chain (three quarters of it) */
+                long smallest = 0;
+                for (int i = 0; i < ag->nmodels; i++) {
+                    if (ag->models[i].context_tokens > 0 &&
+                        (smallest == 0 || ag->models[i].context_tokens < smallest)) {
+                        smallest = ag->models[i].context_tokens;
+                    }
+                }
+                if (smallest == 0) {
+                    return fail(errbuf, errlen,
+                                "%s.threshold_tokens: required with \"summarize\" (estimated "
+                                "tokens of the conversation that trigger a summary) unless the price "
+                                "table gives a model's context_tokens",
+                                cw);
+                }
+                v = (double)(smallest * 3 / 4 > 100 ? smallest * 3 / 4 : 100);
             }
             ag->summarize_tokens = (long)v;
+        }
+        if ((rc = agent_pins(ctx, ag, cw, errbuf, errlen)) != 0) {
+            return rc;
         }
     }
     return 0;

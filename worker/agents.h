@@ -74,6 +74,17 @@ typedef struct lr_tool_def {
     enum lr_builtin builtin;
 } lr_tool_def_t;
 
+/* A pin rule of the context: a message matching every field given is
+ * always sent (with the call or the results it is paired with).  Strings
+ * borrowed from the agents file's tree. */
+typedef struct lr_pin {
+    const char *role;     /* "user", "assistant" or "tool", or NULL */
+    const char *contains; /* a substring of the message's text, or NULL */
+    const char *tool;     /* a tool's result, or an assistant message calling it, or NULL */
+} lr_pin_t;
+
+#define LR_AGENT_MAX_PINS 16
+
 typedef struct lr_agent {
     char *name;
     char *system;
@@ -83,10 +94,12 @@ typedef struct lr_agent {
     int ntools;
     lr_budgets_t budgets;
     enum lr_context context;
-    int context_messages;  /* window: messages kept; summarize: recent messages kept verbatim */
-    long summarize_tokens; /* summarize: estimated tokens that trigger a summary */
-    int slice_steps;       /* 0 = LONGRUN_SLICE_STEPS */
-    int slice_seconds;     /* 0 = LONGRUN_SLICE_SECONDS */
+    int context_messages;             /* window: messages kept; summarize: recent messages kept verbatim */
+    long summarize_tokens;            /* summarize: estimated tokens that trigger a summary */
+    lr_pin_t pins[LR_AGENT_MAX_PINS]; /* window, summarize: messages always sent */
+    int npins;
+    int slice_steps;   /* 0 = LONGRUN_SLICE_STEPS */
+    int slice_seconds; /* 0 = LONGRUN_SLICE_SECONDS */
     /* How long a task may stay parked (suspended, provider_unavailable)
      * while every model of the chain is unavailable, counted from its first
      * park of this outage; beyond it the task is dead-lettered. */

@@ -41,6 +41,13 @@ CASES = [
     ("tool schema with a dangling $ref",
      agents(tools={"t": dict(TOOL, parameters={"$ref": "#/$defs/nope"})}), "tools.t.parameters"),
     ("summarize without a threshold", agents({"context": {"strategy": "summarize"}}), "threshold_tokens"),
+    ("pin with the full context", agents({"context": {"strategy": "full", "pin": [{"role": "user"}]}}), "pin"),
+    ("pin not an array", agents({"context": {"strategy": "window", "pin": {"role": "user"}}}), "pin"),
+    ("empty pin rule", agents({"context": {"strategy": "window", "pin": [{}]}}), "pin[0]"),
+    ("unknown pin key", agents({"context": {"strategy": "window", "pin": [{"name": "x"}]}}), "name"),
+    ("pin role unknown", agents({"context": {"strategy": "window", "pin": [{"role": "system"}]}}), "pin[0].role"),
+    ("pin contains not a string", agents({"context": {"strategy": "window", "pin": [{"contains": 3}]}}),
+     "pin[0].contains"),
     ("unknown context strategy", agents({"context": {"strategy": "compress"}}), "context.strategy"),
     ("slice of 0 steps", agents({"slice": {"steps": 0}}), "slice.steps"),
     ("unknown slice key", agents({"slice": {"stepz": 2}}), "stepz"),
@@ -66,7 +73,8 @@ def check_config(text):
 
 
 def test():
-    ok = check_config(agents({"context": {"strategy": "summarize", "threshold_tokens": 4000, "messages": 6},
+    ok = check_config(agents({"context": {"strategy": "summarize", "threshold_tokens": 4000, "messages": 6,
+                                          "pin": [{"role": "tool", "tool": "lookup", "contains": "id"}]},
                               "slice": {"steps": 5, "seconds": 30}, "max_outage_seconds": 600, "budget_clock": "wall",
                               "models": [dict(MODEL, max_concurrency=4)]}))
     h.eq(ok.returncode, 0, "a valid file passes: %s" % ok.stderr)

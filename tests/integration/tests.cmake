@@ -60,3 +60,4 @@ lr_py_test(integration.memory integration/test_memory.py TIMEOUT 900 LABELS "int
 lr_py_test(integration.budgets integration/test_budgets.py TIMEOUT 300 LABELS "integration;asan")
 lr_py_test(integration.fallback integration/test_fallback.py TIMEOUT 300 LABELS "integration;asan")
 lr_py_test(integration.tool_retries integration/test_tool_retries.py TIMEOUT 300 LABELS "integration;asan")
+lr_py_test(integration.context integration/test_context.py TIMEOUT 300 LABELS "integration;asan")
