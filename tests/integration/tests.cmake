@@ -57,3 +57,5 @@ lr_py_test(integration.readiness integration/test_readiness.py TIMEOUT 180 LABEL
 lr_py_test(integration.provider_outage integration/test_provider_outage.py TIMEOUT 240 LABELS "integration;asan")
 # Issue 16 (4): a memory budget under 500 x 4 MiB answers in half the address space; response_too_large.
 lr_py_test(integration.memory integration/test_memory.py TIMEOUT 900 LABELS "integration;asan")
+# Issue 17 (3): tokens per minute over any 60-second window (sliding log), two workers, tasks parked and resumed.
+lr_py_test(integration.tpm_window integration/test_tpm_window.py TIMEOUT 300 LABELS "integration;asan")
