@@ -14,10 +14,13 @@ one window: tasks refused for longer than LONGRUN_LONG_WAIT_SECONDS are
 suspended (rate_limited) and resumed by the scheduler, and every task
 succeeds without a retry.  The tasks belong to a tenant whose own cap
 (LONGRUN_TENANT_TPM) is higher than the model's, so each call also reserves
-and settles a tenant row.
+and settles a tenant row.  First, the reservation function alone: racing
+connections get exactly the limit, a refusal carries the wait, and the two
+keys are reserved together or not at all.
 """
 import os
 import sys
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -43,8 +46,41 @@ def max_window(reqs, width):
     return best
 
 
+def race(env):
+    """The reservation function alone: 8 connections racing 50 reservations each of 10 tokens on a
+    1,000-token limit get exactly 100 (each key's advisory lock serialises them); a refusal says
+    how long until the oldest rows leave the window; the tenant's key is reserved with the
+    model's or not at all."""
+    import psycopg2
+    granted = []
+
+    def run():
+        c = psycopg2.connect(env.db_url)
+        c.autocommit = True
+        cur = c.cursor()
+        for _ in range(50):
+            cur.execute("select granted from lr_rate_reserve('model:race', 0, 1000, 'tenant:race', 100000, 10, 60)")
+            granted.append(cur.fetchone()[0])
+        c.close()
+    threads = [threading.Thread(target=run) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    h.eq(sum(granted), 100, "reservations granted by racing connections")
+    h.eq(env.scalar("select count(*) from rate_reservations where key = 'tenant:race'"), 100,
+         "the tenant's rows are the model's")
+    r = env.sql("select * from lr_rate_reserve('model:race', 0, 1000, NULL, 0, 10, 60)")[0]
+    h.check(not r["granted"] and 59000 < r["wait_ms"] <= 60000, "refused until the oldest row leaves: %r" % r)
+    r = env.sql("select * from lr_rate_reserve('model:race2', 0, 1000, 'tenant:race', 100000, 99500, 60)")[0]
+    h.check(not r["granted"] and r["model_id"] is None, "over the tenant's cap: neither row (%r)" % r)
+    h.eq(env.scalar("select count(*) from rate_reservations where key = 'model:race2'"), 0, "no model row")
+    env.sql("delete from rate_reservations")
+
+
 def test():
     with h.Env("tpm_window") as env:
+        race(env)
         env.start_fixture("--model-latency-ms", "450")
         env.start_scheduler()
         agents = env.write_json("agents.json", {
