@@ -131,12 +131,17 @@
     "  correlation_id FROM u"
 
 /* Retention: finished tasks (and, by cascade, their steps and events).
+ * Also the rate reservations of keys nobody reserves on any more (a
+ * reservation prunes its own keys' rows past the window, worker/ratewin.h;
+ * an hour is past any window) and the old fixed windows (rate_windows,
+ * still written by workers of the previous release during an upgrade).
  * $1 batch, $2 days. */
-#define SQL_RETENTION                                                                       \
-    "WITH rw AS (DELETE FROM rate_windows WHERE window_start < now() - interval '1 hour')," \
-    " dlr AS (DELETE FROM dead_letters WHERE id IN (SELECT id FROM dead_letters WHERE"      \
-    "  created_at < now() - make_interval(days => $2::int) LIMIT $1))"                      \
-    " DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE finished_at <"              \
+#define SQL_RETENTION                                                                           \
+    "WITH rr AS (DELETE FROM rate_reservations WHERE reserved_at < now() - interval '1 hour')," \
+    " rw AS (DELETE FROM rate_windows WHERE window_start < now() - interval '1 hour'),"         \
+    " dlr AS (DELETE FROM dead_letters WHERE id IN (SELECT id FROM dead_letters WHERE"          \
+    "  created_at < now() - make_interval(days => $2::int) LIMIT $1))"                          \
+    " DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE finished_at <"                  \
     " now() - make_interval(days => $2::int) LIMIT $1)"
 
 /* Dead-letter ingest: one row per message, idempotent on the key.

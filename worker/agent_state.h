@@ -34,6 +34,7 @@
 #include "log.h"
 #include "membudget.h"
 #include "provider.h"
+#include "ratewin.h"
 #include "worker.h"
 
 #define LR_AGENT_MAX_CALLS 16 /* tool calls of one assistant message that run (more are dropped) */
@@ -89,7 +90,7 @@ struct agent_state {
     lr_step_done_cb done; /* NULL while start() runs: its return value reports a step
                              that ended inside it */
     const lr_agent_t *agent;
-    /* One timer; its purpose is the state: RATE_WAIT (next window), GATE_WAIT
+    /* One timer; its purpose is the state: RATE_WAIT (until the window has room), GATE_WAIT
      * (the longest wait for a slot), BACKOFF (before the next try). */
     uv_timer_t timer;
     int step_no;      /* the step being made */
@@ -119,9 +120,9 @@ struct agent_state {
     char wait_event[128];
     long suspend_ms;
     /* fleet-wide rate limit of the current model (ratewin.h) */
-    bool reserved;     /* the next send is covered by the reservation just made */
-    long reserved_est; /* tokens reserved (settled after the call) */
-    char window[48];   /* window_start of the reservation */
+    bool reserved;              /* the next send is covered by the reservation just made */
+    long reserved_est;          /* tokens reserved (settled after the call); 0: nothing to settle */
+    lr_ratewin_ticket_t ticket; /* the reservation's rows */
     /* in-process concurrency gate of the current model endpoint */
     lr_gate_waiter_t gate_wait;
     lr_gate_t *gate;        /* GATE_WAIT: the gate queued at; CALLING: the gate whose slot

@@ -54,7 +54,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
-#include <time.h>
 
 #include "agent_state.h"
 #include "callstats.h"
@@ -246,6 +245,7 @@ static void agent_step_complete(agent_state_t *st) {
 
 static void model_call(agent_state_t *st);
 static void model_send(agent_state_t *st, char *body);
+static void rate_settle(agent_state_t *st, const lr_model_ref_t *m, long actual);
 
 /* CALLING: gives the endpoint's slot back (the oldest waiter, maybe another
  * task's step, gets it before this returns). */
@@ -269,6 +269,7 @@ static void gate_ready(lr_gate_waiter_t *wt) {
 /* GATE_WAIT, timer: no slot within the long-wait threshold; give the
  * task's place back. */
 static void gate_timeout(agent_state_t *st) {
+    rate_settle(st, &st->agent->models[st->model_idx], 0); /* its reservation used no tokens */
     lr_gate_forget(&st->gate_wait);
     st->gate = NULL;
     free(st->pending_send);
@@ -285,7 +286,7 @@ static void timer_cb(uv_timer_t *t) {
     agent_state_t *st = t->data;
     switch (st->state) {
     case LR_AGENT_GATE_WAIT: gate_timeout(st); break;
-    case LR_AGENT_RATE_WAIT: /* the next window is open */
+    case LR_AGENT_RATE_WAIT: /* the window has room now */
     case LR_AGENT_BACKOFF: /* time for the next try */ model_call(st); break;
     case LR_AGENT_TOOLS: /* tool retries due */ lr_agent_tools_timer(st); break;
     default:
@@ -483,24 +484,19 @@ static bool rate_limited(agent_state_t *st, const lr_model_ref_t *m) {
     return m->rpm > 0 || m->tpm > 0 || (lr_run_tenant(st->run) != NULL && lr_worker_config(st->w)->tenant_tpm > 0);
 }
 
-/* After the call: replace the estimate by the actual token count. */
+/* After the call: the reservation's tokens become the actual count (only
+ * when some token limit reads them). */
 static void rate_settle(agent_state_t *st, const lr_model_ref_t *m, long actual) {
-    char key[300], tkey[100];
-    lr_ratewin_settle_t a;
+    char tkey[100];
+    lr_ratewin_ticket_t t = st->ticket;
+    bool settle = st->reserved_est > 0;
+    st->reserved_est = 0;
+    st->ticket = (lr_ratewin_ticket_t){0};
     tenant_key(st, tkey, sizeof(tkey));
-    if (st->reserved_est <= 0 || (m->tpm <= 0 && tkey[0] == '\0')) {
-        st->reserved_est = 0;
+    if (!settle || (m->tpm <= 0 && tkey[0] == '\0')) {
         return;
     }
-    rate_key(m, key, sizeof(key));
-    a = (lr_ratewin_settle_t){
-        .model_key = key,
-        .window = st->window,
-        .delta = actual - st->reserved_est,
-        .tenant_key = tkey[0] != '\0' ? tkey : NULL,
-    };
-    st->reserved_est = 0;
-    if (lr_ratewin_settle(lr_worker_pg(st->w), &a) != 0) {
+    if (lr_ratewin_settle(lr_worker_pg(st->w), &t, actual) != 0) {
         lr_debug("ratelimit.settle_failed", "cannot queue the settlement");
     }
 }
@@ -514,15 +510,14 @@ static void rate_unavailable(agent_state_t *st, const char *why) {
     model_call(st);
 }
 
-/* Over the fleet-wide limit for this minute: wait for the next window, or
- * suspend the task when that is far. */
-static void rate_over(agent_state_t *st) {
+/* Over the fleet-wide limit: wait until enough reservations have left the
+ * window (wait_ms, the limiter's answer), or suspend the task when that is
+ * longer than long_wait_seconds.  A few ms more, and up to 100 ms of jitter,
+ * so that tasks refused together do not all ask again at the same moment. */
+static void rate_over(agent_state_t *st, long wait_ms) {
     const lr_model_ref_t *m = &st->agent->models[st->model_idx];
-    struct timespec now;
-    long wait;
+    long wait = wait_ms + 5 + (long)(jitter() * 100.0);
     st->reserved_est = 0;
-    clock_gettime(CLOCK_REALTIME, &now);
-    wait = 60000 - (long)((now.tv_sec % 60) * 1000 + now.tv_nsec / 1000000) + (long)(jitter() * 1000.0) + 50;
     lr_metric_inc1(lr_wm.rate_limit_waits, m->model);
     if (wait > (long)lr_worker_config(st->w)->long_wait_seconds * 1000) {
         LR_LOG(LR_LOG_INFO, &st->log, "ratelimit.suspend", "fleet-wide limit of %s reached; suspending for %ld ms",
@@ -549,15 +544,16 @@ static void reserve_done(const lr_ratewin_result_t *res, void *arg) {
         return;
     }
     if (res->granted) {
-        snprintf(st->window, sizeof(st->window), "%s", res->window);
+        st->ticket = res->ticket;
         st->reserved = true;
         model_call(st); /* builds the request again, and sends it */
         return;
     }
-    rate_over(st);
+    rate_over(st, res->wait_ms);
 }
 
-/* Reserves this minute's window for a request of body_len bytes to m. */
+/* Reserves a request of body_len bytes to m in the sliding window of the
+ * model's key (when the model has limits) and of the tenant's (when capped). */
 static void rate_reserve(agent_state_t *st, const lr_model_ref_t *m, size_t body_len) {
     char key[300], tkey[100];
     lr_ratewin_reserve_t a;
@@ -566,7 +562,7 @@ static void rate_reserve(agent_state_t *st, const lr_model_ref_t *m, size_t body
     rate_key(m, key, sizeof(key));
     tenant_key(st, tkey, sizeof(tkey));
     a = (lr_ratewin_reserve_t){
-        .model_key = key,
+        .model_key = m->rpm > 0 || m->tpm > 0 ? key : NULL,
         .rpm = m->rpm,
         .tpm = m->tpm,
         .estimate = e,
@@ -574,6 +570,7 @@ static void rate_reserve(agent_state_t *st, const lr_model_ref_t *m, size_t body
         .tenant_tpm = lr_worker_config(st->w)->tenant_tpm,
     };
     st->reserved_est = e;
+    st->ticket = (lr_ratewin_ticket_t){0};
     rc = lr_ratewin_reserve(lr_worker_pg(st->w), &a, reserve_done, st);
     if (rc != 0) {
         rate_unavailable(st, lr_strerror(rc));
@@ -959,8 +956,8 @@ static void model_response(const lr_http_response_t *resp, void *arg) {
     }
     lr_breaker_result(model_breaker(m), true, lr_agent_now());
     st->answered = m;
+    account_usage(st, m, resp); /* (estimates the tokens of an answer without usage) */
     rate_settle(st, m, st->reply.tokens_in + st->reply.tokens_out);
-    account_usage(st, m, resp);
     if (st->reply.refused) {
         /* Declined (content filter, refusal): paid for, not an answer; the
          * next model of the chain may answer it. */

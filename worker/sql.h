@@ -221,30 +221,18 @@
 
 /* ------------------------------------------- rate windows (worker/ratewin.c) */
 
-/* Reserves one request and the estimated tokens in this minute's window of
- * the model's key and, when the tenant is capped, of the tenant's key.  One
- * statement, so that both or neither are counted.  $1 model key, $2 rpm,
- * $3 tpm (0 = no limit), $4 estimate, $5 tenant key or NULL, $6 tenant tpm.
- * One row: the model window's start (NULL: over the limit) and how many
- * tenant rows were counted (1, or 0: over the tenant's limit or no tenant). */
-#define SQL_RATE_RESERVE                                                                                       \
-    "WITH m AS (INSERT INTO rate_windows AS w (key, window_start, requests, tokens)"                           \
-    " VALUES ($1, date_trunc('minute', now()), 1, $4::bigint)"                                                 \
-    " ON CONFLICT (key, window_start) DO UPDATE SET requests = w.requests + 1,"                                \
-    "  tokens = w.tokens + $4::bigint"                                                                         \
-    " WHERE ($2::int = 0 OR w.requests < $2::int) AND ($3::bigint = 0 OR w.tokens + $4::bigint <= $3::bigint)" \
-    " RETURNING window_start::text AS ws),"                                                                    \
-    " t AS (INSERT INTO rate_windows AS w (key, window_start, requests, tokens)"                               \
-    " SELECT $5, date_trunc('minute', now()), 1, $4::bigint WHERE $5::text IS NOT NULL"                        \
-    " ON CONFLICT (key, window_start) DO UPDATE SET requests = w.requests + 1,"                                \
-    "  tokens = w.tokens + $4::bigint WHERE w.tokens + $4::bigint <= $6::bigint RETURNING 1)"                  \
-    " SELECT (SELECT ws FROM m), (SELECT count(*) FROM t)"
+/* Reserves one request and the estimated tokens on the model's key and,
+ * when the tenant is capped, on the tenant's key, both or neither, in the
+ * sliding window (migration 0007, lr_rate_reserve: each key's advisory lock
+ * serialises its reservations across the fleet).  $1 model key or NULL (the
+ * model has no limit), $2 rpm, $3 tpm (0 = no limit), $4 tenant key or NULL,
+ * $5 tenant tpm, $6 estimate, $7 window seconds.  One row: granted, the wait
+ * in ms when not, and the new reservations' ids (NULL: none). */
+#define SQL_RATE_RESERVE "SELECT granted, wait_ms, model_id, tenant_id FROM lr_rate_reserve($1, $2, $3, $4, $5, $6, $7)"
 
-/* After the call: corrects the reserved tokens by the actual count.
- * $1 model key, $2 window_start, $3 delta (actual - estimate), $4 tenant key
- * or "" (matches no row). */
-#define SQL_RATE_SETTLE                                                 \
-    "UPDATE rate_windows SET tokens = greatest(0, tokens + $3::bigint)" \
-    " WHERE key IN ($1, $4) AND window_start = $2::timestamptz"
+/* After the call: the reservations' tokens become the actual count.
+ * $1 model row id, $2 tenant row id (0: none; ids start at 1), $3 tokens.
+ * A row already pruned (a call longer than the window) matches nothing. */
+#define SQL_RATE_SETTLE "UPDATE rate_reservations SET tokens = $3::bigint WHERE id IN ($1::bigint, $2::bigint)"
 
 #endif

@@ -36,8 +36,9 @@ void lr_wm_init(void) {
     lr_wm.circuit_state =
         lr_metric_gauge("longrun_circuit_state",
                         "Circuit breaker per model endpoint and per tool: 0 closed, 1 half-open, 2 open.", "endpoint");
-    lr_wm.rate_limit_waits = lr_metric_counter("longrun_rate_limit_waits_total",
-                                               "Rate-limit answers (429) that made a call wait or suspend.", "model");
+    lr_wm.rate_limit_waits = lr_metric_counter(
+        "longrun_rate_limit_waits_total",
+        "Rate-limit answers (a 429, or a fleet-wide reservation refused) that made a call wait or suspend.", "model");
     lr_wm.model_fallbacks = lr_metric_counter(
         "longrun_model_fallbacks_total",
         "Model calls of a step that did not answer it, by model, failure reason and what followed (retry, give_up, "

@@ -2,14 +2,16 @@
 
 - a model limited to 10 requests per minute in the agents file: two workers
   running 8 tasks x 2 steps (16 requests) never send more than 10 in any
-  calendar minute (counted at the fixture), and no attempt is burned;
+  calendar minute, nor more than 10 (+1 for the spread between a
+  reservation and the request's arrival) in any 60-second interval (the
+  limiter's window slides; counted at the fixture), and no attempt is
+  burned;
 - a provider answering 429 with a long Retry-After: the task is suspended
   (rate_limited, resume_at) without counting an attempt, and resumes.
 """
 import collections
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 import harness as h  # noqa: E402
@@ -23,10 +25,6 @@ def test():
         env.start_scheduler()
         env.start_worker("w1", LONGRUN_AGENTS_FILE=AGENTS)
         env.start_worker("w2", LONGRUN_AGENTS_FILE=AGENTS)
-        # start right after a minute boundary so that the run spans two windows
-        now = time.time()
-        if now % 60 > 50:
-            time.sleep(61 - now % 60)
         ids = env.enqueue_many([{"agent": "limited", "input": "go"} for _ in range(8)])
         storm = env.enqueue_many([{"agent": "ratelimited", "input": "storm"}])[0]
         env.wait_all_terminal(8, 150)
@@ -36,6 +34,11 @@ def test():
         h.log("requests per minute window: %r" % dict(per_min))
         h.check(max(per_min.values()) <= 10, "at most 10 per minute fleet-wide: %r" % dict(per_min))
         h.check(len(per_min) >= 2, "the limit made the run span two minutes")
+        ts = sorted(r["ts"] for r in reqs)
+        sliding = max(sum(1 for u in ts if t <= u < t + 60) for t in ts)
+        h.log("requests in any 60 s: at most %d; first to last %.1f s" % (sliding, ts[-1] - ts[0]))
+        h.check(sliding <= 11, "at most 10 (+1) in any 60 s: %d" % sliding)
+        h.check(ts[-1] - ts[0] >= 59, "the 11th request waited for the window (%.1f s)" % (ts[-1] - ts[0]))
         h.eq(env.scalar("select count(*) from tasks where id = any(%s::uuid[]) and status = 'succeeded'", (ids,)), 8,
              "all limited tasks succeeded")
         h.eq(env.scalar("select max(attempt) from tasks where id = any(%s::uuid[])", (ids,)), 0, "no attempt burned")

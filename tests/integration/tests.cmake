@@ -61,3 +61,5 @@ lr_py_test(integration.budgets integration/test_budgets.py TIMEOUT 300 LABELS "i
 lr_py_test(integration.fallback integration/test_fallback.py TIMEOUT 300 LABELS "integration;asan")
 lr_py_test(integration.tool_retries integration/test_tool_retries.py TIMEOUT 300 LABELS "integration;asan")
 lr_py_test(integration.context integration/test_context.py TIMEOUT 300 LABELS "integration;asan")
+# Issue 17 (3): tokens per minute over any 60-second window (sliding log), two workers, tasks parked and resumed.
+lr_py_test(integration.tpm_window integration/test_tpm_window.py TIMEOUT 300 LABELS "integration;asan")
