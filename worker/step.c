@@ -240,11 +240,14 @@ static void step_done(lr_run_t *r) {
             r->out.messages = enc;
         }
     }
-    if (r->out.outcome == LR_STEP_SUSPEND && strcmp(r->out.suspend_reason, "provider_unavailable") == 0 &&
+    if (r->out.outcome == LR_STEP_SUSPEND &&
+        (strcmp(r->out.suspend_reason, "provider_unavailable") == 0 ||
+         strcmp(r->out.suspend_reason, "rate_limited") == 0) &&
         (r->out.messages == NULL || strcmp(r->out.messages, "[]") == 0)) {
-        /* A park in a provider outage added nothing: no step row, so that
-         * parking again and again does not use up max_steps. */
-        lr_step_transition(r, LR_ST_SUSPENDED, "provider_unavailable", NULL, NULL, r->out.resume_in_ms, 0);
+        /* A park in a provider outage or behind a rate limit added
+         * nothing: no step row, so that waiting again and again does not
+         * use up max_steps. */
+        lr_step_transition(r, LR_ST_SUSPENDED, r->out.suspend_reason, NULL, NULL, r->out.resume_in_ms, 0);
         return;
     }
     switch (r->out.outcome) {

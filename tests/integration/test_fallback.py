@@ -31,6 +31,8 @@ AGENTS = {
         # no model after the failing one: what each class does at the end of the chain
         {"name": "refusal-only", "models": [fx("fixture-refusal")]},
         {"name": "long-429-only", "models": [fx("fixture-error-429-retry-after-120")]},
+        # one request a minute: step 2's call gets a 429 asking for about a minute
+        {"name": "late-429", "models": [fx("fixture-ratelimit-1-3")], "tools": ["lookup"]},
     ],
 }
 
@@ -103,6 +105,11 @@ def test():
         left = env.scalar("select extract(epoch from resume_at - now()) from tasks where id = %s",
                           (ids["long-429-only"],))
         h.check(90 < left <= 121, "resumes after the provider's Retry-After: in %.0f s" % left)
+
+        # a rate-limit suspension that added nothing writes no step row: waiting does not use up max_steps
+        t = task(env, ids["late-429"])
+        h.eq((t["status"], t["suspend_reason"], t["step"]), ("suspended", "rate_limited", 1), "late-429 waits")
+        h.eq(len(steps(env, ids["late-429"])), 1, "late-429: only step 1 has a row")
 
         # metrics by model
         text = h.http_get(port, "/metrics")[1]
