@@ -2356,6 +2356,8 @@ static char **copy_strv(const char *const *v, size_t *count) {
     return out;
 }
 
+static lr_metric_t *replies_metric(void);
+
 int lr_amqp_start(lr_amqp_t **out, uv_loop_t *loop, const lr_amqp_opts_t *opts, char *errbuf, size_t errlen) {
     lr_amqp_t *a = NULL;
     int rc;
@@ -2366,6 +2368,7 @@ int lr_amqp_start(lr_amqp_t **out, uv_loop_t *loop, const lr_amqp_opts_t *opts, 
         return lr_seterr(errbuf, errlen, LR_EINVAL, "lr_amqp_start: missing argument");
     }
     *out = NULL;
+    (void)replies_metric(); /* in /metrics from the start, before the first reply */
     size_t nconsume = 0;
     while (opts->consume != NULL && opts->consume[nconsume] != NULL) {
         nconsume++;
