@@ -851,7 +851,8 @@ static void model_http_failed(agent_state_t *st, const lr_http_response_t *resp)
 
 /* Counts the answer's tokens and cost into the step. */
 static void account_usage(agent_state_t *st, const lr_model_ref_t *m, const lr_http_response_t *resp) {
-    const char *in[2] = {m->model, "input"}, *outv[2] = {m->model, "output"}, *ca[2] = {m->model, "cached"};
+    const char *ag = st->agent->name;
+    const char *in[3] = {ag, m->model, "input"}, *outv[3] = {ag, m->model, "output"}, *ca[3] = {ag, m->model, "cached"};
     if (st->reply.usage_missing) {
         /* Estimate (about 4 bytes a token) so that budgets still bind. */
         st->reply.tokens_in = st->req_bytes / 4 + 1;
@@ -864,7 +865,7 @@ static void account_usage(agent_state_t *st, const lr_model_ref_t *m, const lr_h
     lr_metric_add(lr_wm.tokens, in, (double)st->reply.tokens_in);
     lr_metric_add(lr_wm.tokens, outv, (double)st->reply.tokens_out);
     lr_metric_add(lr_wm.tokens, ca, (double)st->reply.tokens_cached);
-    lr_metric_add(lr_wm.cost, (const char *const[]){m->model},
+    lr_metric_add(lr_wm.cost, (const char *const[]){ag, m->model},
                   lr_agent_cost_of(m, st->reply.tokens_in, st->reply.tokens_cached, st->reply.tokens_out));
 }
 
