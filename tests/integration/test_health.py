@@ -138,7 +138,7 @@ def test():
         h.eq(json.loads(get(port, "/health")[1])["commit"], m.group(2), "/health commit")
         # the histograms, per agent: every task enqueued with a row waited once, finished once
         n_tasks = len(names)
-        h.eq(sample(fams, "longrun_queue_wait_seconds_count", queue="default"), n_tasks, "queue waits")
+        h.eq(sample(fams, "longrun_queue_wait_seconds_count", queue="longrun.q.default"), n_tasks, "queue waits")
         h.eq(sample(fams, "longrun_task_duration_seconds_count"), n_tasks, "task durations")
         h.eq(sample(fams, "longrun_task_duration_seconds_count", agent="runaway", outcome="dead"), 2,
              "task durations of the dead-lettered runaway tasks")
