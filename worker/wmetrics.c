@@ -71,6 +71,10 @@ void lr_wm_init(void) {
                                          "Model calls waiting for the in-process concurrency gate.", "endpoint");
     lr_wm.payloads_logged = lr_metric_counter("longrun_payloads_logged_total",
                                               "Payloads written to the log (LONGRUN_LOG_PAYLOADS sampling).", NULL);
+    lr_wm.payloads_redacted =
+        lr_metric_counter("longrun_payloads_redacted_total",
+                          "Matches replaced by [redacted:<class>] in logged payloads (LONGRUN_LOG_REDACT), by class.",
+                          "class");
     lr_wm.ready = lr_metric_gauge("longrun_ready", "1 when this process is ready (readiness probe).", NULL);
     lr_wm.amqp_connected = lr_metric_gauge("longrun_amqp_connected", "1 while connected to RabbitMQ.", NULL);
     lr_wm.pg_connections = lr_metric_gauge("longrun_pg_connections", "Usable PostgreSQL connections.", NULL);

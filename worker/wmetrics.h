@@ -39,6 +39,7 @@ typedef struct lr_wm {
     lr_metric_t *model_fallbacks;     /* counter {model, reason, action} */
     lr_metric_t *gate_waiting;        /* gauge {endpoint} */
     lr_metric_t *payloads_logged;     /* counter */
+    lr_metric_t *payloads_redacted;   /* counter {class} */
     lr_metric_t *ready;               /* gauge */
     lr_metric_t *amqp_connected;      /* gauge */
     lr_metric_t *pg_connections;      /* gauge */

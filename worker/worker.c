@@ -24,6 +24,7 @@
 #include "egress.h"
 #include "health.h"
 #include "migrations.h"
+#include "payload_log.h"
 #include "state.h"
 #include "store.h"
 #include "wmetrics.h"
@@ -420,6 +421,16 @@ static int start(lr_worker_t *w) {
         lr_error("worker.config", "LONGRUN_EGRESS_ALLOW: %s", err);
         return 2;
     }
+    if (lr_payload_log_configure(cfg->log_redact, cfg->log_redact_patterns, err, sizeof(err)) != 0) {
+        lr_error("worker.config", "LONGRUN_LOG_REDACT / LONGRUN_LOG_REDACT_PATTERNS: %s", err);
+        return 2;
+    }
+    if (cfg->log_payloads > 0) {
+        char what[200];
+        lr_payload_log_describe(what, sizeof(what));
+        lr_warn("worker.payloads", "logging the payloads of %g%% of agent tasks (LONGRUN_LOG_PAYLOADS), redacting %s",
+                cfg->log_payloads * 100, what);
+    }
     if (lr_http_init(&w->http, w->loop) != 0) {
         lr_error("worker.http_init", "cannot initialize the HTTP client");
         return 1;
@@ -465,6 +476,7 @@ static void setup_test_hooks(lr_worker_t *w) {
 
 static void worker_free(lr_worker_t *w) {
     lr_urlguard_free(w->egress);
+    lr_payload_log_free();
     if (w->queue_names != NULL) {
         for (int i = 0; i < w->nqueues; i++) {
             free((void *)w->queue_names[i]);
