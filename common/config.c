@@ -781,7 +781,16 @@ void lr_config_print(const lr_config_t *cfg, FILE *out) {
                 (void)lr_config_mask_secrets(base, masked, sizeof(masked));
                 fprintf(out, "%s=%s\n", e->env, masked);
             } else {
-                fprintf(out, "%s=%s\n", e->env, base);
+                /* one line per variable: a newline (LONGRUN_LOG_REDACT_PATTERNS) as \n */
+                fprintf(out, "%s=", e->env);
+                for (const char *p = base; *p != '\0'; p++) {
+                    if (*p == '\n') {
+                        fputs("\\n", out);
+                    } else {
+                        fputc(*p, out);
+                    }
+                }
+                fputc('\n', out);
             }
         } else if (e->type == CFG_INT) {
             fprintf(out, "%s=%d\n", e->env, *(const int *)(const void *)base);
