@@ -33,7 +33,7 @@ static const struct command {
     {"approve", cmd_approve, "approve what a suspended task waits for"},
     {"deny", cmd_deny, "deny what a suspended task waits for"},
     {"signal", cmd_signal, "deliver an external event to a task"},
-    {"cancel", cmd_cancel, "cancel a task (running ones stop at the next step boundary)"},
+    {"cancel", cmd_cancel, "cancel a task (running ones now, or at the next step boundary with --after-step)"},
     {"replay", cmd_replay, "run a task again from step N, in place or as a fork"},
     {"tools", cmd_tools, "kill switch: disable or enable a tool fleet-wide"},
     {"models", cmd_models, "kill switch: disable or enable a model fleet-wide"},

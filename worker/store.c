@@ -140,6 +140,7 @@ static void task_from_row(const PGresult *res, lr_store_task_t *t) {
     t->wall_ms = lr_pg_getn(res, 0, "wall_ms") != NULL ? (long)get_ll(res, "wall_ms") : 0;
     t->cost_usd = lr_pg_getn(res, 0, "cost_usd") != NULL ? atof(lr_pg_getn(res, 0, "cost_usd")) : 0.0;
     t->past_deadline = get_bool(res, "past_deadline");
+    t->cancel_requested = get_bool(res, "cancel_requested");
     t->tenant_running = tr != NULL ? atoi(tr) : -1;
     t->outage_ms = lr_pg_getn(res, 0, "outage_ms") != NULL ? (long)get_ll(res, "outage_ms") : -1;
     t->agent = lr_pg_getn(res, 0, "agent");
@@ -387,6 +388,7 @@ static void checkpoint_decode(req_t *q, int err, const PGresult *res) {
         r.fenced = true;
     } else {
         r.status = lr_pg_getn(res, 0, "status");
+        r.error = lr_pg_getn(res, 0, "error");
     }
     write_done(q, &r);
 }
@@ -467,6 +469,9 @@ static void transition_decode(req_t *q, int err, const PGresult *res) {
         r.ambiguous = true;
     } else if (PQntuples(res) == 0) {
         r.fenced = true;
+    } else {
+        r.status = lr_pg_getn(res, 0, "status");
+        r.error = lr_pg_getn(res, 0, "error");
     }
     write_done(q, &r);
 }

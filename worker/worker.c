@@ -406,7 +406,7 @@ static int start(lr_worker_t *w) {
         lr_error("worker.config", "LONGRUN_DATABASE_URL: %s", err);
         return 2;
     }
-    if (lr_pg_listen(w->pg, "longrun_flags", on_flags_notify, w) != 0) {
+    if (lr_pg_listen(w->pg, "longrun_flags", on_flags_notify, w) != 0 || lr_cancel_listen(w) != 0) {
         return 1;
     }
     /* the first statement queued: RabbitMQ starts once it passed */
