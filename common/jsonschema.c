@@ -22,142 +22,12 @@
  * whole validation whatever combinator they happen inside: "not" must not
  * turn "nesting too deep" into a success.
  *
- * Files: jsonschema.c (paths, messages, lr_schema_validate),
- * jsonschema_check.c (lr_schema_check), jsonschema_pattern.c (patterns); what
- * they share is in jsonschema_int.h (prefix lrs_).
+ * Files, each using only those below it: jsonschema.c (lr_schema_validate),
+ * jsonschema_check.c (lr_schema_check), jsonschema_pattern.c (patterns,
+ * $ref), jsonschema_util.c (paths and messages); what they share is in
+ * jsonschema_int.h (prefix lrs_).
  */
 #include "jsonschema_int.h"
-
-/* ---- paths and messages ------------------------------------------------- */
-
-const char *lrs_path_str(const path_t *p) { return p->len > 0 ? p->buf : "(root)"; }
-
-static bool ends_with_dots(const path_t *p) { return p->len >= 3 && memcmp(p->buf + p->len - 3, "...", 3) == 0; }
-
-/* Appends seg; returns the length to give back to lrs_path_pop().  Invariant:
- * either 4 bytes are free (room for "..." and the NUL) or the path already
- * ends in "...", so a path that would overflow ends in "..." instead. */
-static size_t path_push(path_t *p, const char *seg) {
-    size_t mark = p->len, n = strlen(seg);
-    if (p->len + n + 4 <= sizeof(p->buf)) {
-        memcpy(p->buf + p->len, seg, n + 1);
-        p->len += n;
-    } else if (!ends_with_dots(p)) {
-        memcpy(p->buf + p->len, "...", 4);
-        p->len += 3;
-    }
-    return mark;
-}
-
-void lrs_path_pop(path_t *p, size_t mark) {
-    p->len = mark;
-    p->buf[mark] = '\0';
-}
-
-/* Writes s into out (cap bytes, NUL-terminated) escaped as inside a JSON
- * string: quote, backslash and control characters escaped, invalid UTF-8
- * bytes as \xNN; cut with "..." when it does not fit. */
-void lrs_escape_text(const char *s, char *out, size_t cap) {
-    size_t o = 0, n = strlen(s);
-    for (size_t i = 0; i < n;) {
-        unsigned char ch = (unsigned char)s[i];
-        char tok[8];
-        size_t k = ch < 0x80 ? 1 : lr_utf8_seq_len((const unsigned char *)s + i, n - i);
-        size_t tlen;
-        if (ch == '"' || ch == '\\') {
-            tok[0] = '\\';
-            tok[1] = (char)ch;
-            tlen = 2;
-        } else if (ch < 0x20 || ch == 0x7f) {
-            tlen = (size_t)snprintf(tok, sizeof(tok), "\\u%04x", ch);
-        } else if (k == 0) {
-            tlen = (size_t)snprintf(tok, sizeof(tok), "\\x%02x", ch);
-            k = 1;
-        } else {
-            memcpy(tok, s + i, k);
-            tlen = k;
-        }
-        if (o + tlen + 4 > cap) {
-            memcpy(out + o, "...", 3);
-            o += 3;
-            break;
-        }
-        memcpy(out + o, tok, tlen);
-        o += tlen;
-        i += k;
-    }
-    out[o] = '\0';
-}
-
-/* Drops a UTF-8 sequence that a cut left incomplete at the end of s. */
-static void utf8_trim_tail(char *s) {
-    size_t n = strlen(s), i = n;
-    while (i > 0 && n - i < 4 && ((unsigned char)s[i - 1] & 0xc0) == 0x80) {
-        i--;
-    }
-    if (i == 0) {
-        s[0] = '\0'; /* empty, or nothing but continuation bytes */
-        return;
-    }
-    i--;
-    if ((unsigned char)s[i] >= 0x80 && lr_utf8_seq_len((const unsigned char *)s + i, n - i) != n - i) {
-        s[i] = '\0';
-    }
-}
-
-/* "<path>: <message>" into err (may be NULL). */
-LR_PRINTF(4, 0)
-void lrs_put_msg(char *err, size_t errlen, const path_t *p, const char *fmt, va_list ap) {
-    char body[256];
-    if (err == NULL || errlen == 0) {
-        return;
-    }
-    vsnprintf(body, sizeof(body), fmt, ap);
-    utf8_trim_tail(body);
-    snprintf(err, errlen, "%s: %s", lrs_path_str(p), body);
-    utf8_trim_tail(err);
-}
-
-/* ASCII only, whatever the locale: a Latin-1 locale must not let a lone
- * byte 0xE9 into a message as a "letter". */
-bool lrs_ascii_alnum(unsigned char ch) {
-    return (ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z');
-}
-
-/* Appends a member name to a path: .name for identifiers, ["name"] else. */
-size_t lrs_path_push_name(path_t *p, const char *name) {
-    char esc[NAME_SHOWN + 8], seg[NAME_SHOWN + 16];
-    bool ident = name[0] != '\0' && !(name[0] >= '0' && name[0] <= '9');
-    for (const char *q = name; *q != '\0' && ident; q++) {
-        ident = lrs_ascii_alnum((unsigned char)*q) || *q == '_' || *q == '$';
-    }
-    if (ident && strlen(name) <= NAME_SHOWN) {
-        snprintf(seg, sizeof(seg), "%s%s", p->len > 0 ? "." : "", name);
-    } else {
-        lrs_escape_text(name, esc, sizeof(esc));
-        snprintf(seg, sizeof(seg), "[\"%s\"]", esc);
-    }
-    return path_push(p, seg);
-}
-
-size_t lrs_path_push_index(path_t *p, int i) {
-    char seg[24];
-    snprintf(seg, sizeof(seg), "[%d]", i);
-    return path_push(p, seg);
-}
-
-/* A number as short as it can be printed without changing its value. */
-static const char *fmt_num(double v, char *buf, size_t cap) {
-    snprintf(buf, cap, "%.15g", v);
-    if (strtod(buf, NULL) != v) {
-        snprintf(buf, cap, "%.17g", v);
-    }
-    return buf;
-}
-
-const cJSON *lrs_kw(const cJSON *schema, const char *name) {
-    return cJSON_IsObject(schema) ? cJSON_GetObjectItemCaseSensitive(schema, name) : NULL;
-}
 
 /* ---- lr_schema_validate -------------------------------------------------- */
 
@@ -206,7 +76,7 @@ static int apply_quiet(vctx_t *c, const cJSON *s, const cJSON *v, char *scratch,
     c->errlen = errlen;
     if (rc == V_HARD && err != NULL && errlen > 0) {
         snprintf(err, errlen, "%s", scratch);
-        utf8_trim_tail(err);
+        lrs_utf8_trim_tail(err);
     }
     return rc;
 }
@@ -268,7 +138,7 @@ static void type_list(const cJSON *t, char *out, size_t cap) {
         lrs_escape_text(e->valuestring, esc, sizeof(esc));
         w = snprintf(out + o, cap - o, "%s%s", o > 0 ? " or " : "", esc);
         if (w < 0 || (size_t)w >= cap - o) {
-            utf8_trim_tail(out);
+            lrs_utf8_trim_tail(out);
             return;
         }
         o += (size_t)w;
@@ -391,30 +261,30 @@ static int apply_number(vctx_t *c, const cJSON *s, const cJSON *v) {
     if (cJSON_IsNumber(min)) {
         bool excl = cJSON_IsTrue(xmin);
         if (excl ? x <= min->valuedouble : x < min->valuedouble) {
-            return vfail(c, "%s is %s %s", fmt_num(x, a, sizeof(a)),
+            return vfail(c, "%s is %s %s", lrs_fmt_num(x, a, sizeof(a)),
                          excl ? "not greater than the exclusive minimum" : "less than minimum",
-                         fmt_num(min->valuedouble, b, sizeof(b)));
+                         lrs_fmt_num(min->valuedouble, b, sizeof(b)));
         }
     }
     if (cJSON_IsNumber(max)) {
         bool excl = cJSON_IsTrue(xmax);
         if (excl ? x >= max->valuedouble : x > max->valuedouble) {
-            return vfail(c, "%s is %s %s", fmt_num(x, a, sizeof(a)),
+            return vfail(c, "%s is %s %s", lrs_fmt_num(x, a, sizeof(a)),
                          excl ? "not less than the exclusive maximum" : "greater than maximum",
-                         fmt_num(max->valuedouble, b, sizeof(b)));
+                         lrs_fmt_num(max->valuedouble, b, sizeof(b)));
         }
     }
     if (cJSON_IsNumber(xmin) && x <= xmin->valuedouble) {
-        return vfail(c, "%s is not greater than exclusiveMinimum %s", fmt_num(x, a, sizeof(a)),
-                     fmt_num(xmin->valuedouble, b, sizeof(b)));
+        return vfail(c, "%s is not greater than exclusiveMinimum %s", lrs_fmt_num(x, a, sizeof(a)),
+                     lrs_fmt_num(xmin->valuedouble, b, sizeof(b)));
     }
     if (cJSON_IsNumber(xmax) && x >= xmax->valuedouble) {
-        return vfail(c, "%s is not less than exclusiveMaximum %s", fmt_num(x, a, sizeof(a)),
-                     fmt_num(xmax->valuedouble, b, sizeof(b)));
+        return vfail(c, "%s is not less than exclusiveMaximum %s", lrs_fmt_num(x, a, sizeof(a)),
+                     lrs_fmt_num(xmax->valuedouble, b, sizeof(b)));
     }
     if (cJSON_IsNumber(mul) && mul->valuedouble > 0 && !is_multiple(x, mul->valuedouble)) {
-        return vfail(c, "%s is not a multiple of %s", fmt_num(x, a, sizeof(a)),
-                     fmt_num(mul->valuedouble, b, sizeof(b)));
+        return vfail(c, "%s is not a multiple of %s", lrs_fmt_num(x, a, sizeof(a)),
+                     lrs_fmt_num(mul->valuedouble, b, sizeof(b)));
     }
     return V_OK;
 }
@@ -453,10 +323,11 @@ static int apply_string(vctx_t *c, const cJSON *s, const cJSON *v) {
     bool matched = true;
     int rc;
     if (cJSON_IsNumber(minl) && (double)n < minl->valuedouble) {
-        return vfail(c, "string length %zu is less than minLength %s", n, fmt_num(minl->valuedouble, b, sizeof(b)));
+        return vfail(c, "string length %zu is less than minLength %s", n, lrs_fmt_num(minl->valuedouble, b, sizeof(b)));
     }
     if (cJSON_IsNumber(maxl) && (double)n > maxl->valuedouble) {
-        return vfail(c, "string length %zu is greater than maxLength %s", n, fmt_num(maxl->valuedouble, b, sizeof(b)));
+        return vfail(c, "string length %zu is greater than maxLength %s", n,
+                     lrs_fmt_num(maxl->valuedouble, b, sizeof(b)));
     }
     if (cJSON_IsString(pat)) {
         rc = apply_pattern(c, pat->valuestring, v->valuestring, &matched);
@@ -477,10 +348,10 @@ static int apply_array(vctx_t *c, const cJSON *s, const cJSON *v) {
     int n = cJSON_GetArraySize(v), i = 0, rc = V_OK;
     char b[40];
     if (cJSON_IsNumber(mini) && n < mini->valuedouble) {
-        return vfail(c, "array length %d is less than minItems %s", n, fmt_num(mini->valuedouble, b, sizeof(b)));
+        return vfail(c, "array length %d is less than minItems %s", n, lrs_fmt_num(mini->valuedouble, b, sizeof(b)));
     }
     if (cJSON_IsNumber(maxi) && n > maxi->valuedouble) {
-        return vfail(c, "array length %d is greater than maxItems %s", n, fmt_num(maxi->valuedouble, b, sizeof(b)));
+        return vfail(c, "array length %d is greater than maxItems %s", n, lrs_fmt_num(maxi->valuedouble, b, sizeof(b)));
     }
     p = cJSON_IsArray(prefix) ? prefix->child : NULL;
     if (cJSON_IsArray(items)) {
@@ -560,11 +431,12 @@ static int apply_object(vctx_t *c, const cJSON *s, const cJSON *v) {
     int n = cJSON_GetArraySize(v), rc;
     char b[40], esc[NAME_SHOWN + 8];
     if (cJSON_IsNumber(minp) && n < minp->valuedouble) {
-        return vfail(c, "property count %d is less than minProperties %s", n, fmt_num(minp->valuedouble, b, sizeof(b)));
+        return vfail(c, "property count %d is less than minProperties %s", n,
+                     lrs_fmt_num(minp->valuedouble, b, sizeof(b)));
     }
     if (cJSON_IsNumber(maxp) && n > maxp->valuedouble) {
         return vfail(c, "property count %d is greater than maxProperties %s", n,
-                     fmt_num(maxp->valuedouble, b, sizeof(b)));
+                     lrs_fmt_num(maxp->valuedouble, b, sizeof(b)));
     }
     if (cJSON_IsArray(req)) {
         cJSON_ArrayForEach(r, req) {
@@ -719,7 +591,7 @@ int lr_schema_validate(const cJSON *schema, const cJSON *value, char *errbuf, si
     c.err = errbuf;
     c.errlen = errlen;
     c.hard_rc = LR_EINVAL;
-    path_push(&c.path, "$");
+    lrs_path_push(&c.path, "$");
     if (errbuf != NULL && errlen > 0) {
         errbuf[0] = '\0';
     }

@@ -67,13 +67,16 @@ typedef struct vctx {
 
 /* Shared between the files (prefix lrs_). */
 const char *lrs_path_str(const path_t *p);
+size_t lrs_path_push(path_t *p, const char *seg);
 void lrs_path_pop(path_t *p, size_t mark);
 void lrs_escape_text(const char *s, char *out, size_t cap);
+void lrs_utf8_trim_tail(char *s);
 LR_PRINTF(4, 0)
 void lrs_put_msg(char *err, size_t errlen, const path_t *p, const char *fmt, va_list ap);
 bool lrs_ascii_alnum(unsigned char ch);
 size_t lrs_path_push_name(path_t *p, const char *name);
 size_t lrs_path_push_index(path_t *p, int i);
+const char *lrs_fmt_num(double v, char *buf, size_t cap);
 const cJSON *lrs_kw(const cJSON *schema, const char *name);
 int lrs_pattern_search(const char *pattern, const char *str, long max_cost, bool *found, long *cost, char *msg,
                        size_t msglen);

@@ -1,7 +1,7 @@
 /*
- * jsonschema_pattern.c - "pattern": the ECMA-262 subset of tool schemas translated to
- * POSIX extended regexes, compiled and searched with a cost bound (see
- * jsonschema.h for the dialect).
+ * jsonschema_pattern.c - "pattern": the ECMA-262 subset of tool schemas translated
+ * to POSIX extended regexes, compiled and searched with a cost bound (see
+ * jsonschema.h for the dialect); local $ref resolution.
  */
 #include "jsonschema_int.h"
 

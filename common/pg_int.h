@@ -47,7 +47,7 @@ typedef struct pgq {
     lr_pg_cb cb;
     void *arg;
     uint64_t seq;      /* FIFO order across both queues; 0 = re-run first */
-    uint64_t deadline; /* lrp_now_ms() limit while queued; 0 = none */
+    uint64_t deadline; /* now_ms() limit while queued; 0 = none */
     PGresult *res;     /* collected result (first error wins) */
     const char *sql;
     char **params; /* nparams entries, NULL = SQL NULL; same allocation */
@@ -87,7 +87,7 @@ typedef struct pgconn {
     enum conn_state state;
     PGconn *pg;
     pgwatch_t *watch;
-    int want;             /* events asked for by the last lrp_conn_watch() */
+    int want;             /* events asked for by the last conn_watch() */
     unsigned poll_errors; /* consecutive poll callbacks with an error */
     uv_timer_t timer;     /* data = this */
     bool timer_closed;
@@ -158,21 +158,19 @@ void lrp_store_result(PGresult **dst, PGresult *res);
 void lrp_flatten(char *dst, size_t cap, const char *src);
 const char *lrp_conn_kind(const pgconn_t *c);
 void lrp_set_state_at(pgconn_t *c, enum conn_state s, int line);
+bool lrp_conn_usable(const pgconn_t *c);
 uint64_t lrp_backoff_ms(pgconn_t *c);
 void lrp_deliver(lr_pg_pool_t *p, pgq_t *q, int err);
 void lrp_deliver_all(lr_pg_pool_t *p, qlist_t *l, int err);
 void lrp_requeue_front(lr_pg_pool_t *p, qlist_t *l);
+void lrp_kick(lr_pg_pool_t *p);
 void lrp_maybe_finish(lr_pg_pool_t *p);
 void lrp_on_pool_handle_close(uv_handle_t *h);
 int lrp_conn_watch(pgconn_t *c, int events);
-int lrp_conn_flush(pgconn_t *c);
-void lrp_batch_reset(pgconn_t *c);
 void lrp_conn_shutdown(pgconn_t *c);
 void lrp_conn_start(pgconn_t *c);
-void lrp_conn_connect_step(pgconn_t *c);
 void lrp_conn_fail(pgconn_t *c, const char *why);
 void lrp_on_conn_timer(uv_timer_t *t);
-void lrp_dispatch(lr_pg_pool_t *p);
 void lrp_conn_idle(pgconn_t *c);
 void lrp_after_event(lr_pg_pool_t *p);
 void lrp_on_poll(uv_poll_t *h, int status, int events);
