@@ -64,3 +64,7 @@ lr_py_test(integration.context integration/test_context.py TIMEOUT 300 LABELS "i
 # Issue 17 (3): tokens per minute over any 60-second window (sliding log), two workers, tasks parked and resumed.
 lr_py_test(integration.tpm_window integration/test_tpm_window.py TIMEOUT 300 LABELS "integration;asan")
 lr_py_test(integration.wait integration/test_wait.py TIMEOUT 300 LABELS "integration;asan")
+# Issue 18 (5): the example producers in three languages, each run against a fleet.
+lr_py_test(integration.producer_python integration/test_producer_python.py TIMEOUT 180 LABELS "integration")
+lr_py_test(integration.producer_node integration/test_producer_node.py TIMEOUT 180 LABELS "integration")
+lr_py_test(integration.producer_go integration/test_producer_go.py TIMEOUT 240 LABELS "integration")
