@@ -106,8 +106,8 @@ function sleep(ms) {
 }
 
 // Publishes every task on the confirm channel, all in flight at once, and resolves when the
-// broker has acked each one. A nacked task is published again (same id: the broker may keep
-// both copies, and the worker runs the id once). A returned task (mandatory, unroutable) is
+// broker has acked each one. A nacked task is published again (with the same id, so a copy
+// the broker kept after all would run only once). A returned task (mandatory, unroutable) is
 // an error: the broker sends basic.return before the ack of the same message, on the same
 // channel, so `returned` is complete when the acks are in.
 async function publishAll(ch, tasks, returned) {

@@ -35,7 +35,9 @@ import uuid
 try:
     import pika
 except ImportError:
-    sys.exit("producer.py: pika is not installed (Debian: apt-get install python3-pika; run with /usr/bin/python3)")
+    print("producer.py: pika is not installed (Debian: apt-get install python3-pika; run with /usr/bin/python3)",
+          file=sys.stderr)
+    sys.exit(2)
 
 EXCHANGE = "longrun.tasks"
 PUBLISH_TRIES = 4  # a nack can be transient (a quorum queue changing leader, a full queue draining)
