@@ -773,7 +773,11 @@ static void model_post(agent_state_t *st, char *body) {
     headers[nh++] = "Content-Type: application/json";
     if (m->provider == LR_PROVIDER_OPENAI) {
         if (key != NULL && key[0] != '\0') {
-            snprintf(auth, sizeof(auth), "Authorization: Bearer %s", key);
+            if (m->auth_api_key) {
+                snprintf(auth, sizeof(auth), "api-key: %s", key); /* Azure OpenAI */
+            } else {
+                snprintf(auth, sizeof(auth), "Authorization: Bearer %s", key);
+            }
             headers[nh++] = auth;
         }
     } else {
