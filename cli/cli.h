@@ -163,6 +163,12 @@ int cmd_workers(cli_t *c, int argc, char **argv);
 int cmd_tools(cli_t *c, int argc, char **argv);
 int cmd_models(cli_t *c, int argc, char **argv);
 int cmd_eval(cli_t *c, int argc, char **argv);
+int cmd_wait(cli_t *c, int argc, char **argv);
+int cmd_result(cli_t *c, int argc, char **argv);
+
+/* Blocks until the n tasks ids are final (or timeout_s > 0 passes), printing
+ * each as it ends; returns wait's exit code (wait.c). */
+int cli_wait_tasks(cli_t *c, PGconn *db, char **ids, int n, long timeout_s);
 
 /* Applies pending migrations (used by `migrate` and by tests).  Prints
  * progress unless quiet.  Returns an exit code. */

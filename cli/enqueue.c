@@ -64,10 +64,13 @@ static void enqueue_usage(FILE *f) {
                "  --metadata JSON        free-form object, stored with the task\n"
                "  --callback-url URL     receives the outcome as a POST when the task ends\n"
                "  --wait-for-room N      when the queue is full, retry for up to N seconds (0..86400)\n"
+               "  --wait                 then block until every task enqueued is final (longrun wait)\n"
+               "  --timeout S            with --wait: give up after S seconds\n"
                "\n"
                "Exit codes: 0 ok; 1 failed; 2 usage or every line invalid; 3 some lines failed;\n"
                "75 the queue was full (LONGRUN_QUEUE_MAX_LENGTH): those tasks were not enqueued,\n"
-               "try again later (or with --wait-for-room).\n");
+               "try again later (or with --wait-for-room).  With --wait, once every task was\n"
+               "enqueued: those of longrun wait (4 dead or failed, 5 cancelled, 6 timeout).\n");
 }
 
 enum {
@@ -80,7 +83,9 @@ enum {
     O_TENANT,
     O_METADATA,
     O_CALLBACK,
-    O_WAIT_FOR_ROOM
+    O_WAIT_FOR_ROOM,
+    O_WAIT,
+    O_TIMEOUT
 };
 
 typedef struct enq {
@@ -93,9 +98,32 @@ typedef struct enq {
     long wait_room_ms; /* --wait-for-room, in ms; 0: report a full queue at once */
     cJSON *out;        /* --json array */
     bool quiet;        /* producer sessions of other commands print nothing but errors */
+    bool wait;         /* --wait: then wait for the tasks (ids) */
+    long wait_timeout; /* --timeout, s; 0: none */
+    char **ids;        /* --wait: the ids enqueued (or existing), owned */
+    int nids, capids;
 } enq_t;
 
+/* --wait: remembers id to wait for. */
+static void keep_id(enq_t *e, const char *id) {
+    if (e->nids == e->capids) {
+        int cap = e->capids > 0 ? e->capids * 2 : 64;
+        char **n = realloc(e->ids, (size_t)cap * sizeof(char *));
+        if (n == NULL) {
+            return;
+        }
+        e->ids = n;
+        e->capids = cap;
+    }
+    if ((e->ids[e->nids] = strdup(id)) != NULL) {
+        e->nids++;
+    }
+}
+
 static void report(enq_t *e, const char *id, const char *state, const char *error) {
+    if (e->wait && id != NULL && (strcmp(state, "queued") == 0 || strcmp(state, "exists") == 0)) {
+        keep_id(e, id);
+    }
     if (e->out != NULL) {
         cJSON *o = cJSON_CreateObject();
         cJSON_AddStringToObject(o, "id", id != NULL ? id : "");
@@ -426,6 +454,8 @@ static int enqueue_options(enq_t *e, enq_args_t *a, int argc, char **argv) {
                                          {"metadata", required_argument, NULL, O_METADATA},
                                          {"callback-url", required_argument, NULL, O_CALLBACK},
                                          {"wait-for-room", required_argument, NULL, O_WAIT_FOR_ROOM},
+                                         {"wait", no_argument, NULL, O_WAIT},
+                                         {"timeout", required_argument, NULL, O_TIMEOUT},
                                          {NULL, 0, NULL, 0}};
     cli_t *c = e->c;
     int opt;
@@ -479,11 +509,20 @@ static int enqueue_options(enq_t *e, enq_args_t *a, int argc, char **argv) {
             }
             e->wait_room_ms = v * 1000;
             break;
+        case O_WAIT: e->wait = true; break;
+        case O_TIMEOUT:
+            if (cli_parse_long(c, "--timeout", optarg, 1, 30L * 86400, &e->wait_timeout) != 0) {
+                return LR_EXIT_USAGE;
+            }
+            break;
         default: enqueue_usage(stderr); return LR_EXIT_USAGE;
         }
     }
     if (optind < argc) {
         return cli_fail(c, LR_EXIT_USAGE, "unexpected argument '%s'", argv[optind]);
+    }
+    if (e->wait_timeout > 0 && !e->wait) {
+        return cli_fail(c, LR_EXIT_USAGE, "--timeout goes with --wait");
     }
     return 0;
 }
@@ -630,9 +669,17 @@ int cmd_enqueue(cli_t *c, int argc, char **argv) {
             e.out = cJSON_CreateArray();
         }
         rc = a.agent != NULL ? enqueue_single(&e, &a) : enqueue_stdin(&e, &a);
+        if (rc == LR_EXIT_OK && e.wait && e.nids > 0) {
+            fflush(stdout);
+            rc = cli_wait_tasks(c, e.db, e.ids, e.nids, e.wait_timeout);
+        }
     } else if (rc < 0) {
         rc = LR_EXIT_OK;
     }
+    for (int i = 0; i < e.nids; i++) {
+        free(e.ids[i]);
+    }
+    free(e.ids);
     cJSON_Delete(e.out);
     cJSON_Delete(a.task);
     cJSON_Delete(a.budgets);

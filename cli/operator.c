@@ -5,7 +5,9 @@
  *
  * Every action that changes a task is one transaction that also appends a
  * task_events row with the actor (--actor, default the login name) and the
- * reason, then NOTIFYs longrun_wakeup so the scheduler reacts at once.
+ * reason, then NOTIFYs longrun_wakeup so the scheduler reacts at once.  An
+ * immediate cancel of a running task also NOTIFYs longrun_cancel inside its
+ * transaction, for the worker that runs it (worker/cancel.c).
  * Bad input (unknown id, invalid override, conflicting flags) exits 2 with a
  * precise message before anything is changed.
  */
@@ -30,6 +32,7 @@ enum {
     O_FOLLOW,
     O_FROM_STEP,
     O_FORK,
+    O_AFTER_STEP,
 };
 
 static int commit(cli_t *c, PGconn *db) {
@@ -117,6 +120,7 @@ typedef struct act_opts {
     bool follow;
     long from_step;
     bool fork;
+    bool after_step;
 } act_opts_t;
 
 static int parse_act(cli_t *c, int argc, char **argv, const char *usage, act_opts_t *o, int min_args, int max_args) {
@@ -128,6 +132,7 @@ static int parse_act(cli_t *c, int argc, char **argv, const char *usage, act_opt
                                          {"follow", no_argument, NULL, O_FOLLOW},
                                          {"from-step", required_argument, NULL, O_FROM_STEP},
                                          {"fork", no_argument, NULL, O_FORK},
+                                         {"after-step", no_argument, NULL, O_AFTER_STEP},
                                          {NULL, 0, NULL, 0}};
     int opt;
     memset(o, 0, sizeof(*o));
@@ -142,6 +147,7 @@ static int parse_act(cli_t *c, int argc, char **argv, const char *usage, act_opt
         case 'f':
         case O_FOLLOW: o->follow = true; break;
         case O_FORK: o->fork = true; break;
+        case O_AFTER_STEP: o->after_step = true; break;
         case O_FROM_STEP:
             if (cli_parse_long(c, "--from-step", optarg, 1, 1000000, &o->from_step) != 0) {
                 return LR_EXIT_USAGE;
@@ -358,12 +364,14 @@ static int send_cancel_outcome(cli_t *c, PGconn *db, const char *actor, const ch
     return rc;
 }
 
-/* Cancels the locked task t, or for a running one asks it to stop at its
- * next step boundary, with its task event.  Returns the row of the task as it
- * now is (status, reply_to, correlation_id, step, tokens_in, tokens_out,
- * cost_usd), or NULL (message printed). */
+/* Cancels the locked task t, or for a running one asks it to stop (now, or
+ * at its next step boundary with --after-step), with its task event (the
+ * mode in its detail).  Returns the row of the task as it now is (status,
+ * reply_to, correlation_id, step, tokens_in, tokens_out, cost_usd), or NULL
+ * (message printed). */
 static PGresult *mark_cancelled(cli_t *c, const task_txn_t *t, const act_opts_t *o) {
-    const char *params[4] = {t->id, o->actor, o->reason != NULL ? o->reason : "cancelled by operator", t->status};
+    const char *params[5] = {t->id, o->actor, o->reason != NULL ? o->reason : "cancelled by operator", t->status,
+                             o->after_step ? "after_step" : "immediate"};
     return cli_exec(c, t->db,
                     "WITH u AS (UPDATE tasks SET cancel_requested = true,"
                     "  status = CASE WHEN status = 'running' THEN status ELSE 'cancelled' END,"
@@ -374,19 +382,38 @@ static PGresult *mark_cancelled(cli_t *c, const task_txn_t *t, const act_opts_t 
                     "  tokens_in, tokens_out, cost_usd::float8 AS cost_usd),"
                     " ev AS (INSERT INTO task_events (task_id, from_status, to_status, reason, actor, detail)"
                     " SELECT $1, $4, u.status, CASE WHEN u.status = 'running' THEN 'cancel_requested'"
-                    "  ELSE 'cancelled' END, $2, jsonb_build_object('reason', $3::text) FROM u)"
+                    "  ELSE 'cancelled' END, $2, jsonb_build_object('reason', $3::text) ||"
+                    "  CASE WHEN u.status = 'running' THEN jsonb_build_object('mode', $5::text)"
+                    "  ELSE '{}'::jsonb END FROM u)"
                     " SELECT status, reply_to, correlation_id, step, tokens_in, tokens_out, cost_usd FROM u",
-                    4, params);
+                    5, params);
+}
+
+/* Immediate cancellation of a running task: the worker that holds it
+ * LISTENs on longrun_cancel (worker/cancel.c) and aborts the step in flight.
+ * Sent inside the transaction, so that it is delivered only when the cancel
+ * is committed (a worker that gets it sees cancel_requested).  Returns 0 or
+ * -1 (message printed). */
+static int notify_cancel(cli_t *c, const task_txn_t *t) {
+    PGresult *r = cli_exec(c, t->db, "SELECT pg_notify('longrun_cancel', $1)", 1, &t->id);
+    if (r == NULL) {
+        return -1;
+    }
+    PQclear(r);
+    return 0;
 }
 
 int cmd_cancel(cli_t *c, int argc, char **argv) {
-    static const char *usage = "usage: longrun cancel ID [--reason TEXT] [--actor NAME] [--json]\n"
-                               "\nCancels a task.  A queued, suspended or waiting task is cancelled at once; a\n"
-                               "running one stops at its next step boundary.  cancelled is terminal.\n";
+    static const char *usage = "usage: longrun cancel ID [--after-step] [--reason TEXT] [--actor NAME] [--json]\n"
+                               "\nCancels a task.  A queued, suspended or waiting task is cancelled at once.  A\n"
+                               "running one is stopped now: its worker aborts the model or tool calls in flight\n"
+                               "and the task is cancelled within about a second (the step in flight is not\n"
+                               "recorded).  --after-step lets the current step finish and stops the task at its\n"
+                               "next step boundary instead.  cancelled is terminal.\n";
     act_opts_t o;
     task_txn_t t = {NULL, NULL, ""};
     PGresult *r = NULL;
-    bool reply_tried = false, reply_sent = false;
+    bool reply_tried = false, reply_sent = false, running = false;
     int rc = parse_act(c, argc, argv, usage, &o, 1, 1);
     if (rc != 0) {
         return rc < 0 ? LR_EXIT_OK : rc;
@@ -401,7 +428,8 @@ int cmd_cancel(cli_t *c, int argc, char **argv) {
         goto out;
     }
     r = mark_cancelled(c, &t, &o);
-    if (r == NULL || commit(c, t.db) != 0) {
+    running = r != NULL && strcmp(PQgetvalue(r, 0, 0), "running") == 0;
+    if (r == NULL || (running && !o.after_step && notify_cancel(c, &t) != 0) || commit(c, t.db) != 0) {
         rc = LR_EXIT_FAIL;
         goto out;
     }
@@ -419,10 +447,15 @@ int cmd_cancel(cli_t *c, int argc, char **argv) {
         if (reply_tried) {
             cJSON_AddBoolToObject(j, "outcome_sent", reply_sent);
         }
+        if (running) {
+            cJSON_AddStringToObject(j, "mode", o.after_step ? "after_step" : "immediate");
+        }
         cli_print_json(j);
         cJSON_Delete(j);
-    } else if (strcmp(PQgetvalue(r, 0, 0), "running") == 0) {
+    } else if (running && o.after_step) {
         printf("%s: cancel requested; the task stops at its next step boundary\n", t.id);
+    } else if (running) {
+        printf("%s: cancel requested; its worker aborts the step in flight and the task stops now\n", t.id);
     } else {
         printf("%s: cancelled\n", t.id);
     }

@@ -44,6 +44,7 @@
 #include "log.h"
 #include "text.h"
 #include "health.h"
+#include "list.h"
 #include "metrics.h"
 #include "pg.h"
 #include "task.h"
@@ -175,6 +176,13 @@ typedef struct sched {
     lr_amqp_t *amqp;
     uv_timer_t tick;
     uv_timer_t lock_timer;
+    /* Dead letters PostgreSQL could not record wait here before they go
+     * back to longrun.dead, so that an outage is not a hot loop of
+     * redeliveries: dlq_backoff_ms doubles per failure (500 ms .. 30 s) and
+     * is reset by the next success. */
+    uv_timer_t dlq_timer;
+    lr_list_t dlq_held;
+    long dlq_backoff_ms;
     bool leader;
     bool lock_pending;
     bool stopping;
@@ -551,10 +559,48 @@ static void on_lock_state(int usable, void *arg) {
 typedef struct ingest {
     sched_t *s;
     lr_amqp_delivery_t *d;
-    bool safe; /* record only what PostgreSQL surely accepts */
+    bool safe;      /* record only what PostgreSQL surely accepts */
+    lr_list_t link; /* in s->dlq_held while it waits to be requeued */
 } ingest_t;
 
 static void ingest_send(ingest_t *in);
+
+#define DLQ_BACKOFF_MIN_MS 500
+#define DLQ_BACKOFF_MAX_MS 30000
+
+/* Gives every held dead letter back to longrun.dead (requeue) and frees
+ * it; without a broker connection only frees it (the broker requeues what
+ * a closed channel held). */
+static void dlq_release_held(sched_t *s) {
+    lr_list_foreach_safe(it, nx, &s->dlq_held) {
+        ingest_t *in = lr_list_entry(it, ingest_t, link);
+        lr_list_remove(&in->link);
+        if (s->amqp != NULL) {
+            (void)lr_amqp_reject(s->amqp, in->d, true);
+        }
+        lr_amqp_delivery_free(in->d);
+        free(in);
+    }
+}
+
+static void dlq_timer_cb(uv_timer_t *t) { dlq_release_held(t->data); }
+
+/* A dead letter that could not be recorded: requeued after the backoff. */
+static void ingest_hold(ingest_t *in) {
+    sched_t *s = in->s;
+    if (s->stopping) {
+        lr_list_push_back(&s->dlq_held, &in->link);
+        dlq_release_held(s);
+        return;
+    }
+    s->dlq_backoff_ms = s->dlq_backoff_ms == 0                       ? DLQ_BACKOFF_MIN_MS
+                        : s->dlq_backoff_ms * 2 > DLQ_BACKOFF_MAX_MS ? DLQ_BACKOFF_MAX_MS
+                                                                     : s->dlq_backoff_ms * 2;
+    lr_list_push_back(&s->dlq_held, &in->link);
+    if (!uv_is_active((uv_handle_t *)&s->dlq_timer)) {
+        uv_timer_start(&s->dlq_timer, dlq_timer_cb, (uint64_t)s->dlq_backoff_ms, 0);
+    }
+}
 
 static void ingest_cb(int err, const PGresult *res, void *arg) {
     ingest_t *in = arg;
@@ -568,12 +614,13 @@ static void ingest_cb(int err, const PGresult *res, void *arg) {
         return;
     }
     if (err != 0) {
-        lr_warn("dlq.ingest_failed", "cannot record a dead letter (%s); it stays in %s",
-                res != NULL ? PQresultErrorMessage(res) : lr_strerror(err), LR_AMQP_DEAD_QUEUE);
-        if (in->s->amqp != NULL) {
-            (void)lr_amqp_reject(in->s->amqp, in->d, true);
-        }
+        sched_t *s = in->s;
+        ingest_hold(in); /* (may free in) */
+        lr_warn("dlq.ingest_failed", "cannot record a dead letter (%s); it goes back to %s in %ld ms",
+                res != NULL ? PQresultErrorMessage(res) : lr_strerror(err), LR_AMQP_DEAD_QUEUE, s->dlq_backoff_ms);
+        return;
     } else {
+        in->s->dlq_backoff_ms = 0;
         in->s->ingested++;
         lr_metric_inc1(m_ingested, "all");
         if (in->s->amqp != NULL) {
@@ -654,11 +701,7 @@ static void ingest_send(ingest_t *in) {
     params[9] = strncmp(key, "broker:", 7) == 0 ? "true" : "false";
     params[10] = s->id;
     if (lr_pg_query(s->pg, SQL_INGEST, 11, params, 0, ingest_cb, in) != 0) {
-        if (s->amqp != NULL) {
-            (void)lr_amqp_reject(s->amqp, d, true);
-        }
-        lr_amqp_delivery_free(d);
-        free(in);
+        ingest_hold(in); /* the pool's queue is full or it is shutting down */
     }
     free(hex);
 }
@@ -800,6 +843,8 @@ static void on_pg_state(int usable, void *arg) {
 static void on_drain(lr_daemon_t *d, const char *why, void *arg) {
     sched_t *s = arg;
     s->stopping = true;
+    uv_timer_stop(&s->dlq_timer);
+    dlq_release_held(s);
     lr_info("scheduler.stopping",
             "%s: stopping (leader lock released with the session); the same signal "
             "again exits at once",
@@ -830,9 +875,11 @@ static int start(sched_t *s) {
     /* Registered first, closed first; the timers before anything they use. */
     uv_timer_init(s->loop, &s->tick);
     uv_timer_init(s->loop, &s->lock_timer);
-    s->tick.data = s->lock_timer.data = s;
+    uv_timer_init(s->loop, &s->dlq_timer);
+    s->tick.data = s->lock_timer.data = s->dlq_timer.data = s;
     if (lr_daemon_add_handle(s->d, "sweep timer", (uv_handle_t *)&s->tick) != 0 ||
         lr_daemon_add_handle(s->d, "lock timer", (uv_handle_t *)&s->lock_timer) != 0 ||
+        lr_daemon_add_handle(s->d, "dead-letter retry timer", (uv_handle_t *)&s->dlq_timer) != 0 ||
         lr_daemon_add_pg(s->d, "leader lock", &s->lock) != 0 ||
         lr_daemon_add_amqp(s->d, "rabbitmq", &s->amqp, 3000) != 0 || lr_daemon_add_pg(s->d, "postgres", &s->pg) != 0) {
         lr_error("scheduler.start", "cannot register the components");
@@ -894,6 +941,7 @@ int lr_scheduler_run(const lr_config_t *cfg) {
     }
     s->loop = &loop;
     s->cfg = *cfg;
+    lr_list_init(&s->dlq_held);
     gethostname(host, sizeof(host) - 1);
     snprintf(s->id, sizeof(s->id), "scheduler:%s-%d", host, (int)getpid());
     lr_log_init("scheduler", s->id, lr_log_level_parse(cfg->log_level), strcmp(cfg->log_format, "json") == 0);
@@ -933,6 +981,7 @@ int lr_scheduler_run(const lr_config_t *cfg) {
                 (unsigned long long)s->resumed, (unsigned long long)s->recovered, (unsigned long long)s->republished,
                 (unsigned long long)s->deadlined, (unsigned long long)s->ingested);
     }
+    dlq_release_held(s); /* (any held after the shutdown began: only freed, the broker requeues them) */
     if (s->depth_started) {
         atomic_store(&s->depth_stop, 1);
         uv_thread_join(&s->depth_thread);

@@ -19,7 +19,9 @@
  * is never cut by a budget: the task stops before the next one.
  */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 
 #include "agent_state.h"
 
@@ -154,4 +156,12 @@ const char *lr_agent_budget_before_model(const agent_state_t *st, const lr_model
 
 const char *lr_agent_budget_before_tools(const agent_state_t *st, char *why, size_t whylen) {
     return time_up(st, why, whylen);
+}
+
+double lr_agent_jitter(void) {
+    unsigned int r = 0;
+    if (getrandom(&r, sizeof(r), 0) != (ssize_t)sizeof(r)) {
+        r = (unsigned int)rand();
+    }
+    return (double)r / (double)UINT32_MAX;
 }

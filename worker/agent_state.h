@@ -52,7 +52,7 @@ typedef struct agent_ops {
      * the task on a budget, or continues (through finish). */
     void (*step_complete)(agent_state_t *st);
     /* The state's timer callback (st->timer; the state says what is due). */
-    void (*timer_cb)(uv_timer_t *t);
+    void (*on_timer)(uv_timer_t *t);
     /* Logs a payload when the task is sampled (LONGRUN_LOG_PAYLOADS). */
     void (*log_payload)(agent_state_t *st, const char *event, const char *what, const char *text, size_t len);
 } agent_ops_t;
@@ -138,7 +138,7 @@ struct agent_state {
     uint64_t step_started; /* lr_agent_now() when the step began (max_seconds) */
 };
 
-/* A uniform random number in [0, 1] (backoff jitter; exec_agent.c). */
+/* A uniform random number in [0, 1] (backoff jitter; agent_budget.c). */
 double lr_agent_jitter(void);
 
 /* The loop's monotonic clock in ms (breakers, the gate, tool timings). */

@@ -331,7 +331,7 @@ static void arm_retries(agent_state_t *st) {
         }
     }
     if (next != 0) {
-        uv_timer_start(&st->timer, st->ops->timer_cb, next > now ? next - now : 0, 0);
+        uv_timer_start(&st->timer, st->ops->on_timer, next > now ? next - now : 0, 0);
     }
 }
 

@@ -264,11 +264,11 @@ static const lr_tool_def_t *find_tool(const registry_t *r, const char *name) {
 
 static int load_model(registry_t *r, const cJSON *prices, const cJSON *m, const char *where, lr_model_ref_t *out,
                       char *errbuf, size_t errlen) {
-    static const char *const known[] = {"provider",    "base_url",        "model",
-                                        "api_key_env", "max_tokens",      "max_tokens_field",
-                                        "temperature", "tool_choice",     "parallel_tool_calls",
-                                        "timeout_ms",  "retries",         "rpm",
-                                        "tpm",         "max_concurrency", NULL};
+    static const char *const known[] =
+        {"provider",         "base_url",    "model",       "api_key_env",         "max_tokens",
+         "max_tokens_field", "temperature", "tool_choice", "parallel_tool_calls", "timeout_ms",
+         "retries",          "rpm",         "tpm",         "max_concurrency",     "auth_header",
+         "api_version",      NULL};
     const char *prov = get_str(m, "provider");
     const char *s;
     const cJSON *price;
@@ -304,6 +304,31 @@ static int load_model(registry_t *r, const cJSON *prices, const cJSON *m, const 
         return fail(errbuf, errlen, "%s.api_key_env: must name an environment variable", where);
     }
     out->api_key_env = (char *)s;
+    s = get_str(m, "auth_header");
+    if ((cJSON_GetObjectItemCaseSensitive(m, "auth_header") != NULL &&
+         (s == NULL || (strcmp(s, "bearer") != 0 && strcmp(s, "api-key") != 0))) ||
+        (s != NULL && strcmp(s, "api-key") == 0 && out->provider != LR_PROVIDER_OPENAI)) {
+        return fail(errbuf, errlen,
+                    "%s.auth_header: must be \"bearer\" (Authorization: Bearer, the default) or \"api-key\" "
+                    "(Azure OpenAI), with provider \"openai\"",
+                    where);
+    }
+    out->auth_api_key = s != NULL && strcmp(s, "api-key") == 0;
+    s = get_str(m, "api_version");
+    if (cJSON_GetObjectItemCaseSensitive(m, "api_version") != NULL) {
+        bool ok = s != NULL && s[0] != '\0' && strlen(s) <= 40 && out->provider == LR_PROVIDER_OPENAI;
+        for (const char *p = s; ok && *p != '\0'; p++) {
+            ok = (*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') || *p == '-' ||
+                 *p == '.';
+        }
+        if (!ok) {
+            return fail(errbuf, errlen,
+                        "%s.api_version: with provider \"openai\", 1-40 characters of [A-Za-z0-9.-] (Azure OpenAI, "
+                        "e.g. \"2024-10-21\")",
+                        where);
+        }
+    }
+    out->api_version = (char *)s;
     s = get_str(m, "max_tokens_field");
     if (s != NULL && strcmp(s, "max_tokens") != 0 && strcmp(s, "max_completion_tokens") != 0) {
         return fail(errbuf, errlen, "%s.max_tokens_field: must be \"max_tokens\" or \"max_completion_tokens\"", where);

@@ -45,6 +45,8 @@ typedef struct lr_model_ref {
     char *base_url; /* without the trailing /chat/completions or /messages */
     char *model;
     char *api_key_env;       /* name of the environment variable, or NULL */
+    bool auth_api_key;       /* openai: the key goes in an "api-key" header (Azure OpenAI), not Bearer */
+    char *api_version;       /* openai: appended as ?api-version= (Azure OpenAI), or NULL */
     char *max_tokens_field;  /* openai: "max_tokens" or "max_completion_tokens" */
     long max_tokens;         /* 0 = omit (openai); anthropic requires it (default 1024) */
     double temperature;      /* < 0 = omit */

@@ -2,8 +2,8 @@
  * claim.c - from a delivery to a started step: parse the message (a
  * malformed one is dead-lettered), claim the task (or create its row when it
  * arrives straight from the broker), decide whether it may run (state
- * version, crash loop, deadline, agent, tenant cap), load its step log, and
- * hand it to step.c.
+ * version, an operator's cancel, crash loop, deadline, agent, tenant cap),
+ * load its step log, and hand it to step.c.
  *
  * Suspects (docs/architecture.md, crash-loop attribution): a task claimed
  * suspect_claims() times without progress runs alone as this worker's one
@@ -109,8 +109,9 @@ static void take_row(lr_run_t *r, const lr_store_task_t *t) {
     }
 }
 
-/* Whether the claimed task may run here: false when it was handed back or
- * dead-lettered instead (state version, crash loop, deadline, agent). */
+/* Whether the claimed task may run here: false when it was handed back,
+ * cancelled or dead-lettered instead (state version, an operator's cancel,
+ * crash loop, deadline, agent). */
 static bool may_run(lr_run_t *r, const lr_store_task_t *t) {
     lr_worker_t *w = r->w;
     if (t->state_version > lr_state_version()) {
@@ -118,6 +119,12 @@ static bool may_run(lr_run_t *r, const lr_store_task_t *t) {
         LR_LOG(LR_LOG_WARN, &r->log, "task.state_too_new", "state version %d is newer than this worker reads (%d)",
                t->state_version, lr_state_version());
         lr_step_transition(r, LR_ST_QUEUED, "state_version_too_new", NULL, NULL, -1, 0);
+        return false;
+    }
+    if (t->cancel_requested) {
+        /* cancelled while no worker ran it (its owner died, or missed the
+         * notification): a claim is a step boundary */
+        lr_step_cancel_task(r);
         return false;
     }
     if (t->claims > w->cfg.max_claims) {

@@ -18,6 +18,7 @@
  *                suspects, tenant cap, step log
  *   lease.c      batched lease renewal, lost leases, the heartbeat
  *   drain.c      SIGTERM: stop consuming, hand back, the drain deadline
+ *   cancel.c     immediate cancellation (NOTIFY longrun_cancel)
  *   worker.c     wiring: components, the daemon skeleton, readiness
  *
  * Ownership.  The worker owns its runs (list w->runs).  A run owns its
@@ -92,6 +93,8 @@ struct lr_run {
     unsigned io; /* LR_IO_* outstanding */
     bool fenced;
     bool abandon;           /* stop at the next boundary (drain deadline) */
+    bool cancel_now;        /* an immediate cancel arrived between steps (cancel.c): cancelled
+                               instead of the next step */
     bool claim_may_suspect; /* its claim in flight may take a suspect task */
     bool reclaim;           /* our claim may have committed: take our own live lease back */
     bool handing_back;      /* given back undecided through a continuation (REQUEUED) */
@@ -260,6 +263,12 @@ void lr_step_transition(lr_run_t *r, enum lr_status status, const char *reason, 
 void lr_step_cancel(lr_run_t *r);
 /* A statement found a newer owner: abandon locally. */
 void lr_step_fenced(lr_run_t *r, const char *what);
+/* The operator cancelled the task: aborts the step in flight, if any
+ * (lr_step_cancel), and writes the cancellation (the fenced transition to
+ * cancelled, which needs tasks.cancel_requested); the outcome follows as for
+ * any terminal status.  Only for a claimed run that is about to start a step
+ * or is running one (state STEPPING, or on its way to it). */
+void lr_step_cancel_task(lr_run_t *r);
 
 /* ---- claim.c --------------------------------------------------------- */
 
@@ -288,5 +297,12 @@ void lr_drain_start(lr_daemon_t *d, const char *why, void *arg);
 void lr_drain_maybe_exit(lr_worker_t *w);
 /* What exiting at once leaves behind (the daemon's exit_note hook). */
 void lr_drain_exit_note(char *buf, size_t len, void *arg);
+
+/* ---- cancel.c -------------------------------------------------------- */
+
+/* LISTENs on longrun_cancel: a notification names a task an operator
+ * cancelled; the run that holds it here ends now (cancel.c).  Returns 0 or
+ * the error of lr_pg_listen. */
+int lr_cancel_listen(lr_worker_t *w) LR_MUSTCHECK;
 
 #endif

@@ -54,7 +54,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/random.h>
 
 #include "agent_state.h"
 #include "callstats.h"
@@ -75,7 +74,7 @@ static void agent_log_payload(agent_state_t *st, const char *event, const char *
 static void timer_cb(uv_timer_t *t);
 static const agent_ops_t agent_ops = {
     .finish = agent_finish,
-    .timer_cb = timer_cb,
+    .on_timer = timer_cb,
     .step_complete = agent_step_complete,
     .log_payload = agent_log_payload,
 };
@@ -116,13 +115,6 @@ static void agent_unref(agent_state_t *st) {
 
 static void agent_timer_closed(uv_handle_t *h) { agent_unref(h->data); }
 
-double lr_agent_jitter(void) {
-    unsigned int r = 0;
-    if (getrandom(&r, sizeof(r), 0) != (ssize_t)sizeof(r)) {
-        r = (unsigned int)rand();
-    }
-    return (double)r / (double)UINT32_MAX;
-}
 #define jitter lr_agent_jitter
 
 static void agent_log_payload(agent_state_t *st, const char *event, const char *what, const char *text, size_t len) {
@@ -762,7 +754,11 @@ static void model_post(agent_state_t *st, char *body) {
     headers[nh++] = "Content-Type: application/json";
     if (m->provider == LR_PROVIDER_OPENAI) {
         if (key != NULL && key[0] != '\0') {
-            snprintf(auth, sizeof(auth), "Authorization: Bearer %s", key);
+            if (m->auth_api_key) {
+                snprintf(auth, sizeof(auth), "api-key: %s", key); /* Azure OpenAI */
+            } else {
+                snprintf(auth, sizeof(auth), "Authorization: Bearer %s", key);
+            }
             headers[nh++] = auth;
         }
     } else {

@@ -28,7 +28,7 @@ static const lr_run_move_t moves[] = {
     {S(CLAIMING), S(STEPPING), "claimed: the next step starts"},
     {S(CLAIMING), S(TRANSITION),
      "claimed but not to run: too new, crash loop, deadline, unknown agent, tenant "
-     "cap, draining"},
+     "cap, draining, cancelled"},
     {S(CLAIMING), S(DONE), "not runnable, a duplicate, an unknown continuation, or the claim failed"},
     {S(DEFERRED), S(CLAIMING), "the suspect slot is free"},
     {S(DEFERRED), S(DONE), "draining: given back unclaimed"},
@@ -40,21 +40,26 @@ static const lr_run_move_t moves[] = {
     {S(INSERTING), S(DONE), "PostgreSQL refused a value (dead-lettered), or the insert failed"},
     {S(ADMITTING), S(LOADING), "within the tenant's cap; the executor needs the step log"},
     {S(ADMITTING), S(STEPPING), "within the tenant's cap: the next step starts"},
-    {S(ADMITTING), S(TRANSITION), "over the tenant's cap: suspended briefly"},
+    {S(ADMITTING), S(TRANSITION), "over the tenant's cap: suspended briefly; or cancelled meanwhile"},
     {S(ADMITTING), S(PUBLISHING), "the count failed: handed back through a continuation"},
     {S(ADMITTING), S(DONE), "the count failed: given back"},
     {S(LOADING), S(STEPPING), "the step log is loaded: the next step starts"},
-    {S(LOADING), S(TRANSITION), "a step newer than this worker reads, or draining"},
+    {S(LOADING), S(TRANSITION), "a step newer than this worker reads, draining, or cancelled meanwhile"},
     {S(LOADING), S(PUBLISHING), "the step log could not be read: handed back through a continuation"},
     {S(LOADING), S(DONE), "the step log could not be read: given back"},
     {S(STEPPING), S(CHECKPOINTING), "the step ended with a state to write"},
-    {S(STEPPING), S(TRANSITION), "the step failed (retry, dead) or was abandoned at the drain deadline"},
+    {S(STEPPING), S(TRANSITION),
+     "the step failed (retry, dead), was abandoned at the drain deadline, or was aborted by an immediate "
+     "cancel"},
     {S(STEPPING), S(PUBLISHING), "no lease renewal for a lease period: handed back through a continuation"},
     {S(STEPPING), S(DONE), "the lease was lost (renewal fenced, or none for a lease period)"},
     {S(CHECKPOINTING), S(STEPPING), "committed, and the task goes on in this slice"},
     {S(CHECKPOINTING), S(PUBLISHING),
      "committed with an end (slice, finish, suspend, stop, cancel), or "
      "failed: handed back through a continuation"},
+    {S(CHECKPOINTING), S(TRANSITION),
+     "committed, and the task goes on, but an immediate cancel arrived meanwhile: cancelled instead of the next "
+     "step"},
     {S(CHECKPOINTING), S(DONE), "fenced, or the checkpoint failed: given back"},
     {S(TRANSITION), S(PUBLISHING),
      "committed (or found committed after a lost connection): send what the new "

@@ -11,7 +11,9 @@
  * $1 id, $2 worker, $3 lease seconds, $4 claim only if claims (without
  * progress so far) is below this (how the worker defers suspects), $5 may
  * take back a live lease this worker holds (a retry after a connection loss
- * hid whether the first claim committed; it does not count as a claim). */
+ * hid whether the first claim committed; it does not count as a claim).
+ * cancel_requested: an operator's cancel the last owner did not see (the
+ * task is cancelled instead of running a step). */
 #define SQL_CLAIM                                                                                 \
     "WITH o AS (SELECT id, status, ($5::bool AND status = 'running' AND lease_owner = $2"         \
     "   AND lease_expires_at >= now()) AS own, started_at IS NULL AS first_claim"                 \
@@ -31,6 +33,7 @@
     " SELECT c.lease_epoch, c.step, c.claims, c.attempt, c.max_attempts, c.agent, c.queue,"       \
     "  c.input::text, c.budgets::text, c.tokens_in, c.tokens_out, c.cost_usd, c.tool_calls,"      \
     "  c.active_ms, (c.deadline IS NOT NULL AND c.deadline < now()) AS past_deadline,"            \
+    "  c.cancel_requested,"                                                                       \
     "  c.reply_to, c.correlation_id, c.callback_url, c.state_version, c.tenant,"                  \
     "  (SELECT count(*) FROM tasks x WHERE x.tenant = c.tenant AND x.status = 'running'"          \
     "   AND x.id <> c.id) AS tenant_running,"                                                     \
@@ -75,7 +78,8 @@
  * $24 lease seconds, $25 state version of the step (worker/state.h),
  * $26 fallback (the model calls that did not answer, JSON or NULL; 0008).
  * outage_since (0006): set by the first provider_unavailable park, kept by
- * the next ones, cleared by a step a model answered ($8). */
+ * the next ones, cleared by a step a model answered ($8).  Returns the
+ * status as written and the row's error (an operator's cancel sets both). */
 #define SQL_CHECKPOINT                                                                                  \
     "WITH t AS (UPDATE tasks SET step = $3,"                                                            \
     "   status = CASE WHEN cancel_requested THEN 'cancelled' ELSE $4 END, claims = 0,"                  \
@@ -85,7 +89,8 @@
     "   lease_owner = CASE WHEN $14::bool OR cancel_requested THEN NULL ELSE lease_owner END,"          \
     "   lease_expires_at = CASE WHEN $14::bool OR cancel_requested THEN NULL"                           \
     "     ELSE now() + make_interval(secs => $24::int) END,"                                            \
-    "   result = coalesce($15::jsonb, result), error = $16,"                                            \
+    "   result = coalesce($15::jsonb, result),"                                                         \
+    "   error = CASE WHEN cancel_requested THEN error ELSE $16 END,"                                    \
     "   stop_reason = CASE WHEN cancel_requested THEN 'cancelled'"                                      \
     "     ELSE coalesce($17, stop_reason) END, suspend_reason = $18,"                                   \
     "   resume_at = CASE WHEN $19::bigint IS NULL THEN NULL"                                            \
@@ -100,7 +105,8 @@
     "   last_progress_at = now(),"                                                                      \
     "   state_version = greatest(state_version, $25::int)"                                              \
     "  WHERE id = $1 AND lease_epoch = $2 AND step = $3 - 1 AND status = 'running'"                     \
-    "  RETURNING id, queue, agent, input, budgets, tokens_in, tokens_out, cost_usd, step, status),"     \
+    "  RETURNING id, queue, agent, input, budgets, tokens_in, tokens_out, cost_usd, step, status,"      \
+    "   error),"                                                                                        \
     " s AS (INSERT INTO task_steps (task_id, step_no, epoch, worker, model, messages,"                  \
     "  tool_calls, tokens_in, tokens_out, tokens_cached, cost_usd, latency_ms, state_version,"          \
     "  fallback)"                                                                                       \
@@ -114,7 +120,7 @@
     "  SELECT 'task:' || id || ':' || $2, id, id::text, queue, agent, coalesce($17, 'failed'),"         \
     "   $16, jsonb_build_object('id', id, 'agent', agent, 'input', input, 'budgets', budgets),"         \
     "   'worker' FROM t WHERE status = 'dead' ON CONFLICT (dedupe_key) DO NOTHING)"                     \
-    " SELECT s.step_no, t.tokens_in, t.tokens_out, t.cost_usd, t.status FROM s, t"
+    " SELECT s.step_no, t.tokens_in, t.tokens_out, t.cost_usd, t.status, t.error FROM s, t"
 
 /* Did step $2 of task $1 commit under epoch $3?  (After an ambiguous
  * connection loss during a checkpoint.) */
@@ -127,23 +133,34 @@
  * `queued` (drain, abandoned at the drain deadline) takes back its claim:
  * the worker did not crash, so it must not count towards crash_loop.
  * A provider_unavailable park comes this way (no step row, no budget used)
- * and sets outage_since on the first one. */
+ * and sets outage_since on the first one.  An immediate cancel (worker/
+ * cancel.c) comes this way too, as `cancelled`, which only an operator's
+ * cancel_requested allows.  As in the checkpoint, cancel_requested turns a
+ * wait (suspended, retry_wait) into `cancelled` (event reason
+ * cancel_requested); a hand-back to `queued` is cancelled by its next claim.
+ * Returns the status as written and the row's error (the operator's reason
+ * when cancelled). */
+#define SQL_TRANSITION_CANCELS "(cancel_requested AND $3 IN ('suspended', 'retry_wait'))"
 #define SQL_TRANSITION                                                                                                \
-    "WITH t AS (UPDATE tasks SET status = $3, attempt = attempt + $9::int,"                                           \
+    "WITH t AS (UPDATE tasks SET status = CASE WHEN " SQL_TRANSITION_CANCELS " THEN 'cancelled' ELSE $3 END,"         \
+    "   attempt = attempt + $9::int,"                                                                                 \
     "   claims = CASE WHEN $3 IN ('queued', 'suspended', 'retry_wait') THEN greatest(claims - 1, 0) ELSE claims END," \
-    "   error = coalesce($6, error), stop_reason = coalesce($7, stop_reason),"                                        \
-    "   resume_at = CASE WHEN $8::bigint IS NULL THEN NULL"                                                           \
+    "   error = CASE WHEN " SQL_TRANSITION_CANCELS " THEN error ELSE coalesce($6, error) END,"                        \
+    "   stop_reason = CASE WHEN " SQL_TRANSITION_CANCELS " THEN 'cancelled' ELSE coalesce($7, stop_reason) END,"      \
+    "   resume_at = CASE WHEN $8::bigint IS NULL OR " SQL_TRANSITION_CANCELS " THEN NULL"                             \
     "     ELSE now() + make_interval(secs => $8::bigint / 1000.0) END,"                                               \
-    "   suspend_reason = $10, lease_owner = NULL, lease_expires_at = NULL,"                                           \
+    "   suspend_reason = CASE WHEN " SQL_TRANSITION_CANCELS " THEN NULL ELSE $10 END,"                                \
+    "   lease_owner = NULL, lease_expires_at = NULL,"                                                                 \
     "   outage_since = CASE WHEN $10 = 'provider_unavailable' THEN coalesce(outage_since, now())"                     \
     "     ELSE outage_since END,"                                                                                     \
     "   published_at = NULL,"                                                                                         \
-    "   finished_at = CASE WHEN $3 IN ('succeeded', 'failed', 'dead', 'cancelled')"                                   \
-    "     THEN now() ELSE finished_at END, updated_at = now()"                                                        \
-    "  WHERE id = $1 AND lease_epoch = $2 AND status = 'running'"                                                     \
-    "  RETURNING id, queue, agent, input, budgets, step, attempt),"                                                   \
+    "   finished_at = CASE WHEN $3 IN ('succeeded', 'failed', 'dead', 'cancelled') OR " SQL_TRANSITION_CANCELS        \
+    "   THEN now() ELSE finished_at END, updated_at = now()"                                                          \
+    "  WHERE id = $1 AND lease_epoch = $2 AND status = 'running' AND ($3 <> 'cancelled' OR cancel_requested)"         \
+    "  RETURNING id, queue, agent, input, budgets, step, attempt, status, error),"                                    \
     " ev AS (INSERT INTO task_events (task_id, from_status, to_status, reason, actor, detail)"                        \
-    "  SELECT id, 'running', $3, $5, $4,"                                                                             \
+    "  SELECT id, 'running', status, CASE WHEN status = 'cancelled' AND $3 <> 'cancelled'"                            \
+    "   THEN 'cancel_requested' ELSE $5 END, $4,"                                                                     \
     "   CASE WHEN $6::text IS NULL THEN NULL ELSE jsonb_build_object('error', $6::text) END"                          \
     "  FROM t),"                                                                                                      \
     " dl AS (INSERT INTO dead_letters (dedupe_key, task_id, message_id, queue, agent, reason,"                        \
@@ -151,7 +168,7 @@
     "  SELECT 'task:' || id || ':' || $2, id, id::text, queue, agent, coalesce($7, $5), $6,"                          \
     "   jsonb_build_object('id', id, 'agent', agent, 'input', input, 'budgets', budgets),"                            \
     "   'worker' FROM t WHERE $3 = 'dead' ON CONFLICT (dedupe_key) DO NOTHING)"                                       \
-    " SELECT id, step, attempt FROM t"
+    " SELECT id, step, attempt, status, error FROM t"
 
 /* After a transition's resend changed nothing: the task's status and epoch
  * now (did the first attempt commit?). */

@@ -8,6 +8,10 @@
  * follow-up (followup.c).  Failure rules (docs/architecture.md): a fenced
  * statement abandons the run locally; a statement error gives the delivery
  * back; a lost connection is the store's business (store.h).
+ *
+ * An operator's immediate cancel (cancel.c) ends a run here too: the step
+ * in flight is aborted, or the next one not started, and the cancellation
+ * is written through the same fenced transition (lr_step_cancel_task).
  */
 #include "core.h"
 
@@ -34,6 +38,11 @@ static bool slice_over(lr_run_t *r) {
 
 static void start_step(lr_run_t *r) {
     int rc;
+    if (r->cancel_now) {
+        /* an immediate cancel arrived since the claim or the last step */
+        lr_step_cancel_task(r);
+        return;
+    }
     r->log.step = r->step + 1;
     lr_step_reset(&r->out);
     r->step_start_ms = lr_worker_now(r->w);
@@ -216,6 +225,7 @@ static void checkpoint_cb(const lr_store_write_res_t *res, void *arg) {
         /* An operator cancelled the task meanwhile: it stops here. */
         r->status = lr_status_parse(res->status);
         snprintf(r->reason, sizeof(r->reason), "cancelled");
+        snprintf(r->error, sizeof(r->error), "%s", res->error != NULL ? res->error : "");
     }
     checkpoint_committed(r);
 }
@@ -316,10 +326,23 @@ static void transition_cb(const lr_store_write_res_t *res, void *arg) {
                "the connection broke; sending its follow-ups",
                lr_status_name(r->status));
     }
+    if (res->status != NULL && lr_status_parse(res->status) == LR_ST_CANCELLED && r->status != LR_ST_CANCELLED) {
+        /* An operator cancelled the task meanwhile: the wait became the end. */
+        LR_LOG(LR_LOG_INFO, &r->log, "task.cancelled_meanwhile", "cancelled by an operator instead of %s",
+               lr_status_name(r->status));
+        r->status = LR_ST_CANCELLED;
+        snprintf(r->reason, sizeof(r->reason), "cancelled");
+    }
     if (r->status == LR_ST_DEAD) {
         r->w->tasks_finished++;
         r->follow = LR_FOLLOW_DEAD;
         LR_LOG(LR_LOG_WARN, &r->log, "task.dead", "task dead-lettered: %s: %s", r->reason, r->error);
+    } else if (r->status == LR_ST_CANCELLED) {
+        /* the operator's reason, as the row has it, goes into the outcome */
+        snprintf(r->error, sizeof(r->error), "%s", res->error != NULL ? res->error : "");
+        r->w->tasks_finished++;
+        r->follow = LR_FOLLOW_OUTCOME;
+        LR_LOG(LR_LOG_INFO, &r->log, "task.finished", "task cancelled after %d steps", r->step);
     } else if (r->status == LR_ST_QUEUED && (r->abandon || strcmp(r->reason, "drain") == 0)) {
         /* (state_version_too_new is only acked: the outbox republishes it
          * after its grace, which paces old workers instead of a hot loop.)
@@ -380,4 +403,19 @@ void lr_step_cancel(lr_run_t *r) {
         r->exec->cancel(r);
     }
     lr_run_io_end(r, LR_IO_STEP);
+}
+
+void lr_step_cancel_task(lr_run_t *r) {
+    bool in_step = r->state == LR_RUN_STEPPING && (r->io & LR_IO_STEP);
+    r->cancel_now = false;
+    if (in_step) {
+        /* HTTP requests removed from curl, timers stopped, the call's memory
+         * charge released; the executor's done() never runs.  Nothing of
+         * the step is written: the step log ends at the last checkpoint. */
+        lr_step_cancel(r);
+    }
+    r->log.step = r->step;
+    LR_LOG(LR_LOG_INFO, &r->log, "task.cancelling", "cancelled by an operator %s step %d; writing the cancellation",
+           in_step ? "during" : "before", r->step + 1);
+    lr_step_transition(r, LR_ST_CANCELLED, "cancelled", NULL, "cancelled", -1, 0);
 }

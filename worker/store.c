@@ -142,6 +142,7 @@ static void task_from_row(const PGresult *res, lr_store_task_t *t) {
     t->queue_wait_ms = lr_pg_getn(res, 0, "queue_wait_ms") != NULL ? (long)get_ll(res, "queue_wait_ms") : -1;
     t->cost_usd = lr_pg_getn(res, 0, "cost_usd") != NULL ? atof(lr_pg_getn(res, 0, "cost_usd")) : 0.0;
     t->past_deadline = get_bool(res, "past_deadline");
+    t->cancel_requested = get_bool(res, "cancel_requested");
     t->tenant_running = tr != NULL ? atoi(tr) : -1;
     t->outage_ms = lr_pg_getn(res, 0, "outage_ms") != NULL ? (long)get_ll(res, "outage_ms") : -1;
     t->agent = lr_pg_getn(res, 0, "agent");
@@ -389,6 +390,7 @@ static void checkpoint_decode(req_t *q, int err, const PGresult *res) {
         r.fenced = true;
     } else {
         r.status = lr_pg_getn(res, 0, "status");
+        r.error = lr_pg_getn(res, 0, "error");
     }
     write_done(q, &r);
 }
@@ -469,6 +471,9 @@ static void transition_decode(req_t *q, int err, const PGresult *res) {
         r.ambiguous = true;
     } else if (PQntuples(res) == 0) {
         r.fenced = true;
+    } else {
+        r.status = lr_pg_getn(res, 0, "status");
+        r.error = lr_pg_getn(res, 0, "error");
     }
     write_done(q, &r);
 }

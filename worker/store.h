@@ -72,8 +72,9 @@ typedef struct lr_store_task {
     long queue_wait_ms;
     double cost_usd;
     bool past_deadline;
-    int tenant_running; /* running tasks of the tenant (others), -1 unknown */
-    long outage_ms;     /* parked for provider_unavailable since then (ms before the claim), -1: not */
+    bool cancel_requested; /* an operator's cancel is pending (claim only) */
+    int tenant_running;    /* running tasks of the tenant (others), -1 unknown */
+    long outage_ms;        /* parked for provider_unavailable since then (ms before the claim), -1: not */
     const char *agent, *queue, *input, *budgets;                   /* input, budgets: JSON text */
     const char *reply_to, *correlation_id, *callback_url, *tenant; /* NULL when unset */
 } lr_store_task_t;
@@ -176,9 +177,12 @@ typedef struct lr_store_write_res {
     bool recovered;     /* transition: zero rows after a resend, and the
                            row shows our status under our epoch: the first
                            attempt committed (treat as committed) */
-    const char *status; /* checkpoint committed: the task's status as
-                           written (an operator's cancel shows here); NULL
-                           when the commit was found by the step-row check */
+    const char *status; /* committed: the task's status as written (an
+                           operator's cancel shows here); NULL when the
+                           commit was found by a check (step row, status) */
+    const char *error;  /* committed: the row's error as written (an
+                           operator's cancel reason), or NULL; NULL also
+                           when the commit was found by a check */
 } lr_store_write_res_t;
 
 typedef void (*lr_store_write_cb)(const lr_store_write_res_t *res, void *arg);

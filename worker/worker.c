@@ -12,6 +12,7 @@
  */
 #include "core.h"
 
+#include <malloc.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -191,6 +192,13 @@ static void health_snapshot(const lr_worker_t *w, lr_health_t *health, uint64_t 
     cJSON_AddNumberToObject(dep, "charged_bytes", (double)w->mem.used);
     cJSON_AddNumberToObject(dep, "peak_bytes", (double)w->mem.peak);
     cJSON_AddNumberToObject(dep, "held", (double)w->nheld);
+    {
+        /* the heap as malloc sees it: in use (a leak grows it) vs. kept
+         * free in its arenas (fragmentation after a peak grows RSS only) */
+        struct mallinfo2 mi = mallinfo2();
+        cJSON_AddNumberToObject(dep, "heap_in_use_bytes", (double)(mi.uordblks + mi.hblkhd));
+        cJSON_AddNumberToObject(dep, "heap_free_bytes", (double)mi.fordblks);
+    }
     circuits = lr_breakers_cjson();
     cJSON_AddItemToObject(o, "circuits", circuits != NULL ? circuits : cJSON_CreateArray());
     cJSON_AddNumberToObject(o, "calls_window_seconds", w->cfg.ready_window_seconds);
@@ -407,7 +415,7 @@ static int start(lr_worker_t *w) {
         lr_error("worker.config", "LONGRUN_DATABASE_URL: %s", err);
         return 2;
     }
-    if (lr_pg_listen(w->pg, "longrun_flags", on_flags_notify, w) != 0) {
+    if (lr_pg_listen(w->pg, "longrun_flags", on_flags_notify, w) != 0 || lr_cancel_listen(w) != 0) {
         return 1;
     }
     /* the first statement queued: RabbitMQ starts once it passed */

@@ -102,6 +102,9 @@ def test():
         h.eq(hj["status"]["dependencies"]["rabbitmq"]["status"], "up", "/health rabbitmq")
         h.check(hj["status"]["dependencies"]["postgres"]["usable_connections"] >= 1, hj)
         h.eq(hj["status"]["dependencies"]["schema"]["status"], "ok", "schema compatible")
+        mem = hj["status"]["memory"]
+        if os.environ.get("LONGRUN_SANITIZE") != "1":  # (ASan's allocator is not malloc's: no arena figures)
+            h.check(mem["heap_in_use_bytes"] > 100000 and mem["heap_free_bytes"] >= 0, "heap figures: %r" % mem)
         h.eq(get(port, "/nope")[0], 404, "unknown path")
 
         # a run, then the counters agree with the database

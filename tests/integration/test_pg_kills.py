@@ -89,7 +89,7 @@ def phase_trips(env):
     p = urllib.parse.urlparse(env.db_url)
     proxy = h.Proxy(p.hostname, p.port or 5432)
     proxied = env.db_url.replace(":%d/" % (p.port or 5432), ":%d/" % proxy.port)
-    proxy.trip("UPDATE tasks SET status = $3, attempt = attempt", TRIPS)
+    proxy.trip("UPDATE tasks SET status = CASE WHEN (cancel_requested", TRIPS)  # SQL_TRANSITION
     w0 = env.start_worker("w0", LONGRUN_DATABASE_URL=proxied, LONGRUN_PG_POOL_SIZE=1)
     env.wait_queue("longrun.q.default", consumers=1)
     conn = env.amqp()

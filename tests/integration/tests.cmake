@@ -63,5 +63,16 @@ lr_py_test(integration.tool_retries integration/test_tool_retries.py TIMEOUT 300
 lr_py_test(integration.context integration/test_context.py TIMEOUT 300 LABELS "integration;asan")
 # Issue 17 (3): tokens per minute over any 60-second window (sliding log), two workers, tasks parked and resumed.
 lr_py_test(integration.tpm_window integration/test_tpm_window.py TIMEOUT 300 LABELS "integration;asan")
+lr_py_test(integration.wait integration/test_wait.py TIMEOUT 300 LABELS "integration;asan")
+lr_py_test(integration.dlq_backoff integration/test_dlq_backoff.py TIMEOUT 120 LABELS "integration;asan")
+# Issue 17 (4): immediate cancellation: in-flight tool and model calls aborted, --after-step, the claim.
+lr_py_test(integration.cancel integration/test_cancel.py TIMEOUT 300 LABELS "integration;asan")
+# Issue 18 (5): the example producers in three languages, each run against a fleet.
+lr_py_test(integration.producer_python integration/test_producer_python.py TIMEOUT 180 LABELS "integration")
+lr_py_test(integration.producer_node integration/test_producer_node.py TIMEOUT 180 LABELS "integration")
+lr_py_test(integration.producer_go integration/test_producer_go.py TIMEOUT 240 LABELS "integration")
+# Issue 18 (6): the example tool server: a worker killed mid-call, the re-run step reuses the stored result.
+lr_py_test(integration.example_tool integration/test_example_tool.py TIMEOUT 180 LABELS "integration")
+lr_py_test(integration.providers integration/test_providers.py TIMEOUT 180 LABELS "integration;asan")
 # Issue 19 (3): payload logs redacted (e-mail, keys, cards, custom patterns), checked against a control worker.
 lr_py_test(integration.redaction integration/test_redaction.py TIMEOUT 180 LABELS "integration;asan")
