@@ -194,10 +194,16 @@ static void health_snapshot(const lr_worker_t *w, lr_health_t *health, uint64_t 
     cJSON_AddNumberToObject(dep, "held", (double)w->nheld);
     {
         /* the heap as malloc sees it: in use (a leak grows it) vs. kept
-         * free in its arenas (fragmentation after a peak grows RSS only) */
+         * free in its arenas (fragmentation after a peak grows RSS only);
+         * a sanitizer's allocator is not malloc's: no figures then */
+#if defined(__SANITIZE_ADDRESS__)
+        cJSON_AddStringToObject(dep, "heap_source", "none (sanitizer allocator)");
+#else
         struct mallinfo2 mi = mallinfo2();
+        cJSON_AddStringToObject(dep, "heap_source", "mallinfo2");
         cJSON_AddNumberToObject(dep, "heap_in_use_bytes", (double)(mi.uordblks + mi.hblkhd));
         cJSON_AddNumberToObject(dep, "heap_free_bytes", (double)mi.fordblks);
+#endif
     }
     circuits = lr_breakers_cjson();
     cJSON_AddItemToObject(o, "circuits", circuits != NULL ? circuits : cJSON_CreateArray());

@@ -68,7 +68,7 @@ def heap_in_use(port):
     try:
         import json
         mem = json.loads(h.http_get(port, "/health")[1])["status"]["memory"]
-        return mem["heap_in_use_bytes"] / 1048576.0
+        return mem.get("heap_in_use_bytes", -1048576.0) / 1048576.0
     except (ValueError, KeyError, TypeError):
         return -1.0
 
