@@ -74,3 +74,4 @@ lr_py_test(integration.producer_go integration/test_producer_go.py TIMEOUT 240 L
 # Issue 18 (6): the example tool server: a worker killed mid-call, the re-run step reuses the stored result.
 lr_py_test(integration.example_tool integration/test_example_tool.py TIMEOUT 180 LABELS "integration")
 lr_py_test(integration.providers integration/test_providers.py TIMEOUT 180 LABELS "integration;asan")
+lr_py_test(integration.mcp integration/test_mcp.py TIMEOUT 300 LABELS "integration;asan")
