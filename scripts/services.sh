@@ -116,7 +116,7 @@ Local RabbitMQ + PostgreSQL for longrun (no systemd needed).
 
 Commands:
   deps               apt-get install build/runtime/test dependencies (skips if present),
-                     and npm ci for examples/producers/node (skips if up to date)
+                     and npm ci for examples/producers/node and tests/mcp-everything (skips if up to date)
   up                 start PostgreSQL and RabbitMQ (idempotent); prints export lines
   env                print the export lines only (starts nothing)
   status             show whether each service runs; exit 0 iff both are up
@@ -304,6 +304,7 @@ elapsed() { echo $((SECONDS - $1)); }
 cmd_deps() {
   deps_debian
   deps_node
+  deps_mcp
 }
 
 deps_sudo=()
@@ -352,6 +353,18 @@ deps_node() {
     return 0
   fi
   say "deps: npm ci in examples/producers/node"
+  (cd "$dir" && npm ci --no-audit --no-fund) || die "npm ci in $dir failed"
+}
+
+# The MCP reference server for tests/integration/test_mcp.py, pinned by its package-lock.json.
+deps_mcp() {
+  local dir="$REPO_DIR/tests/mcp-everything"
+  [[ -f $dir/package-lock.json ]] || return 0
+  if [[ -f $dir/node_modules/.package-lock.json && ! $dir/package-lock.json -nt $dir/node_modules/.package-lock.json ]]; then
+    say "deps: tests/mcp-everything: node_modules matches package-lock.json"
+    return 0
+  fi
+  say "deps: npm ci in tests/mcp-everything"
   (cd "$dir" && npm ci --no-audit --no-fund) || die "npm ci in $dir failed"
 }
 

@@ -65,8 +65,9 @@ typedef struct tool_call {
     const char *id;
     const char *name;
     const char *args;
-    const lr_tool_def_t *def; /* NULL: unknown or not allowed for the agent */
-    lr_http_req_t *req;       /* in flight, or NULL */
+    const lr_tool_def_t *def;  /* NULL: unknown or not allowed for the agent */
+    lr_http_req_t *req;        /* in flight, or NULL */
+    struct lr_mcp_call *mcall; /* an MCP tool's call in flight (worker/mcp.h), or NULL */
     int tries;
     uint64_t retry_at; /* a retry is due then (lr_agent_now(); 0: none pending) */
     long park_ms;      /* > 0: the tool asked to wait this long: the task parks, the call runs on resume */

@@ -152,6 +152,8 @@ struct lr_worker {
     lr_pg_pool_t *pg;
     lr_amqp_t *amqp;
     lr_http_t *http;
+    struct lr_mcp *mcp;    /* MCP servers' sessions (worker/mcp.h), owned */
+    bool amqp_after_mcp;   /* the durability check passed: RabbitMQ starts once MCP is ready */
     lr_urlguard_t *egress; /* LONGRUN_EGRESS_ALLOW (worker/egress.h), owned */
     uv_timer_t lease_timer;
     uv_timer_t drain_timer;

@@ -85,6 +85,9 @@ const char *lr_run_tenant(const lr_run_t *r) { return r->tenant; }
 lr_worker_t *lr_run_worker(lr_run_t *r) { return r->w; }
 bool lr_run_lease_ok(lr_run_t *r) { return r->lease_until_ms != 0 && lr_worker_now(r->w) < r->lease_until_ms; }
 lr_http_t *lr_worker_http(lr_worker_t *w) { return w->http; }
+struct lr_mcp *lr_worker_mcp(lr_worker_t *w) {
+    return w->mcp;
+}
 struct lr_mem *lr_worker_mem(lr_worker_t *w) {
     return &w->mem;
 }

@@ -23,6 +23,7 @@
 #include "callback.h"
 #include "callstats.h"
 #include "egress.h"
+#include "mcp.h"
 #include "health.h"
 #include "migrations.h"
 #include "payload_log.h"
@@ -144,10 +145,39 @@ static void durability_cb(const lr_store_durability_res_t *res, void *arg) {
     if (w->draining) {
         return; /* a SIGTERM came first: nothing to consume, the drain exits */
     }
+    if (!lr_mcp_ready(w->mcp)) {
+        /* no task before the MCP servers' tools are known (mcp_ready) */
+        w->amqp_after_mcp = true;
+        return;
+    }
     if (start_amqp(w) != 0) {
         w->exit_code = 2;
         lr_daemon_shutdown(w->d);
     }
+}
+
+/* The MCP servers listed their tools (or the start wait is over): a step
+ * may now offer them to its model, so tasks may be consumed. */
+static void mcp_ready(void *arg) {
+    lr_worker_t *w = arg;
+    if (!w->amqp_after_mcp || w->stopping || w->draining) {
+        return;
+    }
+    w->amqp_after_mcp = false;
+    if (start_amqp(w) != 0) {
+        w->exit_code = 2;
+        lr_daemon_shutdown(w->d);
+    }
+}
+
+static void mcp_egress(void *arg, lr_http_opts_t *o) { lr_worker_egress(arg, o); }
+
+static void close_mcp(void *obj, long timeout_ms, lr_daemon_done_cb done, void *done_arg) {
+    lr_worker_t *w = obj;
+    lr_mcp_t *m = w->mcp;
+    (void)timeout_ms;
+    w->mcp = NULL;
+    lr_mcp_close(m, done, done_arg);
 }
 
 static void durability_check(lr_worker_t *w) {
@@ -363,8 +393,8 @@ static int register_components(lr_worker_t *w) {
         lr_daemon_add_handle(w->d, "memory timer", (uv_handle_t *)&w->mem.wake) != 0 ||
         lr_daemon_add_handle(w->d, "drain timer", (uv_handle_t *)&w->drain_timer) != 0 ||
         lr_daemon_add(w->d, "callbacks", abandon_callbacks, w, 0) != 0 ||
-        lr_daemon_add_http(w->d, "http", &w->http) != 0 || lr_daemon_add_pg(w->d, "postgres", &w->pg) != 0 ||
-        lr_daemon_add_amqp(w->d, "rabbitmq", &w->amqp, 5000) != 0) {
+        lr_daemon_add(w->d, "mcp", close_mcp, w, 0) != 0 || lr_daemon_add_http(w->d, "http", &w->http) != 0 ||
+        lr_daemon_add_pg(w->d, "postgres", &w->pg) != 0 || lr_daemon_add_amqp(w->d, "rabbitmq", &w->amqp, 5000) != 0) {
         lr_error("worker.start", "cannot register the components");
         return 1;
     }
@@ -449,6 +479,11 @@ static int start(lr_worker_t *w) {
         lr_error("worker.http_init", "cannot initialize the HTTP client");
         return 1;
     }
+    if (lr_mcp_init(&w->mcp, w->loop, w->http, mcp_egress, w) != 0) {
+        lr_error("worker.mcp_init", "cannot initialize the MCP client");
+        return 1;
+    }
+    lr_mcp_start(w->mcp, 10000, mcp_ready, w);
     uv_timer_start(&w->lease_timer, lr_lease_timer_cb, 200, lr_lease_every_ms(w));
     return 0;
 }

@@ -76,3 +76,4 @@ lr_py_test(integration.example_tool integration/test_example_tool.py TIMEOUT 180
 lr_py_test(integration.providers integration/test_providers.py TIMEOUT 180 LABELS "integration;asan")
 # Issue 19 (3): payload logs redacted (e-mail, keys, cards, custom patterns), checked against a control worker.
 lr_py_test(integration.redaction integration/test_redaction.py TIMEOUT 180 LABELS "integration;asan")
+lr_py_test(integration.mcp integration/test_mcp.py TIMEOUT 300 LABELS "integration;asan")
