@@ -42,6 +42,12 @@ typedef struct lr_amqp lr_amqp_t;
 #define LR_AMQP_DLX "longrun.dlx"
 #define LR_AMQP_DEAD_QUEUE "longrun.dead"
 #define LR_AMQP_QUEUE_PREFIX "longrun.q."
+/* The stream of task events (worker/events.h, docs/task-contract.md) and
+ * its default retention (LONGRUN_EVENTS_MAX_AGE, LONGRUN_EVENTS_MAX_BYTES). */
+#define LR_AMQP_EVENTS_STREAM "longrun.events"
+#define LR_AMQP_EVENTS_TASK_HEADER "x-longrun-task-id"
+#define LR_AMQP_EVENTS_MAX_AGE "7D"
+#define LR_AMQP_EVENTS_MAX_BYTES (1024LL * 1024 * 1024)
 #define LR_AMQP_DEFAULT_DELIVERY_LIMIT 20
 #define LR_AMQP_MAX_BODY (1024 * 1024)
 
@@ -187,7 +193,10 @@ int lr_amqp_sync_connect(lr_amqp_sync_t **out, const char *url, long timeout_ms,
                          size_t errlen) LR_MUSTCHECK;
 
 /* Declares exchange longrun.tasks (direct, durable), longrun.dlx (fanout,
- * durable), quorum queue longrun.dead bound to longrun.dlx, and for each
+ * durable), quorum queue longrun.dead bound to longrun.dlx, the stream
+ * longrun.events (x-queue-type=stream, x-max-age and x-max-length-bytes from
+ * LONGRUN_EVENTS_MAX_AGE / LONGRUN_EVENTS_MAX_BYTES; an existing stream with
+ * other ones is used as it is, with a warning), and for each
  * short name in queues (NULL-terminated) quorum queue longrun.q.<name> with
  * x-delivery-limit, x-dead-letter-exchange=longrun.dlx,
  * x-dead-letter-strategy=at-least-once, x-overflow=reject-publish, bound to

@@ -3,6 +3,7 @@
  * thread and the blocking helpers share (see amqp.c for the design).
  */
 #include "amqp_int.h"
+#include "config.h"
 
 /* ------------------------------------------------------------------------ */
 /* Connection wrapper shared by the owner thread and the blocking helpers    */
@@ -721,6 +722,57 @@ static int declare_task_queue(conn_t *c, const char *name, int delivery_limit, i
     return 0;
 }
 
+/* The stream of task events (worker/events.h), with its retention.  An
+ * existing stream declared with another retention answers
+ * PRECONDITION_FAILED: it is used as it is, with a warning that says how to
+ * change the retention without deleting it (a policy). */
+static int declare_events_stream(conn_t *c, char *errbuf, size_t errlen) {
+    amqp_table_entry_t args[3];
+    amqp_table_t table = {.num_entries = 3, .entries = args};
+    lr_config_t *cfg = malloc(sizeof(*cfg));
+    long long bytes;
+    rpc_err_t e;
+    int rc;
+    if (cfg == NULL) {
+        return lr_seterr(errbuf, errlen, LR_ENOMEM, "out of memory");
+    }
+    /* the retention as the daemons' config table reads it (common/config.c) */
+    if ((rc = lr_config_load(cfg, errbuf, errlen)) != 0) {
+        goto out;
+    }
+    bytes = (long long)cfg->events_max_mb * 1024 * 1024;
+    set_str_entry(&args[0], "x-queue-type", "stream");
+    set_str_entry(&args[1], "x-max-age", cfg->events_max_age);
+    args[2].key = amqp_cstring_bytes("x-max-length-bytes");
+    args[2].value.kind = AMQP_FIELD_KIND_I64;
+    args[2].value.value.i64 = bytes;
+    amqp_queue_declare(c->st, CHANNEL, amqp_cstring_bytes(LR_AMQP_EVENTS_STREAM), 0, 1, 0, 0, table);
+    rc = lra_rpc_check(c, &e);
+    if (rc == LR_EAMQP && e.code == AMQP_PRECONDITION_FAILED && lra_channel_recover(c) == 0) {
+        char first[DETAIL_MAX];
+        snprintf(first, sizeof(first), "%s", e.server);
+        amqp_queue_declare(c->st, CHANNEL, amqp_cstring_bytes(LR_AMQP_EVENTS_STREAM), 1, 1, 0, 0, amqp_empty_table);
+        if ((rc = lra_rpc_check(c, &e)) == 0) {
+            lr_warn("amqp.events_retention",
+                    "stream %s exists with other arguments than x-max-age=%s x-max-length-bytes=%lld (server "
+                    "said: %s); using it as it is. To change its retention: rabbitmqctl set_policy "
+                    "--apply-to queues longrun-events '^longrun\\.events$' '{\"max-age\":\"%s\","
+                    "\"max-length-bytes\":%lld}'",
+                    LR_AMQP_EVENTS_STREAM, cfg->events_max_age, bytes, first, cfg->events_max_age, bytes);
+            goto out;
+        }
+    }
+    if (rc != 0) {
+        char wanted[200];
+        snprintf(wanted, sizeof(wanted), "a stream (x-queue-type=stream) with x-max-age=%s, x-max-length-bytes=%lld",
+                 cfg->events_max_age, bytes);
+        rc = declare_error(c, rc, &e, "queue", LR_AMQP_EVENTS_STREAM, wanted, errbuf, errlen);
+    }
+out:
+    free(cfg);
+    return rc;
+}
+
 int lra_declare_topology(conn_t *c, const char *const *queues, int delivery_limit, int max_length, char *errbuf,
                          size_t errlen) {
     rpc_err_t e;
@@ -750,7 +802,8 @@ int lra_declare_topology(conn_t *c, const char *const *queues, int delivery_limi
         return declare_error(c, rc, &e, "queue", LR_AMQP_DEAD_QUEUE, "a durable quorum queue (x-queue-type=quorum)",
                              errbuf, errlen);
     }
-    if ((rc = bind_queue(c, LR_AMQP_DEAD_QUEUE, LR_AMQP_DLX, "", errbuf, errlen)) != 0) {
+    if ((rc = bind_queue(c, LR_AMQP_DEAD_QUEUE, LR_AMQP_DLX, "", errbuf, errlen)) != 0 ||
+        (rc = declare_events_stream(c, errbuf, errlen)) != 0) {
         return rc;
     }
 

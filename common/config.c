@@ -89,6 +89,10 @@ static const struct cfg_entry entries[] = {
     I("LONGRUN_QUEUE_MAX_LENGTH", queue_max_length, "100000", 0, 100000000),
     I("LONGRUN_MEMORY_BUDGET_MB", memory_budget_mb, "-1", -1, 1048576),
     I("LONGRUN_MAX_RESPONSE_BYTES", max_response_bytes, "8388608", 1024, 1073741824),
+    I("LONGRUN_EVENTS", events, "1", 0, 1),
+    I("LONGRUN_EVENTS_MAX_INFLIGHT", events_max_inflight, "10000", 1, 65536),
+    S("LONGRUN_EVENTS_MAX_AGE", events_max_age, "7D", 0),
+    I("LONGRUN_EVENTS_MAX_MB", events_max_mb, "1024", 1, 1048576),
 };
 
 static const struct cfg_entry *find(const char *env) {
@@ -177,6 +181,17 @@ static int validate(lr_config_t *cfg, char *errbuf, size_t errlen) {
             return lr_seterr(errbuf, errlen, LR_ECONFIG,
                              "LONGRUN_MAX_COST_USD=%g: above the operator's ceiling LONGRUN_CEILING_MAX_COST_USD=%g",
                              cfg->max_cost_usd, cfg->ceiling_max_cost_usd);
+        }
+    }
+    {
+        /* RabbitMQ's x-max-age: a positive number and one unit */
+        const char *a = cfg->events_max_age;
+        size_t n = strlen(a);
+        if (n < 2 || strspn(a, "0123456789") != n - 1 || strchr("YMDhms", a[n - 1]) == NULL || atol(a) <= 0) {
+            return lr_seterr(errbuf, errlen, LR_ECONFIG,
+                             "LONGRUN_EVENTS_MAX_AGE=%s: expected a positive number and one unit of Y M D h m s "
+                             "(7D, 12h)",
+                             a);
         }
     }
     if (strcmp(cfg->reply_to_prefix, "none") != 0) {

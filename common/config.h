@@ -73,6 +73,10 @@ typedef struct lr_config {
     int queue_max_length;           /* x-max-length of new task queues (reject-publish); 0 = unlimited */
     int memory_budget_mb;           /* worker memory budget; -1 = half the cgroup/RLIMIT_AS limit, 0 = none */
     int max_response_bytes;         /* largest model response body kept; a bigger one fails the step */
+    int events;                     /* 1: the worker publishes task events to longrun.events (worker/events.h) */
+    int events_max_inflight;        /* task events published and not yet confirmed, at most */
+    char events_max_age[16];        /* the stream's x-max-age (7D, 12h, ...) */
+    int events_max_mb;              /* the stream's x-max-length-bytes, in MiB */
 } lr_config_t;
 
 /* Fills cfg with defaults, then the environment.  Returns 0 or LR_ECONFIG

@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "events.h"
 #include "state.h"
 #include "store.h"
 #include "wmetrics.h"
@@ -69,6 +70,7 @@ static char *dup_or_null(const char *s) { return s != NULL ? strdup(s) : NULL; }
 static void take_row(lr_run_t *r, const lr_store_task_t *t) {
     lr_worker_t *w = r->w;
     r->epoch = t->epoch;
+    r->event_seq = t->event_seq;
     r->lease_until_ms = r->claim_sent_ms + (uint64_t)w->cfg.lease_seconds * 1000u;
     r->step = t->step;
     r->attempt = t->attempt;
@@ -152,6 +154,7 @@ static bool may_run(lr_run_t *r, const lr_store_task_t *t) {
 static void run_claimed(lr_run_t *r, const lr_store_task_t *t) {
     lr_worker_t *w = r->w;
     take_row(r, t);
+    lr_events_claimed(r);
     if (!may_run(r, t)) {
         return;
     }

@@ -107,7 +107,8 @@ struct lr_run {
     char *callback_url;
     char *tenant;
     int64_t epoch;
-    int step; /* last checkpointed step */
+    int64_t event_seq; /* tasks.event_seq as last committed by this run (worker/events.h) */
+    int step;          /* last checkpointed step */
     int attempt, max_attempts;
     lr_run_usage_t used; /* usage so far, before the step in flight (its .step unused: r->step) */
     int slice_steps;     /* steps done in this delivery */

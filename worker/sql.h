@@ -23,6 +23,7 @@
     "   claims = t.claims + CASE WHEN o.own THEN 0 ELSE 1 END,"                                   \
     "   claims_total = t.claims_total + CASE WHEN o.own THEN 0 ELSE 1 END,"                       \
     "   started_at = coalesce(t.started_at, now()), updated_at = now(),"                          \
+    "   event_seq = t.event_seq + 1,"                                                             \
     "   suspend_reason = NULL, wait_event = NULL, resume_at = NULL"                               \
     "  FROM o WHERE t.id = o.id AND (o.own OR (t.claims < $4::int AND (t.status = 'queued' OR"    \
     "   (t.status = 'running' AND (t.lease_expires_at IS NULL OR t.lease_expires_at < now())))))" \
@@ -33,7 +34,7 @@
     " SELECT c.lease_epoch, c.step, c.claims, c.attempt, c.max_attempts, c.agent, c.queue,"       \
     "  c.input::text, c.budgets::text, c.tokens_in, c.tokens_out, c.cost_usd, c.tool_calls,"      \
     "  c.active_ms, (c.deadline IS NOT NULL AND c.deadline < now()) AS past_deadline,"            \
-    "  c.cancel_requested,"                                                                       \
+    "  c.cancel_requested, c.event_seq,"                                                          \
     "  c.reply_to, c.correlation_id, c.callback_url, c.state_version, c.tenant,"                  \
     "  (SELECT count(*) FROM tasks x WHERE x.tenant = c.tenant AND x.status = 'running'"          \
     "   AND x.id <> c.id) AS tenant_running,"                                                     \
@@ -54,9 +55,10 @@
 #define SQL_INSERT_CLAIMED                                                                        \
     "WITH c AS (INSERT INTO tasks (id, queue, agent, input, budgets, max_attempts, deadline,"     \
     "  tenant, metadata, callback_url, reply_to, correlation_id, status, lease_epoch,"            \
-    "  lease_owner, lease_expires_at, claims, claims_total, started_at, published_at)"            \
+    "  lease_owner, lease_expires_at, claims, claims_total, started_at, published_at, event_seq)" \
     " VALUES ($1, $2, $3, $4::jsonb, $5::jsonb, $6::int, $7::timestamptz, $8, $9::jsonb, $10,"    \
-    "  $11, $12, 'running', 1, $13, now() + make_interval(secs => $14::int), 1, 1, now(), now())" \
+    "  $11, $12, 'running', 1, $13, now() + make_interval(secs => $14::int), 1, 1, now(), now()," \
+    "  1)"                                                                                        \
     " ON CONFLICT (id) DO NOTHING RETURNING *),"                                                  \
     " ev AS (INSERT INTO task_events (task_id, from_status, to_status, reason, actor)"            \
     "  SELECT id, NULL, 'running', 'received', $13 FROM c)"                                       \
@@ -76,7 +78,9 @@
  * $16 error, $17 stop_reason, $18 suspend_reason, $19 resume_in_ms,
  * $20 wait_event, $21 event reason, $22 tool call count, $23 active_ms,
  * $24 lease seconds, $25 state version of the step (worker/state.h),
- * $26 fallback (the model calls that did not answer, JSON or NULL; 0008).
+ * $26 fallback (the model calls that did not answer, JSON or NULL; 0008),
+ * $27 the step's events (worker/events.h: started, its tool calls, finished),
+ * to which event_seq adds one when the task leaves running (0010).
  * outage_since (0006): set by the first provider_unavailable park, kept by
  * the next ones, cleared by a step a model answered ($8).  Returns the
  * status as written and the row's error (an operator's cancel sets both). */
@@ -103,10 +107,12 @@
     "     THEN now() ELSE finished_at END,"                                                             \
     "   updated_at = CASE WHEN $4 <> 'running' OR cancel_requested THEN now() ELSE updated_at END,"     \
     "   last_progress_at = now(),"                                                                      \
-    "   state_version = greatest(state_version, $25::int)"                                              \
+    "   state_version = greatest(state_version, $25::int),"                                             \
+    "   event_seq = event_seq + $27::int"                                                               \
+    "     + CASE WHEN $4 <> 'running' OR cancel_requested THEN 1 ELSE 0 END"                            \
     "  WHERE id = $1 AND lease_epoch = $2 AND step = $3 - 1 AND status = 'running'"                     \
     "  RETURNING id, queue, agent, input, budgets, tokens_in, tokens_out, cost_usd, step, status,"      \
-    "   error),"                                                                                        \
+    "   error, event_seq),"                                                                             \
     " s AS (INSERT INTO task_steps (task_id, step_no, epoch, worker, model, messages,"                  \
     "  tool_calls, tokens_in, tokens_out, tokens_cached, cost_usd, latency_ms, state_version,"          \
     "  fallback)"                                                                                       \
@@ -120,7 +126,8 @@
     "  SELECT 'task:' || id || ':' || $2, id, id::text, queue, agent, coalesce($17, 'failed'),"         \
     "   $16, jsonb_build_object('id', id, 'agent', agent, 'input', input, 'budgets', budgets),"         \
     "   'worker' FROM t WHERE status = 'dead' ON CONFLICT (dedupe_key) DO NOTHING)"                     \
-    " SELECT s.step_no, t.tokens_in, t.tokens_out, t.cost_usd, t.status, t.error FROM s, t"
+    " SELECT s.step_no, t.tokens_in, t.tokens_out, t.cost_usd, t.status, t.error, t.event_seq"          \
+    " FROM s, t"
 
 /* Did step $2 of task $1 commit under epoch $3?  (After an ambiguous
  * connection loss during a checkpoint.) */
@@ -139,7 +146,8 @@
  * wait (suspended, retry_wait) into `cancelled` (event reason
  * cancel_requested); a hand-back to `queued` is cancelled by its next claim.
  * Returns the status as written and the row's error (the operator's reason
- * when cancelled). */
+ * when cancelled) and event_seq, advanced by one (the event that reports the
+ * transition, 0010). */
 #define SQL_TRANSITION_CANCELS "(cancel_requested AND $3 IN ('suspended', 'retry_wait'))"
 #define SQL_TRANSITION                                                                                                \
     "WITH t AS (UPDATE tasks SET status = CASE WHEN " SQL_TRANSITION_CANCELS " THEN 'cancelled' ELSE $3 END,"         \
@@ -155,9 +163,9 @@
     "     ELSE outage_since END,"                                                                                     \
     "   published_at = NULL,"                                                                                         \
     "   finished_at = CASE WHEN $3 IN ('succeeded', 'failed', 'dead', 'cancelled') OR " SQL_TRANSITION_CANCELS        \
-    "   THEN now() ELSE finished_at END, updated_at = now()"                                                          \
+    "   THEN now() ELSE finished_at END, updated_at = now(), event_seq = event_seq + 1"                               \
     "  WHERE id = $1 AND lease_epoch = $2 AND status = 'running' AND ($3 <> 'cancelled' OR cancel_requested)"         \
-    "  RETURNING id, queue, agent, input, budgets, step, attempt, status, error),"                                    \
+    "  RETURNING id, queue, agent, input, budgets, step, attempt, status, error, event_seq),"                         \
     " ev AS (INSERT INTO task_events (task_id, from_status, to_status, reason, actor, detail)"                        \
     "  SELECT id, 'running', status, CASE WHEN status = 'cancelled' AND $3 <> 'cancelled'"                            \
     "   THEN 'cancel_requested' ELSE $5 END, $4,"                                                                     \
@@ -168,7 +176,7 @@
     "  SELECT 'task:' || id || ':' || $2, id, id::text, queue, agent, coalesce($7, $5), $6,"                          \
     "   jsonb_build_object('id', id, 'agent', agent, 'input', input, 'budgets', budgets),"                            \
     "   'worker' FROM t WHERE $3 = 'dead' ON CONFLICT (dedupe_key) DO NOTHING)"                                       \
-    " SELECT id, step, attempt, status, error FROM t"
+    " SELECT id, step, attempt, status, error, event_seq FROM t"
 
 /* After a transition's resend changed nothing: the task's status and epoch
  * now (did the first attempt commit?). */

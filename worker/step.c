@@ -20,6 +20,7 @@
 #include <string.h>
 
 #include "agents.h"
+#include "events.h"
 #include "state.h"
 #include "store.h"
 #include "wmetrics.h"
@@ -124,6 +125,7 @@ static void checkpoint(lr_run_t *r) {
     a.event_reason = reason;
     a.lease_seconds = w->cfg.lease_seconds;
     a.state_version = lr_state_version();
+    a.events = lr_events_step_count(&r->out);
     if (r->out.outcome == LR_STEP_STOP) {
         snprintf(r->error, sizeof(r->error), "%s", r->out.error);
     }
@@ -227,6 +229,7 @@ static void checkpoint_cb(const lr_store_write_res_t *res, void *arg) {
         snprintf(r->reason, sizeof(r->reason), "cancelled");
         snprintf(r->error, sizeof(r->error), "%s", res->error != NULL ? res->error : "");
     }
+    lr_events_step(r, res->event_seq, r->status);
     checkpoint_committed(r);
 }
 
@@ -333,6 +336,7 @@ static void transition_cb(const lr_store_write_res_t *res, void *arg) {
         r->status = LR_ST_CANCELLED;
         snprintf(r->reason, sizeof(r->reason), "cancelled");
     }
+    lr_events_transition(r, res->event_seq, r->status);
     if (r->status == LR_ST_DEAD) {
         r->w->tasks_finished++;
         r->follow = LR_FOLLOW_DEAD;

@@ -21,7 +21,7 @@
 
 #define STORE_RETRIES 5         /* resends after a lost connection */
 #define STORE_VERIFY_RETRIES 20 /* checkpoint: step-row checks after losses */
-#define MAX_PARAMS 26
+#define MAX_PARAMS 27
 #define NUM_LEN 32
 
 typedef struct req req_t;
@@ -145,6 +145,7 @@ static void task_from_row(const PGresult *res, lr_store_task_t *t) {
     t->cancel_requested = get_bool(res, "cancel_requested");
     t->tenant_running = tr != NULL ? atoi(tr) : -1;
     t->outage_ms = lr_pg_getn(res, 0, "outage_ms") != NULL ? (long)get_ll(res, "outage_ms") : -1;
+    t->event_seq = get_ll(res, "event_seq");
     t->agent = lr_pg_getn(res, 0, "agent");
     t->queue = lr_pg_getn(res, 0, "queue");
     t->input = lr_pg_getn(res, 0, "input");
@@ -391,12 +392,13 @@ static void checkpoint_decode(req_t *q, int err, const PGresult *res) {
     } else {
         r.status = lr_pg_getn(res, 0, "status");
         r.error = lr_pg_getn(res, 0, "error");
+        r.event_seq = get_ll(res, "event_seq");
     }
     write_done(q, &r);
 }
 
 int lr_store_checkpoint(lr_pg_pool_t *pg, const lr_store_checkpoint_args_t *a, lr_store_write_cb cb, void *arg) {
-    req_t *q = req_new(pg, SQL_CHECKPOINT, 26, checkpoint_decode, (void (*)(void))cb, arg);
+    req_t *q = req_new(pg, SQL_CHECKPOINT, 27, checkpoint_decode, (void (*)(void))cb, arg);
     if (q == NULL) {
         return LR_ENOMEM;
     }
@@ -430,6 +432,7 @@ int lr_store_checkpoint(lr_pg_pool_t *pg, const lr_store_checkpoint_args_t *a, l
     req_num(q, 23, a->lease_seconds);
     req_num(q, 24, a->state_version);
     q->params[25] = a->fallback;
+    req_num(q, 26, a->events);
     q->vsql = SQL_STEP_EXISTS;
     q->vnparams = 3;
     q->vparams[0] = q->params[0];
@@ -474,6 +477,7 @@ static void transition_decode(req_t *q, int err, const PGresult *res) {
     } else {
         r.status = lr_pg_getn(res, 0, "status");
         r.error = lr_pg_getn(res, 0, "error");
+        r.event_seq = get_ll(res, "event_seq");
     }
     write_done(q, &r);
 }

@@ -75,6 +75,7 @@ typedef struct lr_store_task {
     bool cancel_requested; /* an operator's cancel is pending (claim only) */
     int tenant_running;    /* running tasks of the tenant (others), -1 unknown */
     long outage_ms;        /* parked for provider_unavailable since then (ms before the claim), -1: not */
+    int64_t event_seq;     /* the task's event sequence after this claim (its claimed event's) */
     const char *agent, *queue, *input, *budgets;                   /* input, budgets: JSON text */
     const char *reply_to, *correlation_id, *callback_url, *tenant; /* NULL when unset */
 } lr_store_task_t;
@@ -163,6 +164,8 @@ typedef struct lr_store_checkpoint_args {
     const char *event_reason;   /* the task_events reason, or NULL */
     int lease_seconds;
     int state_version;
+    int events; /* the step's events (worker/events.h); event_seq advances by this,
+                   and by one more when the task leaves running */
 } lr_store_checkpoint_args_t;
 
 typedef struct lr_store_write_res {
@@ -182,6 +185,8 @@ typedef struct lr_store_write_res {
                            commit was found by a check (step row, status) */
     const char *error;  /* committed: the row's error as written (an
                            operator's cancel reason), or NULL; NULL also
+                           when the commit was found by a check */
+    int64_t event_seq;  /* committed: tasks.event_seq as written (0010), 0
                            when the commit was found by a check */
 } lr_store_write_res_t;
 

@@ -100,4 +100,10 @@ void lr_wm_init(void) {
         "Model calls that waited for room in the memory budget (to start, or to read more of their answer).", NULL);
     lr_wm.memory_held =
         lr_metric_gauge("longrun_memory_held", "Deliveries held unclaimed now (memory budget reached).", NULL);
+    lr_wm.events_published = lr_metric_counter("longrun_events_published_total",
+                                               "Task events confirmed by the longrun.events stream, by type.", "type");
+    lr_wm.events_dropped = lr_metric_counter("longrun_events_dropped_total",
+                                             "Task events not published to longrun.events (the checkpoint still "
+                                             "holds what they report), by reason.",
+                                             "reason");
 }

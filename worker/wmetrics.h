@@ -51,6 +51,8 @@ typedef struct lr_wm {
     lr_metric_t *memory_holds;        /* counter */
     lr_metric_t *memory_waits;        /* counter (set from lr_mem_t.waits) */
     lr_metric_t *memory_held;         /* gauge */
+    lr_metric_t *events_published;    /* counter {type}: confirmed by the broker (worker/events.c) */
+    lr_metric_t *events_dropped;      /* counter {reason}: not published (full, disconnected, ...) */
 } lr_wm_t;
 
 extern lr_wm_t lr_wm;

@@ -1,0 +1,11 @@
+-- 0010: the per-task sequence number of the event stream (issue 18 item 2).
+--
+-- Workers publish a task's events to the RabbitMQ stream longrun.events
+-- (docs/task-contract.md, "Events").  Each event carries a per-task sequence
+-- number that must be gapless and unique across workers and restarts, so it
+-- is derived from durable state: event_seq is the number of events assigned
+-- so far, advanced in the same statement that commits what the events
+-- report (a claim +1, a checkpoint +the step's events, a transition +1).
+-- A worker publishes only after that commit, numbering its events up to
+-- the new value.  Existing tasks start at 0.
+ALTER TABLE tasks ADD COLUMN IF NOT EXISTS event_seq bigint NOT NULL DEFAULT 0;
