@@ -119,6 +119,10 @@ int cli_exec_simple(cli_t *c, PGconn *db, const char *sql);
  * operator acts): succeeded, failed, dead or cancelled. */
 bool cli_status_final(const char *status);
 
+/* The exit code of a final status, as `longrun wait` uses them (cli/wait.c):
+ * 0 succeeded, 4 dead or failed, 5 cancelled. */
+int cli_status_exit(const char *status);
+
 /* Parses a decimal integer in [min, max] for option name; -1 + message on error. */
 int cli_parse_long(cli_t *c, const char *name, const char *s, long min, long max, long *out);
 
@@ -165,6 +169,7 @@ int cmd_models(cli_t *c, int argc, char **argv);
 int cmd_eval(cli_t *c, int argc, char **argv);
 int cmd_wait(cli_t *c, int argc, char **argv);
 int cmd_result(cli_t *c, int argc, char **argv);
+int cmd_watch(cli_t *c, int argc, char **argv);
 
 /* Blocks until the n tasks ids are final (or timeout_s > 0 passes), printing
  * each as it ends; returns wait's exit code (wait.c). */

@@ -27,6 +27,7 @@ static const struct command {
     {"list", cmd_list, "list tasks with filters"},
     {"log", cmd_log, "a task's audit log: steps and transitions (--follow)"},
     {"wait", cmd_wait, "block until tasks are final; the exit code says how they ended"},
+    {"watch", cmd_watch, "follow one task's events live (steps, tool calls, outcome); exits with its outcome"},
     {"result", cmd_result, "print a finished task's output (--json: with usage and cost)"},
     {"stats", cmd_stats, "tasks by status, queue depths, throughput, dead letters by reason"},
     {"workers", cmd_workers, "live workers: version, in-flight tasks, heartbeat"},

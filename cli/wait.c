@@ -68,6 +68,8 @@ static int status_code(const char *status) {
     return strcmp(status, "cancelled") == 0 ? EXIT_CANCELLED : EXIT_DEAD;
 }
 
+int cli_status_exit(const char *status) { return status_code(status); }
+
 /* The worse of two exit codes (dead or failed over cancelled over ok). */
 static int worse(int a, int b) {
     if (a == EXIT_DEAD || b == EXIT_DEAD) {

@@ -225,6 +225,24 @@ int lr_amqp_sync_publish(lr_amqp_sync_t *s, const char *exchange, const char *ro
 int lr_amqp_sync_queue_info(lr_amqp_sync_t *s, const char *queue, uint32_t *messages, uint32_t *consumers, char *errbuf,
                             size_t errlen) LR_MUSTCHECK;
 
+/* Consumes stream queue (basic.qos prefetch, then basic.consume with manual
+ * acks and x-stream-offset: the named offset offset ("first", "last",
+ * "next") or, when offset is NULL, the timestamp ts_seconds (the first chunk
+ * written at or after it).  Returns 0, LR_ENOTFOUND (no such queue),
+ * LR_EAMQP (refused, e.g. not a stream), LR_ECONN, LR_EINVAL. */
+int lr_amqp_sync_stream_consume(lr_amqp_sync_t *s, const char *queue, const char *offset, int64_t ts_seconds,
+                                int prefetch, char *errbuf, size_t errlen) LR_MUSTCHECK;
+
+/* Waits up to timeout_ms for the next delivery of the consumer and acks it
+ * (a stream's credit).  On 0, *body is its body and *header_value the
+ * string header named header (NULL when absent), both NUL-terminated and
+ * the caller's to free.  Returns 0, LR_ETIMEOUT (nothing yet: call again),
+ * LR_ETOOBIG (a message over LR_AMQP_MAX_BODY, skipped), LR_EAMQP (the
+ * broker cancelled the consumer or closed the channel), LR_ECONN (the
+ * connection is gone: connect again), LR_ENOMEM. */
+int lr_amqp_sync_next(lr_amqp_sync_t *s, long timeout_ms, const char *header, char **body, char **header_value,
+                      char *errbuf, size_t errlen) LR_MUSTCHECK;
+
 void lr_amqp_sync_close(lr_amqp_sync_t *s);
 
 /* Parses url into its parts (wrapper over amqp_parse_url on a copy) and

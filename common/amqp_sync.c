@@ -228,6 +228,115 @@ int lr_amqp_sync_queue_info(lr_amqp_sync_t *s, const char *queue, uint32_t *mess
     return 0;
 }
 
+int lr_amqp_sync_stream_consume(lr_amqp_sync_t *s, const char *queue, const char *offset, int64_t ts_seconds,
+                                int prefetch, char *errbuf, size_t errlen) {
+    amqp_table_entry_t arg;
+    amqp_table_t args = {.num_entries = 1, .entries = &arg};
+    rpc_err_t e;
+    int rc;
+    if (s == NULL || s->c.st == NULL || s->c.broken) {
+        return lr_seterr(errbuf, errlen, LR_ECONN, "not connected");
+    }
+    if (queue == NULL || queue[0] == '\0' || strlen(queue) > MAX_SHORTSTR || prefetch < 1 || prefetch > 65535) {
+        return lr_seterr(errbuf, errlen, LR_EINVAL, "invalid queue name or prefetch");
+    }
+    if (!s->c.channel_open && lra_channel_recover(&s->c) != 0) {
+        return lr_seterr(errbuf, errlen, LR_ECONN, "cannot reopen the AMQP channel");
+    }
+    /* A stream consumer needs a prefetch: it is its credit. */
+    amqp_basic_qos(s->c.st, CHANNEL, 0, (uint16_t)prefetch, 0);
+    if ((rc = lra_rpc_check(&s->c, &e)) != 0) {
+        return lr_seterr(errbuf, errlen, rc, "basic.qos: %s", e.server);
+    }
+    arg.key = amqp_cstring_bytes("x-stream-offset");
+    if (offset != NULL) {
+        arg.value.kind = AMQP_FIELD_KIND_UTF8;
+        arg.value.value.bytes = amqp_cstring_bytes(offset);
+    } else {
+        arg.value.kind = AMQP_FIELD_KIND_TIMESTAMP;
+        arg.value.value.u64 = (uint64_t)(ts_seconds > 0 ? ts_seconds : 0);
+    }
+    amqp_basic_consume(s->c.st, CHANNEL, amqp_cstring_bytes(queue), amqp_empty_bytes, 0, 0, 0, args);
+    if ((rc = lra_rpc_check(&s->c, &e)) != 0) {
+        if (rc == LR_EAMQP) {
+            (void)lra_channel_recover(&s->c);
+            if (e.code == AMQP_NOT_FOUND) {
+                return lr_seterr(errbuf, errlen, LR_ENOTFOUND, "stream %s does not exist", queue);
+            }
+        }
+        return lr_seterr(errbuf, errlen, rc, "consuming %s: %s", queue, e.server);
+    }
+    amqp_maybe_release_buffers(s->c.st);
+    return 0;
+}
+
+/* The string value of header name in props, copied; NULL when absent. */
+static char *header_copy(const amqp_basic_properties_t *p, const char *name) {
+    if (!(p->_flags & AMQP_BASIC_HEADERS_FLAG)) {
+        return NULL;
+    }
+    for (int i = 0; i < p->headers.num_entries; i++) {
+        const amqp_table_entry_t *h = &p->headers.entries[i];
+        if (h->key.len == strlen(name) && memcmp(h->key.bytes, name, h->key.len) == 0 &&
+            (h->value.kind == AMQP_FIELD_KIND_UTF8 || h->value.kind == AMQP_FIELD_KIND_BYTES)) {
+            return strndup(h->value.value.bytes.bytes, h->value.value.bytes.len);
+        }
+    }
+    return NULL;
+}
+
+int lr_amqp_sync_next(lr_amqp_sync_t *s, long timeout_ms, const char *header, char **body, char **header_value,
+                      char *errbuf, size_t errlen) {
+    amqp_envelope_t env;
+    amqp_rpc_reply_t rep;
+    struct timeval tv = {.tv_sec = timeout_ms / 1000, .tv_usec = (timeout_ms % 1000) * 1000};
+    int rc = 0;
+    *body = NULL;
+    *header_value = NULL;
+    if (s == NULL || s->c.st == NULL || s->c.broken) {
+        return lr_seterr(errbuf, errlen, LR_ECONN, "not connected");
+    }
+    amqp_maybe_release_buffers(s->c.st);
+    rep = amqp_consume_message(s->c.st, &env, &tv, 0);
+    if (rep.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION && rep.library_error == AMQP_STATUS_TIMEOUT) {
+        return LR_ETIMEOUT;
+    }
+    if (rep.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION && rep.library_error == AMQP_STATUS_UNEXPECTED_STATE) {
+        /* Not a delivery: a consumer cancel or a channel or connection close. */
+        amqp_frame_t f;
+        char detail[DETAIL_MAX];
+        if ((rc = lra_wait_frame(&s->c, &f, timeout_ms, detail, sizeof(detail))) != 0) {
+            return lr_seterr(errbuf, errlen, rc == LR_ETIMEOUT ? LR_ETIMEOUT : LR_ECONN, "%s", detail);
+        }
+        if (f.frame_type == AMQP_FRAME_METHOD && f.payload.method.id == AMQP_CHANNEL_CLOSE_METHOD) {
+            const amqp_channel_close_t *m = f.payload.method.decoded;
+            rc = lr_seterr(errbuf, errlen, LR_EAMQP, "the broker closed the channel: %u %.*s", m->reply_code,
+                           (int)m->reply_text.len, (const char *)m->reply_text.bytes);
+            lra_send_channel_close_ok(&s->c);
+            return rc;
+        }
+        if (f.frame_type == AMQP_FRAME_METHOD && f.payload.method.id == AMQP_BASIC_CANCEL_METHOD) {
+            return lr_seterr(errbuf, errlen, LR_EAMQP, "the broker cancelled the consumer (stream deleted?)");
+        }
+        return LR_ETIMEOUT; /* something else: nothing to hand over yet */
+    }
+    if (rep.reply_type != AMQP_RESPONSE_NORMAL) {
+        s->c.broken = true;
+        return lr_seterr(errbuf, errlen, LR_ECONN, "connection lost while consuming");
+    }
+    if (env.message.body.len > LR_AMQP_MAX_BODY) {
+        rc = lr_seterr(errbuf, errlen, LR_ETOOBIG, "a message of %zu bytes", env.message.body.len);
+    } else if ((*body = strndup(env.message.body.bytes != NULL ? env.message.body.bytes : "", env.message.body.len)) ==
+               NULL) {
+        rc = LR_ENOMEM;
+    } else if (header != NULL) {
+        *header_value = header_copy(&env.message.properties, header);
+    }
+    (void)amqp_basic_ack(s->c.st, CHANNEL, env.delivery_tag, 0);
+    amqp_destroy_envelope(&env);
+    return rc;
+}
+
 void lr_amqp_sync_close(lr_amqp_sync_t *s) {
     if (s == NULL) {
         return;
