@@ -64,6 +64,7 @@ lr_py_test(integration.context integration/test_context.py TIMEOUT 300 LABELS "i
 # Issue 17 (3): tokens per minute over any 60-second window (sliding log), two workers, tasks parked and resumed.
 lr_py_test(integration.tpm_window integration/test_tpm_window.py TIMEOUT 300 LABELS "integration;asan")
 lr_py_test(integration.wait integration/test_wait.py TIMEOUT 300 LABELS "integration;asan")
+lr_py_test(integration.events integration/test_events.py TIMEOUT 400 LABELS "integration;asan")
 lr_py_test(integration.dlq_backoff integration/test_dlq_backoff.py TIMEOUT 120 LABELS "integration;asan")
 # Issue 17 (4): immediate cancellation: in-flight tool and model calls aborted, --after-step, the claim.
 lr_py_test(integration.cancel integration/test_cancel.py TIMEOUT 300 LABELS "integration;asan")
