@@ -12,9 +12,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 import harness as h  # noqa: E402
+import jsonschema  # noqa: E402
 
 AGENTS = os.path.join(h.SOURCE, "tests", "fixtures", "agents.test.json")
 FORBIDDEN = ("arguments", "result", "messages", "input", "content")
+SCHEMA = jsonschema.Draft202012Validator(json.load(open(os.path.join(h.SOURCE, "docs", "events.schema.json"))))
 
 
 def start_cli(env, *args):
@@ -33,6 +35,8 @@ def check_against_log(env, tid, evs, first=1):
     h.eq([e["seq"] for e in evs], list(range(first, first + len(evs))), "contiguous sequence numbers")
     h.check(all(e["task_id"] == tid for e in evs), "only this task's events")
     for e in evs:
+        errors = [x.message for x in SCHEMA.iter_errors(e)]
+        h.check(not errors, "event %s fits docs/events.schema.json: %s" % (e, errors))
         for k in FORBIDDEN:
             h.check(k not in e, "no %s in an event: %s" % (k, e))
     steps = env.sql("select step_no, tokens_in, tokens_out, model,"
