@@ -63,7 +63,7 @@
     " ev AS (INSERT INTO task_events (task_id, from_status, to_status, reason, actor)"            \
     "  SELECT id, NULL, 'running', 'received', $13 FROM c)"                                       \
     " SELECT lease_epoch, step, claims, attempt, max_attempts, agent, queue, input::text,"        \
-    "  budgets::text, tokens_in, tokens_out, cost_usd, tool_calls, active_ms,"                    \
+    "  budgets::text, tokens_in, tokens_out, cost_usd, tool_calls, active_ms, event_seq,"         \
     "  (deadline IS NOT NULL AND deadline < now()) AS past_deadline, reply_to, correlation_id,"   \
     "  callback_url, state_version, tenant,"                                                      \
     "  (SELECT count(*) FROM tasks x WHERE x.tenant = c.tenant AND x.status = 'running')"         \
