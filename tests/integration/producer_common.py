@@ -50,6 +50,7 @@ class Run:
         self.published = {}  # task id -> correlation id
         self.replies = {}    # task id -> (status, correlation id, steps)
         self.missing = []
+        self.events = []     # (task id, seq, type) of "event" lines (producers that follow the stream)
         for line in lines:
             f = line.split()
             if line.startswith("reply queue "):
@@ -60,6 +61,8 @@ class Run:
                 self.replies[f[1]] = (f[2], f[3].split("=", 1)[1], f[4].split("=", 1)[1])
             elif f and f[0] == "missing":
                 self.missing.append(f[1])
+            elif f and f[0] == "event" and len(f) >= 4 and f[2].startswith("seq="):
+                self.events.append((f[1], int(f[2].split("=", 1)[1]), f[3]))
         m = SUMMARY.match(lines[-1]) if lines else None
         self.summary = tuple(int(x) for x in m.groups()) if m else None
 
@@ -78,8 +81,19 @@ def run_producer(env, cmd, args, timeout=120, **extra_env):
     return r
 
 
-def check_producer(lang, cmd, n=5):
-    """The producer test: cmd is the argv prefix that runs the producer (before N)."""
+def check_events(env, r):
+    """The producer followed its first task on longrun.events: contiguous events from 1 to the
+    outcome, as many as tasks.event_seq says."""
+    first = next(iter(r.published))
+    evs = [e for e in r.events if e[0] == first]
+    h.eq([e[1] for e in evs], list(range(1, len(evs) + 1)), "contiguous event lines\n" + r.describe())
+    h.check(evs and evs[0][2] == "claimed" and evs[-1][2] == "outcome", "from claimed to the outcome: %s" % evs)
+    h.eq(len(evs), env.scalar("select event_seq from tasks where id = %s", (first,)), "every event of the task")
+
+
+def check_producer(lang, cmd, n=5, events=False):
+    """The producer test: cmd is the argv prefix that runs the producer (before N); events: it
+    follows its first task on the event stream (check_events)."""
     with h.Env("producer-" + lang) as env:
         env.start_fixture()
         env.start_scheduler()
@@ -106,6 +120,8 @@ def check_producer(lang, cmd, n=5):
                  % tid)
             h.eq(r.replies[tid], ("succeeded", corr, "4"), "reply line of %s" % tid)
         h.eq(env.queue_counts(r.reply_queue), None, "the exclusive reply queue is gone with the producer")
+        if events:
+            check_events(env, r)
 
         # 2. tasks that end dead (an agent no worker knows): exit 1, the reply says why
         r = run_producer(env, cmd, ["2", "--agent", "no-such-agent"])

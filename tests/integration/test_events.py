@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 
 sys.path.insert(0, os.path.dirname(__file__))
 import harness as h  # noqa: E402
@@ -79,6 +80,16 @@ def test():
         rc, evs, err = watch(env, tid, "--from-seq", "4")
         h.eq(rc, 0, err)
         h.eq(evs, first_run[3:], "--from-seq 4: the same events from the 4th on")
+
+        # a task published straight to RabbitMQ (its row is created by the claim)
+        tid = str(uuid.uuid4())
+        env.publish([{"id": tid, "agent": "steps3", "input": "raw"}])
+        h.wait_for(lambda: env.scalar("select status from tasks where id = %s", (tid,)) == "succeeded", 60,
+                   "the published task succeeds")
+        rc, evs, err = watch(env, tid)
+        h.eq(rc, 0, err)
+        h.eq((evs[0]["seq"], evs[0]["type"]), (1, "claimed"), "the inserting claim is event 1")
+        check_against_log(env, tid, evs)
 
         # 2. a consumer that goes away mid-way and comes back resumes without gaps or duplicates
         tid = env.enqueue_many([{"agent": "slow3", "input": "again"}])[0]

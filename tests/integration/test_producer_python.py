@@ -17,7 +17,7 @@ def test():
     if r.returncode != 0:
         pc.missing_toolchain("%s cannot import pika (scripts/dev deps installs Debian's python3-pika)" % h.PY)
     h.log("pika %s" % r.stdout.strip())
-    pc.check_producer("python", [h.PY, PRODUCER])
+    pc.check_producer("python", [h.PY, PRODUCER], events=True)
 
 
 h.run(test)

@@ -26,6 +26,7 @@ a high-volume producer would use pika's SelectConnection (or another client) and
 many publishes in flight.
 """
 import argparse
+import datetime
 import json
 import os
 import sys
@@ -60,14 +61,63 @@ def die(code, msg):
     sys.exit(code)
 
 
-def follow_events(task_id):
-    """TODO(issue 18 item 2, the task event stream): follow one task live.
+EVENTS = "longrun.events"
+OUTCOME_GRACE = 5.0  # seconds to wait for the followed task's outcome event after its reply
 
-    When workers publish task events to the RabbitMQ stream, consume it here from
-    offset "first" (x-stream-offset), keep the events whose task id is task_id, print
-    them, and stop at the task's outcome.  The stream does not exist yet, so this does
-    nothing; the reply below is the outcome."""
-    return None
+
+def follow_events(conn, task_id, since):
+    """Follows one task live on the event stream longrun.events (docs/task-contract.md, "Events").
+
+    A third channel consumes the stream with the prefetch RabbitMQ streams require
+    (basic.qos) and x-stream-offset = a timestamp a little before the task was published,
+    keeps the events whose x-longrun-task-id header is task_id, drops every sequence number
+    already printed (a consumer that reconnects from the same offset sees them again) and
+    prints one line per event:
+
+        event <task id> seq=<n> <type> step=<n> [details]
+
+    Returns a dict the wait loop reads: "outcome" once the task's outcome event arrived.
+    A fleet without the stream (older workers): says so, and the reply is the outcome."""
+    state = {"last_seq": 0, "outcome": None, "gap": False}
+    ch = conn.channel()
+    ch.basic_qos(prefetch_count=100)
+
+    def on_event(ch, method, props, body):
+        try:
+            if (props.headers or {}).get("x-longrun-task-id") != task_id:
+                return
+            e = json.loads(body)
+            seq = e.get("seq")
+            if not isinstance(seq, int) or seq <= state["last_seq"]:
+                return  # printed already
+            if seq != state["last_seq"] + 1 and not state["gap"]:
+                # lost between a commit and its publish, or gone by retention: the step
+                # log in PostgreSQL has the steps (longrun watch fills them in)
+                print("event %s gap before seq=%d (see longrun watch %s)" % (task_id, seq, task_id), flush=True)
+                state["gap"] = True
+            state["last_seq"] = seq
+            detail = ""
+            if e.get("type") == "step_finished":
+                u = e.get("usage") or {}
+                detail = " model=%s tokens_in=%s tokens_out=%s tool_calls=%s" % (
+                    e.get("model"), u.get("tokens_in"), u.get("tokens_out"), e.get("tool_calls"))
+            elif e.get("type") == "tool_call_finished":
+                detail = " name=%s status=%s ms=%s" % (e.get("name"), e.get("status"), e.get("ms"))
+            elif e.get("type") == "outcome":
+                detail = " status=%s" % e.get("status")
+                state["outcome"] = e.get("status")
+            print("event %s seq=%d %s step=%s%s" % (task_id, seq, e.get("type"), e.get("step"), detail), flush=True)
+        finally:
+            ch.basic_ack(method.delivery_tag)
+
+    try:
+        # pika sends an aware datetime as an AMQP timestamp (seconds)
+        offset = datetime.datetime.fromtimestamp(since - 5, datetime.timezone.utc)
+        ch.basic_consume(EVENTS, on_event, arguments={"x-stream-offset": offset})
+    except pika.exceptions.ChannelClosedByBroker as e:
+        print("no event stream %s (%s): following by the reply only" % (EVENTS, e.reply_text), flush=True)
+        state["outcome"] = "n/a"
+    return state
 
 
 def main():
@@ -136,6 +186,7 @@ def main():
     pub = conn.channel()
     pub.confirm_delivery()
     sent = []
+    published_at = time.time()
     for i in range(args.n):
         tid = str(uuid.uuid4())
         corr = str(uuid.uuid4())
@@ -161,14 +212,17 @@ def main():
                 die(3, "publishing task %s failed: %r; %d task(s) were published before it" % (tid, e, len(sent)))
         sent.append(tid)
         print("published %s correlation_id=%s" % (tid, corr), flush=True)
-    if sent:
-        follow_events(sent[0])
+    followed = follow_events(conn, sent[0], published_at) if sent else {"outcome": "n/a"}
 
     # 3. Wait for the outcomes (the consumer callback runs inside process_data_events).
     deadline = time.monotonic() + args.timeout
     try:
         while pending and time.monotonic() < deadline:
             conn.process_data_events(time_limit=min(1.0, max(0.0, deadline - time.monotonic())))
+        # the followed task's outcome event comes with its reply, give or take a moment
+        grace = min(deadline, time.monotonic() + OUTCOME_GRACE)
+        while not pending and followed["outcome"] is None and time.monotonic() < grace:
+            conn.process_data_events(time_limit=0.2)
     except pika.exceptions.AMQPError as e:
         print("connection lost while waiting: %r" % e, file=sys.stderr)
     for corr, tid in pending.items():
