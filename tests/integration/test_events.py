@@ -113,7 +113,8 @@ def test():
         h.wait_for(lambda: (env.scalar("select step from tasks where id = %s", (tid,)) or 0) >= 1, 60,
                    "the first step")
         w1.kill()
-        w2 = env.start_worker("w2", LONGRUN_AGENTS_FILE=AGENTS, LONGRUN_LEASE_SECONDS=3)
+        port = h.free_port()
+        w2 = env.start_worker("w2", LONGRUN_AGENTS_FILE=AGENTS, LONGRUN_LEASE_SECONDS=3, LONGRUN_HTTP_PORT=port)
         rc, evs, err = watch(env, tid, timeout=120)
         h.eq(rc, 0, err)
         check_against_log(env, tid, evs)
@@ -148,9 +149,33 @@ def test():
         h.eq(q["arguments"].get("x-queue-type"), "stream", q["arguments"])
         h.check("x-max-age" in q["arguments"] and "x-max-length-bytes" in q["arguments"], q["arguments"])
 
+        # the worker counted what it published, and dropped nothing
+        metrics = h.http_get(port, "/metrics")[1]
+        h.check('longrun_events_published_total{type="outcome"}' in metrics, metrics[-2000:])
+        h.check("longrun_events_dropped_total{" not in metrics, "no event dropped")
+
         # 6. SIGTERM: exit 0 (LSan clean under ASan)
         w2.signal(signal.SIGTERM)
         h.eq(w2.wait(60), 0, "the worker exits 0 on SIGTERM")
+
+        # 7. events off (LONGRUN_EVENTS=0): the stream has nothing for the task, watch fills
+        # every step in from the step log and still exits with the outcome
+        w4 = env.start_worker("w4", LONGRUN_AGENTS_FILE=AGENTS, LONGRUN_EVENTS="0")
+        tid = env.enqueue_many([{"agent": "steps3", "input": "quiet"}])[0]
+        rc, evs, err = watch(env, tid)
+        h.eq(rc, 0, err)
+        h.check("filling in from the step log" in err, err)
+        h.eq([(e["type"], e["seq"], e["reconciled"]) for e in evs], [("step_finished", None, True)] * 3,
+             "three steps from the step log")
+        check_steps = env.sql("select step_no from task_steps where task_id = %s order by step_no", (tid,))
+        h.eq([e["step"] for e in evs], [x["step_no"] for x in check_steps], "the step log's steps")
+        for e in evs:
+            h.check(not list(SCHEMA.iter_errors(e)), "a reconciled event fits the schema: %s" % e)
+        want = env.scalar("select 2 + sum(2 + 2 * coalesce(jsonb_array_length(case when jsonb_typeof(tool_calls)"
+                          " = 'array' then tool_calls end), 0)) from task_steps where task_id = %s", (tid,))
+        h.eq(env.scalar("select event_seq from tasks where id = %s", (tid,)), want, "the sequence still advances")
+        w4.signal(signal.SIGTERM)
+        h.eq(w4.wait(60), 0, "exit 0 on SIGTERM")
 
 
 if __name__ == "__main__":
