@@ -210,11 +210,22 @@ static void drain_ring(watch_t *w) {
 /* The earliest held event (the gap ends before it), or NULL. */
 static const cJSON *first_held(const watch_t *w) {
     for (int64_t s = w->want + 1; s < w->want + WINDOW; s++) {
-        if (w->ring[s % WINDOW] != NULL) {
-            return w->ring[s % WINDOW];
+        const cJSON *e = w->ring[s % WINDOW];
+        if (e != NULL && (int64_t)num(e, "seq") == s) {
+            return e;
         }
     }
     return NULL;
+}
+
+/* Drops held events older than w->want (left behind by a gap closed past them). */
+static void drop_stale(watch_t *w) {
+    for (int i = 0; i < WINDOW; i++) {
+        if (w->ring[i] != NULL && (int64_t)num(w->ring[i], "seq") < w->want) {
+            cJSON_Delete(w->ring[i]);
+            w->ring[i] = NULL;
+        }
+    }
 }
 
 /* Closes the gap before event e: its events are not coming. */
@@ -231,6 +242,7 @@ static int close_gap(watch_t *w, const cJSON *e) {
     }
     w->want = seq;
     w->gap_since = 0;
+    drop_stale(w);
     drain_ring(w);
     return 0;
 }
@@ -266,10 +278,39 @@ static int take(watch_t *w, char *body) {
     return 0;
 }
 
+/* The outcome as the task's row has it (no outcome event came): status,
+ * stop_reason and step in res columns 0, 3 and 2. */
+static void print_db_outcome(const watch_t *w, const PGresult *res) {
+    const char *status = PQgetvalue(res, 0, 0);
+    bool stop = !PQgetisnull(res, 0, 3);
+    if (w->c->json) {
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddNumberToObject(o, "v", 1);
+        cJSON_AddStringToObject(o, "task_id", w->id);
+        cJSON_AddNullToObject(o, "seq");
+        cJSON_AddNumberToObject(o, "step", atoi(PQgetvalue(res, 0, 2)));
+        cJSON_AddStringToObject(o, "type", "outcome");
+        cJSON_AddBoolToObject(o, "reconciled", true);
+        cJSON_AddStringToObject(o, "status", status);
+        if (stop) {
+            cJSON_AddStringToObject(o, "stop_reason", PQgetvalue(res, 0, 3));
+        } else {
+            cJSON_AddNullToObject(o, "stop_reason");
+        }
+        cli_print_json(o);
+        cJSON_Delete(o);
+    } else {
+        printf("%s%s%s%s (from the database)\n", status, stop ? " (" : "", stop ? PQgetvalue(res, 0, 3) : "",
+               stop ? ")" : "");
+    }
+    fflush(stdout);
+}
+
 /* Reads the task's row: done when it is final and nothing more is coming.
  * Returns 0 or -1. */
 static int poll_row(watch_t *w) {
-    PGresult *res = cli_exec(w->c, w->db, "SELECT status, event_seq, step FROM tasks WHERE id = $1", 1, &w->id);
+    PGresult *res =
+        cli_exec(w->c, w->db, "SELECT status, event_seq, step, stop_reason FROM tasks WHERE id = $1", 1, &w->id);
     const char *status;
     int64_t last;
     if (res == NULL) {
@@ -295,10 +336,7 @@ static int poll_row(watch_t *w) {
                 PQclear(res);
                 return -1;
             }
-            if (!w->c->json) {
-                printf("%s (from the database)\n", status);
-                fflush(stdout);
-            }
+            print_db_outcome(w, res);
             w->done = true;
             w->code = cli_status_exit(status);
         }

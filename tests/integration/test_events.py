@@ -165,10 +165,12 @@ def test():
         rc, evs, err = watch(env, tid)
         h.eq(rc, 0, err)
         h.check("filling in from the step log" in err, err)
-        h.eq([(e["type"], e["seq"], e["reconciled"]) for e in evs], [("step_finished", None, True)] * 3,
-             "three steps from the step log")
+        h.eq([(e["type"], e["seq"], e["reconciled"]) for e in evs],
+             [("step_finished", None, True)] * 3 + [("outcome", None, True)],
+             "three steps from the step log, then the outcome from the row")
+        h.eq(evs[-1]["status"], "succeeded", evs[-1])
         check_steps = env.sql("select step_no from task_steps where task_id = %s order by step_no", (tid,))
-        h.eq([e["step"] for e in evs], [x["step_no"] for x in check_steps], "the step log's steps")
+        h.eq([e["step"] for e in evs[:-1]], [x["step_no"] for x in check_steps], "the step log's steps")
         for e in evs:
             h.check(not list(SCHEMA.iter_errors(e)), "a reconciled event fits the schema: %s" % e)
         want = env.scalar("select 2 + sum(2 + 2 * coalesce(jsonb_array_length(case when jsonb_typeof(tool_calls)"
