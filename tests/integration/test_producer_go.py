@@ -30,7 +30,7 @@ def test():
     h.check(r.returncode == 0, "build.sh failed (%d):\n%s%s" % (r.returncode, r.stdout, r.stderr))
     h.log("built %s in %.1f s" % (out, time.time() - t0))
     try:
-        pc.check_producer("go", [out])
+        pc.check_producer("go", [out], events=True)
     finally:
         os.unlink(out)
 

@@ -30,7 +30,7 @@ def test():
         if r.returncode != 0:
             pc.missing_toolchain("npm ci in examples/producers/node failed (%d): %s"
                                  % (r.returncode, r.stderr.strip().replace("\n", " ")[-300:]))
-    pc.check_producer("node", [node, os.path.join(DIR, "producer.js")])
+    pc.check_producer("node", [node, os.path.join(DIR, "producer.js")], events=True)
 
 
 h.run(test)

@@ -203,12 +203,99 @@ func publishAll(ch *amqp.Channel, tasks []task, queue, replyQueue string, return
 	return nil
 }
 
-// TODO(issue 18 item 2, the task event stream): follow one task live.
-// When workers publish task events to the RabbitMQ stream, consume it here from offset
-// "first" (the x-stream-offset consumer argument; Qos required), keep the events whose task
-// id is taskID, print them, and stop at the task's outcome. The stream does not exist yet, so
-// this does nothing; the reply is the outcome.
-func followEvents(_ *amqp.Connection, _ string) {}
+const (
+	eventsStream = "longrun.events"
+	outcomeGrace = 5 * time.Second // to wait for the followed task's outcome event after its reply
+)
+
+// event is what followEvents reads of a task event (docs/events.schema.json).
+type event struct {
+	Seq       *int64  `json:"seq"`
+	Type      string  `json:"type"`
+	Step      int     `json:"step"`
+	Model     *string `json:"model"`
+	Name      string  `json:"name"`
+	Status    string  `json:"status"`
+	Ms        float64 `json:"ms"`
+	ToolCalls int     `json:"tool_calls"`
+	Usage     struct {
+		TokensIn  float64 `json:"tokens_in"`
+		TokensOut float64 `json:"tokens_out"`
+	} `json:"usage"`
+}
+
+// followEvents follows one task live on the event stream longrun.events
+// (docs/task-contract.md, "Events"): a channel with the prefetch RabbitMQ streams require
+// (Qos), consuming with x-stream-offset = a timestamp a little before the task was
+// published, keeps the events whose x-longrun-task-id header is taskID, drops every
+// sequence number already printed (a consumer that reconnects from the same offset sees
+// them again) and prints
+//
+//	event <task id> seq=<n> <type> step=<n> [details]
+//
+// The returned channel gets the status of the task's outcome event (at once "n/a" when the
+// fleet has no stream: the reply is the outcome then).
+func followEvents(conn *amqp.Connection, taskID string, since time.Time) <-chan string {
+	done := make(chan string, 1)
+	fail := func(err error) <-chan string {
+		fmt.Printf("no event stream %s (%v): following by the reply only\n", eventsStream, err)
+		done <- "n/a"
+		return done
+	}
+	ch, err := conn.Channel()
+	if err != nil {
+		return fail(err)
+	}
+	if err := ch.Qos(100, 0, false); err != nil {
+		return fail(err)
+	}
+	msgs, err := ch.Consume(eventsStream, "", false, false, false, false,
+		amqp.Table{"x-stream-offset": since.Add(-5 * time.Second)})
+	if err != nil {
+		return fail(err)
+	}
+	go func() {
+		var last int64
+		gap := false
+		for d := range msgs {
+			if tid, _ := d.Headers["x-longrun-task-id"].(string); tid == taskID {
+				var e event
+				if json.Unmarshal(d.Body, &e) == nil && e.Seq != nil && *e.Seq > last {
+					if *e.Seq != last+1 && !gap {
+						// lost between a commit and its publish, or gone by retention: the
+						// step log in PostgreSQL has the steps (longrun watch fills them in)
+						fmt.Printf("event %s gap before seq=%d (see longrun watch %s)\n", taskID, *e.Seq, taskID)
+						gap = true
+					}
+					last = *e.Seq
+					detail := ""
+					switch e.Type {
+					case "step_finished":
+						model := "null"
+						if e.Model != nil {
+							model = *e.Model
+						}
+						detail = fmt.Sprintf(" model=%s tokens_in=%.0f tokens_out=%.0f tool_calls=%d", model,
+							e.Usage.TokensIn, e.Usage.TokensOut, e.ToolCalls)
+					case "tool_call_finished":
+						detail = fmt.Sprintf(" name=%s status=%s ms=%.0f", e.Name, e.Status, e.Ms)
+					case "outcome":
+						detail = " status=" + e.Status
+					}
+					fmt.Printf("event %s seq=%d %s step=%d%s\n", taskID, *e.Seq, e.Type, e.Step, detail)
+					if e.Type == "outcome" {
+						select {
+						case done <- e.Status:
+						default:
+						}
+					}
+				}
+			}
+			_ = d.Ack(false)
+		}
+	}()
+	return done
+}
 
 func run() (int, error) {
 	opt, err := parseOptions(os.Args[1:])
@@ -279,13 +366,14 @@ func run() (int, error) {
 		tasks = append(tasks, t)
 		pending[t.corr] = t.id
 	}
+	publishedAt := time.Now()
 	if err := publishAll(ch, tasks, opt.queue, replyQueue, returns); err != nil {
 		return 0, err
 	}
 	for _, t := range tasks {
 		fmt.Printf("published %s correlation_id=%s\n", t.id, t.corr)
 	}
-	followEvents(conn, tasks[0].id)
+	followed := followEvents(conn, tasks[0].id, publishedAt)
 
 	// 3. Wait for the outcomes, at most -timeout seconds.
 	outcomes := make(map[string]string, opt.n) // task id -> status
@@ -324,6 +412,13 @@ wait:
 			fmt.Println(line)
 		case <-deadline.C:
 			break wait
+		}
+	}
+	if len(pending) == 0 {
+		// the followed task's outcome event comes with its reply, give or take a moment
+		select {
+		case <-followed:
+		case <-time.After(outcomeGrace):
 		}
 	}
 	for corr, tid := range pending {

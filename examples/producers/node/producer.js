@@ -94,12 +94,75 @@ function options() {
   return { n, agent: values.agent, input, queue: values.queue, maxSteps, timeout };
 }
 
-// TODO(issue 18 item 2, the task event stream): follow one task live.
-// When workers publish task events to the RabbitMQ stream, consume it here from offset
-// "first" (the x-stream-offset consumer argument; prefetch required), keep the events whose
-// task id is taskId, print them, and stop at the task's outcome. The stream does not exist
-// yet, so this does nothing; the reply is the outcome.
-async function followEvents(_conn, _taskId) {}
+const EVENTS = 'longrun.events';
+const OUTCOME_GRACE_MS = 5000; // to wait for the followed task's outcome event after its reply
+
+// Follows one task live on the event stream longrun.events (docs/task-contract.md, "Events"):
+// a channel with the prefetch RabbitMQ streams require, consuming with x-stream-offset = a
+// timestamp a little before the task was published (an AMQP timestamp: seconds), keeps the
+// events whose x-longrun-task-id header is taskId, drops every sequence number already
+// printed (a consumer that reconnects from the same offset sees them again) and prints
+//     event <task id> seq=<n> <type> step=<n> [details]
+// Returns { outcome: Promise } resolved at the task's outcome event (at once when the fleet
+// has no stream: the reply is the outcome then).
+async function followEvents(conn, taskId, sinceMs) {
+  let lastSeq = 0;
+  let gap = false;
+  let done;
+  const outcome = new Promise((resolve) => {
+    done = resolve;
+  });
+  const ch = await conn.createChannel();
+  ch.on('error', (e) => {
+    console.log(`no event stream ${EVENTS} (${e.message}): following by the reply only`);
+    done('n/a');
+  });
+  await ch.prefetch(100);
+  const onEvent = (msg) => {
+    try {
+      if ((msg.properties.headers || {})['x-longrun-task-id'] !== taskId) {
+        return;
+      }
+      const e = JSON.parse(msg.content.toString());
+      if (!Number.isInteger(e.seq) || e.seq <= lastSeq) {
+        return; // printed already
+      }
+      if (e.seq !== lastSeq + 1 && !gap) {
+        // lost between a commit and its publish, or gone by retention: the step log in
+        // PostgreSQL has the steps (longrun watch fills them in)
+        console.log(`event ${taskId} gap before seq=${e.seq} (see longrun watch ${taskId})`);
+        gap = true;
+      }
+      lastSeq = e.seq;
+      let detail = '';
+      if (e.type === 'step_finished') {
+        const u = e.usage || {};
+        detail = ` model=${e.model} tokens_in=${u.tokens_in} tokens_out=${u.tokens_out} tool_calls=${e.tool_calls}`;
+      } else if (e.type === 'tool_call_finished') {
+        detail = ` name=${e.name} status=${e.status} ms=${e.ms}`;
+      } else if (e.type === 'outcome') {
+        detail = ` status=${e.status}`;
+      }
+      console.log(`event ${taskId} seq=${e.seq} ${e.type} step=${e.step}${detail}`);
+      if (e.type === 'outcome') {
+        done(e.status);
+      }
+    } catch {
+      // not an event: skip it
+    } finally {
+      ch.ack(msg);
+    }
+  };
+  try {
+    await ch.consume(EVENTS, onEvent, {
+      noAck: false,
+      arguments: { 'x-stream-offset': { '!': 'timestamp', value: Math.floor(sinceMs / 1000) - 5 } },
+    });
+  } catch {
+    done('n/a'); // the channel's error handler said why
+  }
+  return { outcome };
+}
 
 function sleep(ms) {
   return new Promise((resolve) => setTimeout(resolve, ms));
@@ -216,6 +279,7 @@ async function main() {
     console.log(`reply queue ${replyQueue}`);
 
     // 2. Publish with confirms and mandatory routing.
+    const publishedAt = Date.now();
     const ch = await conn.createConfirmChannel();
     const returned = new Set();
     ch.on('return', (msg) => returned.add(msg.properties.messageId));
@@ -249,7 +313,7 @@ async function main() {
     for (const t of tasks) {
       console.log(`published ${t.id} correlation_id=${t.corr}`);
     }
-    await followEvents(conn, tasks[0].id);
+    const followed = await followEvents(conn, tasks[0].id, publishedAt);
 
     // 3. Wait for the outcomes, at most --timeout seconds.
     let timer;
@@ -258,6 +322,15 @@ async function main() {
     });
     await Promise.race([allReplies, timedOut]);
     clearTimeout(timer);
+    if (pending.size === 0) {
+      // the followed task's outcome event comes with its reply, give or take a moment
+      let grace;
+      const graceOver = new Promise((resolve) => {
+        grace = setTimeout(resolve, OUTCOME_GRACE_MS);
+      });
+      await Promise.race([followed.outcome, graceOver]);
+      clearTimeout(grace);
+    }
     if (connError) {
       console.error(`connection lost while waiting: ${connError.message}`);
     }
