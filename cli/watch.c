@@ -329,8 +329,10 @@ static int poll_row(watch_t *w) {
         }
         if (last < w->want || now - w->final_since >= FINAL_MS) {
             if (last >= w->want) {
-                (void)cli_fail(w->c, 0, "events %lld..%lld of task %s are not in %s; filling in from the step log",
-                               (long long)w->want, (long long)last, w->id, LR_AMQP_EVENTS_STREAM);
+                (void)cli_fail(w->c, 0, "events %lld..%lld of task %s are not in %s (%s); filling in from the step log",
+                               (long long)w->want, (long long)last, w->id, LR_AMQP_EVENTS_STREAM,
+                               w->want == 1 ? "the stream's retention dropped them, or they were never published"
+                                            : "lost between a commit and its publish, or never published");
             }
             if (fill_from_log(w, atoi(PQgetvalue(res, 0, 2))) != 0) {
                 PQclear(res);

@@ -180,5 +180,35 @@ def test():
         h.eq(w4.wait(60), 0, "exit 0 on SIGTERM")
 
 
+def test_retention():
+    """A stream that no longer holds a task's start (retention): watch says so and fills the
+    steps in from the step log.  The stream is declared first with a tiny retention (and small
+    segments: RabbitMQ drops whole segments), which the worker uses as it is, with a warning."""
+    import pika
+    with h.Env("events-retention") as env:
+        conn = pika.BlockingConnection(pika.URLParameters(env.amqp_url))
+        conn.channel().queue_declare("longrun.events", durable=True, arguments={
+            "x-queue-type": "stream", "x-max-length-bytes": 20000, "x-stream-max-segment-size-bytes": 4000})
+        conn.close()
+        env.start_fixture()
+        w = env.start_worker("w1", LONGRUN_AGENTS_FILE=AGENTS)
+        env.wait_queue()
+        h.check(w.events("amqp.events_retention"), "the worker warns that the stream has other arguments")
+        first = env.enqueue_many([{"agent": "steps3", "input": "first"}])[0]
+        env.wait_all_terminal(1, 60)
+        env.enqueue_many([{"agent": "steps3", "input": "more %d" % i} for i in range(30)])
+        env.wait_all_terminal(31, 120)
+        rc, evs, err = watch(env, first)
+        h.eq(rc, 0, err)
+        h.check("not in longrun.events" in err and "retention" in err, err)
+        steps = env.scalar("select count(*) from task_steps where task_id = %s", (first,))
+        fin = [e for e in evs if e["type"] == "step_finished"]
+        h.eq([e["step"] for e in fin], list(range(1, steps + 1)), "every step, from the step log")
+        h.check(all(e.get("reconciled") for e in fin), "all of them reconciled: the stream lost them: %s" % evs)
+        h.eq(evs[-1]["type"], "outcome", evs[-1])
+        w.signal(signal.SIGTERM)
+        h.eq(w.wait(60), 0, "exit 0 on SIGTERM")
+
+
 if __name__ == "__main__":
-    h.run(test)
+    h.run(lambda: (test(), test_retention()))
