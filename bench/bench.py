@@ -264,7 +264,8 @@ PGBENCH_PARAMS = {
     2: ":epoch", 3: ":next", 4: ":st", 5: ":worker", 6: ":messages", 7: ":toolcalls", 8: ":model",
     9: ":tin", 10: ":tout", 11: ":tcached", 12: ":cost", 13: ":lat", 14: ":release",
     15: "NULL", 16: "NULL", 17: "NULL", 18: "NULL", 19: "NULL", 20: "NULL", 21: "NULL",
-    22: ":tc", 23: ":active", 24: ":lease", 25: "1",
+    22: ":tc", 23: ":active", 24: ":lease", 25: "1", 26: "NULL",
+    27: "4",  # the step's events (worker/events.h): started, a tool call's two, finished
 }
 ID_PREFIX = "00000000-0000-4000-8000-"
 
