@@ -66,6 +66,7 @@ typedef struct watch {
     cJSON *ring[WINDOW]; /* held events, at seq % WINDOW */
     uint64_t gap_since;  /* a newer event waits for a missing one since then (0: none) */
     uint64_t final_since;
+    bool from_first; /* consume from "first": the broker refused the timestamp offset */
     bool done;
     int code;
 } watch_t;
@@ -349,12 +350,26 @@ static int poll_row(watch_t *w) {
 
 static int connect_stream(watch_t *w) {
     char err[512];
+    bool refused = false; /* connected, and the consume failed */
     int rc;
     lr_amqp_sync_close(w->amqp);
     w->amqp = NULL;
     rc = lr_amqp_sync_connect(&w->amqp, w->c->cfg.amqp_url, 10000, err, sizeof(err));
     if (rc == 0) {
-        rc = lr_amqp_sync_stream_consume(w->amqp, LR_AMQP_EVENTS_STREAM, NULL, w->start_ts, PREFETCH, err, sizeof(err));
+        rc = lr_amqp_sync_stream_consume(w->amqp, LR_AMQP_EVENTS_STREAM, w->from_first ? "first" : NULL, w->start_ts,
+                                         PREFETCH, err, sizeof(err));
+        refused = rc != 0 && rc != LR_ENOTFOUND;
+    }
+    if (refused && !w->from_first) {
+        /* RabbitMQ 3.10 can refuse a timestamp offset (INTERNAL_ERROR, which closes the
+         * connection) once retention removed the segments around it: read from the first
+         * event the stream still holds. */
+        (void)cli_fail(w->c, 0,
+                       "the broker refused the stream offset of the task's creation (%s); reading from the "
+                       "stream's first event",
+                       err);
+        w->from_first = true;
+        return connect_stream(w);
     }
     if (rc != 0) {
         (void)cli_fail(w->c, 0, "cannot consume %s at %s: %s", LR_AMQP_EVENTS_STREAM, w->c->cfg.amqp_url, err);
