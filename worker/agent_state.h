@@ -9,7 +9,7 @@
  *   agent_context.c  the conversation: built from the step log, the context
  *                    strategies (window, summarize) and the summary step
  *   agent_budget.c   the budgets: which apply, and whether the next model
- *                    or tool call may start
+ *                    or tool call may start; the usage they count
  *   agent_tools.c    tool calls: answering pending calls from signals,
  *                    checking and running the calls the model asked for
  *   agent_fsm.c      the states and their legal moves (agent_fsm.h)
@@ -191,6 +191,23 @@ const char *lr_agent_budget_before_tools(const agent_state_t *st, char *why, siz
 
 /* What a call of m costs in USD (price table, per million tokens). */
 double lr_agent_cost_of(const lr_model_ref_t *m, long in, long cached, long out);
+
+/* The worst case of a call of m with a request of body_len bytes: the
+ * prompt estimated at body_len / 4 + 1 tokens (uncached) and the answer at
+ * max_tokens (1024 when the request does not bound it).  The estimates go
+ * to *in and *out when not NULL.  What max_cost_usd and the spend caps
+ * check before each call. */
+double lr_agent_worst_cost(const lr_model_ref_t *m, size_t body_len, long *in, long *out);
+
+/* Counts a model request's answer (status, latency) in the metrics and the
+ * call statistics of /health. */
+void lr_agent_count_request(const lr_model_ref_t *m, const lr_http_response_t *resp);
+
+/* Counts the parsed answer in st->reply (a response of body_len bytes) into
+ * the step (st->out) and the metrics; an answer without usage is estimated
+ * (request bytes / 4, response bytes / 4) so that budgets still bind.
+ * Returns what the call cost in USD. */
+double lr_agent_account_usage(agent_state_t *st, const lr_model_ref_t *m, size_t body_len);
 
 /* max_seconds' clock: active time (checkpointed steps plus the step in
  * flight) or, with the agent's budget_clock "wall", the time since the task

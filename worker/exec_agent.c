@@ -56,7 +56,6 @@
 #include <sys/random.h>
 
 #include "agent_state.h"
-#include "callstats.h"
 #include "ratewin.h"
 #include "text.h"
 #include "wmetrics.h"
@@ -814,18 +813,6 @@ static void model_post(agent_state_t *st, char *body) {
 
 /* ---------------------------------------------------------- the response */
 
-static void count_request(const lr_model_ref_t *m, const lr_http_response_t *resp) {
-    char status[16];
-    const char *lv[3] = {m->provider == LR_PROVIDER_OPENAI ? "openai" : "anthropic", m->model, status};
-    snprintf(status, sizeof(status), "%ld", resp->err != 0 ? 0L : resp->status);
-    lr_metric_add(lr_wm.model_requests, lv, 1);
-    lr_callstats_add(LR_CALLSTATS_MODEL, m->endpoint_label, resp->err != 0 ? 0L : resp->status, lr_agent_now());
-    lr_metric_observe(lr_wm.model_seconds, lv, resp->total_ms / 1000.0);
-    if (resp->status == 429) {
-        lr_metric_inc1(lr_wm.rate_limit_waits, m->model);
-    }
-}
-
 /* A transport error or a non-2xx answer. */
 static void model_http_failed(agent_state_t *st, const lr_http_response_t *resp) {
     char reason[32], detail[384], sr[16], ra[32], ram[32];
@@ -847,25 +834,6 @@ static void model_http_failed(agent_state_t *st, const lr_http_response_t *resp)
     wait = lr_retry_after_ms(lr_http_header(resp, "retry-after-ms", ram, sizeof(ram)) == 0 ? ram : NULL,
                              lr_http_header(resp, "retry-after", ra, sizeof(ra)) == 0 ? ra : NULL);
     model_failed(st, cls, reason, detail, wait);
-}
-
-/* Counts the answer's tokens and cost into the step. */
-static void account_usage(agent_state_t *st, const lr_model_ref_t *m, const lr_http_response_t *resp) {
-    const char *in[2] = {m->model, "input"}, *outv[2] = {m->model, "output"}, *ca[2] = {m->model, "cached"};
-    if (st->reply.usage_missing) {
-        /* Estimate (about 4 bytes a token) so that budgets still bind. */
-        st->reply.tokens_in = st->req_bytes / 4 + 1;
-        st->reply.tokens_out = (long)(resp->body_len / 4 + 1);
-    }
-    st->out->tokens_in += st->reply.tokens_in;
-    st->out->tokens_out += st->reply.tokens_out;
-    st->out->tokens_cached += st->reply.tokens_cached;
-    st->out->cost_usd += lr_agent_cost_of(m, st->reply.tokens_in, st->reply.tokens_cached, st->reply.tokens_out);
-    lr_metric_add(lr_wm.tokens, in, (double)st->reply.tokens_in);
-    lr_metric_add(lr_wm.tokens, outv, (double)st->reply.tokens_out);
-    lr_metric_add(lr_wm.tokens, ca, (double)st->reply.tokens_cached);
-    lr_metric_add(lr_wm.cost, (const char *const[]){m->model},
-                  lr_agent_cost_of(m, st->reply.tokens_in, st->reply.tokens_cached, st->reply.tokens_out));
 }
 
 static bool finish_is_length(const char *finish) {
@@ -936,7 +904,7 @@ static void model_response(const lr_http_response_t *resp, void *arg) {
         rate_settle(st, m, 0);                                /* a 2xx is settled once its usage is parsed */
         lr_mem_call_end(lr_worker_mem(st->w), &st->mem_call); /* nothing of it is kept */
     }
-    count_request(m, resp);
+    lr_agent_count_request(m, resp);
     if (!ok) {
         model_http_failed(st, resp);
         return;
@@ -956,7 +924,7 @@ static void model_response(const lr_http_response_t *resp, void *arg) {
     }
     lr_breaker_result(model_breaker(m), true, lr_agent_now());
     st->answered = m;
-    account_usage(st, m, resp); /* (estimates the tokens of an answer without usage) */
+    lr_agent_account_usage(st, m, resp->body_len); /* (estimates the tokens of an answer without usage) */
     rate_settle(st, m, st->reply.tokens_in + st->reply.tokens_out);
     if (st->reply.refused) {
         /* Declined (content filter, refusal): paid for, not an answer; the
