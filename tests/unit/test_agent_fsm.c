@@ -16,6 +16,8 @@ enum { N = LR_AGENT_NSTATES };
 enum {
     IDLE = LR_AGENT_IDLE,
     PREPARING = LR_AGENT_PREPARING,
+    SPEND_CHECK = LR_AGENT_SPEND_CHECK,
+    SPEND_WAIT = LR_AGENT_SPEND_WAIT,
     RESERVING = LR_AGENT_RESERVING,
     RATE_WAIT = LR_AGENT_RATE_WAIT,
     GATE_WAIT = LR_AGENT_GATE_WAIT,
@@ -32,6 +34,13 @@ static const struct move {
 } legal[] = {
     {IDLE, PREPARING, "start"},
     {IDLE, RELEASED, "release"},
+    {PREPARING, SPEND_CHECK, "a spend cap applies"},
+    {PREPARING, SPEND_WAIT, "the ledger's query not queued"},
+    {SPEND_CHECK, PREPARING, "within every cap"},
+    {SPEND_CHECK, SPEND_WAIT, "ledger unavailable"},
+    {SPEND_CHECK, IDLE, "over a cap: suspend; cancel"},
+    {SPEND_WAIT, PREPARING, "ask again"},
+    {SPEND_WAIT, IDLE, "cancel"},
     {PREPARING, RESERVING, "the model has a rate limit"},
     {PREPARING, GATE_WAIT, "the gate is full"},
     {PREPARING, CALLING, "a slot at once, or no gate"},
