@@ -67,3 +67,5 @@ lr_py_test(integration.wait integration/test_wait.py TIMEOUT 300 LABELS "integra
 lr_py_test(integration.dlq_backoff integration/test_dlq_backoff.py TIMEOUT 120 LABELS "integration;asan")
 # Issue 17 (4): immediate cancellation: in-flight tool and model calls aborted, --after-step, the claim.
 lr_py_test(integration.cancel integration/test_cancel.py TIMEOUT 300 LABELS "integration;asan")
+# Issue 19 (4): spend caps per agent and tenant, fleet-wide: 200 tasks across two workers against a daily cap.
+lr_py_test(integration.spend_caps integration/test_spend_caps.py TIMEOUT 400 LABELS "integration;asan")
