@@ -227,6 +227,11 @@ static void print_change(const char *period, const PGresult *r, bool set) {
         printf("  %s cap unchanged\n", label);
         return;
     }
+    if (PQgetvalue(r, 0, 2)[0] != 't') {
+        printf("  %s cap %s%s (unchanged)\n", label, PQgetisnull(r, 0, 1) ? "" : "$",
+               PQgetisnull(r, 0, 1) ? "none" : PQgetvalue(r, 0, 1));
+        return;
+    }
     printf("  %s cap %s%s -> %s%s", label, PQgetisnull(r, 0, 0) ? "" : "$",
            PQgetisnull(r, 0, 0) ? "none" : PQgetvalue(r, 0, 0), PQgetisnull(r, 0, 1) ? "" : "$",
            PQgetisnull(r, 0, 1) ? "none" : PQgetvalue(r, 0, 1));

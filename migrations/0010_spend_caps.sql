@@ -213,14 +213,18 @@ END $$;
 -- seen whole or not at all.  Granted when, for every cap of the agent and
 -- the tenant, spent in the current period + live reservations + p_amount
 -- <= cap; then a reservation row is written (none when no cap applies:
--- reservation_id NULL).  Refused otherwise, with the cap that binds (of
--- those that would be exceeded, the one whose period rolls over last) and
--- wait_ms until its period rolls over.
+-- reservation_id NULL).  Refused otherwise, with the cap that binds and
+-- wait_ms until its period rolls over: of the caps whose settled spend
+-- alone leaves no room for p_amount, the one that rolls over last
+-- (in_flight false: nothing but the period's end or a raise frees it);
+-- when there is none, of the caps that only the live reservations fill
+-- (in_flight true: room comes back as those calls settle below their
+-- reservations), the one that rolls over last.
 CREATE FUNCTION lr_spend_reserve(p_agent text, p_tenant text, p_amount numeric, p_ttl_s integer,
                                  OUT granted boolean, OUT reservation_id bigint, OUT cap_scope text,
                                  OUT cap_name text, OUT cap_period text, OUT cap_usd numeric,
                                  OUT spent_usd numeric, OUT reserved_usd numeric, OUT resets_at timestamptz,
-                                 OUT wait_ms bigint)
+                                 OUT wait_ms bigint, OUT in_flight boolean)
 LANGUAGE plpgsql AS $$
 DECLARE
     t timestamptz;
@@ -234,9 +238,11 @@ BEGIN
     t := clock_timestamp();
     -- expired rows no longer count; they stay a day for a late settlement
     DELETE FROM spend_reservations WHERE agent = p_agent AND expires_at < t - interval '1 day';
-    -- one statement (one snapshot): every cap that applies, those that this
-    -- reservation would exceed first, of those the one that rolls over last
-    SELECT y.*, y.spent + y.reserved + p_amount > y.cap_usd AS over INTO r
+    -- one statement (one snapshot): every cap that applies; first those whose
+    -- settled spend alone leaves no room for this call, then those that the
+    -- reservations of calls in flight fill; of those the one that rolls over last
+    SELECT y.*, y.spent + y.reserved + p_amount > y.cap_usd AS over, y.spent + p_amount > y.cap_usd AS over_spent
+      INTO r
       FROM (SELECT c.scope, c.name, c.period, c.cap_usd, coalesce(u.spent_usd, 0) AS spent, res.reserved,
                    lr_spend_period_end(c.period, t) AS ends
               FROM spend_caps c
@@ -245,7 +251,8 @@ BEGIN
              CROSS JOIN LATERAL (SELECT lr_spend_reserved(c.scope, c.name, t) AS reserved) res
              WHERE c.cap_usd IS NOT NULL
                AND ((c.scope = 'agent' AND c.name = p_agent) OR (c.scope = 'tenant' AND c.name = p_tenant))) y
-     ORDER BY y.spent + y.reserved + p_amount > y.cap_usd DESC, y.ends DESC, y.scope, y.period
+     ORDER BY y.spent + p_amount > y.cap_usd DESC, y.spent + y.reserved + p_amount > y.cap_usd DESC, y.ends DESC,
+              y.scope, y.period
      LIMIT 1;
     capped := FOUND;
     IF capped AND r.over THEN
@@ -258,6 +265,7 @@ BEGIN
         reserved_usd := r.reserved;
         resets_at := r.ends;
         wait_ms := greatest(1, ceil(extract(epoch FROM r.ends - t) * 1000)::bigint);
+        in_flight := NOT r.over_spent;
         RETURN;
     END IF;
     granted := true;

@@ -29,7 +29,7 @@ static const unsigned moves[LR_AGENT_NSTATES] = {
                            | TO(LR_AGENT_IDLE),        /* ended before any wait: budget, suspend,
                                                           every model skipped, out of memory */
     [LR_AGENT_SPEND_CHECK] = TO(LR_AGENT_PREPARING)    /* within every cap: reserved */
-                             | TO(LR_AGENT_SPEND_WAIT) /* the ledger is unavailable: back off */
+                             | TO(LR_AGENT_SPEND_WAIT) /* ledger down, or calls in flight fill a cap */
                              | TO(LR_AGENT_IDLE),      /* over a cap: suspend (spend_cap); or cancelled */
     [LR_AGENT_SPEND_WAIT] = TO(LR_AGENT_PREPARING)     /* ask the ledger again */
                             | TO(LR_AGENT_IDLE),       /* cancelled */

@@ -9,7 +9,11 @@
  * call (agent_state.h): before it (lr_agent_spend_needed, then
  * lr_agent_spend_reserve in state SPEND_CHECK), when the answer comes back
  * (st->ops->spend_answered: granted, refused, unavailable or moot) and when
- * the call ends (lr_agent_spend_settle; lr_agent_spend_cancel).  Only
+ * the call ends (lr_agent_spend_settle; lr_agent_spend_cancel).  A cap
+ * that the reservations of calls in flight fill while its settled spend
+ * leaves room (BUSY) is waited for like a rate window: asked again after a
+ * short backoff, and the task suspended only after long_wait_seconds (to
+ * try again within seconds, not at the end of the period).  Only
  * exec_agent.c changes st->state and drops references; this file keeps
  * st->spend: the reservation held (for one model of the chain: a fallback
  * reserves again) and, after a refusal, which cap binds.
@@ -38,6 +42,11 @@
 
 #define BACKOFF_FIRST_MS 250
 #define BACKOFF_MAX_MS 5000
+/* A cap that only calls in flight fill: ask again after this (doubling),
+ * suspend after long_wait_seconds and resume after 5-15 s. */
+#define BUSY_FIRST_MS 100
+#define BUSY_MAX_MS 2000
+#define BUSY_RESUME_MS 5000
 /* Slack of a reservation's expiry beyond the call's bounds (s). */
 #define TTL_SLACK_SECONDS 60
 
@@ -74,6 +83,8 @@ static void reserve_done(const lr_spend_result_t *res, void *arg) {
     }
     sp->backoff_ms = 0;
     if (res->granted) {
+        sp->busy_ms = 0;
+        sp->busy_since = 0;
         sp->held = true;
         sp->id = res->id;
         sp->model_idx = st->model_idx;
@@ -88,7 +99,8 @@ static void reserve_done(const lr_spend_result_t *res, void *arg) {
     sp->spent = res->spent_usd;
     sp->reserved = res->reserved_usd;
     sp->wait_ms = res->wait_ms;
-    st->ops->spend_answered(st, LR_AGENT_SPEND_REFUSED);
+    sp->in_flight = res->in_flight;
+    st->ops->spend_answered(st, res->in_flight ? LR_AGENT_SPEND_BUSY : LR_AGENT_SPEND_REFUSED);
 }
 
 int lr_agent_spend_reserve(agent_state_t *st, const lr_model_ref_t *m, size_t body_len) {
@@ -122,15 +134,47 @@ int lr_agent_spend_reserve(agent_state_t *st, const lr_model_ref_t *m, size_t bo
 }
 
 void lr_agent_spend_suspend(agent_state_t *st) {
-    const agent_spend_t *sp = &st->spend;
+    agent_spend_t *sp = &st->spend;
+    const char *period = strcmp(sp->period, "day") == 0 ? "daily" : "monthly";
     snprintf(st->out->suspend_reason, sizeof(st->out->suspend_reason), "spend_cap");
-    st->out->resume_in_ms = sp->wait_ms;
     lr_metric_add(lr_wm.spend_cap_suspensions, (const char *const[]){sp->scope, sp->name, sp->period}, 1);
-    LR_LOG(LR_LOG_INFO, &st->log, "spend.cap_reached",
-           "%s %s: %s cap $%.4f reached (spent $%.4f, reserved $%.4f, this call up to $%.4f); suspended until "
-           "%s",
-           sp->scope, sp->name, strcmp(sp->period, "day") == 0 ? "daily" : "monthly", sp->cap, sp->spent, sp->reserved,
-           sp->amount, sp->resets_at);
+    if (sp->in_flight) {
+        /* room comes back as the calls in flight settle: try again soon */
+        st->out->resume_in_ms = BUSY_RESUME_MS + (long)(lr_agent_jitter() * (double)BUSY_RESUME_MS * 2.0);
+        LR_LOG(LR_LOG_INFO, &st->log, "spend.cap_reached",
+               "%s %s: %s cap $%.4f held by calls in flight for %d s (spent $%.4f, reserved $%.4f, this call up "
+               "to $%.4f); suspended for %ld ms",
+               sp->scope, sp->name, period, sp->cap, lr_worker_config(st->w)->long_wait_seconds, sp->spent,
+               sp->reserved, sp->amount, st->out->resume_in_ms);
+    } else {
+        st->out->resume_in_ms = sp->wait_ms;
+        LR_LOG(LR_LOG_INFO, &st->log, "spend.cap_reached",
+               "%s %s: %s cap $%.4f reached (spent $%.4f, reserved $%.4f, this call up to $%.4f); suspended "
+               "until %s",
+               sp->scope, sp->name, period, sp->cap, sp->spent, sp->reserved, sp->amount, sp->resets_at);
+    }
+    sp->busy_ms = 0;
+    sp->busy_since = 0;
+}
+
+long lr_agent_spend_busy_wait(agent_state_t *st) {
+    agent_spend_t *sp = &st->spend;
+    uint64_t now = lr_agent_now();
+    long limit = (long)lr_worker_config(st->w)->long_wait_seconds * 1000;
+    if (sp->busy_since == 0) {
+        sp->busy_since = now;
+    }
+    if ((long)(now - sp->busy_since) >= limit) {
+        return 0;
+    }
+    sp->busy_ms = sp->busy_ms == 0 ? BUSY_FIRST_MS : sp->busy_ms * 2;
+    if (sp->busy_ms > BUSY_MAX_MS) {
+        sp->busy_ms = BUSY_MAX_MS;
+    }
+    LR_LOG(LR_LOG_DEBUG, &st->log, "spend.wait",
+           "%s %s: %s cap $%.4f full of calls in flight (spent $%.4f, reserved $%.4f, this call up to $%.4f)",
+           sp->scope, sp->name, sp->period, sp->cap, sp->spent, sp->reserved, sp->amount);
+    return sp->busy_ms / 2 + (long)(lr_agent_jitter() * (double)sp->busy_ms / 2.0) + 1;
 }
 
 long lr_agent_spend_backoff(agent_state_t *st) {
@@ -168,4 +212,6 @@ void lr_agent_spend_cancel(agent_state_t *st, bool in_flight) {
     lr_agent_spend_settle(st, in_flight ? LR_AGENT_SPEND_AT_RESERVATION : 0);
     st->spend.seq++; /* the answer of a reservation in flight is moot now */
     st->spend.backoff_ms = 0;
+    st->spend.busy_ms = 0;
+    st->spend.busy_since = 0;
 }

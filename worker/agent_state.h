@@ -49,6 +49,8 @@ typedef struct agent_state agent_state_t;
 enum lr_agent_spend_verdict {
     LR_AGENT_SPEND_GRANTED = 0, /* within every cap: st->spend holds the reservation */
     LR_AGENT_SPEND_REFUSED,     /* over a cap: st->spend says which; suspend */
+    LR_AGENT_SPEND_BUSY,        /* the reservations of calls in flight fill a cap that
+                                   the settled spend leaves room in: wait and ask again */
     LR_AGENT_SPEND_UNAVAILABLE, /* the ledger did not answer: back off, never call */
     LR_AGENT_SPEND_MOOT         /* the step it was for is gone (anything granted is released) */
 };
@@ -74,12 +76,15 @@ typedef struct agent_ops {
 
 /* The spend reservation of the current model call (agent_spend.c). */
 typedef struct agent_spend {
-    bool held;       /* a granted reservation covers the next call of model_idx */
-    long long id;    /* its row (0: granted with no cap to count against) */
-    double amount;   /* what it reserved (USD) */
-    int model_idx;   /* the model it was reserved for */
-    unsigned seq;    /* of the reservation in flight: an answer with another is moot */
-    long backoff_ms; /* SPEND_WAIT: the last wait (0: not backing off) */
+    bool held;           /* a granted reservation covers the next call of model_idx */
+    long long id;        /* its row (0: granted with no cap to count against) */
+    double amount;       /* what it reserved (USD) */
+    int model_idx;       /* the model it was reserved for */
+    unsigned seq;        /* of the reservation in flight: an answer with another is moot */
+    long backoff_ms;     /* SPEND_WAIT, the ledger unavailable: the last wait (0: none) */
+    long busy_ms;        /* SPEND_WAIT, LR_AGENT_SPEND_BUSY: the last wait (0: none) */
+    uint64_t busy_since; /* lr_agent_now() of the first BUSY answer of this wait (0: none) */
+    bool in_flight;      /* the refusal was BUSY (only reservations fill the cap) */
     /* LR_AGENT_SPEND_REFUSED: the cap that binds */
     char scope[8]; /* "agent" or "tenant" */
     char name[72];
@@ -267,10 +272,17 @@ bool lr_agent_spend_needed(const agent_state_t *st);
  * or an LR_E* code: nothing was sent, the ledger is unavailable (st->spend.error says why). */
 int lr_agent_spend_reserve(agent_state_t *st, const lr_model_ref_t *m, size_t body_len);
 
-/* LR_AGENT_SPEND_REFUSED: fills st->out for the suspension (reason
- * spend_cap, resume at the start of the cap's next period), logs it and
- * counts it.  The caller then ends the step (LR_STEP_SUSPEND). */
+/* LR_AGENT_SPEND_REFUSED (or BUSY for longer than long_wait_seconds):
+ * fills st->out for the suspension (reason spend_cap; resume at the start
+ * of the cap's next period, or after 5-15 s when only calls in flight
+ * filled it), logs it and counts it.  The caller then ends the step
+ * (LR_STEP_SUSPEND). */
 void lr_agent_spend_suspend(agent_state_t *st);
+
+/* LR_AGENT_SPEND_BUSY: how long to wait before asking again (100 ms
+ * doubling to 2 s, jittered), or 0 when this call has waited
+ * long_wait_seconds already (then suspend). */
+long lr_agent_spend_busy_wait(agent_state_t *st);
 
 /* LR_AGENT_SPEND_UNAVAILABLE (or the reservation could not be sent): logs
  * it and returns how long to wait before asking again (250 ms doubling to

@@ -14,7 +14,8 @@
  *                      model i of the chain, attempt k:
  *        -> SPEND_CHECK  the call's worst case reserved against the spend
  *                        caps of the agent and tenant (agent_spend.c), if capped
- *           -> SPEND_WAIT  the ledger did not answer: the timer, then PREPARING
+ *           -> SPEND_WAIT  the ledger did not answer, or calls in flight fill
+ *                          a cap: the timer, then PREPARING
  *           -> IDLE        over a cap: suspended (spend_cap) until its period rolls over
  *        -> RESERVING  the fleet-wide rate window (ratewin.h), if limited
  *           -> RATE_WAIT  over the limit: the timer, then PREPARING again
@@ -599,12 +600,20 @@ static void spend_wait(agent_state_t *st) {
 /* SPEND_CHECK: the answer to the spend reservation (agent_spend.c). */
 static void spend_answered(agent_state_t *st, enum lr_agent_spend_verdict v) {
     bool ours = v != LR_AGENT_SPEND_MOOT && st->state == LR_AGENT_SPEND_CHECK;
+    long wait;
     agent_unref(st); /* the query's; while ours not the last (the timer's lasts until release) */
     if (!ours) {
         return; /* (st may be gone now) */
     }
+    if (v == LR_AGENT_SPEND_BUSY && (wait = lr_agent_spend_busy_wait(st)) > 0) {
+        /* calls in flight fill the cap: their settlements may free it */
+        agent_set_state(st, LR_AGENT_SPEND_WAIT);
+        uv_timer_start(&st->timer, timer_cb, (uint64_t)wait, 0);
+        return;
+    }
     switch (v) {
     case LR_AGENT_SPEND_GRANTED: model_call(st); break; /* builds the request again, and goes on */
+    case LR_AGENT_SPEND_BUSY:                           /* for long_wait_seconds already */
     case LR_AGENT_SPEND_REFUSED:
         rate_settle(st, &st->agent->models[st->model_idx], 0); /* a rate window reserved before it is not used */
         st->reserved = false;

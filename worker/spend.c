@@ -58,7 +58,7 @@ static void reserve_cb(int err, const PGresult *res, void *arg) {
         r.granted = true;
         r.id = id != NULL ? strtoll(id, NULL, 10) : 0;
     } else {
-        const char *w = lr_pg_get(res, 0, 9);
+        const char *w = lr_pg_get(res, 0, 9), *inf = lr_pg_get(res, 0, 10);
         r.scope = lr_pg_get(res, 0, 2);
         r.name = lr_pg_get(res, 0, 3);
         r.period = lr_pg_get(res, 0, 4);
@@ -66,6 +66,7 @@ static void reserve_cb(int err, const PGresult *res, void *arg) {
         r.spent_usd = get_num(res, 6);
         r.reserved_usd = get_num(res, 7);
         r.resets_at = lr_pg_get(res, 0, 8);
+        r.in_flight = inf != NULL && strcmp(inf, "t") == 0;
         r.wait_ms = w != NULL ? strtol(w, NULL, 10) : 1;
         if (r.wait_ms < 1) {
             r.wait_ms = 1;

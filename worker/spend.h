@@ -52,8 +52,9 @@ typedef struct lr_spend_result {
     bool granted;       /* err == 0: every cap of the agent and the tenant has room */
     long long id;       /* granted: the reservation, for the settlement (0: no cap
                            applies to the task, nothing was reserved) */
-    /* err == 0 && !granted: the cap that binds (of those the call would
-     * exceed, the one whose period rolls over last) */
+    /* err == 0 && !granted: the cap that binds (of those whose settled
+     * spend alone leaves no room, else of those the reservations fill, the
+     * one whose period rolls over last) */
     const char *scope;     /* "agent" or "tenant" */
     const char *name;      /* the agent's or tenant's name */
     const char *period;    /* "day" or "month" (UTC) */
@@ -62,6 +63,9 @@ typedef struct lr_spend_result {
     double spent_usd;    /* settled in the period */
     double reserved_usd; /* live reservations (calls in flight) */
     long wait_ms;        /* until resets_at (>= 1) */
+    bool in_flight;      /* the settled spend leaves room for this call: only the
+                            reservations of calls in flight fill the cap (room may
+                            come back within seconds, as they settle) */
 } lr_spend_result_t;
 
 typedef void (*lr_spend_cb)(const lr_spend_result_t *res, void *arg);

@@ -260,11 +260,12 @@
  * $2 tenant or NULL, $3 USD, $4 seconds the reservation counts at most.
  * One row: granted, the reservation's id (NULL: no cap applies), and for a
  * refusal the cap that binds, its spend, its live reservations, when its
- * period rolls over and how long until then. */
-#define SQL_SPEND_RESERVE                                                               \
-    "SELECT granted, reservation_id, cap_scope, cap_name, cap_period, cap_usd::float8," \
-    " spent_usd::float8, reserved_usd::float8,"                                         \
-    " to_char(resets_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), wait_ms" \
+ * period rolls over, how long until then, and whether only the
+ * reservations of calls in flight fill it. */
+#define SQL_SPEND_RESERVE                                                                          \
+    "SELECT granted, reservation_id, cap_scope, cap_name, cap_period, cap_usd::float8,"            \
+    " spent_usd::float8, reserved_usd::float8,"                                                    \
+    " to_char(resets_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), wait_ms, in_flight" \
     " FROM lr_spend_reserve($1, $2, $3::numeric, $4::int)"
 
 /* After the call: the reservation is deleted and the actual cost added to
