@@ -32,6 +32,9 @@ ARG DEBIAN_FRONTEND=noninteractive
 # The Release build is -Werror clean too (checked at -O3); --build-arg LONGRUN_WERROR=OFF
 # is an escape hatch for a newer compiler's new warnings.
 ARG LONGRUN_WERROR=ON
+# The commit shown by --version and longrun_build_info (the context has no .git):
+#   --build-arg LONGRUN_COMMIT=$(git rev-parse --short=12 HEAD); "unknown" without it.
+ARG LONGRUN_COMMIT=
 
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
@@ -51,6 +54,7 @@ WORKDIR /src
 # files) out of the context.
 COPY . .
 RUN cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DLONGRUN_WERROR=${LONGRUN_WERROR} \
+      -DLONGRUN_COMMIT=${LONGRUN_COMMIT} \
  && cmake --build build -j2 --target longrun-worker longrun-scheduler longrun \
  && strip --strip-unneeded build/longrun-worker build/longrun-scheduler build/longrun \
  && build/longrun-worker --version && build/longrun-scheduler --version

@@ -12,6 +12,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "buildinfo.h"
 #include "cli.h"
 #include "log.h"
 
@@ -82,7 +83,7 @@ int main(int argc, char **argv) {
         return LR_EXIT_OK;
     }
     if (strcmp(argv[1], "--version") == 0 || strcmp(argv[1], "version") == 0) {
-        printf("longrun %s\n", LONGRUN_VERSION);
+        printf("longrun %s (commit %s)\n", lr_build_version, lr_build_commit);
         return LR_EXIT_OK;
     }
     rc = lr_config_load(&c.cfg, err, sizeof(err));

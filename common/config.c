@@ -13,6 +13,8 @@
 #include <string.h>
 #include <strings.h>
 
+#include "redact.h"
+
 enum cfg_type { CFG_STR, CFG_INT, CFG_DOUBLE };
 #define CFG_SENSITIVE 1u
 
@@ -79,6 +81,8 @@ static const struct cfg_entry entries[] = {
     I("LONGRUN_MODEL_CONCURRENCY", model_concurrency, "0", 0, 100000),
     I("LONGRUN_LONG_WAIT_SECONDS", long_wait_seconds, "30", 1, 86400),
     D("LONGRUN_LOG_PAYLOADS", log_payloads, "0", 0, 1),
+    S("LONGRUN_LOG_REDACT", log_redact, "all", 0),
+    S("LONGRUN_LOG_REDACT_PATTERNS", log_redact_patterns, "", 0),
     S("LONGRUN_REPLY_TO_PREFIX", reply_to_prefix, "reply.", 0),
     I("LONGRUN_ALLOW_PLAINTEXT", allow_plaintext, "0", 0, 1),
     I("LONGRUN_ALLOW_UNSAFE_DURABILITY", allow_unsafe_durability, "0", 0, 1),
@@ -192,6 +196,23 @@ static int validate(lr_config_t *cfg, char *errbuf, size_t errlen) {
             if (*p == '\0') {
                 break;
             }
+        }
+    }
+    {
+        /* Compiled here too, so --check-config and every program refuse what
+         * the worker would; each variable alone, so the error names it. */
+        char why[400];
+        lr_redact_t *r = NULL;
+        int rc = lr_redact_new(&r, cfg->log_redact, NULL, why, sizeof(why));
+        lr_redact_free(r);
+        r = NULL;
+        if (rc != 0) {
+            return lr_seterr(errbuf, errlen, LR_ECONFIG, "LONGRUN_LOG_REDACT=%s: %s", cfg->log_redact, why);
+        }
+        rc = lr_redact_new(&r, "none", cfg->log_redact_patterns, why, sizeof(why));
+        lr_redact_free(r);
+        if (rc != 0) {
+            return lr_seterr(errbuf, errlen, LR_ECONFIG, "LONGRUN_LOG_REDACT_PATTERNS: %s", why);
         }
     }
     if (cfg->retry_max_ms < cfg->retry_base_ms) {
@@ -760,7 +781,16 @@ void lr_config_print(const lr_config_t *cfg, FILE *out) {
                 (void)lr_config_mask_secrets(base, masked, sizeof(masked));
                 fprintf(out, "%s=%s\n", e->env, masked);
             } else {
-                fprintf(out, "%s=%s\n", e->env, base);
+                /* one line per variable: a newline (LONGRUN_LOG_REDACT_PATTERNS) as \n */
+                fprintf(out, "%s=", e->env);
+                for (const char *p = base; *p != '\0'; p++) {
+                    if (*p == '\n') {
+                        fputs("\\n", out);
+                    } else {
+                        fputc(*p, out);
+                    }
+                }
+                fputc('\n', out);
             }
         } else if (e->type == CFG_INT) {
             fprintf(out, "%s=%d\n", e->env, *(const int *)(const void *)base);

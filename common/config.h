@@ -58,19 +58,21 @@ typedef struct lr_config {
     int ceiling_max_seconds;
     int ceiling_max_tokens;
     double ceiling_max_cost_usd;
-    int breaker_failures;        /* consecutive failures that open a circuit */
-    int breaker_open_seconds;    /* how long an open circuit stays open before a trial */
-    int ready_window_seconds;    /* the call-statistics window of readiness and /health (worker/callstats.h) */
-    int ready_auth_min_calls;    /* 401/403 answers in that window, on every model call, that make it not ready */
-    int model_concurrency;       /* in-process calls in flight per (provider, model); 0 = no gate */
-    int long_wait_seconds;       /* a provider wait longer than this suspends the task */
-    double log_payloads;         /* share of tasks whose payloads are logged (0 = never) */
-    char reply_to_prefix[256];   /* comma-separated queue-name prefixes reply_to may name (common/amqp.h) */
-    int allow_plaintext;         /* 1: plain-text PostgreSQL/AMQP to other hosts allowed (common/transport.h) */
-    int allow_unsafe_durability; /* 1: the worker runs on fsync=off / synchronous_commit=off */
-    int queue_max_length;        /* x-max-length of new task queues (reject-publish); 0 = unlimited */
-    int memory_budget_mb;        /* worker memory budget; -1 = half the cgroup/RLIMIT_AS limit, 0 = none */
-    int max_response_bytes;      /* largest model response body kept; a bigger one fails the step */
+    int breaker_failures;           /* consecutive failures that open a circuit */
+    int breaker_open_seconds;       /* how long an open circuit stays open before a trial */
+    int ready_window_seconds;       /* the call-statistics window of readiness and /health (worker/callstats.h) */
+    int ready_auth_min_calls;       /* 401/403 answers in that window, on every model call, that make it not ready */
+    int model_concurrency;          /* in-process calls in flight per (provider, model); 0 = no gate */
+    int long_wait_seconds;          /* a provider wait longer than this suspends the task */
+    double log_payloads;            /* share of tasks whose payloads are logged (0 = never) */
+    char log_redact[128];           /* redaction classes of logged payloads: all, none, email,api_key,card (redact.h) */
+    char log_redact_patterns[4096]; /* custom redaction regexes, one per line, [name=]regex (redact.h) */
+    char reply_to_prefix[256];      /* comma-separated queue-name prefixes reply_to may name (common/amqp.h) */
+    int allow_plaintext;            /* 1: plain-text PostgreSQL/AMQP to other hosts allowed (common/transport.h) */
+    int allow_unsafe_durability;    /* 1: the worker runs on fsync=off / synchronous_commit=off */
+    int queue_max_length;           /* x-max-length of new task queues (reject-publish); 0 = unlimited */
+    int memory_budget_mb;           /* worker memory budget; -1 = half the cgroup/RLIMIT_AS limit, 0 = none */
+    int max_response_bytes;         /* largest model response body kept; a bigger one fails the step */
 } lr_config_t;
 
 /* Fills cfg with defaults, then the environment.  Returns 0 or LR_ECONFIG

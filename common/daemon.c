@@ -33,6 +33,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "buildinfo.h"
 #include "log.h"
 #include "transport.h"
 
@@ -598,7 +599,7 @@ int lr_daemon_main(const lr_daemon_main_t *m, int argc, char **argv) {
         case OPT_CHECK: check = true; break;
         case OPT_PRINT: print = true; break;
         case OPT_HELP: usage(m, &t, stdout); return 0;
-        case OPT_VERSION: printf("%s %s\n", m->prog, LONGRUN_VERSION); return 0;
+        case OPT_VERSION: printf("%s %s (commit %s)\n", m->prog, lr_build_version, lr_build_commit); return 0;
         case OPT_VALUE:
             rc = set_option(m, t.opt[i], &cfg, optarg);
             if (rc != 0) {

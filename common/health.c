@@ -32,6 +32,7 @@
 #include <sys/socket.h>
 #include <time.h>
 
+#include "buildinfo.h"
 #include "config.h"
 #include "log.h"
 #include "metrics.h"
@@ -236,13 +237,14 @@ static char *health_body(lr_health_t *h) {
     n = (size_t)snprintf(refused, sizeof(refused), "{\"snapshot_error\":\"");
     n = lr_json_escape(refused, n, sizeof(refused) - 2, h->snapshot_error);
     snprintf(refused + n, sizeof(refused) - n, "\"}");
-    body = fmt("{\"component\":\"%s\",\"version\":\"%s\",\"uptime_seconds\":%.0f,\"loop_lag_ms\":%.0f,"
-               "\"live\":%s,\"ready\":%s,\"not_ready_reason\":\"%s\",\"status\":%s}\n",
-               h->component, LONGRUN_VERSION, since_ms(&h->started) / 1000.0, age,
-               age <= (double)h->stall_ms ? "true" : "false", h->ready ? "true" : "false", reason,
-               h->snapshot != NULL            ? h->snapshot
-               : h->snapshot_error[0] != '\0' ? refused
-                                              : "{}");
+    body =
+        fmt("{\"component\":\"%s\",\"version\":\"%s\",\"commit\":\"%s\",\"uptime_seconds\":%.0f,\"loop_lag_ms\":%.0f,"
+            "\"live\":%s,\"ready\":%s,\"not_ready_reason\":\"%s\",\"status\":%s}\n",
+            h->component, lr_build_version, lr_build_commit, since_ms(&h->started) / 1000.0, age,
+            age <= (double)h->stall_ms ? "true" : "false", h->ready ? "true" : "false", reason,
+            h->snapshot != NULL            ? h->snapshot
+            : h->snapshot_error[0] != '\0' ? refused
+                                           : "{}");
     pthread_mutex_unlock(&h->mu);
     return body;
 }

@@ -73,10 +73,16 @@ size_t lr_json_escape(char *buf, size_t len, size_t cap, const char *s) {
     return len;
 }
 
+/* A message of LR_LOG_MSG_MAX bytes holds a whole payload line (4 KiB of
+ * payload, worker/payload_log.h) and its prefix; the line has room for it
+ * escaped.  Longer ones are cut. */
+#define LR_LOG_MSG_MAX 6144
+#define LR_LOG_LINE_MAX 16384
+
 void lr_log_emit(int level, const lr_log_ctx_t *ctx, const char *event, const char *fmt, ...) {
-    char raw[2048];
-    char msg[2048];
-    char line[4096];
+    char raw[LR_LOG_MSG_MAX];
+    char msg[LR_LOG_MSG_MAX];
+    char line[LR_LOG_LINE_MAX];
     size_t n = 0;
     struct timeval tv;
     struct tm tm;

@@ -1,6 +1,7 @@
 /* metrics.c - the Prometheus registry; see metrics.h. */
 #include "metrics.h"
 
+#include <dirent.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdbool.h>
@@ -8,9 +9,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
 
+#include "buildinfo.h"
 #include "list.h"
 
 enum kind { K_COUNTER, K_GAUGE, K_HISTOGRAM };
@@ -301,44 +304,126 @@ static void put_number(buf_t *b, double v) {
     }
 }
 
-static void process_metrics(buf_t *b) {
+/* What /proc/self/stat says (fields as proc(5) numbers them). */
+typedef struct proc_stat {
+    unsigned long utime, stime; /* 14, 15: clock ticks */
+    unsigned long long start;   /* 22: clock ticks after boot */
+    unsigned long long vsize;   /* 23: bytes */
+    long rss;                   /* 24: pages */
+} proc_stat_t;
+
+static bool read_proc_stat(proc_stat_t *ps) {
     FILE *f = fopen("/proc/self/stat", "r");
-    long rss_pages = 0;
-    unsigned long utime = 0, stime = 0;
-    long ticks = sysconf(_SC_CLK_TCK);
-    if (f != NULL) {
-        /* fields 14 (utime) and 15 (stime), 24 (rss) */
-        char line[1024];
-        if (fgets(line, sizeof(line), f) != NULL) {
-            char *p = strrchr(line, ')');
-            if (p != NULL) {
-                int field = 2;
-                for (char *t = strtok(p + 1, " "); t != NULL; t = strtok(NULL, " ")) {
-                    field++;
-                    if (field == 14) {
-                        utime = strtoul(t, NULL, 10);
-                    } else if (field == 15) {
-                        stime = strtoul(t, NULL, 10);
-                    } else if (field == 24) {
-                        rss_pages = strtol(t, NULL, 10);
-                    }
-                }
+    char line[1024], *p, *save = NULL;
+    int field = 2;
+    bool ok = false;
+    memset(ps, 0, sizeof(*ps));
+    if (f == NULL) {
+        return false;
+    }
+    /* after the command name in parentheses (which may hold spaces) */
+    if (fgets(line, sizeof(line), f) != NULL && (p = strrchr(line, ')')) != NULL) {
+        for (char *t = strtok_r(p + 1, " ", &save); t != NULL; t = strtok_r(NULL, " ", &save)) {
+            field++;
+            if (field == 14) {
+                ps->utime = strtoul(t, NULL, 10);
+            } else if (field == 15) {
+                ps->stime = strtoul(t, NULL, 10);
+            } else if (field == 22) {
+                ps->start = strtoull(t, NULL, 10);
+            } else if (field == 23) {
+                ps->vsize = strtoull(t, NULL, 10);
+            } else if (field == 24) {
+                ps->rss = strtol(t, NULL, 10);
+                ok = true;
+                break;
             }
         }
-        fclose(f);
     }
-    bput(b,
-         "# HELP longrun_process_resident_memory_bytes Resident memory of this process.\n"
-         "# TYPE longrun_process_resident_memory_bytes gauge\nlongrun_process_resident_memory_bytes %ld\n",
-         rss_pages * sysconf(_SC_PAGESIZE));
-    bput(b,
-         "# HELP longrun_process_cpu_seconds_total CPU time (user + system) of this process.\n"
-         "# TYPE longrun_process_cpu_seconds_total counter\nlongrun_process_cpu_seconds_total %.2f\n",
-         ticks > 0 ? (double)(utime + stime) / (double)ticks : 0.0);
-    bput(b,
-         "# HELP longrun_process_start_time_seconds Start time of this process (Unix time).\n"
-         "# TYPE longrun_process_start_time_seconds gauge\nlongrun_process_start_time_seconds %ld\n",
-         (long)start_time);
+    fclose(f);
+    return ok;
+}
+
+/* The boot time (Unix seconds) from /proc/stat's btime line; 0 if unknown. */
+static long long boot_time(void) {
+    FILE *f = fopen("/proc/stat", "r");
+    char line[256];
+    long long bt = 0;
+    if (f == NULL) {
+        return 0;
+    }
+    while (fgets(line, sizeof(line), f) != NULL) {
+        if (strncmp(line, "btime ", 6) == 0) {
+            bt = strtoll(line + 6, NULL, 10);
+            break;
+        }
+    }
+    fclose(f);
+    return bt;
+}
+
+static int open_fds(void) {
+    DIR *d = opendir("/proc/self/fd");
+    struct dirent *e;
+    int n = 0;
+    if (d == NULL) {
+        return -1;
+    }
+    while ((e = readdir(d)) != NULL) {
+        if (e->d_name[0] != '.' && atoi(e->d_name) != dirfd(d)) {
+            n++;
+        }
+    }
+    closedir(d);
+    return n;
+}
+
+/* The standard process metrics, under the names every Prometheus client
+ * library uses (so dashboards made for them work), and longrun_build_info. */
+static double started; /* process_start_time_seconds, read once */
+static pthread_once_t started_once = PTHREAD_ONCE_INIT;
+
+static void read_started(void) {
+    proc_stat_t ps;
+    long ticks = sysconf(_SC_CLK_TCK);
+    long long bt = boot_time();
+    started = read_proc_stat(&ps) && bt > 0 && ticks > 0 ? (double)bt + (double)ps.start / (double)ticks
+                                                         : (double)start_time;
+}
+
+static void process_metrics(buf_t *b) {
+    proc_stat_t ps;
+    struct rlimit rl;
+    long ticks = sysconf(_SC_CLK_TCK), page = sysconf(_SC_PAGESIZE);
+    int fds = open_fds();
+    (void)read_proc_stat(&ps);
+    pthread_once(&started_once, read_started);
+    bput(b, "# HELP process_cpu_seconds_total Total user and system CPU time spent in seconds.\n"
+            "# TYPE process_cpu_seconds_total counter\n");
+    bput(b, "process_cpu_seconds_total %.2f\n", ticks > 0 ? (double)(ps.utime + ps.stime) / (double)ticks : 0.0);
+    bput(b, "# HELP process_resident_memory_bytes Resident memory size in bytes.\n"
+            "# TYPE process_resident_memory_bytes gauge\n");
+    bput(b, "process_resident_memory_bytes %lld\n", (long long)ps.rss * (long long)page);
+    bput(b, "# HELP process_virtual_memory_bytes Virtual memory size in bytes.\n"
+            "# TYPE process_virtual_memory_bytes gauge\n");
+    bput(b, "process_virtual_memory_bytes %llu\n", ps.vsize);
+    bput(b, "# HELP process_start_time_seconds Start time of the process since unix epoch in seconds.\n"
+            "# TYPE process_start_time_seconds gauge\n");
+    bput(b, "process_start_time_seconds %.2f\n", started);
+    bput(b, "# HELP process_open_fds Number of open file descriptors.\n# TYPE process_open_fds gauge\n");
+    bput(b, "process_open_fds %d\n", fds > 0 ? fds : 0);
+    bput(b, "# HELP process_max_fds Maximum number of open file descriptors.\n# TYPE process_max_fds gauge\n");
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY) {
+        bput(b, "process_max_fds %llu\n", (unsigned long long)rl.rlim_cur);
+    } else {
+        bput(b, "process_max_fds 0\n");
+    }
+    bput(b, "# HELP longrun_build_info The version and commit of this binary (always 1).\n"
+            "# TYPE longrun_build_info gauge\nlongrun_build_info{version=\"");
+    put_value(b, lr_build_version);
+    bput(b, "\",commit=\"");
+    put_value(b, lr_build_commit);
+    bput(b, "\"} 1\n");
 }
 
 char *lr_metrics_render(void) {

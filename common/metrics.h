@@ -40,8 +40,13 @@ void lr_metric_remove(lr_metric_t *m, const char *const *values);
 void lr_metric_inc1(lr_metric_t *m, const char *value);
 
 /* Renders the text exposition (version 0.0.4) into a malloc'd string, with
- * process metrics (resident memory, CPU seconds, start time) appended.
- * Caller frees.  NULL on out of memory. */
+ * the standard process metrics (process_cpu_seconds_total,
+ * process_resident_memory_bytes, process_virtual_memory_bytes,
+ * process_start_time_seconds, process_open_fds, process_max_fds: the names
+ * of the Prometheus client libraries, from /proc/self) and
+ * longrun_build_info{version,commit} appended.  Reads /proc: call it off the
+ * event loop (the health server's thread does).  Caller frees.  NULL on out
+ * of memory. */
 char *lr_metrics_render(void);
 
 /* Frees every family (at exit, after all threads stopped). */

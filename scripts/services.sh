@@ -85,6 +85,11 @@ DEPS_PACKAGES=(
   ca-certificates
   python3-yaml
   prometheus
+  # the example producers (examples/producers/): Python's client is python3-pika above;
+  # Go and its AMQP client, which Go builds offline from /usr/share/gocode (GOPATH mode).
+  # Node.js and npm: see deps_node.
+  golang-go
+  golang-github-rabbitmq-amqp091-go-dev
 )
 # ---------------------------------------------------------------------------
 
@@ -110,7 +115,8 @@ Usage: $PROG <command> [args]
 Local RabbitMQ + PostgreSQL for longrun (no systemd needed).
 
 Commands:
-  deps               apt-get install build/runtime/test dependencies (skips if present)
+  deps               apt-get install build/runtime/test dependencies (skips if present),
+                     and npm ci for examples/producers/node and tests/mcp-everything (skips if up to date)
   up                 start PostgreSQL and RabbitMQ (idempotent); prints export lines
   env                print the export lines only (starts nothing)
   status             show whether each service runs; exit 0 iff both are up
@@ -296,11 +302,22 @@ elapsed() { echo $((SECONDS - $1)); }
 # deps
 
 cmd_deps() {
-  local sudo=()
-  if [[ $EUID -ne 0 ]]; then
+  deps_debian
+  deps_node
+  deps_mcp
+}
+
+deps_sudo=()
+deps_updated=0 # 1 once deps_debian ran apt-get update
+deps_as_root() {
+  if [[ $EUID -ne 0 && ${#deps_sudo[@]} -eq 0 ]]; then
     command -v sudo >/dev/null || die "not root and sudo is not installed"
-    sudo=(sudo)
+    deps_sudo=(sudo)
   fi
+  "${deps_sudo[@]}" env DEBIAN_FRONTEND=noninteractive "$@"
+}
+
+deps_debian() {
   local -A have=()
   local name st
   while read -r name st; do
@@ -313,9 +330,42 @@ cmd_deps() {
     return 0
   fi
   say "deps: missing: ${missing[*]}"
-  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update
-  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${DEPS_PACKAGES[@]}"
+  deps_as_root apt-get update
+  deps_as_root apt-get install -y --no-install-recommends "${DEPS_PACKAGES[@]}"
+  deps_updated=1
   say "deps: installed"
+}
+
+# Node.js and npm for examples/producers/node: the machine's own when it has them (an image
+# may ship NodeSource's nodejs, which bundles npm and conflicts with Debian's npm package),
+# else Debian's nodejs and npm. Then the producer's packages from the npm registry, exactly as
+# package-lock.json pins them (npm ci), unless node_modules already matches the lock file.
+deps_node() {
+  if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    say "deps: node or npm not found: installing Debian's nodejs and npm"
+    [[ $deps_updated -eq 1 ]] || deps_as_root apt-get update
+    deps_as_root apt-get install -y --no-install-recommends nodejs npm
+  fi
+  local dir="$REPO_DIR/examples/producers/node"
+  [[ -f $dir/package-lock.json ]] || return 0
+  if [[ -f $dir/node_modules/.package-lock.json && ! $dir/package-lock.json -nt $dir/node_modules/.package-lock.json ]]; then
+    say "deps: examples/producers/node: node_modules matches package-lock.json"
+    return 0
+  fi
+  say "deps: npm ci in examples/producers/node"
+  (cd "$dir" && npm ci --no-audit --no-fund) || die "npm ci in $dir failed"
+}
+
+# The MCP reference server for tests/integration/test_mcp.py, pinned by its package-lock.json.
+deps_mcp() {
+  local dir="$REPO_DIR/tests/mcp-everything"
+  [[ -f $dir/package-lock.json ]] || return 0
+  if [[ -f $dir/node_modules/.package-lock.json && ! $dir/package-lock.json -nt $dir/node_modules/.package-lock.json ]]; then
+    say "deps: tests/mcp-everything: node_modules matches package-lock.json"
+    return 0
+  fi
+  say "deps: npm ci in tests/mcp-everything"
+  (cd "$dir" && npm ci --no-audit --no-fund) || die "npm ci in $dir failed"
 }
 
 # ---------------------------------------------------------------------------

@@ -23,7 +23,9 @@
  * status and latency.
  */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 
 #include "agent_state.h"
 #include "callstats.h"
@@ -65,7 +67,8 @@ void lr_agent_count_request(const lr_model_ref_t *m, const lr_http_response_t *r
 }
 
 double lr_agent_account_usage(agent_state_t *st, const lr_model_ref_t *m, size_t body_len) {
-    const char *in[2] = {m->model, "input"}, *outv[2] = {m->model, "output"}, *ca[2] = {m->model, "cached"};
+    const char *ag = st->agent->name;
+    const char *in[3] = {ag, m->model, "input"}, *outv[3] = {ag, m->model, "output"}, *ca[3] = {ag, m->model, "cached"};
     double cost;
     if (st->reply.usage_missing) {
         /* Estimate (about 4 bytes a token) so that budgets still bind. */
@@ -80,7 +83,7 @@ double lr_agent_account_usage(agent_state_t *st, const lr_model_ref_t *m, size_t
     lr_metric_add(lr_wm.tokens, in, (double)st->reply.tokens_in);
     lr_metric_add(lr_wm.tokens, outv, (double)st->reply.tokens_out);
     lr_metric_add(lr_wm.tokens, ca, (double)st->reply.tokens_cached);
-    lr_metric_add(lr_wm.cost, (const char *const[]){m->model}, cost);
+    lr_metric_add(lr_wm.cost, (const char *const[]){ag, m->model}, cost);
     return cost;
 }
 
@@ -203,4 +206,12 @@ const char *lr_agent_budget_before_model(const agent_state_t *st, const lr_model
 
 const char *lr_agent_budget_before_tools(const agent_state_t *st, char *why, size_t whylen) {
     return time_up(st, why, whylen);
+}
+
+double lr_agent_jitter(void) {
+    unsigned int r = 0;
+    if (getrandom(&r, sizeof(r), 0) != (ssize_t)sizeof(r)) {
+        r = (unsigned int)rand();
+    }
+    return (double)r / (double)UINT32_MAX;
 }

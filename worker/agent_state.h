@@ -66,7 +66,7 @@ typedef struct agent_ops {
      * the task on a budget, or continues (through finish). */
     void (*step_complete)(agent_state_t *st);
     /* The state's timer callback (st->timer; the state says what is due). */
-    void (*timer_cb)(uv_timer_t *t);
+    void (*on_timer)(uv_timer_t *t);
     /* Logs a payload when the task is sampled (LONGRUN_LOG_PAYLOADS). */
     void (*log_payload)(agent_state_t *st, const char *event, const char *what, const char *text, size_t len);
     /* The answer to the spend reservation that lr_agent_spend_reserve sent
@@ -103,8 +103,9 @@ typedef struct tool_call {
     const char *id;
     const char *name;
     const char *args;
-    const lr_tool_def_t *def; /* NULL: unknown or not allowed for the agent */
-    lr_http_req_t *req;       /* in flight, or NULL */
+    const lr_tool_def_t *def;  /* NULL: unknown or not allowed for the agent */
+    lr_http_req_t *req;        /* in flight, or NULL */
+    struct lr_mcp_call *mcall; /* an MCP tool's call in flight (worker/mcp.h), or NULL */
     int tries;
     uint64_t retry_at; /* a retry is due then (lr_agent_now(); 0: none pending) */
     long park_ms;      /* > 0: the tool asked to wait this long: the task parks, the call runs on resume */
@@ -177,7 +178,7 @@ struct agent_state {
     uint64_t step_started; /* lr_agent_now() when the step began (max_seconds) */
 };
 
-/* A uniform random number in [0, 1] (backoff jitter; exec_agent.c). */
+/* A uniform random number in [0, 1] (backoff jitter; agent_budget.c). */
 double lr_agent_jitter(void);
 
 /* The loop's monotonic clock in ms (breakers, the gate, tool timings). */

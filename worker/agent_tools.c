@@ -21,6 +21,11 @@
  * retries share the state's one timer (free while the state is TOOLS).  When the last call has
  * its result the step completes (step_complete).
  *
+ * MCP tools (worker/mcp.c) are checked the same way (their inputSchema is
+ * their parameters) and sent through lr_mcp_call() instead, with the same
+ * idempotency key and the epoch in params._meta; they are not retried here
+ * (mcp.c renews a lost session and sends the call once more).
+ *
  * Nothing here logs tool arguments or results (privacy) unless the task's
  * payloads are sampled.
  */
@@ -32,6 +37,7 @@
 #include "agent_state.h"
 #include "callstats.h"
 #include "jsonschema.h"
+#include "mcp.h"
 #include "text.h"
 #include "wmetrics.h"
 
@@ -331,7 +337,7 @@ static void arm_retries(agent_state_t *st) {
         }
     }
     if (next != 0) {
-        uv_timer_start(&st->timer, st->ops->timer_cb, next > now ? next - now : 0, 0);
+        uv_timer_start(&st->timer, st->ops->on_timer, next > now ? next - now : 0, 0);
     }
 }
 
@@ -463,12 +469,92 @@ static void tool_response(const lr_http_response_t *resp, void *arg) {
     tools_maybe_done(st);
 }
 
+/* ------------------------------------------------------------ MCP tools */
+
+/* Adds structuredContent to the tool result just added (the checkpoint
+ * keeps it beside the text the model reads). */
+static void add_structured(agent_state_t *st, const cJSON *sc) {
+    cJSON *a = cJSON_GetArrayItem(st->added, cJSON_GetArraySize(st->added) - 1);
+    cJSON *c = cJSON_GetArrayItem(st->conv, cJSON_GetArraySize(st->conv) - 1);
+    cJSON_AddItemToObject(a, "structured_content", cJSON_Duplicate(sc, true));
+    cJSON_AddItemToObject(c, "structured_content", cJSON_Duplicate(sc, true));
+}
+
+static void mcp_response(const lr_mcp_result_t *res, void *arg) {
+    tool_call_t *tc = arg;
+    agent_state_t *st = tc->st;
+    char idem[160], msg[600];
+    long ms = (long)(lr_agent_now() - tc->started);
+    tc->mcall = NULL;
+    tc->running = false;
+    st->calls_running--;
+    snprintf(idem, sizeof(idem), "%s:%d:%d", lr_run_id(st->run), st->step_no, tc->index);
+    lr_callstats_add(LR_CALLSTATS_TOOL, tc->def->name, res->err != 0 ? 0L : res->http_status, lr_agent_now());
+    /* the server works if it answered, even with a tool error (as for
+     * HTTP tools, a refused connection is configuration, not an outage) */
+    lr_breaker_result(tool_breaker(tc->def), res->err == 0 || res->err == LR_EPERM, lr_agent_now());
+    if (res->err != 0) {
+        snprintf(msg, sizeof(msg), "error: tool %s failed: %s: %.400s", tc->name, lr_strerror(res->err), res->errmsg);
+        tool_result(tc, msg, true);
+        log_call(st, tc->id, tc->name, "error", res->http_status, ms, idem);
+    } else {
+        bool cut = false;
+        char *clean;
+        st->ops->log_payload(st, "payload.tool_result", tc->name, res->text, strlen(res->text));
+        clean = lr_utf8_clean(res->text, strlen(res->text), (size_t)tc->def->max_result_bytes, &cut);
+        if (clean == NULL) {
+            tool_result(tc, "error: out of memory reading the tool result", true);
+        } else {
+            size_t n = strlen(clean);
+            char *marked = cut ? malloc(n + 64) : NULL;
+            if (marked != NULL) {
+                snprintf(marked, n + 64, "%s...[truncated: result over %ld bytes]", clean, tc->def->max_result_bytes);
+            }
+            tool_result(tc, marked != NULL ? marked : clean, res->is_error);
+            free(marked);
+            if (res->structured != NULL) {
+                add_structured(st, res->structured);
+            }
+        }
+        free(clean);
+        log_call(st, tc->id, tc->name, res->is_error ? "error" : cut ? "truncated" : "ok", res->http_status, ms, idem);
+    }
+    tools_maybe_done(st);
+}
+
+static void mcp_send(tool_call_t *tc) {
+    agent_state_t *st = tc->st;
+    char idem[160], err[300];
+    long timeout = tc->def->timeout_ms;
+    int rc;
+    snprintf(idem, sizeof(idem), "%s:%d:%d", lr_run_id(st->run), st->step_no, tc->index);
+    if (tool_time_left(st) < timeout) {
+        timeout = tool_time_left(st) > TOOL_MIN_TRY_MS ? tool_time_left(st) : TOOL_MIN_TRY_MS;
+    }
+    tc->tries++;
+    tc->started = lr_agent_now();
+    rc = lr_mcp_call(lr_worker_mcp(st->w), tc->def, tc->args, idem, (long long)lr_run_epoch(st->run),
+                     lr_run_id(st->run), timeout, mcp_response, tc, &tc->mcall, err, sizeof(err));
+    if (rc != 0) {
+        lr_mcp_result_t r;
+        memset(&r, 0, sizeof(r));
+        r.err = rc;
+        r.text = "";
+        r.errmsg = err;
+        mcp_response(&r, tc);
+    }
+}
+
 static void tool_send(tool_call_t *tc) {
     agent_state_t *st = tc->st;
     char idem[160], h_task[96], h_epoch[64];
     const char *headers[5];
     lr_http_opts_t o;
     int rc;
+    if (tc->def->mcp_tool != NULL) {
+        mcp_send(tc);
+        return;
+    }
     snprintf(idem, sizeof(idem), "Idempotency-Key: %s:%d:%d", lr_run_id(st->run), st->step_no, tc->index);
     snprintf(h_task, sizeof(h_task), "X-Longrun-Task-Id: %s", lr_run_id(st->run));
     snprintf(h_epoch, sizeof(h_epoch), "X-Longrun-Epoch: %lld", (long long)lr_run_epoch(st->run));
@@ -658,6 +744,12 @@ void lr_agent_tools_start(agent_state_t *st) {
 
 void lr_agent_tools_cancel(agent_state_t *st) {
     for (int i = 0; i < st->ncalls; i++) {
+        if (st->calls[i].mcall != NULL) {
+            /* the server is told (notifications/cancelled) */
+            lr_mcp_abandon(st->calls[i].mcall, "the step was cancelled (task cancel, drain or lost lease)");
+            st->calls[i].mcall = NULL;
+            lr_breaker_abandon(tool_breaker(st->calls[i].def), lr_agent_now());
+        }
         if (st->calls[i].req != NULL) {
             lr_http_cancel(st->calls[i].req);
             st->calls[i].req = NULL;

@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #define MAX_FILE (4 * 1024 * 1024)
 
@@ -19,17 +20,19 @@ typedef struct registry {
     int nagents;
     lr_tenant_def_t *tenants;
     int ntenants;
+    lr_mcp_conf_t mcp[LR_MCP_MAX_SERVERS];
+    int nmcp;
 } registry_t;
 
 static registry_t reg;
 
 static const lr_tool_def_t builtin_defs[] = {
     {"sleep", "Pause this task durably for the given number of seconds (no worker is held).", NULL, NULL, 0, 0, false,
-     false, 0, LR_TOOL_SLEEP},
+     false, 0, LR_TOOL_SLEEP, NULL, 0, NULL},
     {"wait_for_event", "Pause this task until the named external event is signalled.", NULL, NULL, 0, 0, false, false,
-     0, LR_TOOL_WAIT_EVENT},
+     0, LR_TOOL_WAIT_EVENT, NULL, 0, NULL},
     {"request_approval", "Pause this task until a human approves or denies; give the reason.", NULL, NULL, 0, 0, false,
-     false, 0, LR_TOOL_APPROVAL},
+     false, 0, LR_TOOL_APPROVAL, NULL, 0, NULL},
 };
 static cJSON *builtin_params[3];
 
@@ -44,9 +47,9 @@ static int fail(char *errbuf, size_t errlen, const char *fmt, ...) {
     return LR_ECONFIG;
 }
 
-/* "${VAR}" expansion for URLs; malloc'd result or NULL with errbuf set. */
-static char *expand(const char *s, const char *where, char *errbuf, size_t errlen) {
-    char out[2048];
+/* "${VAR}" expansion of s into out (outlen bytes); its length, or -1 with
+ * errbuf set.  The values are never put in an error message (secrets). */
+static long expand_into(const char *s, const char *where, char *out, size_t outlen, char *errbuf, size_t errlen) {
     size_t n = 0;
     for (const char *p = s; *p != '\0';) {
         if (p[0] == '$' && p[1] == '{') {
@@ -56,32 +59,44 @@ static char *expand(const char *s, const char *where, char *errbuf, size_t errle
             size_t vl;
             if (end == NULL || (size_t)(end - p - 2) >= sizeof(var)) {
                 fail(errbuf, errlen, "%s: unterminated ${...} in \"%s\"", where, s);
-                return NULL;
+                return -1;
             }
             memcpy(var, p + 2, (size_t)(end - p - 2));
             var[end - p - 2] = '\0';
             val = getenv(var);
             if (val == NULL) {
                 fail(errbuf, errlen, "%s: environment variable %s (used in \"%s\") is not set", where, var, s);
-                return NULL;
+                return -1;
             }
             vl = strlen(val);
-            if (n + vl >= sizeof(out)) {
-                fail(errbuf, errlen, "%s: URL too long", where);
-                return NULL;
+            if (n + vl >= outlen) {
+                fail(errbuf, errlen, "%s: too long once expanded", where);
+                return -1;
             }
             memcpy(out + n, val, vl);
             n += vl;
             p = end + 1;
         } else {
-            if (n + 1 >= sizeof(out)) {
-                fail(errbuf, errlen, "%s: URL too long", where);
-                return NULL;
+            if (n + 1 >= outlen) {
+                fail(errbuf, errlen, "%s: too long once expanded", where);
+                return -1;
             }
             out[n++] = *p++;
         }
     }
     out[n] = '\0';
+    return (long)n;
+}
+
+/* "${VAR}" expansion for URLs; malloc'd result or NULL with errbuf set. */
+static char *expand(const char *s, const char *where, char *errbuf, size_t errlen) {
+    char out[2048];
+    long len = expand_into(s, where, out, sizeof(out), errbuf, errlen);
+    size_t n;
+    if (len < 0) {
+        return NULL;
+    }
+    n = (size_t)len;
     while (n > 0 && out[n - 1] == '/') {
         out[--n] = '\0';
     }
@@ -166,6 +181,13 @@ static void free_registry(registry_t *r) {
         }
         free(a->models);
         free(a->tools);
+    }
+    for (int i = 0; i < r->nmcp; i++) {
+        free(r->mcp[i].url);
+        for (int h = 0; h < r->mcp[i].nheaders; h++) {
+            free(r->mcp[i].headers[h]);
+        }
+        free(r->mcp[i].headers);
     }
     free(r->tools);
     free(r->agents);
@@ -267,11 +289,11 @@ static const lr_tool_def_t *find_tool(const registry_t *r, const char *name) {
 
 static int load_model(registry_t *r, const cJSON *prices, const cJSON *m, const char *where, lr_model_ref_t *out,
                       char *errbuf, size_t errlen) {
-    static const char *const known[] = {"provider",    "base_url",        "model",
-                                        "api_key_env", "max_tokens",      "max_tokens_field",
-                                        "temperature", "tool_choice",     "parallel_tool_calls",
-                                        "timeout_ms",  "retries",         "rpm",
-                                        "tpm",         "max_concurrency", NULL};
+    static const char *const known[] =
+        {"provider",         "base_url",    "model",       "api_key_env",         "max_tokens",
+         "max_tokens_field", "temperature", "tool_choice", "parallel_tool_calls", "timeout_ms",
+         "retries",          "rpm",         "tpm",         "max_concurrency",     "auth_header",
+         "api_version",      NULL};
     const char *prov = get_str(m, "provider");
     const char *s;
     const cJSON *price;
@@ -307,6 +329,31 @@ static int load_model(registry_t *r, const cJSON *prices, const cJSON *m, const 
         return fail(errbuf, errlen, "%s.api_key_env: must name an environment variable", where);
     }
     out->api_key_env = (char *)s;
+    s = get_str(m, "auth_header");
+    if ((cJSON_GetObjectItemCaseSensitive(m, "auth_header") != NULL &&
+         (s == NULL || (strcmp(s, "bearer") != 0 && strcmp(s, "api-key") != 0))) ||
+        (s != NULL && strcmp(s, "api-key") == 0 && out->provider != LR_PROVIDER_OPENAI)) {
+        return fail(errbuf, errlen,
+                    "%s.auth_header: must be \"bearer\" (Authorization: Bearer, the default) or \"api-key\" "
+                    "(Azure OpenAI), with provider \"openai\"",
+                    where);
+    }
+    out->auth_api_key = s != NULL && strcmp(s, "api-key") == 0;
+    s = get_str(m, "api_version");
+    if (cJSON_GetObjectItemCaseSensitive(m, "api_version") != NULL) {
+        bool ok = s != NULL && s[0] != '\0' && strlen(s) <= 40 && out->provider == LR_PROVIDER_OPENAI;
+        for (const char *p = s; ok && *p != '\0'; p++) {
+            ok = (*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') || *p == '-' ||
+                 *p == '.';
+        }
+        if (!ok) {
+            return fail(errbuf, errlen,
+                        "%s.api_version: with provider \"openai\", 1-40 characters of [A-Za-z0-9.-] (Azure OpenAI, "
+                        "e.g. \"2024-10-21\")",
+                        where);
+        }
+    }
+    out->api_version = (char *)s;
     s = get_str(m, "max_tokens_field");
     if (s != NULL && strcmp(s, "max_tokens") != 0 && strcmp(s, "max_completion_tokens") != 0) {
         return fail(errbuf, errlen, "%s.max_tokens_field: must be \"max_tokens\" or \"max_completion_tokens\"", where);
@@ -402,6 +449,157 @@ static int agent_models(registry_t *r, const cJSON *prices, const cJSON *a, lr_a
         if ((rc = load_model(r, prices, m, mw, &ag->models[mi], errbuf, errlen)) != 0) {
             return rc;
         }
+    }
+    return 0;
+}
+
+/* mcp_servers.<name>: an MCP server's URL, headers (with ${VAR} secrets),
+ * which of its tools are exposed, and its limits. */
+static int load_mcp_server(registry_t *r, const cJSON *m, lr_mcp_conf_t *c, char *errbuf, size_t errlen) {
+    static const char *const known[] = {"url",    "headers",          "allow",    "deny", "timeout_ms",
+                                        "prefix", "max_result_bytes", "$comment", NULL};
+    char where[128], hw[256];
+    const cJSON *h, *list;
+    double v = 0;
+    int rc;
+    snprintf(where, sizeof(where), "mcp_servers.%s", m->string);
+    c->name = m->string;
+    if (!tool_name_ok(m->string)) {
+        return fail(errbuf, errlen, "%s: server names are 1-64 characters of [A-Za-z0-9_-]", where);
+    }
+    if (!cJSON_IsObject(m)) {
+        return fail(errbuf, errlen, "%s: must be an object", where);
+    }
+    if ((rc = check_keys(m, where, known, errbuf, errlen)) != 0) {
+        return rc;
+    }
+    if (get_str(m, "url") == NULL) {
+        return fail(errbuf, errlen, "%s.url: required (the server's Streamable HTTP endpoint, e.g. http://host/mcp)",
+                    where);
+    }
+    snprintf(hw, sizeof(hw), "%s.url", where);
+    c->url = expand(get_str(m, "url"), hw, errbuf, errlen);
+    if (c->url == NULL) {
+        return LR_ECONFIG;
+    }
+    h = cJSON_GetObjectItemCaseSensitive(m, "headers");
+    if (h != NULL && (!cJSON_IsObject(h) || cJSON_GetArraySize(h) > LR_MCP_MAX_HEADERS)) {
+        return fail(errbuf, errlen, "%s.headers: must be an object of at most %d header name -> value strings", where,
+                    LR_MCP_MAX_HEADERS);
+    }
+    c->headers = calloc((size_t)cJSON_GetArraySize(h) + 1, sizeof(char *));
+    if (c->headers == NULL) {
+        return LR_ENOMEM;
+    }
+    for (const cJSON *e = h != NULL ? h->child : NULL; e != NULL; e = e->next) {
+        char val[4096];
+        size_t nl = strlen(e->string), vl;
+        snprintf(hw, sizeof(hw), "%s.headers.%.64s", where, e->string);
+        if (!tool_name_ok(e->string) || !cJSON_IsString(e)) {
+            return fail(errbuf, errlen, "%s: a header name of [A-Za-z0-9_-] with a string value", hw);
+        }
+        if (strcasecmp(e->string, "Mcp-Session-Id") == 0 || strcasecmp(e->string, "MCP-Protocol-Version") == 0 ||
+            strcasecmp(e->string, "Content-Type") == 0 || strcasecmp(e->string, "Accept") == 0) {
+            return fail(errbuf, errlen, "%s: set by the MCP client itself", hw);
+        }
+        if (expand_into(e->valuestring, hw, val, sizeof(val), errbuf, errlen) < 0) {
+            return LR_ECONFIG;
+        }
+        if (strpbrk(val, "\r\n") != NULL) {
+            return fail(errbuf, errlen, "%s: the value has a line break (after ${VAR} expansion)", hw);
+        }
+        vl = strlen(val);
+        c->headers[c->nheaders] = malloc(nl + vl + 3);
+        if (c->headers[c->nheaders] == NULL) {
+            return LR_ENOMEM;
+        }
+        snprintf(c->headers[c->nheaders], nl + vl + 3, "%s: %s", e->string, val);
+        c->nheaders++;
+    }
+    for (int k = 0; k < 2; k++) {
+        const char *key = k == 0 ? "allow" : "deny";
+        list = cJSON_GetObjectItemCaseSensitive(m, key);
+        if (list == NULL) {
+            continue;
+        }
+        if (!cJSON_IsArray(list)) {
+            return fail(errbuf, errlen, "%s.%s: must be an array of the server's tool names (\"x*\": a prefix)", where,
+                        key);
+        }
+        for (const cJSON *e = list->child; e != NULL; e = e->next) {
+            if (!cJSON_IsString(e) || e->valuestring[0] == '\0') {
+                return fail(errbuf, errlen, "%s.%s: must be an array of non-empty strings", where, key);
+            }
+        }
+        if (k == 0) {
+            c->allow = list;
+        } else {
+            c->deny = list;
+        }
+    }
+    if ((rc = get_num(m, "timeout_ms", where, 100, 600000, true, 30000, &v, errbuf, errlen)) != 0) {
+        return rc;
+    }
+    c->timeout_ms = (long)v;
+    if ((rc = get_num(m, "max_result_bytes", where, 64, 1048576, true, 16384, &v, errbuf, errlen)) != 0) {
+        return rc;
+    }
+    c->max_result_bytes = (long)v;
+    list = cJSON_GetObjectItemCaseSensitive(m, "prefix");
+    if (list != NULL && (!cJSON_IsString(list) || (list->valuestring[0] != '\0' && !tool_name_ok(list->valuestring)) ||
+                         strlen(list->valuestring) > 32)) {
+        return fail(errbuf, errlen, "%s.prefix: must be a string of at most 32 characters of [A-Za-z0-9_-]", where);
+    }
+    c->prefix = list != NULL ? list->valuestring : NULL;
+    return 0;
+}
+
+static int load_mcp(registry_t *r, const cJSON *servers, char *errbuf, size_t errlen) {
+    if (!cJSON_IsObject(servers)) {
+        return fail(errbuf, errlen, "mcp_servers: must be an object of server name -> definition");
+    }
+    if (cJSON_GetArraySize(servers) > LR_MCP_MAX_SERVERS) {
+        return fail(errbuf, errlen, "mcp_servers: at most %d servers", LR_MCP_MAX_SERVERS);
+    }
+    for (const cJSON *m = servers->child; m != NULL; m = m->next) {
+        int rc;
+        r->nmcp++;
+        if ((rc = load_mcp_server(r, m, &r->mcp[r->nmcp - 1], errbuf, errlen)) != 0) {
+            return rc;
+        }
+    }
+    return 0;
+}
+
+/* agents[i].mcp: names of servers of "mcp_servers". */
+static int agent_mcp(registry_t *r, const cJSON *a, lr_agent_t *ag, const char *where, char *errbuf, size_t errlen) {
+    const cJSON *list = cJSON_GetObjectItemCaseSensitive(a, "mcp");
+    int i = 0;
+    ag->nstatic_tools = ag->ntools;
+    if (list == NULL) {
+        return 0;
+    }
+    if (!cJSON_IsArray(list)) {
+        return fail(errbuf, errlen, "%s.mcp: must be an array of names of mcp_servers", where);
+    }
+    for (const cJSON *e = list->child; e != NULL; e = e->next, i++) {
+        int found = -1;
+        for (int k = 0; k < r->nmcp && cJSON_IsString(e); k++) {
+            if (strcmp(r->mcp[k].name, e->valuestring) == 0) {
+                found = k;
+            }
+        }
+        if (found < 0) {
+            return fail(errbuf, errlen, "%s.mcp[%d]: %s%s%s is not defined in \"mcp_servers\"", where, i,
+                        cJSON_IsString(e) ? "\"" : "", cJSON_IsString(e) ? e->valuestring : "a non-string",
+                        cJSON_IsString(e) ? "\"" : "");
+        }
+        for (int k = 0; k < ag->nmcp; k++) {
+            if (ag->mcp[k] == found) {
+                return fail(errbuf, errlen, "%s.mcp[%d]: \"%s\" is listed twice", where, i, e->valuestring);
+            }
+        }
+        ag->mcp[ag->nmcp++] = found;
     }
     return 0;
 }
@@ -634,10 +832,19 @@ static int load_tenants(registry_t *r, const cJSON *tenants, char *errbuf, size_
 }
 
 static int load_agents(registry_t *r, const cJSON *prices, const cJSON *agents, char *errbuf, size_t errlen) {
-    static const char *const known[] = {"name",         "system",     "models",
-                                        "tools",        "budgets",    "context",
-                                        "description",  "slice",      "max_outage_seconds",
-                                        "budget_clock", "spend_caps", NULL};
+    static const char *const known[] = {"name",
+                                        "system",
+                                        "models",
+                                        "tools",
+                                        "budgets",
+                                        "context",
+                                        "description",
+                                        "slice",
+                                        "max_outage_seconds",
+                                        "budget_clock",
+                                        "mcp",
+                                        "spend_caps",
+                                        NULL};
     int n = cJSON_GetArraySize(agents);
     int i = 0;
     r->agents = calloc((size_t)n + 1, sizeof(lr_agent_t));
@@ -690,6 +897,7 @@ static int load_agents(registry_t *r, const cJSON *prices, const cJSON *agents, 
         }
         if ((rc = agent_models(r, prices, a, ag, where, errbuf, errlen)) != 0 ||
             (rc = agent_tools(r, a, ag, where, errbuf, errlen)) != 0 ||
+            (rc = agent_mcp(r, a, ag, where, errbuf, errlen)) != 0 ||
             (rc = agent_budgets(a, ag, where, errbuf, errlen)) != 0 ||
             (rc = agent_context(a, ag, where, errbuf, errlen)) != 0 ||
             (rc = agent_slice(a, ag, where, errbuf, errlen)) != 0 ||
@@ -707,7 +915,8 @@ int lr_agents_load(const char *path, char *errbuf, size_t errlen) {
     registry_t nr;
     const cJSON *tools, *agents, *prices, *tenants;
     int rc = 0;
-    static const char *const known[] = {"models", "tools", "agents", "tenants", "$comment", NULL};
+    static const char *const known[] = {"models", "tools", "agents", "mcp_servers", "tenants", "$comment", NULL};
+    const cJSON *mcp;
 
     memset(&nr, 0, sizeof(nr));
     if (f == NULL) {
@@ -747,6 +956,10 @@ int lr_agents_load(const char *path, char *errbuf, size_t errlen) {
         goto out;
     }
     if (tools != NULL && (rc = load_tools(&nr, tools, errbuf, errlen)) != 0) {
+        goto out;
+    }
+    mcp = cJSON_GetObjectItemCaseSensitive(nr.root, "mcp_servers");
+    if (mcp != NULL && (rc = load_mcp(&nr, mcp, errbuf, errlen)) != 0) {
         goto out;
     }
     agents = cJSON_GetObjectItemCaseSensitive(nr.root, "agents");
@@ -818,6 +1031,69 @@ const lr_tool_def_t *lr_agent_tool(const lr_agent_t *a, const char *name) {
         }
     }
     return NULL;
+}
+
+int lr_mcp_conf_count(void) { return reg.nmcp; }
+
+const lr_mcp_conf_t *lr_mcp_conf_get(int i) { return i >= 0 && i < reg.nmcp ? &reg.mcp[i] : NULL; }
+
+static bool name_in(const cJSON *list, const char *name) {
+    const cJSON *e;
+    cJSON_ArrayForEach(e, list) {
+        size_t n = strlen(e->valuestring);
+        if (strcmp(e->valuestring, name) == 0 ||
+            (n > 0 && e->valuestring[n - 1] == '*' && strncmp(e->valuestring, name, n - 1) == 0)) {
+            return true;
+        }
+    }
+    return false;
+}
+
+bool lr_mcp_conf_exposes(const lr_mcp_conf_t *c, const char *name) {
+    return (c->allow == NULL || name_in(c->allow, name)) && !name_in(c->deny, name);
+}
+
+int lr_agents_set_mcp_tools(int server, const lr_tool_def_t *defs, int n) {
+    for (int i = 0; i < reg.nagents; i++) {
+        lr_agent_t *a = &reg.agents[i];
+        int total = a->nstatic_tools;
+        const lr_tool_def_t **t;
+        bool uses = false;
+        for (int k = 0; k < a->nmcp; k++) {
+            uses = uses || a->mcp[k] == server;
+        }
+        if (!uses) {
+            continue;
+        }
+        /* the agent's tools: its own, then each of its servers' (this one's
+         * from defs, the others' as they are) */
+        for (int j = a->nstatic_tools; j < a->ntools; j++) {
+            total += a->tools[j]->mcp_server != server ? 1 : 0;
+        }
+        t = calloc((size_t)(total + n) + 1, sizeof(*t));
+        if (t == NULL) {
+            return LR_ENOMEM;
+        }
+        total = 0;
+        for (int j = 0; j < a->ntools; j++) {
+            if (j < a->nstatic_tools || a->tools[j]->mcp_server != server) {
+                t[total++] = a->tools[j];
+            }
+        }
+        for (int j = 0; j < n; j++) {
+            bool clash = false; /* a tool of the file keeps its name */
+            for (int k = 0; k < a->nstatic_tools; k++) {
+                clash = clash || strcmp(a->tools[k]->name, defs[j].name) == 0;
+            }
+            if (!clash) {
+                t[total++] = &defs[j];
+            }
+        }
+        free(a->tools);
+        a->tools = t;
+        a->ntools = total;
+    }
+    return 0;
 }
 
 /* ------------------------------------------------------------ kill switches */

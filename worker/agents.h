@@ -17,13 +17,16 @@
  *                            "tool_choice": "auto"|..., "parallel_tool_calls": bool,
  *                            "timeout_ms": N, "retries": N, "rpm": N, "tpm": N,
  *                            "max_concurrency": N}],
- *                "tools": ["name", "sleep", ...], "budgets": {...},
+ *                "tools": ["name", "sleep", ...], "mcp": ["server", ...], "budgets": {...},
  *                "context": {"strategy": "full"|"window"|"summarize", "messages": N,
  *                            "threshold_tokens": N},
  *                "slice": {"steps": N, "seconds": N},
  *                "spend_caps": {"daily_usd": $, "monthly_usd": $}}],
+ *    "mcp_servers": {"<name>": {"url": "http://.../mcp", "headers": {"Authorization":
+ *                   "Bearer ${VAR}"}, "allow": [...], "deny": [...], "timeout_ms": N,
+ *                   "prefix": "<name>_", "max_result_bytes": N}},
  *    "tenants": {"<tenant>": {"spend_caps": {"daily_usd": $, "monthly_usd": $}}}}
- * "${VAR}" in URLs is replaced by the environment variable VAR at load.
+ * "${VAR}" in URLs (and in MCP servers' header values) is replaced by the environment variable VAR at load.
  * API keys are never in the file: only the *name* of the variable.
  *
  * The registry is process-global, loaded once before the loop starts, and
@@ -47,6 +50,8 @@ typedef struct lr_model_ref {
     char *base_url; /* without the trailing /chat/completions or /messages */
     char *model;
     char *api_key_env;       /* name of the environment variable, or NULL */
+    bool auth_api_key;       /* openai: the key goes in an "api-key" header (Azure OpenAI), not Bearer */
+    char *api_version;       /* openai: appended as ?api-version= (Azure OpenAI), or NULL */
     char *max_tokens_field;  /* openai: "max_tokens" or "max_completion_tokens" */
     long max_tokens;         /* 0 = omit (openai); anthropic requires it (default 1024) */
     double temperature;      /* < 0 = omit */
@@ -74,7 +79,28 @@ typedef struct lr_tool_def {
     bool writes;
     long max_result_bytes;
     enum lr_builtin builtin;
+    /* MCP tools (builtin LR_TOOL_HTTP, run through worker/mcp.c): the tool's
+     * own name on its server, NULL for an HTTP tool; the server (index of
+     * lr_mcp_conf_get); the tool's outputSchema (or NULL). */
+    const char *mcp_tool;
+    int mcp_server;
+    cJSON *output_schema;
 } lr_tool_def_t;
+
+/* An MCP server of the agents file ("mcp_servers": {"<name>": {...}}). */
+#define LR_MCP_MAX_SERVERS 16
+#define LR_MCP_MAX_HEADERS 16
+typedef struct lr_mcp_conf {
+    const char *name; /* the key in mcp_servers (borrowed from the file's tree) */
+    char *url;        /* ${VAR} expanded */
+    char **headers;   /* "Name: value", ${VAR} expanded (secrets: never logged), NULL-terminated */
+    int nheaders;
+    const cJSON *allow; /* array of the server's tool names ("x*": a prefix), or NULL: all */
+    const cJSON *deny;  /* array of names never exposed, or NULL */
+    long timeout_ms;    /* one tools/call (and each request of the handshake) */
+    const char *prefix; /* put before each tool name (default "<name>_") */
+    long max_result_bytes;
+} lr_mcp_conf_t;
 
 /* A pin rule of the context: a message matching every field given is
  * always sent (with the call or the results it is paired with).  Strings
@@ -124,6 +150,12 @@ typedef struct lr_agent {
     /* "budget_clock": "wall": max_seconds counts the time since the task
      * first started, waits included; default "active": only its steps. */
     bool budget_wall;
+    /* "mcp": the MCP servers whose tools the agent gets (lr_mcp_conf_get
+     * indexes); tools[0 .. nstatic_tools) are the file's, the rest the
+     * servers' tools as last listed (lr_agents_set_mcp_tools). */
+    int mcp[LR_MCP_MAX_SERVERS];
+    int nmcp;
+    int nstatic_tools;
     lr_spend_caps_t spend_caps;
 } lr_agent_t;
 
@@ -150,6 +182,21 @@ bool lr_flag_disabled(const char *kind, const char *name);
 
 /* JSON Schema of a built-in tool's parameters. */
 const cJSON *lr_builtin_parameters(enum lr_builtin b);
+
+/* The MCP servers of the agents file: how many, and server i. */
+int lr_mcp_conf_count(void);
+const lr_mcp_conf_t *lr_mcp_conf_get(int i);
+
+/* Makes defs[0 .. n) the tools of MCP server `server` for every agent that
+ * lists it (loop thread; the tools are read on the loop thread only).  defs
+ * is borrowed: it must stay valid until the next call for this server and
+ * after every step that may still refer to it (worker/mcp.c keeps every list
+ * it made until it closes).  Returns 0 or LR_ENOMEM (the agents keep their
+ * previous tools). */
+int lr_agents_set_mcp_tools(int server, const lr_tool_def_t *defs, int n) LR_MUSTCHECK;
+
+/* Is tool `name` of an MCP server exposed by its allow/deny lists? */
+bool lr_mcp_conf_exposes(const lr_mcp_conf_t *c, const char *name);
 
 /* Looks up a tool of the agent by name (NULL: unknown or not allowed). */
 const lr_tool_def_t *lr_agent_tool(const lr_agent_t *a, const char *name);

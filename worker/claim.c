@@ -98,8 +98,15 @@ static void take_row(lr_run_t *r, const lr_store_task_t *t) {
     r->log.step = r->step;
     r->slice_start_ms = lr_worker_now(w);
     r->slice_steps = 0;
+    r->claim_age_ms = t->age_ms;
     LR_LOG(LR_LOG_DEBUG, &r->log, "task.claimed", "claimed (claims without progress: %d)", t->claims);
     lr_metric_add(lr_wm.tasks_started, NULL, 1);
+    if (t->queue_wait_ms >= 0) {
+        char queue[sizeof(r->queue) + sizeof(LR_AMQP_QUEUE_PREFIX)]; /* named as longrun_queue_depth names it */
+        snprintf(queue, sizeof(queue), "%s%s", LR_AMQP_QUEUE_PREFIX, r->queue);
+        lr_metric_observe(lr_wm.queue_wait_seconds, (const char *const[]){queue, lr_run_agent_label(r)},
+                          (double)t->queue_wait_ms / 1000.0);
+    }
 }
 
 /* Whether the claimed task may run here: false when it was handed back,

@@ -116,6 +116,7 @@ struct lr_run {
     uint64_t ckpt_sent_ms;
     uint64_t lease_from_ms;  /* the last committed checkpoint that extended the lease was sent then */
     uint64_t claim_sent_ms;  /* the claim (or insert) statement was sent then */
+    long claim_age_ms;       /* the task's age (since created_at) at that claim */
     uint64_t lease_until_ms; /* the lease surely holds until then (loop clock; 0 = none) */
     cJSON *input;            /* owned */
     char *budgets_json;      /* owned: the task's budgets object as stored */
@@ -151,6 +152,8 @@ struct lr_worker {
     lr_pg_pool_t *pg;
     lr_amqp_t *amqp;
     lr_http_t *http;
+    struct lr_mcp *mcp;    /* MCP servers' sessions (worker/mcp.h), owned */
+    bool amqp_after_mcp;   /* the durability check passed: RabbitMQ starts once MCP is ready */
     lr_urlguard_t *egress; /* LONGRUN_EGRESS_ALLOW (worker/egress.h), owned */
     uv_timer_t lease_timer;
     uv_timer_t drain_timer;
@@ -225,6 +228,11 @@ void lr_run_mem_set(lr_run_t *r, size_t n);
 /* The step's answer is checkpointed (or given up): its adopted charge is
  * replaced by state_bytes of resident state. */
 void lr_run_mem_step_done(lr_run_t *r, size_t state_bytes);
+/* The run's agent as a metric label: its name when this worker knows the
+ * agent (the agents file, a built-in kind), so the label's values are
+ * bounded by configuration; "unknown" otherwise (a task's agent field is
+ * anyone's input).  Borrowed: valid while the run lives. */
+const char *lr_run_agent_label(const lr_run_t *r);
 /* Ends a run whose delivery was handed over elsewhere (dead letter). */
 void lr_run_drop(lr_run_t *r, enum lr_run_outcome o);
 /* Frees r if it is DONE with no I/O left (called after each I/O ends). */

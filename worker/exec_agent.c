@@ -51,16 +51,17 @@
  * dead-lettered (stop_reason provider_unavailable).
  *
  * Nothing here logs prompts, tool arguments or results (privacy): only
- * names, sizes, statuses and timings.
+ * names, sizes, statuses and timings; payloads only for sampled tasks, and
+ * redacted (payload_log.h).
  */
 #include <assert.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/random.h>
 
 #include "agent_state.h"
+#include "payload_log.h"
 #include "ratewin.h"
 #include "text.h"
 #include "wmetrics.h"
@@ -78,13 +79,11 @@ static void spend_answered(agent_state_t *st, enum lr_agent_spend_verdict v);
 static void timer_cb(uv_timer_t *t);
 static const agent_ops_t agent_ops = {
     .finish = agent_finish,
-    .timer_cb = timer_cb,
+    .on_timer = timer_cb,
     .step_complete = agent_step_complete,
     .log_payload = agent_log_payload,
     .spend_answered = spend_answered,
 };
-
-#define PAYLOAD_LOG_MAX 4096
 
 static lr_breaker_t *model_breaker(const lr_model_ref_t *m) {
     char key[400];
@@ -122,38 +121,12 @@ static void agent_unref(agent_state_t *st) {
 
 static void agent_timer_closed(uv_handle_t *h) { agent_unref(h->data); }
 
-double lr_agent_jitter(void) {
-    unsigned int r = 0;
-    if (getrandom(&r, sizeof(r), 0) != (ssize_t)sizeof(r)) {
-        r = (unsigned int)rand();
-    }
-    return (double)r / (double)UINT32_MAX;
-}
 #define jitter lr_agent_jitter
 
-/* Sampled payload logging: the whole task or nothing, by a hash of its id. */
-static bool payload_sampled(const char *id, double rate) {
-    uint32_t h = 2166136261u;
-    if (rate <= 0) {
-        return false;
-    }
-    for (const char *p = id; *p != '\0'; p++) {
-        h = (h ^ (uint8_t)*p) * 16777619u;
-    }
-    return (double)h / (double)UINT32_MAX < rate;
-}
-
 static void agent_log_payload(agent_state_t *st, const char *event, const char *what, const char *text, size_t len) {
-    bool cut = false;
-    char *clean;
-    if (!st->log_payloads) {
-        return;
+    if (st->log_payloads) {
+        lr_payload_log(&st->log, event, what, text, len); /* redacted: payload_log.h */
     }
-    clean = lr_utf8_clean(text != NULL ? text : "", text != NULL ? len : 0, PAYLOAD_LOG_MAX, &cut);
-    LR_LOG(LR_LOG_INFO, &st->log, event, "%s (%zu bytes%s): %s", what, len, cut ? ", cut at 4096" : "",
-           clean != NULL ? clean : "");
-    lr_metric_add(lr_wm.payloads_logged, NULL, 1);
-    free(clean);
 }
 
 /* Frees what a step builds (the conversation goes too: the next step
@@ -838,7 +811,11 @@ static void model_post(agent_state_t *st, char *body) {
     headers[nh++] = "Content-Type: application/json";
     if (m->provider == LR_PROVIDER_OPENAI) {
         if (key != NULL && key[0] != '\0') {
-            snprintf(auth, sizeof(auth), "Authorization: Bearer %s", key);
+            if (m->auth_api_key) {
+                snprintf(auth, sizeof(auth), "api-key: %s", key); /* Azure OpenAI */
+            } else {
+                snprintf(auth, sizeof(auth), "Authorization: Bearer %s", key);
+            }
             headers[nh++] = auth;
         }
     } else {
@@ -1051,7 +1028,7 @@ static int step_prepare(agent_state_t *st) {
     char why[160];
     const char *reason;
 
-    st->log_payloads = payload_sampled(lr_run_id(st->run), lr_worker_config(st->w)->log_payloads);
+    st->log_payloads = lr_payload_sampled(lr_run_id(st->run), lr_worker_config(st->w)->log_payloads);
     lr_run_usage(st->run, &st->usage);
     lr_agent_budgets_resolve(st);
     reason = lr_agent_budget_spent(st, why, sizeof(why));

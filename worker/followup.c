@@ -171,7 +171,12 @@ static void marked(int err, void *arg) {
 /* The follow-up is confirmed (or there was none to publish). */
 static void followup_done(lr_run_t *r) {
     if (r->follow == LR_FOLLOW_OUTCOME || r->follow == LR_FOLLOW_DEAD) {
-        lr_metric_inc1(lr_wm.tasks_finished, lr_status_name(r->status));
+        const char *lv[2] = {lr_run_agent_label(r), lr_status_name(r->status)};
+        lr_metric_add(lr_wm.tasks_finished, lv, 1);
+        if (r->claim_sent_ms != 0) {
+            lr_metric_observe(lr_wm.task_seconds, lv,
+                              (double)(lr_worker_now(r->w) - r->claim_sent_ms + (uint64_t)r->claim_age_ms) / 1000.0);
+        }
         if (r->follow == LR_FOLLOW_DEAD) {
             lr_metric_inc1(lr_wm.dead_letters, r->reason);
         }

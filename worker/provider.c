@@ -14,10 +14,12 @@
 
 char *lr_provider_url(const lr_model_ref_t *m) {
     const char *suffix = m->provider == LR_PROVIDER_OPENAI ? "/chat/completions" : "/messages";
-    size_t n = strlen(m->base_url) + strlen(suffix) + 1;
+    size_t n = strlen(m->base_url) + strlen(suffix) + (m->api_version != NULL ? strlen(m->api_version) + 16 : 0) + 1;
     char *u = malloc(n);
     if (u != NULL) {
-        snprintf(u, n, "%s%s", m->base_url, suffix);
+        /* (api_version is checked to be [A-Za-z0-9.-] when the agents file loads) */
+        snprintf(u, n, "%s%s%s%s", m->base_url, suffix, m->api_version != NULL ? "?api-version=" : "",
+                 m->api_version != NULL ? m->api_version : "");
     }
     return u;
 }

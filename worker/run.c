@@ -70,6 +70,14 @@ int lr_run_step_no(const lr_run_t *r) { return r->step; }
 int64_t lr_run_epoch(const lr_run_t *r) { return r->epoch; }
 const cJSON *lr_run_input(const lr_run_t *r) { return r->input; }
 const char *lr_run_agent(const lr_run_t *r) { return r->agent; }
+
+const char *lr_run_agent_label(const lr_run_t *r) {
+    if (r->agent[0] != '\0' &&
+        (r->exec != NULL || (r->w->find_executor != NULL && r->w->find_executor(r->agent) != NULL))) {
+        return r->agent;
+    }
+    return "unknown";
+}
 const cJSON *lr_run_history(const lr_run_t *r) { return r->history; }
 void **lr_run_exec_state(lr_run_t *r) { return &r->exec_state; }
 const char *lr_run_budgets_json(const lr_run_t *r) { return r->budgets_json; }
@@ -77,6 +85,9 @@ const char *lr_run_tenant(const lr_run_t *r) { return r->tenant; }
 lr_worker_t *lr_run_worker(lr_run_t *r) { return r->w; }
 bool lr_run_lease_ok(lr_run_t *r) { return r->lease_until_ms != 0 && lr_worker_now(r->w) < r->lease_until_ms; }
 lr_http_t *lr_worker_http(lr_worker_t *w) { return w->http; }
+struct lr_mcp *lr_worker_mcp(lr_worker_t *w) {
+    return w->mcp;
+}
 struct lr_mem *lr_worker_mem(lr_worker_t *w) {
     return &w->mem;
 }

@@ -16,7 +16,8 @@
  * task is cancelled instead of running a step). */
 #define SQL_CLAIM                                                                                 \
     "WITH o AS (SELECT id, status, ($5::bool AND status = 'running' AND lease_owner = $2"         \
-    "   AND lease_expires_at >= now()) AS own FROM tasks WHERE id = $1 FOR UPDATE),"              \
+    "   AND lease_expires_at >= now()) AS own, started_at IS NULL AS first_claim"                 \
+    "  FROM tasks WHERE id = $1 FOR UPDATE),"                                                     \
     " c AS (UPDATE tasks t SET status = 'running', lease_epoch = t.lease_epoch + 1,"              \
     "   lease_owner = $2, lease_expires_at = now() + make_interval(secs => $3::int),"             \
     "   claims = t.claims + CASE WHEN o.own THEN 0 ELSE 1 END,"                                   \
@@ -25,7 +26,7 @@
     "   suspend_reason = NULL, wait_event = NULL, resume_at = NULL"                               \
     "  FROM o WHERE t.id = o.id AND (o.own OR (t.claims < $4::int AND (t.status = 'queued' OR"    \
     "   (t.status = 'running' AND (t.lease_expires_at IS NULL OR t.lease_expires_at < now())))))" \
-    "  RETURNING t.*, o.status AS old_status, o.own),"                                            \
+    "  RETURNING t.*, o.status AS old_status, o.own, o.first_claim),"                             \
     " ev AS (INSERT INTO task_events (task_id, from_status, to_status, reason, actor)"            \
     "  SELECT id, old_status, 'running', CASE WHEN own THEN 'reclaimed'"                          \
     "   WHEN old_status = 'running' THEN 'lease_expired' ELSE 'claimed' END, $2 FROM c)"          \
@@ -39,7 +40,10 @@
     "  cur.status AS cur_status, cur.claims AS cur_claims,"                                       \
     "  (cur.lease_expires_at IS NOT NULL AND cur.lease_expires_at >= now()) AS cur_leased,"       \
     "  (extract(epoch FROM now() - c.outage_since) * 1000)::bigint AS outage_ms,"                 \
-    "  (extract(epoch FROM now() - c.started_at) * 1000)::bigint AS wall_ms"                      \
+    "  (extract(epoch FROM now() - c.started_at) * 1000)::bigint AS wall_ms,"                     \
+    "  (extract(epoch FROM now() - c.created_at) * 1000)::bigint AS age_ms,"                      \
+    "  CASE WHEN c.first_claim THEN (extract(epoch FROM now() - c.created_at) * 1000)::bigint"    \
+    "   END AS queue_wait_ms"                                                                     \
     " FROM (SELECT 1) one LEFT JOIN c ON true"                                                    \
     " LEFT JOIN tasks cur ON cur.id = $1"
 

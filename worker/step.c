@@ -151,8 +151,9 @@ static void checkpoint_committed(lr_run_t *r) {
     if (r->out.model != NULL) {
         r->outage_ms = -1; /* a model answered: the checkpoint cleared outage_since */
     }
-    lr_metric_add(lr_wm.steps, NULL, 1);
-    lr_metric_observe(lr_wm.step_seconds, NULL, (double)(lr_worker_now(w) - r->step_start_ms) / 1000.0);
+    lr_metric_inc1(lr_wm.steps, lr_run_agent_label(r));
+    lr_metric_observe(lr_wm.step_seconds, (const char *const[]){lr_run_agent_label(r)},
+                      (double)(lr_worker_now(w) - r->step_start_ms) / 1000.0);
     if (r->exec->needs_history && !r->exec->keeps_conversation && r->out.messages != NULL) {
         /* Keep the in-memory step log in step with what was committed. */
         cJSON *m = cJSON_Parse(r->out.messages);

@@ -138,6 +138,8 @@ static void task_from_row(const PGresult *res, lr_store_task_t *t) {
     t->tool_calls = (long)get_ll(res, "tool_calls");
     t->active_ms = (long)get_ll(res, "active_ms");
     t->wall_ms = lr_pg_getn(res, 0, "wall_ms") != NULL ? (long)get_ll(res, "wall_ms") : 0;
+    t->age_ms = lr_pg_getn(res, 0, "age_ms") != NULL ? (long)get_ll(res, "age_ms") : 0;
+    t->queue_wait_ms = lr_pg_getn(res, 0, "queue_wait_ms") != NULL ? (long)get_ll(res, "queue_wait_ms") : -1;
     t->cost_usd = lr_pg_getn(res, 0, "cost_usd") != NULL ? atof(lr_pg_getn(res, 0, "cost_usd")) : 0.0;
     t->past_deadline = get_bool(res, "past_deadline");
     t->cancel_requested = get_bool(res, "cancel_requested");

@@ -65,6 +65,11 @@ typedef struct lr_store_task {
     int step, claims, attempt, max_attempts, state_version;
     long tokens_in, tokens_out, tool_calls, active_ms;
     long wall_ms; /* since started_at (0 for a task inserted by this claim) */
+    long age_ms;  /* since created_at (0 for a task inserted by this claim) */
+    /* the first claim of a task enqueued with a row (longrun enqueue):
+     * created_at to now; -1 for any later claim and for a task inserted by
+     * this claim (its enqueue time is unknown) */
+    long queue_wait_ms;
     double cost_usd;
     bool past_deadline;
     bool cancel_requested; /* an operator's cancel is pending (claim only) */

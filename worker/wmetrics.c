@@ -3,17 +3,34 @@
 
 lr_wm_t lr_wm;
 
+#define NB(a) ((int)(sizeof(a) / sizeof((a)[0])))
+
 void lr_wm_init(void) {
     static const double ckpt[] = {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5};
+    /* a step: a model call and its tools, which may take hours */
+    static const double step[] = {0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400};
+    /* waits in the queue and whole tasks (sleeps and approvals included): up to a week */
+    static const double longs[] = {0.1, 0.5,  1,    2.5,  5,     10,    30,    60,     120,   300,
+                                   600, 1800, 3600, 7200, 21600, 43200, 86400, 259200, 604800};
     lr_wm.tasks_started = lr_metric_counter("longrun_tasks_started_total", "Tasks claimed by this worker.", NULL);
     lr_wm.tasks_finished = lr_metric_counter("longrun_tasks_finished_total",
-                                             "Tasks that reached a final state here, by outcome.", "outcome");
-    lr_wm.steps = lr_metric_counter("longrun_steps_total", "Steps checkpointed.", NULL);
-    lr_wm.step_seconds = lr_metric_histogram("longrun_step_duration_seconds", "Wall time of one step.", NULL,
-                                             lr_latency_buckets, lr_latency_nbuckets);
+                                             "Tasks that reached a final state here, by agent and outcome.",
+                                             "agent,outcome");
+    lr_wm.steps = lr_metric_counter("longrun_steps_total", "Steps checkpointed, by agent.", "agent");
+    lr_wm.step_seconds = lr_metric_histogram("longrun_step_duration_seconds",
+                                             "Wall time of one step (model and tools), by agent.", "agent", step,
+                                             NB(step));
+    lr_wm.queue_wait_seconds =
+        lr_metric_histogram("longrun_queue_wait_seconds",
+                            "Time from a task's creation (enqueue) to its first claim, by queue and agent.",
+                            "queue,agent", longs, NB(longs));
+    lr_wm.task_seconds = lr_metric_histogram(
+        "longrun_task_duration_seconds",
+        "Time from a task's creation (enqueue) to its final state, waits included, by agent and outcome.",
+        "agent,outcome", longs, NB(longs));
     lr_wm.checkpoint_seconds = lr_metric_histogram("longrun_checkpoint_duration_seconds",
                                                    "Time from sending a checkpoint to its commit.", NULL, ckpt,
-                                                   (int)(sizeof(ckpt) / sizeof(ckpt[0])));
+                                                   NB(ckpt));
     lr_wm.in_flight = lr_metric_gauge("longrun_in_flight", "Tasks in flight in this worker.", NULL);
     lr_wm.dead_letters = lr_metric_counter("longrun_dead_letters_total", "Dead letters recorded, by reason.", "reason");
     lr_wm.retries =
@@ -27,9 +44,10 @@ void lr_wm_init(void) {
                                              "provider,model,status");
     lr_wm.model_seconds = lr_metric_histogram("longrun_model_request_duration_seconds", "Model request latency.",
                                               "provider", lr_latency_buckets, lr_latency_nbuckets);
-    lr_wm.tokens = lr_metric_counter("longrun_tokens_total", "Tokens by model and direction (input, output, cached).",
-                                     "model,direction");
-    lr_wm.cost = lr_metric_counter("longrun_cost_usd_total", "Cost in US dollars by model.", "model");
+    lr_wm.tokens = lr_metric_counter("longrun_tokens_total",
+                                     "Tokens by agent, model and direction (input, output, cached).",
+                                     "agent,model,direction");
+    lr_wm.cost = lr_metric_counter("longrun_cost_usd_total", "Cost in US dollars by agent and model.", "agent,model");
     lr_wm.tool_calls = lr_metric_counter("longrun_tool_calls_total", "Tool calls by tool and outcome.", "tool,outcome");
     lr_wm.tool_seconds = lr_metric_histogram("longrun_tool_duration_seconds", "Tool call latency.", "tool",
                                              lr_latency_buckets, lr_latency_nbuckets);
@@ -53,6 +71,10 @@ void lr_wm_init(void) {
                                          "Model calls waiting for the in-process concurrency gate.", "endpoint");
     lr_wm.payloads_logged = lr_metric_counter("longrun_payloads_logged_total",
                                               "Payloads written to the log (LONGRUN_LOG_PAYLOADS sampling).", NULL);
+    lr_wm.payloads_redacted =
+        lr_metric_counter("longrun_payloads_redacted_total",
+                          "Matches replaced by [redacted:<class>] in logged payloads (LONGRUN_LOG_REDACT), by class.",
+                          "class");
     lr_wm.ready = lr_metric_gauge("longrun_ready", "1 when this process is ready (readiness probe).", NULL);
     lr_wm.amqp_connected = lr_metric_gauge("longrun_amqp_connected", "1 while connected to RabbitMQ.", NULL);
     lr_wm.pg_connections = lr_metric_gauge("longrun_pg_connections", "Usable PostgreSQL connections.", NULL);

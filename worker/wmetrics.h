@@ -1,6 +1,12 @@
 /*
  * wmetrics.h - the worker's metric families (docs/metrics.md), registered
  * once by lr_wm_init() before the loop starts and updated on the loop thread.
+ *
+ * Labels hold only names from configuration, so their number is bounded by
+ * it: agent (a name the worker knows: the agents file or a built-in kind;
+ * "unknown" otherwise, lr_run_agent_label()), model and provider (the
+ * agents file), queue (LONGRUN_QUEUES), tool, and fixed sets (outcome,
+ * reason, direction, status).
  */
 #ifndef LR_WMETRICS_H
 #define LR_WMETRICS_H
@@ -9,9 +15,11 @@
 
 typedef struct lr_wm {
     lr_metric_t *tasks_started;         /* counter */
-    lr_metric_t *tasks_finished;        /* counter {outcome} */
-    lr_metric_t *steps;                 /* counter */
-    lr_metric_t *step_seconds;          /* histogram */
+    lr_metric_t *tasks_finished;        /* counter {agent,outcome} */
+    lr_metric_t *steps;                 /* counter {agent} */
+    lr_metric_t *step_seconds;          /* histogram {agent}, buckets to hours */
+    lr_metric_t *queue_wait_seconds;    /* histogram {queue,agent}: created_at -> first claim */
+    lr_metric_t *task_seconds;          /* histogram {agent,outcome}: created_at -> final state */
     lr_metric_t *checkpoint_seconds;    /* histogram */
     lr_metric_t *in_flight;             /* gauge */
     lr_metric_t *dead_letters;          /* counter {reason} */
@@ -21,8 +29,8 @@ typedef struct lr_wm {
     lr_metric_t *fencing_rejections;    /* counter */
     lr_metric_t *model_requests;        /* counter {provider,model,status} */
     lr_metric_t *model_seconds;         /* histogram {provider} */
-    lr_metric_t *tokens;                /* counter {model,direction} */
-    lr_metric_t *cost;                  /* counter {model} */
+    lr_metric_t *tokens;                /* counter {agent,model,direction} */
+    lr_metric_t *cost;                  /* counter {agent,model} */
     lr_metric_t *tool_calls;            /* counter {tool,outcome} */
     lr_metric_t *tool_seconds;          /* histogram {tool} */
     lr_metric_t *circuit_state;         /* gauge {endpoint}: 0 closed, 1 half-open, 2 open */
@@ -31,6 +39,7 @@ typedef struct lr_wm {
     lr_metric_t *model_fallbacks;       /* counter {model, reason, action} */
     lr_metric_t *gate_waiting;          /* gauge {endpoint} */
     lr_metric_t *payloads_logged;       /* counter */
+    lr_metric_t *payloads_redacted;     /* counter {class} */
     lr_metric_t *ready;                 /* gauge */
     lr_metric_t *amqp_connected;        /* gauge */
     lr_metric_t *pg_connections;        /* gauge */

@@ -12,6 +12,7 @@
  */
 #include "core.h"
 
+#include <malloc.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,8 +23,10 @@
 #include "callback.h"
 #include "callstats.h"
 #include "egress.h"
+#include "mcp.h"
 #include "health.h"
 #include "migrations.h"
+#include "payload_log.h"
 #include "spend.h"
 #include "state.h"
 #include "store.h"
@@ -143,10 +146,39 @@ static void durability_cb(const lr_store_durability_res_t *res, void *arg) {
     if (w->draining) {
         return; /* a SIGTERM came first: nothing to consume, the drain exits */
     }
+    if (!lr_mcp_ready(w->mcp)) {
+        /* no task before the MCP servers' tools are known (mcp_ready) */
+        w->amqp_after_mcp = true;
+        return;
+    }
     if (start_amqp(w) != 0) {
         w->exit_code = 2;
         lr_daemon_shutdown(w->d);
     }
+}
+
+/* The MCP servers listed their tools (or the start wait is over): a step
+ * may now offer them to its model, so tasks may be consumed. */
+static void mcp_ready(void *arg) {
+    lr_worker_t *w = arg;
+    if (!w->amqp_after_mcp || w->stopping || w->draining) {
+        return;
+    }
+    w->amqp_after_mcp = false;
+    if (start_amqp(w) != 0) {
+        w->exit_code = 2;
+        lr_daemon_shutdown(w->d);
+    }
+}
+
+static void mcp_egress(void *arg, lr_http_opts_t *o) { lr_worker_egress(arg, o); }
+
+static void close_mcp(void *obj, long timeout_ms, lr_daemon_done_cb done, void *done_arg) {
+    lr_worker_t *w = obj;
+    lr_mcp_t *m = w->mcp;
+    (void)timeout_ms;
+    w->mcp = NULL;
+    lr_mcp_close(m, done, done_arg);
 }
 
 static void durability_check(lr_worker_t *w) {
@@ -191,6 +223,19 @@ static void health_snapshot(const lr_worker_t *w, lr_health_t *health, uint64_t 
     cJSON_AddNumberToObject(dep, "charged_bytes", (double)w->mem.used);
     cJSON_AddNumberToObject(dep, "peak_bytes", (double)w->mem.peak);
     cJSON_AddNumberToObject(dep, "held", (double)w->nheld);
+    {
+        /* the heap as malloc sees it: in use (a leak grows it) vs. kept
+         * free in its arenas (fragmentation after a peak grows RSS only);
+         * a sanitizer's allocator is not malloc's: no figures then */
+#if defined(__SANITIZE_ADDRESS__)
+        cJSON_AddStringToObject(dep, "heap_source", "none (sanitizer allocator)");
+#else
+        struct mallinfo2 mi = mallinfo2();
+        cJSON_AddStringToObject(dep, "heap_source", "mallinfo2");
+        cJSON_AddNumberToObject(dep, "heap_in_use_bytes", (double)(mi.uordblks + mi.hblkhd));
+        cJSON_AddNumberToObject(dep, "heap_free_bytes", (double)mi.fordblks);
+#endif
+    }
     circuits = lr_breakers_cjson();
     cJSON_AddItemToObject(o, "circuits", circuits != NULL ? circuits : cJSON_CreateArray());
     cJSON_AddNumberToObject(o, "calls_window_seconds", w->cfg.ready_window_seconds);
@@ -352,8 +397,8 @@ static int register_components(lr_worker_t *w) {
         lr_daemon_add_handle(w->d, "memory timer", (uv_handle_t *)&w->mem.wake) != 0 ||
         lr_daemon_add_handle(w->d, "drain timer", (uv_handle_t *)&w->drain_timer) != 0 ||
         lr_daemon_add(w->d, "callbacks", abandon_callbacks, w, 0) != 0 ||
-        lr_daemon_add_http(w->d, "http", &w->http) != 0 || lr_daemon_add_pg(w->d, "postgres", &w->pg) != 0 ||
-        lr_daemon_add_amqp(w->d, "rabbitmq", &w->amqp, 5000) != 0) {
+        lr_daemon_add(w->d, "mcp", close_mcp, w, 0) != 0 || lr_daemon_add_http(w->d, "http", &w->http) != 0 ||
+        lr_daemon_add_pg(w->d, "postgres", &w->pg) != 0 || lr_daemon_add_amqp(w->d, "rabbitmq", &w->amqp, 5000) != 0) {
         lr_error("worker.start", "cannot register the components");
         return 1;
     }
@@ -425,10 +470,25 @@ static int start(lr_worker_t *w) {
         lr_error("worker.config", "LONGRUN_EGRESS_ALLOW: %s", err);
         return 2;
     }
+    if (lr_payload_log_configure(cfg->log_redact, cfg->log_redact_patterns, err, sizeof(err)) != 0) {
+        lr_error("worker.config", "LONGRUN_LOG_REDACT / LONGRUN_LOG_REDACT_PATTERNS: %s", err);
+        return 2;
+    }
+    if (cfg->log_payloads > 0) {
+        char what[200];
+        lr_payload_log_describe(what, sizeof(what));
+        lr_warn("worker.payloads", "logging the payloads of %g%% of agent tasks (LONGRUN_LOG_PAYLOADS), redacting %s",
+                cfg->log_payloads * 100, what);
+    }
     if (lr_http_init(&w->http, w->loop) != 0) {
         lr_error("worker.http_init", "cannot initialize the HTTP client");
         return 1;
     }
+    if (lr_mcp_init(&w->mcp, w->loop, w->http, mcp_egress, w) != 0) {
+        lr_error("worker.mcp_init", "cannot initialize the MCP client");
+        return 1;
+    }
+    lr_mcp_start(w->mcp, 10000, mcp_ready, w);
     uv_timer_start(&w->lease_timer, lr_lease_timer_cb, 200, lr_lease_every_ms(w));
     return 0;
 }
@@ -470,6 +530,7 @@ static void setup_test_hooks(lr_worker_t *w) {
 
 static void worker_free(lr_worker_t *w) {
     lr_urlguard_free(w->egress);
+    lr_payload_log_free();
     if (w->queue_names != NULL) {
         for (int i = 0; i < w->nqueues; i++) {
             free((void *)w->queue_names[i]);

@@ -112,6 +112,8 @@ bool lr_run_lease_ok(lr_run_t *r);
  * answer): they stay charged until its checkpoint is written or it ends. */
 void lr_run_mem_adopt(lr_run_t *r, size_t n);
 lr_http_t *lr_worker_http(lr_worker_t *w);
+/* The worker's MCP client (worker/mcp.h). */
+struct lr_mcp *lr_worker_mcp(lr_worker_t *w);
 /* The worker's memory budget (membudget.h). */
 struct lr_mem *lr_worker_mem(lr_worker_t *w);
 uv_loop_t *lr_worker_loop(lr_worker_t *w);

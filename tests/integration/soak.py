@@ -62,6 +62,17 @@ def proc_stats(pid):
     return rss, fds, sockets
 
 
+def heap_in_use(port):
+    """The steady worker's heap in use (MiB, mallinfo2 via /health): a leak grows it; RSS can also
+    grow after a peak (malloc keeps freed memory in its arenas) without anything leaking."""
+    try:
+        import json
+        mem = json.loads(h.http_get(port, "/health")[1])["status"]["memory"]
+        return mem.get("heap_in_use_bytes", -1048576.0) / 1048576.0
+    except (ValueError, KeyError, TypeError):
+        return -1.0
+
+
 def main():
     with h.Env("soak") as env:
         env.start_fixture("--tool-latency-ms", "20", "--record", "1000")
@@ -76,7 +87,7 @@ def main():
             "tools": ["lookup"]})
         agents = env.write_json("agents.json", d)
         env.start_scheduler("s1")
-        steady = env.start_worker("steady", LONGRUN_AGENTS_FILE=agents, **WENV)
+        steady, steady_port = env.start_worker_http("steady", LONGRUN_AGENTS_FILE=agents, **WENV)
         gen = {"w": 0}
         churn = [None]
 
@@ -116,9 +127,10 @@ def main():
             now = time.time()
             if now >= next_sample:
                 rss, fds, socks = proc_stats(steady.pid)
-                samples.append((round(now - t0), rss, fds, socks))
-                h.log("t=%ds steady: RSS %d MiB, %d fds (%d sockets); produced %d" % (now - t0, rss, fds, socks,
-                                                                                     produced[0]))
+                heap = heap_in_use(steady_port)
+                samples.append((round(now - t0), rss, fds, socks, heap))
+                h.log("t=%ds steady: RSS %d MiB, heap in use %.1f MiB, %d fds (%d sockets); produced %d" % (
+                    now - t0, rss, heap, fds, socks, produced[0]))
                 next_sample += 30
             if now >= next_fault:
                 f = faults[k % len(faults)]
@@ -154,7 +166,7 @@ def main():
         steps = env.scalar("select count(*) from task_steps")
         bad = env.scalar("""select count(*) from tasks t where t.agent = 'http-steps' and (t.step <> %s or
                             (select count(*) from task_steps s where s.task_id = t.id) <> %s)""", (STEPS, STEPS))
-        samples.append((round(time.time() - t0),) + proc_stats(steady.pid))
+        samples.append((round(time.time() - t0),) + proc_stats(steady.pid) + (heap_in_use(steady_port),))
         warm = samples[2] if len(samples) > 2 else samples[0]
         last = samples[-1]
         rss_growth = (last[1] - warm[1]) / max(1, warm[1])
@@ -168,11 +180,15 @@ def main():
         print("soak: steady RSS MiB %s" % [s[1] for s in samples])
         print("soak: steady fds %s" % [s[2] for s in samples])
         print("soak: steady sockets %s" % [s[3] for s in samples])
+        print("soak: steady heap in use MiB %s" % [round(s[4], 1) for s in samples])
+        heap_growth = (last[4] - warm[4]) / max(0.1, warm[4])
         print("soak: RSS growth %.0f %%, fd growth %.0f %%, non-socket fd growth %.0f %% (from t=%ds); "
               "sockets at most %d (bound %d)" % (100 * rss_growth, 100 * fd_growth, 100 * other_growth, warm[0],
                                                  max(s[3] for s in samples), socket_bound))
         h.eq((lost, bad, dead), (0, 0, 0), "lost, wrong step rows, dead healthy tasks")
-        h.check(rss_growth < 0.2 and other_growth < 0.2, "RSS and non-socket fds flat")
+        print("soak: heap in use growth %.0f %%" % (100 * heap_growth))
+        h.check(heap_growth < 0.2 and other_growth < 0.2, "heap in use and non-socket fds flat")
+        h.check(rss_growth < 0.5, "RSS within 50 %% of its warm value (%.0f %%)" % (100 * rss_growth))
         h.check(max(s[3] for s in samples) <= socket_bound, "sockets bounded by the concurrency")
 
 

@@ -24,8 +24,21 @@ def agents(agent=None, tools=None, top=None):
     return json.dumps(doc)
 
 
+MCP = {"url": "http://127.0.0.1:9/mcp"}
 CASES = [
     ("not JSON", "{\"agents\": [", "not valid JSON"),
+    ("MCP server without url", agents(top={"mcp_servers": {"m": {}}}), "mcp_servers.m.url: required"),
+    ("MCP server unknown key", agents(top={"mcp_servers": {"m": dict(MCP, tools=[])}}),
+     "mcp_servers.m: unknown field \"tools\""),
+    ("MCP header secret not set",
+     agents(top={"mcp_servers": {"m": dict(MCP, headers={"Authorization": "Bearer ${LONGRUN_NO_SUCH_VAR}"})}}),
+     "mcp_servers.m.headers.Authorization: environment variable LONGRUN_NO_SUCH_VAR"),
+    ("MCP header the client sets", agents(top={"mcp_servers": {"m": dict(MCP, headers={"Mcp-Session-Id": "x"})}}),
+     "set by the MCP client itself"),
+    ("MCP allow not an array", agents(top={"mcp_servers": {"m": dict(MCP, allow="echo")}}), "mcp_servers.m.allow"),
+    ("MCP timeout out of range", agents(top={"mcp_servers": {"m": dict(MCP, timeout_ms=5)}}),
+     "mcp_servers.m.timeout_ms"),
+    ("agent lists an unknown MCP server", agents({"mcp": ["nope"]}), "agents[0] (a1).mcp[0]: \"nope\" is not defined"),
     ("unknown top-level key", agents(top={"agentz": []}), "agentz"),
     ("unknown agent key", agents({"temperature": 1}), "agents[0]"),
     ("bad provider", agents({"models": [dict(MODEL, provider="openia")]}), "models[0].provider"),

@@ -67,5 +67,15 @@ lr_py_test(integration.wait integration/test_wait.py TIMEOUT 300 LABELS "integra
 lr_py_test(integration.dlq_backoff integration/test_dlq_backoff.py TIMEOUT 120 LABELS "integration;asan")
 # Issue 17 (4): immediate cancellation: in-flight tool and model calls aborted, --after-step, the claim.
 lr_py_test(integration.cancel integration/test_cancel.py TIMEOUT 300 LABELS "integration;asan")
+# Issue 18 (5): the example producers in three languages, each run against a fleet.
+lr_py_test(integration.producer_python integration/test_producer_python.py TIMEOUT 180 LABELS "integration")
+lr_py_test(integration.producer_node integration/test_producer_node.py TIMEOUT 180 LABELS "integration")
+lr_py_test(integration.producer_go integration/test_producer_go.py TIMEOUT 240 LABELS "integration")
+# Issue 18 (6): the example tool server: a worker killed mid-call, the re-run step reuses the stored result.
+lr_py_test(integration.example_tool integration/test_example_tool.py TIMEOUT 180 LABELS "integration")
+lr_py_test(integration.providers integration/test_providers.py TIMEOUT 180 LABELS "integration;asan")
+# Issue 19 (3): payload logs redacted (e-mail, keys, cards, custom patterns), checked against a control worker.
+lr_py_test(integration.redaction integration/test_redaction.py TIMEOUT 180 LABELS "integration;asan")
+lr_py_test(integration.mcp integration/test_mcp.py TIMEOUT 300 LABELS "integration;asan")
 # Issue 19 (4): spend caps per agent and tenant, fleet-wide: 200 tasks across two workers against a daily cap.
 lr_py_test(integration.spend_caps integration/test_spend_caps.py TIMEOUT 400 LABELS "integration;asan")

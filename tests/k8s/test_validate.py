@@ -24,10 +24,13 @@
    per grace period; the agents file is examples/agents.json and passes
    `longrun-worker --check-config` with the rendered environment (when the build tree
    has the binary); no Secret values or credential-bearing URLs are rendered.
-5. Monitoring: every longrun_* metric in the PrometheusRule and the Grafana dashboard is
-   documented in docs/metrics.md (before that file existed: the agreed list); every
-   alert has a runbook_url to a page under docs/runbooks/ that names it; `promtool check rules`
-   accepts the rules (when promtool, from Debian's prometheus package, is installed).
+5. Monitoring: every longrun_* and process_* metric in the PrometheusRule and the Grafana
+   dashboard is documented in docs/metrics.md (before that file existed: the agreed list);
+   every alert has an absolute runbook_url, <runbookBaseURL>/runbooks/<page>.md with the base
+   of k8s/overlays/prod/monitoring/settings.yaml, to a page under docs/runbooks/ that names
+   it, and a copy of the tree with another base renders with that one; the dashboard has
+   the namespace, agent, model and queue variables; `promtool check rules` accepts the rules
+   (when promtool, from Debian's prometheus package, is installed).
 6. k8s/set-image rewrites an overlay's image and the overlay still renders.
 7. docs/deploy.md and docs/runbooks/: links and anchors resolve, and the repository
    paths they name exist.
@@ -528,6 +531,39 @@ def check_agents(target, by_kind):
             notes.append(f"{target}: longrun-worker --check-config: {r.stdout.strip()}")
 
 
+def runbook_base(k8s=K8S):
+    """runbookBaseURL of the monitoring settings (k8s/overlays/prod/monitoring/settings.yaml)."""
+    with open(os.path.join(k8s, "overlays", "prod", "monitoring", "settings.yaml")) as f:
+        return yaml.safe_load(f)["data"]["runbookBaseURL"]
+
+
+def check_runbook_base():
+    """The base is configurable: a copy of k8s/ with another runbookBaseURL renders every
+    runbook_url (prod and canary) from it."""
+    other = "https://runbooks.test.invalid/ops/longrun-docs"
+    with tempfile.TemporaryDirectory() as d:
+        shutil.copytree(K8S, os.path.join(d, "k8s"))
+        path = os.path.join(d, "k8s", "overlays", "prod", "monitoring", "settings.yaml")
+        with open(path) as f:
+            text = f.read()
+        with open(path, "w") as f:
+            f.write(text.replace(runbook_base(), other))
+        for ov in ("prod", "canary"):
+            r = subprocess.run([KUBECTL, "kustomize", os.path.join(d, "k8s", "overlays", ov)], capture_output=True,
+                               text=True, timeout=120)
+            if r.returncode != 0:
+                fail("runbook base", f"{ov} with another runbookBaseURL does not render: {r.stderr}")
+                continue
+            urls = [rule["annotations"]["runbook_url"] for o in yaml.safe_load_all(r.stdout)
+                    if o and o["kind"] == "PrometheusRule" for g in o["spec"]["groups"] for rule in g["rules"]
+                    if "alert" in rule]
+            bad = [u for u in urls if not u.startswith(other + "/runbooks/")]
+            if not urls or bad:
+                fail("runbook base", f"{ov}: runbook_urls not built from {other}: {bad or 'none found'}")
+            else:
+                notes.append(f"runbook base: {ov} with runbookBaseURL {other}: {len(urls)} runbook_urls follow it")
+
+
 def check_monitoring(target, by_kind):
     rules = by_kind.get("PrometheusRule", {})
     dash = [cm for cm in by_kind.get("ConfigMap", {}).values() if (cm["metadata"].get("labels") or {}).get("grafana_dashboard")]
@@ -538,19 +574,24 @@ def check_monitoring(target, by_kind):
     metrics_md = os.path.join(SRC, "docs", "metrics.md")
     if os.path.exists(metrics_md):
         with open(metrics_md) as f:
-            known = set(re.findall(r"`(longrun_[a-z0-9_]+)`", f.read()))
+            known = set(re.findall(r"`((?:longrun|process)_[a-z0-9_]+)`", f.read()))
+    base = runbook_base() + "/runbooks/"
     texts = []
     for name, pr in rules.items():
         for g in pr["spec"]["groups"]:
             for r in g["rules"]:
                 texts.append((f"PrometheusRule/{name} {r.get('alert') or r.get('record')}", r["expr"]))
                 url = (r.get("annotations") or {}).get("runbook_url")
+                page = os.path.join(SRC, "docs", "runbooks", url[len(base):].split("#")[0]) if url else None
                 if r.get("alert") and not url:
                     fail(target, f"alert {r['alert']} has no runbook_url")
-                elif url and not os.path.exists(os.path.join(SRC, url)):
-                    fail(target, f"alert {r['alert']}: runbook {url} does not exist")
+                elif url and not url.startswith(base):
+                    fail(target, f"alert {r['alert']}: runbook_url {url} is not <runbookBaseURL>/runbooks/... "
+                                 f"({base})")
+                elif url and not os.path.isfile(page):
+                    fail(target, f"alert {r['alert']}: runbook {url}: {os.path.relpath(page, SRC)} does not exist")
                 elif url:
-                    with open(os.path.join(SRC, url)) as f:
+                    with open(page) as f:
                         if r["alert"] not in f.read():
                             fail(target, f"alert {r['alert']}: its runbook {url} does not name it")
         promtool = shutil.which("promtool")
@@ -568,11 +609,29 @@ def check_monitoring(target, by_kind):
     for cm in dash:
         for key, text in cm["data"].items():
             board = json.loads(text)
+            names = {v["name"] for v in board.get("templating", {}).get("list", [])}
+            for want in ("namespace", "agent", "model", "queue"):
+                if want not in names:
+                    fail(target, f"dashboard {key} has no template variable {want}")
             for p in board["panels"]:
                 for t in p.get("targets", []):
                     texts.append((f"dashboard {key} panel {p['title']!r}", t["expr"]))
+    promtool = shutil.which("promtool")
+    panels = [(w, e) for w, e in texts if w.startswith("dashboard ")]
+    if promtool and panels:
+        # the panels' PromQL parses, with the template variables set to "any value"
+        rules = [{"record": f"dashboard:panel{i}", "expr": re.sub(r"\$\{?\w+\}?", ".*", e)}
+                 for i, (w, e) in enumerate(panels)]
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+            yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}, f)
+        r = subprocess.run([promtool, "check", "rules", f.name], capture_output=True, text=True, timeout=60)
+        os.unlink(f.name)
+        if r.returncode != 0:
+            fail(target, f"promtool: a dashboard panel's query does not parse:\n{r.stdout}{r.stderr}")
+        else:
+            notes.append(f"{target}: promtool parses the {len(panels)} dashboard queries")
     for where, expr in texts:
-        for m in sorted(set(re.findall(r"\blongrun_[a-z0-9_]+", expr))):
+        for m in sorted(set(re.findall(r"\b(?:longrun|process)_[a-z0-9_]+", expr))):
             base = re.sub(r"_(bucket|sum|count)$", "", m)
             if m not in known and base not in known:
                 fail(target, f"{where}: metric {m} is not documented "
@@ -746,6 +805,7 @@ def main():
     if rendered.get("prod"):
         self_test(rendered["prod"])
     check_set_image()
+    check_runbook_base()
     check_docs()
     for n in notes:
         print(f"  {n}")
