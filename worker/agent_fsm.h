@@ -12,36 +12,36 @@
 #include <stdbool.h>
 
 enum lr_agent_state {
-    LR_AGENT_IDLE = 0,    /* no step in flight: none yet, the last one ended
-                             (done ran or start returned), or it was cancelled */
-    LR_AGENT_PREPARING,   /* synchronous work of a step: budgets, conversation,
-                             choosing the model of the chain and building its
-                             request; never waits in this state */
-    LR_AGENT_SPEND_CHECK, /* a spend cap applies to the task: the reservation
+    LR_AGENT_IDLE = 0,  /* no step in flight: none yet, the last one ended
+                           (done ran or start returned), or it was cancelled */
+    LR_AGENT_PREPARING, /* synchronous work of a step: budgets, conversation,
+                           choosing the model of the chain and building its
+                           request; never waits in this state */
+    LR_AGENT_CAP_CHECK, /* a spend cap applies to the task: the reservation
                              of the call's worst-case cost (spend.h) is in
                              flight */
-    LR_AGENT_SPEND_WAIT,  /* the spend ledger did not answer (fail closed: no
+    LR_AGENT_CAP_WAIT,  /* the spend ledger did not answer (fail closed: no
                              call without a reservation), or the reservations
                              of calls in flight fill a cap whose settled spend
                              has room: the timer, then PREPARING again */
-    LR_AGENT_RESERVING,   /* a rate-window reservation (ratewin.h) is in flight
-                             for the current model (and the tenant) */
-    LR_AGENT_RATE_WAIT,   /* over the fleet-wide limit of this minute: the timer
-                             waits for the next window, then PREPARING again */
-    LR_AGENT_GATE_WAIT,   /* queued at the endpoint's concurrency gate with the
-                             request body; the timer bounds the wait
-                             (long_wait_seconds, then the task suspends) */
-    LR_AGENT_MEM_WAIT,    /* the request body waits for room in the worker's
-                             memory budget (membudget.h) */
-    LR_AGENT_CALLING,     /* the model request is in flight, holding a slot of
-                             the endpoint's gate when it has one */
-    LR_AGENT_BACKOFF,     /* the timer waits before the next try of the same
-                             model (jittered exponential backoff, Retry-After) */
-    LR_AGENT_TOOLS,       /* the tool calls the model asked for are in flight
-                             (each retried at once up to its retries) */
-    LR_AGENT_RELEASED,    /* the run is gone: the timer is closing and maybe a
-                             reservation query still refers to the state; freed
-                             when nothing does.  Final. */
+    LR_AGENT_RESERVING, /* a rate-window reservation (ratewin.h) is in flight
+                           for the current model (and the tenant) */
+    LR_AGENT_RATE_WAIT, /* over the fleet-wide limit of this minute: the timer
+                           waits for the next window, then PREPARING again */
+    LR_AGENT_GATE_WAIT, /* queued at the endpoint's concurrency gate with the
+                           request body; the timer bounds the wait
+                           (long_wait_seconds, then the task suspends) */
+    LR_AGENT_MEM_WAIT,  /* the request body waits for room in the worker's
+                           memory budget (membudget.h) */
+    LR_AGENT_CALLING,   /* the model request is in flight, holding a slot of
+                           the endpoint's gate when it has one */
+    LR_AGENT_BACKOFF,   /* the timer waits before the next try of the same
+                           model (jittered exponential backoff, Retry-After) */
+    LR_AGENT_TOOLS,     /* the tool calls the model asked for are in flight
+                           (each retried at once up to its retries) */
+    LR_AGENT_RELEASED,  /* the run is gone: the timer is closing and maybe a
+                           reservation query still refers to the state; freed
+                           when nothing does.  Final. */
     LR_AGENT_NSTATES
 };
 

@@ -7,7 +7,7 @@
  *
  * Design.  Loop thread.  exec_agent.c calls in at three points of a model
  * call (agent_state.h): before it (lr_agent_spend_needed, then
- * lr_agent_spend_reserve in state SPEND_CHECK), when the answer comes back
+ * lr_agent_spend_reserve in state CAP_CHECK), when the answer comes back
  * (st->ops->spend_answered: granted, refused, unavailable or moot) and when
  * the call ends (lr_agent_spend_settle; lr_agent_spend_cancel).  A cap
  * that the reservations of calls in flight fill while its settled spend
@@ -24,7 +24,7 @@
  * there is counted.  A reservation counts for at most the call's timeout
  * plus twice LONGRUN_LONG_WAIT_SECONDS (the gate's and the rate window's
  * waits) plus a minute, and never less than 15 minutes.  The ledger is
- * not advisory: when it does not answer, no call is made (SPEND_WAIT, then
+ * not advisory: when it does not answer, no call is made (CAP_WAIT, then
  * ask again; the lease bounds how long).
  *
  * What a call is settled with: its cost from the answer's usage (estimated
@@ -137,7 +137,7 @@ void lr_agent_spend_suspend(agent_state_t *st) {
     agent_spend_t *sp = &st->spend;
     const char *period = strcmp(sp->period, "day") == 0 ? "daily" : "monthly";
     snprintf(st->out->suspend_reason, sizeof(st->out->suspend_reason), "spend_cap");
-    lr_metric_add(lr_wm.spend_cap_suspensions, (const char *const[]){sp->scope, sp->name, sp->period}, 1);
+    lr_metric_add(lr_wm.spend_suspensions, (const char *const[]){sp->scope, sp->name, sp->period}, 1);
     if (sp->in_flight) {
         /* room comes back as the calls in flight settle: try again soon */
         st->out->resume_in_ms = BUSY_RESUME_MS + (long)(lr_agent_jitter() * (double)BUSY_RESUME_MS * 2.0);

@@ -70,7 +70,7 @@ typedef struct agent_ops {
     /* Logs a payload when the task is sampled (LONGRUN_LOG_PAYLOADS). */
     void (*log_payload)(agent_state_t *st, const char *event, const char *what, const char *text, size_t len);
     /* The answer to the spend reservation that lr_agent_spend_reserve sent
-     * (in state SPEND_CHECK, unless MOOT); drops the query's reference. */
+     * (in state CAP_CHECK, unless MOOT); drops the query's reference. */
     void (*spend_answered)(agent_state_t *st, enum lr_agent_spend_verdict v);
 } agent_ops_t;
 
@@ -81,8 +81,8 @@ typedef struct agent_spend {
     double amount;       /* what it reserved (USD) */
     int model_idx;       /* the model it was reserved for */
     unsigned seq;        /* of the reservation in flight: an answer with another is moot */
-    long backoff_ms;     /* SPEND_WAIT, the ledger unavailable: the last wait (0: none) */
-    long busy_ms;        /* SPEND_WAIT, LR_AGENT_SPEND_BUSY: the last wait (0: none) */
+    long backoff_ms;     /* CAP_WAIT, the ledger unavailable: the last wait (0: none) */
+    long busy_ms;        /* CAP_WAIT, LR_AGENT_SPEND_BUSY: the last wait (0: none) */
     uint64_t busy_since; /* lr_agent_now() of the first BUSY answer of this wait (0: none) */
     bool in_flight;      /* the refusal was BUSY (only reservations fill the cap) */
     /* LR_AGENT_SPEND_REFUSED: the cap that binds */
@@ -269,7 +269,7 @@ bool lr_agent_spend_needed(const agent_state_t *st);
 /* Sends the reservation of the worst case of a call of m with a request
  * of body_len bytes (a reservation held for another model is released
  * first).  Returns 0: st->ops->spend_answered runs later, exactly once
- * (the caller takes a reference on st for it and moves to SPEND_CHECK);
+ * (the caller takes a reference on st for it and moves to CAP_CHECK);
  * or an LR_E* code: nothing was sent, the ledger is unavailable (st->spend.error says why). */
 int lr_agent_spend_reserve(agent_state_t *st, const lr_model_ref_t *m, size_t body_len);
 

@@ -12,9 +12,9 @@
  *   IDLE -> PREPARING  budgets, conversation (agent_context.c), answers to
  *                      pending calls from signals (agent_tools.c), then the
  *                      model i of the chain, attempt k:
- *        -> SPEND_CHECK  the call's worst case reserved against the spend
+ *        -> CAP_CHECK  the call's worst case reserved against the spend
  *                        caps of the agent and tenant (agent_spend.c), if capped
- *           -> SPEND_WAIT  the ledger did not answer, or calls in flight fill
+ *           -> CAP_WAIT  the ledger did not answer, or calls in flight fill
  *                          a cap: the timer, then PREPARING
  *           -> IDLE        over a cap: suspended (spend_cap) until its period rolls over
  *        -> RESERVING  the fleet-wide rate window (ratewin.h), if limited
@@ -28,7 +28,7 @@
  *        -> IDLE       the step ended: done(outcome)
  *   IDLE -> RELEASED   the run is gone; freed when nothing refers to it
  *
- * One timer serves SPEND_WAIT, RATE_WAIT, GATE_WAIT and BACKOFF: the state
+ * One timer serves CAP_WAIT, RATE_WAIT, GATE_WAIT and BACKOFF: the state
  * says what it waits for.  A step that ends inside start() (a budget, a resume without
  * its signal, every model skipped, every tool answered at once) makes start
  * return LR_EPERM with the outcome in out: done() never runs inside start.
@@ -266,8 +266,8 @@ static void timer_cb(uv_timer_t *t) {
     agent_state_t *st = t->data;
     switch (st->state) {
     case LR_AGENT_GATE_WAIT: gate_timeout(st); break;
-    case LR_AGENT_SPEND_WAIT: /* ask the ledger again */
-    case LR_AGENT_RATE_WAIT:  /* the window has room now */
+    case LR_AGENT_CAP_WAIT:  /* ask the ledger again */
+    case LR_AGENT_RATE_WAIT: /* the window has room now */
     case LR_AGENT_BACKOFF: /* time for the next try */ model_call(st); break;
     case LR_AGENT_TOOLS: /* tool retries due */ lr_agent_tools_timer(st); break;
     default:
@@ -563,16 +563,16 @@ static void rate_reserve(agent_state_t *st, const lr_model_ref_t *m, size_t body
 
 /* ------------------------------------------------------------ spend caps */
 
-/* PREPARING, SPEND_CHECK: the ledger did not answer; no call without a
+/* PREPARING, CAP_CHECK: the ledger did not answer; no call without a
  * reservation (fail closed), ask again after a backoff. */
 static void spend_wait(agent_state_t *st) {
-    agent_set_state(st, LR_AGENT_SPEND_WAIT);
+    agent_set_state(st, LR_AGENT_CAP_WAIT);
     uv_timer_start(&st->timer, timer_cb, (uint64_t)lr_agent_spend_backoff(st), 0);
 }
 
-/* SPEND_CHECK: the answer to the spend reservation (agent_spend.c). */
+/* CAP_CHECK: the answer to the spend reservation (agent_spend.c). */
 static void spend_answered(agent_state_t *st, enum lr_agent_spend_verdict v) {
-    bool ours = v != LR_AGENT_SPEND_MOOT && st->state == LR_AGENT_SPEND_CHECK;
+    bool ours = v != LR_AGENT_SPEND_MOOT && st->state == LR_AGENT_CAP_CHECK;
     long wait;
     agent_unref(st); /* the query's; while ours not the last (the timer's lasts until release) */
     if (!ours) {
@@ -580,7 +580,7 @@ static void spend_answered(agent_state_t *st, enum lr_agent_spend_verdict v) {
     }
     if (v == LR_AGENT_SPEND_BUSY && (wait = lr_agent_spend_busy_wait(st)) > 0) {
         /* calls in flight fill the cap: their settlements may free it */
-        agent_set_state(st, LR_AGENT_SPEND_WAIT);
+        agent_set_state(st, LR_AGENT_CAP_WAIT);
         uv_timer_start(&st->timer, timer_cb, (uint64_t)wait, 0);
         return;
     }
@@ -742,7 +742,7 @@ static void model_call(agent_state_t *st) {
             return;
         }
         st->refs++; /* the query's, until spend_answered */
-        agent_set_state(st, LR_AGENT_SPEND_CHECK);
+        agent_set_state(st, LR_AGENT_CAP_CHECK);
         return;
     }
     if (body != NULL && !st->reserved && rate_limited(st, m)) {
@@ -1127,7 +1127,7 @@ static void agent_cancel(lr_run_t *r) {
         break;
     case LR_AGENT_TOOLS: lr_agent_tools_cancel(st); break;
     default:
-        /* RESERVING, SPEND_CHECK: the query keeps its reference; its answer
+        /* RESERVING, CAP_CHECK: the query keeps its reference; its answer
          * finds the step gone.  The timer of a wait is stopped above. */
         break;
     }

@@ -100,7 +100,7 @@ void lr_wm_init(void) {
         "Model calls that waited for room in the memory budget (to start, or to read more of their answer).", NULL);
     lr_wm.memory_held =
         lr_metric_gauge("longrun_memory_held", "Deliveries held unclaimed now (memory budget reached).", NULL);
-    lr_wm.spend_cap_suspensions = lr_metric_counter(
+    lr_wm.spend_suspensions = lr_metric_counter(
         "longrun_spend_cap_suspensions_total",
         "Tasks suspended (spend_cap) because a model call could exceed a spend cap, by the cap that bound.",
         "scope,name,period");
