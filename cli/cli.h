@@ -170,6 +170,7 @@ int cmd_eval(cli_t *c, int argc, char **argv);
 int cmd_wait(cli_t *c, int argc, char **argv);
 int cmd_result(cli_t *c, int argc, char **argv);
 int cmd_watch(cli_t *c, int argc, char **argv);
+int cmd_spend(cli_t *c, int argc, char **argv);
 
 /* Blocks until the n tasks ids are final (or timeout_s > 0 passes), printing
  * each as it ends; returns wait's exit code (wait.c). */

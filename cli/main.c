@@ -39,6 +39,7 @@ static const struct command {
     {"replay", cmd_replay, "run a task again from step N, in place or as a fork"},
     {"tools", cmd_tools, "kill switch: disable or enable a tool fleet-wide"},
     {"models", cmd_models, "kill switch: disable or enable a model fleet-wide"},
+    {"spend", cmd_spend, "what model calls cost (by day, agent, tenant, model); spend caps: list, set-cap"},
     {"eval", cmd_eval, "release gate: run a suite of cases through the fleet, check the answers"},
 };
 

@@ -178,6 +178,29 @@ void lr_metric_set(lr_metric_t *m, const char *const *values, double v) {
     pthread_mutex_unlock(&m->mu);
 }
 
+void lr_metric_remove(lr_metric_t *m, const char *const *values) {
+    if (m == NULL) {
+        return;
+    }
+    pthread_mutex_lock(&m->mu);
+    for (int i = 0; i < m->nseries; i++) {
+        bool same = true;
+        for (int l = 0; l < m->nlabels && same; l++) {
+            same = strcmp(m->series[i].values[l], values != NULL && values[l] != NULL ? values[l] : "") == 0;
+        }
+        if (same) {
+            for (int l = 0; l < m->nlabels; l++) {
+                free(m->series[i].values[l]);
+            }
+            free(m->series[i].buckets);
+            m->series[i] = m->series[--m->nseries]; /* the order of series is not part of the exposition */
+            memset(&m->series[m->nseries], 0, sizeof(series_t));
+            break;
+        }
+    }
+    pthread_mutex_unlock(&m->mu);
+}
+
 void lr_metric_observe(lr_metric_t *m, const char *const *values, double v) {
     series_t *s;
     if (m == NULL || !isfinite(v)) {

@@ -32,6 +32,9 @@ lr_metric_t *lr_metric_histogram(const char *name, const char *help, const char 
 void lr_metric_add(lr_metric_t *m, const char *const *values, double v);
 void lr_metric_set(lr_metric_t *m, const char *const *values, double v);
 void lr_metric_observe(lr_metric_t *m, const char *const *values, double v);
+/* Drops the series of values (a gauge of something that no longer exists);
+ * nothing when there is none. */
+void lr_metric_remove(lr_metric_t *m, const char *const *values);
 
 /* Convenience for families with one label or none. */
 void lr_metric_inc1(lr_metric_t *m, const char *value);

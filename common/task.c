@@ -294,16 +294,18 @@ static int check_deadline(const parse_t *p, const cJSON *f) {
     return 0;
 }
 
-static int check_tenant(const parse_t *p, const cJSON *f) {
-    size_t n;
-    bool ok = cJSON_IsString(f);
-    n = ok ? strlen(f->valuestring) : 0;
-    ok = ok && n >= 1 && n <= LR_TASK_MAX_TENANT;
+bool lr_tenant_valid(const char *s) {
+    size_t n = strlen(s);
+    bool ok = n >= 1 && n <= LR_TASK_MAX_TENANT;
     for (size_t i = 0; ok && i < n; i++) {
-        unsigned char c = (unsigned char)f->valuestring[i];
+        unsigned char c = (unsigned char)s[i];
         ok = isalnum(c) || c == '_' || c == '.' || c == '-' || c == ':';
     }
-    if (!ok) {
+    return ok;
+}
+
+static int check_tenant(const parse_t *p, const cJSON *f) {
+    if (!cJSON_IsString(f) || !lr_tenant_valid(f->valuestring)) {
         return lr_seterr(p->errbuf, p->errlen, LR_EINVAL, "tenant: must be 1-64 characters of [A-Za-z0-9_.:-]");
     }
     p->out->tenant = f->valuestring;

@@ -92,6 +92,8 @@ bool lr_uuid_valid(const char *s);
 int lr_uuid_v4(char out[LR_UUID_LEN + 1]);
 /* Agent and queue names: ^[a-z0-9][a-z0-9_.-]{0,63}$ */
 bool lr_name_valid(const char *s);
+/* Tenant names: 1-64 characters of [A-Za-z0-9_.:-]. */
+bool lr_tenant_valid(const char *s);
 /* RFC 3339 timestamp shape check (YYYY-MM-DDTHH:MM:SS[.frac](Z|+HH:MM)). */
 bool lr_rfc3339_valid(const char *s);
 

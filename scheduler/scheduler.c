@@ -47,6 +47,7 @@
 #include "list.h"
 #include "metrics.h"
 #include "pg.h"
+#include "spendgauge.h"
 #include "task.h"
 
 #define LEADER_LOCK_KEY "7283947202"
@@ -134,11 +135,15 @@
 /* Retention: finished tasks (and, by cascade, their steps and events).
  * Also the rate reservations of keys nobody reserves on any more (a
  * reservation prunes its own keys' rows past the window, worker/ratewin.h;
- * an hour is past any window) and the old fixed windows (rate_windows,
- * still written by workers of the previous release during an upgrade).
- * $1 batch, $2 days. */
+ * an hour is past any window), the old fixed windows (rate_windows,
+ * still written by workers of the previous release during an upgrade),
+ * spend reservations a day past their expiry (a late settlement still
+ * finds them until then, migration 0011) and spend ledger periods older
+ * than 400 days.  $1 batch, $2 days. */
 #define SQL_RETENTION                                                                           \
     "WITH rr AS (DELETE FROM rate_reservations WHERE reserved_at < now() - interval '1 hour')," \
+    " sr AS (DELETE FROM spend_reservations WHERE expires_at < now() - interval '1 day'),"      \
+    " su AS (DELETE FROM spend_usage WHERE period_start < now() - interval '400 days'),"        \
     " rw AS (DELETE FROM rate_windows WHERE window_start < now() - interval '1 hour'),"         \
     " dlr AS (DELETE FROM dead_letters WHERE id IN (SELECT id FROM dead_letters WHERE"          \
     "  created_at < now() - make_interval(days => $2::int) LIMIT $1))"                          \
@@ -203,6 +208,7 @@ static lr_metric_t *m_resumes, *m_leader, *m_ingested, *m_deadline, *m_depth, *m
     *m_ready, *m_no_progress, *m_stalled;
 
 static void metrics_init(void) {
+    lr_spend_gauges_init();
     m_resumes = lr_metric_counter("longrun_resumes_total",
                                   "Tasks put back to queued and published by the scheduler, by kind.", "kind");
     m_leader = lr_metric_gauge("longrun_scheduler_leader", "1 when this scheduler instance is the leader.", NULL);
@@ -758,6 +764,13 @@ static void depth_thread(void *arg) {
     free(queues);
 }
 
+static void spend_gauges_cb(int err, const PGresult *res, void *arg) {
+    (void)arg;
+    if (err == 0) {
+        lr_spend_gauges_update(res);
+    }
+}
+
 static void counts_cb(int err, const PGresult *res, void *arg) {
     (void)arg;
     if (err != 0) {
@@ -827,6 +840,11 @@ static void on_tick(lr_daemon_t *d, void *arg) {
                         1, (const char *const[]){step_timeout}, 5000, counts_cb, s) != 0) {
             lr_debug("scheduler.counts", "cannot queue the counts");
         }
+        if (lr_pg_query(s->pg, LR_SQL_SPEND_GAUGES, 0, NULL, 5000, spend_gauges_cb, s) != 0) {
+            lr_debug("scheduler.counts", "cannot queue the spend caps' gauges");
+        }
+    } else if (!s->leader) {
+        lr_spend_gauges_update(NULL); /* the leader's gauges */
     }
     snapshot(s, health);
 }
@@ -957,6 +975,7 @@ int lr_scheduler_run(const lr_config_t *cfg) {
         lr_error("scheduler.config", "%s", err);
         uv_loop_close(&loop);
         free(s);
+        lr_spend_gauges_free();
         lr_metrics_free();
         return 2;
     }
@@ -991,6 +1010,7 @@ int lr_scheduler_run(const lr_config_t *cfg) {
         lr_error("scheduler.exit", "the event loop still has open handles at exit");
     }
     free(s);
+    lr_spend_gauges_free();
     lr_metrics_free();
     return rc;
 }

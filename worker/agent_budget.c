@@ -17,6 +17,10 @@
  * included) unless the agent's budget_clock is "wall" (the time since the
  * task first started, suspensions and queueing included).  A call in flight
  * is never cut by a budget: the task stops before the next one.
+ *
+ * The usage the budgets read is counted here too: each model answer's
+ * tokens and cost into the step (and the metrics), and each request's
+ * status and latency.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -24,6 +28,8 @@
 #include <sys/random.h>
 
 #include "agent_state.h"
+#include "callstats.h"
+#include "wmetrics.h"
 
 /* An answer whose length the request does not bound (OpenAI without
  * max_tokens) is estimated at this many output tokens. */
@@ -34,6 +40,51 @@ static long budget_of(long task, long agent, long dflt) { return task >= 0 ? tas
 double lr_agent_cost_of(const lr_model_ref_t *m, long in, long cached, long out) {
     double uncached = (double)(in - cached > 0 ? in - cached : 0);
     return (uncached * m->price_in + (double)cached * m->price_cached + (double)out * m->price_out) / 1e6;
+}
+
+double lr_agent_worst_cost(const lr_model_ref_t *m, size_t body_len, long *in, long *out) {
+    long i = (long)(body_len / 4) + 1;
+    long o = m->max_tokens > 0 ? m->max_tokens : UNBOUNDED_OUTPUT_TOKENS;
+    if (in != NULL) {
+        *in = i;
+    }
+    if (out != NULL) {
+        *out = o;
+    }
+    return lr_agent_cost_of(m, i, 0, o);
+}
+
+void lr_agent_count_request(const lr_model_ref_t *m, const lr_http_response_t *resp) {
+    char status[16];
+    const char *lv[3] = {m->provider == LR_PROVIDER_OPENAI ? "openai" : "anthropic", m->model, status};
+    snprintf(status, sizeof(status), "%ld", resp->err != 0 ? 0L : resp->status);
+    lr_metric_add(lr_wm.model_requests, lv, 1);
+    lr_callstats_add(LR_CALLSTATS_MODEL, m->endpoint_label, resp->err != 0 ? 0L : resp->status, lr_agent_now());
+    lr_metric_observe(lr_wm.model_seconds, lv, resp->total_ms / 1000.0);
+    if (resp->status == 429) {
+        lr_metric_inc1(lr_wm.rate_limit_waits, m->model);
+    }
+}
+
+double lr_agent_account_usage(agent_state_t *st, const lr_model_ref_t *m, size_t body_len) {
+    const char *ag = st->agent->name;
+    const char *in[3] = {ag, m->model, "input"}, *outv[3] = {ag, m->model, "output"}, *ca[3] = {ag, m->model, "cached"};
+    double cost;
+    if (st->reply.usage_missing) {
+        /* Estimate (about 4 bytes a token) so that budgets still bind. */
+        st->reply.tokens_in = st->req_bytes / 4 + 1;
+        st->reply.tokens_out = (long)(body_len / 4 + 1);
+    }
+    cost = lr_agent_cost_of(m, st->reply.tokens_in, st->reply.tokens_cached, st->reply.tokens_out);
+    st->out->tokens_in += st->reply.tokens_in;
+    st->out->tokens_out += st->reply.tokens_out;
+    st->out->tokens_cached += st->reply.tokens_cached;
+    st->out->cost_usd += cost;
+    lr_metric_add(lr_wm.tokens, in, (double)st->reply.tokens_in);
+    lr_metric_add(lr_wm.tokens, outv, (double)st->reply.tokens_out);
+    lr_metric_add(lr_wm.tokens, ca, (double)st->reply.tokens_cached);
+    lr_metric_add(lr_wm.cost, (const char *const[]){ag, m->model}, cost);
+    return cost;
 }
 
 long lr_agent_elapsed_ms(const agent_state_t *st) {
@@ -140,10 +191,9 @@ const char *lr_agent_budget_before_model(const agent_state_t *st, const lr_model
         return r;
     }
     if (st->budgets.max_cost_usd >= 0) {
-        long in = (long)(body_len / 4) + 1;
-        long out = m->max_tokens > 0 ? m->max_tokens : UNBOUNDED_OUTPUT_TOKENS;
+        long in, out;
         double spent = st->usage.cost_usd + st->out->cost_usd;
-        double worst = lr_agent_cost_of(m, in, 0, out);
+        double worst = lr_agent_worst_cost(m, body_len, &in, &out);
         if (spent + worst > st->budgets.max_cost_usd) {
             snprintf(why, whylen,
                      "a call to %s could cost $%.4f (about %ld tokens in, up to %ld out); spent $%.4f of $%.4f",

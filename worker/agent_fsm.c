@@ -19,13 +19,20 @@
 static const unsigned moves[LR_AGENT_NSTATES] = {
     [LR_AGENT_IDLE] = TO(LR_AGENT_PREPARING)        /* a step starts */
                       | TO(LR_AGENT_RELEASED),      /* the run is freed */
-    [LR_AGENT_PREPARING] = TO(LR_AGENT_RESERVING)   /* the model or tenant has a rate limit */
+    [LR_AGENT_PREPARING] = TO(LR_AGENT_CAP_CHECK)   /* the agent or tenant has a spend cap */
+                           | TO(LR_AGENT_CAP_WAIT)  /* the ledger's query could not be queued */
+                           | TO(LR_AGENT_RESERVING) /* the model or tenant has a rate limit */
                            | TO(LR_AGENT_GATE_WAIT) /* the endpoint's gate is full */
                            | TO(LR_AGENT_MEM_WAIT)  /* no room in the memory budget */
                            | TO(LR_AGENT_CALLING)   /* a slot at once, or no gate */
                            | TO(LR_AGENT_TOOLS)     /* approved calls of a resume run first */
                            | TO(LR_AGENT_IDLE),     /* ended before any wait: budget, suspend,
                                                        every model skipped, out of memory */
+    [LR_AGENT_CAP_CHECK] = TO(LR_AGENT_PREPARING)   /* within every cap: reserved */
+                           | TO(LR_AGENT_CAP_WAIT)  /* ledger down, or calls in flight fill a cap */
+                           | TO(LR_AGENT_IDLE),     /* over a cap: suspend (spend_cap); or cancelled */
+    [LR_AGENT_CAP_WAIT] = TO(LR_AGENT_PREPARING)    /* ask the ledger again */
+                          | TO(LR_AGENT_IDLE),      /* cancelled */
     [LR_AGENT_RESERVING] = TO(LR_AGENT_PREPARING)   /* reserved, or the limiter is down */
                            | TO(LR_AGENT_RATE_WAIT) /* over the limit: wait for the next minute */
                            | TO(LR_AGENT_IDLE),     /* over the limit and the wait is long:
@@ -49,10 +56,10 @@ static const unsigned moves[LR_AGENT_NSTATES] = {
 };
 
 static const char *const names[LR_AGENT_NSTATES] = {
-    [LR_AGENT_IDLE] = "idle",           [LR_AGENT_PREPARING] = "preparing", [LR_AGENT_RESERVING] = "reserving",
-    [LR_AGENT_RATE_WAIT] = "rate_wait", [LR_AGENT_GATE_WAIT] = "gate_wait", [LR_AGENT_MEM_WAIT] = "mem_wait",
-    [LR_AGENT_CALLING] = "calling",     [LR_AGENT_BACKOFF] = "backoff",     [LR_AGENT_TOOLS] = "tools",
-    [LR_AGENT_RELEASED] = "released",
+    [LR_AGENT_IDLE] = "idle",           [LR_AGENT_PREPARING] = "preparing", [LR_AGENT_CAP_CHECK] = "cap_check",
+    [LR_AGENT_CAP_WAIT] = "cap_wait",   [LR_AGENT_RESERVING] = "reserving", [LR_AGENT_RATE_WAIT] = "rate_wait",
+    [LR_AGENT_GATE_WAIT] = "gate_wait", [LR_AGENT_MEM_WAIT] = "mem_wait",   [LR_AGENT_CALLING] = "calling",
+    [LR_AGENT_BACKOFF] = "backoff",     [LR_AGENT_TOOLS] = "tools",         [LR_AGENT_RELEASED] = "released",
 };
 
 bool lr_agent_transition_ok(int from, int to) {

@@ -17,6 +17,13 @@ enum lr_agent_state {
     LR_AGENT_PREPARING, /* synchronous work of a step: budgets, conversation,
                            choosing the model of the chain and building its
                            request; never waits in this state */
+    LR_AGENT_CAP_CHECK, /* a spend cap applies to the task: the reservation
+                             of the call's worst-case cost (spend.h) is in
+                             flight */
+    LR_AGENT_CAP_WAIT,  /* the spend ledger did not answer (fail closed: no
+                             call without a reservation), or the reservations
+                             of calls in flight fill a cap whose settled spend
+                             has room: the timer, then PREPARING again */
     LR_AGENT_RESERVING, /* a rate-window reservation (ratewin.h) is in flight
                            for the current model (and the tenant) */
     LR_AGENT_RATE_WAIT, /* over the fleet-wide limit of this minute: the timer

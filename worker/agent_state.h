@@ -9,9 +9,12 @@
  *   agent_context.c  the conversation: built from the step log, the context
  *                    strategies (window, summarize) and the summary step
  *   agent_budget.c   the budgets: which apply, and whether the next model
- *                    or tool call may start
+ *                    or tool call may start; the usage they count
  *   agent_tools.c    tool calls: answering pending calls from signals,
  *                    checking and running the calls the model asked for
+ *   agent_spend.c    the spend caps: reserving a call's worst-case cost
+ *                    in the fleet-wide ledger (spend.h), settling it,
+ *                    the suspension when a cap is reached
  *   agent_fsm.c      the states and their legal moves (agent_fsm.h)
  *
  * Everything runs on the loop thread.  The state (agent_state_t) belongs to
@@ -35,11 +38,22 @@
 #include "membudget.h"
 #include "provider.h"
 #include "ratewin.h"
+#include "spend.h"
 #include "worker.h"
 
 #define LR_AGENT_MAX_CALLS 16 /* tool calls of one assistant message that run (more are dropped) */
 
 typedef struct agent_state agent_state_t;
+
+/* What a spend reservation's answer says (agent_ops_t.spend_answered). */
+enum lr_agent_spend_verdict {
+    LR_AGENT_SPEND_GRANTED = 0, /* within every cap: st->spend holds the reservation */
+    LR_AGENT_SPEND_REFUSED,     /* over a cap: st->spend says which; suspend */
+    LR_AGENT_SPEND_BUSY,        /* the reservations of calls in flight fill a cap that
+                                   the settled spend leaves room in: wait and ask again */
+    LR_AGENT_SPEND_UNAVAILABLE, /* the ledger did not answer: back off, never call */
+    LR_AGENT_SPEND_MOOT         /* the step it was for is gone (anything granted is released) */
+};
 
 /* exec_agent.c's entry points for the other files of the executor. */
 typedef struct agent_ops {
@@ -55,7 +69,31 @@ typedef struct agent_ops {
     void (*on_timer)(uv_timer_t *t);
     /* Logs a payload when the task is sampled (LONGRUN_LOG_PAYLOADS). */
     void (*log_payload)(agent_state_t *st, const char *event, const char *what, const char *text, size_t len);
+    /* The answer to the spend reservation that lr_agent_spend_reserve sent
+     * (in state CAP_CHECK, unless MOOT); drops the query's reference. */
+    void (*spend_answered)(agent_state_t *st, enum lr_agent_spend_verdict v);
 } agent_ops_t;
+
+/* The spend reservation of the current model call (agent_spend.c). */
+typedef struct agent_spend {
+    bool held;           /* a granted reservation covers the next call of model_idx */
+    long long id;        /* its row (0: granted with no cap to count against) */
+    double amount;       /* what it reserved (USD) */
+    int model_idx;       /* the model it was reserved for */
+    unsigned seq;        /* of the reservation in flight: an answer with another is moot */
+    long backoff_ms;     /* CAP_WAIT, the ledger unavailable: the last wait (0: none) */
+    long busy_ms;        /* CAP_WAIT, LR_AGENT_SPEND_BUSY: the last wait (0: none) */
+    uint64_t busy_since; /* lr_agent_now() of the first BUSY answer of this wait (0: none) */
+    bool in_flight;      /* the refusal was BUSY (only reservations fill the cap) */
+    /* LR_AGENT_SPEND_REFUSED: the cap that binds */
+    char scope[8]; /* "agent" or "tenant" */
+    char name[72];
+    char period[8];     /* "day" or "month" */
+    char resets_at[24]; /* "YYYY-MM-DDTHH:MM:SSZ" */
+    double cap, spent, reserved;
+    long wait_ms;    /* until resets_at */
+    char error[160]; /* LR_AGENT_SPEND_UNAVAILABLE: why */
+} agent_spend_t;
 
 /* One tool call of the step (its strings borrowed from the assistant message
  * in st->conv, valid until the step ends). */
@@ -124,6 +162,7 @@ struct agent_state {
     bool reserved;              /* the next send is covered by the reservation just made */
     long reserved_est;          /* tokens reserved (settled after the call); 0: nothing to settle */
     lr_ratewin_ticket_t ticket; /* the reservation's rows */
+    agent_spend_t spend;        /* the spend caps' reservation (agent_spend.c) */
     /* in-process concurrency gate of the current model endpoint */
     lr_gate_waiter_t gate_wait;
     lr_gate_t *gate;        /* GATE_WAIT: the gate queued at; CALLING: the gate whose slot
@@ -193,10 +232,73 @@ const char *lr_agent_budget_before_tools(const agent_state_t *st, char *why, siz
 /* What a call of m costs in USD (price table, per million tokens). */
 double lr_agent_cost_of(const lr_model_ref_t *m, long in, long cached, long out);
 
+/* The worst case of a call of m with a request of body_len bytes: the
+ * prompt estimated at body_len / 4 + 1 tokens (uncached) and the answer at
+ * max_tokens (1024 when the request does not bound it).  The estimates go
+ * to *in and *out when not NULL.  What max_cost_usd and the spend caps
+ * check before each call. */
+double lr_agent_worst_cost(const lr_model_ref_t *m, size_t body_len, long *in, long *out);
+
+/* Counts a model request's answer (status, latency) in the metrics and the
+ * call statistics of /health. */
+void lr_agent_count_request(const lr_model_ref_t *m, const lr_http_response_t *resp);
+
+/* Counts the parsed answer in st->reply (a response of body_len bytes) into
+ * the step (st->out) and the metrics; an answer without usage is estimated
+ * (request bytes / 4, response bytes / 4) so that budgets still bind.
+ * Returns what the call cost in USD. */
+double lr_agent_account_usage(agent_state_t *st, const lr_model_ref_t *m, size_t body_len);
+
 /* max_seconds' clock: active time (checkpointed steps plus the step in
  * flight) or, with the agent's budget_clock "wall", the time since the task
  * first started. */
 long lr_agent_elapsed_ms(const agent_state_t *st);
+
+/* ----------------------------------------------------------- agent_spend.c */
+
+/* What lr_agent_spend_settle charges for a call that may have been billed
+ * without telling its usage (timed out, aborted in flight, unreadable): its
+ * reservation. */
+#define LR_AGENT_SPEND_AT_RESERVATION (-1.0)
+
+/* Does the next call of the current model (st->model_idx) need a spend
+ * reservation first: the task's agent or tenant has a cap (worker cache)
+ * and no reservation is held for this model. */
+bool lr_agent_spend_needed(const agent_state_t *st);
+
+/* Sends the reservation of the worst case of a call of m with a request
+ * of body_len bytes (a reservation held for another model is released
+ * first).  Returns 0: st->ops->spend_answered runs later, exactly once
+ * (the caller takes a reference on st for it and moves to CAP_CHECK);
+ * or an LR_E* code: nothing was sent, the ledger is unavailable (st->spend.error says why). */
+int lr_agent_spend_reserve(agent_state_t *st, const lr_model_ref_t *m, size_t body_len);
+
+/* LR_AGENT_SPEND_REFUSED (or BUSY for longer than long_wait_seconds):
+ * fills st->out for the suspension (reason spend_cap; resume at the start
+ * of the cap's next period, or after 5-15 s when only calls in flight
+ * filled it), logs it and counts it.  The caller then ends the step
+ * (LR_STEP_SUSPEND). */
+void lr_agent_spend_suspend(agent_state_t *st);
+
+/* LR_AGENT_SPEND_BUSY: how long to wait before asking again (100 ms
+ * doubling to 2 s, jittered), or 0 when this call has waited
+ * long_wait_seconds already (then suspend). */
+long lr_agent_spend_busy_wait(agent_state_t *st);
+
+/* LR_AGENT_SPEND_UNAVAILABLE (or the reservation could not be sent): logs
+ * it and returns how long to wait before asking again (250 ms doubling to
+ * 5 s, jittered). */
+long lr_agent_spend_backoff(agent_state_t *st);
+
+/* Settles the reservation held (if any) with what the call cost: usd, or
+ * LR_AGENT_SPEND_AT_RESERVATION; 0 for a call never made or not billed.
+ * Nothing is held afterwards. */
+void lr_agent_spend_settle(agent_state_t *st, double usd);
+
+/* The step is cancelled: the reservation held is settled (at its amount
+ * when in_flight: the call may have been billed; else 0), and the answer
+ * of a reservation in flight will be moot. */
+void lr_agent_spend_cancel(agent_state_t *st, bool in_flight);
 
 /* ----------------------------------------------------------- agent_tools.c */
 

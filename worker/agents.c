@@ -18,6 +18,8 @@ typedef struct registry {
     int ntools;
     lr_agent_t *agents;
     int nagents;
+    lr_tenant_def_t *tenants;
+    int ntenants;
     lr_mcp_conf_t mcp[LR_MCP_MAX_SERVERS];
     int nmcp;
 } registry_t;
@@ -189,6 +191,7 @@ static void free_registry(registry_t *r) {
     }
     free(r->tools);
     free(r->agents);
+    free(r->tenants);
     cJSON_Delete(r->root);
     memset(r, 0, sizeof(*r));
 }
@@ -777,11 +780,71 @@ static int agent_slice(const cJSON *a, lr_agent_t *ag, const char *where, char *
     return 0;
 }
 
+/* "spend_caps": {"daily_usd": X, "monthly_usd": Y} of an agent or a tenant
+ * (where: its path); absent: none. */
+static int spend_caps(const cJSON *o, lr_spend_caps_t *caps, const char *where, char *errbuf, size_t errlen) {
+    static const char *const known[] = {"daily_usd", "monthly_usd", NULL};
+    const cJSON *sc = cJSON_GetObjectItemCaseSensitive(o, "spend_caps");
+    char sw[160];
+    int rc;
+    caps->day_usd = caps->month_usd = -1;
+    if (sc == NULL) {
+        return 0;
+    }
+    snprintf(sw, sizeof(sw), "%s.spend_caps", where);
+    if (!cJSON_IsObject(sc)) {
+        return fail(errbuf, errlen, "%s: must be an object {\"daily_usd\": USD, \"monthly_usd\": USD}", sw);
+    }
+    if ((rc = check_keys(sc, sw, known, errbuf, errlen)) != 0 ||
+        (rc = get_num(sc, "daily_usd", sw, 0, 1e9, false, -1, &caps->day_usd, errbuf, errlen)) != 0 ||
+        (rc = get_num(sc, "monthly_usd", sw, 0, 1e9, false, -1, &caps->month_usd, errbuf, errlen)) != 0) {
+        return rc;
+    }
+    return 0;
+}
+
+/* "tenants": {"<tenant>": {"spend_caps": {...}}}. */
+static int load_tenants(registry_t *r, const cJSON *tenants, char *errbuf, size_t errlen) {
+    static const char *const known[] = {"spend_caps", NULL};
+    int n = cJSON_GetArraySize(tenants), i = 0;
+    r->tenants = calloc((size_t)n + 1, sizeof(lr_tenant_def_t));
+    if (r->tenants == NULL) {
+        return LR_ENOMEM;
+    }
+    for (const cJSON *t = tenants->child; t != NULL; t = t->next, i++) {
+        char where[120];
+        int rc;
+        snprintf(where, sizeof(where), "tenants.%.80s", t->string);
+        if (!lr_tenant_valid(t->string)) {
+            return fail(errbuf, errlen, "%s: a tenant name is 1-64 characters of [A-Za-z0-9_.:-]", where);
+        }
+        if (!cJSON_IsObject(t)) {
+            return fail(errbuf, errlen, "%s: must be an object {\"spend_caps\": {...}}", where);
+        }
+        if ((rc = check_keys(t, where, known, errbuf, errlen)) != 0 ||
+            (rc = spend_caps(t, &r->tenants[i].spend_caps, where, errbuf, errlen)) != 0) {
+            return rc;
+        }
+        r->tenants[i].name = t->string;
+        r->ntenants = i + 1;
+    }
+    return 0;
+}
+
 static int load_agents(registry_t *r, const cJSON *prices, const cJSON *agents, char *errbuf, size_t errlen) {
-    static const char *const known[] = {"name",         "system",  "models",
-                                        "tools",        "budgets", "context",
-                                        "description",  "slice",   "max_outage_seconds",
-                                        "budget_clock", "mcp",     NULL};
+    static const char *const known[] = {"name",
+                                        "system",
+                                        "models",
+                                        "tools",
+                                        "budgets",
+                                        "context",
+                                        "description",
+                                        "slice",
+                                        "max_outage_seconds",
+                                        "budget_clock",
+                                        "mcp",
+                                        "spend_caps",
+                                        NULL};
     int n = cJSON_GetArraySize(agents);
     int i = 0;
     r->agents = calloc((size_t)n + 1, sizeof(lr_agent_t));
@@ -837,7 +900,8 @@ static int load_agents(registry_t *r, const cJSON *prices, const cJSON *agents, 
             (rc = agent_mcp(r, a, ag, where, errbuf, errlen)) != 0 ||
             (rc = agent_budgets(a, ag, where, errbuf, errlen)) != 0 ||
             (rc = agent_context(a, ag, where, errbuf, errlen)) != 0 ||
-            (rc = agent_slice(a, ag, where, errbuf, errlen)) != 0) {
+            (rc = agent_slice(a, ag, where, errbuf, errlen)) != 0 ||
+            (rc = spend_caps(a, &ag->spend_caps, where, errbuf, errlen)) != 0) {
             return rc;
         }
     }
@@ -849,9 +913,9 @@ int lr_agents_load(const char *path, char *errbuf, size_t errlen) {
     char *buf = NULL;
     size_t len;
     registry_t nr;
-    const cJSON *tools, *agents, *prices;
+    const cJSON *tools, *agents, *prices, *tenants;
     int rc = 0;
-    static const char *const known[] = {"models", "tools", "agents", "mcp_servers", "$comment", NULL};
+    static const char *const known[] = {"models", "tools", "agents", "mcp_servers", "tenants", "$comment", NULL};
     const cJSON *mcp;
 
     memset(&nr, 0, sizeof(nr));
@@ -906,6 +970,14 @@ int lr_agents_load(const char *path, char *errbuf, size_t errlen) {
     if ((rc = load_agents(&nr, prices, agents, errbuf, errlen)) != 0) {
         goto out;
     }
+    tenants = cJSON_GetObjectItemCaseSensitive(nr.root, "tenants");
+    if (tenants != NULL && !cJSON_IsObject(tenants)) {
+        rc = fail(errbuf, errlen, "tenants: must be an object of tenant name -> {\"spend_caps\": {...}}");
+        goto out;
+    }
+    if (tenants != NULL && (rc = load_tenants(&nr, tenants, errbuf, errlen)) != 0) {
+        goto out;
+    }
     if (builtin_params[0] == NULL) {
         builtin_params[0] = cJSON_Parse("{\"type\":\"object\",\"properties\":{\"seconds\":{\"type\":\"number\","
                                         "\"minimum\":0}},\"required\":[\"seconds\"]}");
@@ -936,6 +1008,12 @@ const lr_agent_t *lr_agents_find(const char *name) {
 }
 
 int lr_agents_count(void) { return reg.nagents; }
+
+const lr_agent_t *lr_agents_at(int i) { return i >= 0 && i < reg.nagents ? &reg.agents[i] : NULL; }
+
+int lr_tenants_count(void) { return reg.ntenants; }
+
+const lr_tenant_def_t *lr_tenants_at(int i) { return i >= 0 && i < reg.ntenants ? &reg.tenants[i] : NULL; }
 
 void lr_agents_free(void) {
     free_registry(&reg);

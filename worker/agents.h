@@ -20,10 +20,12 @@
  *                "tools": ["name", "sleep", ...], "mcp": ["server", ...], "budgets": {...},
  *                "context": {"strategy": "full"|"window"|"summarize", "messages": N,
  *                            "threshold_tokens": N},
- *                "slice": {"steps": N, "seconds": N}}]}
+ *                "slice": {"steps": N, "seconds": N},
+ *                "spend_caps": {"daily_usd": $, "monthly_usd": $}}],
  *    "mcp_servers": {"<name>": {"url": "http://.../mcp", "headers": {"Authorization":
  *                   "Bearer ${VAR}"}, "allow": [...], "deny": [...], "timeout_ms": N,
  *                   "prefix": "<name>_", "max_result_bytes": N}},
+ *    "tenants": {"<tenant>": {"spend_caps": {"daily_usd": $, "monthly_usd": $}}}}
  * "${VAR}" in URLs (and in MCP servers' header values) is replaced by the environment variable VAR at load.
  * API keys are never in the file: only the *name* of the variable.
  *
@@ -111,6 +113,21 @@ typedef struct lr_pin {
 
 #define LR_AGENT_MAX_PINS 16
 
+/* Spend caps of an agent or a tenant ("spend_caps" in the agents file): USD
+ * per UTC day and per UTC month, enforced fleet-wide (worker/spend.h); < 0:
+ * none.  The file's caps are written to PostgreSQL when a worker starts;
+ * an operator's (longrun spend set-cap) win over them. */
+typedef struct lr_spend_caps {
+    double day_usd;
+    double month_usd;
+} lr_spend_caps_t;
+
+/* A tenant of the agents file's "tenants" section. */
+typedef struct lr_tenant_def {
+    const char *name; /* borrowed from the file's tree */
+    lr_spend_caps_t spend_caps;
+} lr_tenant_def_t;
+
 typedef struct lr_agent {
     char *name;
     char *system;
@@ -139,6 +156,7 @@ typedef struct lr_agent {
     int mcp[LR_MCP_MAX_SERVERS];
     int nmcp;
     int nstatic_tools;
+    lr_spend_caps_t spend_caps;
 } lr_agent_t;
 
 #define LR_AGENT_MAX_OUTAGE_DEFAULT (6 * 3600)
@@ -149,6 +167,11 @@ typedef struct lr_agent {
 int lr_agents_load(const char *path, char *errbuf, size_t errlen) LR_MUSTCHECK;
 const lr_agent_t *lr_agents_find(const char *name);
 int lr_agents_count(void);
+/* The i-th agent of the file (0 <= i < lr_agents_count()), or NULL. */
+const lr_agent_t *lr_agents_at(int i);
+/* The tenants of the "tenants" section, in the file's order. */
+int lr_tenants_count(void);
+const lr_tenant_def_t *lr_tenants_at(int i);
 void lr_agents_free(void);
 
 /* Kill switches (table flags): the set of disabled "tool:NAME",

@@ -12,6 +12,11 @@
  *   IDLE -> PREPARING  budgets, conversation (agent_context.c), answers to
  *                      pending calls from signals (agent_tools.c), then the
  *                      model i of the chain, attempt k:
+ *        -> CAP_CHECK  the call's worst case reserved against the spend
+ *                        caps of the agent and tenant (agent_spend.c), if capped
+ *           -> CAP_WAIT  the ledger did not answer, or calls in flight fill
+ *                          a cap: the timer, then PREPARING
+ *           -> IDLE        over a cap: suspended (spend_cap) until its period rolls over
  *        -> RESERVING  the fleet-wide rate window (ratewin.h), if limited
  *           -> RATE_WAIT  over the limit: the timer, then PREPARING again
  *        -> GATE_WAIT  the endpoint's concurrency gate is full
@@ -23,13 +28,13 @@
  *        -> IDLE       the step ended: done(outcome)
  *   IDLE -> RELEASED   the run is gone; freed when nothing refers to it
  *
- * One timer serves RATE_WAIT, GATE_WAIT and BACKOFF: the state says what it
- * waits for.  A step that ends inside start() (a budget, a resume without
+ * One timer serves CAP_WAIT, RATE_WAIT, GATE_WAIT and BACKOFF: the state
+ * says what it waits for.  A step that ends inside start() (a budget, a resume without
  * its signal, every model skipped, every tool answered at once) makes start
  * return LR_EPERM with the outcome in out: done() never runs inside start.
  * The freeing rule is agent_unref(): the state holds a reference for its
  * timer (dropped by the close callback after release) and one for each
- * reservation query in flight; HTTP requests never outlive a step (cancel
+ * reservation query in flight (rate window, spend ledger); HTTP requests never outlive a step (cancel
  * aborts them, their callbacks do not run).
  *
  * Budgets (agent_budget.c) are checked before the step, before every model
@@ -56,7 +61,6 @@
 #include <string.h>
 
 #include "agent_state.h"
-#include "callstats.h"
 #include "payload_log.h"
 #include "ratewin.h"
 #include "text.h"
@@ -69,14 +73,16 @@ static void agent_set_state_at(agent_state_t *st, enum lr_agent_state s, int lin
 static void agent_finish(agent_state_t *st, int outcome);
 static void agent_step_complete(agent_state_t *st);
 static void agent_log_payload(agent_state_t *st, const char *event, const char *what, const char *text, size_t len);
+static void spend_answered(agent_state_t *st, enum lr_agent_spend_verdict v);
 
-/* What agent_tools.c and agent_context.c call back (agent_state.h). */
+/* What agent_tools.c, agent_context.c and agent_spend.c call back (agent_state.h). */
 static void timer_cb(uv_timer_t *t);
 static const agent_ops_t agent_ops = {
     .finish = agent_finish,
     .on_timer = timer_cb,
     .step_complete = agent_step_complete,
     .log_payload = agent_log_payload,
+    .spend_answered = spend_answered,
 };
 
 static lr_breaker_t *model_breaker(const lr_model_ref_t *m) {
@@ -169,6 +175,7 @@ static void agent_finish(agent_state_t *st, int outcome) {
     st->ncalls = 0;
     /* What the answer costs stays charged until the checkpoint is written. */
     lr_run_mem_adopt(st->run, lr_mem_call_detach(lr_worker_mem(st->w), &st->mem_call));
+    lr_agent_spend_settle(st, 0); /* a reservation still held was not used by a call */
     agent_set_state(st, LR_AGENT_IDLE);
     if (done != NULL) {
         done(st->run); /* may release the run: st is not touched after this */
@@ -259,6 +266,7 @@ static void timer_cb(uv_timer_t *t) {
     agent_state_t *st = t->data;
     switch (st->state) {
     case LR_AGENT_GATE_WAIT: gate_timeout(st); break;
+    case LR_AGENT_CAP_WAIT:  /* ask the ledger again */
     case LR_AGENT_RATE_WAIT: /* the window has room now */
     case LR_AGENT_BACKOFF: /* time for the next try */ model_call(st); break;
     case LR_AGENT_TOOLS: /* tool retries due */ lr_agent_tools_timer(st); break;
@@ -553,6 +561,42 @@ static void rate_reserve(agent_state_t *st, const lr_model_ref_t *m, size_t body
     agent_set_state(st, LR_AGENT_RESERVING);
 }
 
+/* ------------------------------------------------------------ spend caps */
+
+/* PREPARING, CAP_CHECK: the ledger did not answer; no call without a
+ * reservation (fail closed), ask again after a backoff. */
+static void spend_wait(agent_state_t *st) {
+    agent_set_state(st, LR_AGENT_CAP_WAIT);
+    uv_timer_start(&st->timer, timer_cb, (uint64_t)lr_agent_spend_backoff(st), 0);
+}
+
+/* CAP_CHECK: the answer to the spend reservation (agent_spend.c). */
+static void spend_answered(agent_state_t *st, enum lr_agent_spend_verdict v) {
+    bool ours = v != LR_AGENT_SPEND_MOOT && st->state == LR_AGENT_CAP_CHECK;
+    long wait;
+    agent_unref(st); /* the query's; while ours not the last (the timer's lasts until release) */
+    if (!ours) {
+        return; /* (st may be gone now) */
+    }
+    if (v == LR_AGENT_SPEND_BUSY && (wait = lr_agent_spend_busy_wait(st)) > 0) {
+        /* calls in flight fill the cap: their settlements may free it */
+        agent_set_state(st, LR_AGENT_CAP_WAIT);
+        uv_timer_start(&st->timer, timer_cb, (uint64_t)wait, 0);
+        return;
+    }
+    switch (v) {
+    case LR_AGENT_SPEND_GRANTED: model_call(st); break; /* builds the request again, and goes on */
+    case LR_AGENT_SPEND_BUSY:                           /* for long_wait_seconds already */
+    case LR_AGENT_SPEND_REFUSED:
+        rate_settle(st, &st->agent->models[st->model_idx], 0); /* a rate window reserved before it is not used */
+        st->reserved = false;
+        lr_agent_spend_suspend(st);
+        agent_finish(st, LR_STEP_SUSPEND);
+        break;
+    default: spend_wait(st); break;
+    }
+}
+
 /* ---------------------------------------------------------- the request */
 
 /* Skips the models of the chain that cannot be called now (kill switch,
@@ -688,6 +732,19 @@ static void model_call(agent_state_t *st) {
         agent_finish(st, LR_STEP_STOP);
         return;
     }
+    if (body != NULL && lr_agent_spend_needed(st)) {
+        /* A spend cap applies: reserve the call's worst case first; the
+         * answer builds the request again. */
+        size_t len = strlen(body);
+        free(body);
+        if (lr_agent_spend_reserve(st, m, len) != 0) {
+            spend_wait(st);
+            return;
+        }
+        st->refs++; /* the query's, until spend_answered */
+        agent_set_state(st, LR_AGENT_CAP_CHECK);
+        return;
+    }
     if (body != NULL && !st->reserved && rate_limited(st, m)) {
         /* The reservation's answer builds the request again. */
         size_t len = strlen(body);
@@ -791,18 +848,6 @@ static void model_post(agent_state_t *st, char *body) {
 
 /* ---------------------------------------------------------- the response */
 
-static void count_request(const lr_model_ref_t *m, const lr_http_response_t *resp) {
-    char status[16];
-    const char *lv[3] = {m->provider == LR_PROVIDER_OPENAI ? "openai" : "anthropic", m->model, status};
-    snprintf(status, sizeof(status), "%ld", resp->err != 0 ? 0L : resp->status);
-    lr_metric_add(lr_wm.model_requests, lv, 1);
-    lr_callstats_add(LR_CALLSTATS_MODEL, m->endpoint_label, resp->err != 0 ? 0L : resp->status, lr_agent_now());
-    lr_metric_observe(lr_wm.model_seconds, lv, resp->total_ms / 1000.0);
-    if (resp->status == 429) {
-        lr_metric_inc1(lr_wm.rate_limit_waits, m->model);
-    }
-}
-
 /* A transport error or a non-2xx answer. */
 static void model_http_failed(agent_state_t *st, const lr_http_response_t *resp) {
     char reason[32], detail[384], sr[16], ra[32], ram[32];
@@ -824,26 +869,6 @@ static void model_http_failed(agent_state_t *st, const lr_http_response_t *resp)
     wait = lr_retry_after_ms(lr_http_header(resp, "retry-after-ms", ram, sizeof(ram)) == 0 ? ram : NULL,
                              lr_http_header(resp, "retry-after", ra, sizeof(ra)) == 0 ? ra : NULL);
     model_failed(st, cls, reason, detail, wait);
-}
-
-/* Counts the answer's tokens and cost into the step. */
-static void account_usage(agent_state_t *st, const lr_model_ref_t *m, const lr_http_response_t *resp) {
-    const char *ag = st->agent->name;
-    const char *in[3] = {ag, m->model, "input"}, *outv[3] = {ag, m->model, "output"}, *ca[3] = {ag, m->model, "cached"};
-    if (st->reply.usage_missing) {
-        /* Estimate (about 4 bytes a token) so that budgets still bind. */
-        st->reply.tokens_in = st->req_bytes / 4 + 1;
-        st->reply.tokens_out = (long)(resp->body_len / 4 + 1);
-    }
-    st->out->tokens_in += st->reply.tokens_in;
-    st->out->tokens_out += st->reply.tokens_out;
-    st->out->tokens_cached += st->reply.tokens_cached;
-    st->out->cost_usd += lr_agent_cost_of(m, st->reply.tokens_in, st->reply.tokens_cached, st->reply.tokens_out);
-    lr_metric_add(lr_wm.tokens, in, (double)st->reply.tokens_in);
-    lr_metric_add(lr_wm.tokens, outv, (double)st->reply.tokens_out);
-    lr_metric_add(lr_wm.tokens, ca, (double)st->reply.tokens_cached);
-    lr_metric_add(lr_wm.cost, (const char *const[]){ag, m->model},
-                  lr_agent_cost_of(m, st->reply.tokens_in, st->reply.tokens_cached, st->reply.tokens_out));
 }
 
 static bool finish_is_length(const char *finish) {
@@ -906,15 +931,18 @@ static void model_response(const lr_http_response_t *resp, void *arg) {
     const lr_model_ref_t *m = &st->agent->models[st->model_idx];
     char err[512];
     bool ok = resp->err == 0 && resp->status >= 200 && resp->status < 300;
+    double cost;
 
     st->model_req = NULL;
     gate_done(st);
     agent_log_payload(st, "payload.model_response", m->endpoint_label, resp->body, resp->body_len);
     if (!ok) {
-        rate_settle(st, m, 0);                                /* a 2xx is settled once its usage is parsed */
+        rate_settle(st, m, 0); /* a 2xx is settled once its usage is parsed */
+        /* a timeout may have been billed; an error answer is not */
+        lr_agent_spend_settle(st, resp->err == LR_ETIMEOUT ? LR_AGENT_SPEND_AT_RESERVATION : 0);
         lr_mem_call_end(lr_worker_mem(st->w), &st->mem_call); /* nothing of it is kept */
     }
-    count_request(m, resp);
+    lr_agent_count_request(m, resp);
     if (!ok) {
         model_http_failed(st, resp);
         return;
@@ -922,6 +950,7 @@ static void model_response(const lr_http_response_t *resp, void *arg) {
     if (resp->truncated) {
         /* Not retried: the same question gets the same too-long answer. */
         rate_settle(st, m, 0);
+        lr_agent_spend_settle(st, LR_AGENT_SPEND_AT_RESERVATION); /* billed, usage unknown */
         lr_mem_call_end(lr_worker_mem(st->w), &st->mem_call);
         snprintf(err, sizeof(err), "the answer is over LONGRUN_MAX_RESPONSE_BYTES (%d bytes); not read further",
                  lr_worker_config(st->w)->max_response_bytes);
@@ -929,13 +958,15 @@ static void model_response(const lr_http_response_t *resp, void *arg) {
         return;
     }
     if (lr_provider_parse(m, resp->body, resp->body_len, st->step_no, &st->reply, err, sizeof(err)) != 0) {
+        lr_agent_spend_settle(st, LR_AGENT_SPEND_AT_RESERVATION); /* billed, usage unknown */
         model_failed(st, LR_CALL_RETRY, "malformed_response", err, -1);
         return;
     }
     lr_breaker_result(model_breaker(m), true, lr_agent_now());
     st->answered = m;
-    account_usage(st, m, resp); /* (estimates the tokens of an answer without usage) */
+    cost = lr_agent_account_usage(st, m, resp->body_len); /* (estimates the tokens of an answer without usage) */
     rate_settle(st, m, st->reply.tokens_in + st->reply.tokens_out);
+    lr_agent_spend_settle(st, cost);
     if (st->reply.refused) {
         /* Declined (content filter, refusal): paid for, not an answer; the
          * next model of the chain may answer it. */
@@ -1071,6 +1102,8 @@ static void agent_cancel(lr_run_t *r) {
         return;
     }
     uv_timer_stop(&st->timer);
+    /* the reservation held: a call in flight may have been billed */
+    lr_agent_spend_cancel(st, st->state == LR_AGENT_CALLING && st->model_req != NULL);
     switch (st->state) {
     case LR_AGENT_GATE_WAIT:
         lr_gate_forget(&st->gate_wait);
@@ -1094,8 +1127,8 @@ static void agent_cancel(lr_run_t *r) {
         break;
     case LR_AGENT_TOOLS: lr_agent_tools_cancel(st); break;
     default:
-        /* RESERVING: the query keeps its reference; its answer finds the
-         * step gone.  The timer of a wait is stopped above. */
+        /* RESERVING, CAP_CHECK: the query keeps its reference; its answer
+         * finds the step gone.  The timer of a wait is stopped above. */
         break;
     }
     lr_mem_call_end(lr_worker_mem(st->w), &st->mem_call);

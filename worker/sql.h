@@ -264,4 +264,32 @@
  * A row already pruned (a call longer than the window) matches nothing. */
 #define SQL_RATE_SETTLE "UPDATE rate_reservations SET tokens = $3::bigint WHERE id IN ($1::bigint, $2::bigint)"
 
+/* --------------------------------------------- spend caps (worker/spend.c) */
+
+/* Reserves a model call's worst-case cost against every spend cap of the
+ * task's agent and tenant (migration 0011, lr_spend_reserve: each scope's
+ * advisory lock serialises the reservations that share it).  $1 agent,
+ * $2 tenant or NULL, $3 USD, $4 seconds the reservation counts at most.
+ * One row: granted, the reservation's id (NULL: no cap applies), and for a
+ * refusal the cap that binds, its spend, its live reservations, when its
+ * period rolls over, how long until then, and whether only the
+ * reservations of calls in flight fill it. */
+#define SQL_SPEND_RESERVE                                                                          \
+    "SELECT granted, reservation_id, cap_scope, cap_name, cap_period, cap_usd::float8,"            \
+    " spent_usd::float8, reserved_usd::float8,"                                                    \
+    " to_char(resets_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), wait_ms, in_flight" \
+    " FROM lr_spend_reserve($1, $2, $3::numeric, $4::int)"
+
+/* After the call: the reservation is deleted and the actual cost added to
+ * the ledger of every capped scope (idempotent).  $1 id, $2 USD. */
+#define SQL_SPEND_SETTLE "SELECT lr_spend_settle($1::bigint, $2::numeric)"
+
+/* The scopes that have a cap now, as "agent:<name>" / "tenant:<name>". */
+#define SQL_SPEND_CAPS "SELECT DISTINCT scope || ':' || name FROM spend_caps WHERE cap_usd IS NOT NULL"
+
+/* The agents file's caps, written at start (never over an operator's).
+ * $1 [{"scope","name","day","month"}], $2 the worker.  Returns how many
+ * changed. */
+#define SQL_SPEND_FILE_CAPS "SELECT lr_spend_file_caps($1::jsonb, $2)"
+
 #endif

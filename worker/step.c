@@ -256,11 +256,11 @@ static void step_done(lr_run_t *r) {
     }
     if (r->out.outcome == LR_STEP_SUSPEND &&
         (strcmp(r->out.suspend_reason, "provider_unavailable") == 0 ||
-         strcmp(r->out.suspend_reason, "rate_limited") == 0) &&
+         strcmp(r->out.suspend_reason, "rate_limited") == 0 || strcmp(r->out.suspend_reason, "spend_cap") == 0) &&
         (r->out.messages == NULL || strcmp(r->out.messages, "[]") == 0)) {
-        /* A park in a provider outage or behind a rate limit added
-         * nothing: no step row, so that waiting again and again does not
-         * use up max_steps. */
+        /* A park in a provider outage, behind a rate limit or a spend cap
+         * added nothing: no step row, so that waiting again and again does
+         * not use up max_steps. */
         lr_step_transition(r, LR_ST_SUSPENDED, r->out.suspend_reason, NULL, NULL, r->out.resume_in_ms, 0);
         return;
     }

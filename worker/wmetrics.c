@@ -106,4 +106,8 @@ void lr_wm_init(void) {
                                              "Task events not published to longrun.events (the checkpoint still "
                                              "holds what they report), by reason.",
                                              "reason");
+    lr_wm.spend_suspensions = lr_metric_counter(
+        "longrun_spend_cap_suspensions_total",
+        "Tasks suspended (spend_cap) because a model call could exceed a spend cap, by the cap that bound.",
+        "scope,name,period");
 }

@@ -53,6 +53,7 @@ typedef struct lr_wm {
     lr_metric_t *memory_held;         /* gauge */
     lr_metric_t *events_published;    /* counter {type}: confirmed by the broker (worker/events.c) */
     lr_metric_t *events_dropped;      /* counter {reason}: not published (full, disconnected, ...) */
+    lr_metric_t *spend_suspensions;   /* counter {scope, name, period} */
 } lr_wm_t;
 
 extern lr_wm_t lr_wm;

@@ -27,6 +27,7 @@
 #include "health.h"
 #include "migrations.h"
 #include "payload_log.h"
+#include "spend.h"
 #include "state.h"
 #include "store.h"
 #include "wmetrics.h"
@@ -295,6 +296,9 @@ static void on_tick(lr_daemon_t *d, void *arg) {
         if (lr_store_schema_version(w->pg, schema_cb, w) != 0) {
             lr_debug("worker.schema_check", "cannot queue the schema check");
         }
+        if (ticks % 30 == 0 && !w->stopping) {
+            lr_spend_tick(); /* a failed load of the spend caps is tried again */
+        }
     }
     if (w->draining) {
         why = "draining";
@@ -451,7 +455,8 @@ static int start(lr_worker_t *w) {
         lr_error("worker.config", "LONGRUN_DATABASE_URL: %s", err);
         return 2;
     }
-    if (lr_pg_listen(w->pg, "longrun_flags", on_flags_notify, w) != 0 || lr_cancel_listen(w) != 0) {
+    if (lr_pg_listen(w->pg, "longrun_flags", on_flags_notify, w) != 0 || lr_cancel_listen(w) != 0 ||
+        lr_spend_start(w->pg, w->id) != 0) {
         return 1;
     }
     /* the first statement queued: RabbitMQ starts once it passed */
@@ -604,6 +609,7 @@ int lr_worker_run(const lr_config_t *cfg, const char *const *queues) {
                 (unsigned long long)w->steps_done, (unsigned long long)w->tasks_finished);
     }
     lr_run_free_all(w);
+    lr_spend_free();
     lr_daemon_free(w->d);
     if (uv_loop_close(&loop) != 0) {
         lr_error("worker.exit", "the event loop still has open handles at exit");

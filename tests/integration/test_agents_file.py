@@ -70,6 +70,15 @@ CASES = [
     ("budget_clock not a string", agents({"budget_clock": True}), "budget_clock"),
     ("negative max_concurrency", agents({"models": [dict(MODEL, max_concurrency=-1)]}), "max_concurrency"),
     ("budget out of range", agents({"budgets": {"max_steps": 0}}), "max_steps"),
+    ("spend_caps not an object", agents({"spend_caps": 5}), "agents[0] (a1).spend_caps"),
+    ("negative daily cap", agents({"spend_caps": {"daily_usd": -1}}), "spend_caps.daily_usd"),
+    ("monthly cap not a number", agents({"spend_caps": {"monthly_usd": "10"}}), "spend_caps.monthly_usd"),
+    ("unknown spend_caps key", agents({"spend_caps": {"weekly_usd": 1}}), "weekly_usd"),
+    ("tenants not an object", agents(top={"tenants": []}), "tenants"),
+    ("bad tenant name", agents(top={"tenants": {"a b": {"spend_caps": {"daily_usd": 1}}}}), "tenants.a b"),
+    ("unknown tenant key", agents(top={"tenants": {"acme": {"caps": {}}}}), "tenants.acme"),
+    ("tenant cap out of range", agents(top={"tenants": {"acme": {"spend_caps": {"daily_usd": 2e9}}}}),
+     "tenants.acme.spend_caps.daily_usd"),
 ]
 
 
@@ -89,7 +98,9 @@ def test():
     ok = check_config(agents({"context": {"strategy": "summarize", "threshold_tokens": 4000, "messages": 6,
                                           "pin": [{"role": "tool", "tool": "lookup", "contains": "id"}]},
                               "slice": {"steps": 5, "seconds": 30}, "max_outage_seconds": 600, "budget_clock": "wall",
-                              "models": [dict(MODEL, max_concurrency=4)]}))
+                              "models": [dict(MODEL, max_concurrency=4)],
+                              "spend_caps": {"daily_usd": 5, "monthly_usd": 100.5}},
+                             top={"tenants": {"acme:eu-1": {"spend_caps": {"monthly_usd": 0}}, "b": {}}}))
     h.eq(ok.returncode, 0, "a valid file passes: %s" % ok.stderr)
     h.check("configuration ok" in ok.stdout, ok.stdout)
     for what, text, word in CASES:

@@ -274,10 +274,10 @@ def check_agents_doc():
     h.check(m is not None, "docs/agents.md has no ```json agents example")
     example = json.loads(m.group(1))
     known = {
-        "top": ("models", "tools", "agents", "$comment"),
+        "top": ("models", "tools", "agents", "tenants", "$comment"),
         "tool": ("description", "parameters", "url", "timeout_ms", "retries", "requires_approval", "writes",
                  "max_result_bytes"),
-        "agent": ("name", "system", "models", "tools", "budgets", "context", "description"),
+        "agent": ("name", "system", "models", "tools", "budgets", "context", "description", "spend_caps"),
         "model": ("provider", "base_url", "model", "api_key_env", "max_tokens", "max_tokens_field", "temperature",
                   "tool_choice", "parallel_tool_calls", "timeout_ms", "retries"),
     }

@@ -78,3 +78,5 @@ lr_py_test(integration.providers integration/test_providers.py TIMEOUT 180 LABEL
 # Issue 19 (3): payload logs redacted (e-mail, keys, cards, custom patterns), checked against a control worker.
 lr_py_test(integration.redaction integration/test_redaction.py TIMEOUT 180 LABELS "integration;asan")
 lr_py_test(integration.mcp integration/test_mcp.py TIMEOUT 300 LABELS "integration;asan")
+# Issue 19 (4): spend caps per agent and tenant, fleet-wide: 200 tasks across two workers against a daily cap.
+lr_py_test(integration.spend_caps integration/test_spend_caps.py TIMEOUT 400 LABELS "integration;asan")

@@ -16,6 +16,8 @@ enum { N = LR_AGENT_NSTATES };
 enum {
     IDLE = LR_AGENT_IDLE,
     PREPARING = LR_AGENT_PREPARING,
+    CAP_CHECK = LR_AGENT_CAP_CHECK,
+    CAP_WAIT = LR_AGENT_CAP_WAIT,
     RESERVING = LR_AGENT_RESERVING,
     RATE_WAIT = LR_AGENT_RATE_WAIT,
     GATE_WAIT = LR_AGENT_GATE_WAIT,
@@ -32,6 +34,13 @@ static const struct move {
 } legal[] = {
     {IDLE, PREPARING, "start"},
     {IDLE, RELEASED, "release"},
+    {PREPARING, CAP_CHECK, "a spend cap applies"},
+    {PREPARING, CAP_WAIT, "the ledger's query not queued"},
+    {CAP_CHECK, PREPARING, "within every cap"},
+    {CAP_CHECK, CAP_WAIT, "ledger unavailable"},
+    {CAP_CHECK, IDLE, "over a cap: suspend; cancel"},
+    {CAP_WAIT, PREPARING, "ask again"},
+    {CAP_WAIT, IDLE, "cancel"},
     {PREPARING, RESERVING, "the model has a rate limit"},
     {PREPARING, GATE_WAIT, "the gate is full"},
     {PREPARING, CALLING, "a slot at once, or no gate"},
