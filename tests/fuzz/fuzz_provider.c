@@ -41,9 +41,12 @@ static lr_model_ref_t model_ref(enum lr_provider p) {
     return m;
 }
 
-static const lr_tool_def_t lookup =
-    {(char *)"lookup", (char *)"Look something up", NULL, (char *)"http://x/tools/lookup", 1000, 0, false, false, 16384,
-     LR_TOOL_HTTP};
+static const lr_tool_def_t lookup = {.name = (char *)"lookup",
+                                     .description = (char *)"Look something up",
+                                     .url = (char *)"http://x/tools/lookup",
+                                     .timeout_ms = 1000,
+                                     .max_result_bytes = 16384,
+                                     .builtin = LR_TOOL_HTTP};
 
 static void next_request(const lr_model_reply_t *r) {
     const lr_tool_def_t *tools[] = {&lookup};
