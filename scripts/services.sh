@@ -304,7 +304,6 @@ elapsed() { echo $((SECONDS - $1)); }
 cmd_deps() {
   deps_debian
   deps_node
-  deps_mcp
 }
 
 deps_sudo=()
@@ -336,36 +335,31 @@ deps_debian() {
   say "deps: installed"
 }
 
-# Node.js and npm for examples/producers/node: the machine's own when it has them (an image
-# may ship NodeSource's nodejs, which bundles npm and conflicts with Debian's npm package),
-# else Debian's nodejs and npm. Then the producer's packages from the npm registry, exactly as
-# package-lock.json pins them (npm ci), unless node_modules already matches the lock file.
+# The npm packages of DIR (relative to the repository) exactly as its package-lock.json pins
+# them (npm ci), unless node_modules already matches the lock file.
+deps_npm_ci() {
+  local dir="$REPO_DIR/$1"
+  [[ -f $dir/package-lock.json ]] || return 0
+  if [[ -f $dir/node_modules/.package-lock.json && ! $dir/package-lock.json -nt $dir/node_modules/.package-lock.json ]]; then
+    say "deps: $1: node_modules matches package-lock.json"
+    return 0
+  fi
+  say "deps: npm ci in $1"
+  (cd "$dir" && npm ci --no-audit --no-fund) || die "npm ci in $dir failed"
+}
+
+# Node.js and npm: the machine's own when it has them (an image may ship NodeSource's nodejs,
+# which bundles npm and conflicts with Debian's npm package), else Debian's nodejs and npm.
+# Then the packages of examples/producers/node and of the MCP reference server
+# (tests/mcp-everything, for tests/integration/test_mcp.py).
 deps_node() {
   if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
     say "deps: node or npm not found: installing Debian's nodejs and npm"
     [[ $deps_updated -eq 1 ]] || deps_as_root apt-get update
     deps_as_root apt-get install -y --no-install-recommends nodejs npm
   fi
-  local dir="$REPO_DIR/examples/producers/node"
-  [[ -f $dir/package-lock.json ]] || return 0
-  if [[ -f $dir/node_modules/.package-lock.json && ! $dir/package-lock.json -nt $dir/node_modules/.package-lock.json ]]; then
-    say "deps: examples/producers/node: node_modules matches package-lock.json"
-    return 0
-  fi
-  say "deps: npm ci in examples/producers/node"
-  (cd "$dir" && npm ci --no-audit --no-fund) || die "npm ci in $dir failed"
-}
-
-# The MCP reference server for tests/integration/test_mcp.py, pinned by its package-lock.json.
-deps_mcp() {
-  local dir="$REPO_DIR/tests/mcp-everything"
-  [[ -f $dir/package-lock.json ]] || return 0
-  if [[ -f $dir/node_modules/.package-lock.json && ! $dir/package-lock.json -nt $dir/node_modules/.package-lock.json ]]; then
-    say "deps: tests/mcp-everything: node_modules matches package-lock.json"
-    return 0
-  fi
-  say "deps: npm ci in tests/mcp-everything"
-  (cd "$dir" && npm ci --no-audit --no-fund) || die "npm ci in $dir failed"
+  deps_npm_ci examples/producers/node
+  deps_npm_ci tests/mcp-everything
 }
 
 # ---------------------------------------------------------------------------
