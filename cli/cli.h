@@ -123,6 +123,11 @@ bool cli_status_final(const char *status);
  * 0 succeeded, 4 dead or failed, 5 cancelled. */
 int cli_status_exit(const char *status);
 
+/* The one task ID operand of a command (argv[optind]): *id, or an exit code
+ * (LR_EXIT_USAGE, message printed) when it is missing, not alone or not a
+ * UUID.  Returns 0 on success. */
+int cli_task_id_operand(cli_t *c, int argc, char **argv, const char **id);
+
 /* Parses a decimal integer in [min, max] for option name; -1 + message on error. */
 int cli_parse_long(cli_t *c, const char *name, const char *s, long min, long max, long *out);
 

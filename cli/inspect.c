@@ -74,12 +74,8 @@ int cmd_status(cli_t *c, int argc, char **argv) {
     if (rc != 0) {
         return rc < 0 ? LR_EXIT_OK : rc;
     }
-    if (optind + 1 != argc) {
-        return cli_fail(c, LR_EXIT_USAGE, optind >= argc ? "a task ID is required" : "exactly one task ID is expected");
-    }
-    id = argv[optind];
-    if (!lr_uuid_valid(id)) {
-        return cli_fail(c, LR_EXIT_USAGE, "'%s' is not a task id (a UUID)", id);
+    if ((rc = cli_task_id_operand(c, argc, argv, &id)) != 0) {
+        return rc;
     }
     db = cli_db_connect(c);
     if (db == NULL) {

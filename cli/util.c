@@ -11,6 +11,7 @@
 
 #include "amqp.h"
 #include "cli.h"
+#include "task.h"
 
 int cli_fail(cli_t *c, int code, const char *fmt, ...) {
     va_list ap;
@@ -173,6 +174,17 @@ int cli_exec_simple(cli_t *c, PGconn *db, const char *sql) {
 bool cli_status_final(const char *status) {
     return strcmp(status, "succeeded") == 0 || strcmp(status, "failed") == 0 || strcmp(status, "dead") == 0 ||
            strcmp(status, "cancelled") == 0;
+}
+
+int cli_task_id_operand(cli_t *c, int argc, char **argv, const char **id) {
+    if (optind + 1 != argc) {
+        return cli_fail(c, LR_EXIT_USAGE, optind >= argc ? "a task ID is required" : "exactly one task ID is expected");
+    }
+    if (!lr_uuid_valid(argv[optind])) {
+        return cli_fail(c, LR_EXIT_USAGE, "'%s' is not a task id (a UUID)", argv[optind]);
+    }
+    *id = argv[optind];
+    return 0;
 }
 
 int cli_parse_long(cli_t *c, const char *name, const char *s, long min, long max, long *out) {

@@ -429,6 +429,7 @@ int cmd_watch(cli_t *c, int argc, char **argv) {
     watch_t *w = NULL;
     PGresult *res = NULL;
     long from = 1;
+    const char *id;
     int o, rc;
     while ((o = cli_next_option(c, argc, argv, "h", opts)) != -1) {
         switch (o) {
@@ -441,17 +442,14 @@ int cmd_watch(cli_t *c, int argc, char **argv) {
         default: fputs(watch_usage, stderr); return LR_EXIT_USAGE;
         }
     }
-    if (optind + 1 != argc) {
-        return cli_fail(c, LR_EXIT_USAGE, optind >= argc ? "a task ID is required" : "exactly one task ID is expected");
-    }
-    if (!lr_uuid_valid(argv[optind])) {
-        return cli_fail(c, LR_EXIT_USAGE, "'%s' is not a task id (a UUID)", argv[optind]);
+    if ((rc = cli_task_id_operand(c, argc, argv, &id)) != 0) {
+        return rc;
     }
     if ((w = calloc(1, sizeof(*w))) == NULL) {
         return cli_fail(c, LR_EXIT_FAIL, "out of memory");
     }
     w->c = c;
-    w->id = argv[optind];
+    w->id = id;
     w->want = from;
     if ((w->db = cli_db_connect(c)) == NULL) {
         rc = LR_EXIT_FAIL;
