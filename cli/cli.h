@@ -14,6 +14,7 @@
 #include <getopt.h>
 #include <libpq-fe.h>
 #include <stdbool.h>
+#include <stdint.h>
 
 #include "config.h"
 
@@ -122,6 +123,9 @@ bool cli_status_final(const char *status);
 /* The exit code of a final status, as `longrun wait` uses them (cli/wait.c):
  * 0 succeeded, 4 dead or failed, 5 cancelled. */
 int cli_status_exit(const char *status);
+
+/* A monotonic clock in milliseconds (deadlines, pauses). */
+uint64_t cli_mono_ms(void);
 
 /* The one task ID operand of a command (argv[optind]): *id, or an exit code
  * (LR_EXIT_USAGE, message printed) when it is missing, not alone or not a

@@ -102,6 +102,7 @@ typedef struct enq {
     long wait_timeout; /* --timeout, s; 0: none */
     char **ids;        /* --wait: the ids enqueued (or existing), owned */
     int nids, capids;
+    bool ids_lost; /* --wait: out of memory keeping an id (waiting would miss it) */
 } enq_t;
 
 /* --wait: remembers id to wait for. */
@@ -110,6 +111,7 @@ static void keep_id(enq_t *e, const char *id) {
         int cap = e->capids > 0 ? e->capids * 2 : 64;
         char **n = realloc(e->ids, (size_t)cap * sizeof(char *));
         if (n == NULL) {
+            e->ids_lost = true;
             return;
         }
         e->ids = n;
@@ -117,6 +119,8 @@ static void keep_id(enq_t *e, const char *id) {
     }
     if ((e->ids[e->nids] = strdup(id)) != NULL) {
         e->nids++;
+    } else {
+        e->ids_lost = true;
     }
 }
 
@@ -203,12 +207,6 @@ out:
     return rc;
 }
 
-static uint64_t mono_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
-
 static void pause_ms(long ms) {
     struct timespec ts = {.tv_sec = ms / 1000, .tv_nsec = (ms % 1000) * 1000000L};
     while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
@@ -219,11 +217,11 @@ static void pause_ms(long ms) {
  * with a doubling pause until the wait is over.  Returns
  * lr_amqp_sync_publish's code (LR_EBUSY: still full). */
 static int publish_with_room(enq_t *e, const lr_amqp_msg_t *msg, char *err, size_t errlen) {
-    uint64_t until = mono_ms() + (uint64_t)e->wait_room_ms;
+    uint64_t until = cli_mono_ms() + (uint64_t)e->wait_room_ms;
     long pause = ROOM_PAUSE_MIN_MS;
     for (;;) {
         int rc = lr_amqp_sync_publish(e->amqp, LR_AMQP_EXCHANGE, e->queue, msg, 10000, err, errlen);
-        uint64_t now = mono_ms();
+        uint64_t now = cli_mono_ms();
         if (rc != LR_EBUSY || now >= until) {
             return rc;
         }
@@ -669,7 +667,9 @@ int cmd_enqueue(cli_t *c, int argc, char **argv) {
             e.out = cJSON_CreateArray();
         }
         rc = a.agent != NULL ? enqueue_single(&e, &a) : enqueue_stdin(&e, &a);
-        if (rc == LR_EXIT_OK && e.wait && e.nids > 0) {
+        if (rc == LR_EXIT_OK && e.wait && e.ids_lost) {
+            rc = cli_fail(c, LR_EXIT_FAIL, "out of memory keeping the ids to wait for (the tasks were enqueued)");
+        } else if (rc == LR_EXIT_OK && e.wait && e.nids > 0) {
             fflush(stdout);
             rc = cli_wait_tasks(c, e.db, e.ids, e.nids, e.wait_timeout);
         }

@@ -3,6 +3,7 @@
 
 #include <cjson/cJSON.h>
 #include <pwd.h>
+#include <time.h>
 #include <unistd.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -174,6 +175,12 @@ int cli_exec_simple(cli_t *c, PGconn *db, const char *sql) {
 bool cli_status_final(const char *status) {
     return strcmp(status, "succeeded") == 0 || strcmp(status, "failed") == 0 || strcmp(status, "dead") == 0 ||
            strcmp(status, "cancelled") == 0;
+}
+
+uint64_t cli_mono_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
 }
 
 int cli_task_id_operand(cli_t *c, int argc, char **argv, const char **id) {

@@ -54,12 +54,6 @@ static const char result_usage[] =
     "Exit codes: 0 succeeded, 4 dead or failed (the error on stderr), 5 cancelled, 6 not\n"
     "final yet (see longrun wait), 2 bad usage or an unknown id, 1 the database failed.\n";
 
-static uint64_t now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
-
 /* The exit code of one final status. */
 static int status_code(const char *status) {
     if (strcmp(status, "succeeded") == 0) {
@@ -245,7 +239,7 @@ static int read_ids(cli_t *c, int argc, char **argv, int from, char ***out) {
 
 int cli_wait_tasks(cli_t *c, PGconn *db, char **ids, int n, long timeout_s) {
     bool *done = calloc((size_t)n + 1, sizeof(bool));
-    uint64_t deadline = timeout_s > 0 ? now_ms() + (uint64_t)timeout_s * 1000u : 0;
+    uint64_t deadline = timeout_s > 0 ? cli_mono_ms() + (uint64_t)timeout_s * 1000u : 0;
     int code = LR_EXIT_OK, open;
     if (done == NULL) {
         return cli_fail(c, LR_EXIT_FAIL, "out of memory");
@@ -258,7 +252,7 @@ int cli_wait_tasks(cli_t *c, PGconn *db, char **ids, int n, long timeout_s) {
     while (open > 0) {
         long wait = POLL_MS;
         if (deadline != 0) {
-            uint64_t now = now_ms();
+            uint64_t now = cli_mono_ms();
             if (now >= deadline) {
                 break;
             }
@@ -316,7 +310,7 @@ int cmd_wait(cli_t *c, int argc, char **argv) {
     rc = cli_wait_tasks(c, db, ids, n, timeout);
     PQfinish(db);
 out:
-    for (int i = 0; ids != NULL && i < MAX_IDS && ids[i] != NULL; i++) {
+    for (int i = 0; ids != NULL && i < MAX_IDS; i++) { /* (a failed strdup may leave a hole) */
         free(ids[i]);
     }
     free(ids);

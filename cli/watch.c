@@ -71,12 +71,6 @@ typedef struct watch {
     int code;
 } watch_t;
 
-static uint64_t now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
-
 static const char *str(const cJSON *o, const char *k) {
     const char *s = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(o, k));
     return s != NULL ? s : "";
@@ -274,7 +268,7 @@ static int take(watch_t *w, char *body) {
     w->ring[seq % WINDOW] = e;
     drain_ring(w);
     if (!w->done && w->ring[w->want % WINDOW] == NULL && first_held(w) != NULL && w->gap_since == 0) {
-        w->gap_since = now_ms();
+        w->gap_since = cli_mono_ms();
     }
     return 0;
 }
@@ -324,7 +318,7 @@ static int poll_row(watch_t *w) {
     status = PQgetvalue(res, 0, 0);
     last = atoll(PQgetvalue(res, 0, 1));
     if (cli_status_final(status)) {
-        uint64_t now = now_ms();
+        uint64_t now = cli_mono_ms();
         if (w->final_since == 0) {
             w->final_since = now;
         }
@@ -405,7 +399,7 @@ static int follow(watch_t *w) {
         }
         free(body);
         free(tid);
-        now = now_ms();
+        now = cli_mono_ms();
         if (!w->done && w->gap_since != 0 && now - w->gap_since >= GAP_MS) {
             const cJSON *e = first_held(w);
             if (e != NULL && close_gap(w, e) != 0) {

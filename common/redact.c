@@ -83,12 +83,21 @@ struct lr_redact {
     int nnames;
 };
 
-/* The index of class name (added if new). */
-static int class_of(lr_redact_t *r, const char *name, size_t len) {
+/* The index of class name, or -1. */
+static int find_class(const lr_redact_t *r, const char *name, size_t len) {
     for (int i = 0; i < r->nnames; i++) {
         if (strlen(r->names[i]) == len && memcmp(r->names[i], name, len) == 0) {
             return i;
         }
+    }
+    return -1;
+}
+
+/* The index of class name (added if new). */
+static int class_of(lr_redact_t *r, const char *name, size_t len) {
+    int i = find_class(r, name, len);
+    if (i >= 0) {
+        return i;
     }
     memcpy(r->names[r->nnames], name, len);
     r->names[r->nnames][len] = '\0';
@@ -147,14 +156,7 @@ static int add_builtin(lr_redact_t *r, const char *name, size_t len, char *errbu
                      (int)(len < 40 ? len : 40), name);
 }
 
-static bool seen_builtin(const lr_redact_t *r, const char *name, size_t len) {
-    for (int i = 0; i < r->nnames; i++) {
-        if (strlen(r->names[i]) == len && memcmp(r->names[i], name, len) == 0) {
-            return true;
-        }
-    }
-    return false;
-}
+static bool seen_builtin(const lr_redact_t *r, const char *name, size_t len) { return find_class(r, name, len) >= 0; }
 
 static int parse_classes(lr_redact_t *r, const char *classes, char *errbuf, size_t errlen) {
     const char *p = classes != NULL && classes[0] != '\0' ? classes : "all";

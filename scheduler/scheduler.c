@@ -599,11 +599,12 @@ static void ingest_hold(ingest_t *in) {
         dlq_release_held(s);
         return;
     }
-    s->dlq_backoff_ms = s->dlq_backoff_ms == 0                       ? DLQ_BACKOFF_MIN_MS
-                        : s->dlq_backoff_ms * 2 > DLQ_BACKOFF_MAX_MS ? DLQ_BACKOFF_MAX_MS
-                                                                     : s->dlq_backoff_ms * 2;
     lr_list_push_back(&s->dlq_held, &in->link);
     if (!uv_is_active((uv_handle_t *)&s->dlq_timer)) {
+        /* the backoff grows once per round of retries, not per message held */
+        s->dlq_backoff_ms = s->dlq_backoff_ms == 0                       ? DLQ_BACKOFF_MIN_MS
+                            : s->dlq_backoff_ms * 2 > DLQ_BACKOFF_MAX_MS ? DLQ_BACKOFF_MAX_MS
+                                                                         : s->dlq_backoff_ms * 2;
         uv_timer_start(&s->dlq_timer, dlq_timer_cb, (uint64_t)s->dlq_backoff_ms, 0);
     }
 }
@@ -622,7 +623,7 @@ static void ingest_cb(int err, const PGresult *res, void *arg) {
     if (err != 0) {
         sched_t *s = in->s;
         ingest_hold(in); /* (may free in) */
-        lr_warn("dlq.ingest_failed", "cannot record a dead letter (%s); it goes back to %s in %ld ms",
+        lr_warn("dlq.ingest_failed", "cannot record a dead letter (%s); it goes back to %s in at most %ld ms",
                 res != NULL ? PQresultErrorMessage(res) : lr_strerror(err), LR_AMQP_DEAD_QUEUE, s->dlq_backoff_ms);
         return;
     } else {

@@ -187,6 +187,7 @@ def main():
                                                  max(s[3] for s in samples), socket_bound))
         h.eq((lost, bad, dead), (0, 0, 0), "lost, wrong step rows, dead healthy tasks")
         print("soak: heap in use growth %.0f %%" % (100 * heap_growth))
+        h.check(warm[4] >= 0 and last[4] >= 0, "heap figures in /health (not a sanitizer build, worker answering)")
         h.check(heap_growth < 0.2 and other_growth < 0.2, "heap in use and non-socket fds flat")
         h.check(rss_growth < 0.5, "RSS within 50 %% of its warm value (%.0f %%)" % (100 * rss_growth))
         h.check(max(s[3] for s in samples) <= socket_bound, "sockets bounded by the concurrency")

@@ -73,6 +73,7 @@ def test():
 
         t = task(env, ids["ollama"])
         h.eq(t["status"], "succeeded", "ollama: %r" % t["error"])
+        h.eq(len(calls(env, ids["ollama"])), 2, "ollama: two model calls")
         for r in calls(env, ids["ollama"]):
             body = r["body"]
             h.eq((body.get("max_tokens"), "max_completion_tokens" in body), (64, False), "max_tokens only")
